@@ -1,0 +1,1 @@
+"""regops benchmark suite: ``python -m benchmarks`` (see harness.py)."""

@@ -1,0 +1,39 @@
+"""``python -m benchmarks [--family dropout] [--quick] [--device cpu|cuda] [-k REGEX]``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+from pathlib import Path
+
+import torch
+
+from benchmarks import harness
+
+
+def load_cases() -> None:
+    here = Path(__file__).resolve().parent
+    for info in pkgutil.iter_modules([str(here)]):
+        if info.name.startswith("bench_"):
+            importlib.import_module(f"benchmarks.{info.name}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="regops benchmark suite")
+    parser.add_argument("--family", action="append", help="only these families (repeatable)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if present, else cpu")
+    parser.add_argument("--quick", action="store_true", help="small sizes and short timing (smoke run)")
+    parser.add_argument("-k", dest="match", help="only cases whose 'family name params' matches this regex")
+    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>/)")
+    args = parser.parse_args(argv)
+    load_cases()
+    device = torch.device(args.device) if args.device else None
+    env, rows = harness.run(args.family, device, args.quick, args.match)
+    print(harness.table(env, rows))
+    out = harness.write(env, rows, args.out)
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.csv'} and {out / 'results.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""One harness for every benchmark case.
+
+A case file ``bench_<family>.py`` registers cases with :func:`case`. A case's ``make(device, quick)`` returns a
+:class:`Setup`: the variants to time (``"regops"``, ``"eager"``, ``"compile"``, peers such as ``"timm"``), the
+minimal bytes one call must move (and flops where that matters), and optionally forward-only callables whose
+bytes saved for backward are measured. The harness reports per variant: median time, GB/s, % of a same-run
+device-to-device copy, speedup over eager and over torch.compile, bytes saved for backward and peak memory;
+it writes JSON, CSV and a PNG plot under ``benchmarks/results/<device>/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import gc
+import json
+import math
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Setup:
+    """What one case measures on one device."""
+
+    variants: dict[str, Callable[[], Any]]
+    bytes: int
+    flops: int | None = None
+    # Forward-only callables (inputs require grad) whose saved-for-backward bytes are reported.
+    forward: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass
+class Case:
+    family: str
+    name: str
+    params: str
+    make: Callable[[torch.device, bool], Setup | None]
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+
+CASES: list[Case] = []
+
+
+def case(family: str, name: str, params: str = "", devices: tuple[str, ...] = ("cpu", "cuda")):
+    """Register ``make(device, quick) -> Setup | None`` (None: not applicable on this device)."""
+
+    def register(make):
+        CASES.append(Case(family, name, params, make, devices))
+        return make
+
+    return register
+
+
+def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.compile with settings shared by every case (dynamic shapes off: one shape per case)."""
+    return torch.compile(fn, dynamic=False)
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, *, quick: bool = False) -> float:
+    """Median seconds per call after warm-up (CUDA events on GPU, perf_counter on CPU)."""
+    warmup = 2 if quick else 5
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    budget = 0.2 if quick else 1.0
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start_all < budget and len(times) < 200):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, quick: bool = False) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), measured now."""
+    numel = (1 << 26) if device.type == "cuda" else (1 << 24)
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_fn(lambda: dst.copy_(src), device, quick=quick)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def saved_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of distinct tensor storage autograd saves for backward while ``fn`` runs."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.numel():
+            storage = t.untyped_storage()
+            seen[(storage.data_ptr(), t.device.index or 0)] = storage.nbytes()
+        else:
+            seen[(id(t), -1)] = 0
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """Peak bytes allocated above the starting point while ``fn`` runs."""
+    gc.collect()
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    return _cpu_peak(fn)
+
+
+def _cpu_peak(fn: Callable[[], Any]) -> int | None:
+    """CPU allocator peak from the profiler's allocation events (torch has no CPU allocator counters)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = prof.profiler.kineto_results.events()
+    except Exception:  # profiler unavailable in this build
+        return None
+    allocations = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in allocations:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+# ------------------------------------------------------------------------------------------------ running
+def device_slug(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu-{platform.machine()}"
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import importlib.metadata
+
+    def version(dist):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": version("triton"),
+        "regops": version("regops"),
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def run_case(c: Case, device: torch.device, copy_bps: float, quick: bool) -> list[dict[str, Any]]:
+    setup = c.make(device, quick)
+    if setup is None:
+        return []
+    rows = []
+    for variant, fn in setup.variants.items():
+        row: dict[str, Any] = {"family": c.family, "case": c.name, "params": c.params, "variant": variant}
+        try:
+            seconds = time_fn(fn, device, quick=quick)
+        except Exception as exc:  # a peer that cannot run this case is reported, not fatal
+            row.update(error=f"{type(exc).__name__}: {exc}"[:200])
+            rows.append(row)
+            continue
+        row["ms"] = seconds * 1e3
+        row["GB/s"] = setup.bytes / seconds / 1e9
+        row["%copy"] = 100.0 * setup.bytes / seconds / copy_bps
+        if setup.flops:
+            row["GFLOP/s"] = setup.flops / seconds / 1e9
+        row["peak_MB"] = _mb(peak_memory(fn, device))
+        if variant in setup.forward:
+            row["saved_MB"] = _mb(saved_bytes(setup.forward[variant]))
+        row["note"] = setup.note
+        rows.append(row)
+    for row in rows:
+        for base in ("eager", "compile"):
+            ref = next((r for r in rows if r["variant"] == base and "ms" in r), None)
+            if ref is not None and "ms" in row:
+                row[f"x_{base}"] = ref["ms"] / row["ms"]
+    del setup
+    gc.collect()
+    return rows
+
+
+def _mb(nbytes: int | None) -> float | None:
+    return None if nbytes is None else nbytes / 2**20
+
+
+def run(
+    families: list[str] | None = None,
+    device: torch.device | None = None,
+    quick: bool = False,
+    match: str | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    from tqdm import tqdm
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cases = [
+        c
+        for c in CASES
+        if device.type in c.devices
+        and (not families or c.family in families)
+        and (not match or re.search(match, f"{c.family} {c.name} {c.params}"))
+    ]
+    env = environment(device)
+    env["copy_GB/s"] = copy_bandwidth(device, quick) / 1e9
+    rows: list[dict[str, Any]] = []
+    for c in tqdm(cases, desc=f"benchmarks on {device.type}", unit="case"):
+        rows.extend(run_case(c, device, env["copy_GB/s"] * 1e9, quick))
+    return env, rows
+
+
+# ------------------------------------------------------------------------------------------------ output
+COLUMNS = ["family", "case", "params", "variant", "ms", "GB/s", "%copy", "x_eager", "x_compile", "saved_MB", "peak_MB"]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def table(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    head = (
+        f"device: {env['device']} ({env['device_type']}), torch {env['torch']}, triton {env['triton']}, "
+        f"copy {env['copy_GB/s']:.1f} GB/s"
+    )
+    if env["device_type"] == "cpu":
+        head += "\nno GPU: CPU paths (regops runs its reference; Triton/CUDA kernels need a GPU)"
+    cells = [[_fmt(r.get(c)) if "error" not in r or c in COLUMNS[:4] else "" for c in COLUMNS] for r in rows]
+    for r, cell in zip(rows, cells, strict=True):
+        if "error" in r:
+            cell[4] = "error: " + r["error"][:60]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(COLUMNS)]
+    line = "  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True))
+    body = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join([head, line, "-" * len(line), *body])
+
+
+def write(env: dict[str, Any], rows: list[dict[str, Any]], out_dir: Path | None = None) -> Path:
+    out_dir = out_dir or RESULTS_DIR / device_slug(torch.device(env["device_type"]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps({"environment": env, "results": rows}, indent=1))
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (COLUMNS + [k]).index(k))
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(env, rows, out_dir / "results.png")
+    return out_dir
+
+
+def plot(env: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
+    """Speedup of every variant over eager PyTorch, one bar group per case (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys((r["family"], r["case"], r["params"]) for r in rows if "x_eager" in r))
+    variants = list(dict.fromkeys(r["variant"] for r in rows if "x_eager" in r))
+    if not cases:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cases) * max(1, len(variants)) / 2), 5))
+    width = 0.8 / max(1, len(variants))
+    for i, variant in enumerate(variants):
+        xs, ys = [], []
+        for j, key in enumerate(cases):
+            r = next((r for r in rows if (r["family"], r["case"], r["params"]) == key and r["variant"] == variant), None)
+            if r is not None and "x_eager" in r:
+                xs.append(j + i * width)
+                ys.append(r["x_eager"])
+        ax.bar(xs, ys, width, label=variant)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(cases))])
+    ax.set_xticklabels([f"{c}\n{p}" for _, c, p in cases], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("speedup over eager PyTorch (higher is better)")
+    ax.set_title(f"regops on {env['device']} (torch {env['torch']})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@contextlib.contextmanager
+def no_grad_if(flag: bool):
+    with torch.no_grad() if flag else contextlib.nullcontext():
+        yield

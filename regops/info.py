@@ -1,0 +1,66 @@
+"""``python -m regops.info``: versions, the CUDA extension, and which backend runs each op here."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+import torch
+
+import regops
+from regops import _backend, _build_info
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def report() -> str:
+    lines = [
+        f"regops        {regops.__version__}",
+        f"python        {platform.python_version()} ({platform.machine()})",
+        f"torch         {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+        f"triton        {_version('triton')}",
+    ]
+    cuda = torch.cuda.is_available()
+    if cuda:
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        lines.append(f"GPU           {', '.join(names)}")
+    else:
+        lines.append("GPU           none")
+    info = _build_info.read()
+    lines.append(f"regops._C     {_backend.extension_status()}")
+    if info:
+        lines.append(
+            f"  built with  torch {info.get('torch_version')}, CUDA {info.get('cuda_version')}, "
+            f"git {info.get('git_revision', 'unknown')}"
+        )
+        lines.append(f"  archs       {' '.join(info.get('cuda_archs', [])) or 'unknown'}")
+    interp = " (TRITON_INTERPRET=1)" if _backend.triton_interpreted() else ""
+    lines.append(f"REGOPS_BACKEND {_backend.requested_backend() or 'auto'}{interp}")
+    lines.append("")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
+    header = f"{'op':<28}" + "".join(f"{d.type:<10}" for d in devices) + "available backends"
+    lines.append(header)
+    for op in _backend.registered_ops():
+        row = f"{op:<28}"
+        avail = []
+        for device in devices:
+            try:
+                row += f"{_backend.choose(op, device):<10}"
+            except _backend.BackendUnavailableError:
+                row += f"{'-':<10}"
+            avail = [b for b, why in _backend.availability(op, device).items() if why is None]
+        lines.append(row + ",".join(avail))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()
