@@ -31,8 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device) if args.device else None
     env, rows = harness.run(args.family, device, args.quick, args.match)
     print(harness.table(env, rows))
-    out = harness.write(env, rows, args.out)
-    print(f"\nwrote {out / 'results.json'}, {out / 'results.csv'} and {out / 'results.png'}")
+    # A partial run (some families, a filter, or --quick) gets its own files beside the full results.
+    parts = list(args.family or []) + (["filtered"] if args.match else []) + (["quick"] if args.quick else [])
+    stem = "-".join(["results", *parts])
+    out = harness.write(env, rows, args.out, stem)
+    print(f"\nwrote {out} (+ .csv, .png)")
 
 
 if __name__ == "__main__":

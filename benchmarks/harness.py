@@ -280,17 +280,19 @@ def table(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return "\n".join([head, line, "-" * len(line), *body])
 
 
-def write(env: dict[str, Any], rows: list[dict[str, Any]], out_dir: Path | None = None) -> Path:
+def write(env: dict[str, Any], rows: list[dict[str, Any]], out_dir: Path | None = None, stem: str = "results") -> Path:
+    """Write ``<stem>.json``, ``<stem>.csv`` and ``<stem>.png``; returns the path of the JSON file."""
     out_dir = out_dir or RESULTS_DIR / device_slug(torch.device(env["device_type"]))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps({"environment": env, "results": rows}, indent=1))
+    path = out_dir / f"{stem}.json"
+    path.write_text(json.dumps({"environment": env, "results": rows}, indent=1))
     keys = sorted({k for r in rows for k in r}, key=lambda k: (COLUMNS + [k]).index(k))
-    with open(out_dir / "results.csv", "w", newline="") as f:
+    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    plot(env, rows, out_dir / "results.png")
-    return out_dir
+    plot(env, rows, out_dir / f"{stem}.png")
+    return path
 
 
 def plot(env: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:

@@ -4,9 +4,14 @@ Importing regops registers its torch.library operators; it never initialises CUD
 the CUDA extension (those happen on the first op that needs them).
 """
 
-from regops import nn
+from regops import dropout as _dropout_module
+from regops import grad_norms as _grad_norms_module
+from regops import hessian, nn
+from regops import mix as _mix_module
 from regops._backend import BackendUnavailableError, use_backend
-from regops.dropout import dropout
+from regops.dropout import *  # noqa: F403
+from regops.grad_norms import *  # noqa: F403
+from regops.mix import *  # noqa: F403
 from regops.patch import PatchHandle, patch
 
 __version__ = "0.1.0"
@@ -14,8 +19,11 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "PatchHandle",
-    "dropout",
+    "hessian",
     "nn",
     "patch",
     "use_backend",
+    *_dropout_module.__all__,
+    *_mix_module.__all__,
+    *_grad_norms_module.__all__,
 ]

@@ -13,6 +13,8 @@ from regops import _backend, _rng, _validate
 from regops.reference import dropout as _ref
 from regops.reference.philox import keep_threshold
 
+__all__ = ["dropout"]
+
 
 def _dropout_cuda(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
     return torch.ops.regops_C.dropout(x, keep_threshold(p), _ref.dropout_scale(p), seed, offset)

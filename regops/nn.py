@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from regops import dropout as _dropout
+from regops.dropout import dropout as _dropout_fn
 
 # Module class (or "package.module:Class" for optional dependencies) -> regops class with ``from_module``.
 SWAPS: dict[type | str, type] = {}
@@ -35,7 +35,7 @@ class Dropout(torch.nn.Dropout):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return _dropout.dropout(input, self.p, self.training, self.inplace)
+        return _dropout_fn(input, self.p, self.training, self.inplace)
 
     @classmethod
     def from_module(cls, module: torch.nn.Dropout) -> Dropout:

@@ -1,0 +1,3 @@
+"""Placeholder module for the mix family (being built); exports nothing yet."""
+
+__all__: list[str] = []
