@@ -43,6 +43,8 @@ class _OpImpls:
     triton: Callable[..., Any] | str | None = None
     # A callable that calls torch.ops.regops_C.<op>; used only when the loaded extension defines that op.
     cuda: Callable[..., Any] | None = None
+    # Fake (meta) impl of torch.ops.regops_C.<op>, registered when the extension loads.
+    cuda_fake: Callable[..., Any] | None = None
     resolved: dict[str, Callable[..., Any]] = field(default_factory=dict)
 
 
@@ -55,11 +57,23 @@ def register(
     torch: Callable[..., Any],
     triton: Callable[..., Any] | str | None = None,
     cuda: Callable[..., Any] | None = None,
+    cuda_fake: Callable[..., Any] | None = None,
 ) -> None:
-    """Register the implementations of ``op``. All take the same arguments and return the same result."""
+    """Register the implementations of ``op``. All take the same arguments and return the same result.
+
+    ``cuda_fake`` is the fake (meta) impl of the extension's ``regops_C::<op>`` schema, so that op also traces.
+    """
     if op in _REGISTRY:
         raise RuntimeError(f"regops: op {op!r} is registered twice")
-    _REGISTRY[op] = _OpImpls(torch=torch, triton=triton, cuda=cuda)
+    _REGISTRY[op] = _OpImpls(torch=torch, triton=triton, cuda=cuda, cuda_fake=cuda_fake)
+    if _EXT_STATE.get("module") is not None:
+        _register_cuda_fake(op)
+
+
+def _register_cuda_fake(op: str) -> None:
+    fake = _REGISTRY[op].cuda_fake
+    if fake is not None and hasattr(torch.ops.regops_C, op):
+        torch.library.register_fake(f"regops_C::{op}", fake)
 
 
 def registered_ops() -> list[str]:
@@ -111,6 +125,9 @@ def extension() -> Any | None:
     """The loaded ``regops._C`` module, or ``None`` (not built, or built for another torch: one warning)."""
     if "module" not in _EXT_STATE:
         _EXT_STATE["module"], _EXT_STATE["reason"] = _load_extension()
+        if _EXT_STATE["module"] is not None:
+            for op in _REGISTRY:
+                _register_cuda_fake(op)
     return _EXT_STATE["module"]
 
 

@@ -20,7 +20,17 @@ def _dropout_cuda(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Te
     return torch.ops.regops_C.dropout(x, keep_threshold(p), _ref.dropout_scale(p), seed, offset)
 
 
-_backend.register("dropout", torch=_ref.dropout, triton="regops.kernels.dropout:dropout", cuda=_dropout_cuda)
+def _dropout_cuda_fake(x: torch.Tensor, threshold: int, scale: float, seed: int, offset: int) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_backend.register(
+    "dropout",
+    torch=_ref.dropout,
+    triton="regops.kernels.dropout:dropout",
+    cuda=_dropout_cuda,
+    cuda_fake=_dropout_cuda_fake,
+)
 
 
 @torch.library.custom_op("regops::dropout", mutates_args=())
