@@ -181,7 +181,7 @@ def _why_not(op: str, backend: str, device: torch.device) -> str | None:
     if impls.cuda is None:
         return f"the CUDA extension has no kernel for {op!r}"
     if extension() is None:
-        return f"the CUDA extension regops._C is unavailable: {_EXT_STATE['reason']}"
+        return f"the CUDA extension regops._C is unavailable: {_EXT_STATE.get('reason', 'not loaded')}"
     if not hasattr(torch.ops.regops_C, op):
         return f"this build of regops._C has no op {op!r} (rebuild it)"
     return None

@@ -1,0 +1,88 @@
+"""Backend selection: automatic choice, overrides, and one clear error when nothing can run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import regops
+from regops import _backend
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_cpu_defaults_to_reference(monkeypatch):
+    monkeypatch.delenv("REGOPS_BACKEND", raising=False)
+    assert _backend.choose("dropout", CPU) == "torch"
+
+
+def test_context_manager_overrides_env_and_nests(monkeypatch):
+    monkeypatch.setenv("REGOPS_BACKEND", "torch")
+    assert _backend.choose("dropout", CPU) == "torch"
+    with regops.use_backend("triton"):
+        assert _backend.choose("dropout", CPU) == "triton"
+        with regops.use_backend(None):
+            assert _backend.choose("dropout", CPU) == "torch"  # env again
+        assert _backend.choose("dropout", CPU) == "triton"
+
+
+def test_env_selects_triton_on_cpu_under_interpreter(monkeypatch):
+    monkeypatch.setenv("REGOPS_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.choose("dropout", CPU) == "triton"
+    x = torch.randn(100)
+    seed = torch.tensor([1, 2])
+    out = torch.ops.regops.dropout(x, 0.5, seed)
+    monkeypatch.setenv("REGOPS_BACKEND", "torch")
+    assert torch.equal(out, torch.ops.regops.dropout(x, 0.5, seed))
+
+
+def test_unknown_backend_names(monkeypatch):
+    with pytest.raises(ValueError, match="unknown backend"):
+        with regops.use_backend("cudnn"):
+            pass
+    monkeypatch.setenv("REGOPS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="REGOPS_BACKEND='fast'"):
+        _backend.choose("dropout", CPU)
+
+
+def test_forced_backend_that_cannot_run_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with regops.use_backend("triton"):
+        with pytest.raises(regops.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+            regops.dropout(torch.randn(4), 0.5)
+    with regops.use_backend("cuda"):
+        with pytest.raises(regops.BackendUnavailableError, match="runs on CUDA tensors, not cpu"):
+            regops.dropout(torch.randn(4), 0.5)
+
+
+def test_cuda_tensor_without_any_kernel_gets_one_error_naming_both(monkeypatch):
+    monkeypatch.delenv("REGOPS_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "extension", lambda: None)
+    monkeypatch.setitem(_backend._EXT_STATE, "reason", "not built (test)")
+    monkeypatch.setattr(_backend, "triton_importable", lambda: False)
+    with pytest.raises(regops.BackendUnavailableError) as err:
+        _backend.choose("dropout", CUDA)
+    msg = str(err.value)
+    assert "regops._C is unavailable: not built (test)" in msg
+    assert "Triton is not installed" in msg
+    assert "REGOPS_BACKEND=torch" in msg
+
+
+def test_cuda_prefers_extension_then_triton(monkeypatch):
+    monkeypatch.delenv("REGOPS_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "triton_importable", lambda: True)
+    monkeypatch.setattr(_backend, "extension", lambda: None)
+    assert _backend.choose("dropout", CUDA) == "triton"
+
+
+def test_availability_lists_every_backend():
+    avail = _backend.availability("dropout", CPU)
+    assert set(avail) == set(_backend.BACKENDS)
+    assert avail["torch"] is None
+    assert "CUDA tensors" in avail["cuda"]
+
+
+def test_unknown_op():
+    with pytest.raises(KeyError, match="unknown op"):
+        _backend.choose("nope", CPU)
