@@ -773,7 +773,6 @@ class PerSampleGradNorms:
     @property
     def per_param_sq(self) -> dict[str, torch.Tensor]:
         """``{parameter name: [B]}`` squared per-example gradient norms (float32; float64 models: float64)."""
-        b = self.batch_size
         sq = self._rec.squared_norms()
         missing = sorted(n for n in self._received if n not in sq)
         if missing:
@@ -782,6 +781,7 @@ class PerSampleGradNorms:
                 "called on this batch (a parameter used outside its module's forward, e.g. tied "
                 "functionally, cannot be tracked); per-example norms would be wrong"
             )
+        b = self.batch_size
         if not sq and self._rec.calls and all(not c.fired for c in self._rec.calls):
             raise RuntimeError("regops: no backward pass reached the tracked layers inside the block")
         scale = float(b * b) if self.loss_reduction == "mean" else 1.0
