@@ -518,3 +518,50 @@ def test_ops_opcheck_and_compile():
 
     expected = 2 * ref.gram_sq_norms(a, g) + ref.embedding_gram_sq_norms(ids, g, 0)
     torch.testing.assert_close(f(a, g, ids), expected)
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+KERNEL_SHAPES = [(2, 1, 3, 5), (3, 7, 5, 3), (2, 70, 33, 17)]
+
+
+@pytest.mark.parametrize("shape", KERNEL_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernels_match_reference(kernel_target, shape, dtype, poison_empty):
+    _, device = kernel_target
+    b, t, d, p = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    a64 = torch.randn(b, t, d, generator=gen, dtype=torch.float64)
+    g64 = torch.randn(b, t, p, generator=gen, dtype=torch.float64)
+    # a transposed (non-contiguous) view of the activations, as the unfolded convolutions give
+    a = a64.to(dtype).transpose(1, 2).contiguous().transpose(1, 2).to(device)
+    g = g64.to(dtype).to(device)
+    exact = ref.gram_sq_norms(a64, g64)
+    ref_lowp = ref.gram_sq_norms(a.cpu(), g.cpu()).double()
+    for got in (gn.gram_sq_norms(a, g), gn.instantiate_sq_norms(a, g)):
+        assert got.dtype == torch.float32 and got.shape == (b,)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double().cpu(), exact, rtol=1e-5, atol=1e-5)
+        else:  # inputs are exactly representable; only fp32 accumulation order differs from the reference
+            torch.testing.assert_close(got.double().cpu(), ref_lowp, rtol=1e-5, atol=1e-5)
+    ids = torch.randint(0, 5, (b, t), generator=gen).to(device)
+    got = gn.embedding_gram_sq_norms(ids, g, 2)
+    torch.testing.assert_close(
+        got.double().cpu(), ref.embedding_sq_norms(ids.cpu(), g.cpu(), 2).double(), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_kernels_zero_size(kernel_target):
+    _, device = kernel_target
+    a, g = torch.randn(0, 4, 3, device=device), torch.randn(0, 4, 2, device=device)
+    assert gn.gram_sq_norms(a, g).shape == (0,)
+    assert gn.instantiate_sq_norms(a, g).shape == (0,)
+
+
+@pytest.mark.parametrize("form", ["ghost", "instantiate"])
+def test_model_norms_with_kernels(kernel_target, form):
+    model, xs, y = model_and_data("transformer", torch.float32, batch=3)
+    expected = run_norms(model, xs, y, "mean", forms=form)
+    with regops.use_backend("torch"):
+        reference = {k: v.clone() for k, v in run_norms(model, xs, y, "mean", forms=form).per_param.items()}
+    for k, v in reference.items():
+        torch.testing.assert_close(expected.per_param[k], v, rtol=1e-5, atol=1e-6, msg=k)
