@@ -1,0 +1,234 @@
+"""Triton kernels of the hessian family: Philox probes for all parameters in one launch, and the fused
+accumulation of ``v . Hv`` (per parameter and probe) and ``v * Hv`` (diagonal) in one launch.
+
+Both work on the parameters flattened and concatenated into ``[K, N]`` (``K`` probes, ``N`` numbers): one
+launch covers every parameter tensor. The probe stream is specified in :mod:`regops.reference.hessian`; the
+kernels reproduce it bit for bit (the Gaussian transform uses only correctly rounded operations, and the
+launch disables FMA contraction so a GPU rounds like the reference).
+"""
+
+import torch
+import triton
+import triton.language as tl
+from regops.kernels.utils import cast_rne
+
+from regops.reference import hessian as ref
+
+LN2 = tl.constexpr(ref.LN2)
+SQRT2 = tl.constexpr(ref.SQRT2)
+TWO_PI = tl.constexpr(ref.TWO_PI)
+TWO_POW_M24 = tl.constexpr(ref.TWO_POW_M24)
+L0, L1, L2, L3, L4 = (tl.constexpr(c) for c in ref.LOG_COEFFS)
+S0, S1, S2, S3, S4, S5, S6 = (tl.constexpr(c) for c in ref.SIN_COEFFS)
+
+
+@triton.jit
+def _log_unit(w):
+    """ln(((w >> 8) + 1) 2^-24) for uint32 words, float32 (see regops.reference.hessian.log_unit)."""
+    k = ((w >> 8) + 1).to(tl.int32)
+    u = k.to(tl.float32) * TWO_POW_M24
+    bits = u.to(tl.int32, bitcast=True)
+    e = (bits >> 23) - 127
+    m = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
+    big = m > SQRT2
+    m = tl.where(big, m * 0.5, m)
+    e = tl.where(big, e + 1, e).to(tl.float32)
+    s = tl.div_rn(m - 1.0, m + 1.0)
+    s2 = s * s
+    p = s2 * L0 + L1
+    p = p * s2 + L2
+    p = p * s2 + L3
+    p = p * s2 + L4
+    p = p * s2 + 1.0
+    return e * LN2 + (s + s) * p
+
+
+@triton.jit
+def _sin_poly(x):
+    x2 = x * x
+    p = x2 * S0 + S1
+    p = p * x2 + S2
+    p = p * x2 + S3
+    p = p * x2 + S4
+    p = p * x2 + S5
+    p = p * x2 + S6
+    p = p * x2 + 1.0
+    return x * p
+
+
+@triton.jit
+def _box_muller(wa, wb):
+    r = tl.sqrt_rn(_log_unit(wa) * -2.0)
+    u = (wb >> 8).to(tl.int32).to(tl.float32) * TWO_POW_M24
+    t = tl.where(u >= 0.5, u - 1.0, u)
+    a = tl.abs(t)
+    bc = 0.25 - a
+    bs = tl.where(a <= 0.25, t, tl.where(t > 0, 0.5 - t, -0.5 - t))
+    return r * _sin_poly(bc * TWO_PI), r * _sin_poly(bs * TWO_PI)
+
+
+@triton.jit(do_not_specialize=["first_probe", "numel", "seed", "offset", "row_counters"])
+def probes_kernel(out_ptr, first_probe, numel, seed, offset, row_counters, GAUSSIAN: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (k, b) writes probe row first_probe + k, columns [b BLOCK, (b + 1) BLOCK)."""
+    k = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    cols = b * BLOCK + tl.arange(0, BLOCK)
+    row_counter = offset + (first_probe + k) * row_counters
+    if GAUSSIAN:
+        counters = row_counter + b * (BLOCK // 4) + tl.arange(0, BLOCK // 4).to(tl.int64)
+        r0, r1, r2, r3 = tl.randint4x(seed, counters)
+        z0, z1 = _box_muller(r0, r1)
+        z2, z3 = _box_muller(r2, r3)
+        # element 4c + 2m + n takes z_{2m+n} of counter c
+        values = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])
+    else:
+        counters = row_counter + b * (BLOCK // 128) + tl.arange(0, BLOCK // 128).to(tl.int64)
+        r0, r1, r2, r3 = tl.randint4x(seed, counters)
+        words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK // 32])  # word 4c + w
+        bits = (words[:, None] >> tl.arange(0, 32)[None, :].to(tl.uint32)) & 1  # element 32 (4c + w) + bit
+        values = 1.0 - 2.0 * tl.reshape(bits, [BLOCK]).to(tl.float32)
+    tl.store(out_ptr + k * numel + cols, cast_rne(values, out_ptr.dtype.element_ty), mask=cols < numel)
+
+
+def _probe_block(numel: int, device: torch.device) -> int:
+    # The interpreter pays per program instance; a GPU wants a few elements per thread.
+    want = 8192 if device.type == "cpu" else 1024
+    return max(128, min(want, triton.next_power_of_2(numel)))
+
+
+def probes(
+    seed: int,
+    offset: int,
+    first_probe: int,
+    num_probes: int,
+    numel: int,
+    distribution: str,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+    *,
+    block: int | None = None,
+) -> torch.Tensor:
+    """Probe rows as ``[num_probes, numel]``; bit-identical to :func:`regops.reference.hessian.probes`."""
+    device = torch.device(device if device is not None else "cpu")
+    out = torch.empty(num_probes, numel, dtype=dtype, device=device)
+    if out.numel() == 0:
+        return out
+    stride = ref.row_stride(numel, distribution)
+    block = block or _probe_block(numel, device)
+    grid = (num_probes, triton.cdiv(numel, block))
+    probes_kernel[grid](
+        out,
+        first_probe,
+        numel,
+        seed,
+        offset,
+        stride // ref.ELEMENTS_PER_COUNTER[distribution],
+        GAUSSIAN=distribution == "gaussian",
+        BLOCK=block,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+@triton.jit(do_not_specialize=["num_probes", "numel", "num_blocks"])
+def probe_dot_kernel(
+    v_ptr,
+    hv_ptr,
+    block_start_ptr,
+    block_end_ptr,
+    partial_ptr,
+    diag_ptr,
+    diag_sq_ptr,
+    num_probes,
+    numel,
+    num_blocks,
+    BLOCK: tl.constexpr,
+):
+    """Program b owns columns [start_b, end_b) (inside one parameter): per probe, the partial v . Hv of the block;
+    over probes, the column sums of v * Hv and (v * Hv)^2."""
+    b = tl.program_id(0)
+    start = tl.load(block_start_ptr + b)
+    end = tl.load(block_end_ptr + b)
+    cols = start + tl.arange(0, BLOCK)
+    mask = cols < end
+    acc_ty = partial_ptr.dtype.element_ty
+    diag = tl.zeros([BLOCK], dtype=acc_ty)
+    diag_sq = tl.zeros([BLOCK], dtype=acc_ty)
+    for k in range(num_probes):
+        row = k * numel
+        v = tl.load(v_ptr + row + cols, mask=mask, other=0.0).to(acc_ty)
+        hv = tl.load(hv_ptr + row + cols, mask=mask, other=0.0).to(acc_ty)
+        prod = v * hv
+        diag += prod
+        diag_sq += prod * prod
+        tl.store(partial_ptr + k * num_blocks + b, tl.sum(prod, axis=0))
+    tl.store(diag_ptr + cols, diag, mask=mask)
+    tl.store(diag_sq_ptr + cols, diag_sq, mask=mask)
+
+
+def _dot_block(device: torch.device) -> int:
+    return 4096 if device.type == "cpu" else 1024
+
+
+def _block_table(segment_sizes: list[int], block: int, device: torch.device):
+    starts, ends, segs = [], [], []
+    offset = 0
+    for p, n in enumerate(segment_sizes):
+        for s in range(0, n, block):
+            starts.append(offset + s)
+            ends.append(offset + min(s + block, n))
+            segs.append(p)
+        offset += n
+    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)
+    return as_tensor(starts), as_tensor(ends), as_tensor(segs)
+
+
+def probe_dot(
+    v: torch.Tensor, hv: torch.Tensor, segment_sizes: list[int], *, block: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused ``v . Hv`` per parameter and probe, ``sum_k v * Hv`` and ``sum_k (v * Hv)^2``, one launch over all
+    parameters; matches :func:`regops.reference.hessian.probe_dot` to float rounding (sums are reordered)."""
+    num_probes, numel = v.shape
+    acc = ref.accumulate_dtype(v.dtype)
+    v, hv = v.contiguous(), hv.contiguous()
+    block = block or _dot_block(v.device)
+    starts, ends, segs = _block_table(list(segment_sizes), block, v.device)
+    num_blocks = starts.numel()
+    partial = torch.empty(num_probes, num_blocks, dtype=acc, device=v.device)
+    diag = torch.empty(numel, dtype=acc, device=v.device)
+    diag_sq = torch.empty(numel, dtype=acc, device=v.device)
+    dots = torch.zeros(num_probes, len(segment_sizes), dtype=acc, device=v.device)
+    if num_blocks == 0:
+        return dots, diag.zero_(), diag_sq.zero_()
+    if num_probes == 0:
+        return dots, diag.zero_(), diag_sq.zero_()
+    probe_dot_kernel[(num_blocks,)](
+        v, hv, starts, ends, partial, diag, diag_sq, num_probes, numel, num_blocks, BLOCK=block, num_warps=4
+    )
+    return dots.index_add_(1, segs, partial), diag, diag_sq
+
+
+_OUT = ("*fp32", "*fp64", "*bf16", "*fp16")
+_PROBE_SIG = {"first_probe": "i64", "numel": "i64", "seed": "i64", "offset": "i64", "row_counters": "i64"}
+COMPILE_SPECS = [
+    (probes_kernel, {"out_ptr": t, **_PROBE_SIG}, {"GAUSSIAN": g, "BLOCK": 1024}) for t in _OUT for g in (True, False)
+] + [
+    (
+        probe_dot_kernel,
+        {
+            "v_ptr": t,
+            "hv_ptr": t,
+            "block_start_ptr": "*i64",
+            "block_end_ptr": "*i64",
+            "partial_ptr": a,
+            "diag_ptr": a,
+            "diag_sq_ptr": a,
+            "num_probes": "i32",
+            "numel": "i64",
+            "num_blocks": "i32",
+        },
+        {"BLOCK": 1024},
+    )
+    for t, a in (("*fp32", "*fp32"), ("*bf16", "*fp32"), ("*fp16", "*fp32"), ("*fp64", "*fp64"))
+]

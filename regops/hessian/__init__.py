@@ -1,0 +1,31 @@
+"""Hessian estimates: Hutchinson trace and diagonal, Hutch++, XTrace, batched Philox probes, exact head curvature,
+exact Gauss-Newton, and a differentiable trace penalty.
+
+The public path is ``regops.hessian.<function>``:
+
+* :func:`trace` / :func:`diagonal` -- stochastic estimates of ``tr(H)`` / ``diag(H)`` of a loss (a function of
+  tensors, a model with a criterion and a batch, or a DataLoader), with standard errors, early stopping,
+  per-parameter and per-module traces, batched Hessian-vector products and distributed probes.
+* :func:`probes` -- the Philox probes (Rademacher or Gaussian) all estimators use, reproducible from a seed.
+* :func:`linear_head_diagonal` / :func:`linear_head_trace` -- exact, one pass, for a softmax cross-entropy head.
+* :func:`trace_penalty` -- a differentiable estimate to add to a training loss.
+
+Layout: :mod:`regops.reference.hessian` (reference probes and accumulation), :mod:`regops.kernels.hessian`
+(Triton), ``_probes`` (torch.library ops), ``_hvp`` (Hessian-vector products), ``_estimators``, ``_head``,
+``_penalty``.
+"""
+
+from regops.hessian._estimators import DiagonalEstimate, TraceEstimate, diagonal, probes, trace
+from regops.hessian._head import linear_head_diagonal, linear_head_trace
+from regops.hessian._penalty import trace_penalty
+
+__all__ = [
+    "DiagonalEstimate",
+    "TraceEstimate",
+    "diagonal",
+    "linear_head_diagonal",
+    "linear_head_trace",
+    "probes",
+    "trace",
+    "trace_penalty",
+]

@@ -1,0 +1,601 @@
+"""Stochastic trace and diagonal estimators of the loss Hessian: Hutchinson, Hutch++, XTrace."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from regops.hessian import _probes
+from regops.hessian._hvp import HVP_METHODS, HessianOperator, takes_params
+from regops.hessian._probes import ParamLayout
+from regops.reference.hessian import DISTRIBUTIONS, check_distribution
+
+METHODS = ("hutchinson", "hutch++", "xtrace")
+DEFAULT_PROBE_BATCH = 16
+
+
+# ---------------------------------------------------------------------------------------------- results
+@dataclass
+class TraceEstimate:
+    """An estimate of ``tr(H)``.
+
+    Attributes:
+        value: the estimate.
+        stderr: its standard error (sample standard deviation of the per-probe terms / sqrt(count)); for
+            Hutch++ that of the residual Hutchinson part (the sketched part is exact given its subspace).
+        num_matvecs: Hessian-vector products used.
+        method: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
+        samples: the per-probe terms whose mean is the estimate (Hutchinson: ``v_k^T H v_k``; Hutch++: the
+            residual terms, to which the sketched trace is added; XTrace: the exchangeable leave-one-out terms).
+    """
+
+    value: float
+    stderr: float
+    num_matvecs: int
+    method: str = "hutchinson"
+    samples: torch.Tensor = field(default_factory=lambda: torch.empty(0), repr=False)
+
+    @property
+    def relative_stderr(self) -> float:
+        return self.stderr / abs(self.value) if self.value != 0 else math.inf
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+
+@dataclass
+class DiagonalEstimate:
+    """Hutchinson estimate of ``diag(H)``, one tensor per parameter (shape and dtype of the parameter).
+
+    ``value`` and ``stderr`` are tuples in the order of ``params`` (dicts keyed by name when ``params`` was a
+    dict or a model was given); ``stderr`` is per coordinate. ``trace`` is the Hutchinson trace from the same
+    probes.
+    """
+
+    value: tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
+    stderr: tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
+    num_matvecs: int
+    trace: TraceEstimate
+
+
+def _mean_stderr(samples: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error over dim 0 (float64)."""
+    s = samples.double()
+    n = s.shape[0]
+    mean = s.mean(0)
+    if n < 2:
+        return mean.item(), math.inf
+    return mean.item(), (s.std(0, correction=1) / math.sqrt(n)).item()
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+@dataclass
+class _Problem:
+    params: tuple[torch.Tensor, ...]
+    names: tuple[str, ...]
+    pack: Callable[[Sequence[torch.Tensor]], Any] | None
+    batches: Callable[[], Iterable[tuple[Callable[..., Any], float]]]
+    single: bool
+    keyed: bool  # results keyed by name (dict params or a model)
+
+    @property
+    def layout(self) -> ParamLayout:
+        return ParamLayout.of(self.names, self.params)
+
+
+def _check_params(params: object) -> tuple[tuple[str, ...], tuple[torch.Tensor, ...], bool]:
+    if isinstance(params, nn.Module):
+        named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
+        keyed = True
+    elif isinstance(params, torch.Tensor):
+        named, keyed = [("0", params)], False
+    elif isinstance(params, Mapping):
+        named, keyed = [(str(k), v) for k, v in params.items()], True
+    elif isinstance(params, Iterable):
+        named, keyed = [(str(i), p) for i, p in enumerate(params)], False
+    else:
+        raise TypeError(f"regops: params must be tensors (a list, a dict or a module), got {type(params).__name__}")
+    if not named:
+        raise ValueError("regops: params is empty; pass the tensors to differentiate with respect to")
+    for name, p in named:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"regops: params[{name!r}] must be a torch.Tensor, got {type(p).__name__}")
+        if not p.is_floating_point():
+            raise TypeError(f"regops: params[{name!r}] must have a floating dtype, got {p.dtype}")
+        if not p.requires_grad:
+            raise ValueError(
+                f"regops: params[{name!r}] does not require grad; the Hessian is taken with respect to tensors "
+                "that require grad (call .requires_grad_() or leave it out)"
+            )
+        if p.device != named[0][1].device:
+            raise ValueError(
+                f"regops: params[{name!r}] is on {p.device} but params[{named[0][0]!r}] on {named[0][1].device}"
+            )
+    names, tensors = zip(*named, strict=True)
+    return tuple(names), tuple(tensors), keyed
+
+
+def _batch_size(targets: object, inputs: object) -> int:
+    for t in (targets, inputs):
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return t.shape[0]
+    return 1
+
+
+def _resolve(first: object, second: object, data: tuple) -> _Problem:
+    """``(loss_fn, params)`` | ``(model, criterion, inputs, targets)`` | ``(model, criterion, loader)``."""
+    if isinstance(first, nn.Module) and not isinstance(second, (torch.Tensor, Mapping, list, tuple)):
+        model, criterion = first, second
+        if not callable(criterion):
+            raise TypeError(f"regops: criterion must be callable, got {type(criterion).__name__}")
+        names, params, _ = _check_params(model)
+        pack = lambda ps: dict(zip(names, ps, strict=True))
+
+        def batch_loss(inputs, targets):
+            return lambda p: criterion(torch.func.functional_call(model, p, (inputs,)), targets)
+
+        if len(data) == 2:
+            inputs, targets = data
+            return _Problem(params, names, pack, lambda: [(batch_loss(inputs, targets), 1.0)], True, True)
+        if len(data) == 1:
+            loader = data[0]
+            if not isinstance(loader, Iterable):
+                raise TypeError(f"regops: expected a DataLoader (iterable of (inputs, targets)), got {type(loader)}")
+            device = params[0].device
+
+            def batches():
+                for batch in loader:
+                    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                        raise TypeError("regops: the DataLoader must yield (inputs, targets) pairs")
+                    inputs, targets = (b.to(device) if isinstance(b, torch.Tensor) else b for b in batch[:2])
+                    yield batch_loss(inputs, targets), float(_batch_size(targets, inputs))
+
+            return _Problem(params, names, pack, batches, False, True)
+        raise TypeError(
+            "regops: with a model, call trace(model, criterion, inputs, targets) or trace(model, criterion, loader)"
+        )
+    if data:
+        raise TypeError("regops: trace(loss_fn, params, ...) takes no further positional arguments")
+    if not callable(first):
+        raise TypeError(f"regops: loss_fn must be callable, got {type(first).__name__}")
+    if second is None:
+        raise TypeError("regops: params is required with a loss_fn")
+    names, params, keyed = _check_params(second)
+    pack = None
+    if takes_params(first):
+        if isinstance(second, Mapping) or isinstance(second, nn.Module):
+            pack = lambda ps: dict(zip(names, ps, strict=True))
+        elif isinstance(second, torch.Tensor):
+            pack = lambda ps: ps[0]
+        else:
+            pack = tuple
+    return _Problem(params, names, pack, lambda: [(first, 1.0)], True, keyed)
+
+
+def _check_common(num_probes, method, distribution, probe_batch, tol, hvp) -> int:
+    if isinstance(num_probes, bool) or not isinstance(num_probes, int):
+        raise TypeError(f"regops: num_probes must be an int, got {type(num_probes).__name__}")
+    if num_probes < 1:
+        raise ValueError(f"regops: num_probes must be >= 1, got {num_probes}")
+    if method not in METHODS:
+        raise ValueError(f"regops: method must be one of {METHODS}, got {method!r}")
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"regops: distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    if hvp not in HVP_METHODS:
+        raise ValueError(f"regops: hvp must be one of {HVP_METHODS}, got {hvp!r}")
+    if probe_batch is None:
+        probe_batch = min(num_probes, DEFAULT_PROBE_BATCH)
+    if isinstance(probe_batch, bool) or not isinstance(probe_batch, int) or probe_batch < 1:
+        raise ValueError(f"regops: probe_batch must be an int >= 1, got {probe_batch!r}")
+    if tol is not None and (not isinstance(tol, (int, float)) or not tol > 0):
+        raise ValueError(f"regops: tol must be a positive number (relative standard error) or None, got {tol!r}")
+    return probe_batch
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+@dataclass
+class _Dist:
+    group: Any = None
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def of(cls, distributed: bool, group: Any) -> _Dist:
+        if not distributed:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("regops: distributed=True needs an initialised torch.distributed process group")
+        return cls(group, dist.get_rank(group), dist.get_world_size(group))
+
+    def share(self, start: int, stop: int) -> tuple[int, int]:
+        """This rank's contiguous part of probes ``[start, stop)``."""
+        n = stop - start
+        return start + n * self.rank // self.world, start + n * (self.rank + 1) // self.world
+
+    def broadcast_seed(self, seed: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return seed
+        import torch.distributed as dist
+
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        dist.broadcast(seed, src=src, group=self.group)  # seeds live on the CPU: gloo, or NCCL via a copy
+        return seed
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, group=self.group)
+        return t
+
+
+def _broadcast_seed(dist_: _Dist, seed: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if dist_.world == 1:
+        return seed
+    import torch.distributed as dist
+
+    backend = dist.get_backend(dist_.group)
+    if backend == "nccl":
+        moved = dist_.broadcast_seed(seed.to(device))
+        return moved.cpu()
+    return dist_.broadcast_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- Hutchinson
+@dataclass
+class _HutchinsonState:
+    dots: torch.Tensor  # [m, P] per probe, per parameter v^T H v (rows of probes not run yet are zero)
+    diag: torch.Tensor  # [N] sum over probes of v * Hv
+    diag_sq: torch.Tensor  # [N] sum over probes of (v * Hv)^2
+    count: int  # probes done
+
+
+def _hutchinson(
+    op: HessianOperator,
+    layout: ParamLayout,
+    num_probes: int,
+    distribution: str,
+    generator: torch.Generator | None,
+    tol: float | None,
+    stop_metric: Callable[[_HutchinsonState], float],
+    dist_: _Dist,
+    progress: bool,
+    desc: str,
+) -> _HutchinsonState:
+    from tqdm.auto import tqdm
+
+    seed = _broadcast_seed(dist_, _probes.draw_seed(layout, num_probes, distribution, generator), layout.device)
+    acc = torch.float64 if layout.dtype == torch.float64 else torch.float32
+    dev = layout.device
+    state = _HutchinsonState(
+        torch.zeros(num_probes, len(layout.sizes), dtype=acc, device=dev),
+        torch.zeros(layout.numel, dtype=acc, device=dev),
+        torch.zeros(layout.numel, dtype=acc, device=dev),
+        0,
+    )
+    # Without tol one round covers every probe (one all-reduce); with tol, rounds of probe_batch per rank.
+    round_size = num_probes if tol is None else op.probe_batch * dist_.world
+    bar = tqdm(total=num_probes, desc=desc, unit="probe", disable=not progress or dist_.rank != 0, leave=False)
+    try:
+        for round_start in range(0, num_probes, round_size):
+            round_stop = min(num_probes, round_start + round_size)
+            lo, hi = dist_.share(round_start, round_stop)
+            diag = torch.zeros_like(state.diag)
+            diag_sq = torch.zeros_like(state.diag_sq)
+            for start in range(lo, hi, op.probe_batch):
+                k = min(op.probe_batch, hi - start)
+                v = _probes.probe_rows(seed, start, k, layout, distribution)
+                hv = op.matmat(v)
+                dots, d, dsq = _probes.probe_dot(v, hv, layout)
+                state.dots[start : start + k] = dots
+                diag += d
+                diag_sq += dsq
+                if dist_.world == 1:
+                    bar.update(k)
+            if dist_.world > 1:
+                packed = torch.cat([state.dots[round_start:round_stop].reshape(-1), diag, diag_sq])
+                dist_.all_reduce(packed)
+                n_dots = (round_stop - round_start) * len(layout.sizes)
+                state.dots[round_start:round_stop] = packed[:n_dots].view(round_stop - round_start, -1)
+                diag, diag_sq = packed[n_dots : n_dots + layout.numel], packed[n_dots + layout.numel :]
+                bar.update(round_stop - round_start)
+            state.diag += diag
+            state.diag_sq += diag_sq
+            state.count = round_stop
+            if tol is not None or progress:
+                metric = stop_metric(state)
+                bar.set_postfix(rel_stderr=f"{metric:.3g}")
+                if tol is not None and state.count >= 2 and metric < tol:
+                    break
+    finally:
+        bar.close()
+    state.dots = state.dots[: state.count]
+    return state
+
+
+def _trace_rel_stderr(state: _HutchinsonState) -> float:
+    mean, err = _mean_stderr(state.dots[: state.count].sum(1))
+    return err / abs(mean) if mean != 0 else math.inf
+
+
+def _diag_rel_stderr(state: _HutchinsonState) -> float:
+    m = state.count
+    if m < 2:
+        return math.inf
+    mean = state.diag.double() / m
+    var = (state.diag_sq.double() / m - mean * mean).clamp_min(0) * m / (m - 1)
+    norm = mean.norm().item()
+    return math.sqrt(var.sum().item() / m) / norm if norm > 0 else math.inf
+
+
+# ---------------------------------------------------------------------------------------------- Hutch++ / XTrace
+def _hutchpp(op: HessianOperator, layout: ParamLayout, m: int, distribution: str, generator) -> TraceEstimate:
+    """Hutch++ (Meyer, Musco, Musco, Woodruff 2021): m//3 probes sketch the range, m//3 products give the exact
+    trace on it, the rest estimate the trace of the deflated remainder with Hutchinson."""
+    k = m // 3
+    rest = m - 2 * k
+    seed = _probes.draw_seed(layout, k + rest, distribution, generator)
+    exact = 0.0
+    q = None
+    if k > 0:
+        s = _probes.probe_rows(seed, 0, k, layout, distribution)
+        y = op.matmat(s)
+        q, _ = torch.linalg.qr(y.T)  # [N, k], orthonormal columns
+        hq = op.matmat(q.T.contiguous())
+        exact = (q.T.double() * hq.double()).sum().item()
+    g = _probes.probe_rows(seed, k, rest, layout, distribution)
+    if q is not None:
+        g = g - (g @ q) @ q.T
+    hg = op.matmat(g)
+    samples = (g.double() * hg.double()).sum(1)
+    mean, err = _mean_stderr(samples)
+    return TraceEstimate(exact + mean, err, op.num_matvecs, "hutch++", samples)
+
+
+def _xtrace(op: HessianOperator, layout: ParamLayout, m: int, distribution: str, generator) -> TraceEstimate:
+    r"""XTrace (Epperly, Tropp, Webber 2024): Hutch++ made exchangeable by leaving each probe out in turn.
+
+    With ``k = m // 2`` probes ``Omega``, ``Y = A Omega = QR``, ``Z = A Q``: leaving out probe ``i`` projects
+    onto ``Q (I - s_i s_i^T) Q^T``, ``s_i`` the normalised column ``i`` of ``R^{-T}``, and every term reduces to
+    ``k x k`` products. Gaussian probes are scaled to norm ``sqrt(N)`` (the paper's improved variant, uniform on
+    the sphere: still ``E[w w^T] = I``).
+    """
+    k = m // 2
+    if k < 2:
+        raise ValueError(f"regops: method='xtrace' needs num_probes >= 4, got {m}")
+    seed = _probes.draw_seed(layout, k, distribution, generator)
+    omega = _probes.probe_rows(seed, 0, k, layout, distribution)
+    if distribution == "gaussian":
+        omega = omega * (math.sqrt(layout.numel) / omega.double().norm(dim=1, keepdim=True)).to(omega.dtype)
+    y = op.matmat(omega)
+    q, r = torch.linalg.qr(y.T)
+    z = op.matmat(q.T.contiguous())
+    qd, zd, od, yd, rd = q.double(), z.double(), omega.double(), y.double(), r.double()
+    h = qd.T @ zd.T  # [k, k] Q^T A Q
+    h = 0.5 * (h + h.T)
+    w = qd.T @ od.T  # [k, k]: column i = Q^T omega_i
+    t = zd @ od.T  # [k, k]: t[j, i] = (A q_j) . omega_i
+    s = torch.linalg.inv(rd).T
+    s = s / s.norm(dim=0, keepdim=True)
+    d = (od * yd).sum(1)  # omega_i . A omega_i
+    hs = h @ s
+    shs = (s * hs).sum(0)
+    hw = h @ w
+    c = (s * w).sum(0)
+    trace_proj = torch.trace(h) - shs
+    r_a_r = d - (t * w).sum(0) - (w * rd).sum(0) + (w * hw).sum(0)
+    cross = (s * (rd - hw)).sum(0)
+    samples = trace_proj + r_a_r + 2 * c * cross + c * c * shs
+    mean, err = _mean_stderr(samples)
+    return TraceEstimate(mean, err, op.num_matvecs, "xtrace", samples)
+
+
+# ---------------------------------------------------------------------------------------------- public
+def _operator(problem: _Problem, hvp: str, probe_batch: int) -> HessianOperator:
+    return HessianOperator(
+        problem.batches, problem.params, problem.layout, problem.pack, hvp, probe_batch, problem.single
+    )
+
+
+def _group(names: Sequence[str], by: str) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        key = name if by == "param" else (name.rsplit(".", 1)[0] if "." in name else "")
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+def trace(
+    loss_fn: Callable[..., torch.Tensor] | nn.Module,
+    params: Any = None,
+    *data: Any,
+    num_probes: int = 100,
+    method: str = "hutchinson",
+    distribution: str = "rademacher",
+    probe_batch: int | None = None,
+    tol: float | None = None,
+    generator: torch.Generator | None = None,
+    by: str | None = None,
+    hvp: str = "auto",
+    progress: bool = False,
+    distributed: bool = False,
+    group: Any = None,
+) -> TraceEstimate | dict[str, TraceEstimate]:
+    r"""Estimate the trace of the Hessian of a scalar loss with respect to ``params``.
+
+    .. math:: \operatorname{tr}(H) \approx \frac{1}{m} \sum_{k=1}^{m} v_k^\top H v_k, \qquad
+              \mathbb{E}[v v^\top] = I
+
+    Forms:
+
+    * ``trace(loss_fn, params)``: ``params`` is a tensor, a list/tuple or dict of tensors, or a module (its
+      parameters that require grad). ``loss_fn(params)`` returns the scalar loss from the tensors it is given
+      (same container: needed for ``hvp="forward_over_reverse"``) or ``loss_fn()`` computes it from the
+      tensors it closes over.
+    * ``trace(model, criterion, inputs, targets)``: the loss ``criterion(model(inputs), targets)``.
+    * ``trace(model, criterion, loader)``: the Hessian of the dataset loss, averaged over the batches
+      ``(inputs, targets)`` the loader yields, weighted by batch size (as PyHessian does; the same probes for
+      every batch). Model mode is left as it is (PyHessian forces ``eval()``).
+
+    Args:
+        num_probes: Hessian-vector products to spend (the budget for every method; >= 1).
+        method: ``"hutchinson"``; ``"hutch++"`` (a third of the budget sketches the dominant subspace, exact
+            there; error O(1/m) instead of O(1/sqrt(m)) when a few eigenvalues dominate); ``"xtrace"``
+            (Hutch++ that reuses every probe for both roles, leaving each out in turn; ``num_probes >= 4``).
+        distribution: ``"rademacher"`` (lowest variance for Hutchinson) or ``"gaussian"``; probes come from the
+            Philox stream (:mod:`regops.reference.hessian`), reproducible from ``generator``'s state.
+        probe_batch: probes per batched Hessian-vector product (memory ~ ``probe_batch`` x one backward);
+            default ``min(num_probes, 16)``.
+        tol: stop once the relative standard error ``stderr / |value|`` falls below ``tol`` (Hutchinson only;
+            checked after every ``probe_batch`` probes, at least two).
+        generator: a ``torch.Generator`` on the parameters' device type; default torch's default generator.
+        by: ``None`` (one estimate), ``"param"`` or ``"module"``: a dict of estimates of the traces of the
+            diagonal blocks of ``H`` per parameter / per module (the parameters whose names share a prefix
+            before the last dot); they sum to the whole trace. Hutchinson only.
+        hvp: ``"auto"``, ``"double_backward"``, ``"forward_over_reverse"`` or ``"loop"``
+            (see :mod:`regops.hessian._hvp`; vmap failures fall back with a warning).
+        progress: show a tqdm progress bar with the running relative standard error.
+        distributed: split the probes across the ranks of ``group`` (every rank passes the same arguments and
+            its share of nothing else: the same data gives the same Hessian); the seed is broadcast from rank 0
+            and the results are combined with one all-reduce (one per round with ``tol``). Every rank returns
+            the estimate a single process would compute with the same seed. Hutchinson only.
+
+    Returns:
+        :class:`TraceEstimate` (``value``, ``stderr``, ``num_matvecs``) or a dict of them (``by``).
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3))
+        >>> x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+        >>> est = regops.hessian.trace(model, nn.CrossEntropyLoss(), x, y, num_probes=200, tol=0.01)
+        >>> est.value, est.stderr, est.num_matvecs
+    """
+    probe_batch = _check_common(num_probes, method, distribution, probe_batch, tol, hvp)
+    problem = _resolve(loss_fn, params, data)
+    if by not in (None, "param", "module"):
+        raise ValueError(f"regops: by must be None, 'param' or 'module', got {by!r}")
+    if method != "hutchinson" and (by is not None or distributed or tol is not None):
+        raise ValueError(f"regops: by, tol and distributed need method='hutchinson' (got method={method!r})")
+    op = _operator(problem, hvp, probe_batch)
+    layout = problem.layout
+    if method == "hutch++":
+        return _hutchpp(op, layout, num_probes, distribution, generator)
+    if method == "xtrace":
+        return _xtrace(op, layout, num_probes, distribution, generator)
+    dist_ = _Dist.of(distributed, group)
+    state = _hutchinson(
+        op, layout, num_probes, distribution, generator, tol, _trace_rel_stderr, dist_, progress, "hessian trace"
+    )
+    matvecs = state.count
+    if by is None:
+        samples = state.dots.sum(1)
+        mean, err = _mean_stderr(samples)
+        return TraceEstimate(mean, err, matvecs, "hutchinson", samples)
+    out = {}
+    for key, idx in _group(problem.names, by).items():
+        samples = state.dots[:, idx].sum(1)
+        mean, err = _mean_stderr(samples)
+        out[key] = TraceEstimate(mean, err, matvecs, "hutchinson", samples)
+    return out
+
+
+def diagonal(
+    loss_fn: Callable[..., torch.Tensor] | nn.Module,
+    params: Any = None,
+    *data: Any,
+    num_probes: int = 100,
+    distribution: str = "rademacher",
+    probe_batch: int | None = None,
+    tol: float | None = None,
+    generator: torch.Generator | None = None,
+    hvp: str = "auto",
+    progress: bool = False,
+    distributed: bool = False,
+    group: Any = None,
+) -> DiagonalEstimate:
+    r"""Hutchinson estimate of the Hessian diagonal, one tensor per parameter.
+
+    .. math:: \operatorname{diag}(H) \approx \frac{1}{m} \sum_k v_k \odot H v_k
+
+    Unbiased for Rademacher and Gaussian probes alike (``E[v_i v_j] = delta_ij``); Rademacher has lower
+    variance (``v_i^2 = 1``: the error comes only from off-diagonal entries). The products ``v * Hv`` and their
+    per-probe inner products are accumulated in one fused pass over all parameters (``regops::hessian_probe_dot``).
+
+    Forms, ``num_probes``, ``distribution``, ``probe_batch``, ``generator``, ``hvp``, ``progress``,
+    ``distributed``: as :func:`trace`. ``tol``: stop when ``||stderr|| / ||diag||`` falls below it.
+
+    Returns:
+        :class:`DiagonalEstimate`: ``value`` and per-coordinate ``stderr`` shaped like the parameters (a dict
+        keyed by name for dict params or a model), ``num_matvecs``, and the Hutchinson ``trace`` of the same
+        probes.
+
+    Example::
+
+        >>> est = regops.hessian.diagonal(lambda p: (p[0] ** 4).sum(), [w], num_probes=50)
+        >>> est.value[0]   # ~ 12 * w**2
+    """
+    probe_batch = _check_common(num_probes, "hutchinson", distribution, probe_batch, tol, hvp)
+    problem = _resolve(loss_fn, params, data)
+    op = _operator(problem, hvp, probe_batch)
+    layout = problem.layout
+    dist_ = _Dist.of(distributed, group)
+    state = _hutchinson(
+        op, layout, num_probes, distribution, generator, tol, _diag_rel_stderr, dist_, progress, "hessian diagonal"
+    )
+    m = state.count
+    mean = state.diag.double() / m
+    if m > 1:
+        var = (state.diag_sq.double() / m - mean * mean).clamp_min(0) * (m / (m - 1))
+        err = (var / m).sqrt()
+    else:
+        err = torch.full_like(mean, math.inf)
+    values = layout.split(mean[None].to(layout.dtype))
+    errors = layout.split(err[None].to(layout.dtype))
+    values = tuple(v[0] for v in values)
+    errors = tuple(e[0] for e in errors)
+    samples = state.dots.sum(1)
+    t_mean, t_err = _mean_stderr(samples)
+    tr = TraceEstimate(t_mean, t_err, m, "hutchinson", samples)
+    if problem.keyed:
+        return DiagonalEstimate(
+            dict(zip(problem.names, values, strict=True)), dict(zip(problem.names, errors, strict=True)), m, tr
+        )
+    return DiagonalEstimate(values, errors, m, tr)
+
+
+def probes(
+    params: Any,
+    num_probes: int,
+    *,
+    distribution: str = "rademacher",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """The probes the estimators use: ``num_probes`` Philox probes per parameter, ``[num_probes, *p.shape]``.
+
+    All parameters' probes are drawn in one kernel launch; the same generator state gives the same probes on
+    every backend (the Triton kernel reproduces the reference bit for bit). Rademacher entries are +-1; Gaussian
+    entries are standard normal (float32 Box-Muller, rounded to the parameter dtype).
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> (v,) = regops.hessian.probes([w], 8, generator=g)   # [8, *w.shape]
+    """
+    if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
+        raise ValueError(f"regops: num_probes must be an int >= 1, got {num_probes!r}")
+    check_distribution(distribution)
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    params = list(params.values()) if isinstance(params, Mapping) else list(params)
+    if not params or not all(isinstance(p, torch.Tensor) and p.is_floating_point() for p in params):
+        raise TypeError("regops: params must be a non-empty list of floating-point tensors")
+    layout = ParamLayout.of([str(i) for i in range(len(params))], params)
+    seed = _probes.draw_seed(layout, num_probes, distribution, generator)
+    return layout.split(_probes.probe_rows(seed, 0, num_probes, layout, distribution))

@@ -1,0 +1,145 @@
+"""Probes from the Philox stream and the fused Hutchinson accumulation, as torch.library operators.
+
+``regops::hessian_probes`` draws probe rows for all parameters at once (one kernel launch on a GPU) into a
+``[K, N]`` buffer, ``N`` = the parameters' numels concatenated; :class:`ParamLayout` gives per-parameter views.
+``regops::hessian_probe_dot`` reduces ``v`` and ``Hv`` in one pass to the per-parameter, per-probe ``v . Hv``
+(traces) and the per-coordinate sums of ``v * Hv`` and its square (diagonal and its standard error).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from regops import _backend, _rng
+from regops.reference import hessian as _ref
+
+_backend.register("hessian_probes", torch=_ref.probes, triton="regops.kernels.hessian:probes")
+_backend.register("hessian_probe_dot", torch=_ref.probe_dot, triton="regops.kernels.hessian:probe_dot")
+
+
+@torch.library.custom_op("regops::hessian_probes", mutates_args=())
+def _probes_op(
+    seed: torch.Tensor,
+    first_probe: int,
+    num_probes: int,
+    numel: int,
+    distribution: str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    key, offset = seed.tolist()
+    impl = _backend.implementation("hessian_probes", torch.device(device))
+    return impl(key, offset, first_probe, num_probes, numel, distribution, dtype, device)
+
+
+@_probes_op.register_fake
+def _(seed, first_probe, num_probes, numel, distribution, dtype, device):
+    return torch.empty(num_probes, numel, dtype=dtype, device=device)
+
+
+@torch.library.custom_op("regops::hessian_probe_dot", mutates_args=())
+def _probe_dot_op(
+    v: torch.Tensor, hv: torch.Tensor, segment_sizes: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _backend.implementation("hessian_probe_dot", v.device)
+    dots, diag, diag_sq = impl(v.contiguous(), hv.contiguous(), list(segment_sizes))
+    return dots, diag, diag_sq
+
+
+@_probe_dot_op.register_fake
+def _(v, hv, segment_sizes):
+    acc = _ref.accumulate_dtype(v.dtype)
+    k, n = v.shape
+    return (
+        v.new_empty(k, len(segment_sizes), dtype=acc),
+        v.new_empty(n, dtype=acc),
+        v.new_empty(n, dtype=acc),
+    )
+
+
+def _dot_setup(ctx, inputs, output) -> None:
+    v, hv, segment_sizes = inputs
+    ctx.segment_sizes = list(segment_sizes)
+    ctx.save_for_backward(v, hv)
+
+
+def _dot_backward(ctx, g_dots, g_diag, g_sq):
+    v, hv = ctx.saved_tensors
+    acc = _ref.accumulate_dtype(v.dtype)
+    vv, hh = v.to(acc), hv.to(acc)
+    sizes = torch.tensor(ctx.segment_sizes, device=v.device)
+    # d(output)/d(v_kj * hv_kj) = g_dots[k, seg(j)] + g_diag[j] + 2 (v_kj hv_kj) g_sq[j]
+    upstream = torch.zeros_like(vv)
+    if g_dots is not None:
+        upstream = upstream + torch.repeat_interleave(g_dots.to(acc), sizes, dim=1, output_size=v.shape[1])
+    if g_diag is not None:
+        upstream = upstream + g_diag.to(acc)
+    if g_sq is not None:
+        upstream = upstream + 2.0 * vv * hh * g_sq.to(acc)
+    return (upstream * hh).to(v.dtype), (upstream * vv).to(hv.dtype), None
+
+
+_probe_dot_op.register_autograd(_dot_backward, setup_context=_dot_setup)
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Parameters flattened and concatenated: names, shapes and column ranges in a ``[K, N]`` buffer."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    dtypes: tuple[torch.dtype, ...]
+    device: torch.device
+
+    @classmethod
+    def of(cls, names: Sequence[str], params: Sequence[torch.Tensor]) -> ParamLayout:
+        return cls(tuple(names), tuple(p.shape for p in params), tuple(p.dtype for p in params), params[0].device)
+
+    @functools.cached_property
+    def sizes(self) -> list[int]:
+        return [s.numel() for s in self.shapes]
+
+    @functools.cached_property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    @functools.cached_property
+    def dtype(self) -> torch.dtype:
+        return functools.reduce(torch.promote_types, self.dtypes)
+
+    def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``[K, N]`` -> per-parameter ``[K, *shape]`` views (cast to each parameter's dtype if it differs)."""
+        k = flat.shape[0]
+        return tuple(
+            chunk.reshape(k, *shape).to(dtype)
+            for chunk, shape, dtype in zip(flat.split(self.sizes, dim=1), self.shapes, self.dtypes, strict=True)
+        )
+
+    def cat(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-parameter ``[K, *shape]`` -> ``[K, N]`` in the common dtype."""
+        k = tensors[0].shape[0]
+        return torch.cat([t.reshape(k, -1).to(self.dtype) for t in tensors], dim=1)
+
+
+def draw_seed(layout: ParamLayout, num_probes: int, distribution: str, generator: torch.Generator | None):
+    """Key and first counter for ``num_probes`` probe rows over ``layout`` (advances the generator)."""
+    words = _ref.stream_words(num_probes, layout.numel, distribution)
+    return _rng.philox_seed(layout.device, words, generator)
+
+
+def probe_rows(
+    seed: torch.Tensor, first_probe: int, num_probes: int, layout: ParamLayout, distribution: str
+) -> torch.Tensor:
+    """Probe rows ``first_probe ..`` as a ``[num_probes, N]`` tensor in the layout's common dtype."""
+    return _probes_op(seed, first_probe, num_probes, layout.numel, distribution, layout.dtype, layout.device)
+
+
+def probe_dot(
+    v: torch.Tensor, hv: torch.Tensor, layout: ParamLayout
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dots [K, P], sum_k v*Hv [N], sum_k (v*Hv)^2 [N])`` for ``[K, N]`` probes and products."""
+    return _probe_dot_op(v, hv.to(v.dtype), layout.sizes)
