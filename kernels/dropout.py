@@ -3,10 +3,10 @@
 import torch
 import triton
 import triton.language as tl
-
 from regops.kernels.philox import keep_mask
 from regops.kernels.utils import cast_rne
-from regops.reference.dropout import dropout_scale
+
+from regops.reference.dropout import dropout_scale, float_round, multi_sample_counters
 from regops.reference.philox import keep_threshold
 
 
@@ -40,12 +40,204 @@ def dropout(x: torch.Tensor, p: float, seed: int, offset: int, *, block: int | N
     return y
 
 
+@triton.jit(do_not_specialize=["n", "threshold", "seed", "offset"])
+def dropout_bitmask_kernel(x_ptr, y_ptr, bits_ptr, n, threshold, scale, seed, offset, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    idx = start + tl.arange(0, BLOCK)
+    in_bounds = idx < n
+    keep = keep_mask(seed, offset + start // 4, threshold, BLOCK)
+    x = tl.load(x_ptr + idx, mask=in_bounds)
+    if x.dtype != tl.float64:
+        x = x.to(tl.float32)
+    y = tl.where(keep, x * scale, 0.0)
+    tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)
+    # Bit j of byte k is element 8k + j; bits past n are zero.
+    bits = tl.reshape((keep & in_bounds).to(tl.int32), [BLOCK // 8, 8]) << tl.arange(0, 8)[None, :]
+    byte_idx = start // 8 + tl.arange(0, BLOCK // 8)
+    tl.store(bits_ptr + byte_idx, tl.sum(bits, axis=1).to(tl.uint8), mask=byte_idx < (n + 7) // 8)
+
+
+@triton.jit(do_not_specialize=["n"])
+def apply_bitmask_kernel(g_ptr, bits_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    idx = start + tl.arange(0, BLOCK)
+    in_bounds = idx < n
+    byte_idx = start // 8 + tl.arange(0, BLOCK // 8)
+    packed = tl.load(bits_ptr + byte_idx, mask=byte_idx < (n + 7) // 8, other=0).to(tl.int32)
+    keep = tl.reshape((packed[:, None] >> tl.arange(0, 8)[None, :]) & 1, [BLOCK]) != 0
+    g = tl.load(g_ptr + idx, mask=in_bounds)
+    if g.dtype != tl.float64:
+        g = g.to(tl.float32)
+    out = tl.where(keep, g * scale, 0.0)
+    tl.store(out_ptr + idx, cast_rne(out, out_ptr.dtype.element_ty), mask=in_bounds)
+
+
+@triton.jit(do_not_specialize=["n", "num_samples", "step", "threshold", "seed", "offset"])
+def multi_sample_mean_kernel(x_ptr, y_ptr, n, num_samples, step, threshold, factor, seed, offset, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    idx = start + tl.arange(0, BLOCK)
+    in_bounds = idx < n
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    for k in range(num_samples):
+        count += keep_mask(seed, offset + k * step + start // 4, threshold, BLOCK).to(tl.int32)
+    x = tl.load(x_ptr + idx, mask=in_bounds)
+    if x.dtype != tl.float64:
+        x = x.to(tl.float32)
+    y = x * (count.to(x.dtype) * factor)
+    tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)
+
+
+@triton.jit(do_not_specialize=["n", "inner"])
+def scale_rows_add_kernel(x_ptr, scales_ptr, res_ptr, y_ptr, n, inner, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = idx < n
+    x = tl.load(x_ptr + idx, mask=in_bounds)
+    if x.dtype != tl.float64:
+        x = x.to(tl.float32)
+    s = tl.load(scales_ptr + idx // inner, mask=in_bounds, other=0.0).to(x.dtype)
+    y = x * s
+    if HAS_RESIDUAL:
+        y += tl.load(res_ptr + idx, mask=in_bounds).to(x.dtype)
+    tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)
+
+
+def scale_rows_add(
+    x: torch.Tensor, scales: torch.Tensor, residual: torch.Tensor | None, *, block: int | None = None
+) -> torch.Tensor:
+    """``x * scales[sample] (+ residual)``; as regops.reference.dropout.scale_rows_add (contiguous inputs)."""
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    n = x.numel()
+    if n == 0:
+        return y
+    block = block or _default_block(x)
+    scale_rows_add_kernel[(triton.cdiv(n, block),)](
+        x,
+        scales,
+        residual if residual is not None else x,
+        y,
+        n,
+        max(n // x.shape[0], 1),
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=block,
+        num_warps=4,
+    )
+    return y
+
+
+def dropout_bitmask(
+    x: torch.Tensor, p: float, seed: int, offset: int, *, block: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dropout plus the keep-mask packed 1 bit per element; as regops.reference.dropout.dropout_bitmask."""
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    n = x.numel()
+    bits = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
+    if n == 0:
+        return y, bits
+    block = block or _default_block(x)
+    grid = (triton.cdiv(n, block),)
+    dropout_bitmask_kernel[grid](
+        x, y, bits, n, keep_threshold(p), dropout_scale(p), seed, offset, BLOCK=block, num_warps=4
+    )
+    return y, bits
+
+
+def apply_bitmask(g: torch.Tensor, bits: torch.Tensor, scale: float, *, block: int | None = None) -> torch.Tensor:
+    """``where(bit, g * scale, 0)``; as regops.reference.dropout.apply_bitmask."""
+    out = torch.empty_like(g, memory_format=torch.contiguous_format)
+    n = g.numel()
+    if n == 0:
+        return out
+    block = block or _default_block(g)
+    apply_bitmask_kernel[(triton.cdiv(n, block),)](g, bits, out, n, scale, BLOCK=block, num_warps=4)
+    return out
+
+
+def multi_sample_mean_dropout(
+    x: torch.Tensor, p: float, num_samples: int, seed: int, offset: int, *, block: int | None = None
+) -> torch.Tensor:
+    """``x`` times the mean of ``num_samples`` dropout masks; as the reference of the same name."""
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    n = x.numel()
+    if n == 0:
+        return y
+    block = block or _default_block(x)
+    factor = float_round(dropout_scale(p) / num_samples)
+    multi_sample_mean_kernel[(triton.cdiv(n, block),)](
+        x,
+        y,
+        n,
+        num_samples,
+        multi_sample_counters(n),
+        keep_threshold(p),
+        factor,
+        seed,
+        offset,
+        BLOCK=block,
+        num_warps=4,
+    )
+    return y
+
+
 _DTYPES = ("*fp32", "*fp16", "*bf16", "*fp64")
 COMPILE_SPECS = [
     (
         dropout_kernel,
         {"x_ptr": t, "y_ptr": t, "n": "i64", "threshold": "i32", "scale": "fp32", "seed": "i64", "offset": "i64"},
         {"BLOCK": 2048},
+    )
+    for t in _DTYPES
+]
+COMPILE_SPECS += [
+    (
+        dropout_bitmask_kernel,
+        {
+            "x_ptr": t,
+            "y_ptr": t,
+            "bits_ptr": "*u8",
+            "n": "i64",
+            "threshold": "i32",
+            "scale": "fp32",
+            "seed": "i64",
+            "offset": "i64",
+        },
+        {"BLOCK": 2048},
+    )
+    for t in _DTYPES
+]
+COMPILE_SPECS += [
+    (apply_bitmask_kernel, {"g_ptr": t, "bits_ptr": "*u8", "out_ptr": t, "n": "i64", "scale": "fp32"}, {"BLOCK": 2048})
+    for t in _DTYPES
+]
+COMPILE_SPECS += [
+    (
+        multi_sample_mean_kernel,
+        {
+            "x_ptr": t,
+            "y_ptr": t,
+            "n": "i64",
+            "num_samples": "i32",
+            "step": "i64",
+            "threshold": "i32",
+            "factor": "fp32",
+            "seed": "i64",
+            "offset": "i64",
+        },
+        {"BLOCK": 2048},
+    )
+    for t in _DTYPES
+]
+COMPILE_SPECS += [
+    (
+        scale_rows_add_kernel,
+        {
+            "x_ptr": t,
+            "scales_ptr": "*fp64" if t == "*fp64" else "*fp32",
+            "res_ptr": t,
+            "y_ptr": t,
+            "n": "i64",
+            "inner": "i64",
+        },
+        {"HAS_RESIDUAL": True, "BLOCK": 2048},
     )
     for t in _DTYPES
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,8 @@ def _resolve(target: type | str) -> type | None:
     if isinstance(target, type):
         return target
     module, _, attr = target.partition(":")
+    if module not in sys.modules:  # no instance can exist before its module is imported: don't import it
+        return None
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError):  # optional dependency not installed
@@ -57,8 +60,9 @@ class PatchHandle:
 def patch(model: torch.nn.Module) -> PatchHandle:
     """Replace, in place, every submodule whose type is exactly a supported torch module with the regops one.
 
-    Supported: ``torch.nn.Dropout`` (and whatever else regops.nn declares with ``@swaps``). Subclasses and other
-    dropout kinds are left alone. A module shared by several parents is replaced by one shared regops module.
+    Supported: ``torch.nn.Dropout``, ``Dropout1d``, ``Dropout2d``, ``Dropout3d`` and timm's ``DropPath``
+    (whatever regops.nn declares with ``@swaps``). Subclasses and other dropout kinds (e.g. ``AlphaDropout``)
+    are left alone. A module shared by several parents is replaced by one shared regops module.
     Returns a :class:`PatchHandle`; ``handle.revert()`` restores the original modules.
 
     >>> handle = regops.patch(model)

@@ -6,7 +6,7 @@ import struct
 
 import torch
 
-from regops.reference.philox import keep_mask
+from regops.reference.philox import keep_mask, random_words
 
 
 def dropout_scale(p: float) -> float:
@@ -24,4 +24,285 @@ def dropout(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
     """``where(keep, x * scale, 0)`` computed in float32 (float64 for float64) and rounded to x's dtype."""
     keep = keep_mask(seed, offset, x.shape, p, device=x.device)
     y = torch.where(keep, x.to(compute_dtype(x.dtype)) * dropout_scale(p), 0.0)
+    return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ row layout
+def row_counters(cols: int) -> int:
+    """Philox counters per row in the row layout: each row starts on a fresh counter (``ceil(cols / 4)``)."""
+    return (cols + 3) // 4
+
+
+def row_keep_mask(seed: int, offset: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+    """Keep-mask of shape ``(rows, cols)`` in the *row layout* used by the fused row-wise ops.
+
+    Element ``(r, c)`` takes word ``c % 4`` of counter ``offset + r * ceil(cols / 4) + c // 4``: every row starts
+    on a fresh counter, so a kernel can regenerate any row (or tile of rows) without knowing how the rest is
+    tiled. When ``cols % 4 == 0`` this is exactly :func:`keep_mask` of the flattened tensor.
+    """
+    padded = 4 * row_counters(cols)
+    return keep_mask(seed, offset, (rows, padded), p, device=device)[:, :cols]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1]) if t.dim() > 0 else t.reshape(1, 1)
+
+
+# ------------------------------------------------------------------------------------------------ bitmask
+def pack_bits(keep: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 of ``ceil(n / 8)`` bytes; bit ``j`` of byte ``k`` is element ``8k + j`` (row-major)."""
+    flat = keep.reshape(-1)
+    n = flat.numel()
+    padded = torch.zeros(8 * ((n + 7) // 8), dtype=torch.int32, device=keep.device)
+    padded[:n] = flat.to(torch.int32)
+    weights = 1 << torch.arange(8, dtype=torch.int32, device=keep.device)
+    return (padded.reshape(-1, 8) * weights).sum(1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``n`` bits as a flat bool tensor."""
+    shifts = torch.arange(8, dtype=torch.int32, device=packed.device)
+    bits = (packed.to(torch.int32)[:, None] >> shifts) & 1
+    return bits.reshape(-1)[:n].bool()
+
+
+def dropout_bitmask(x: torch.Tensor, p: float, seed: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dropout` plus its keep-mask packed 1 bit per element (``ceil(numel / 8)`` uint8 bytes)."""
+    keep = keep_mask(seed, offset, x.shape, p, device=x.device)
+    y = torch.where(keep, x.to(compute_dtype(x.dtype)) * dropout_scale(p), 0.0).to(x.dtype)
+    return y, pack_bits(keep)
+
+
+def apply_bitmask(g: torch.Tensor, packed: torch.Tensor, scale: float) -> torch.Tensor:
+    """``where(bit, g * scale, 0)`` with the bits of a packed mask (the backward of bitmask dropout)."""
+    keep = unpack_bits(packed, g.numel()).reshape(g.shape)
+    return torch.where(keep, g.to(compute_dtype(g.dtype)) * scale, 0.0).to(g.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ bias + residual
+def bias_dropout_add(
+    x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, p: float, seed: int, offset: int
+) -> torch.Tensor:
+    """``residual + dropout(x + bias)`` in float32 (float64 for float64), rounded once to x's dtype.
+
+    ``x`` is read as rows of its last dimension; the mask uses the row layout (:func:`row_keep_mask`).
+    """
+    cd = compute_dtype(x.dtype)
+    cols = x.shape[-1] if x.dim() else 1
+    keep = row_keep_mask(seed, offset, x.numel() // max(cols, 1), cols, p, device=x.device).reshape(x.shape)
+    t = x.to(cd)
+    if bias is not None:
+        t = t + bias.to(cd)
+    return (torch.where(keep, t * dropout_scale(p), 0.0) + residual.to(cd)).to(x.dtype)
+
+
+def bias_dropout_add_backward(
+    grad: torch.Tensor, has_bias: bool, p: float, seed: int, offset: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients for ``x`` (the mask applied to ``grad``) and ``bias`` (float32 column sums of that)."""
+    cd = compute_dtype(grad.dtype)
+    cols = grad.shape[-1] if grad.dim() else 1
+    keep = row_keep_mask(seed, offset, grad.numel() // max(cols, 1), cols, p, device=grad.device)
+    dx = torch.where(keep.reshape(grad.shape), grad.to(cd) * dropout_scale(p), 0.0)
+    dbias = _rows(dx).sum(0) if has_bias else None
+    return dx.to(grad.dtype), dbias
+
+
+# ------------------------------------------------------------------------------------------------ + LayerNorm
+def dropout_add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    p: float,
+    eps: float,
+    rms_norm: bool,
+    residual_in_fp32: bool,
+    seed: int,
+    offset: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``s = dropout(x) + residual`` (row layout mask), ``y = norm(s) * weight + bias``.
+
+    ``s`` is stored in float32 when ``residual_in_fp32``, else in the residual's dtype (x's when there is no
+    residual), and the norm is taken of the stored ``s`` (what an unfused composition normalizes).
+    Returns ``(y, s, mean, rstd)``; ``mean`` and ``rstd`` are float32 per row (``mean`` is 0 for RMSNorm).
+    """
+    cd = compute_dtype(x.dtype)
+    cols = x.shape[-1]
+    rows = x.numel() // cols if cols else 0
+    s_dtype = (
+        torch.float32
+        if residual_in_fp32 and x.dtype != torch.float64
+        else (residual.dtype if residual is not None else x.dtype)
+    )
+    t = x.to(cd)
+    if p > 0.0:
+        keep = row_keep_mask(seed, offset, rows, cols, p, device=x.device).reshape(x.shape)
+        t = torch.where(keep, t * dropout_scale(p), 0.0)
+    if residual is not None:
+        t = t + residual.to(cd)
+    s = t.to(s_dtype)
+    sr = _rows(s).to(cd)
+    if rms_norm:
+        mean = torch.zeros(rows, dtype=cd, device=x.device)
+        var = (sr * sr).mean(1)
+    else:
+        mean = sr.mean(1)
+        var = ((sr - mean[:, None]) ** 2).mean(1)
+    rstd = torch.rsqrt(var + eps)
+    y = (sr - mean[:, None]) * rstd[:, None]
+    if weight is not None:
+        y = y * weight.to(cd)
+    if bias is not None:
+        y = y + bias.to(cd)
+    stat = torch.float64 if cd == torch.float64 else torch.float32
+    return y.reshape(x.shape).to(x.dtype), s, mean.to(stat), rstd.to(stat)
+
+
+def dropout_add_layer_norm_backward(
+    dy: torch.Tensor,
+    ds: torch.Tensor | None,
+    s: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    has_bias: bool,
+    p: float,
+    rms_norm: bool,
+    seed: int,
+    offset: int,
+    x_dtype: torch.dtype,
+    res_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients ``(dx, dresidual, dweight, dbias)``; ``dresidual`` (the gradient of the pre-norm sum) in
+    ``res_dtype`` (``None`` when there is no residual); ``dweight``/``dbias`` in float32 (float64)."""
+    cd = compute_dtype(x_dtype)
+    cols = s.shape[-1]
+    rows = s.numel() // cols if cols else 0
+    sr = _rows(s).to(cd)
+    g = _rows(dy).to(cd)
+    xhat = (sr - mean.to(cd)[:, None]) * rstd.to(cd)[:, None]
+    wg = g * weight.to(cd) if weight is not None else g
+    c1 = (xhat * wg).mean(1, keepdim=True)
+    if rms_norm:
+        dsum = (wg - xhat * c1) * rstd.to(cd)[:, None]
+    else:
+        c2 = wg.mean(1, keepdim=True)
+        dsum = (wg - xhat * c1 - c2) * rstd.to(cd)[:, None]
+    if ds is not None:
+        dsum = dsum + _rows(ds).to(cd)
+    dx = dsum
+    if p > 0.0:
+        keep = row_keep_mask(seed, offset, rows, cols, p, device=s.device)
+        dx = torch.where(keep, dsum * dropout_scale(p), 0.0)
+    dweight = (g * xhat).sum(0) if weight is not None else None
+    dbias = g.sum(0) if has_bias else None
+    dres = dsum.reshape(s.shape).to(res_dtype) if res_dtype is not None else None
+    return dx.reshape(s.shape).to(x_dtype), dres, dweight, dbias
+
+
+# ------------------------------------------------------------------------------------------------ multi-sample
+def multi_sample_counters(numel: int) -> int:
+    """Counters per sample: sample ``k`` of a multi-sample call uses first counter ``offset + k * this``."""
+    return (numel + 3) // 4
+
+
+def multi_sample_mean_dropout(x: torch.Tensor, p: float, num_samples: int, seed: int, offset: int) -> torch.Tensor:
+    r"""``x * mean_k(mask_k) / (1-p)``: sample ``k``'s mask is :func:`dropout`'s with offset ``offset + k*ceil(n/4)``.
+
+    The float32 multiplier is ``count * (scale / K)`` with ``scale / K`` rounded to float32 first.
+    """
+    cd = compute_dtype(x.dtype)
+    step = multi_sample_counters(x.numel())
+    count = torch.zeros(x.shape, dtype=torch.int32, device=x.device)
+    for k in range(num_samples):
+        count += keep_mask(seed, offset + k * step, x.shape, p, device=x.device)
+    factor = float_round(dropout_scale(p) / num_samples)
+    return (x.to(cd) * (count.to(cd) * factor)).to(x.dtype)
+
+
+def float_round(v: float) -> float:
+    """``v`` rounded to the nearest float32 (kept as a Python float)."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+# ------------------------------------------------------------------------------------------------ nested dropout
+def geometric_thresholds(p: float, units: int) -> list[int]:
+    """32-bit thresholds ``T_k = floor((1-p)^k * 2^32)`` for ``k = 1..units-1`` (host floats: same everywhere).
+
+    A sample with word ``w`` keeps ``b = 1 + #{k : w < T_k}`` units, so ``P(b > k) = (1-p)^k``: ``b`` is
+    geometric with success probability ``p``, truncated at ``units``.
+    """
+    out = []
+    q = 1.0 - p
+    for k in range(1, units):
+        t = int(q**k * 2**32)
+        if t <= 0:
+            break
+        out.append(min(t, 2**32 - 1))
+    return out
+
+
+def nested_keep_counts(batch: int, units: int, p: float, seed: int, offset: int, device=None) -> torch.Tensor:
+    """Per-sample number of kept leading units (int64, shape ``[batch]``); sample ``b`` uses word ``b``."""
+    words = random_words(seed, offset, (batch,), device=device)
+    thresholds = torch.tensor(geometric_thresholds(p, units), dtype=torch.int64, device=device)
+    if thresholds.numel() == 0:
+        return torch.ones(batch, dtype=torch.int64, device=device)
+    return 1 + (words[:, None] < thresholds[None, :]).sum(1)
+
+
+def nested_dropout(x: torch.Tensor, p: float, dim: int, seed: int, offset: int) -> torch.Tensor:
+    """Per sample (dim 0) keep the first ``b`` units along ``dim`` and zero the rest (no rescaling)."""
+    units = x.shape[dim]
+    counts = nested_keep_counts(x.shape[0], units, p, seed, offset, device=x.device)
+    keep = torch.arange(units, device=x.device)[None, :] < counts[:, None]  # [batch, units]
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = x.shape[0], units
+    return torch.where(keep.reshape(shape), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+# ------------------------------------------------------------------------------------------------ symmetric KL
+def symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-row :math:`\tfrac12(KL(p_a\|p_b) + KL(p_b\|p_a)) = \tfrac12\sum_v (p_a - p_b)(\log p_a - \log p_b)`.
+
+    ``a``, ``b``: ``[rows, V]`` logits. Returns ``(loss [rows], stats [rows, 4])`` in float32 (float64 for
+    float64): stats = ``(lse_a, lse_b, <p_a, d>, <p_b, d>)`` with ``d = log p_a - log p_b``, all the backward needs.
+    """
+    cd = compute_dtype(a.dtype)
+    a32, b32 = a.to(cd), b.to(cd)
+    lse_a, lse_b = torch.logsumexp(a32, -1), torch.logsumexp(b32, -1)
+    la, lb = a32 - lse_a[:, None], b32 - lse_b[:, None]
+    pa, pb = la.exp(), lb.exp()
+    d = la - lb
+    loss = 0.5 * ((pa - pb) * d).sum(-1)
+    stats = torch.stack([lse_a, lse_b, (pa * d).sum(-1), (pb * d).sum(-1)], dim=1)
+    return loss, stats
+
+
+def symmetric_kl_backward(
+    grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, stats: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``d loss_r / d a = g_r/2 (p_a (d - <p_a,d>) + p_a - p_b)``, ``d/db = g_r/2 (-p_b (d - <p_b,d>) + p_b - p_a)``."""
+    cd = compute_dtype(a.dtype)
+    lse_a, lse_b, pad, pbd = (stats[:, i : i + 1].to(cd) for i in range(4))
+    la, lb = a.to(cd) - lse_a, b.to(cd) - lse_b
+    pa, pb = la.exp(), lb.exp()
+    d = la - lb
+    g = 0.5 * grad.to(cd)[:, None]
+    ga = g * (pa * (d - pad) + pa - pb)
+    gb = g * (pb * (pbd - d) + pb - pa)
+    return ga.to(a.dtype), gb.to(b.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ per-sample scale
+def scale_rows_add(x: torch.Tensor, scales: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """``x * scales[b] (+ residual)`` with ``b`` the index along dim 0; float32 (float64) math, one rounding.
+
+    ``scales``: ``[x.shape[0]]`` float32 (float64 for float64 x). Drop path's application step.
+    """
+    cd = compute_dtype(x.dtype)
+    y = x.to(cd) * scales.to(cd).reshape((-1,) + (1,) * (x.dim() - 1))
+    if residual is not None:
+        y = y + residual.to(cd)
     return y.to(x.dtype)

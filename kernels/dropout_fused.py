@@ -1,0 +1,539 @@
+"""Triton fused dropout ops over rows: residual + dropout(x + bias), and dropout + residual + LayerNorm/RMSNorm.
+
+Masks use the row layout of regops.reference.dropout.row_keep_mask: element (r, c) takes word c % 4 of
+counter offset + r * ceil(H / 4) + c // 4, so any tile of rows regenerates its own mask, forward or backward.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from regops.kernels.utils import cast_rne
+
+from regops.reference.dropout import dropout_scale, row_counters
+from regops.reference.philox import keep_threshold
+
+
+@triton.jit
+def row_keep_tile(seed, offset, rows, col0, threshold, counters_per_row, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Keep-mask of a [BLOCK_R, BLOCK_C] tile: rows ``rows`` (int64 [BLOCK_R]), columns ``col0 + arange``.
+
+    ``col0`` is a multiple of 4; one Philox evaluation feeds four consecutive columns of a row.
+    """
+    k = tl.arange(0, BLOCK_C // 4).to(tl.int64)
+    counters = offset + rows[:, None] * counters_per_row + col0 // 4 + k[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    # join(join(r0, r2), join(r1, r3))[., k, m, n] = r_{2m+n}: flattening gives column 4k + 2m + n.
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK_R, BLOCK_C])
+    return (words >> 1).to(tl.int32, bitcast=True) > threshold
+
+
+# ------------------------------------------------------------------------------------------------ bias_dropout_add
+@triton.jit(do_not_specialize=["rows", "cols", "counters_per_row", "threshold", "seed", "offset"])
+def bias_dropout_add_fwd_kernel(
+    x_ptr,
+    bias_ptr,
+    res_ptr,
+    y_ptr,
+    rows,
+    cols,
+    counters_per_row,
+    threshold,
+    scale,
+    seed,
+    offset,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col0 = tl.program_id(1).to(tl.int64) * BLOCK_C
+    c = col0 + tl.arange(0, BLOCK_C)
+    in_bounds = (r[:, None] < rows) & (c[None, :] < cols)
+    idx = r[:, None] * cols + c[None, :]
+    keep = row_keep_tile(seed, offset, r, col0, threshold, counters_per_row, BLOCK_R, BLOCK_C)
+    x = tl.load(x_ptr + idx, mask=in_bounds, other=0.0)
+    compute = tl.float64 if x.dtype == tl.float64 else tl.float32
+    t = x.to(compute)
+    if HAS_BIAS:
+        t += tl.load(bias_ptr + c, mask=c < cols, other=0.0).to(compute)[None, :]
+    res = tl.load(res_ptr + idx, mask=in_bounds, other=0.0).to(compute)
+    y = tl.where(keep, t * scale, 0.0) + res
+    tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)
+
+
+@triton.jit(do_not_specialize=["rows", "cols", "counters_per_row", "threshold", "seed", "offset", "iters"])
+def bias_dropout_add_bwd_kernel(
+    g_ptr,
+    dx_ptr,
+    dbias_part_ptr,
+    rows,
+    cols,
+    counters_per_row,
+    threshold,
+    scale,
+    seed,
+    offset,
+    iters,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # Program (i, j) handles row blocks i, i + G, i + 2G, ... of column block j and writes one partial bias sum.
+    pid_r = tl.program_id(0)
+    n_prog_r = tl.num_programs(0)
+    col0 = tl.program_id(1).to(tl.int64) * BLOCK_C
+    c = col0 + tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if dx_ptr.dtype.element_ty == tl.float64:
+        acc = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for it in range(iters):
+        r = (pid_r + it * n_prog_r).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        in_bounds = (r[:, None] < rows) & (c[None, :] < cols)
+        idx = r[:, None] * cols + c[None, :]
+        keep = row_keep_tile(seed, offset, r, col0, threshold, counters_per_row, BLOCK_R, BLOCK_C)
+        g = tl.load(g_ptr + idx, mask=in_bounds, other=0.0)
+        if g.dtype != tl.float64:
+            g = g.to(tl.float32)
+        dx = tl.where(keep, g * scale, 0.0)
+        tl.store(dx_ptr + idx, cast_rne(dx, dx_ptr.dtype.element_ty), mask=in_bounds)
+        if HAS_BIAS:
+            acc += tl.sum(dx, axis=0)
+    if HAS_BIAS:
+        tl.store(dbias_part_ptr + pid_r * cols + c, acc, mask=c < cols)
+
+
+def _rows_cols(x: torch.Tensor) -> tuple[int, int]:
+    cols = x.shape[-1] if x.dim() else 1
+    return (x.numel() // cols if cols else 0), cols
+
+
+def _tile(x: torch.Tensor, cols: int) -> tuple[int, int]:
+    target = 16384 if x.device.type == "cpu" else 4096
+    block_c = min(max(triton.next_power_of_2(cols), 4), 1024 if x.device.type != "cpu" else 8192)
+    block_r = max(1, min(target // block_c, 64))
+    return block_r, block_c
+
+
+def bias_dropout_add(
+    x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, p: float, seed: int, offset: int
+) -> torch.Tensor:
+    """``residual + dropout(x + bias)``; as regops.reference.dropout.bias_dropout_add (contiguous inputs)."""
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    rows, cols = _rows_cols(x)
+    if x.numel() == 0:
+        return y
+    block_r, block_c = _tile(x, cols)
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    bias_dropout_add_fwd_kernel[grid](
+        x,
+        bias if bias is not None else x,
+        residual,
+        y,
+        rows,
+        cols,
+        row_counters(cols),
+        keep_threshold(p),
+        dropout_scale(p),
+        seed,
+        offset,
+        HAS_BIAS=bias is not None,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=4,
+    )
+    return y
+
+
+def bias_dropout_add_backward(
+    grad: torch.Tensor, has_bias: bool, p: float, seed: int, offset: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(dx, dbias)``; dbias float32 (float64 for float64) column sums of dx before rounding."""
+    dx = torch.empty_like(grad, memory_format=torch.contiguous_format)
+    rows, cols = _rows_cols(grad)
+    acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    if grad.numel() == 0:
+        return dx, (torch.zeros(cols, dtype=acc_dtype, device=grad.device) if has_bias else None)
+    block_r, block_c = _tile(grad, cols)
+    row_blocks = triton.cdiv(rows, block_r)
+    programs = min(row_blocks, 8 if grad.device.type == "cpu" else 4 * 132)
+    parts = torch.empty((programs, cols), dtype=acc_dtype, device=grad.device) if has_bias else dx
+    bias_dropout_add_bwd_kernel[(programs, triton.cdiv(cols, block_c))](
+        grad,
+        dx,
+        parts,
+        rows,
+        cols,
+        row_counters(cols),
+        keep_threshold(p),
+        dropout_scale(p),
+        seed,
+        offset,
+        triton.cdiv(row_blocks, programs),
+        HAS_BIAS=has_bias,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=4,
+    )
+    return dx, (parts.sum(0) if has_bias else None)
+
+
+# ------------------------------------------------------------------------------------------------ + LayerNorm
+@triton.jit(do_not_specialize=["rows", "cols", "counters_per_row", "threshold", "seed", "offset"])
+def dropout_add_layer_norm_fwd_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    s_ptr,
+    mean_ptr,
+    rstd_ptr,
+    rows,
+    cols,
+    counters_per_row,
+    threshold,
+    scale,
+    eps,
+    seed,
+    offset,
+    HAS_DROPOUT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RMS_NORM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_C)
+    col_ok = c < cols
+    in_bounds = (r[:, None] < rows) & col_ok[None, :]
+    idx = r[:, None] * cols + c[None, :]
+    x = tl.load(x_ptr + idx, mask=in_bounds, other=0.0)
+    compute = tl.float64 if x.dtype == tl.float64 else tl.float32
+    t = x.to(compute)
+    if HAS_DROPOUT:
+        keep = row_keep_tile(seed, offset, r, 0, threshold, counters_per_row, BLOCK_R, BLOCK_C)
+        t = tl.where(keep, t * scale, 0.0)
+    if HAS_RESIDUAL:
+        t += tl.load(res_ptr + idx, mask=in_bounds, other=0.0).to(compute)
+    # Normalize the stored pre-norm sum (rounded to its storage dtype), as an unfused composition would.
+    s_stored = cast_rne(t, s_ptr.dtype.element_ty)
+    tl.store(s_ptr + idx, s_stored, mask=in_bounds)
+    s = tl.where(in_bounds, s_stored.to(compute), 0.0)
+    if RMS_NORM:
+        mean = tl.zeros([BLOCK_R], dtype=compute)
+        centered = s
+    else:
+        mean = tl.sum(s, axis=1) / cols
+        centered = tl.where(in_bounds, s - mean[:, None], 0.0)
+    var = tl.sum(centered * centered, axis=1) / cols
+    rstd = 1.0 / tl.sqrt(var + eps)
+    y = centered * rstd[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + c, mask=col_ok, other=0.0).to(compute)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + c, mask=col_ok, other=0.0).to(compute)[None, :]
+    tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(mean_ptr + r, mean, mask=r < rows)
+    tl.store(rstd_ptr + r, rstd, mask=r < rows)
+
+
+@triton.jit(do_not_specialize=["rows", "cols", "counters_per_row", "threshold", "seed", "offset", "iters"])
+def dropout_add_layer_norm_bwd_kernel(
+    dy_ptr,
+    ds_ptr,
+    s_ptr,
+    mean_ptr,
+    rstd_ptr,
+    w_ptr,
+    dx_ptr,
+    dres_ptr,
+    dw_part_ptr,
+    db_part_ptr,
+    rows,
+    cols,
+    counters_per_row,
+    threshold,
+    scale,
+    seed,
+    offset,
+    iters,
+    HAS_DROPOUT: tl.constexpr,
+    HAS_DS: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RMS_NORM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    c = tl.arange(0, BLOCK_C)
+    col_ok = c < cols
+    compute = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
+    dw_acc = tl.zeros([BLOCK_C], dtype=compute)
+    db_acc = tl.zeros([BLOCK_C], dtype=compute)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + c, mask=col_ok, other=0.0).to(compute)
+    for it in range(iters):
+        r = (pid + it * n_prog).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = r < rows
+        in_bounds = row_ok[:, None] & col_ok[None, :]
+        idx = r[:, None] * cols + c[None, :]
+        s = tl.load(s_ptr + idx, mask=in_bounds, other=0.0).to(compute)
+        g = tl.load(dy_ptr + idx, mask=in_bounds, other=0.0).to(compute)
+        mean = tl.load(mean_ptr + r, mask=row_ok, other=0.0).to(compute)
+        rstd = tl.load(rstd_ptr + r, mask=row_ok, other=0.0).to(compute)
+        xhat = tl.where(in_bounds, (s - mean[:, None]) * rstd[:, None], 0.0)
+        wg = g * w[None, :] if HAS_WEIGHT else g
+        c1 = tl.sum(xhat * wg, axis=1) / cols
+        if RMS_NORM:
+            dsum = (wg - xhat * c1[:, None]) * rstd[:, None]
+        else:
+            c2 = tl.sum(wg, axis=1) / cols
+            dsum = (wg - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if HAS_DS:
+            dsum += tl.load(ds_ptr + idx, mask=in_bounds, other=0.0).to(compute)
+        dx = dsum
+        if HAS_DROPOUT:
+            keep = row_keep_tile(seed, offset, r, 0, threshold, counters_per_row, BLOCK_R, BLOCK_C)
+            dx = tl.where(keep, dsum * scale, 0.0)
+        tl.store(dx_ptr + idx, cast_rne(dx, dx_ptr.dtype.element_ty), mask=in_bounds)
+        if HAS_DRES:
+            tl.store(dres_ptr + idx, cast_rne(dsum, dres_ptr.dtype.element_ty), mask=in_bounds)
+        if HAS_WEIGHT:
+            dw_acc += tl.sum(g * xhat, axis=0)
+        if HAS_BIAS:
+            db_acc += tl.sum(g, axis=0)
+    if HAS_WEIGHT:
+        tl.store(dw_part_ptr + pid * cols + c, dw_acc, mask=col_ok)
+    if HAS_BIAS:
+        tl.store(db_part_ptr + pid * cols + c, db_acc, mask=col_ok)
+
+
+MAX_NORM_COLS = 65536
+
+
+def _norm_tile(t: torch.Tensor, cols: int) -> tuple[int, int]:
+    block_c = max(triton.next_power_of_2(cols), 4)
+    if block_c > MAX_NORM_COLS:
+        raise ValueError(f"regops: the Triton dropout_add_layer_norm handles rows of at most {MAX_NORM_COLS}")
+    target = 16384 if t.device.type == "cpu" else 4096
+    return max(1, min(target // block_c, 16)), block_c
+
+
+def dropout_add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    p: float,
+    eps: float,
+    rms_norm: bool,
+    residual_in_fp32: bool,
+    seed: int,
+    offset: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As regops.reference.dropout.dropout_add_layer_norm: ``(y, s, mean, rstd)``."""
+    cols = x.shape[-1]
+    rows = x.numel() // cols if cols else 0
+    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    s_dtype = (
+        torch.float32
+        if residual_in_fp32 and x.dtype != torch.float64
+        else (residual.dtype if residual is not None else x.dtype)
+    )
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    s = torch.empty(x.shape, dtype=s_dtype, device=x.device)
+    mean = torch.empty(rows, dtype=stat_dtype, device=x.device)
+    rstd = torch.empty(rows, dtype=stat_dtype, device=x.device)
+    if x.numel() == 0:
+        return y, s, mean, rstd
+    block_r, block_c = _norm_tile(x, cols)
+    dropout_add_layer_norm_fwd_kernel[(triton.cdiv(rows, block_r),)](
+        x,
+        residual if residual is not None else x,
+        weight if weight is not None else x,
+        bias if bias is not None else x,
+        y,
+        s,
+        mean,
+        rstd,
+        rows,
+        cols,
+        row_counters(cols),
+        keep_threshold(p),
+        dropout_scale(p),
+        eps,
+        seed,
+        offset,
+        HAS_DROPOUT=p > 0.0,
+        HAS_RESIDUAL=residual is not None,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        RMS_NORM=rms_norm,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=4 if block_c <= 2048 else 8,
+    )
+    return y, s, mean, rstd
+
+
+def dropout_add_layer_norm_backward(
+    dy: torch.Tensor,
+    ds: torch.Tensor | None,
+    s: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    has_bias: bool,
+    p: float,
+    rms_norm: bool,
+    seed: int,
+    offset: int,
+    x_dtype: torch.dtype,
+    res_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """As regops.reference.dropout.dropout_add_layer_norm_backward: ``(dx, dresidual, dweight, dbias)``."""
+    cols = s.shape[-1]
+    rows = s.numel() // cols if cols else 0
+    acc_dtype = torch.float64 if x_dtype == torch.float64 else torch.float32
+    dx = torch.empty(s.shape, dtype=x_dtype, device=s.device)
+    dres = torch.empty(s.shape, dtype=res_dtype, device=s.device) if res_dtype is not None else None
+    if s.numel() == 0:
+        zeros = lambda: torch.zeros(cols, dtype=acc_dtype, device=s.device)
+        return dx, dres, (zeros() if weight is not None else None), (zeros() if has_bias else None)
+    block_r, block_c = _norm_tile(s, cols)
+    row_blocks = triton.cdiv(rows, block_r)
+    programs = min(row_blocks, 4 if s.device.type == "cpu" else 2 * 132)
+    dw = torch.empty((programs, cols), dtype=acc_dtype, device=s.device) if weight is not None else None
+    db = torch.empty((programs, cols), dtype=acc_dtype, device=s.device) if has_bias else None
+    dropout_add_layer_norm_bwd_kernel[(programs,)](
+        dy,
+        ds if ds is not None else dy,
+        s,
+        mean,
+        rstd,
+        weight if weight is not None else s,
+        dx,
+        dres if dres is not None else dx,
+        dw if dw is not None else dx,
+        db if db is not None else dx,
+        rows,
+        cols,
+        row_counters(cols),
+        keep_threshold(p),
+        dropout_scale(p),
+        seed,
+        offset,
+        triton.cdiv(row_blocks, programs),
+        HAS_DROPOUT=p > 0.0,
+        HAS_DS=ds is not None,
+        HAS_DRES=dres is not None,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=has_bias,
+        RMS_NORM=rms_norm,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=4 if block_c <= 2048 else 8,
+    )
+    return dx, dres, (dw.sum(0) if dw is not None else None), (db.sum(0) if db is not None else None)
+
+
+_DTYPES = ("*fp32", "*fp16", "*bf16", "*fp64")
+_ROW_ARGS = {"rows": "i64", "cols": "i64", "counters_per_row": "i64", "threshold": "i32"}
+COMPILE_SPECS = []
+for _t in _DTYPES:
+    COMPILE_SPECS += [
+        (
+            bias_dropout_add_fwd_kernel,
+            {
+                "x_ptr": _t,
+                "bias_ptr": _t,
+                "res_ptr": _t,
+                "y_ptr": _t,
+                **_ROW_ARGS,
+                "scale": "fp32",
+                "seed": "i64",
+                "offset": "i64",
+            },
+            {"HAS_BIAS": True, "BLOCK_R": 4, "BLOCK_C": 1024},
+        ),
+        (
+            bias_dropout_add_bwd_kernel,
+            {
+                "g_ptr": _t,
+                "dx_ptr": _t,
+                "dbias_part_ptr": "*fp64" if _t == "*fp64" else "*fp32",
+                **_ROW_ARGS,
+                "scale": "fp32",
+                "seed": "i64",
+                "offset": "i64",
+                "iters": "i32",
+            },
+            {"HAS_BIAS": True, "BLOCK_R": 4, "BLOCK_C": 1024},
+        ),
+    ]
+    _stat = "*fp64" if _t == "*fp64" else "*fp32"
+    for _s in dict.fromkeys((_t, _stat)):
+        COMPILE_SPECS += [
+            (
+                dropout_add_layer_norm_fwd_kernel,
+                {
+                    "x_ptr": _t,
+                    "res_ptr": _t,
+                    "w_ptr": _t,
+                    "b_ptr": _t,
+                    "y_ptr": _t,
+                    "s_ptr": _s,
+                    "mean_ptr": _stat,
+                    "rstd_ptr": _stat,
+                    **_ROW_ARGS,
+                    "scale": "fp32",
+                    "eps": "fp32",
+                    "seed": "i64",
+                    "offset": "i64",
+                },
+                {
+                    "HAS_DROPOUT": True,
+                    "HAS_RESIDUAL": True,
+                    "HAS_WEIGHT": True,
+                    "HAS_BIAS": True,
+                    "RMS_NORM": False,
+                    "BLOCK_R": 2,
+                    "BLOCK_C": 2048,
+                },
+            ),
+            (
+                dropout_add_layer_norm_bwd_kernel,
+                {
+                    "dy_ptr": _t,
+                    "ds_ptr": _s,
+                    "s_ptr": _s,
+                    "mean_ptr": _stat,
+                    "rstd_ptr": _stat,
+                    "w_ptr": _t,
+                    "dx_ptr": _t,
+                    "dres_ptr": _t,
+                    "dw_part_ptr": _stat,
+                    "db_part_ptr": _stat,
+                    **_ROW_ARGS,
+                    "scale": "fp32",
+                    "seed": "i64",
+                    "offset": "i64",
+                    "iters": "i32",
+                },
+                {
+                    "HAS_DROPOUT": True,
+                    "HAS_DS": True,
+                    "HAS_DRES": True,
+                    "HAS_WEIGHT": True,
+                    "HAS_BIAS": True,
+                    "RMS_NORM": True,
+                    "BLOCK_R": 2,
+                    "BLOCK_C": 2048,
+                },
+            ),
+        ]

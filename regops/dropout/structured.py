@@ -1,0 +1,387 @@
+"""Structured dropout on the shared Philox stream: masks shared along dims (token/feature/channel dropout),
+drop path (stochastic depth, one draw per sample), nested (ordered) dropout and multi-sample dropout.
+
+Every mask is a function of (seed, offset) and is regenerated in backward; what autograd keeps is the 16-byte
+seed. Small masks (one value per channel or per sample) are drawn with the dropout kernel of the running backend
+applied to a tensor of ones, so they are bit-identical across the reference, Triton and CUDA.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from regops import _backend, _rng, _validate
+from regops.reference import dropout as _ref
+
+__all__ = [
+    "drop_path",
+    "drop_path_add",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "multi_sample_dropout",
+    "nested_dropout",
+    "shared_dropout",
+]
+
+
+def _unit_mask(shape: Sequence[int], p: float, key: int, offset: int, device, dtype) -> torch.Tensor:
+    """``dropout(ones(shape))``: 0 or ``1/(1-p)`` per element, from the running backend's dropout kernel."""
+    ones = torch.ones(tuple(shape), dtype=dtype, device=device)
+    return _backend.implementation("dropout", ones.device)(ones, p, key, offset)
+
+
+# ------------------------------------------------------------------------------------------------ shared masks
+@torch.library.custom_op("regops::shared_dropout", mutates_args=())
+def _shared_dropout_op(x: torch.Tensor, p: float, mask_shape: list[int], seed: torch.Tensor) -> torch.Tensor:
+    key, offset = seed.tolist()
+    cd = _ref.compute_dtype(x.dtype)
+    mask = _unit_mask(mask_shape, p, key, offset, x.device, cd)
+    return (x.to(cd) * mask).to(x.dtype).contiguous()
+
+
+@_shared_dropout_op.register_fake
+def _(x, p, mask_shape, seed):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _shared_setup_context(ctx, inputs, output) -> None:
+    ctx.p, ctx.mask_shape = inputs[1], inputs[2]
+    ctx.save_for_backward(inputs[3])
+
+
+def _shared_backward(ctx, grad):
+    (seed,) = ctx.saved_tensors
+    return _shared_dropout_op(grad, ctx.p, ctx.mask_shape, seed), None, None, None
+
+
+_shared_dropout_op.register_autograd(_shared_backward, setup_context=_shared_setup_context)
+
+
+def _apply_shared(x, p, mask_shape, training, inplace, generator) -> torch.Tensor:
+    if not training or p == 0.0:
+        return x
+    n = 1
+    for s in mask_shape:
+        n *= s
+    seed = _rng.philox_seed(x.device, n, generator)
+    y = _shared_dropout_op(x, p, list(mask_shape), seed)
+    return x.copy_(y) if inplace else y
+
+
+def shared_dropout(
+    x: torch.Tensor,
+    p: float = 0.5,
+    dims: int | Sequence[int] = (),
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""Dropout whose mask is shared along ``dims``: one keep/drop draw per slice, broadcast over ``dims``.
+
+    .. math:: y = x \odot \mathrm{broadcast}(m) / (1-p), \quad m \in \{0,1\}^{\text{shape with } 1 \text{ at dims}}
+
+    Token dropout of ``[B, T, D]`` activations: ``dims=-1`` (a whole token vector is dropped); feature dropout:
+    ``dims=1`` (a feature is dropped for every token); ``dims=()`` is plain dropout. The mask (of the reduced
+    shape, row-major) is :func:`regops.dropout`'s mask of ``ones(reduced shape)`` for the same seed; only the
+    seed is saved for backward.
+
+    Args:
+        x: any shape, floating dtype. p: drop probability. dims: an int or a sequence of dims (negative allowed).
+        training, inplace, generator: as :func:`regops.dropout`.
+
+    Example::
+
+        >>> y = regops.shared_dropout(torch.randn(8, 128, 512), 0.1, dims=-1)   # drop whole tokens
+    """
+    _validate.floating(x, "x")
+    p = _validate.probability(p)
+    _rng.check_generator(generator, x.device)
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    norm = set()
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int) or not -x.dim() <= d < max(x.dim(), 1):
+            raise ValueError(f"regops: dims must be ints in [-{x.dim()}, {x.dim()}), got {dims}")
+        norm.add(d % x.dim())
+    mask_shape = [1 if i in norm else s for i, s in enumerate(x.shape)]
+    return _apply_shared(x, p, mask_shape, training, inplace, generator)
+
+
+def _channel_dropout(name, x, p, training, inplace, generator, spatial: int) -> torch.Tensor:
+    _validate.floating(x, "x")
+    p = _validate.probability(p)
+    _rng.check_generator(generator, x.device)
+    dim = x.dim()
+    if spatial == 1 and dim not in (2, 3):
+        raise ValueError(f"regops: {name} expects a 2D (C, L) or 3D (N, C, L) input, got {dim}D")
+    if spatial > 1 and dim not in (spatial + 1, spatial + 2):
+        if dim < 2:
+            raise ValueError(f"regops: {name} expects an input with at least 2 dimensions, got {dim}D")
+        warnings.warn(
+            f"regops: {name} received a {dim}-D input; like torch, the first two dims are treated as (N, C)",
+            stacklevel=3,
+        )
+    batched = dim == spatial + 2 or (spatial == 2 and dim == 3) or dim not in (spatial + 1, spatial + 2)
+    # torch.nn.functional.dropout2d treats a 3D input as (N, C, L) (batched, 1D channels), as done here.
+    keep_dims = 2 if batched else 1
+    mask_shape = list(x.shape[:keep_dims]) + [1] * (dim - keep_dims)
+    return _apply_shared(x, p, mask_shape, training, inplace, generator)
+
+
+def dropout1d(x, p: float = 0.5, training: bool = True, inplace: bool = False, *, generator=None) -> torch.Tensor:
+    """:func:`torch.nn.functional.dropout1d` semantics (zero whole channels of ``(N, C, L)`` or ``(C, L)``)."""
+    return _channel_dropout("dropout1d", x, p, training, inplace, generator, 1)
+
+
+def dropout2d(x, p: float = 0.5, training: bool = True, inplace: bool = False, *, generator=None) -> torch.Tensor:
+    """:func:`torch.nn.functional.dropout2d` semantics (zero whole channels of ``(N, C, H, W)``; 3D as torch)."""
+    return _channel_dropout("dropout2d", x, p, training, inplace, generator, 2)
+
+
+def dropout3d(x, p: float = 0.5, training: bool = True, inplace: bool = False, *, generator=None) -> torch.Tensor:
+    """:func:`torch.nn.functional.dropout3d` semantics (zero whole channels of ``(N, C, D, H, W)`` or unbatched)."""
+    return _channel_dropout("dropout3d", x, p, training, inplace, generator, 3)
+
+
+# ------------------------------------------------------------------------------------------------ drop path
+_backend.register("scale_rows_add", torch=_ref.scale_rows_add, triton="regops.kernels.dropout:scale_rows_add")
+
+
+def _sample_scales(batch, p, scale_by_keep, key, offset, device, dtype) -> torch.Tensor:
+    scales = _unit_mask((batch,), p, key, offset, device, dtype)
+    return scales if scale_by_keep else (scales != 0).to(dtype)
+
+
+@torch.library.custom_op("regops::drop_path", mutates_args=())
+def _drop_path_op(
+    x: torch.Tensor, residual: torch.Tensor | None, p: float, scale_by_keep: bool, seed: torch.Tensor
+) -> torch.Tensor:
+    key, offset = seed.tolist()
+    scales = _sample_scales(x.shape[0], p, scale_by_keep, key, offset, x.device, _ref.compute_dtype(x.dtype))
+    res = residual.contiguous() if residual is not None else None
+    return _backend.implementation("scale_rows_add", x.device)(x.contiguous(), scales, res)
+
+
+@_drop_path_op.register_fake
+def _(x, residual, p, scale_by_keep, seed):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _drop_path_setup_context(ctx, inputs, output) -> None:
+    _, residual, p, scale_by_keep, seed = inputs
+    ctx.p, ctx.scale_by_keep, ctx.has_residual = p, scale_by_keep, residual is not None
+    ctx.save_for_backward(seed)
+
+
+def _drop_path_backward(ctx, grad):
+    (seed,) = ctx.saved_tensors
+    dx = _drop_path_op(grad, None, ctx.p, ctx.scale_by_keep, seed)
+    return dx, (grad if ctx.has_residual else None), None, None, None
+
+
+_drop_path_op.register_autograd(_drop_path_backward, setup_context=_drop_path_setup_context)
+
+
+def _check_drop_path(x, p, generator) -> float:
+    _validate.floating(x, "x")
+    p = _validate.probability(p)
+    _rng.check_generator(generator, x.device)
+    if x.dim() == 0:
+        raise ValueError("regops: drop_path needs a batch dimension (dim 0)")
+    return p
+
+
+def drop_path(
+    x: torch.Tensor,
+    p: float = 0.0,
+    training: bool = True,
+    scale_by_keep: bool = True,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""Stochastic depth (timm's ``drop_path``): each sample (dim 0) is zeroed with probability ``p``.
+
+    .. math:: y_b = x_b \cdot m_b / (1-p) \quad(\text{no } 1/(1-p) \text{ unless } scale\_by\_keep)
+
+    One draw per sample: ``m_b`` is :func:`regops.dropout`'s mask of ``ones(B)``. The backward regenerates it.
+    ``training=False`` or ``p == 0`` returns ``x`` itself, as timm does.
+
+    Example::
+
+        >>> y = regops.drop_path(branch_out, 0.1)
+    """
+    p = _check_drop_path(x, p, generator)
+    if not training or p == 0.0:
+        return x
+    return _drop_path_op(x, None, p, scale_by_keep, _rng.philox_seed(x.device, x.shape[0], generator))
+
+
+def drop_path_add(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    p: float = 0.0,
+    training: bool = True,
+    scale_by_keep: bool = True,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``residual + drop_path(x, p)`` in one pass (and one pass backward: ``dx = m_b g / (1-p)``, ``dres = g``).
+
+    Args:
+        x: the branch output ``[B, ...]``; residual: x's shape and dtype.
+
+    Example::
+
+        >>> h = regops.drop_path_add(block(h), h, 0.1)
+    """
+    p = _check_drop_path(x, p, generator)
+    _validate.floating(residual, "residual")
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(
+            f"regops: residual must match x's shape and dtype, got {tuple(residual.shape)} {residual.dtype} "
+            f"for x {tuple(x.shape)} {x.dtype}"
+        )
+    _validate.same_device("x", x, "residual", residual)
+    if not training:
+        p = 0.0
+    seed = _rng.philox_seed(x.device, x.shape[0], generator) if p > 0 else torch.zeros(2, dtype=torch.int64)
+    return _drop_path_op(x, residual, p, scale_by_keep, seed)
+
+
+# ------------------------------------------------------------------------------------------------ nested dropout
+@torch.library.custom_op("regops::nested_dropout", mutates_args=())
+def _nested_dropout_op(x: torch.Tensor, p: float, dim: int, seed: torch.Tensor) -> torch.Tensor:
+    key, offset = seed.tolist()
+    return _ref.nested_dropout(x, p, dim, key, offset).contiguous()
+
+
+@_nested_dropout_op.register_fake
+def _(x, p, dim, seed):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _nested_setup_context(ctx, inputs, output) -> None:
+    ctx.p, ctx.dim = inputs[1], inputs[2]
+    ctx.save_for_backward(inputs[3])
+
+
+def _nested_backward(ctx, grad):
+    (seed,) = ctx.saved_tensors
+    return _nested_dropout_op(grad, ctx.p, ctx.dim, seed), None, None, None
+
+
+_nested_dropout_op.register_autograd(_nested_backward, setup_context=_nested_setup_context)
+
+
+def nested_dropout(
+    x: torch.Tensor,
+    p: float,
+    dim: int = -1,
+    training: bool = True,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""Nested (ordered) dropout: per sample keep the first ``b`` units along ``dim``, ``b ~ Geometric(p)``.
+
+    .. math:: y_{n,\dots,j,\dots} = x_{n,\dots,j,\dots}\,[\,j < b_n\,], \qquad P(b_n = k) = (1-p)^{k-1} p
+
+    (``b`` truncated at the number of units; no rescaling, as in Rippel et al. 2014 and "Compressing Features
+    for Learning with Noisy Labels"). Sample ``n`` (dim 0) uses word ``n`` of the stream, inverted with integer
+    thresholds computed on the host, so every device draws the same ``b``. Only the seed is saved for backward.
+
+    Args:
+        x: ``[B, ...]``; dim: the unit dimension (not 0). p: in ``(0, 1]``; ``p = 1`` keeps only the first unit.
+
+    Example::
+
+        >>> z = regops.nested_dropout(features, p=0.05)   # [B, D]: keep a random-length prefix per sample
+    """
+    _validate.floating(x, "x")
+    p = _validate.probability(p)
+    _rng.check_generator(generator, x.device)
+    if x.dim() < 2:
+        raise ValueError(f"regops: nested_dropout needs x of shape [B, ..., units, ...], got {tuple(x.shape)}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim() or dim % x.dim() == 0:
+        raise ValueError(f"regops: dim must index a non-batch dimension of a {x.dim()}-D x, got {dim!r}")
+    if not training or p == 0.0:
+        return x
+    seed = _rng.philox_seed(x.device, x.shape[0], generator)
+    return _nested_dropout_op(x, p, dim % x.dim(), seed)
+
+
+# ------------------------------------------------------------------------------------------------ multi-sample
+_backend.register(
+    "multi_sample_dropout_mean",
+    torch=_ref.multi_sample_mean_dropout,
+    triton="regops.kernels.dropout:multi_sample_mean_dropout",
+)
+
+
+@torch.library.custom_op("regops::multi_sample_dropout_mean", mutates_args=())
+def _multi_sample_op(x: torch.Tensor, p: float, num_samples: int, seed: torch.Tensor) -> torch.Tensor:
+    key, offset = seed.tolist()
+    return _backend.implementation("multi_sample_dropout_mean", x.device)(x.contiguous(), p, num_samples, key, offset)
+
+
+@_multi_sample_op.register_fake
+def _(x, p, num_samples, seed):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _ms_setup_context(ctx, inputs, output) -> None:
+    ctx.p, ctx.k = inputs[1], inputs[2]
+    ctx.save_for_backward(inputs[3])
+
+
+def _ms_backward(ctx, grad):
+    (seed,) = ctx.saved_tensors
+    return _multi_sample_op(grad, ctx.p, ctx.k, seed), None, None, None
+
+
+_multi_sample_op.register_autograd(_ms_backward, setup_context=_ms_setup_context)
+
+
+def multi_sample_seeds(
+    x: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One seed for a ``num_samples``-mask call on ``x`` and the per-sample seeds it implies.
+
+    Sample ``k`` uses first counter ``offset + k * ceil(numel / 4)``: its mask is :func:`regops.dropout`'s for
+    that seed, and the mean of the ``k`` masks is what :func:`multi_sample_dropout` applies.
+    """
+    step = _ref.multi_sample_counters(x.numel())
+    seed = _rng.philox_seed(x.device, num_samples * 4 * step, generator)
+    per_sample = [seed + torch.tensor([0, k * step], dtype=torch.int64) for k in range(num_samples)]
+    return seed, per_sample
+
+
+def multi_sample_dropout(
+    x: torch.Tensor,
+    p: float,
+    num_samples: int,
+    training: bool = True,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""``x * mean_k(m_k) / (1-p)``: the mean of ``num_samples`` dropout masks applied in one pass.
+
+    For a linear head ``W``, ``mean_k W(dropout_k(x)) = W(multi_sample_dropout(x))``: multi-sample dropout
+    (Inoue 2019) without materializing K masked copies. The K masks are regenerated in backward.
+
+    Example::
+
+        >>> logits = head(regops.multi_sample_dropout(features, 0.5, num_samples=8))
+    """
+    _validate.floating(x, "x")
+    p = _validate.probability(p)
+    _rng.check_generator(generator, x.device)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"regops: num_samples must be a positive int, got {num_samples!r}")
+    if not training or p == 0.0:
+        return x
+    seed, _ = multi_sample_seeds(x, num_samples, generator)
+    return _multi_sample_op(x, p, num_samples, seed)
