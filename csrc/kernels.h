@@ -7,10 +7,18 @@
 
 namespace regops {
 
-enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
+enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3, UInt8 = 4 };
 
 // y = where(keep(philox(seed, offset + i / 4)[i % 4]), x * scale, 0) for i < n; x, y contiguous.
 cudaError_t dropout_launch(const void* x, void* y, int64_t n, DType dtype, int32_t threshold, float scale,
                            uint64_t seed, uint64_t offset, cudaStream_t stream);
+
+// MixUp/CutMix: y[b] = x[b] blended with x[index[b]] outside its box, pasted inside (csrc/mix.cu); x, y hold
+// [batch, per_sample] in NCHW order or, with channels_last, NHWC (inner = C); box is int64 [batch, 4]
+// (y0, y1, x0, x1); transpose runs the backward (index = inverse partner permutation).
+cudaError_t mix_launch(const void* x, void* y, int64_t batch, int64_t per_sample, int64_t inner, int64_t height,
+                       int64_t width, bool channels_last, bool transpose, const float* w_self,
+                       const float* w_other, const int64_t* index, const int64_t* box, DType dtype,
+                       cudaStream_t stream);
 
 }  // namespace regops

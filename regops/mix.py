@@ -55,11 +55,16 @@ IMAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, tor
 
 # ============================================================================================== kernel backends
 def _mix_apply_cuda(x, w_self, w_other, partner, box):
-    return torch.ops.regops_C.mix_apply(x, w_self, w_other, partner, box, False)
+    return torch.ops.regops_C.mix_apply(x, w_self.float(), w_other.float(), partner, box)
 
 
 def _mix_apply_backward_cuda(grad, w_self, w_other, partner, box):
-    return torch.ops.regops_C.mix_apply(grad, w_self, w_other, _inverse_permutation(partner), box, True)
+    inverse = _inverse_permutation(partner)
+    return torch.ops.regops_C.mix_apply_backward(grad, w_self.float(), w_other.float(), inverse, box)
+
+
+def _mix_apply_cuda_fake(x, w_self, w_other, index, box):
+    return torch.empty_like(x, memory_format=_memory_format(x))
 
 
 def _inverse_permutation(partner: torch.Tensor) -> torch.Tensor:
@@ -69,13 +74,18 @@ def _inverse_permutation(partner: torch.Tensor) -> torch.Tensor:
 
 
 _backend.register(
-    "mix_apply", torch=_ref.mix_apply, triton="regops.kernels.mix:mix_apply", cuda=_mix_apply_cuda
+    "mix_apply",
+    torch=_ref.mix_apply,
+    triton="regops.kernels.mix:mix_apply",
+    cuda=_mix_apply_cuda,
+    cuda_fake=_mix_apply_cuda_fake,
 )
 _backend.register(
     "mix_apply_backward",
     torch=_ref.mix_apply_backward,
     triton="regops.kernels.mix:mix_apply_backward",
     cuda=_mix_apply_backward_cuda,
+    cuda_fake=_mix_apply_cuda_fake,
 )
 _backend.register(
     "mix_cross_entropy", torch=_ref.mix_cross_entropy, triton="regops.kernels.mix:mix_cross_entropy"
@@ -163,8 +173,8 @@ def _mce_op(
 
 @_mce_op.register_fake
 def _(logits, target_a, target_b, lam, smoothing):
-    n = logits.shape[0]
-    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+    n, acc = logits.shape[0], _ref.loss_dtype(logits)
+    return logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc)
 
 
 @torch.library.custom_op("regops::mix_cross_entropy_backward", mutates_args=())
@@ -209,8 +219,8 @@ def _stce_op(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, 
 
 @_stce_op.register_fake
 def _(logits, target):
-    n = logits.shape[0]
-    return logits.new_empty(n, dtype=torch.float32), logits.new_empty((n, 2), dtype=torch.float32)
+    n, acc = logits.shape[0], _ref.loss_dtype(logits)
+    return logits.new_empty(n, dtype=acc), logits.new_empty((n, 2), dtype=acc)
 
 
 @torch.library.custom_op("regops::soft_target_cross_entropy_backward", mutates_args=())
@@ -261,7 +271,7 @@ def _mbce_op(
 
 @_mbce_op.register_fake
 def _(logits, target_a, target_b, lam, smoothing, threshold, weight, pos_weight):
-    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+    return logits.new_empty(logits.shape[0], dtype=_ref.loss_dtype(logits))
 
 
 @torch.library.custom_op("regops::mix_binary_cross_entropy_backward", mutates_args=())
@@ -1188,7 +1198,10 @@ class _BaseMixUpCutMix(torch.nn.Module):
 
                 mixed = tv_tensors.wrap(mixed, like=t)
             out[i] = mixed
-        out[flat.index(labels) if any(t is labels for t in flat) else -1] = self._mix_labels(labels, params)
+        label_index = next((i for i, t in enumerate(flat) if t is labels), None)
+        if label_index is None:
+            raise ValueError("regops: the labels returned by labels_getter are not part of the input")
+        out[label_index] = self._mix_labels(labels, params)
         return tree_unflatten(out, spec)
 
     def _mix_labels(self, labels: torch.Tensor, params: MixParams) -> torch.Tensor:

@@ -149,6 +149,11 @@ def mixed_one_hot(
 
 
 # ------------------------------------------------------------------------------------------------ losses
+def loss_dtype(logits: torch.Tensor) -> torch.dtype:
+    """Per-row losses and statistics are float32 (float64 for float64 logits)."""
+    return compute_dtype(logits.dtype)
+
+
 def _row_chunks(n_rows: int, n_cols: int):
     step = max(1, _CHUNK // max(1, n_cols))
     for start in range(0, n_rows, step):
@@ -165,11 +170,12 @@ def mix_cross_entropy(
     (``CE_s`` is cross-entropy against the one-hot smoothed to ``1 - s + s/C`` / ``s/C``; ``\bar z`` the row mean.)
     """
     n, c = logits.shape
-    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
-    lam = lam.float()
+    acc = compute_dtype(logits.dtype)
+    loss = torch.empty(n, dtype=acc, device=logits.device)
+    lse = torch.empty(n, dtype=acc, device=logits.device)
+    lam = lam.to(acc)
     for rows in _row_chunks(n, c):
-        z = logits[rows].float()
+        z = logits[rows].to(acc)
         lse_r = torch.logsumexp(z, dim=1)
         za = z.gather(1, target_a[rows].view(-1, 1)).squeeze(1)
         zb = z.gather(1, target_b[rows].view(-1, 1)).squeeze(1)
@@ -194,11 +200,12 @@ def mix_cross_entropy_backward(
 ) -> torch.Tensor:
     """``grad[b] * (softmax(z_b) - s/C - (1-s) (lam_b e_a + (1-lam_b) e_b))`` in logits' dtype."""
     n, c = logits.shape
+    acc = compute_dtype(logits.dtype)
     out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    g = grad.float()
-    lam = lam.float()
+    g = grad.to(acc)
+    lam = lam.to(acc)
     for rows in _row_chunks(n, c):
-        p = torch.sub(logits[rows].float(), lse[rows].view(-1, 1))
+        p = torch.sub(logits[rows].to(acc), lse[rows].view(-1, 1))
         p.exp_()
         if smoothing:
             p.sub_(smoothing / c)
@@ -215,11 +222,12 @@ def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tup
     r"""Per-row ``-sum_c t_c log_softmax(z)_c = lse(z) sum_c t_c - sum_c t_c z_c`` (float32 ``[B]``) and the row
     statistics the backward needs, float32 ``[B, 2]`` = ``(lse(z), sum_c t_c)``."""
     n, c = logits.shape
-    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
-    stats = torch.empty(n, 2, dtype=torch.float32, device=logits.device)
+    acc = compute_dtype(logits.dtype)
+    loss = torch.empty(n, dtype=acc, device=logits.device)
+    stats = torch.empty(n, 2, dtype=acc, device=logits.device)
     for rows in _row_chunks(n, c):
-        z = logits[rows].float()
-        t = target[rows].float()
+        z = logits[rows].to(acc)
+        t = target[rows].to(acc)
         lse_r = torch.logsumexp(z, dim=1)
         t_sum = t.sum(dim=1)
         loss[rows] = lse_r * t_sum - (t * z).sum(dim=1)
@@ -233,11 +241,12 @@ def soft_target_cross_entropy_backward(
 ) -> torch.Tensor:
     """Gradient w.r.t. the logits: ``grad[b] * (softmax(z_b) * sum_c t_bc - t_b)`` in logits' dtype."""
     n, c = logits.shape
+    acc = compute_dtype(logits.dtype)
     out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    g = grad.float()
+    g = grad.to(acc)
     for rows in _row_chunks(n, c):
-        t = target[rows].float()
-        p = torch.sub(logits[rows].float(), stats[rows, 0].view(-1, 1))
+        t = target[rows].to(acc)
+        p = torch.sub(logits[rows].to(acc), stats[rows, 0].view(-1, 1))
         p.exp_()
         p.mul_(stats[rows, 1].view(-1, 1)).sub_(t).mul_(g[rows].view(-1, 1))
         out[rows] = p
@@ -273,12 +282,13 @@ def mix_binary_cross_entropy(
     """Per-row sums over classes of ``binary_cross_entropy_with_logits(z, t, weight, pos_weight)`` (float32 ``[B]``),
     ``t`` = the mixed smoothed one-hot of :func:`mixed_one_hot` (``w_self = lam``), optionally thresholded."""
     n, c = logits.shape
-    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
-    w = None if weight is None else weight.float()
-    pw = None if pos_weight is None else pos_weight.float()
+    acc = compute_dtype(logits.dtype)
+    loss = torch.empty(n, dtype=acc, device=logits.device)
+    w = None if weight is None else weight.to(acc)
+    pw = None if pos_weight is None else pos_weight.to(acc)
     for rows in _row_chunks(n, c):
-        t = _bce_targets(rows, c, target_a, target_b, lam, smoothing, threshold)
-        z = logits[rows].float()
+        t = _bce_targets(rows, c, target_a, target_b, lam, smoothing, threshold).to(acc)
+        z = logits[rows].to(acc)
         loss[rows] = F.binary_cross_entropy_with_logits(z, t, w, pos_weight=pw, reduction="none").sum(dim=1)
     return loss
 
@@ -296,14 +306,15 @@ def mix_binary_cross_entropy_backward(
 ) -> torch.Tensor:
     """``grad[b] * w_c * ((1 - t) - (1 + (pw_c - 1) t) * sigmoid(-z))`` in logits' dtype."""
     n, c = logits.shape
+    acc = compute_dtype(logits.dtype)
     out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    g = grad.float()
+    g = grad.to(acc)
     for rows in _row_chunks(n, c):
-        t = _bce_targets(rows, c, target_a, target_b, lam, smoothing, threshold)
-        z = logits[rows].float()
-        lw = 1.0 if pos_weight is None else 1.0 + (pos_weight.float() - 1.0) * t
+        t = _bce_targets(rows, c, target_a, target_b, lam, smoothing, threshold).to(acc)
+        z = logits[rows].to(acc)
+        lw = 1.0 if pos_weight is None else 1.0 + (pos_weight.to(acc) - 1.0) * t
         d = (1.0 - t) - lw * torch.sigmoid(-z)
         if weight is not None:
-            d = d * weight.float()
+            d = d * weight.to(acc)
         out[rows] = d * g[rows].view(-1, 1)
     return out
