@@ -131,7 +131,7 @@ def test_eval_and_p_zero_return_the_input_like_torch():
 def test_does_not_modify_input_unless_inplace():
     x = torch.randn(1000)
     before = x.clone()
-    y = regops.dropout(x, 0.5)
+    regops.dropout(x, 0.5)
     assert torch.equal(x, before)
     out = regops.dropout(x, 0.5, inplace=True)
     assert out is x
@@ -252,15 +252,17 @@ def test_patch_swaps_dropout_and_reverts():
     model = _model().eval()
     originals = [m for m in model.modules() if type(m) is torch.nn.Dropout]
     handle = regops.patch(model)
-    assert len(handle) == 3  # the shared module appears under two parents
+    assert len(handle) == 4  # the shared module appears under two parents
     assert type(model[1]) is regops.nn.Dropout and model[1] is model[3]["b"]
     assert model[1].p == 0.3 and model[2][0].inplace and model[2][0].p == 0.1
-    assert type(model[2][1]) is torch.nn.Dropout2d and type(model[3]["a"]) is torch.nn.AlphaDropout
+    assert type(model[2][1]) is regops.nn.Dropout2d and model[2][1].p == 0.2
+    assert type(model[3]["a"]) is torch.nn.AlphaDropout
     assert not model[1].training
     model.train()
     model(torch.randn(3, 4)).sum().backward()
     handle.revert()
     assert [m for m in model.modules() if type(m) is torch.nn.Dropout] == originals
+    assert type(model[2][1]) is torch.nn.Dropout2d
     assert model[1].training
     assert not any(type(m) is regops.nn.Dropout for m in model.modules())
 
@@ -268,7 +270,7 @@ def test_patch_swaps_dropout_and_reverts():
 def test_patch_as_context_manager_and_idempotent():
     model = _model()
     with regops.patch(model) as handle:
-        assert len(handle) == 3
+        assert len(handle) == 4
         assert len(regops.patch(model)) == 0  # already ours
     assert type(model[1]) is torch.nn.Dropout
 

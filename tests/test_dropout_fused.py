@@ -192,7 +192,7 @@ def test_dropout_add_layer_norm_kernel_matches_reference(kernel_target, dtype, s
             out = _daln(*args, p, rms, fp32)
             ref = _reference(_daln, *cpu, p, rms, fp32)
             assert torch.equal(out[1].cpu(), ref[1]), "pre-norm sum differs"
-            for a, e in zip(out, ref):
+            for a, e in zip(out, ref, strict=True):
                 torch.testing.assert_close(a.cpu(), e, **loose)
             ds = make_tensor(shape, out[1].dtype, device, seed=6)
             bwd = (dy, ds, out[1], out[2], out[3], args[2], has_b, p, rms, SEED, dtype, res.dtype, has_r)
@@ -202,7 +202,7 @@ def test_dropout_add_layer_norm_kernel_matches_reference(kernel_target, dtype, s
                 *(t.cpu() if isinstance(t, torch.Tensor) else t for t in bwd[:6]),
                 *bwd[6:],
             )
-            for a, e in zip(got, want):
+            for a, e in zip(got, want, strict=True):
                 assert a.shape == e.shape
                 torch.testing.assert_close(a.cpu().double(), e.double(), **loose)
 
@@ -218,7 +218,7 @@ def test_dropout_add_layer_norm_matches_composition_and_grads_float64(rms):
     gy, gs = make_tensor(shape, torch.float64, seed=10), make_tensor(shape, torch.float64, seed=11)
     got = torch.autograd.grad((y, s), ts, (gy, gs))
     want = torch.autograd.grad((y_ref, s_ref), ts, (gy, gs))
-    for a, e in zip(got, want):
+    for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e)
 
 
@@ -238,7 +238,7 @@ def test_dropout_add_layer_norm_low_precision_rule(kernel_target, dtype):
 def test_dropout_add_layer_norm_gradcheck():
     ts = [make_tensor(s, torch.float64, requires_grad=True, seed=i) for i, s in enumerate([(3, 9), (3, 9), (9,), (9,)])]
     for rms in (False, True):
-        assert torch.autograd.gradcheck(lambda *t: _daln(*t, 0.3, rms)[:2], ts)
+        assert torch.autograd.gradcheck(lambda *t, rms=rms: _daln(*t, 0.3, rms)[:2], ts)
     assert torch.autograd.gradcheck(lambda a: _daln(a, None, None, None, 0.3)[0], ts[:1])
 
 

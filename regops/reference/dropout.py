@@ -141,7 +141,7 @@ def dropout_add_layer_norm(
         t = torch.where(keep, t * dropout_scale(p), 0.0)
     if residual is not None:
         t = t + residual.to(cd)
-    s = t.to(s_dtype)
+    s = t.to(s_dtype, copy=True)  # never an alias of x (p = 0, no residual)
     sr = _rows(s).to(cd)
     if rms_norm:
         mean = torch.zeros(rows, dtype=cd, device=x.device)
@@ -197,7 +197,7 @@ def dropout_add_layer_norm_backward(
         dx = torch.where(keep, dsum * dropout_scale(p), 0.0)
     dweight = (g * xhat).sum(0) if weight is not None else None
     dbias = g.sum(0) if has_bias else None
-    dres = dsum.reshape(s.shape).to(res_dtype) if res_dtype is not None else None
+    dres = dsum.reshape(s.shape).to(res_dtype, copy=True) if res_dtype is not None else None
     return dx.reshape(s.shape).to(x_dtype), dres, dweight, dbias
 
 
