@@ -10,7 +10,6 @@ it writes JSON, CSV and a PNG plot under ``benchmarks/results/<device>/``.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import gc
 import json
@@ -20,7 +19,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +294,10 @@ def write(env: dict[str, Any], rows: list[dict[str, Any]], out_dir: Path | None 
     return path
 
 
+def _key(row: dict[str, Any]) -> tuple[str, str, str]:
+    return row["family"], row["case"], row["params"]
+
+
 def plot(env: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
     """Speedup of every variant over eager PyTorch, one bar group per case (log scale)."""
     import matplotlib
@@ -302,7 +305,7 @@ def plot(env: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = list(dict.fromkeys((r["family"], r["case"], r["params"]) for r in rows if "x_eager" in r))
+    cases = list(dict.fromkeys(_key(r) for r in rows if "x_eager" in r))
     variants = list(dict.fromkeys(r["variant"] for r in rows if "x_eager" in r))
     if not cases:
         return
@@ -311,7 +314,7 @@ def plot(env: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
     for i, variant in enumerate(variants):
         xs, ys = [], []
         for j, key in enumerate(cases):
-            r = next((r for r in rows if (r["family"], r["case"], r["params"]) == key and r["variant"] == variant), None)
+            r = next((r for r in rows if _key(r) == key and r["variant"] == variant), None)
             if r is not None and "x_eager" in r:
                 xs.append(j + i * width)
                 ys.append(r["x_eager"])
@@ -326,9 +329,3 @@ def plot(env: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-@contextlib.contextmanager
-def no_grad_if(flag: bool):
-    with torch.no_grad() if flag else contextlib.nullcontext():
-        yield

@@ -9,15 +9,17 @@ from regops import grad_norms as _grad_norms_module
 from regops import hessian, nn
 from regops import mix as _mix_module
 from regops._backend import BackendUnavailableError, use_backend
+from regops._jit import build_extension
+from regops._version import __version__
 from regops.dropout import *  # noqa: F403
 from regops.grad_norms import *  # noqa: F403
 from regops.mix import *  # noqa: F403
 from regops.patch import PatchHandle, patch
 
-__version__ = "0.1.0"
-
 __all__ = [
     "BackendUnavailableError",
+    "__version__",
+    "build_extension",
     "PatchHandle",
     "hessian",
     "nn",

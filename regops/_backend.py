@@ -20,6 +20,7 @@ import contextvars
 import importlib
 import importlib.util
 import os
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -133,24 +134,51 @@ def extension() -> Any | None:
 
 def extension_status() -> str:
     extension()
-    return "loaded" if _EXT_STATE["module"] is not None else _EXT_STATE["reason"]
+    return _EXT_STATE["reason"]
+
+
+def reset_extension() -> None:
+    """Forget the extension state so that the next op looks again (after a just-in-time build)."""
+    _EXT_STATE.clear()
 
 
 def _load_extension() -> tuple[Any | None, str]:
-    if importlib.util.find_spec("regops._C") is None:
-        return None, "not built (installed without nvcc, or with REGOPS_BUILD_EXT=0)"
+    """``REGOPS_EXT``: ``auto`` (prebuilt regops._C, else a cached just-in-time build), ``prebuilt``, ``jit``
+    (a cached just-in-time build, built on first use on a GPU machine when missing) or ``off``."""
+    mode = os.environ.get("REGOPS_EXT", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "prebuilt", "jit", "off"):
+        raise ValueError(f"regops: REGOPS_EXT={mode!r} is not one of auto, prebuilt, jit, off")
+    if mode == "off":
+        return None, "disabled (REGOPS_EXT=off)"
+    reason = "not built (installed without nvcc, or with REGOPS_BUILD_EXT=0)"
+    if mode in ("auto", "prebuilt") and importlib.util.find_spec("regops._C") is not None:
+        module, reason = _load_prebuilt()
+        if module is not None or mode == "prebuilt":
+            return module, reason
+    if mode in ("auto", "jit"):
+        from regops import _jit
+
+        path = _jit.load_cached()
+        if path is None and mode == "jit" and torch.cuda.is_available():
+            path = _jit.build()
+        if path is not None:
+            return types.SimpleNamespace(__file__=str(path)), f"loaded (just-in-time build {path})"
+    return None, reason
+
+
+def _load_prebuilt() -> tuple[Any | None, str]:
     from regops import _build_info
 
     mismatch = _build_info.torch_mismatch()
     if mismatch:
         msg = f"regops._C was built for {mismatch}; not loading it, GPU ops fall back to Triton"
-        warnings.warn(f"regops: {msg}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"regops: {msg}", RuntimeWarning, stacklevel=4)
         return None, msg
     try:
         module = importlib.import_module("regops._C")
     except (ImportError, OSError) as exc:  # undefined symbols from an ABI change, missing libcudart, ...
         msg = f"regops._C failed to load ({exc}); GPU ops fall back to Triton"
-        warnings.warn(f"regops: {msg}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"regops: {msg}", RuntimeWarning, stacklevel=4)
         return None, msg
     return module, "loaded"
 

@@ -7,8 +7,7 @@ import platform
 
 import torch
 
-import regops
-from regops import _backend, _build_info
+from regops import _backend, _build_info, _jit
 
 
 def _version(dist: str) -> str:
@@ -20,7 +19,7 @@ def _version(dist: str) -> str:
 
 def report() -> str:
     lines = [
-        f"regops        {regops.__version__}",
+        f"regops        {_version('regops')}",
         f"python        {platform.python_version()} ({platform.machine()})",
         f"torch         {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"triton        {_version('triton')}",
@@ -31,12 +30,13 @@ def report() -> str:
         lines.append(f"GPU           {', '.join(names)}")
     else:
         lines.append("GPU           none")
-    info = _build_info.read()
-    lines.append(f"regops._C     {_backend.extension_status()}")
+    status = _backend.extension_status()
+    info = _jit.build_info() if "just-in-time" in status else _build_info.read()
+    lines.append(f"regops._C     {status}")
     if info:
         lines.append(
             f"  built with  torch {info.get('torch_version')}, CUDA {info.get('cuda_version')}, "
-            f"git {info.get('git_revision', 'unknown')}"
+            f"git {info.get('git_revision') or 'unknown'}"
         )
         lines.append(f"  archs       {' '.join(info.get('cuda_archs', [])) or 'unknown'}")
     interp = " (TRITON_INTERPRET=1)" if _backend.triton_interpreted() else ""

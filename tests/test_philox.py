@@ -11,7 +11,6 @@ from regops.reference.philox import keep_threshold, philox4x32, random_words
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
-
 from regops.kernels.philox import random_words as tl_random_words  # noqa: E402
 
 # Random123's known-answer vectors for philox4x32_10.
