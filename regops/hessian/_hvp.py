@@ -132,9 +132,8 @@ class LossHVP:
                 create_graph=self.create_graph,
                 is_grads_batched=True,
                 allow_unused=True,
-                materialize_grads=True,
             )
-            return tuple(hv)
+            return tuple(torch.zeros_like(v) if h is None else h for h, v in zip(hv, vs, strict=True))
         rows = [
             torch.autograd.grad(
                 outputs,
