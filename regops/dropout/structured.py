@@ -125,6 +125,12 @@ def _channel_dropout(name, x, p, training, inplace, generator, spatial: int) -> 
             f"regops: {name} received a {dim}-D input; like torch, the first two dims are treated as (N, C)",
             stacklevel=3,
         )
+    if spatial == 2 and dim == 3:
+        warnings.warn(
+            "regops: dropout2d received a 3-D input; like torch, it is treated as (N, C, L) and whole channels "
+            "are dropped (use dropout1d for that)",
+            stacklevel=3,
+        )
     batched = dim == spatial + 2 or (spatial == 2 and dim == 3) or dim not in (spatial + 1, spatial + 2)
     # torch.nn.functional.dropout2d treats a 3D input as (N, C, L) (batched, 1D channels), as done here.
     keep_dims = 2 if batched else 1
