@@ -44,6 +44,53 @@ at::Tensor dropout(const at::Tensor& x, int64_t threshold, double scale, int64_t
   return y;
 }
 
+at::Tensor bias_dropout_add(const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+                            int64_t threshold, double scale, int64_t seed, int64_t offset) {
+  TORCH_CHECK(x.is_cuda() && residual.is_cuda(), "regops_C::bias_dropout_add: x and residual must be CUDA tensors");
+  TORCH_CHECK(x.dim() >= 1 && residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type(),
+              "regops_C::bias_dropout_add: residual must match x's shape and dtype");
+  TORCH_CHECK(threshold >= -1 && threshold < (int64_t{1} << 31), "regops_C::bias_dropout_add: bad threshold");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor input = x.contiguous(), res = residual.contiguous();
+  at::Tensor b;
+  if (bias.has_value()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == x.size(-1) && b.scalar_type() == x.scalar_type() && b.is_cuda(),
+                "regops_C::bias_dropout_add: bias must be a CUDA [H] tensor of x's dtype");
+  }
+  at::Tensor y = at::empty_like(input, at::MemoryFormat::Contiguous);
+  const int64_t cols = x.size(-1), rows = cols ? input.numel() / cols : 0;
+  check_launch(regops::bias_dropout_add_launch(input.const_data_ptr(), b.defined() ? b.const_data_ptr() : nullptr,
+                                               res.const_data_ptr(), y.mutable_data_ptr(), rows, cols,
+                                               dtype_of(input, "bias_dropout_add"), static_cast<int32_t>(threshold),
+                                               static_cast<float>(scale), static_cast<uint64_t>(seed),
+                                               static_cast<uint64_t>(offset), c10::cuda::getCurrentCUDAStream()),
+               "bias_dropout_add");
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward(const at::Tensor& grad, bool has_bias,
+                                                             int64_t threshold, double scale, int64_t seed,
+                                                             int64_t offset) {
+  TORCH_CHECK(grad.is_cuda() && grad.dim() >= 1, "regops_C::bias_dropout_add_backward: grad must be a CUDA tensor");
+  TORCH_CHECK(threshold >= -1 && threshold < (int64_t{1} << 31), "regops_C::bias_dropout_add_backward: bad threshold");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const at::Tensor g = grad.contiguous();
+  at::Tensor dx = at::empty_like(g, at::MemoryFormat::Contiguous);
+  const int64_t cols = g.size(-1), rows = cols ? g.numel() / cols : 0;
+  const auto acc = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int chunks = regops::bias_dropout_add_row_chunks(rows, cols);
+  at::Tensor parts = has_bias ? at::zeros({chunks, cols}, g.options().dtype(acc)) : at::Tensor();
+  check_launch(regops::bias_dropout_add_backward_launch(
+                   g.const_data_ptr(), dx.mutable_data_ptr(), has_bias ? parts.mutable_data_ptr() : nullptr, rows,
+                   cols, dtype_of(g, "bias_dropout_add_backward"), static_cast<int32_t>(threshold),
+                   static_cast<float>(scale), static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), chunks,
+                   c10::cuda::getCurrentCUDAStream()),
+               "bias_dropout_add_backward");
+  at::Tensor dbias = has_bias ? parts.sum(0) : at::empty({0}, g.options().dtype(acc));
+  return {dx, dbias};
+}
+
 at::Tensor mix_launch(const at::Tensor& x, const at::Tensor& w_self, const at::Tensor& w_other,
                       const at::Tensor& index, const at::Tensor& box, bool transpose) {
   TORCH_CHECK(x.is_cuda() && x.dim() >= 2, "regops_C::mix_apply: x must be a CUDA tensor [B, ...]");
@@ -95,12 +142,18 @@ at::Tensor mix_apply_backward(const at::Tensor& grad, const at::Tensor& w_self, 
 
 TORCH_LIBRARY(regops_C, m) {
   m.def("dropout(Tensor x, int threshold, float scale, int seed, int offset) -> Tensor");
+  m.def("bias_dropout_add(Tensor x, Tensor? bias, Tensor residual, int threshold, float scale, int seed, "
+        "int offset) -> Tensor");
+  m.def("bias_dropout_add_backward(Tensor grad, bool has_bias, int threshold, float scale, int seed, int offset) "
+        "-> (Tensor, Tensor)");
   m.def("mix_apply(Tensor x, Tensor w_self, Tensor w_other, Tensor partner, Tensor box) -> Tensor");
   m.def("mix_apply_backward(Tensor grad, Tensor w_self, Tensor w_other, Tensor inverse, Tensor box) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(regops_C, CUDA, m) {
   m.impl("dropout", &dropout);
+  m.impl("bias_dropout_add", &bias_dropout_add);
+  m.impl("bias_dropout_add_backward", &bias_dropout_add_backward);
   m.impl("mix_apply", &mix_apply);
   m.impl("mix_apply_backward", &mix_apply_backward);
 }

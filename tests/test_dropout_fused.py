@@ -305,3 +305,29 @@ def test_dropout_add_layer_norm_bad_inputs():
         regops.dropout_add_layer_norm(x, None, None, None, 0.1, eps=-1.0)
     with pytest.raises(TypeError, match="floating dtype"):
         regops.dropout_add_layer_norm(x, None, torch.ones(8, dtype=torch.int64), None, 0.1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 5), (1000, 1024), (77, 4097)], ids=str)
+def test_bias_dropout_add_cuda_extension_matches_reference_and_triton(dtype, shape):
+    if not regops._backend.extension_has("bias_dropout_add"):
+        pytest.skip("regops._C without bias_dropout_add")
+    x, r = make_tensor(shape, dtype, "cuda", seed=1), make_tensor(shape, dtype, "cuda", seed=2)
+    b, g = make_tensor(shape[-1:], dtype, "cuda", seed=3), make_tensor(shape, dtype, "cuda", seed=4)
+    for bias in (b, None):
+        outs = {}
+        for backend in ("cuda", "triton", "torch"):
+            with regops.use_backend(backend):
+                outs[backend] = (
+                    _bda(x, bias, r, 0.3, SEED),
+                    *torch.ops.regops.bias_dropout_add_backward(g, bias is not None, 0.3, SEED),
+                )
+        for backend in ("triton", "torch"):
+            assert torch.equal(outs["cuda"][0], outs[backend][0]), backend
+            assert torch.equal(outs["cuda"][1], outs[backend][1]), backend
+            assert_close(outs["cuda"][2], outs[backend][2], rtol=1e-4, atol=1e-4)
+    unaligned = make_tensor((shape[0] * shape[1] + 1,), dtype, "cuda")[1:].view(shape)
+    with regops.use_backend("cuda"):
+        out = _bda(unaligned, b, r, 0.3, SEED)
+    assert torch.equal(out.cpu(), _reference(_bda, unaligned.cpu(), b.cpu(), r.cpu(), 0.3, SEED))

@@ -11,6 +11,7 @@ import torch
 
 from regops import _backend, _rng, _validate
 from regops.reference import dropout as _ref
+from regops.reference.philox import keep_threshold
 
 __all__ = ["bias_dropout_add", "dropout_add_layer_norm"]
 
@@ -29,13 +30,42 @@ def _rows_cols(x: torch.Tensor) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------------ bias_dropout_add
+def _bda_cuda(x, bias, residual, p: float, seed: int, offset: int) -> torch.Tensor:
+    return torch.ops.regops_C.bias_dropout_add(
+        x, bias, residual, keep_threshold(p), _ref.dropout_scale(p), seed, offset
+    )
+
+
+def _bda_cuda_fake(x, bias, residual, threshold, scale, seed, offset):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _bda_backward_cuda(grad, has_bias: bool, p: float, seed: int, offset: int):
+    dx, dbias = torch.ops.regops_C.bias_dropout_add_backward(
+        grad, has_bias, keep_threshold(p), _ref.dropout_scale(p), seed, offset
+    )
+    return dx, (dbias if has_bias else None)
+
+
+def _bda_backward_cuda_fake(grad, has_bias, threshold, scale, seed, offset):
+    cols = grad.shape[-1]
+    dbias = grad.new_empty((cols if has_bias else 0,), dtype=_ref.compute_dtype(grad.dtype))
+    return torch.empty_like(grad, memory_format=torch.contiguous_format), dbias
+
+
 _backend.register(
-    "bias_dropout_add", torch=_ref.bias_dropout_add, triton="regops.kernels.dropout_fused:bias_dropout_add"
+    "bias_dropout_add",
+    torch=_ref.bias_dropout_add,
+    triton="regops.kernels.dropout_fused:bias_dropout_add",
+    cuda=_bda_cuda,
+    cuda_fake=_bda_cuda_fake,
 )
 _backend.register(
     "bias_dropout_add_backward",
     torch=_ref.bias_dropout_add_backward,
     triton="regops.kernels.dropout_fused:bias_dropout_add_backward",
+    cuda=_bda_backward_cuda,
+    cuda_fake=_bda_backward_cuda_fake,
 )
 
 
