@@ -9,7 +9,6 @@ builds it when it is missing.
 from __future__ import annotations
 
 import contextlib
-import importlib.resources
 import json
 import os
 from pathlib import Path
@@ -36,7 +35,12 @@ def library_path() -> Path:
 
 
 def sources_dir() -> Path:
-    return Path(str(importlib.resources.files("regops.csrc")))
+    """The CUDA sources: ``regops/csrc`` in an installed wheel, ``csrc/`` beside ``regops/`` in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "csrc", here.parent / "csrc"):
+        if (candidate / "regops.cpp").is_file():
+            return candidate
+    raise RuntimeError(f"regops: the CUDA sources are not installed (looked in {here / 'csrc'})")
 
 
 def build_info() -> dict:
