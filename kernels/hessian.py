@@ -131,104 +131,150 @@ def probes(
     return out
 
 
-@triton.jit(do_not_specialize=["num_probes", "numel", "num_blocks"])
+@triton.jit(do_not_specialize=["num_probes", "num_blocks"])
 def probe_dot_kernel(
-    v_ptr,
-    hv_ptr,
+    v_ptrs,
+    hv_ptrs,
+    v_strides,
+    hv_strides,
+    block_tensor_ptr,
     block_start_ptr,
     block_end_ptr,
+    block_col_ptr,
     partial_ptr,
     diag_ptr,
     diag_sq_ptr,
     num_probes,
-    numel,
     num_blocks,
+    DTYPE: tl.constexpr,
+    WITH_DIAG: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Program b owns columns [start_b, end_b) (inside one parameter): per probe, the partial v . Hv of the block;
-    over probes, the column sums of v * Hv and (v * Hv)^2."""
+    """Multi-tensor: program b owns columns [start_b, end_b) of tensor t_b, whose K probe rows are found through
+    tables of base addresses and row strides (no packing copy). Per probe it stores the partial v . Hv of its
+    block; over probes it writes the column sums of v * Hv and (v * Hv)^2 at the block's place in the
+    concatenated [N] outputs."""
     b = tl.program_id(0)
+    t = tl.load(block_tensor_ptr + b)
     start = tl.load(block_start_ptr + b)
     end = tl.load(block_end_ptr + b)
+    col = tl.load(block_col_ptr + b)
+    v_base = tl.load(v_ptrs + t).to(tl.pointer_type(DTYPE))
+    hv_base = tl.load(hv_ptrs + t).to(tl.pointer_type(DTYPE))
+    v_stride = tl.load(v_strides + t)
+    hv_stride = tl.load(hv_strides + t)
     cols = start + tl.arange(0, BLOCK)
     mask = cols < end
     acc_ty = partial_ptr.dtype.element_ty
     diag = tl.zeros([BLOCK], dtype=acc_ty)
     diag_sq = tl.zeros([BLOCK], dtype=acc_ty)
     for k in range(num_probes):
-        row = k * numel
-        v = tl.load(v_ptr + row + cols, mask=mask, other=0.0).to(acc_ty)
-        hv = tl.load(hv_ptr + row + cols, mask=mask, other=0.0).to(acc_ty)
+        v = tl.load(v_base + k * v_stride + cols, mask=mask, other=0.0).to(acc_ty)
+        hv = tl.load(hv_base + k * hv_stride + cols, mask=mask, other=0.0).to(acc_ty)
         prod = v * hv
-        diag += prod
-        diag_sq += prod * prod
+        if WITH_DIAG:
+            diag += prod
+            diag_sq += prod * prod
         tl.store(partial_ptr + k * num_blocks + b, tl.sum(prod, axis=0))
-    tl.store(diag_ptr + cols, diag, mask=mask)
-    tl.store(diag_sq_ptr + cols, diag_sq, mask=mask)
+    if WITH_DIAG:
+        out = col + tl.arange(0, BLOCK)
+        tl.store(diag_ptr + out, diag, mask=mask)
+        tl.store(diag_sq_ptr + out, diag_sq, mask=mask)
 
 
 def _dot_block(device: torch.device) -> int:
     return 4096 if device.type == "cpu" else 1024
 
 
-def _block_table(segment_sizes: list[int], block: int, device: torch.device):
-    starts, ends, segs = [], [], []
-    offset = 0
-    for p, n in enumerate(segment_sizes):
-        for s in range(0, n, block):
-            starts.append(offset + s)
-            ends.append(offset + min(s + block, n))
-            segs.append(p)
-        offset += n
-    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)
-    return as_tensor(starts), as_tensor(ends), as_tensor(segs)
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+}
 
 
 def probe_dot(
-    v: torch.Tensor, hv: torch.Tensor, segment_sizes: list[int], *, block: int | None = None
+    vs: list[torch.Tensor], hvs: list[torch.Tensor], with_diag: bool = True, *, block: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused ``v . Hv`` per parameter and probe, ``sum_k v * Hv`` and ``sum_k (v * Hv)^2``, one launch over all
-    parameters; matches :func:`regops.reference.hessian.probe_dot` to float rounding (sums are reordered)."""
-    num_probes, numel = v.shape
-    acc = ref.accumulate_dtype(v.dtype)
-    v, hv = v.contiguous(), hv.contiguous()
-    block = block or _dot_block(v.device)
-    starts, ends, segs = _block_table(list(segment_sizes), block, v.device)
-    num_blocks = starts.numel()
-    partial = torch.empty(num_probes, num_blocks, dtype=acc, device=v.device)
-    diag = torch.empty(numel, dtype=acc, device=v.device)
-    diag_sq = torch.empty(numel, dtype=acc, device=v.device)
-    dots = torch.zeros(num_probes, len(segment_sizes), dtype=acc, device=v.device)
-    if num_blocks == 0:
-        return dots, diag.zero_(), diag_sq.zero_()
-    if num_probes == 0:
+    """Fused per-parameter ``v . Hv``, ``sum_k v * Hv`` and ``sum_k (v * Hv)^2`` in one launch over every
+    parameter tensor (read in place through address tables); matches
+    :func:`regops.reference.hessian.probe_dot` to float rounding (the sums are reordered)."""
+    dtype = vs[0].dtype
+    device = vs[0].device
+    k = vs[0].shape[0]
+    acc = ref.accumulate_dtype(dtype)
+    block = block or _dot_block(device)
+    # rows of each tensor: [K, n_p] with unit column stride (views of a probe buffer keep their row stride)
+    v2 = [_rows(v.to(dtype), k) for v in vs]
+    h2 = [_rows(h.to(dtype), k) for h in hvs]
+    sizes = [v.shape[1] for v in v2]
+    numel = sum(sizes)
+    tensors, starts, ends, cols = [], [], [], []
+    offset = 0
+    for p, n in enumerate(sizes):
+        for s in range(0, n, block):
+            tensors.append(p)
+            starts.append(s)
+            ends.append(min(s + block, n))
+            cols.append(offset + s)
+        offset += n
+    as_i64 = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)
+    num_blocks = len(starts)
+    partial = torch.empty(k, num_blocks, dtype=acc, device=device)
+    diag = torch.empty(numel if with_diag else 0, dtype=acc, device=device)
+    diag_sq = torch.empty_like(diag)
+    dots = torch.zeros(k, len(sizes), dtype=acc, device=device)
+    if num_blocks == 0 or k == 0:
         return dots, diag.zero_(), diag_sq.zero_()
     probe_dot_kernel[(num_blocks,)](
-        v, hv, starts, ends, partial, diag, diag_sq, num_probes, numel, num_blocks, BLOCK=block, num_warps=4
+        as_i64([t.data_ptr() for t in v2]),
+        as_i64([t.data_ptr() for t in h2]),
+        as_i64([t.stride(0) for t in v2]),
+        as_i64([t.stride(0) for t in h2]),
+        as_i64(tensors),
+        as_i64(starts),
+        as_i64(ends),
+        as_i64(cols),
+        partial,
+        diag,
+        diag_sq,
+        k,
+        num_blocks,
+        DTYPE=_TL_DTYPES[dtype],
+        WITH_DIAG=with_diag,
+        BLOCK=block,
+        num_warps=4,
     )
-    return dots.index_add_(1, segs, partial), diag, diag_sq
+    return dots.index_add_(1, as_i64(tensors), partial), diag, diag_sq
+
+
+def _rows(t: torch.Tensor, k: int) -> torch.Tensor:
+    rows = t.reshape(k, -1)
+    return rows if rows.stride(1) == 1 or rows.shape[1] <= 1 else rows.contiguous()
 
 
 _OUT = ("*fp32", "*fp64", "*bf16", "*fp16")
 _PROBE_SIG = {"first_probe": "i64", "numel": "i64", "seed": "i64", "offset": "i64", "row_counters": "i64"}
 COMPILE_SPECS = [
     (probes_kernel, {"out_ptr": t, **_PROBE_SIG}, {"GAUSSIAN": g, "BLOCK": 1024}) for t in _OUT for g in (True, False)
-] + [
+]
+_DOT_SIG = {
+    "v_ptrs": "*i64",
+    "hv_ptrs": "*i64",
+    "v_strides": "*i64",
+    "hv_strides": "*i64",
+    "block_tensor_ptr": "*i64",
+    "block_start_ptr": "*i64",
+    "block_end_ptr": "*i64",
+    "block_col_ptr": "*i64",
+}
+COMPILE_SPECS += [
     (
         probe_dot_kernel,
-        {
-            "v_ptr": t,
-            "hv_ptr": t,
-            "block_start_ptr": "*i64",
-            "block_end_ptr": "*i64",
-            "partial_ptr": a,
-            "diag_ptr": a,
-            "diag_sq_ptr": a,
-            "num_probes": "i32",
-            "numel": "i64",
-            "num_blocks": "i32",
-        },
-        {"BLOCK": 1024},
+        {**_DOT_SIG, "partial_ptr": a, "diag_ptr": a, "diag_sq_ptr": a, "num_probes": "i32", "num_blocks": "i32"},
+        {"DTYPE": d, "WITH_DIAG": w, "BLOCK": 1024},
     )
-    for t, a in (("*fp32", "*fp32"), ("*bf16", "*fp32"), ("*fp16", "*fp32"), ("*fp64", "*fp64"))
+    for d, a in ((tl.float32, "*fp32"), (tl.bfloat16, "*fp32"), (tl.float16, "*fp32"), (tl.float64, "*fp64"))
+    for w in (True, False)
 ]

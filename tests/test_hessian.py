@@ -161,27 +161,31 @@ def test_probes_reproducible_from_generator():
 
 
 # ---------------------------------------------------------------------------------------------- fused accumulation
+@pytest.mark.parametrize("with_diag", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_probe_dot_kernel_matches_reference(kernel_target, dtype):
+def test_probe_dot_kernel_matches_reference(kernel_target, dtype, with_diag):
     _, device = kernel_target
     from regops.kernels import hessian as kern
 
-    sizes = [1, 63, 1000, 4097]
+    shapes = [(1,), (7, 9), (1000,), (4097,)]
     g = gen(0)
-    v = torch.randn(3, sum(sizes), generator=g).to(dtype)
-    hv = torch.randn(3, sum(sizes), generator=g).to(dtype)
-    expected = ref.probe_dot(v, hv, sizes)
-    got = kern.probe_dot(v.to(device), hv.to(device), sizes, block=1024)
+    k = 3
+    # probes as views of one [K, N] buffer (row stride N), products as separate contiguous tensors
+    flat = torch.randn(k, sum(math.prod(s) for s in shapes), generator=g).to(dtype)
+    vs = [c.reshape(k, *s) for c, s in zip(flat.split([math.prod(s) for s in shapes], 1), shapes, strict=True)]
+    hvs = [torch.randn(k, *s, generator=g).to(dtype) for s in shapes]
+    expected = ref.probe_dot(vs, hvs, with_diag)
+    got = kern.probe_dot([v.to(device) for v in vs], [h.to(device) for h in hvs], with_diag, block=1024)
     tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-4}
     for a, b in zip(got, expected, strict=True):
-        assert a.dtype == b.dtype
+        assert a.dtype == b.dtype and a.shape == b.shape
         torch.testing.assert_close(a.cpu(), b, **tol)
 
 
 def test_probe_dot_reference_definition():
     v = torch.tensor([[1.0, -1.0, 1.0], [-1.0, -1.0, 1.0]], dtype=torch.float64)
     hv = torch.tensor([[2.0, 3.0, 4.0], [5.0, 6.0, 7.0]], dtype=torch.float64)
-    dots, diag, diag_sq = ref.probe_dot(v, hv, [2, 1])
+    dots, diag, diag_sq = ref.probe_dot([v[:, :2], v[:, 2:]], [hv[:, :2], hv[:, 2:]])
     assert dots.tolist() == [[-1.0, 4.0], [-11.0, 7.0]]
     assert diag.tolist() == [-3.0, -9.0, 11.0]
     assert diag_sq.tolist() == [29.0, 45.0, 65.0]
@@ -194,18 +198,23 @@ def test_ops_opcheck_gradcheck_and_compile():
         torch.library.opcheck(
             _probes._probes_op, (seed, 2, 3, layout.numel, distribution, torch.float32, torch.device("cpu"))
         )
-    v = torch.randn(3, 17, dtype=torch.float64, requires_grad=True)
-    hv = torch.randn(3, 17, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(_probes._probe_dot_op, (v, hv, [12, 5]))
-    assert torch.autograd.gradcheck(lambda a, b: _probes._probe_dot_op(a, b, [12, 5]), (v, hv))
+    vs = [torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True), torch.randn(3, 5, dtype=torch.float64)]
+    hvs = [torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True) for _ in range(1)]
+    hvs.append(torch.randn(3, 5, dtype=torch.float64, requires_grad=True))
+    for with_diag in (True, False):
+        torch.library.opcheck(_probes._probe_dot_op, (vs, hvs, with_diag))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: _probes._probe_dot_op([a, vs[1]], [b, c], True), (vs[0], hvs[0], hvs[1])
+    )
 
-    def f(s, h):
+    def f(s, h0, h1):
         p = _probes._probes_op(s, 0, 3, 17, "rademacher", torch.float64, torch.device("cpu"))
-        dots, diag, _ = _probes._probe_dot_op(p, h, [12, 5])
+        dots, diag, _ = _probes._probe_dot_op([p[:, :12], p[:, 12:]], [h0, h1], True)
         return dots.sum() + diag.sum()
 
+    h0, h1 = torch.randn(3, 12, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(seed, hv.detach()), f(seed, hv.detach()))
+    torch.testing.assert_close(compiled(seed, h0, h1), f(seed, h0, h1))
 
 
 # ---------------------------------------------------------------------------------------------- trace vs exact
@@ -540,3 +549,21 @@ def test_bad_inputs_give_clear_errors():
         regops.hessian.trace(f, [w], distributed=True)
     with pytest.raises(ValueError, match="must agree on d"):
         regops.hessian.linear_head_diagonal(torch.randn(4, 3), torch.randn(2, 5))
+
+
+def test_estimators_on_the_triton_backend_match_the_reference(kernel_target):
+    _, device = kernel_target
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(device)
+    x, y = torch.randn(8, 4, device=device), torch.randint(0, 3, (8,), device=device)
+    crit = nn.CrossEntropyLoss()
+    for distribution in DIST:
+        got = regops.hessian.diagonal(model, crit, x, y, num_probes=6, distribution=distribution, generator=gen(1))
+        with regops.use_backend("torch"):
+            exp = regops.hessian.diagonal(
+                model.cpu(), crit, x.cpu(), y.cpu(), num_probes=6, distribution=distribution, generator=gen(1)
+            )
+            model.to(device)
+        assert got.trace.value == pytest.approx(exp.trace.value, rel=1e-5)
+        for name in exp.value:
+            torch.testing.assert_close(got.value[name].cpu(), exp.value[name], rtol=1e-5, atol=1e-6)

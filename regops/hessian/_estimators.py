@@ -268,6 +268,7 @@ def _hutchinson(
     dist_: _Dist,
     progress: bool,
     desc: str,
+    with_diag: bool,
 ) -> _HutchinsonState:
     from tqdm.auto import tqdm
 
@@ -291,20 +292,21 @@ def _hutchinson(
             diag_sq = torch.zeros_like(state.diag_sq)
             for start in range(lo, hi, op.probe_batch):
                 k = min(op.probe_batch, hi - start)
-                v = _probes.probe_rows(seed, start, k, layout, distribution)
-                hv = op.matmat(v)
-                dots, d, dsq = _probes.probe_dot(v, hv, layout)
+                vs = layout.split(_probes.probe_rows(seed, start, k, layout, distribution))
+                dots, d, dsq = _probes.probe_dot(vs, op.apply(vs), with_diag)
                 state.dots[start : start + k] = dots
-                diag += d
-                diag_sq += dsq
+                if with_diag:
+                    diag += d
+                    diag_sq += dsq
                 if dist_.world == 1:
                     bar.update(k)
             if dist_.world > 1:
-                packed = torch.cat([state.dots[round_start:round_stop].reshape(-1), diag, diag_sq])
-                dist_.all_reduce(packed)
+                parts = [state.dots[round_start:round_stop].reshape(-1)] + ([diag, diag_sq] if with_diag else [])
+                packed = dist_.all_reduce(torch.cat(parts))
                 n_dots = (round_stop - round_start) * len(layout.sizes)
                 state.dots[round_start:round_stop] = packed[:n_dots].view(round_stop - round_start, -1)
-                diag, diag_sq = packed[n_dots : n_dots + layout.numel], packed[n_dots + layout.numel :]
+                if with_diag:
+                    diag, diag_sq = packed[n_dots : n_dots + layout.numel], packed[n_dots + layout.numel :]
                 bar.update(round_stop - round_start)
             state.diag += diag
             state.diag_sq += diag_sq
@@ -491,7 +493,7 @@ def trace(
         return _xtrace(op, layout, num_probes, distribution, generator)
     dist_ = _Dist.of(distributed, group)
     state = _hutchinson(
-        op, layout, num_probes, distribution, generator, tol, _trace_rel_stderr, dist_, progress, "hessian trace"
+        op, layout, num_probes, distribution, generator, tol, _trace_rel_stderr, dist_, progress, "hessian trace", False
     )
     matvecs = state.count
     if by is None:
@@ -547,7 +549,17 @@ def diagonal(
     layout = problem.layout
     dist_ = _Dist.of(distributed, group)
     state = _hutchinson(
-        op, layout, num_probes, distribution, generator, tol, _diag_rel_stderr, dist_, progress, "hessian diagonal"
+        op,
+        layout,
+        num_probes,
+        distribution,
+        generator,
+        tol,
+        _diag_rel_stderr,
+        dist_,
+        progress,
+        "hessian diagonal",
+        True,
     )
     m = state.count
     mean = state.diag.double() / m

@@ -201,19 +201,27 @@ class HessianOperator:
             return self._cached
         return ((LossHVP(fn, self.params, self.pack, self.method), w) for fn, w in self.batches())
 
-    def matmat(self, v: torch.Tensor) -> torch.Tensor:
-        """``[K, N] -> [K, N]`` in the layout's dtype; processes ``probe_batch`` rows at a time."""
-        self.num_matvecs += v.shape[0]
-        out = torch.zeros_like(v)
+    def apply(self, vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-parameter ``[K, *shape]`` probes -> per-parameter ``H v``; ``probe_batch`` probes at a time."""
+        k = vs[0].shape[0]
+        self.num_matvecs += k
+        out: list[torch.Tensor] | None = None
         total = 0.0
         for engine, weight in self._engines():
             total += weight
-            for start in range(0, v.shape[0], self.probe_batch):
-                chunk = v[start : start + self.probe_batch]
-                hv = self.layout.cat(engine(self.layout.split(chunk)))
-                out[start : start + chunk.shape[0]].add_(hv, alpha=weight)
+            parts = [engine([v[s : s + self.probe_batch] for v in vs]) for s in range(0, k, self.probe_batch)]
+            hv = [torch.cat(chunks) if len(chunks) > 1 else chunks[0] for chunks in zip(*parts, strict=True)]
+            if out is None:
+                out = [h if weight == 1.0 else h * weight for h in hv]
+            else:
+                for o, h in zip(out, hv, strict=True):
+                    o.add_(h, alpha=weight)
             if not self.single:
                 self.method = engine.method  # keep a fallback for the next batch
-        if total == 0.0:
+        if out is None or total == 0.0:
             raise ValueError("regops: no data: the batches were empty")
-        return out.div_(total) if total != 1.0 else out
+        return [o.div_(total) for o in out] if total != 1.0 else out
+
+    def matmat(self, v: torch.Tensor) -> torch.Tensor:
+        """``[K, N] -> [K, N]`` in the layout's dtype."""
+        return self.layout.cat(self.apply(self.layout.split(v)))

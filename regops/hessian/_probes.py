@@ -43,44 +43,54 @@ def _(seed, first_probe, num_probes, numel, distribution, dtype, device):
 
 @torch.library.custom_op("regops::hessian_probe_dot", mutates_args=())
 def _probe_dot_op(
-    v: torch.Tensor, hv: torch.Tensor, segment_sizes: list[int]
+    vs: list[torch.Tensor], hvs: list[torch.Tensor], with_diag: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _backend.implementation("hessian_probe_dot", v.device)
-    dots, diag, diag_sq = impl(v.contiguous(), hv.contiguous(), list(segment_sizes))
+    impl = _backend.implementation("hessian_probe_dot", vs[0].device)
+    dots, diag, diag_sq = impl(list(vs), list(hvs), with_diag)
     return dots, diag, diag_sq
 
 
 @_probe_dot_op.register_fake
-def _(v, hv, segment_sizes):
-    acc = _ref.accumulate_dtype(v.dtype)
-    k, n = v.shape
+def _(vs, hvs, with_diag):
+    acc = _ref.accumulate_dtype(vs[0].dtype)
+    k = vs[0].shape[0]
+    n = sum(v.numel() // k for v in vs) if k else 0
     return (
-        v.new_empty(k, len(segment_sizes), dtype=acc),
-        v.new_empty(n, dtype=acc),
-        v.new_empty(n, dtype=acc),
+        vs[0].new_empty(k, len(vs), dtype=acc),
+        vs[0].new_empty(n if with_diag else 0, dtype=acc),
+        vs[0].new_empty(n if with_diag else 0, dtype=acc),
     )
 
 
 def _dot_setup(ctx, inputs, output) -> None:
-    v, hv, segment_sizes = inputs
-    ctx.segment_sizes = list(segment_sizes)
-    ctx.save_for_backward(v, hv)
+    vs, hvs, with_diag = inputs
+    ctx.with_diag = with_diag
+    ctx.save_for_backward(*vs, *hvs)
 
 
 def _dot_backward(ctx, g_dots, g_diag, g_sq):
-    v, hv = ctx.saved_tensors
-    acc = _ref.accumulate_dtype(v.dtype)
-    vv, hh = v.to(acc), hv.to(acc)
-    sizes = torch.tensor(ctx.segment_sizes, device=v.device)
-    # d(output)/d(v_kj * hv_kj) = g_dots[k, seg(j)] + g_diag[j] + 2 (v_kj hv_kj) g_sq[j]
-    upstream = torch.zeros_like(vv)
-    if g_dots is not None:
-        upstream = upstream + torch.repeat_interleave(g_dots.to(acc), sizes, dim=1, output_size=v.shape[1])
-    if g_diag is not None:
-        upstream = upstream + g_diag.to(acc)
-    if g_sq is not None:
-        upstream = upstream + 2.0 * vv * hh * g_sq.to(acc)
-    return (upstream * hh).to(v.dtype), (upstream * vv).to(hv.dtype), None
+    saved = ctx.saved_tensors
+    p = len(saved) // 2
+    vs, hvs = saved[:p], saved[p:]
+    acc = _ref.accumulate_dtype(vs[0].dtype)
+    k = vs[0].shape[0]
+    grads_v, grads_hv = [], []
+    offset = 0
+    for i, (v, hv) in enumerate(zip(vs, hvs, strict=True)):
+        vf, hf = v.reshape(k, -1).to(acc), hv.reshape(k, -1).to(acc)
+        n = vf.shape[1]
+        # d(outputs)/d(v_kj hv_kj) = g_dots[k, i] + g_diag[j] + 2 (v_kj hv_kj) g_sq[j]
+        upstream = torch.zeros_like(vf)
+        if g_dots is not None:
+            upstream = upstream + g_dots[:, i : i + 1].to(acc)
+        if ctx.with_diag and g_diag is not None:
+            upstream = upstream + g_diag[offset : offset + n].to(acc)
+        if ctx.with_diag and g_sq is not None:
+            upstream = upstream + 2.0 * vf * hf * g_sq[offset : offset + n].to(acc)
+        offset += n
+        grads_v.append((upstream * hf).reshape(v.shape).to(v.dtype))
+        grads_hv.append((upstream * vf).reshape(hv.shape).to(hv.dtype))
+    return grads_v, grads_hv, None
 
 
 _probe_dot_op.register_autograd(_dot_backward, setup_context=_dot_setup)
@@ -139,7 +149,9 @@ def probe_rows(
 
 
 def probe_dot(
-    v: torch.Tensor, hv: torch.Tensor, layout: ParamLayout
+    vs: Sequence[torch.Tensor], hvs: Sequence[torch.Tensor], with_diag: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dots [K, P], sum_k v*Hv [N], sum_k (v*Hv)^2 [N])`` for ``[K, N]`` probes and products."""
-    return _probe_dot_op(v, hv.to(v.dtype), layout.sizes)
+    """``(dots [K, P], sum_k v*Hv [N], sum_k (v*Hv)^2 [N])`` for per-parameter ``[K, *shape]`` probes and
+    products (one dtype: the first probe's)."""
+    dtype = vs[0].dtype
+    return _probe_dot_op([v.to(dtype) for v in vs], [h.to(dtype) for h in hvs], with_diag)

@@ -115,6 +115,18 @@ def _counter_words(seed: int, counters: torch.Tensor) -> torch.Tensor:
     return torch.stack(philox4x32(seed, counters & _M32, (counters >> 32) & _M32, zero, zero), dim=-1)
 
 
+_SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _sign_table(dtype: torch.dtype, device) -> torch.Tensor:
+    """``table[byte, j] = -1 if bit j of byte is set else +1``, shape ``[256, 8]``."""
+    key = (dtype, torch.device(device) if device is not None else torch.device("cpu"))
+    if key not in _SIGN_TABLES:
+        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+        _SIGN_TABLES[key] = (1 - 2 * bits).to(dtype=dtype, device=key[1])
+    return _SIGN_TABLES[key]
+
+
 def probes(
     seed: int,
     offset: int,
@@ -136,9 +148,11 @@ def probes(
     counters = offset + rows[:, None] * n_counters + torch.arange(n_counters, dtype=torch.int64, device=device)
     words = _counter_words(seed, counters)  # [K, n_counters, 4]
     if distribution == "rademacher":
-        shifts = torch.arange(32, dtype=torch.int64, device=device)
-        bits = (words[..., None] >> shifts) & 1  # [K, n_counters, 4, 32]: element 128 c + 32 w + b
-        out = (1 - 2 * bits).to(torch.float32).reshape(num_probes, stride)
+        # Element 128 c + 32 w + 8 b + j is bit 8 b + j of word w: bit j of byte b (little-endian bytes of the
+        # word), looked up in a 256 x 8 table of signs -- one gather writes the probes.
+        bytes_ = torch.stack([(words >> (8 * b)) & 0xFF for b in range(4)], dim=-1)  # [K, n_counters, 4, 4]
+        out = _sign_table(dtype, device).index_select(0, bytes_.reshape(-1)).reshape(num_probes, stride)
+        return out[:, :numel].contiguous() if numel != stride else out
     else:
         z0, z1 = box_muller(words[..., 0], words[..., 1])
         z2, z3 = box_muller(words[..., 2], words[..., 3])
@@ -151,26 +165,35 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def probe_dot(
-    v: torch.Tensor, hv: torch.Tensor, segment_sizes: list[int]
+    vs: list[torch.Tensor], hvs: list[torch.Tensor], with_diag: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused Hutchinson accumulation over a block of probes.
+    """Fused Hutchinson accumulation over a block of probes, for a list of parameters.
 
     Args:
-        v, hv: ``[K, N]`` probes and Hessian-vector products (same dtype), parameters concatenated along ``N``.
-        segment_sizes: the numel of each parameter, summing to ``N``.
+        vs, hvs: per parameter, probes and Hessian-vector products ``[K, *shape_p]`` (one dtype).
+        with_diag: also return the per-coordinate sums (else two empty tensors).
 
     Returns:
-        ``dots [K, P]`` with ``dots[k, p] = sum_{j in p} v[k, j] hv[k, j]`` (per-parameter ``v^T H v``),
-        ``diag [N] = sum_k v[k] * hv[k]`` and ``diag_sq [N] = sum_k (v[k] * hv[k])^2``, accumulated in float32
-        (float64 for float64 inputs).
+        ``dots [K, P]`` with ``dots[k, p] = <v_p[k], hv_p[k]>`` (per-parameter ``v^T H v``),
+        ``diag [N] = sum_k v[k] * hv[k]`` and ``diag_sq [N] = sum_k (v[k] * hv[k])^2`` over the parameters
+        flattened and concatenated, accumulated in float32 (float64 for float64 inputs).
     """
-    acc = accumulate_dtype(v.dtype)
-    prod = v.to(acc) * hv.to(acc)
-    if prod.shape[1]:
-        dots = torch.stack([chunk.sum(1) for chunk in prod.split(list(segment_sizes), dim=1)], dim=1)
-    else:
-        dots = prod.new_zeros(prod.shape[0], len(segment_sizes))
-    return dots, prod.sum(0), (prod * prod).sum(0)
+    acc = accumulate_dtype(vs[0].dtype)
+    k = vs[0].shape[0]
+    dots, diag, diag_sq = [], [], []
+    for v, hv in zip(vs, hvs, strict=True):
+        vf, hf = v.reshape(k, -1).to(acc), hv.reshape(k, -1).to(acc)
+        dots.append((vf.unsqueeze(1) @ hf.unsqueeze(2)).reshape(k))
+        if with_diag:
+            prod = vf * hf
+            diag.append(prod.sum(0))
+            diag_sq.append((prod * prod).sum(0))
+    empty = vs[0].new_zeros(0, dtype=acc)
+    return (
+        torch.stack(dots, dim=1),
+        torch.cat(diag) if with_diag else empty,
+        torch.cat(diag_sq) if with_diag else empty.clone(),
+    )
 
 
 def softmax_ce_linear_head_diagonal(
