@@ -19,9 +19,7 @@ from regops.reference import grad_norms as _ref
 
 
 @triton.jit
-def _gram_tile(
-    x_ptr, sb, st, sk, n, ti, tj, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr
-):
+def _gram_tile(x_ptr, sb, st, sk, n, ti, tj, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
     """(X_i X_j^T) for T-tiles i, j of example n of X [B, T, K], accumulated over K in float32."""
     offs_i = ti * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_j = tj * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -30,15 +28,9 @@ def _gram_tile(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         kmask = offs_k[None, :] < K
-        xi = tl.load(
-            base + offs_i[:, None] * st + offs_k[None, :] * sk, mask=(offs_i[:, None] < T) & kmask, other=0
-        )
-        xj = tl.load(
-            base + offs_j[:, None] * st + offs_k[None, :] * sk, mask=(offs_j[:, None] < T) & kmask, other=0
-        )
-        if (
-            UPCAST
-        ):  # the interpreter's bf16 dot is wrong: do it in float32 there (same values, exact products)
+        xi = tl.load(base + offs_i[:, None] * st + offs_k[None, :] * sk, mask=(offs_i[:, None] < T) & kmask, other=0)
+        xj = tl.load(base + offs_j[:, None] * st + offs_k[None, :] * sk, mask=(offs_j[:, None] < T) & kmask, other=0)
+        if UPCAST:  # the interpreter's bf16 dot is wrong: do it in float32 there (same values, exact products)
             xi, xj = xi.to(tl.float32), xj.to(tl.float32)
         acc += tl.dot(xi, tl.trans(xj), input_precision="ieee")
     return acc

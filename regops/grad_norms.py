@@ -40,9 +40,7 @@ FORMS = ("auto", "ghost", "instantiate")
 LOSS_REDUCTIONS = ("sum", "mean")
 
 # ----------------------------------------------------------------------------------------------- operators
-_backend.register(
-    "grad_norms_gram", torch=_ref.gram_sq_norms, triton="regops.kernels.grad_norms:gram_sq_norms"
-)
+_backend.register("grad_norms_gram", torch=_ref.gram_sq_norms, triton="regops.kernels.grad_norms:gram_sq_norms")
 _backend.register(
     "grad_norms_instantiate",
     torch=_ref.instantiate_sq_norms,
@@ -557,11 +555,7 @@ class _Recorder:
             if id(module) in seen:
                 continue
             seen.add(id(module))
-            own = {
-                k: (names[id(p)], p)
-                for k, p in module._parameters.items()
-                if p is not None and p.requires_grad
-            }
+            own = {k: (names[id(p)], p) for k, p in module._parameters.items() if p is not None and p.requires_grad}
             if not own:
                 continue
             layer = _layer_for(module)
@@ -734,9 +728,7 @@ class PerSampleGradNorms:
 
     def __enter__(self) -> PerSampleGradNorms:
         if self._used:
-            raise RuntimeError(
-                "regops: a PerSampleGradNorms block can be entered once; create a new one per batch"
-            )
+            raise RuntimeError("regops: a PerSampleGradNorms block can be entered once; create a new one per batch")
         self._used = True
         self._rec.attach()
         for name, p in self._params.items():
@@ -802,10 +794,7 @@ class PerSampleGradNorms:
     def per_module(self) -> dict[str, torch.Tensor]:
         """``{module name: [B]}`` per-example norms of the gradient of each tracked module's parameters."""
         sq = self.per_param_sq
-        return {
-            e.label: torch.stack([sq[n] for n, _ in e.params.values()]).sum(0).sqrt()
-            for e in self._rec.entries
-        }
+        return {e.label: torch.stack([sq[n] for n, _ in e.params.values()]).sum(0).sqrt() for e in self._rec.entries}
 
     @property
     def total(self) -> torch.Tensor:
@@ -904,9 +893,7 @@ def clip_per_sample_(
         >>> opt.step()
     """
     if not isinstance(norms, PerSampleGradNorms):
-        raise TypeError(
-            f"regops: norms must come from regops.per_sample_grad_norms, got {type(norms).__name__}"
-        )
+        raise TypeError(f"regops: norms must come from regops.per_sample_grad_norms, got {type(norms).__name__}")
     rec = norms._rec
     if not rec.retain_signals:
         raise ValueError(
@@ -1020,17 +1007,13 @@ def per_sample_squared_norms(
         for s in signals(output) if callable(signals) else signals:
             rec.reset()
             if calls:
-                grads = torch.autograd.grad(
-                    output, [c.output for c in calls], s, retain_graph=True, allow_unused=True
-                )
+                grads = torch.autograd.grad(output, [c.output for c in calls], s, retain_graph=True, allow_unused=True)
                 for call, g in zip(calls, grads, strict=True):
                     if g is not None:
                         rec.contribute(call, g)
             sq = rec.squared_norms()
             b = rec.batch or output.shape[0]
-            results.append(
-                {n: sq.get(n, torch.zeros(b, dtype=torch.float32, device=params[n].device)) for n in names}
-            )
+            results.append({n: sq.get(n, torch.zeros(b, dtype=torch.float32, device=params[n].device)) for n in names})
     finally:
         rec.close()
         for c in rec.calls:

@@ -35,9 +35,7 @@ def _per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def loss_n(p, xn, yn):
-        return F.cross_entropy(
-            functional_call(model, p, (xn.unsqueeze(0),)), yn.unsqueeze(0), reduction="sum"
-        )
+        return F.cross_entropy(functional_call(model, p, (xn.unsqueeze(0),)), yn.unsqueeze(0), reduction="sum")
 
     return vmap(grad(loss_n), in_dims=(None, 0, 0))(params, x, y)
 
@@ -70,15 +68,11 @@ def _worker(rank: int, init_file: str) -> None:
         # noise is drawn once, on rank 0 (whatever the other ranks' generators), then averaged like the grads
         with regops.per_sample_grad_norms(ddp, "mean", retain_signals=True) as norms:
             F.cross_entropy(ddp(x_all[local]), y_all[local]).backward()
-        regops.clip_per_sample_(
-            norms, 0.3, noise_multiplier=1.0, generator=torch.Generator().manual_seed(rank)
-        )
+        regops.clip_per_sample_(norms, 0.3, noise_multiplier=1.0, generator=torch.Generator().manual_seed(rank))
         gen0 = torch.Generator().manual_seed(0)
         for name, p in model.named_parameters():
             want = torch.einsum("b,b...->...", factor, grads[name]) / (WORLD * LOCAL_BATCH)
-            noise = (
-                torch.randn(p.shape, generator=gen0, dtype=torch.float32).double() * 0.3 / LOCAL_BATCH / WORLD
-            )
+            noise = torch.randn(p.shape, generator=gen0, dtype=torch.float32).double() * 0.3 / LOCAL_BATCH / WORLD
             torch.testing.assert_close(p.grad, want + noise, msg=name)
     finally:
         dist.destroy_process_group()
