@@ -8,7 +8,6 @@ agree with the reference to the last bit (on a GPU the compiler may contract a m
 import torch
 import triton
 import triton.language as tl
-
 from regops.kernels.utils import cast_rne
 
 
@@ -176,9 +175,7 @@ def _row_lse_sums(z_row, t_row, n_cols, WITH_T: tl.constexpr, BLOCK: tl.constexp
 
 
 @triton.jit(do_not_specialize=["n_cols", "smoothing"])
-def mix_ce_forward_kernel(
-    z_ptr, a_ptr, b_ptr, lam_ptr, loss_ptr, lse_ptr, n_cols, smoothing, BLOCK: tl.constexpr
-):
+def mix_ce_forward_kernel(z_ptr, a_ptr, b_ptr, lam_ptr, loss_ptr, lse_ptr, n_cols, smoothing, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * n_cols
     lse, zsum, _, _ = _row_lse_sums(z_row, z_row, n_cols, False, BLOCK)
@@ -384,7 +381,13 @@ def mix_bce_backward_kernel(
     valid = idx < n_cols
     z = tl.load(z_ptr + row * n_cols + idx, mask=valid, other=0).to(tl.float32)
     t = _bce_target(
-        idx, tl.load(a_ptr + row), tl.load(b_ptr + row), tl.load(lam_ptr + row), n_cols, smoothing, threshold,
+        idx,
+        tl.load(a_ptr + row),
+        tl.load(b_ptr + row),
+        tl.load(lam_ptr + row),
+        n_cols,
+        smoothing,
+        threshold,
         HAS_THRESHOLD,
     )
     sig_neg = 1.0 / (1.0 + tl.exp(z))  # sigmoid(-z)
@@ -413,9 +416,7 @@ def _bce_args(logits, weight, pos_weight, threshold):
     )
 
 
-def mix_binary_cross_entropy(
-    logits, target_a, target_b, lam, smoothing, threshold, weight, pos_weight, *, block=None
-):
+def mix_binary_cross_entropy(logits, target_a, target_b, lam, smoothing, threshold, weight, pos_weight, *, block=None):
     """regops.reference.mix.mix_binary_cross_entropy: per-row class sums, float32 [B]."""
     n, c = logits.shape
     loss = torch.empty(n, dtype=_acc(logits), device=logits.device)
@@ -424,8 +425,18 @@ def mix_binary_cross_entropy(
     w, pw, thr, flags = _bce_args(logits, weight, pos_weight, threshold)
     block = block or _loss_block(c, logits.device)
     mix_bce_forward_kernel[(n,)](
-        logits, target_a, target_b, lam.float().contiguous(), w, pw, loss, c, float(smoothing), thr,
-        BLOCK=block, **flags,
+        logits,
+        target_a,
+        target_b,
+        lam.float().contiguous(),
+        w,
+        pw,
+        loss,
+        c,
+        float(smoothing),
+        thr,
+        BLOCK=block,
+        **flags,
     )
     return loss
 
@@ -441,8 +452,19 @@ def mix_binary_cross_entropy_backward(
     w, pw, thr, flags = _bce_args(logits, weight, pos_weight, threshold)
     block = block or _loss_block(c, logits.device)
     mix_bce_backward_kernel[(triton.cdiv(c, block), n)](
-        grad.float().contiguous(), logits, target_a, target_b, lam.float().contiguous(), w, pw, out, c,
-        float(smoothing), thr, BLOCK=block, **flags,
+        grad.float().contiguous(),
+        logits,
+        target_a,
+        target_b,
+        lam.float().contiguous(),
+        w,
+        pw,
+        out,
+        c,
+        float(smoothing),
+        thr,
+        BLOCK=block,
+        **flags,
     )
     return out
 
@@ -472,8 +494,16 @@ COMPILE_SPECS = (
     + [
         (
             mix_ce_forward_kernel,
-            {"z_ptr": t, "a_ptr": "*i64", "b_ptr": "*i64", "lam_ptr": "*fp32", "loss_ptr": "*fp32",
-             "lse_ptr": "*fp32", "n_cols": "i32", "smoothing": "fp32"},
+            {
+                "z_ptr": t,
+                "a_ptr": "*i64",
+                "b_ptr": "*i64",
+                "lam_ptr": "*fp32",
+                "loss_ptr": "*fp32",
+                "lse_ptr": "*fp32",
+                "n_cols": "i32",
+                "smoothing": "fp32",
+            },
             {"BLOCK": 4096},
         )
         for t in _LOSS_FLOAT
@@ -481,8 +511,17 @@ COMPILE_SPECS = (
     + [
         (
             mix_ce_backward_kernel,
-            {"g_ptr": "*fp32", "z_ptr": t, "lse_ptr": "*fp32", "a_ptr": "*i64", "b_ptr": "*i64",
-             "lam_ptr": "*fp32", "out_ptr": t, "n_cols": "i32", "smoothing": "fp32"},
+            {
+                "g_ptr": "*fp32",
+                "z_ptr": t,
+                "lse_ptr": "*fp32",
+                "a_ptr": "*i64",
+                "b_ptr": "*i64",
+                "lam_ptr": "*fp32",
+                "out_ptr": t,
+                "n_cols": "i32",
+                "smoothing": "fp32",
+            },
             {"BLOCK": 4096},
         )
         for t in _LOSS_FLOAT
@@ -506,9 +545,18 @@ COMPILE_SPECS = (
     + [
         (
             mix_bce_forward_kernel,
-            {"z_ptr": t, "a_ptr": "*i64", "b_ptr": "*i64", "lam_ptr": "*fp32", "weight_ptr": "*fp32",
-             "pos_weight_ptr": "*fp32", "loss_ptr": "*fp32", "n_cols": "i32", "smoothing": "fp32",
-             "threshold": "fp32"},
+            {
+                "z_ptr": t,
+                "a_ptr": "*i64",
+                "b_ptr": "*i64",
+                "lam_ptr": "*fp32",
+                "weight_ptr": "*fp32",
+                "pos_weight_ptr": "*fp32",
+                "loss_ptr": "*fp32",
+                "n_cols": "i32",
+                "smoothing": "fp32",
+                "threshold": "fp32",
+            },
             _BCE_FLAGS,
         )
         for t in _LOSS_FLOAT
@@ -516,9 +564,19 @@ COMPILE_SPECS = (
     + [
         (
             mix_bce_backward_kernel,
-            {"g_ptr": "*fp32", "z_ptr": t, "a_ptr": "*i64", "b_ptr": "*i64", "lam_ptr": "*fp32",
-             "weight_ptr": "*fp32", "pos_weight_ptr": "*fp32", "out_ptr": t, "n_cols": "i32",
-             "smoothing": "fp32", "threshold": "fp32"},
+            {
+                "g_ptr": "*fp32",
+                "z_ptr": t,
+                "a_ptr": "*i64",
+                "b_ptr": "*i64",
+                "lam_ptr": "*fp32",
+                "weight_ptr": "*fp32",
+                "pos_weight_ptr": "*fp32",
+                "out_ptr": t,
+                "n_cols": "i32",
+                "smoothing": "fp32",
+                "threshold": "fp32",
+            },
             _BCE_FLAGS,
         )
         for t in _LOSS_FLOAT

@@ -87,9 +87,7 @@ _backend.register(
     cuda=_mix_apply_backward_cuda,
     cuda_fake=_mix_apply_cuda_fake,
 )
-_backend.register(
-    "mix_cross_entropy", torch=_ref.mix_cross_entropy, triton="regops.kernels.mix:mix_cross_entropy"
-)
+_backend.register("mix_cross_entropy", torch=_ref.mix_cross_entropy, triton="regops.kernels.mix:mix_cross_entropy")
 _backend.register(
     "mix_cross_entropy_backward",
     torch=_ref.mix_cross_entropy_backward,
@@ -319,9 +317,7 @@ def _mbce_bwd(ctx, grad):
     logits, target_a, target_b, lam, *rest = ctx.saved_tensors
     weight = rest.pop(0) if ctx.has_weight else None
     pos_weight = rest.pop(0) if ctx.has_pos_weight else None
-    g = _mbce_backward_op(
-        grad, logits, target_a, target_b, lam, ctx.smoothing, ctx.threshold, weight, pos_weight
-    )
+    g = _mbce_backward_op(grad, logits, target_a, target_b, lam, ctx.smoothing, ctx.threshold, weight, pos_weight)
     return g, None, None, None, None, None, None, None
 
 
@@ -416,9 +412,7 @@ def _make_config(
     if partner not in PARTNERS:
         raise ValueError(f"regops: partner must be one of {PARTNERS}, got {partner!r}")
     if mode == "pair" and partner == "roll":
-        raise ValueError(
-            "regops: mode='pair' mixes samples in pairs; use partner='flip' or 'random', not 'roll'"
-        )
+        raise ValueError("regops: mode='pair' mixes samples in pairs; use partner='flip' or 'random', not 'roll'")
     return _Config(
         mixup_alpha,
         cutmix_alpha,
@@ -555,9 +549,7 @@ def _sample_params(cfg: _Config, x: torch.Tensor, generator: torch.Generator | N
     height, width = _spatial(x)
     device = x.device
     if cfg.cutmix_alpha > 0 and x.dim() < 3:
-        raise ValueError(
-            f"regops: CutMix needs inputs with >= 3 dims [B, ..., H, W], got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"regops: CutMix needs inputs with >= 3 dims [B, ..., H, W], got shape {tuple(x.shape)}")
     partner = _partners(cfg.partner, cfg.mode, batch, device, generator)
     n = 1 if cfg.mode == "batch" else batch
     lam, cut, box = _params_from_draws(cfg, _draw(cfg, n, device, generator), height, width)
@@ -580,15 +572,11 @@ def _check_images(x: Any, name: str = "x") -> torch.Tensor:
     if x.dtype not in IMAGE_DTYPES:
         raise TypeError(f"regops: {name} must be float32/16, bfloat16, float64 or uint8, got {x.dtype}")
     if x.dim() < 2:
-        raise ValueError(
-            f"regops: {name} must be a batch [B, ...] with >= 2 dims, got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"regops: {name} must be a batch [B, ...] with >= 2 dims, got shape {tuple(x.shape)}")
     return x
 
 
-def _check_labels(
-    target: Any, batch: int, num_classes: int | None, device, name: str = "target"
-) -> torch.Tensor:
+def _check_labels(target: Any, batch: int, num_classes: int | None, device, name: str = "target") -> torch.Tensor:
     target = _validate.tensor(target, name)
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"regops: {name} must hold integer class indices, got dtype {target.dtype}")
@@ -598,7 +586,7 @@ def _check_labels(
         )
     if target.device != device:
         raise ValueError(f"regops: {name} is on {target.device} but the batch is on {device}")
-    if target.numel() and num_classes is not None:
+    if target.numel() and num_classes is not None and not torch.compiler.is_compiling():
         low, high = torch.aminmax(target)
         low, high = int(low), int(high)
         if low < 0 or high >= num_classes:
@@ -627,9 +615,7 @@ def _apply(x: torch.Tensor, params: MixParams) -> torch.Tensor:
     return _mix_apply_op(x, w_self, w_other, params.partner, params.box)
 
 
-def _mix_masks(
-    masks: torch.Tensor, params: MixParams, x: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _mix_masks(masks: torch.Tensor, params: MixParams, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Float masks are mixed like the images; integer label maps get the boxes pasted (and their partners' maps)."""
     _validate.tensor(masks, "masks")
     if masks.dim() < 2 or masks.shape[0] != x.shape[0] or _spatial(masks) != _spatial(x):
@@ -678,7 +664,7 @@ class MixedBatch:
 
     @property
     def mask_lam(self) -> torch.Tensor:
-        """float32 ``[B]``: pixel weight of ``masks`` for integer label maps (``lam`` for MixUp samples, 1 for CutMix)."""
+        """float32 ``[B]``: pixel weight of ``masks`` for integer label maps (MixUp samples: lam; CutMix: 1)."""
         return torch.where(self.params.use_cutmix, 1.0, self.params.lam).float()
 
 
@@ -739,9 +725,7 @@ def mix_batch(
     target = _check_labels(target, x.shape[0], num_classes, x.device)
     label_smoothing = _check_smoothing(label_smoothing)
     if params is None:
-        cfg = _make_config(
-            mixup_alpha, cutmix_alpha, cutmix_minmax, prob, switch_prob, mode, correct_lam, partner
-        )
+        cfg = _make_config(mixup_alpha, cutmix_alpha, cutmix_minmax, prob, switch_prob, mode, correct_lam, partner)
         _rng.check_generator(generator, x.device)
         params = _sample_params(cfg, x, generator)
     x_mixed = _apply(x, params)
@@ -781,16 +765,14 @@ def manifold_mix(
     params = mix.params if isinstance(mix, MixedBatch) else mix
     _validate.floating(h, "h")
     if h.dim() < 2 or h.shape[0] != params.partner.shape[0]:
-        raise ValueError(
-            f"regops: h must be [B, ...] with B = {params.partner.shape[0]}, got {tuple(h.shape)}"
-        )
+        raise ValueError(f"regops: h must be [B, ...] with B = {params.partner.shape[0]}, got {tuple(h.shape)}")
     if bool((params.box[:, 1] > params.box[:, 0]).any()) and (h.dim() < 3):
         raise ValueError("regops: these parameters hold CutMix boxes; h needs >= 3 dims [B, ..., H, W]")
     return _apply(h, params)
 
 
 def mixed_targets(mix: MixedBatch, num_classes: int, label_smoothing: float | None = None) -> torch.Tensor:
-    """Dense float32 ``[B, num_classes]`` soft targets of ``mix`` (timm's ``mixup_target``), for losses that need them."""
+    """Dense float32 ``[B, num_classes]`` soft targets of ``mix`` (timm's ``mixup_target``) for losses needing them."""
     num_classes = _check_num_classes(num_classes)
     s = mix.label_smoothing if label_smoothing is None else _check_smoothing(label_smoothing)
     w_self, w_other = mix.params.label_weights
@@ -884,9 +866,7 @@ class Mixup:
             soft = y1 * w_self.unsqueeze(1) + y1.index_select(0, params.partner) * w_other.unsqueeze(1)
         else:
             target_b = target.index_select(0, params.partner)
-            soft = _ref.mixed_one_hot(
-                target, target_b, w_self, w_other, self.num_classes, self.label_smoothing
-            )
+            soft = _ref.mixed_one_hot(target, target_b, w_self, w_other, self.num_classes, self.label_smoothing)
         return x_mixed, soft
 
 
@@ -899,9 +879,7 @@ def _check_logits(logits: Any, batch: int | None = None) -> torch.Tensor:
     if logits.dim() != 2:
         raise ValueError(f"regops: logits must be [B, C], got shape {tuple(logits.shape)}")
     if batch is not None and logits.shape[0] != batch:
-        raise ValueError(
-            f"regops: logits have {logits.shape[0]} rows but the mixed batch has {batch} samples"
-        )
+        raise ValueError(f"regops: logits have {logits.shape[0]} rows but the mixed batch has {batch} samples")
     return logits
 
 
@@ -919,10 +897,9 @@ def _check_mix_targets(logits: torch.Tensor, mix: MixedBatch) -> None:
         raise TypeError(f"regops: mix must be the MixedBatch returned by mix_batch, got {type(mix).__name__}")
     n_classes = logits.shape[1]
     if mix.num_classes is not None and mix.num_classes != n_classes:
-        raise ValueError(
-            f"regops: logits have {n_classes} classes but the labels were checked for {mix.num_classes}"
-        )
-    if mix.num_classes is None and mix.target_a.numel():
+        raise ValueError(f"regops: logits have {n_classes} classes but the labels were checked for {mix.num_classes}")
+    # (Data-dependent: skipped while tracing under torch.compile; mix_batch checks labels against num_classes.)
+    if mix.num_classes is None and mix.target_a.numel() and not torch.compiler.is_compiling():
         low, high = torch.aminmax(mix.target_a)
         if int(low) < 0 or int(high) >= n_classes:
             raise ValueError(f"regops: labels outside [0, {n_classes}): min {int(low)}, max {int(high)}")
@@ -956,9 +933,7 @@ def mix_cross_entropy(
     logits = _check_logits(logits)
     _check_mix_targets(logits, mix)
     if logits.shape[0] != mix.target_a.shape[0]:
-        raise ValueError(
-            f"regops: logits have {logits.shape[0]} rows but mix has {mix.target_a.shape[0]} samples"
-        )
+        raise ValueError(f"regops: logits have {logits.shape[0]} rows but mix has {mix.target_a.shape[0]} samples")
     s = mix.label_smoothing if label_smoothing is None else _check_smoothing(label_smoothing)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"regops: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -1044,9 +1019,7 @@ def mix_binary_cross_entropy(
         t = _validate.floating(t, name)
         t = t.to(logits.device).float().expand(n_classes).contiguous() if t.numel() == 1 else t.float()
         if t.shape != (n_classes,):
-            raise ValueError(
-                f"regops: {name} must be a number or a [C={n_classes}] tensor, got {tuple(t.shape)}"
-            )
+            raise ValueError(f"regops: {name} must be a number or a [C={n_classes}] tensor, got {tuple(t.shape)}")
         return t
 
     rows = _mbce_op(
@@ -1133,9 +1106,7 @@ class _BaseMixUpCutMix(torch.nn.Module):
         elif labels_getter is None:
             self._labels_getter = lambda _: None
         else:
-            raise ValueError(
-                f"regops: labels_getter must be 'default', a callable or None, got {labels_getter!r}"
-            )
+            raise ValueError(f"regops: labels_getter must be 'default', a callable or None, got {labels_getter!r}")
         self.generator = generator
 
     def _lam(self, device) -> torch.Tensor:
@@ -1153,9 +1124,7 @@ class _BaseMixUpCutMix(torch.nn.Module):
         flat, spec = tree_flatten(inputs)
         image_types, unsupported = _tv_types()
         if unsupported and any(isinstance(t, unsupported) for t in flat):
-            raise ValueError(
-                f"regops: {type(self).__name__}() does not support PIL images, boxes, keypoints or masks"
-            )
+            raise ValueError(f"regops: {type(self).__name__}() does not support PIL images, boxes, keypoints or masks")
         labels = self._labels_getter(inputs)
         if not isinstance(labels, torch.Tensor):
             raise ValueError(f"regops: the labels must be a tensor, got {type(labels).__name__}")
@@ -1164,9 +1133,7 @@ class _BaseMixUpCutMix(torch.nn.Module):
                 f"regops: labels must be [B] indices or [B, num_classes] probabilities, got {tuple(labels.shape)}"
             )
         if labels.dim() == 2 and self.num_classes is not None and labels.shape[-1] != self.num_classes:
-            raise ValueError(
-                f"regops: 2-D labels have {labels.shape[-1]} classes, num_classes is {self.num_classes}"
-            )
+            raise ValueError(f"regops: 2-D labels have {labels.shape[-1]} classes, num_classes is {self.num_classes}")
         if labels.dim() == 1 and self.num_classes is None:
             raise ValueError("regops: num_classes must be given when labels are class indices (1-D)")
         has_image_type = any(isinstance(t, image_types) for t in flat) if image_types else False
@@ -1212,9 +1179,7 @@ class _BaseMixUpCutMix(torch.nn.Module):
                 labels, labels.index_select(0, params.partner), w_self, w_other, self.num_classes, 0.0
             )
         soft = labels if labels.dtype.is_floating_point else labels.float()
-        return (soft.index_select(0, params.partner) * w_other.unsqueeze(1) + soft * w_self.unsqueeze(1)).to(
-            soft.dtype
-        )
+        return (soft.index_select(0, params.partner) * w_other.unsqueeze(1) + soft * w_self.unsqueeze(1)).to(soft.dtype)
 
 
 class MixUp(_BaseMixUpCutMix):

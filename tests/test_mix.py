@@ -14,7 +14,6 @@ import torch.nn.functional as F
 import regops
 from regops import mix as M
 from regops.reference import mix as R
-from regops.testing import assert_close
 
 timm_mixup = pytest.importorskip("timm.data.mixup")
 timm_loss = pytest.importorskip("timm.loss")
@@ -371,6 +370,21 @@ def test_dense_masks_are_mixed_with_the_same_boxes_and_lambdas():
         regops.mix_batch(x, torch.arange(6), masks=seg[:, :8])
 
 
+def test_large_sample_path_equals_chunked_path(monkeypatch):
+    """The reference mixes large samples one at a time and small ones in chunks: both give the same bits."""
+    gen = torch.Generator().manual_seed(8)
+    p = _example_params(6, 7, 9, seed=4)
+    args = (*p.image_weights, p.partner, p.box)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.uint8):
+        x = torch.randn(6, 3, 7, 9, generator=gen)
+        x = (x.abs() * 60).to(dtype) if dtype == torch.uint8 else x.to(dtype)
+        chunked = R.mix_apply(x, *args)
+        monkeypatch.setattr(R, "_CHUNK", 1)
+        one_by_one = R.mix_apply(x, *args)
+        monkeypatch.undo()
+        assert torch.equal(chunked, one_by_one)
+
+
 # ============================================================================================ kernels vs reference
 def _example_params(batch: int, height: int, width: int, seed: int = 0) -> M.MixParams:
     torch.manual_seed(seed)
@@ -387,7 +401,11 @@ def test_mix_kernel_matches_reference(kernel_target, dtype, layout):
     shape = shapes[layout]
     height, width = (1, 33) if layout == "2d" else shape[-2:]
     gen = torch.Generator().manual_seed(1)
-    x = (torch.rand(shape, generator=gen) * 255).to(dtype) if dtype == torch.uint8 else torch.randn(shape, generator=gen)
+    x = (
+        (torch.rand(shape, generator=gen) * 255).to(dtype)
+        if dtype == torch.uint8
+        else torch.randn(shape, generator=gen)
+    )
     x = x.to(device=device, dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -424,21 +442,36 @@ def test_loss_kernels_match_reference(kernel_target, dtype, n_cols):
     w, pw = torch.rand(n_cols, generator=gen).to(device), (3 * torch.rand(n_cols, generator=gen)).to(device)
     tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     cases = [
-        ("mix_cross_entropy", (z, ta, tb, lam, 0.1), lambda out: ("mix_cross_entropy_backward",
-                                                                   (g, z, out[1], ta, tb, lam, 0.1))),
-        ("soft_target_cross_entropy", (z, soft), lambda out: ("soft_target_cross_entropy_backward",
-                                                              (g, z, out[1], soft))),
-        ("mix_binary_cross_entropy", (z, ta, tb, lam, 0.1, 0.2, w, pw),
-         lambda out: ("mix_binary_cross_entropy_backward", (g, z, ta, tb, lam, 0.1, 0.2, w, pw))),
-        ("mix_binary_cross_entropy", (z, ta, tb, lam, 0.0, None, None, None),
-         lambda out: ("mix_binary_cross_entropy_backward", (g, z, ta, tb, lam, 0.0, None, None, None))),
+        (
+            "mix_cross_entropy",
+            (z, ta, tb, lam, 0.1),
+            lambda out: ("mix_cross_entropy_backward", (g, z, out[1], ta, tb, lam, 0.1)),
+        ),
+        (
+            "soft_target_cross_entropy",
+            (z, soft),
+            lambda out: ("soft_target_cross_entropy_backward", (g, z, out[1], soft)),
+        ),
+        (
+            "mix_binary_cross_entropy",
+            (z, ta, tb, lam, 0.1, 0.2, w, pw),
+            lambda out: ("mix_binary_cross_entropy_backward", (g, z, ta, tb, lam, 0.1, 0.2, w, pw)),
+        ),
+        (
+            "mix_binary_cross_entropy",
+            (z, ta, tb, lam, 0.0, None, None, None),
+            lambda out: ("mix_binary_cross_entropy_backward", (g, z, ta, tb, lam, 0.0, None, None, None)),
+        ),
     ]
     for name, args, backward in cases:
         kernel_out = regops._backend.implementation(name, device)(*args)
         cpu = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
         ref_out = getattr(R, name)(*cpu)
-        for k, r in zip(kernel_out if isinstance(kernel_out, tuple) else [kernel_out],
-                        ref_out if isinstance(ref_out, tuple) else [ref_out], strict=True):
+        for k, r in zip(
+            kernel_out if isinstance(kernel_out, tuple) else [kernel_out],
+            ref_out if isinstance(ref_out, tuple) else [ref_out],
+            strict=True,
+        ):
             torch.testing.assert_close(k.cpu(), r, **tol)
         bname, bargs = backward(ref_out if isinstance(ref_out, tuple) else None)
         bargs = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in bargs)
@@ -524,16 +557,16 @@ def _allocation_sizes(fn) -> list[int]:
 
 
 def test_mix_cross_entropy_allocates_no_b_by_c_tensor_but_the_gradient():
-    batch, classes = 256, 8192  # B x C is 8x the reference's working chunk
+    batch, classes = 512, 32768  # B x C is twice the reference's row block
     y = torch.randint(0, classes, (batch,))
     _, mix = regops.mix_batch(torch.zeros(batch, 2), y, mixup_alpha=1.0, mode="elem")
     z = torch.randn(batch, classes, requires_grad=True)
     bxc = batch * classes * 4
     forward_allocs = _allocation_sizes(lambda: regops.mix_cross_entropy(z, mix, 0.1))
-    assert max(forward_allocs) < bxc // 4
+    assert max(forward_allocs) <= bxc // 2
     loss = regops.mix_cross_entropy(z, mix, 0.1)
     backward_allocs = _allocation_sizes(lambda: torch.autograd.grad(loss, z))
-    assert sum(1 for a in backward_allocs if a >= bxc // 4) == 1  # the gradient itself
+    assert sum(1 for a in backward_allocs if a > bxc // 2) == 1  # the gradient itself
 
 
 def test_soft_target_cross_entropy_equals_timm():
@@ -581,7 +614,7 @@ def test_mix_binary_cross_entropy_equals_timm(kw):
 
 def test_mixed_targets_equal_timm_mixup_target():
     y = torch.tensor([3, 1, 4, 1, 5, 9])
-    lam = torch.tensor([0.1, 0.9, 0.5, 0.5, 0.9, 0.1], dtype=torch.float64)
+    lam = torch.tensor([0.1, 0.9, 0.5, 0.5, 0.9, 0.1]).double()  # float32 values, as timm's per-sample lambdas
     p = M.MixParams(lam, torch.arange(6).flip(0), torch.zeros(6, 4, dtype=torch.long), torch.zeros(6, dtype=bool))
     mix = M.MixedBatch(y, y.flip(0), lam.float(), p)
     expected = timm_mixup.mixup_target(y, 10, lam.float().view(-1, 1), 0.1)
@@ -598,8 +631,10 @@ def _op_samples():
     w = torch.rand(9)
     return [
         (torch.ops.regops.mix_apply.default, (x, *p.image_weights, p.partner, p.box)),
-        (torch.ops.regops.mix_apply.default, (x.detach().contiguous(memory_format=torch.channels_last),
-                                              *p.image_weights, p.partner, p.box)),
+        (
+            torch.ops.regops.mix_apply.default,
+            (x.detach().contiguous(memory_format=torch.channels_last), *p.image_weights, p.partner, p.box),
+        ),
         (torch.ops.regops.mix_cross_entropy.default, (z, ta, tb, lam, 0.1)),
         (torch.ops.regops.soft_target_cross_entropy.default, (z, soft)),
         (torch.ops.regops.mix_binary_cross_entropy.default, (z, ta, tb, lam, 0.1, 0.3, w, None)),
@@ -663,8 +698,8 @@ def test_bad_input_raises_clear_errors():
         regops.mix_batch(x.int(), y)
     with pytest.raises(ValueError, match=">= 3 dims"):
         regops.mix_batch(torch.randn(4, 5), y, cutmix_alpha=1.0)
-    with pytest.raises(ValueError, match="generator"):
-        regops.mix_batch(x, y, generator=torch.Generator(device="meta"))
+    with pytest.raises(TypeError, match="generator"):
+        regops.mix_batch(x, y, generator="seed")
     _, mix = regops.mix_batch(x, y, num_classes=4)
     with pytest.raises(ValueError, match="classes"):
         regops.mix_cross_entropy(torch.randn(4, 5), mix)

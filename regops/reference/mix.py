@@ -22,8 +22,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Elements per chunk: large enough to amortise per-op overhead, small enough to stay in cache.
-_CHUNK = 1 << 18
+# Samples of at least this many elements are mixed one at a time (memory read about once, no batch-sized
+# temporaries); smaller ones in chunks of about this many elements, with per-sample weights broadcast.
+_CHUNK = 1 << 17
+# Elements per row block of the losses: few, large fused row ops (log_softmax, softmax) beat many small ones.
+_LOSS_CHUNK = 1 << 23
 
 
 # ------------------------------------------------------------------------------------------------ mixing
@@ -58,37 +61,69 @@ def box_mask(box: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def mix_apply(
     x: torch.Tensor, w_self: torch.Tensor, w_other: torch.Tensor, partner: torch.Tensor, box: torch.Tensor
 ) -> torch.Tensor:
-    """Mix every sample with its partner (see the module docstring); the output keeps x's memory format."""
+    """Mix every sample with its partner (see the module docstring); the output keeps x's memory format.
+
+    Large samples are mixed one at a time with two or three whole-sample ops (a multiply into the output, the
+    partner's weighted copy added, the box pasted as a slice), so memory is read about once and nothing of the
+    batch's size is allocated; small samples are mixed in chunks of the batch.
+    """
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
     x4, out4 = as_nchw(x), as_nchw(out)
-    batch, _, height, width = x4.shape
+    batch = x4.shape[0]
     per_sample = x4[0].numel()
-    step = max(1, _CHUNK // per_sample)
     ws_all, wo_all = w_self.tolist(), w_other.tolist()
-    has_box = ((box[:, 1] > box[:, 0]) & (box[:, 3] > box[:, 2])).tolist()
-    ctype = compute_dtype(x.dtype)
+    partners, boxes = partner.tolist(), box.tolist()
+    step = max(1, _CHUNK // per_sample)
     for start in range(0, batch, step):
-        stop = min(batch, start + step)
-        rows = slice(start, stop)
-        ws, wo, boxed = ws_all[rows], wo_all[rows], has_box[rows]
-        if all(w == 1.0 for w in ws) and all(w == 0.0 for w in wo):
-            out4[rows].copy_(x4[rows])  # CutMix samples and unmixed samples: a copy, then paste the boxes
+        rows = slice(start, min(batch, start + step))
+        if step == 1:
+            _mix_one(x4, out4, start, partners[start], ws_all[start], wo_all[start])
         else:
-            xs = x4[rows].to(ctype)
-            ws_t = torch.tensor(ws, dtype=torch.float32, device=x.device).to(ctype).view(-1, 1, 1, 1)
-            wo_t = torch.tensor(wo, dtype=torch.float32, device=x.device).to(ctype).view(-1, 1, 1, 1)
-            xp = x4.index_select(0, partner[rows]).to(ctype)
-            y = xs * ws_t
-            y.add_(torch.where(wo_t != 0, xp * wo_t, 0.0))
-            out4[rows].copy_(_to_output(y, x.dtype))
-        for i in range(start, stop):
-            if boxed[i - start]:
-                y0, y1, c0, c1 = box[i].tolist()
-                j = int(partner[i])
-                out4[i, :, y0:y1, c0:c1] = x4[j, :, y0:y1, c0:c1]
+            _mix_rows(x4, out4, rows, partner[rows], ws_all[rows], wo_all[rows])
+        for i in range(rows.start, rows.stop):
+            y0, y1, c0, c1 = boxes[i]
+            if y1 > y0 and c1 > c0:
+                out4[i, :, y0:y1, c0:c1] = x4[partners[i], :, y0:y1, c0:c1]
     return out
+
+
+def _mix_one(x4: torch.Tensor, out4: torch.Tensor, i: int, j: int, ws: float, wo: float) -> None:
+    """``out[i] = x[i] * ws (+ x[j] * wo when wo != 0)`` for one large sample: two or three whole-sample ops."""
+    ctype = compute_dtype(x4.dtype)
+    if x4.dtype == ctype:  # write straight into the output
+        if ws == 1.0:
+            out4[i].copy_(x4[i])  # x * 1 == x exactly
+        else:
+            torch.mul(x4[i], ws, out=out4[i])
+        if wo != 0.0:
+            out4[i].add_(x4[j] * wo)
+        return
+    y = x4[i].to(ctype) * ws
+    if wo != 0.0:
+        y.add_(x4[j].to(ctype) * wo)
+    out4[i].copy_(_to_output(y, x4.dtype))
+
+
+def _mix_rows(
+    x4: torch.Tensor, out4: torch.Tensor, rows: slice, partner: torch.Tensor, ws: list[float], wo: list[float]
+) -> None:
+    """``out[rows] = x[rows] * ws (+ x[partner] * wo where wo != 0)``: products and sum each rounded (timm's order)."""
+    ctype = compute_dtype(x4.dtype)
+    shape = (-1, 1, 1, 1)
+    ws_t = torch.tensor(ws, dtype=torch.float32, device=x4.device).to(ctype).view(shape)
+    direct = x4.dtype == ctype  # float32 / float64: write straight into the output
+    y = torch.mul(x4[rows], ws_t, out=out4[rows]) if direct else x4[rows].to(ctype) * ws_t
+    if any(w != 0.0 for w in wo):
+        wo_t = torch.tensor(wo, dtype=torch.float32, device=x4.device).to(ctype).view(shape)
+        xp = x4.index_select(0, partner).to(ctype).mul_(wo_t)
+        unused = [k for k, w in enumerate(wo) if w == 0.0]
+        if unused:  # those partners are not read at all (a NaN there must not leak in)
+            xp.index_fill_(0, torch.tensor(unused, device=x4.device), 0.0)
+        y.add_(xp)
+    if not direct:
+        out4[rows].copy_(_to_output(y, x4.dtype))
 
 
 def mix_apply_backward(
@@ -154,8 +189,8 @@ def loss_dtype(logits: torch.Tensor) -> torch.dtype:
     return compute_dtype(logits.dtype)
 
 
-def _row_chunks(n_rows: int, n_cols: int):
-    step = max(1, _CHUNK // max(1, n_cols))
+def _row_chunks(n_rows: int, n_cols: int, chunk: int = 0):
+    step = max(1, (chunk or _CHUNK) // max(1, n_cols))
     for start in range(0, n_rows, step):
         yield slice(start, min(n_rows, start + step))
 
@@ -163,30 +198,38 @@ def _row_chunks(n_rows: int, n_cols: int):
 def mix_cross_entropy(
     logits: torch.Tensor, target_a: torch.Tensor, target_b: torch.Tensor, lam: torch.Tensor, smoothing: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Per-row ``lam * CE_s(z, a) + (1 - lam) * CE_s(z, b)`` and the row log-sum-exp, both float32 ``[B]``.
+    r"""Per-row ``lam * CE_s(z, a) + (1 - lam) * CE_s(z, b)`` and the row log-sum-exp (float32 ``[B]``; float64
+    for float64 logits).
 
     .. math:: \ell_b = \mathrm{lse}(z_b) - (1-s)\,(\lambda_b z_{b,a} + (1-\lambda_b) z_{b,b'}) - s\,\bar z_b
 
-    (``CE_s`` is cross-entropy against the one-hot smoothed to ``1 - s + s/C`` / ``s/C``; ``\bar z`` the row mean.)
+    (``CE_s``: cross-entropy against the one-hot smoothed to ``1 - s + s/C`` / ``s/C``; ``\bar z``: the row mean.)
+    Computed from ``log_softmax`` over row blocks of at most ``_LOSS_CHUNK`` elements.
     """
     n, c = logits.shape
     acc = compute_dtype(logits.dtype)
     loss = torch.empty(n, dtype=acc, device=logits.device)
     lse = torch.empty(n, dtype=acc, device=logits.device)
     lam = lam.to(acc)
-    for rows in _row_chunks(n, c):
+    for rows in _row_chunks(n, c, _LOSS_CHUNK):
         z = logits[rows].to(acc)
-        lse_r = torch.logsumexp(z, dim=1)
-        za = z.gather(1, target_a[rows].view(-1, 1)).squeeze(1)
-        zb = z.gather(1, target_b[rows].view(-1, 1)).squeeze(1)
+        logp = torch.log_softmax(z, dim=1)
+        a, b = target_a[rows].view(-1, 1), target_b[rows].view(-1, 1)
+        lpa, lpb = logp.gather(1, a).squeeze(1), logp.gather(1, b).squeeze(1)
         lr = lam[rows]
-        picked = lr * za + (1.0 - lr) * zb
-        row = lse_r - (1.0 - smoothing) * picked
+        row = (lr * lpa + (1.0 - lr) * lpb) * -(1.0 - smoothing)
         if smoothing:
-            row = row - smoothing * z.mean(dim=1)
+            row -= smoothing * logp.mean(dim=1)
         loss[rows] = row
-        lse[rows] = lse_r
+        lse[rows] = z.gather(1, a).squeeze(1) - lpa
     return loss, lse
+
+
+def _softmax_into(out_rows: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """softmax(z, 1), written into ``out_rows`` when it has z's dtype (no extra pass), else a new tensor."""
+    if out_rows.dtype == z.dtype and out_rows.is_contiguous():
+        return torch.ops.aten._softmax.out(z, 1, False, out=out_rows)
+    return torch.softmax(z, dim=1)
 
 
 def mix_cross_entropy_backward(
@@ -198,39 +241,44 @@ def mix_cross_entropy_backward(
     lam: torch.Tensor,
     smoothing: float,
 ) -> torch.Tensor:
-    """``grad[b] * (softmax(z_b) - s/C - (1-s) (lam_b e_a + (1-lam_b) e_b))`` in logits' dtype."""
+    """``grad[b] * (softmax(z_b) - s/C - (1-s) (lam_b e_a + (1-lam_b) e_b))`` in logits' dtype.
+
+    (``softmax(z_b) = exp(z_b - lse_b)``; the CPU path recomputes it with ``softmax`` straight into the output.)
+    """
     n, c = logits.shape
     acc = compute_dtype(logits.dtype)
     out = torch.empty_like(logits, memory_format=torch.contiguous_format)
     g = grad.to(acc)
     lam = lam.to(acc)
-    for rows in _row_chunks(n, c):
-        p = torch.sub(logits[rows].to(acc), lse[rows].view(-1, 1))
-        p.exp_()
-        if smoothing:
-            p.sub_(smoothing / c)
+    for rows in _row_chunks(n, c, _LOSS_CHUNK):
+        p = _softmax_into(out[rows], logits[rows].to(acc))
         gr = g[rows]
-        p.mul_(gr.view(-1, 1))
+        if smoothing:  # p * g - (s / C) g in one pass
+            torch.addcmul((-(smoothing / c) * gr).view(-1, 1), p, gr.view(-1, 1), out=p)
+        else:
+            p.mul_(gr.view(-1, 1))
         lr = lam[rows]
         p.scatter_add_(1, target_a[rows].view(-1, 1), (-(1.0 - smoothing) * lr * gr).view(-1, 1))
         p.scatter_add_(1, target_b[rows].view(-1, 1), (-(1.0 - smoothing) * (1.0 - lr) * gr).view(-1, 1))
-        out[rows] = p
+        if p.data_ptr() != out[rows].data_ptr():
+            out[rows] = p
     return out
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Per-row ``-sum_c t_c log_softmax(z)_c = lse(z) sum_c t_c - sum_c t_c z_c`` (float32 ``[B]``) and the row
-    statistics the backward needs, float32 ``[B, 2]`` = ``(lse(z), sum_c t_c)``."""
+    r"""Per-row ``-sum_c t_c log_softmax(z)_c = lse(z) sum_c t_c - sum_c t_c z_c`` and the row statistics the
+    backward needs, ``[B, 2] = (lse(z), sum_c t_c)`` (float32; float64 for float64 logits)."""
     n, c = logits.shape
     acc = compute_dtype(logits.dtype)
     loss = torch.empty(n, dtype=acc, device=logits.device)
     stats = torch.empty(n, 2, dtype=acc, device=logits.device)
-    for rows in _row_chunks(n, c):
+    for rows in _row_chunks(n, c, _LOSS_CHUNK):
         z = logits[rows].to(acc)
         t = target[rows].to(acc)
         lse_r = torch.logsumexp(z, dim=1)
         t_sum = t.sum(dim=1)
-        loss[rows] = lse_r * t_sum - (t * z).sum(dim=1)
+        dot = torch.bmm(t.unsqueeze(1), z.unsqueeze(2)).view(-1)  # row dot products, no B x C temporary
+        loss[rows] = lse_r * t_sum - dot
         stats[rows, 0] = lse_r
         stats[rows, 1] = t_sum
     return loss, stats
@@ -244,12 +292,12 @@ def soft_target_cross_entropy_backward(
     acc = compute_dtype(logits.dtype)
     out = torch.empty_like(logits, memory_format=torch.contiguous_format)
     g = grad.to(acc)
-    for rows in _row_chunks(n, c):
+    for rows in _row_chunks(n, c, _LOSS_CHUNK):
         t = target[rows].to(acc)
-        p = torch.sub(logits[rows].to(acc), stats[rows, 0].view(-1, 1))
-        p.exp_()
+        p = _softmax_into(out[rows], logits[rows].to(acc))
         p.mul_(stats[rows, 1].view(-1, 1)).sub_(t).mul_(g[rows].view(-1, 1))
-        out[rows] = p
+        if p.data_ptr() != out[rows].data_ptr():
+            out[rows] = p
     return out
 
 
