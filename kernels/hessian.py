@@ -69,7 +69,8 @@ def _box_muller(wa, wb):
 
 @triton.jit(do_not_specialize=["first_probe", "numel", "seed", "offset", "row_counters"])
 def probes_kernel(out_ptr, first_probe, numel, seed, offset, row_counters, GAUSSIAN: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (k, b) writes probe row first_probe + k, columns [b BLOCK, (b + 1) BLOCK)."""
+    """Program (k, b) writes probe row first_probe + k, columns [b BLOCK, (b + 1) BLOCK) of rows of ``numel``
+    (the padded row length)."""
     k = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     cols = b * BLOCK + tl.arange(0, BLOCK)
@@ -108,18 +109,19 @@ def probes(
     *,
     block: int | None = None,
 ) -> torch.Tensor:
-    """Probe rows as ``[num_probes, numel]``; bit-identical to :func:`regops.reference.hessian.probes`."""
+    """Probe rows as ``[num_probes, row_stride(numel)]`` (first ``numel`` columns are the probes);
+    bit-identical to :func:`regops.reference.hessian.probes`."""
     device = torch.device(device if device is not None else "cpu")
-    out = torch.empty(num_probes, numel, dtype=dtype, device=device)
+    stride = ref.row_stride(numel, distribution)
+    out = torch.empty(num_probes, stride, dtype=dtype, device=device)
     if out.numel() == 0:
         return out
-    stride = ref.row_stride(numel, distribution)
-    block = block or _probe_block(numel, device)
-    grid = (num_probes, triton.cdiv(numel, block))
+    block = block or _probe_block(stride, device)
+    grid = (num_probes, triton.cdiv(stride, block))
     probes_kernel[grid](
         out,
         first_probe,
-        numel,
+        stride,
         seed,
         offset,
         stride // ref.ELEMENTS_PER_COUNTER[distribution],

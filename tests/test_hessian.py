@@ -209,7 +209,7 @@ def test_ops_opcheck_gradcheck_and_compile():
 
     def f(s, h0, h1):
         p = _probes._probes_op(s, 0, 3, 17, "rademacher", torch.float64, torch.device("cpu"))
-        dots, diag, _ = _probes._probe_dot_op([p[:, :12], p[:, 12:]], [h0, h1], True)
+        dots, diag, _ = _probes._probe_dot_op([p[:, :12], p[:, 12:17]], [h0, h1], True)
         return dots.sum() + diag.sum()
 
     h0, h1 = torch.randn(3, 12, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
@@ -433,7 +433,9 @@ def test_falls_back_where_vmap_cannot_run():
     w = torch.randn(5, dtype=torch.float64, generator=gen(2), requires_grad=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        est = regops.hessian.trace(lambda: Cube.apply(w).sum(), [w], num_probes=4, generator=gen(3))
+        est = regops.hessian.trace(
+            lambda: Cube.apply(w).sum(), [w], num_probes=4, hvp="double_backward", generator=gen(3)
+        )
     assert any("falling back to loop" in str(c.message) for c in caught)
     assert est.value == pytest.approx(6 * w.detach().sum().item(), rel=1e-10)
 
@@ -567,3 +569,114 @@ def test_estimators_on_the_triton_backend_match_the_reference(kernel_target):
         assert got.trace.value == pytest.approx(exp.trace.value, rel=1e-5)
         for name in exp.value:
             torch.testing.assert_close(got.value[name].cpu(), exp.value[name], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- Gauss-Newton
+def exact_ggn(model: nn.Module, x: torch.Tensor, loss: str, reduction: str) -> tuple[torch.Tensor, list[str]]:
+    """Full GGN ``w sum_n J_n^T Lambda_n J_n`` from per-example Jacobians (small models only)."""
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def out_n(ps, xn):
+        return torch.func.functional_call(model, ps, (xn.unsqueeze(0),))[0]
+
+    jac = torch.func.vmap(torch.func.jacrev(out_n), in_dims=(None, 0))(params, x)  # {name: [B, C, *shape]}
+    j = torch.cat([jac[n].flatten(2) for n in names], dim=2)  # [B, C, P]
+    z = model(x).detach()
+    if loss == "cross_entropy":
+        p = torch.softmax(z, -1)
+        lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        w = 1 / x.shape[0] if reduction == "mean" else 1.0
+    else:
+        lam = 2 * torch.eye(z.shape[1], dtype=z.dtype).expand(x.shape[0], -1, -1)
+        w = 1 / z.numel() if reduction == "mean" else 1.0
+    return w * torch.einsum("bcp,bcd,bdq->pq", j, lam, j), names
+
+
+def test_ggn_trace_equals_exact_hessian_for_relu():
+    model = mlp(nn.ReLU, sizes=(4, 7, 6, 3))
+    x, y = data()
+    crit = nn.CrossEntropyLoss()
+    names, blocks = exact_hessian_blocks(model, lambda z: crit(z, y), x)
+    exact = sum(torch.trace(b).item() for b in blocks)
+    got = regops.hessian.ggn_trace(model, x, y)
+    assert got.dtype == torch.float64 and got.dim() == 0
+    assert got.item() == pytest.approx(exact, rel=1e-10)
+    per_param = regops.hessian.ggn_trace(model, x, y, by="param")
+    for name, block in zip(names, blocks, strict=True):
+        assert per_param[name].item() == pytest.approx(torch.trace(block).item(), rel=1e-9, abs=1e-12)
+    diag = regops.hessian.ggn_diagonal(model, x, y, chunk_size=5)
+    for name, block in zip(names, blocks, strict=True):
+        torch.testing.assert_close(diag[name].flatten(), torch.diagonal(block), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("loss", "reduction"), [("cross_entropy", "mean"), ("cross_entropy", "sum"), ("mse", "mean"), ("mse", "sum")]
+)
+def test_ggn_matches_jacobian_definition_on_tanh(loss, reduction):
+    model = mlp(nn.Tanh, sizes=(4, 6, 3))
+    x, y = data(n=10)
+    g, names = exact_ggn(model, x, loss, reduction)
+    targets = y if loss == "cross_entropy" else torch.randn(10, 3, dtype=torch.float64)
+    got = regops.hessian.ggn_trace(model, x, targets, loss=loss, reduction=reduction)
+    assert got.item() == pytest.approx(torch.trace(g).item(), rel=1e-10)
+    diag = regops.hessian.ggn_diagonal(model, x, targets, loss=loss, reduction=reduction)
+    torch.testing.assert_close(torch.cat([diag[n].flatten() for n in names]), torch.diagonal(g))
+    if loss == "cross_entropy" and reduction == "mean":
+        # tanh: the GGN is not the Hessian, and Hutchinson estimates the Hessian, not the GGN
+        hess = exact_trace(model, lambda z: F.cross_entropy(z, y), x)
+        assert abs(got.item() - hess) > 0.05 * abs(hess)
+        est = regops.hessian.trace(model, nn.CrossEntropyLoss(), x, y, num_probes=400, generator=gen(3))
+        assert abs(est.value - hess) <= 3 * est.stderr
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_ggn_monte_carlo_is_unbiased(loss):
+    model = mlp(nn.Tanh, sizes=(4, 6, 3))
+    x, y = data(n=10)
+    targets = y if loss == "cross_entropy" else torch.randn(10, 3, dtype=torch.float64)
+    exact = regops.hessian.ggn_trace(model, x, targets, loss=loss).item()
+    exact_diag = regops.hessian.ggn_diagonal(model, x, targets, loss=loss)
+    n = 300
+    traces = torch.stack(
+        [regops.hessian.ggn_trace(model, x, targets, loss=loss, method="mc", generator=gen(s)) for s in range(n)]
+    )
+    assert abs(traces.mean().item() - exact) <= 4 * traces.std().item() / math.sqrt(n)
+    diags = [regops.hessian.ggn_diagonal(model, x, targets, loss=loss, method="mc", generator=gen(s)) for s in range(n)]
+    for name, ex in exact_diag.items():
+        samples = torch.stack([d[name] for d in diags])
+        z = (samples.mean(0) - ex) / (samples.std(0) / math.sqrt(n) + 1e-12)
+        assert (z.abs() <= 4.5).all(), name
+
+
+def test_ggn_trace_matches_backpack_in_float32():
+    backpack = pytest.importorskip("backpack")
+    from backpack.extensions import DiagGGNExact
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5))
+    x, y = torch.randn(32, 20, generator=gen(0)), torch.randint(0, 5, (32,), generator=gen(1))
+    got = regops.hessian.ggn_trace(model, x, y)
+    ext = backpack.extend(model)
+    loss = backpack.extend(nn.CrossEntropyLoss())(ext(x), y)
+    with backpack.backpack(DiagGGNExact()):
+        loss.backward()
+    expected = sum(p.diag_ggn_exact.sum() for p in model.parameters())
+    assert got.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_ggn_bad_inputs():
+    model = mlp(nn.Tanh)
+    x, y = data()
+    with pytest.raises(ValueError, match="loss must be one of"):
+        regops.hessian.ggn_trace(model, x, y, loss="nll")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        regops.hessian.ggn_trace(model, x, y, reduction="none")
+    with pytest.raises(ValueError, match="method must be one of"):
+        regops.hessian.ggn_diagonal(model, x, y, method="hutchinson")
+    with pytest.raises(ValueError, match=r"logits of shape \[B, C\]"):
+        regops.hessian.ggn_trace(nn.Sequential(nn.Linear(4, 3), nn.Flatten(0)).double(), x, y)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        regops.hessian.ggn_trace(lambda t: t, x, y)
+    with pytest.raises(ValueError, match="targets must have the batch size"):
+        regops.hessian.ggn_trace(model, x, y[:3])

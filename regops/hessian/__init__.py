@@ -8,14 +8,18 @@ The public path is ``regops.hessian.<function>``:
   per-parameter and per-module traces, batched Hessian-vector products and distributed probes.
 * :func:`probes` -- the Philox probes (Rademacher or Gaussian) all estimators use, reproducible from a seed.
 * :func:`linear_head_diagonal` / :func:`linear_head_trace` -- exact, one pass, for a softmax cross-entropy head.
+* :func:`ggn_trace` / :func:`ggn_diagonal` -- the exact generalised Gauss-Newton trace (one forward and C
+  backward passes through the per-example squared-norm machinery of the grad-norms family) and diagonal, and
+  their one-pass Monte-Carlo versions (labels sampled from the model, as Sophia-G).
 * :func:`trace_penalty` -- a differentiable estimate to add to a training loss.
 
 Layout: :mod:`regops.reference.hessian` (reference probes and accumulation), :mod:`regops.kernels.hessian`
 (Triton), ``_probes`` (torch.library ops), ``_hvp`` (Hessian-vector products), ``_estimators``, ``_head``,
-``_penalty``.
+``_penalty``, ``_ggn``.
 """
 
 from regops.hessian._estimators import DiagonalEstimate, TraceEstimate, diagonal, probes, trace
+from regops.hessian._ggn import ggn_diagonal, ggn_trace
 from regops.hessian._head import linear_head_diagonal, linear_head_trace
 from regops.hessian._penalty import trace_penalty
 
@@ -23,6 +27,8 @@ __all__ = [
     "DiagonalEstimate",
     "TraceEstimate",
     "diagonal",
+    "ggn_diagonal",
+    "ggn_trace",
     "linear_head_diagonal",
     "linear_head_trace",
     "probes",

@@ -347,12 +347,12 @@ def _hutchpp(op: HessianOperator, layout: ParamLayout, m: int, distribution: str
     exact = 0.0
     q = None
     if k > 0:
-        s = _probes.probe_rows(seed, 0, k, layout, distribution)
+        s = _probes.probe_rows(seed, 0, k, layout, distribution)[:, : layout.numel]
         y = op.matmat(s)
         q, _ = torch.linalg.qr(y.T)  # [N, k], orthonormal columns
         hq = op.matmat(q.T.contiguous())
         exact = (q.T.double() * hq.double()).sum().item()
-    g = _probes.probe_rows(seed, k, rest, layout, distribution)
+    g = _probes.probe_rows(seed, k, rest, layout, distribution)[:, : layout.numel]
     if q is not None:
         g = g - (g @ q) @ q.T
     hg = op.matmat(g)
@@ -373,7 +373,7 @@ def _xtrace(op: HessianOperator, layout: ParamLayout, m: int, distribution: str,
     if k < 2:
         raise ValueError(f"regops: method='xtrace' needs num_probes >= 4, got {m}")
     seed = _probes.draw_seed(layout, k, distribution, generator)
-    omega = _probes.probe_rows(seed, 0, k, layout, distribution)
+    omega = _probes.probe_rows(seed, 0, k, layout, distribution)[:, : layout.numel]
     if distribution == "gaussian":
         omega = omega * (math.sqrt(layout.numel) / omega.double().norm(dim=1, keepdim=True)).to(omega.dtype)
     y = op.matmat(omega)

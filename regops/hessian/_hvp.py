@@ -9,8 +9,10 @@ Three engines compute ``[H v_1, ..., H v_K]`` for one loss:
   gradient). It needs ``loss_fn`` to take the parameters as its argument (a functional loss).
 * ``"loop"``: one double backward per probe, as PyHessian does (the fallback).
 
-``"auto"`` picks forward-over-reverse on CUDA when the loss is functional (it fuses better there) and batched
-double backward otherwise (on CPU it is the fastest of the three, measured in benchmarks/bench_hessian.py).
+``"auto"`` picks forward-over-reverse on CUDA when the loss is functional (it fuses better there), the loop on a
+CPU limited to one thread (batching then buys no parallelism and vmap costs a little), and batched double
+backward otherwise (on a multi-threaded CPU the larger matrix products parallelise better than one probe at a
+time; see benchmarks/bench_hessian.py).
 vmap cannot run everything: code that calls ``.item()`` or branches on tensor values, in-place updates of
 captured tensors (BatchNorm's running statistics in train mode), custom autograd Functions without a vmap rule,
 and some operators' backward formulas. When the batched engine raises for that reason, the operator falls back
@@ -74,8 +76,13 @@ class LossHVP:
         self.loss_fn, self.params, self.pack = loss_fn, tuple(params), pack
         self.create_graph = create_graph
         if method == "auto":
-            use_fwd = pack is not None and self.params[0].device.type == "cuda" and not create_graph
-            method = "forward_over_reverse" if use_fwd else "double_backward"
+            device = self.params[0].device.type
+            if pack is not None and device == "cuda" and not create_graph:
+                method = "forward_over_reverse"
+            elif device == "cpu" and torch.get_num_threads() == 1:
+                method = "loop"  # one thread: batching buys no parallelism, and the loop skips vmap's overhead
+            else:
+                method = "double_backward"
         if method == "forward_over_reverse" and pack is None:
             raise ValueError(
                 "regops: hvp='forward_over_reverse' needs a loss_fn that takes the parameters as its argument"

@@ -38,7 +38,7 @@ def _probes_op(
 
 @_probes_op.register_fake
 def _(seed, first_probe, num_probes, numel, distribution, dtype, device):
-    return torch.empty(num_probes, numel, dtype=dtype, device=device)
+    return torch.empty(num_probes, _ref.row_stride(numel, distribution), dtype=dtype, device=device)
 
 
 @torch.library.custom_op("regops::hessian_probe_dot", mutates_args=())
@@ -124,9 +124,10 @@ class ParamLayout:
     def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``[K, N]`` -> per-parameter ``[K, *shape]`` views (cast to each parameter's dtype if it differs)."""
         k = flat.shape[0]
+        chunks = flat[:, : self.numel].split(self.sizes, dim=1)
         return tuple(
             chunk.reshape(k, *shape).to(dtype)
-            for chunk, shape, dtype in zip(flat.split(self.sizes, dim=1), self.shapes, self.dtypes, strict=True)
+            for chunk, shape, dtype in zip(chunks, self.shapes, self.dtypes, strict=True)
         )
 
     def cat(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -144,7 +145,8 @@ def draw_seed(layout: ParamLayout, num_probes: int, distribution: str, generator
 def probe_rows(
     seed: torch.Tensor, first_probe: int, num_probes: int, layout: ParamLayout, distribution: str
 ) -> torch.Tensor:
-    """Probe rows ``first_probe ..`` as a ``[num_probes, N]`` tensor in the layout's common dtype."""
+    """Probe rows ``first_probe ..`` in the layout's common dtype: ``[num_probes, S >= N]``, the first ``N``
+    columns are the probes (the rest is row padding; :meth:`ParamLayout.split` takes views)."""
     return _probes_op(seed, first_probe, num_probes, layout.numel, distribution, layout.dtype, layout.device)
 
 

@@ -137,7 +137,9 @@ def probes(
     dtype: torch.dtype,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Probe rows ``first_probe .. first_probe + num_probes - 1``, a contiguous ``[num_probes, numel]`` tensor.
+    """Probe rows ``first_probe .. first_probe + num_probes - 1``: a contiguous ``[num_probes, S]`` tensor whose
+    first ``numel`` columns are the probes; ``S = row_stride(numel, distribution)`` (the padding columns hold
+    the stream's next values, so the rows need no trimming copy).
 
     Values are generated in float32 and rounded to ``dtype`` (Rademacher values are exact in every dtype).
     """
@@ -151,13 +153,12 @@ def probes(
         # Element 128 c + 32 w + 8 b + j is bit 8 b + j of word w: bit j of byte b (little-endian bytes of the
         # word), looked up in a 256 x 8 table of signs -- one gather writes the probes.
         bytes_ = torch.stack([(words >> (8 * b)) & 0xFF for b in range(4)], dim=-1)  # [K, n_counters, 4, 4]
-        out = _sign_table(dtype, device).index_select(0, bytes_.reshape(-1)).reshape(num_probes, stride)
-        return out[:, :numel].contiguous() if numel != stride else out
+        return _sign_table(dtype, device).index_select(0, bytes_.reshape(-1)).reshape(num_probes, stride)
     else:
         z0, z1 = box_muller(words[..., 0], words[..., 1])
         z2, z3 = box_muller(words[..., 2], words[..., 3])
         out = torch.stack((z0, z1, z2, z3), dim=-1).reshape(num_probes, stride)
-    return out[:, :numel].to(dtype).contiguous()
+    return out.to(dtype)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
