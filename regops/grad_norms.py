@@ -114,8 +114,13 @@ def embedding_gram_sq_norms(ids: torch.Tensor, g: torch.Tensor, padding_idx: int
 # ----------------------------------------------------------------------------------------------- layers
 def _sq(x: torch.Tensor) -> torch.Tensor:
     """Per-example squared norm of ``[B, ...]``, accumulated in float32 (float64 stays float64)."""
-    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    return x.reshape(x.shape[0], -1).square().sum(1) if x.dim() > 1 else x.square()
+    if x.dim() <= 1:
+        return _f32(x).square()
+    flat = x.reshape(x.shape[0], -1)
+    if x.dtype in (torch.float32, torch.float64) and flat.stride(-1) == 1:
+        # A batched dot product: no B x d temporary (x.square() would allocate one as large as x).
+        return torch.bmm(flat.unsqueeze(1), flat.unsqueeze(2)).view(x.shape[0])
+    return _f32(flat).square().sum(1)
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
@@ -390,8 +395,8 @@ class _NormLayer(_Layer):
         weight = getattr(module, "weight", None)
         bias = getattr(module, "bias", None)
         if weight is not None and weight.requires_grad:
-            xhat = self._xhat(module, _f32(x))
-            out["weight"] = self._reduce(module, _f32(g) * xhat)
+            xhat = self._xhat(module, _f32(x))  # a fresh tensor: multiply in place, no second temporary
+            out["weight"] = self._reduce(module, xhat.mul_(_f32(g)))
         if bias is not None and bias.requires_grad:
             out["bias"] = self._reduce(module, _f32(g))
         return out
