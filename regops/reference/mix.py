@@ -335,7 +335,7 @@ def mix_binary_cross_entropy(
     loss = torch.empty(n, dtype=acc, device=logits.device)
     w = None if weight is None else weight.to(acc)
     pw = None if pos_weight is None else pos_weight.to(acc)
-    for rows in _row_chunks(n, c):
+    for rows in _row_chunks(n, c, _LOSS_CHUNK):
         t = _bce_targets(rows, c, target_a, target_b, lam, smoothing, threshold).to(acc)
         z = logits[rows].to(acc)
         loss[rows] = F.binary_cross_entropy_with_logits(z, t, w, pos_weight=pw, reduction="none").sum(dim=1)
@@ -358,7 +358,7 @@ def mix_binary_cross_entropy_backward(
     acc = compute_dtype(logits.dtype)
     out = torch.empty_like(logits, memory_format=torch.contiguous_format)
     g = grad.to(acc)
-    for rows in _row_chunks(n, c):
+    for rows in _row_chunks(n, c, _LOSS_CHUNK):
         t = _bce_targets(rows, c, target_a, target_b, lam, smoothing, threshold).to(acc)
         z = logits[rows].to(acc)
         lw = 1.0 if pos_weight is None else 1.0 + (pos_weight.to(acc) - 1.0) * t
