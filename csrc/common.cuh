@@ -21,6 +21,7 @@ __device__ __forceinline__ float to_compute(float v) { return v; }
 __device__ __forceinline__ double to_compute(double v) { return v; }
 __device__ __forceinline__ float to_compute(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_compute(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_compute(uint8_t v) { return static_cast<float>(v); }
 
 template <typename T>
 __device__ __forceinline__ T from_compute(typename Compute<T>::type v);

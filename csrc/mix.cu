@@ -13,8 +13,6 @@
 namespace regops {
 namespace {
 
-__device__ __forceinline__ float to_compute(uint8_t v) { return static_cast<float>(v); }
-
 template <typename T>
 __device__ __forceinline__ T store_value(typename Compute<T>::type v) {
   return from_compute<T>(v);
