@@ -42,19 +42,24 @@ def report() -> str:
     interp = " (TRITON_INTERPRET=1)" if _backend.triton_interpreted() else ""
     lines.append(f"REGOPS_BACKEND {_backend.requested_backend() or 'auto'}{interp}")
     lines.append("")
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
-    header = f"{'op':<28}" + "".join(f"{d.type:<10}" for d in devices) + "available backends"
+    # Without a GPU the cuda column still tells which kernel a CUDA tensor would get with this install.
+    devices = [torch.device("cpu"), torch.device("cuda")]
+    if not cuda:
+        lines.append("(no GPU here: the cuda column is what CUDA tensors would use with this install)")
+    ops = _backend.registered_ops()
+    width = max([len(op) for op in ops] + [2]) + 2
+    header = f"{'op':<{width}}" + "".join(f"{d.type:<10}" for d in devices) + "available backends"
     lines.append(header)
-    for op in _backend.registered_ops():
-        row = f"{op:<28}"
+    for op in ops:
+        row = f"{op:<{width}}"
         avail = []
         for device in devices:
             try:
                 row += f"{_backend.choose(op, device):<10}"
             except _backend.BackendUnavailableError:
                 row += f"{'-':<10}"
-            avail = [b for b, why in _backend.availability(op, device).items() if why is None]
-        lines.append(row + ",".join(avail))
+            avail += [f"{b}:{device.type}" for b, why in _backend.availability(op, device).items() if why is None]
+        lines.append(row + " ".join(avail))
     return "\n".join(lines)
 
 
