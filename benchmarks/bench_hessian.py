@@ -170,6 +170,7 @@ def _register_probes(quick: bool) -> None:
             hv = torch.randn(k, numel, device=device)
             v = torch.randint(0, 2, (k, numel), device=device).float() * 2 - 1
             sizes = [numel // 4, numel // 4, numel // 2]
+            vs, hvs = list(v.split(sizes, 1)), list(hv.split(sizes, 1))
             from regops.hessian import _probes as P
 
             variants = {
@@ -177,7 +178,7 @@ def _register_probes(quick: bool) -> None:
                 "regops gaussian": lambda: regops.hessian.probes([w], k, distribution="gaussian", generator=gen),
                 "eager": lambda: torch.randint(0, 2, (k, numel), device=device).float() * 2 - 1,
                 "eager gaussian": lambda: torch.randn(k, numel, device=device),
-                "regops probe_dot": lambda: P._probe_dot_op(v, hv, sizes),
+                "regops probe_dot": lambda: P._probe_dot_op(vs, hvs, True),
                 "eager probe_dot": lambda: (
                     torch.stack([c.sum(1) for c in (v * hv).split(sizes, 1)], 1),
                     (v * hv).sum(0),
@@ -193,3 +194,55 @@ for _quick in (False, True):
     _register_trace(_quick)
     _register_diag(_quick)
     _register_probes(_quick)
+
+
+def _backpack_ggn_trace(model, x, y):
+    from backpack import backpack, extend
+    from backpack.extensions import DiagGGNExact
+
+    extended = extend(model)
+    crit = extend(nn.CrossEntropyLoss())
+
+    def run():
+        loss = crit(extended(x), y)
+        with backpack(DiagGGNExact()):
+            loss.backward()
+        total = sum(p.diag_ggn_exact.sum() for p in extended.parameters())
+        for p in extended.parameters():
+            p.grad = None
+        return total
+
+    return run
+
+
+def _register_ggn(quick: bool) -> None:
+    for device_type in ("cpu", "cuda"):
+        sizes, batch, _ = CONFIGS[(device_type, quick)]
+        params = f"relu mlp {'-'.join(map(str, sizes))} B={batch} CE" + (" quick" if quick else "")
+
+        def make(device, is_quick, quick=quick, device_type=device_type):
+            if is_quick != quick or device.type != device_type:
+                return None
+            model, crit, x, y, _, _ = _problem(device, quick)
+            exact = regops.hessian.ggn_trace(model, x, y).item()
+            peer = _mlp(CONFIGS[(device.type, quick)][0], device)
+            backpack_run = _backpack_ggn_trace(peer, x, y)
+            try:
+                agreement = f"; |regops - backpack| / backpack = {abs(exact - backpack_run().item()) / exact:.1e}"
+            except Exception as exc:  # peer missing: reported by its variant
+                agreement = f"; backpack unavailable ({type(exc).__name__})"
+            gen = torch.Generator(device=device.type).manual_seed(5)
+            variants = {
+                "regops": lambda: regops.hessian.ggn_trace(model, x, y),
+                "regops mc": lambda: regops.hessian.ggn_trace(model, x, y, method="mc", generator=gen),
+                "backpack": backpack_run,
+                "eager": _fwd_bwd(model, crit, x, y),
+            }
+            note = f"exact GGN trace = {exact:.6g}{agreement}; eager = one plain forward+backward (the bar's unit)"
+            return Setup(variants, bytes=_param_bytes(model), note=note)
+
+        case("hessian", "ggn trace", params, devices=(device_type,))(make)
+
+
+for _quick in (False, True):
+    _register_ggn(_quick)
