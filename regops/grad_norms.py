@@ -116,11 +116,9 @@ def _sq(x: torch.Tensor) -> torch.Tensor:
     """Per-example squared norm of ``[B, ...]``, accumulated in float32 (float64 stays float64)."""
     if x.dim() <= 1:
         return _f32(x).square()
-    flat = x.reshape(x.shape[0], -1)
-    if x.dtype in (torch.float32, torch.float64) and flat.stride(-1) == 1:
-        # A batched dot product: no B x d temporary (x.square() would allocate one as large as x).
-        return torch.bmm(flat.unsqueeze(1), flat.unsqueeze(2)).view(x.shape[0])
-    return _f32(flat).square().sum(1)
+    # One reduction kernel that upcasts as it reads: no temporary as large as x (x.square() would make one).
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=dtype).square()
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
@@ -986,15 +984,16 @@ def per_sample_squared_norms(
 
     .. math:: r_s[k]_n = \Big\|\frac{\partial\langle \mathrm{output}_n, s_n\rangle}{\partial\theta_k}\Big\|^2
 
-    for every tracked parameter name ``k`` and example ``n`` (float32 ``[B]``). This is the engine behind
+    for every tracked parameter name ``k`` and example ``n`` (float32 ``[B]``). It shares its recorder with
     :func:`per_sample_grad_norms`; the exact Gauss-Newton trace, for one, is
     ``sum_c sum_k r_{s_c}[k]`` with ``s_c = `` the columns of a square root of the loss Hessian.
 
     Example::
 
-        >>> out = []
-        >>> sq = per_sample_squared_norms(model, lambda: model(x), lambda o: [torch.ones_like(o)])
-        >>> sq[0]["fc.weight"].shape   # torch.Size([B])
+        >>> from regops.grad_norms import per_sample_squared_norms
+        >>> eye = torch.eye(10)   # one pseudo-loss per output coordinate c: <output_n, e_c>
+        >>> sq = per_sample_squared_norms(model, lambda: model(x), lambda o: [eye[c].expand_as(o) for c in range(10)])
+        >>> sq[3]["fc.weight"].shape   # torch.Size([B]): ||d output_n[3] / d fc.weight||^2 per example
     """
     rec = _Recorder(model, forms=forms, unsupported=unsupported, hook_outputs=False)
     rec.attach()

@@ -553,9 +553,10 @@ def test_kernels_zero_size(kernel_target):
     assert gn.instantiate_sq_norms(a, g).shape == (0,)
 
 
+@pytest.mark.parametrize("kind", ["transformer", "cnn"])
 @pytest.mark.parametrize("form", ["ghost", "instantiate"])
-def test_model_norms_with_kernels(kernel_target, form):
-    model, xs, y = model_and_data("transformer", torch.float32, batch=3)
+def test_model_norms_with_kernels(kernel_target, kind, form):
+    model, xs, y = model_and_data(kind, torch.float32, batch=3)
     expected = run_norms(model, xs, y, "mean", forms=form)
     with regops.use_backend("torch"):
         reference = {k: v.clone() for k, v in run_norms(model, xs, y, "mean", forms=form).per_param.items()}
