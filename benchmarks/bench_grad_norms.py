@@ -4,7 +4,8 @@ Variants, each a full step on the same model and batch (its own copy of the weig
 
 * ``eager``: plain forward + backward (the bar: regops must stay within 1.15x (MLP) / 1.35x (transformer));
 * ``regops``: the same with ``per_sample_grad_norms`` recording the norms;
-* ``regops-clip``: norms + DP-SGD clipping and noise (Book-Keeping, still one backward);
+* ``regops-clip``: norms + ``clip_per_sample_`` (DP-SGD clipping and noise by Book-Keeping, one backward);
+* ``regops-dp``: the ``dp_clipping`` block (the same, with autograd's Linear weight gradients skipped);
 * ``opacus-hooks``: Opacus GradSampleModule (materializes B x P per-sample gradients), then their norms;
 * ``opacus-ghost``: Opacus GradSampleModuleFastGradientClipping norms (ghost for Linear/Embedding);
 * ``torch.func``: ``vmap(grad)`` of the per-example loss, then norms;
@@ -113,6 +114,18 @@ def _regops_clip(model, x, y):
     return run
 
 
+def _regops_dp(model, x, y):
+    gen = torch.Generator(device=x.device).manual_seed(0)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with regops.dp_clipping(model, max_norm=1.0, noise_multiplier=1.0, generator=gen) as clip:
+            F.cross_entropy(model(x), y).backward()
+        return clip.clip_factors
+
+    return run
+
+
 def _opacus_hooks(model, x, y):
     from opacus import GradSampleModule
 
@@ -181,6 +194,7 @@ VARIANTS = {
     "eager": _plain,
     "regops": _regops,
     "regops-clip": _regops_clip,
+    "regops-dp": _regops_dp,
     "opacus-ghost": _opacus_ghost,
     "backpack": _backpack,
     "torch.func": _torch_func,

@@ -396,8 +396,9 @@ def test_clipped_sum_equals_hand_clipping(kind, reduction, per_layer):
         torch.testing.assert_close(p.grad, want, msg=k)
 
 
-def test_clip_noise_uses_generator_and_scale():
-    model, xs, y = model_and_data("mlp")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_clip_noise_uses_generator_and_scale(dtype):
+    model, xs, y = model_and_data("mlp", dtype)
     grads = vmap_grads(model, xs, y)
     out = []
     for _ in range(2):
@@ -408,8 +409,8 @@ def test_clip_noise_uses_generator_and_scale():
     gen = torch.Generator().manual_seed(7)
     for k, p in model.named_parameters():
         torch.testing.assert_close(out[0][k], out[1][k], rtol=0, atol=0)
-        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).double()
-        torch.testing.assert_close(out[0][k], (expected[k] + noise * 2.0 * 0.5) / 5)
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(dtype)
+        torch.testing.assert_close(out[0][k], (expected[k] + noise * 2.0 * 0.5) / 5, rtol=1e-5, atol=1e-6)
 
 
 def test_clip_per_layer_bounds_mapping_and_errors():
@@ -562,3 +563,39 @@ def test_model_norms_with_kernels(kernel_target, kind, form):
         reference = {k: v.clone() for k, v in run_norms(model, xs, y, "mean", forms=form).per_param.items()}
     for k, v in reference.items():
         torch.testing.assert_close(expected.per_param[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "transformer", "bias-free"])
+def test_dp_clipping_block_matches_hand_clipping(kind):
+    if kind == "bias-free":
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(7, 6, bias=False), nn.Tanh(), nn.Linear(6, 3, bias=False)).double()
+        xs, y = (torch.randn(5, 7, dtype=torch.float64),), torch.randint(0, 3, (5,))
+    else:
+        model, xs, y = model_and_data(kind)
+    grads = vmap_grads(model, xs, y)
+    bound = 0.7 * torch.stack([g.flatten(1).square().sum(1) for g in grads.values()]).sum(0).sqrt().median().item()
+    model.zero_grad(set_to_none=True)
+    with regops.dp_clipping(model, max_norm=bound, loss_reduction="sum") as clip:
+        loss_of(model(*xs), y).backward()
+        # autograd skipped the Linear/Conv weight gradients: the block rebuilds them from the signals
+        assert all(m.weight.grad is None for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    expected = hand_clip(grads, bound)
+    for k, p in model.named_parameters():
+        assert p.requires_grad
+        torch.testing.assert_close(p.grad, expected[k], msg=k)
+    assert clip.clip_factors.shape == (xs[0].shape[0],)
+    assert clip.total.shape == (xs[0].shape[0],)
+
+
+def test_dp_clipping_validates_and_restores_on_error():
+    model = mlp()
+    with pytest.raises(ValueError, match="max_norm"):
+        regops.dp_clipping(model, max_norm=-1.0)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        regops.dp_clipping(model, max_norm=1.0, noise_multiplier=-0.5)
+    with pytest.raises(RuntimeError, match="boom"):
+        with regops.dp_clipping(model, max_norm=1.0):
+            model(torch.randn(3, 7))
+            raise RuntimeError("boom")
+    assert all(p.requires_grad for p in model.parameters())
