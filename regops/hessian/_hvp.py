@@ -9,10 +9,10 @@ Three engines compute ``[H v_1, ..., H v_K]`` for one loss:
   gradient). It needs ``loss_fn`` to take the parameters as its argument (a functional loss).
 * ``"loop"``: one double backward per probe, as PyHessian does (the fallback).
 
-``"auto"`` picks forward-over-reverse on CUDA when the loss is functional (it fuses better there), the loop on a
-CPU limited to one thread (batching then buys no parallelism and vmap costs a little), and batched double
-backward otherwise (on a multi-threaded CPU the larger matrix products parallelise better than one probe at a
-time; see benchmarks/bench_hessian.py).
+``"auto"`` picks forward-over-reverse when the loss is functional (the fastest engine per probe in
+benchmarks/bench_hessian.py on CPU with one and two threads, and the one that fuses best on a GPU); for a
+closure it picks batched double backward, or the loop on a CPU limited to one thread (batching then buys no
+parallelism and vmap costs a little).
 vmap cannot run everything: code that calls ``.item()`` or branches on tensor values, in-place updates of
 captured tensors (BatchNorm's running statistics in train mode), custom autograd Functions without a vmap rule,
 and some operators' backward formulas. When the batched engine raises for that reason, the operator falls back
@@ -76,10 +76,9 @@ class LossHVP:
         self.loss_fn, self.params, self.pack = loss_fn, tuple(params), pack
         self.create_graph = create_graph
         if method == "auto":
-            device = self.params[0].device.type
-            if pack is not None and device == "cuda" and not create_graph:
+            if pack is not None and not create_graph:
                 method = "forward_over_reverse"
-            elif device == "cpu" and torch.get_num_threads() == 1:
+            elif self.params[0].device.type == "cpu" and torch.get_num_threads() == 1:
                 method = "loop"  # one thread: batching buys no parallelism, and the loop skips vmap's overhead
             else:
                 method = "double_backward"
@@ -89,6 +88,7 @@ class LossHVP:
             )
         self.method = method
         self._grads: tuple[torch.Tensor | None, ...] | None = None
+        self._checked = False
 
     # ------------------------------------------------------------------ shared
     def _loss(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -157,6 +157,12 @@ class LossHVP:
 
     def _forward_over_reverse(self, vs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         from torch.func import grad, jvp, vmap
+
+        if not self._checked:  # one plain forward: a loss that ignores params is an error, not a zero Hessian
+            with torch.enable_grad():
+                if not self._loss(self.params).requires_grad:
+                    raise ValueError("regops: the loss does not depend on params (it does not require grad)")
+            self._checked = True
 
         primals = tuple(p.detach() for p in self.params)
         grad_fn = grad(lambda ps: self._loss(ps))
