@@ -533,6 +533,9 @@ class _Recorder:
         self.model = model
         self.retain_signals = retain_signals
         self.hook_outputs = hook_outputs
+        # One backward per forward (the context manager) without clipping: a call's input is not needed after
+        # its contribution. Several backward passes (per_sample_squared_norms) or Book-Keeping keep it.
+        self.release_saved = hook_outputs and not retain_signals
         self.entries = self._discover(model, forms, unsupported)
         self.calls: list[_Call] = []
         self.batch: int | None = None
@@ -670,6 +673,9 @@ class _Recorder:
                 if name in shared:
                     value = _f32(value)
                     res.dense[name] = value if name not in res.dense else res.dense[name] + value
+        if self.release_saved:
+            # Autograd frees its saved activations as the backward proceeds; so do we, or the peak grows.
+            call.saved = None
 
     def squared_norms(self) -> dict[str, torch.Tensor]:
         out = dict(self.results.sq)
