@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import tempfile
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -78,7 +77,6 @@ def _worker(rank: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_ddp_norms_and_clipping_two_processes():
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
