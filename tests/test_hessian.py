@@ -137,18 +137,6 @@ def test_probe_statistics():
     assert abs((z[0::2] * z[1::2]).mean().item()) < 5 / math.sqrt(n / 2)
 
 
-def test_wrapping_philox_matches_the_shared_reference():
-    from regops.reference.philox import philox4x32
-
-    g = gen(0)
-    c = [torch.randint(0, 2**32, (4096,), generator=g) for _ in range(4)]
-    c[0][:4] = torch.tensor([0, 2**32 - 1, 2**31, 2**31 - 1])
-    c[2][:4] = torch.tensor([2**32 - 1, 2**32 - 1, 0, 2**31])
-    for seed in (0, -1, 2**63 - 1, -(2**63), 123456789012345):
-        for a, b in zip(philox4x32(seed, *c), ref.philox4x32_wrapping(seed, *c), strict=True):
-            assert torch.equal(a, b), seed
-
-
 def test_gaussian_transform_accuracy():
     k = torch.arange(1, (1 << 24) + 1, 97)
     exact = torch.log(k.double() * 2.0**-24)

@@ -32,6 +32,18 @@ def test_reference_matches_random123_known_answers(counter, key, expected):
     assert tuple(int(w) for w in out) == expected
 
 
+def test_products_keep_all_64_bits():
+    from regops.reference.philox import ROUND_A, ROUND_B, _mul_hi_lo
+
+    words = [0, 1, 2**16 - 1, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1, 0x9E3779B9, 0xDEADBEEF]
+    gen = torch.Generator().manual_seed(0)
+    words += torch.randint(0, 2**32, (2000,), generator=gen).tolist()
+    for constant in (ROUND_A, ROUND_B):
+        hi, lo = _mul_hi_lo(torch.tensor(words, dtype=torch.int64), constant)
+        assert hi.tolist() == [(w * constant) >> 32 for w in words]
+        assert lo.tolist() == [(w * constant) & 0xFFFFFFFF for w in words]
+
+
 def test_word_layout_is_four_words_per_counter():
     seed, offset = 1234, 77
     words = random_words(seed, offset, (10,))

@@ -27,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-from regops.reference.philox import _M32, KEY_A, KEY_B, N_ROUNDS, ROUND_A, ROUND_B
+from regops.reference.philox import _M32, philox4x32
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -110,27 +110,9 @@ def box_muller(wa: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.
     return r * c, r * s
 
 
-def philox4x32_wrapping(
-    seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`regops.reference.philox.philox4x32` with one int64 multiply per 32x32-bit product.
-
-    The 64-bit product of two words wraps in int64 (two's complement), which keeps all 64 bits: the low word
-    is ``prod & M``, the high word ``(prod >> 32) & M``. About twice as fast; the tests check it against the
-    split-multiply reference bit for bit.
-    """
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
-    for _ in range(N_ROUNDS):
-        pb = c2 * ROUND_B
-        pa = c0 * ROUND_A
-        c0, c1, c2, c3 = ((pb >> 32) & _M32) ^ c1 ^ k0, pb & _M32, ((pa >> 32) & _M32) ^ c3 ^ k1, pa & _M32
-        k0, k1 = (k0 + KEY_A) & _M32, (k1 + KEY_B) & _M32
-    return c0, c1, c2, c3
-
-
 def _counter_words(seed: int, counters: torch.Tensor) -> torch.Tensor:
     zero = torch.zeros_like(counters)
-    return torch.stack(philox4x32_wrapping(seed, counters & _M32, (counters >> 32) & _M32, zero, zero), dim=-1)
+    return torch.stack(philox4x32(seed, counters & _M32, (counters >> 32) & _M32, zero, zero), dim=-1)
 
 
 _SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
