@@ -18,6 +18,7 @@ import platform
 import re
 import statistics
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,34 +299,64 @@ def _key(row: dict[str, Any]) -> tuple[str, str, str]:
     return row["family"], row["case"], row["params"]
 
 
+def _baseline(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row a case's speedups are measured against: eager PyTorch, else the first peer."""
+    timed = [r for r in rows if "ms" in r]
+    return next((r for r in timed if r["variant"] == "eager"), None) or next(
+        (r for r in timed if not r["variant"].startswith("regops")), None
+    )
+
+
 def plot(env: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
-    """Speedup of every variant over eager PyTorch, one bar group per case (log scale)."""
+    """Speedup of every variant over the case's baseline (eager, else the peer), one panel per family."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = list(dict.fromkeys(_key(r) for r in rows if "x_eager" in r))
-    variants = list(dict.fromkeys(r["variant"] for r in rows if "x_eager" in r))
-    if not cases:
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    panels = []
+    for family in families:
+        cases = list(dict.fromkeys(_key(r) for r in rows if r["family"] == family))
+        bars = []
+        for key in cases:
+            case_rows = [r for r in rows if _key(r) == key]
+            base = _baseline(case_rows)
+            if base is None:
+                continue
+            label = f"{key[1]} ({key[2]})\nvs {base['variant']}"
+            bars.append((label, [(r["variant"], base["ms"] / r["ms"]) for r in case_rows if "ms" in r]))
+        if bars:
+            panels.append((family, bars))
+    if not panels:
         return
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cases) * max(1, len(variants)) / 2), 5))
-    width = 0.8 / max(1, len(variants))
-    for i, variant in enumerate(variants):
-        xs, ys = [], []
-        for j, key in enumerate(cases):
-            r = next((r for r in rows if _key(r) == key and r["variant"] == variant), None)
-            if r is not None and "x_eager" in r:
-                xs.append(j + i * width)
-                ys.append(r["x_eager"])
-        ax.bar(xs, ys, width, label=variant)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(cases))])
-    ax.set_xticklabels([f"{c}\n{p}" for _, c, p in cases], rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("speedup over eager PyTorch (higher is better)")
-    ax.set_title(f"regops on {env['device']} (torch {env['torch']})", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    heights = [sum(len(v) for _, v in bars) + len(bars) for _, bars in panels]
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(11, 0.16 * sum(heights) + 1.2 * len(panels)), squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (family, bars) in zip(axes[:, 0], panels, strict=True):
+        y, ticks, labels = 0.0, [], []
+        for label, values in bars:
+            start = y
+            for variant, speedup in values:
+                peer_color = colors[1 + zlib.crc32(variant.encode()) % (len(colors) - 1)]
+                color = colors[0] if variant.startswith("regops") else peer_color
+                ax.barh(y, speedup, color=color, height=0.8)
+                ax.text(speedup, y, f" {variant} {speedup:.2g}x", va="center", fontsize=6)
+                y += 1
+            ticks.append((start + y - 1) / 2)
+            labels.append(label)
+            y += 1
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_yticks(ticks)
+        ax.set_yticklabels(labels, fontsize=6)
+        ax.invert_yaxis()
+        ax.set_title(family, fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("speedup over the baseline (higher is better; regops in the first colour)")
+    fig.suptitle(f"regops on {env['device']} ({env['device_type']}), torch {env['torch']}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
