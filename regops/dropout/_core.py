@@ -42,23 +42,27 @@ def _dropout_op(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     return _backend.implementation("dropout", x.device)(x.contiguous(), p, key, offset)
 
 
-@_dropout_op.register_fake
-def _(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def register_seeded_mask_op(op) -> None:
+    """Fake impl and autograd of an op ``y = op(x, *params, seed)`` that multiplies ``x`` elementwise by a mask
+    regenerated from ``seed``: the output is contiguous and shaped like ``x``, and since the Jacobian is that
+    diagonal mask, the backward is the same op applied to the gradient. Autograd keeps only the seed."""
+
+    @op.register_fake
+    def _(x, *params_and_seed):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.params = inputs[1:-1]
+        ctx.save_for_backward(inputs[-1])
+
+    def backward(ctx, grad: torch.Tensor):
+        (seed,) = ctx.saved_tensors
+        return (op(grad, *ctx.params, seed), *([None] * (len(ctx.params) + 1)))
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    _, p, seed = inputs
-    ctx.p = p
-    ctx.save_for_backward(seed)
-
-
-def _backward(ctx, grad: torch.Tensor):
-    (seed,) = ctx.saved_tensors
-    return _dropout_op(grad, ctx.p, seed), None, None
-
-
-_dropout_op.register_autograd(_backward, setup_context=_setup_context)
+register_seeded_mask_op(_dropout_op)
 
 # ------------------------------------------------------------------------------------------------ bitmask mode
 _backend.register("dropout_bitmask", torch=_ref.dropout_bitmask, triton="regops.kernels.dropout:dropout_bitmask")

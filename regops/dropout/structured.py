@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from regops import _backend, _rng, _validate
+from regops.dropout._core import register_seeded_mask_op
 from regops.reference import dropout as _ref
 
 __all__ = [
@@ -43,22 +44,7 @@ def _shared_dropout_op(x: torch.Tensor, p: float, mask_shape: list[int], seed: t
     return (x.to(cd) * mask).to(x.dtype).contiguous()
 
 
-@_shared_dropout_op.register_fake
-def _(x, p, mask_shape, seed):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _shared_setup_context(ctx, inputs, output) -> None:
-    ctx.p, ctx.mask_shape = inputs[1], inputs[2]
-    ctx.save_for_backward(inputs[3])
-
-
-def _shared_backward(ctx, grad):
-    (seed,) = ctx.saved_tensors
-    return _shared_dropout_op(grad, ctx.p, ctx.mask_shape, seed), None, None, None
-
-
-_shared_dropout_op.register_autograd(_shared_backward, setup_context=_shared_setup_context)
+register_seeded_mask_op(_shared_dropout_op)
 
 
 def _apply_shared(x, p, mask_shape, training, inplace, generator) -> torch.Tensor:
@@ -265,22 +251,7 @@ def _nested_dropout_op(x: torch.Tensor, p: float, dim: int, seed: torch.Tensor) 
     return _ref.nested_dropout(x, p, dim, key, offset).contiguous()
 
 
-@_nested_dropout_op.register_fake
-def _(x, p, dim, seed):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _nested_setup_context(ctx, inputs, output) -> None:
-    ctx.p, ctx.dim = inputs[1], inputs[2]
-    ctx.save_for_backward(inputs[3])
-
-
-def _nested_backward(ctx, grad):
-    (seed,) = ctx.saved_tensors
-    return _nested_dropout_op(grad, ctx.p, ctx.dim, seed), None, None, None
-
-
-_nested_dropout_op.register_autograd(_nested_backward, setup_context=_nested_setup_context)
+register_seeded_mask_op(_nested_dropout_op)
 
 
 def nested_dropout(
@@ -333,22 +304,7 @@ def _multi_sample_op(x: torch.Tensor, p: float, num_samples: int, seed: torch.Te
     return _backend.implementation("multi_sample_dropout_mean", x.device)(x.contiguous(), p, num_samples, key, offset)
 
 
-@_multi_sample_op.register_fake
-def _(x, p, num_samples, seed):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _ms_setup_context(ctx, inputs, output) -> None:
-    ctx.p, ctx.k = inputs[1], inputs[2]
-    ctx.save_for_backward(inputs[3])
-
-
-def _ms_backward(ctx, grad):
-    (seed,) = ctx.saved_tensors
-    return _multi_sample_op(grad, ctx.p, ctx.k, seed), None, None, None
-
-
-_multi_sample_op.register_autograd(_ms_backward, setup_context=_ms_setup_context)
+register_seeded_mask_op(_multi_sample_op)
 
 
 def multi_sample_seeds(
