@@ -7,6 +7,7 @@ counter offset + r * ceil(H / 4) + c // 4, so any tile of rows regenerates its o
 import torch
 import triton
 import triton.language as tl
+from regops.kernels.philox import counter_words
 from regops.kernels.utils import cast_rne
 
 from regops.reference.dropout import dropout_scale, row_counters
@@ -21,7 +22,7 @@ def row_keep_tile(seed, offset, rows, col0, threshold, counters_per_row, BLOCK_R
     """
     k = tl.arange(0, BLOCK_C // 4).to(tl.int64)
     counters = offset + rows[:, None] * counters_per_row + col0 // 4 + k[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    r0, r1, r2, r3 = counter_words(seed, counters)
     # join(join(r0, r2), join(r1, r3))[., k, m, n] = r_{2m+n}: flattening gives column 4k + 2m + n.
     words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK_R, BLOCK_C])
     return (words >> 1).to(tl.int32, bitcast=True) > threshold

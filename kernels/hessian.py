@@ -10,6 +10,7 @@ launch disables FMA contraction so a GPU rounds like the reference).
 import torch
 import triton
 import triton.language as tl
+from regops.kernels.philox import counter_words
 from regops.kernels.utils import cast_rne
 
 from regops.reference import hessian as ref
@@ -77,14 +78,14 @@ def probes_kernel(out_ptr, first_probe, numel, seed, offset, row_counters, GAUSS
     row_counter = offset + (first_probe + k) * row_counters
     if GAUSSIAN:
         counters = row_counter + b * (BLOCK // 4) + tl.arange(0, BLOCK // 4).to(tl.int64)
-        r0, r1, r2, r3 = tl.randint4x(seed, counters)
+        r0, r1, r2, r3 = counter_words(seed, counters)
         z0, z1 = _box_muller(r0, r1)
         z2, z3 = _box_muller(r2, r3)
         # element 4c + 2m + n takes z_{2m+n} of counter c
         values = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])
     else:
         counters = row_counter + b * (BLOCK // 128) + tl.arange(0, BLOCK // 128).to(tl.int64)
-        r0, r1, r2, r3 = tl.randint4x(seed, counters)
+        r0, r1, r2, r3 = counter_words(seed, counters)
         words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK // 32])  # word 4c + w
         bits = (words[:, None] >> tl.arange(0, 32)[None, :].to(tl.uint32)) & 1  # element 32 (4c + w) + bit
         values = 1.0 - 2.0 * tl.reshape(bits, [BLOCK]).to(tl.float32)

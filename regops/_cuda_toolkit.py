@@ -13,8 +13,10 @@ DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 
 def is_toolkit(root: str | None) -> bool:
-    return bool(root) and os.path.isfile(os.path.join(root, "bin", "nvcc")) and os.path.isfile(
-        os.path.join(root, "include", "cuda_runtime.h")
+    return (
+        bool(root)
+        and os.path.isfile(os.path.join(root, "bin", "nvcc"))
+        and os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
     )
 
 

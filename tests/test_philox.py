@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from regops.reference.philox import keep_threshold, philox4x32, random_words
+from regops.reference.philox import STREAM_C3, keep_threshold, philox4x32, random_words
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -49,7 +49,7 @@ def test_word_layout_is_four_words_per_counter():
     words = random_words(seed, offset, (10,))
     counters = torch.tensor([offset, offset + 1, offset + 2], dtype=torch.int64)
     zero = torch.zeros_like(counters)
-    expected = torch.stack(philox4x32(seed, counters, zero, zero, zero), dim=1).reshape(-1)[:10]
+    expected = torch.stack(philox4x32(seed, counters, zero, zero, zero + STREAM_C3), dim=1).reshape(-1)[:10]
     assert torch.equal(words, expected)
 
 
@@ -86,3 +86,8 @@ def _triton_words(seed: int, offset: int, n: int, block: int) -> torch.Tensor:
 )
 def test_triton_words_equal_reference(seed, offset, n, block):
     assert torch.equal(_triton_words(seed, offset, n, block), random_words(seed, offset, (n,)))
+
+
+def test_stream_is_a_subsequence_torch_never_uses():
+    # torch's Philox kernels put the thread index in counter words (c2, c3); ours has c3's top bit set.
+    assert STREAM_C3 >= 2**31

@@ -27,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-from regops.reference.philox import _M32, philox4x32
+from regops.reference.philox import counter_words
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -110,11 +110,6 @@ def box_muller(wa: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.
     return r * c, r * s
 
 
-def _counter_words(seed: int, counters: torch.Tensor) -> torch.Tensor:
-    zero = torch.zeros_like(counters)
-    return torch.stack(philox4x32(seed, counters & _M32, (counters >> 32) & _M32, zero, zero), dim=-1)
-
-
 _SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -148,7 +143,7 @@ def probes(
     per_counter = ELEMENTS_PER_COUNTER[distribution]
     n_counters = stride // per_counter
     counters = offset + rows[:, None] * n_counters + torch.arange(n_counters, dtype=torch.int64, device=device)
-    words = _counter_words(seed, counters)  # [K, n_counters, 4]
+    words = counter_words(seed, counters)  # [K, n_counters, 4]
     if distribution == "rademacher":
         # Element 128 c + 32 w + 8 b + j is bit 8 b + j of word w: bit j of byte b (little-endian bytes of the
         # word), looked up in a 256 x 8 table of signs -- one gather writes the probes.

@@ -1,7 +1,13 @@
 """Philox4x32-10 in torch integer arithmetic, bit-identical to ``triton.language.randint4x`` and csrc/philox.cuh.
 
 The stream: key ``(k0, k1) = (seed & 0xFFFFFFFF, seed >> 32)``; counter ``(c0, c1, c2, c3) = (c & 0xFFFFFFFF,
-c >> 32, 0, 0)`` for a 64-bit counter ``c``. One counter gives four 32-bit words. Word ``i`` of a call with
+c >> 32, 0, STREAM_C3)`` for a 64-bit counter ``c``.
+
+Why ``c3 = STREAM_C3``: torch's own Philox kernels draw from the same generator state (seed, offset) with
+counter ``(offset / 4 + k, subsequence)``, the 64-bit subsequence ``(c2, c3)`` being the CUDA thread index, and
+torch.compile's Triton RNG uses ``(offset, 0, 0)``. Both keep ``c3`` below ``2**31`` (a thread index of
+``2**63`` does not exist), so a stream whose ``c3`` has its top bit set never meets a word torch draws, whatever
+offsets the two use. One counter gives four 32-bit words. Word ``i`` of a call with
 first counter ``offset`` is word ``i % 4`` of counter ``offset + i // 4`` -- a function of the element's logical
 index only, never of how a kernel tiles the work.
 
@@ -20,6 +26,8 @@ ROUND_B = 0xCD9E8D57
 KEY_A = 0x9E3779B9
 KEY_B = 0xBB67AE85
 N_ROUNDS = 10
+# Top bit set: a Philox subsequence torch's kernels never use (see the module docstring).
+STREAM_C3 = 0xA5E6_0001
 
 
 def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,14 +49,19 @@ def philox4x32(
     return c0, c1, c2, c3
 
 
+def counter_words(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """The four 32-bit words (int64, last dim 4) of regops' stream at 64-bit ``counters`` (int64, any shape)."""
+    zero = torch.zeros_like(counters)
+    return torch.stack(philox4x32(seed, counters & _M32, (counters >> 32) & _M32, zero, zero + STREAM_C3), dim=-1)
+
+
 def random_words(seed: int, offset: int, shape: tuple[int, ...] | torch.Size, device=None) -> torch.Tensor:
     """The call's 32-bit words for every element of ``shape`` (row-major logical index), as int64."""
     n = 1
     for s in shape:
         n *= int(s)
     counters = offset + torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
-    zero = torch.zeros_like(counters)
-    words = torch.stack(philox4x32(seed, counters & _M32, (counters >> 32) & _M32, zero, zero), dim=1)
+    words = counter_words(seed, counters)
     return words.reshape(-1)[:n].reshape(shape)
 
 

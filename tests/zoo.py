@@ -1,0 +1,233 @@
+"""A zoo of tiny, randomly initialised real architectures, built in the test process (no downloads).
+
+Every entry builds the model a user would train (Hugging Face GPT-2 / BERT / Llama, timm ViT, torchvision
+ResNet-18, ``nn.TransformerEncoder`` batch-first and sequence-first, a language model whose head reuses the
+embedding weight functionally) at a size the CPU and the Triton interpreter handle in well under a second.
+
+    entry = ZOO["gpt2"]
+    model = entry.build(torch.float64)
+    inputs, target = entry.batch(4, generator=torch.Generator().manual_seed(0))
+    logits = entry.forward(model, inputs)            # [B, C] or [B, T, V]
+    loss = entry.loss(logits, target)                # summed over examples (use reduction="mean" for the mean)
+
+A model whose package is missing raises ``pytest.skip`` from :func:`build`; the others still run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VOCAB, SEQ, WIDTH, CLASSES = 61, 7, 32, 5
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    _build: Callable[[], nn.Module]
+    _batch: Callable[[int, torch.Generator], tuple[Any, torch.Tensor]]
+    _forward: Callable[[nn.Module, Any], torch.Tensor]
+    sequence: bool  # logits [B, T, V] with per-token targets (else [B, C])
+    has_batchnorm: bool = False
+
+    def build(self, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        return self._build().to(dtype)
+
+    def batch(self, batch_size: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32):
+        """``(inputs, target)`` for ``batch_size`` examples; floating inputs in ``dtype``."""
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        inputs, target = self._batch(batch_size, g)
+        if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
+            inputs = inputs.to(dtype)
+        return inputs, target
+
+    def forward(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        return self._forward(model, inputs)
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        """Cross-entropy; for sequence models summed over tokens per example, then reduced over examples."""
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        if self.sequence:
+            per_example = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").sum(1)
+        else:
+            per_example = F.cross_entropy(logits, target, reduction="none")
+        return per_example.sum() if reduction == "sum" else per_example.mean()
+
+
+def _tokens(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (b, SEQ), generator=g)
+    return ids, torch.randint(0, VOCAB, (b, SEQ), generator=g)
+
+
+def _labels(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (b, SEQ), generator=g)
+    return ids, torch.randint(0, CLASSES, (b,), generator=g)
+
+
+def _images(size: int, channels: int = 3):
+    def make(b: int, g: torch.Generator):
+        return torch.randn(b, channels, size, size, generator=g), torch.randint(0, CLASSES, (b,), generator=g)
+
+    return make
+
+
+def _transformers():
+    return pytest.importorskip("transformers")
+
+
+def _gpt2() -> nn.Module:
+    tf = _transformers()
+    config = tf.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=16,
+        n_embd=WIDTH,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return tf.GPT2LMHeadModel(config)  # lm_head ties the token embedding
+
+
+def _bert() -> nn.Module:
+    tf = _transformers()
+    config = tf.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * WIDTH,
+        max_position_embeddings=16,
+        num_labels=CLASSES,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return tf.BertForSequenceClassification(config)
+
+
+def _llama() -> nn.Module:
+    tf = _transformers()
+    config = tf.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        intermediate_size=2 * WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+    )
+    return tf.LlamaForCausalLM(config)
+
+
+def _hf_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits
+
+
+def _vit() -> nn.Module:
+    timm = pytest.importorskip("timm")
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=8, patch_size=4, embed_dim=WIDTH, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=CLASSES
+    )
+
+
+def _resnet18() -> nn.Module:
+    tv = pytest.importorskip("torchvision")
+    return tv.models.resnet18(num_classes=CLASSES)
+
+
+class EncoderClassifier(nn.Module):
+    """``nn.TransformerEncoder`` over token embeddings, mean-pooled into a linear classifier."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.emb = nn.Embedding(VOCAB, WIDTH)
+        layer = nn.TransformerEncoderLayer(WIDTH, 2, 2 * WIDTH, dropout=0.0, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids if self.batch_first else ids.t())
+        h = self.encoder(h)
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+class TiedLM(nn.Module):
+    """A language model whose output layer is ``F.linear(h, emb.weight)``: the embedding weight is used twice,
+    once by its module and once functionally, as in most LM heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, WIDTH)
+        self.mix = nn.Linear(WIDTH, WIDTH)
+        self.norm = nn.LayerNorm(WIDTH)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.norm(torch.tanh(self.mix(self.emb(ids))))
+        return F.linear(h, self.emb.weight)
+
+
+class ReusedMLP(nn.Module):
+    """One Linear applied twice per forward (weight sharing across depth)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(12, WIDTH)
+        self.shared = nn.Linear(WIDTH, WIDTH)
+        self.out = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.shared(h))
+        h = torch.tanh(self.shared(h))
+        return self.out(h)
+
+
+def _call(model: nn.Module, inputs: Any) -> torch.Tensor:
+    return model(inputs)
+
+
+ZOO: dict[str, ZooEntry] = {
+    "gpt2": ZooEntry("gpt2", _gpt2, _tokens, _hf_logits, sequence=True),
+    "bert": ZooEntry("bert", _bert, _labels, _hf_logits, sequence=False),
+    "llama": ZooEntry("llama", _llama, _tokens, _hf_logits, sequence=True),
+    "vit": ZooEntry("vit", _vit, _images(8), _call, sequence=False),
+    "resnet18": ZooEntry("resnet18", _resnet18, _images(16), _call, sequence=False, has_batchnorm=True),
+    "encoder": ZooEntry("encoder", lambda: EncoderClassifier(True), _labels, _call, sequence=False),
+    "encoder_seq_first": ZooEntry("encoder_seq_first", lambda: EncoderClassifier(False), _labels, _call, False),
+    "tied_lm": ZooEntry("tied_lm", TiedLM, _tokens, _call, sequence=True),
+    "reused_mlp": ZooEntry(
+        "reused_mlp",
+        ReusedMLP,
+        lambda b, g: (torch.randn(b, 12, generator=g), torch.randint(0, CLASSES, (b,), generator=g)),
+        _call,
+        sequence=False,
+    ),
+}
+
+
+def per_example_loop_grads(
+    entry: ZooEntry, model: nn.Module, inputs: Any, target: torch.Tensor
+) -> list[dict[str, torch.Tensor]]:
+    """Brute force: the gradient of each example's loss, one backward per example (the test oracle).
+
+    Models with BatchNorm must be in eval mode (a batch of one has no batch statistics in train mode)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads = []
+    for i in range(target.shape[0]):
+        xi = inputs[i : i + 1]
+        loss = entry.loss(entry.forward(model, xi), target[i : i + 1])
+        gs = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        grads.append(
+            {n: (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(params.items(), gs, strict=True)}
+        )
+    return grads
