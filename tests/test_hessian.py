@@ -514,8 +514,8 @@ def test_bad_inputs_give_clear_errors():
     w = torch.randn(3, requires_grad=True)
     frozen = torch.randn(3)
     f = lambda p: (p[0] ** 3).sum()
-    with pytest.raises(ValueError, match=r"regops: params\['1'\] does not require grad"):
-        regops.hessian.trace(lambda p: (p[0] ** 3).sum() + p[1].sum(), [w, frozen])
+    with pytest.raises(ValueError, match="none of params requires grad"):
+        regops.hessian.trace(lambda p: (p[0] ** 3).sum(), [frozen])
     with pytest.raises(ValueError, match="regops: the loss must be a scalar"):
         regops.hessian.trace(lambda p: p[0] ** 3, [w])
     with pytest.raises(ValueError, match="regops: the loss must be a scalar"):
@@ -541,9 +541,9 @@ def test_bad_inputs_give_clear_errors():
         regops.hessian.trace(f, [w], method="hutch++", by="param")
     with pytest.raises(ValueError, match="params is empty"):
         regops.hessian.trace(f, [])
-    with pytest.raises(TypeError, match="floating dtype"):
+    with pytest.raises(ValueError, match="none of params requires grad"):
         regops.hessian.trace(f, [torch.ones(3, dtype=torch.int64)])
-    with pytest.raises(ValueError, match="does not depend on params"):
+    with pytest.raises(ValueError, match="does not depend on any of the given params"):
         regops.hessian.trace(lambda p: torch.tensor(1.0), [w])
     with pytest.raises(ValueError, match="needs a loss_fn that takes the parameters"):
         regops.hessian.trace(lambda: (w**3).sum(), [w], hvp="forward_over_reverse")

@@ -12,19 +12,31 @@ The public path is ``regops.hessian.<function>``:
   backward passes through the per-example squared-norm machinery of the grad-norms family) and diagonal, and
   their one-pass Monte-Carlo versions (labels sampled from the model, as Sophia-G).
 * :func:`trace_penalty` -- a differentiable estimate to add to a training loss.
+* :class:`HessianLinearOperator` -- ``H @ v`` on the same engines (curvlinops-style), for your own probes and
+  algorithms; :func:`trace` / :func:`diagonal` also take ``probes=``.
+* :func:`twice_differentiable` -- the context the estimators run forwards under (attention on its math backend,
+  which has a double backward), for your own ``create_graph`` backwards.
+
+Hessian-vector products (``hvp=``): batched double backward, forward-over-reverse, a loop, or central finite
+differences for models with no double backward (see ``_hvp``). Frozen params are left out in every form,
+params of different dtypes keep their own precision, and dropout in train mode is held at one fixed mask per
+batch for every probe and engine.
 
 Layout: :mod:`regops.reference.hessian` (reference probes and accumulation), :mod:`regops.kernels.hessian`
 (Triton), ``_probes`` (torch.library ops), ``_hvp`` (Hessian-vector products), ``_estimators``, ``_head``,
-``_penalty``, ``_ggn``.
+``_penalty``, ``_ggn``, ``_linop``, ``_context``.
 """
 
 from regops.hessian._estimators import DiagonalEstimate, TraceEstimate, diagonal, probes, trace
+from regops.hessian._context import twice_differentiable
 from regops.hessian._ggn import ggn_diagonal, ggn_trace
 from regops.hessian._head import linear_head_diagonal, linear_head_trace
+from regops.hessian._linop import HessianLinearOperator
 from regops.hessian._penalty import trace_penalty
 
 __all__ = [
     "DiagonalEstimate",
+    "HessianLinearOperator",
     "TraceEstimate",
     "diagonal",
     "ggn_diagonal",
@@ -34,4 +46,5 @@ __all__ = [
     "probes",
     "trace",
     "trace_penalty",
+    "twice_differentiable",
 ]

@@ -135,7 +135,9 @@ def ggn_trace(
         generator: for ``method="mc"``.
 
     Returns:
-        A 0-dim float32 tensor (float64 for a float64 model), or a dict of them.
+        A 0-dim float32 tensor (float64 for a float64 model), or a dict of them; detached (no graph, exact and
+        Monte-Carlo alike). For a differentiable curvature term use :func:`trace_penalty` or
+        :func:`linear_head_trace`.
 
     Example::
 
@@ -163,7 +165,9 @@ def ggn_trace(
     for res in results:
         for name, sq in res.items():
             per_param[name] = per_param.get(name, 0.0) + sq.sum()
-    per_param = {n: v * w for n, v in per_param.items()}
+    # Detached: the per-example norm machinery gives these a graph, but not the derivative of tr G (that needs
+    # third derivatives of the network); a value without a graph beats a wrong gradient.
+    per_param = {n: (v * w).detach() for n, v in per_param.items()}
     if by == "param":
         return per_param
     return torch.stack(list(per_param.values())).sum()
@@ -192,7 +196,7 @@ def ggn_diagonal(
     Args: as :func:`ggn_trace`; the model must treat examples independently.
 
     Returns:
-        ``{parameter name: tensor shaped like the parameter}`` (float32, float64 for a float64 model).
+        ``{parameter name: tensor shaped like the parameter}`` (float32, float64 for a float64 model), detached.
 
     Example::
 
@@ -210,7 +214,7 @@ def ggn_diagonal(
         grads = torch.autograd.grad((out * s).sum(), list(params.values()), allow_unused=True)
         w = _weight(out, loss, reduction)
         return {
-            n: (torch.zeros_like(p, dtype=acc) if g is None else g.to(acc) ** 2 * w)
+            n: (torch.zeros_like(p, dtype=acc) if g is None else (g.to(acc) ** 2 * w).detach())
             for (n, p), g in zip(params.items(), grads, strict=True)
         }
     from torch.func import functional_call, grad, vmap
@@ -231,4 +235,4 @@ def ggn_diagonal(
         g = per_example(detached, inputs, s)
         for n in total:
             total[n] += (g[n].to(acc) ** 2).sum(0)
-    return {n: t * w for n, t in total.items()}
+    return {n: (t * w).detach() for n, t in total.items()}

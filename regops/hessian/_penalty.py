@@ -8,7 +8,7 @@ import torch
 
 from regops.hessian import _probes
 from regops.hessian._estimators import _check_params
-from regops.hessian._hvp import LossHVP, check_loss
+from regops.hessian._hvp import NOT_A_FUNCTION_OF_PARAMS, LossHVP, check_loss
 from regops.reference.hessian import check_distribution
 
 
@@ -27,11 +27,14 @@ def trace_penalty(
     The Hessian-vector products are built with ``create_graph=True`` and batched over the ``K`` probes, so
     ``P.backward()`` gives an unbiased estimate of ``grad tr(H)`` (a third derivative, through the fused
     ``regops::hessian_probe_dot``). Cost per step: about one extra forward+backward of the backward graph per
-    probe batch. Probes are Philox probes from ``generator``.
+    probe batch. Probes are Philox probes from ``generator``. The loss is the one you computed, so dropout keeps
+    that forward's mask; in an attention model compute it under :func:`regops.hessian.twice_differentiable`
+    (the fused attention kernels have no double backward).
 
     Args:
         loss: the scalar loss, computed with a graph from ``params``.
-        params: the tensors (list, dict or module) the curvature is taken with respect to; all require grad.
+        params: the tensors (list, dict or module) the curvature is taken with respect to; those that do not
+            require grad are left out (as in every estimator). A loss that reaches none of them raises.
         num_probes: probes ``K`` (1 is the usual per-step choice).
 
     Returns:
@@ -46,10 +49,21 @@ def trace_penalty(
         raise ValueError(f"regops: num_probes must be an int >= 1, got {num_probes!r}")
     check_distribution(distribution)
     loss = check_loss(loss)
-    names, tensors, _ = _check_params(params)
-    layout = _probes.ParamLayout.of(names, tensors)
+    spec = _check_params(params)
+    if not loss.requires_grad:
+        raise ValueError(NOT_A_FUNCTION_OF_PARAMS)
+    layout = _probes.ParamLayout.of(spec.names, spec.tensors)
     seed = _probes.draw_seed(layout, num_probes, distribution, generator)
     vs = layout.split(_probes.probe_rows(seed, 0, num_probes, layout, distribution))
-    engine = LossHVP(lambda: loss, tensors, None, "double_backward", create_graph=True)
-    dots, _, _ = _probes.probe_dot(vs, engine(vs), with_diag=False)
+    engine = LossHVP(lambda: loss, spec.tensors, None, "double_backward", create_graph=True)
+    try:
+        hvs = engine(vs)
+    except RuntimeError as exc:
+        if "scaled_dot_product" in str(exc) or "attention" in str(exc):
+            raise RuntimeError(
+                f"regops: the loss's graph has no double backward ({str(exc).splitlines()[0][:160]}); compute the "
+                "loss under `with regops.hessian.twice_differentiable():` (attention on its math backend)"
+            ) from exc
+        raise
+    dots, _, _ = _probes.probe_dot(vs, hvs, with_diag=False)
     return dots.sum(1).mean().to(loss.dtype)

@@ -154,6 +154,30 @@ def probe_dot(
     vs: Sequence[torch.Tensor], hvs: Sequence[torch.Tensor], with_diag: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dots [K, P], sum_k v*Hv [N], sum_k (v*Hv)^2 [N])`` for per-parameter ``[K, *shape]`` probes and
-    products (one dtype: the first probe's)."""
-    dtype = vs[0].dtype
-    return _probe_dot_op([v.to(dtype) for v in vs], [h.to(dtype) for h in hvs], with_diag)
+    products.
+
+    The fused accumulation takes one dtype per call, so parameters are grouped by dtype (one call per group,
+    each accumulated in its own precision: float32, float64 for float64) and the groups' results are put back in
+    parameter order in the widest accumulation dtype. A float64 parameter keeps float64 accumulation whatever
+    the order or dtypes of the other parameters."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, v in enumerate(vs):
+        groups.setdefault(v.dtype, []).append(i)
+    if len(groups) == 1:
+        return _probe_dot_op(list(vs), [h.to(vs[0].dtype) for h in hvs], with_diag)
+    acc = functools.reduce(torch.promote_types, (_ref.accumulate_dtype(d) for d in groups))
+    k = vs[0].shape[0]
+    dots = vs[0].new_zeros(k, len(vs), dtype=acc)
+    diag_parts: list[torch.Tensor | None] = [None] * len(vs)
+    sq_parts: list[torch.Tensor | None] = [None] * len(vs)
+    for dtype, idx in groups.items():
+        d, g, g2 = _probe_dot_op([vs[i] for i in idx], [hvs[i].to(dtype) for i in idx], with_diag)
+        dots[:, idx] = d.to(acc)
+        if with_diag:
+            sizes = [vs[i].numel() // k if k else 0 for i in idx]
+            for i, a, b in zip(idx, g.split(sizes), g2.split(sizes), strict=True):
+                diag_parts[i], sq_parts[i] = a.to(acc), b.to(acc)
+    if not with_diag:
+        empty = vs[0].new_zeros(0, dtype=acc)
+        return dots, empty, empty.clone()
+    return dots, torch.cat(diag_parts), torch.cat(sq_parts)

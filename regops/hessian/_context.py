@@ -1,0 +1,121 @@
+"""What every Hessian-vector product runs under: attention that can be differentiated twice, losses whose
+backward has a forward-mode derivative, and dropout masks that stay fixed across every forward of a batch.
+
+* ``twice_differentiable()``: ``F.scaled_dot_product_attention`` on its math backend. The fused SDPA kernels
+  (flash, memory-efficient, cuDNN, and the CPU flash kernel HF models pick by default) have no double backward
+  ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"); the math
+  backend is plain matmuls and a softmax, exact to rounding, so the Hessian is the same function's Hessian.
+* ``forward_mode_losses()``: ``F.mse_loss`` and ``F.huber_loss`` (so ``nn.MSELoss`` and ``nn.HuberLoss``)
+  rewritten into elementwise torch ops. torch's fused ``mse_loss_backward`` crashes under forward-mode AD with
+  ``reduction="mean"`` ("ZeroTensors are immutable": its tangent formula updates the target's zero tangent in
+  place) and ``huber_loss_backward`` has no forward derivative at all; forward-over-reverse needs both.
+* :class:`FixedRNG`: the state of torch's default generators (CPU, and the CUDA device of the parameters) at
+  the first forward of a batch, replayed before every later forward of that batch. Dropout (torch's and
+  regops' own, which seeds from the same generators) then draws the same mask for every probe, every engine
+  and both sides of a finite difference: the estimate is the Hessian of the loss at that one mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+
+@contextlib.contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """A context in which a forward can be differentiated twice: ``scaled_dot_product_attention`` runs its math
+    backend (the fused kernels have no double backward). The Hessian estimators enter it themselves; use it
+    around the forward whose loss you pass to :func:`regops.hessian.trace_penalty` (or any ``create_graph``
+    backward) in an attention model.
+
+    Example::
+
+        >>> with regops.hessian.twice_differentiable():
+        ...     loss = F.cross_entropy(gpt2(ids).logits.flatten(0, 1), targets.flatten())
+        >>> (loss + 1e-3 * regops.hessian.trace_penalty(loss, gpt2)).backward()
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return x.mean()
+    if reduction == "sum":
+        return x.sum()
+    if reduction == "none":
+        return x
+    raise ValueError(f"{reduction} is not a valid value for reduction")
+
+
+def _mse(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
+    if weight is not None:  # torch's weighted path is already elementwise ops
+        return F.mse_loss(input, target, size_average, reduce, reduction, weight)
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    x, t = torch.broadcast_tensors(input, target)
+    d = x - t
+    return _reduce(d * d, reduction)
+
+
+def _huber(input, target, reduction="mean", delta=1.0, weight=None):
+    if weight is not None:
+        return F.huber_loss(input, target, reduction, delta, weight)
+    x, t = torch.broadcast_tensors(input, target)
+    d = x - t
+    a = d.abs()
+    return _reduce(torch.where(a < delta, 0.5 * d * d, delta * (a - 0.5 * delta)), reduction)
+
+
+class _ForwardModeLosses(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.mse_loss:
+            return _mse(*args, **kwargs)
+        if func is F.huber_loss:
+            return _huber(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def forward_mode_losses() -> Iterator[None]:
+    """``F.mse_loss`` / ``F.huber_loss`` as elementwise ops, which forward-mode AD differentiates."""
+    with _ForwardModeLosses():
+        yield
+
+
+class FixedRNG:
+    """Replays torch's default-generator state of a batch's first forward before each later forward.
+
+    The first forward runs as usual (drawing from, and advancing, the generators as a plain forward would);
+    its starting state is kept, and every later forward runs under ``torch.random.fork_rng`` restored to it,
+    so it draws the same dropout masks and leaves the caller's generators untouched.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.state: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def _cuda_index(self) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        idx = self._cuda_index()
+        if self.state is None:
+            self.state = (torch.get_rng_state(), torch.cuda.get_rng_state(idx) if idx is not None else None)
+            yield
+            return
+        with torch.random.fork_rng(devices=[idx] if idx is not None else [], device_type="cuda"):
+            torch.set_rng_state(self.state[0])
+            if idx is not None:
+                torch.cuda.set_rng_state(self.state[1], idx)
+            yield
