@@ -192,6 +192,35 @@ class ReusedMLP(nn.Module):
         return self.out(h)
 
 
+class FusedDropoutMLP(nn.Module):
+    """An MLP block written with regops' fused dropout ops (``bias_dropout_add``, ``dropout_add_layer_norm``).
+
+    ``fused = False`` computes the same function with torch ops (``F.dropout``, ``nn.LayerNorm``): the twice
+    differentiable reference, equal to the fused model in eval mode (masks differ in train mode)."""
+
+    def __init__(self, p: float = 0.1):
+        super().__init__()
+        self.p, self.fused = p, True
+        self.inp = nn.Linear(12, WIDTH)
+        self.fc = nn.Linear(WIDTH, WIDTH, bias=False)
+        self.fc_bias = nn.Parameter(0.1 * torch.randn(WIDTH))
+        self.norm = nn.LayerNorm(WIDTH)
+        self.out = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import regops
+
+        h = torch.tanh(self.inp(x))
+        if self.fused:
+            r = regops.bias_dropout_add(self.fc(h), self.fc_bias, h, self.p, training=self.training)
+            w, b = self.norm.weight, self.norm.bias
+            h = regops.dropout_add_layer_norm(torch.tanh(r), r, w, b, self.p, self.norm.eps, training=self.training)
+        else:
+            r = h + F.dropout(self.fc(h) + self.fc_bias, self.p, self.training)
+            h = self.norm(r + F.dropout(torch.tanh(r), self.p, self.training))
+        return self.out(h)
+
+
 def _call(model: nn.Module, inputs: Any) -> torch.Tensor:
     return model(inputs)
 
@@ -208,6 +237,13 @@ ZOO: dict[str, ZooEntry] = {
     "reused_mlp": ZooEntry(
         "reused_mlp",
         ReusedMLP,
+        lambda b, g: (torch.randn(b, 12, generator=g), torch.randint(0, CLASSES, (b,), generator=g)),
+        _call,
+        sequence=False,
+    ),
+    "regops_fused": ZooEntry(
+        "regops_fused",
+        FusedDropoutMLP,
         lambda b, g: (torch.randn(b, 12, generator=g), torch.randint(0, CLASSES, (b,), generator=g)),
         _call,
         sequence=False,

@@ -27,8 +27,8 @@ Layout: :mod:`regops.reference.hessian` (reference probes and accumulation), :mo
 ``_penalty``, ``_ggn``, ``_linop``, ``_context``.
 """
 
-from regops.hessian._estimators import DiagonalEstimate, TraceEstimate, diagonal, probes, trace
 from regops.hessian._context import twice_differentiable
+from regops.hessian._estimators import DiagonalEstimate, TraceEstimate, diagonal, probes, trace
 from regops.hessian._ggn import ggn_diagonal, ggn_trace
 from regops.hessian._head import linear_head_diagonal, linear_head_trace
 from regops.hessian._linop import HessianLinearOperator

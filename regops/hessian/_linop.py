@@ -114,7 +114,9 @@ class HessianLinearOperator:
                 raise ValueError(
                     f"regops: expected one tensor per trainable param with shapes {[tuple(p.shape) for p in params]}"
                 )
-            hv = self._op.apply([t.to(device=self.device, dtype=p.dtype)[None] for t, p in zip(parts, params)])
+            hv = self._op.apply(
+                [t.to(device=self.device, dtype=p.dtype)[None] for t, p in zip(parts, params, strict=True)]
+            )
             out = [h[0] for h in hv]
             return dict(zip(self.names, out, strict=True)) if isinstance(v, Mapping) else out
         return self.matmat(v) if getattr(v, "ndim", 1) == 2 else self.matmat(v[:, None])[:, 0]
