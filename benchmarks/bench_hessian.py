@@ -122,6 +122,9 @@ def _register_trace(quick: bool) -> None:
                 "regops hutch++": lambda: regops.hessian.trace(
                     model, crit, x, y, num_probes=k, method="hutch++", probe_batch=min(k, 32), generator=gen
                 ),
+                "regops finite-diff": lambda: regops.hessian.trace(
+                    model, crit, x, y, num_probes=k, hvp="finite_difference", generator=gen
+                ),
                 "eager": _loop_trace(model, crit, x, y, k),
                 "pyhessian": _pyhessian(model, crit, x, y, k),
                 "curvlinops": _curvlinops(model, crit, x, y, k),
