@@ -364,3 +364,46 @@ def test_bar_gpt2_default_attention_within_three_stderr_of_exact():
     with H.twice_differentiable():
         loss = crit(model(input_ids=ids).logits, tgt)
     assert torch.isfinite(H.trace_penalty(loss, params, generator=gen(2)))
+
+
+def test_finite_differences_on_regops_fused_ops_in_train_mode_hold_one_mask():
+    from tests.zoo import ZOO
+
+    entry = ZOO["regops_fused"]
+    model = entry.build(torch.float64).train()
+    model.p = 0.5
+    x, y = entry.batch(6, generator=gen(0), dtype=torch.float64)
+    crit = nn.CrossEntropyLoss()
+    n = sum(p.numel() for p in model.parameters())
+    v = (torch.randint(0, 2, (2, n), generator=gen(1)) * 2 - 1).double()
+
+    def fd(h):
+        torch.manual_seed(7)
+        return H.trace(model, crit, x, y, probes=v, hvp="finite_difference", fd_eps=h).samples
+
+    # Both sides of every difference see the same masks, so the terms converge with the O(h^2) bias of central
+    # differences: halving h divides the change by 4 (a mask redrawn between the sides would make them O(1/h)).
+    a, b, c = fd(4e-3), fd(2e-3), fd(1e-3)
+    ratio = (a - b) / (b - c)
+    assert torch.all((ratio > 3.6) & (ratio < 4.4)), ratio
+    torch.testing.assert_close(fd(1e-3), c, rtol=0, atol=0)  # the same mask from the same generator state
+    # ... and the masks matter: the eval-mode Hessian is another matrix.
+    model.eval()
+    evaluated = H.trace(model, crit, x, y, probes=v, hvp="finite_difference", fd_eps=1e-4).samples
+    assert not torch.allclose(evaluated, c, rtol=1e-2)
+
+
+def test_dataloader_with_dropout_same_masks_on_every_engine():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(0.4), nn.Linear(6, 3)).double().train()
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    crit = nn.CrossEntropyLoss()
+    n = sum(p.numel() for p in model.parameters())
+    v = (torch.randint(0, 2, (3, n), generator=gen(1)) * 2 - 1).double()
+    results = {}
+    for hvp in ("double_backward", "forward_over_reverse", "finite_difference"):
+        torch.manual_seed(3)
+        results[hvp] = H.trace(model, crit, loader, probes=v, hvp=hvp, probe_batch=1).samples
+    torch.testing.assert_close(results["forward_over_reverse"], results["double_backward"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(results["finite_difference"], results["double_backward"], rtol=1e-6, atol=1e-8)
