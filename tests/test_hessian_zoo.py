@@ -10,6 +10,7 @@ models are float64, so exact engines agree to rounding and finite differences to
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -64,20 +65,28 @@ def targets_for(name: str, logits: torch.Tensor, g: torch.Generator) -> torch.Te
     return torch.randn(m, c, generator=g, dtype=logits.dtype)
 
 
-def setup(name: str, loss: str):
-    """(model for the estimator, model for the reference, inputs, targets); float64, eval mode."""
+@functools.cache
+def build(name: str):
+    """(model for the estimator, model for the reference, inputs, logits); float64, eval mode. Built once per
+    module (the estimators never modify the models)."""
     entry = ZOO[name]
     model = Forward(entry, entry.build(torch.float64)).eval()
     inputs, _ = entry.batch(2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    if name == "resnet18":  # 11M parameters: the Hessian w.r.t. the last stage (the rest frozen)
+    if name == "resnet18":  # 11M parameters: the Hessian w.r.t. the last block's norms and the head (rest frozen)
         for n, p in model.named_parameters():
-            p.requires_grad_(n.startswith(("model.layer4.1.", "model.fc.")))
+            p.requires_grad_(n.startswith(("model.layer4.1.bn", "model.fc.")))
     reference = model
     if name == "regops_fused":  # the fused ops have no double backward: the reference is the torch composition
         reference = copy.deepcopy(model)
         reference.model.fused = False
     with torch.no_grad():
         logits = model(inputs)
+    return model, reference, inputs, logits
+
+
+def setup(name: str, loss: str):
+    """(model for the estimator, model for the reference, inputs, targets)."""
+    model, reference, inputs, logits = build(name)
     return model, reference, inputs, targets_for(loss, logits, torch.Generator().manual_seed(2))
 
 
