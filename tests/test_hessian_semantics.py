@@ -64,6 +64,14 @@ LOSSES = {
     "F.huber_loss": (lambda o, t: F.huber_loss(o, t, delta=0.7), "real"),
     "SmoothL1Loss": (nn.SmoothL1Loss(beta=0.7), "real"),
     "NLLLoss": (lambda o, t: F.nll_loss(F.log_softmax(o, -1), t), "class"),
+    "SoftMarginLoss": (nn.SoftMarginLoss(), "sign"),
+    "MultiMarginLoss": (nn.MultiMarginLoss(p=2, margin=2.0), "class"),
+}
+# torch's multi_margin_loss has no double backward: the exact reference uses its definition.
+REFERENCE = {
+    "MultiMarginLoss": lambda o, t: (
+        ((2.0 - o.gather(1, t[:, None]) + o).clamp_min(0) ** 2).scatter(1, t[:, None], 0.0).sum(1).div(3).mean()
+    )
 }
 
 
@@ -72,6 +80,8 @@ def targets(kind: str, g: torch.Generator, n: int = 8) -> torch.Tensor:
         return torch.randint(0, 3, (n,), generator=g)
     if kind == "prob":
         return torch.rand(n, 3, generator=g, dtype=torch.float64)
+    if kind == "sign":
+        return (torch.randint(0, 2, (n, 3), generator=g) * 2 - 1).double()
     return torch.randn(n, 3, generator=g, dtype=torch.float64)
 
 
@@ -82,7 +92,8 @@ def test_every_engine_handles_every_standard_loss(loss):
     model, g = mlp(), gen(1)
     x = torch.randn(8, 3, dtype=torch.float64, generator=g)
     y = targets(kind, g)
-    full = flat_hessian(model, lambda out: crit(out, y), x)
+    ref = REFERENCE.get(loss, crit)
+    full = flat_hessian(model, lambda out: ref(out, y), x)
     v = (torch.randint(0, 2, (3, full.shape[0]), generator=g) * 2 - 1).double()
     expected = ((v @ full) * v).sum(1)
     for hvp in ENGINES:
@@ -93,6 +104,34 @@ def test_every_engine_handles_every_standard_loss(loss):
         tol = dict(rtol=1e-6, atol=1e-8) if hvp == "finite_difference" else dict(rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(est.samples, expected, **tol, msg=f"{loss} {hvp}")
         torch.testing.assert_close(diag.trace.samples, expected, **tol, msg=f"{loss} {hvp}")
+
+
+def test_rewritten_losses_equal_torch():
+    """Under twice_differentiable(), MSE, Huber, soft-margin and multi-margin are elementwise ops: same values."""
+    g = gen(0)
+    x, yr = torch.randn(5, 4, dtype=torch.float64, generator=g), torch.randn(5, 4, dtype=torch.float64, generator=g)
+    yc, ys = torch.randint(0, 4, (5,), generator=g), (torch.randint(0, 2, (5, 4), generator=g) * 2 - 1).double()
+    w, we = torch.rand(4, dtype=torch.float64, generator=g), torch.rand(5, 4, dtype=torch.float64, generator=g)
+    calls = [lambda: F.mse_loss(x, yr, size_average=False)]
+    for red in ("mean", "sum", "none"):
+        calls += [
+            lambda red=red: F.mse_loss(x, yr, reduction=red),
+            lambda red=red: F.mse_loss(x, yr, reduction=red, weight=we),
+            lambda red=red: F.huber_loss(x, yr, reduction=red, delta=0.6),
+            lambda red=red: F.soft_margin_loss(x, ys, reduction=red),
+            lambda red=red: F.multi_margin_loss(x[0], yc[:1], reduction=red),
+        ]
+        for p in (1, 2):
+            for ww in (None, w):
+                calls.append(lambda red=red, p=p, ww=ww: F.multi_margin_loss(x, yc, p, 0.7, ww, reduction=red))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # size_average is deprecated
+        for call in calls:
+            expected = call()
+            with H.twice_differentiable():
+                got = call()
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
 
 
 def test_bar_linear_mse_default_engine_within_three_stderr():

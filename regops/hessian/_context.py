@@ -5,10 +5,11 @@ backward has a forward-mode derivative, and dropout masks that stay fixed across
   (flash, memory-efficient, cuDNN, and the CPU flash kernel HF models pick by default) have no double backward
   ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"); the math
   backend is plain matmuls and a softmax, exact to rounding, so the Hessian is the same function's Hessian.
-* ``forward_mode_losses()``: ``F.mse_loss`` and ``F.huber_loss`` (so ``nn.MSELoss`` and ``nn.HuberLoss``)
-  rewritten into elementwise torch ops. torch's fused ``mse_loss_backward`` crashes under forward-mode AD with
-  ``reduction="mean"`` ("ZeroTensors are immutable": its tangent formula updates the target's zero tangent in
-  place) and ``huber_loss_backward`` has no forward derivative at all; forward-over-reverse needs both.
+  Inside it, the losses whose fused torch kernels cannot be differentiated twice in some mode are rewritten
+  into elementwise torch ops (same values to rounding): ``F.mse_loss`` (``nn.MSELoss``: its
+  ``mse_loss_backward`` crashes under forward-mode AD with ``reduction="mean"``, "ZeroTensors are immutable",
+  because its tangent formula updates the target's zero tangent in place), ``F.huber_loss`` and
+  ``F.soft_margin_loss`` (no forward derivative of their backward), ``F.multi_margin_loss`` (no double backward).
 * :class:`FixedRNG`: the state of torch's default generators (CPU, and the CUDA device of the parameters) at
   the first forward of a batch, replayed before every later forward of that batch. Dropout (torch's and
   regops' own, which seeds from the same generators) then draws the same mask for every probe, every engine
@@ -27,10 +28,11 @@ from torch.overrides import TorchFunctionMode
 
 @contextlib.contextmanager
 def twice_differentiable() -> Iterator[None]:
-    """A context in which a forward can be differentiated twice: ``scaled_dot_product_attention`` runs its math
-    backend (the fused kernels have no double backward). The Hessian estimators enter it themselves; use it
-    around the forward whose loss you pass to :func:`regops.hessian.trace_penalty` (or any ``create_graph``
-    backward) in an attention model.
+    """A context in which a forward can be differentiated twice, in reverse and forward-over-reverse mode:
+    ``scaled_dot_product_attention`` runs its math backend (the fused kernels have no double backward), and
+    ``F.mse_loss``, ``F.huber_loss``, ``F.soft_margin_loss`` and ``F.multi_margin_loss`` (and their modules) are
+    computed from elementwise ops. The Hessian estimators enter it themselves; use it around the forward whose
+    loss you pass to :func:`regops.hessian.trace_penalty` (or any ``create_graph`` backward) in an attention model.
 
     Example::
 
@@ -40,7 +42,7 @@ def twice_differentiable() -> Iterator[None]:
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel([SDPBackend.MATH]):
+    with sdpa_kernel([SDPBackend.MATH]), _TwiceDifferentiableLosses():
         yield
 
 
@@ -64,6 +66,30 @@ def _mse(input, target, size_average=None, reduce=None, reduction="mean", weight
     return _reduce(d * d, reduction)
 
 
+def _legacy(size_average, reduce, reduction: str) -> str:
+    if size_average is not None or reduce is not None:
+        return torch.nn._reduction.legacy_get_string(size_average, reduce)
+    return reduction
+
+
+def _soft_margin(input, target, size_average=None, reduce=None, reduction="mean"):
+    return _reduce(F.softplus(-target * input), _legacy(size_average, reduce, reduction))
+
+
+def _multi_margin(input, target, p=1, margin=1.0, weight=None, size_average=None, reduce=None, reduction="mean"):
+    if p not in (1, 2):
+        return F.multi_margin_loss(input, target, p, margin, weight, size_average, reduce, reduction)
+    x = input if input.dim() == 2 else input.reshape(1, -1)
+    t = target.reshape(-1, 1)
+    z = (margin - x.gather(1, t) + x).clamp_min(0.0)
+    if p == 2:
+        z = z * z
+    if weight is not None:  # w[y] max(0, margin - x[y] + x[i])^p, as torch's kernel computes it
+        z = z * weight[t]
+    per_example = z.scatter(1, t, 0.0).sum(1).reshape(target.shape) / x.shape[1]
+    return _reduce(per_example, _legacy(size_average, reduce, reduction))
+
+
 def _huber(input, target, reduction="mean", delta=1.0, weight=None):
     if weight is not None:
         return F.huber_loss(input, target, reduction, delta, weight)
@@ -73,21 +99,19 @@ def _huber(input, target, reduction="mean", delta=1.0, weight=None):
     return _reduce(torch.where(a < delta, 0.5 * d * d, delta * (a - 0.5 * delta)), reduction)
 
 
-class _ForwardModeLosses(TorchFunctionMode):
+class _TwiceDifferentiableLosses(TorchFunctionMode):
+    """Routes the losses above to their elementwise forms; every other call passes through unchanged."""
+
+    _REWRITES = {
+        F.mse_loss: _mse,
+        F.huber_loss: _huber,
+        F.soft_margin_loss: _soft_margin,
+        F.multi_margin_loss: _multi_margin,
+    }
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.mse_loss:
-            return _mse(*args, **kwargs)
-        if func is F.huber_loss:
-            return _huber(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def forward_mode_losses() -> Iterator[None]:
-    """``F.mse_loss`` / ``F.huber_loss`` as elementwise ops, which forward-mode AD differentiates."""
-    with _ForwardModeLosses():
-        yield
+        rewrite = self._REWRITES.get(func)
+        return (rewrite or func)(*args, **(kwargs or {}))
 
 
 class FixedRNG:

@@ -22,9 +22,9 @@ closure it picks batched double backward, or the loop on a CPU limited to one th
 parallelism and vmap costs a little).
 
 Every second-order engine runs the forward under :func:`regops.hessian.twice_differentiable` (attention on its
-math backend, which has a double backward) and forward-over-reverse also under
-:func:`~regops.hessian._context.forward_mode_losses` (MSE and Huber as elementwise ops), so every standard loss
-and attention model works on every engine.
+math backend, which has a double backward; MSE, Huber, soft-margin and multi-margin losses as elementwise ops,
+which forward mode and double backward differentiate), so every standard loss and attention model works on every
+engine.
 
 Fallbacks. vmap cannot run everything: code that calls ``.item()`` or branches on tensor values, in-place
 updates of captured tensors (BatchNorm's running statistics in train mode), custom autograd Functions without a
@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from regops.hessian._context import FixedRNG, forward_mode_losses, twice_differentiable
+from regops.hessian._context import FixedRNG, twice_differentiable
 from regops.hessian._probes import ParamLayout
 
 HVP_METHODS = ("auto", "double_backward", "forward_over_reverse", "loop", "finite_difference")
@@ -265,7 +265,7 @@ class LossHVP:
             return jvp(grad_fn, (primals,), (tuple(v),))[1]
 
         # randomness="same": one dropout mask for the whole batch of probes (the replayed one, see FixedRNG).
-        with self._second_order(), forward_mode_losses():
+        with self._second_order():
             return tuple(vmap(hvp, randomness="same")(*vs))
 
     # ------------------------------------------------------------------ finite differences
