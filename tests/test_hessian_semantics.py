@@ -446,3 +446,17 @@ def test_dataloader_with_dropout_same_masks_on_every_engine():
         results[hvp] = H.trace(model, crit, loader, probes=v, hvp=hvp, probe_batch=1).samples
     torch.testing.assert_close(results["forward_over_reverse"], results["double_backward"], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(results["finite_difference"], results["double_backward"], rtol=1e-6, atol=1e-8)
+
+
+def test_public_probes_reproduce_the_estimators_probes_with_frozen_params():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    model[2].weight.requires_grad_(False)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    vs = H.probes(model, 6, generator=gen(4))
+    assert len(vs) == 3
+    drawn = H.trace(model, nn.MSELoss(), x, y, num_probes=6, generator=gen(4))
+    given = H.trace(model, nn.MSELoss(), x, y, probes=list(vs))
+    torch.testing.assert_close(drawn.samples, given.samples, rtol=1e-12, atol=1e-14)
+    fd = H.trace(model, nn.MSELoss(), x, y, num_probes=6, generator=gen(4), hvp="finite_difference")
+    torch.testing.assert_close(fd.samples, drawn.samples, rtol=1e-6, atol=1e-8)  # one probe at a time, same ones

@@ -241,7 +241,9 @@ def _check_common(num_probes, method, distribution, probe_batch, tol, hvp) -> in
     if hvp not in HVP_METHODS:
         raise ValueError(f"regops: hvp must be one of {HVP_METHODS}, got {hvp!r}")
     if probe_batch is None:
-        probe_batch = min(num_probes, DEFAULT_PROBE_BATCH)
+        # Finite differences run one probe at a time anyway: draw each from the seed when it is needed, so memory
+        # holds one probe (and two gradients), not a block of them.
+        probe_batch = 1 if hvp == "finite_difference" else min(num_probes, DEFAULT_PROBE_BATCH)
     if isinstance(probe_batch, bool) or not isinstance(probe_batch, int) or probe_batch < 1:
         raise ValueError(f"regops: probe_batch must be an int >= 1, got {probe_batch!r}")
     if tol is not None and (not isinstance(tol, (int, float)) or not tol > 0):
@@ -576,7 +578,8 @@ def trace(
         distribution: ``"rademacher"`` (lowest variance for Hutchinson) or ``"gaussian"``; probes come from the
             Philox stream (:mod:`regops.reference.hessian`), reproducible from ``generator``'s state.
         probe_batch: probes per batched Hessian-vector product (memory ~ ``probe_batch`` x one backward);
-            default ``min(num_probes, 16)``.
+            default ``min(num_probes, 16)``, and 1 for ``hvp="finite_difference"`` (each probe is regenerated from
+            the seed when its two gradients are computed).
         tol: stop once the relative standard error ``stderr / |value|`` falls below ``tol`` (Hutchinson only;
             checked after every ``probe_batch`` probes, at least two).
         generator: a ``torch.Generator`` on the parameters' device type; default torch's default generator.
@@ -746,7 +749,9 @@ def probes(
 
     All parameters' probes are drawn in one kernel launch; the same generator state gives the same probes on
     every backend (the Triton kernel reproduces the reference bit for bit). Rademacher entries are +-1; Gaussian
-    entries are standard normal (float32 Box-Muller, rounded to the parameter dtype).
+    entries are standard normal (float32 Box-Muller, rounded to the parameter dtype). To reproduce an estimator's
+    probes, pass the tensors it differentiates: a module gives its parameters that require grad, as the
+    estimators take them; from a list, leave out the frozen ones yourself.
 
     Example::
 
@@ -756,6 +761,8 @@ def probes(
     if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
         raise ValueError(f"regops: num_probes must be an int >= 1, got {num_probes!r}")
     check_distribution(distribution)
+    if isinstance(params, nn.Module):  # as the estimators: the parameters that require grad
+        params = [p for p in params.parameters() if p.requires_grad]
     if isinstance(params, torch.Tensor):
         params = [params]
     params = list(params.values()) if isinstance(params, Mapping) else list(params)
