@@ -24,7 +24,8 @@ batch for every probe and engine.
 
 Layout: :mod:`regops.reference.hessian` (reference probes and accumulation), :mod:`regops.kernels.hessian`
 (Triton), ``_probes`` (torch.library ops), ``_hvp`` (Hessian-vector products), ``_estimators``, ``_head``,
-``_penalty``, ``_ggn``, ``_linop``, ``_context``.
+``_penalty``, ``_ggn``, ``_linop``, ``_context`` (SDPA backend, loss rewrites, fixed RNG), ``_inputs`` (params
+and call forms).
 """
 
 from regops.hessian._context import twice_differentiable

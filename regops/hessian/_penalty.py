@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from regops.hessian import _probes
-from regops.hessian._estimators import _check_params
 from regops.hessian._hvp import NOT_A_FUNCTION_OF_PARAMS, LossHVP, check_loss
+from regops.hessian._inputs import _check_params
 from regops.reference.hessian import check_distribution
 
 
