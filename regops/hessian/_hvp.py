@@ -12,7 +12,10 @@ Four engines compute ``[H v_1, ..., H v_K]`` for one loss:
   probe, for models with no double backward at all (fused kernels without a second derivative, regops' own
   fused dropout ops included). Central differences have a bias ``h^2/6 * D^4 L[., v, v, v] + O(h^4)``; the
   default step ``h = eps^(1/3)`` of the parameters' dtype (4.9e-3 in float32, 6.1e-6 in float64) balances it
-  against rounding (``~ eps |g| / h``), so expect ~1e-5 relative accuracy in float32, ~1e-10 in float64.
+  against rounding (``~ eps |g| / h``), so expect ~1e-5 relative accuracy in float32, ~1e-10 in float64. The
+  step assumes the forward computes in the parameters' dtype: a float64 model whose layers compute in float32
+  (HF Llama's RMSNorm does) needs ``fd_eps`` ~ 5e-3, and bfloat16/float16 params (default step 0.2/0.1) give
+  only a rough estimate -- run finite differences on a float32 copy.
   The functional forms evaluate the loss at new tensors; a closure (``loss_fn()``) is evaluated after
   perturbing ``params`` in place, restored bit for bit (a copy is put back) before the engine returns.
 
@@ -39,7 +42,9 @@ generators at that batch's first forward (:class:`~regops.hessian._context.Fixed
 runs with ``randomness="same"``): the estimate is the Hessian of the loss at *one fixed dropout mask* per batch,
 the same for every probe, the mask a plain forward would have drawn at that point. That is neither the Hessian
 of the eval-mode network nor the expected Hessian over masks; for the eval-mode network call ``model.eval()``
-first, for the expectation over masks average estimates from several calls (each draws a new mask).
+first, for the expectation over masks average estimates from several calls (each draws a new mask). The
+replayed generators are torch's default CPU generator and the default generator of the parameters' CUDA device;
+a dropout layer given its own ``torch.Generator`` (or one on another device type) is not held fixed.
 """
 
 from __future__ import annotations
