@@ -192,6 +192,54 @@ class ReusedMLP(nn.Module):
         return self.out(h)
 
 
+def _call(model: nn.Module, inputs: Any) -> torch.Tensor:
+    return model(inputs)
+
+
+ZOO: dict[str, ZooEntry] = {
+    "gpt2": ZooEntry("gpt2", _gpt2, _tokens, _hf_logits, sequence=True),
+    "bert": ZooEntry("bert", _bert, _labels, _hf_logits, sequence=False),
+    "llama": ZooEntry("llama", _llama, _tokens, _hf_logits, sequence=True),
+    "vit": ZooEntry("vit", _vit, _images(8), _call, sequence=False),
+    "resnet18": ZooEntry("resnet18", _resnet18, _images(16), _call, sequence=False, has_batchnorm=True),
+    "encoder": ZooEntry("encoder", lambda: EncoderClassifier(True), _labels, _call, sequence=False),
+    "encoder_seq_first": ZooEntry("encoder_seq_first", lambda: EncoderClassifier(False), _labels, _call, False),
+    "tied_lm": ZooEntry("tied_lm", TiedLM, _tokens, _call, sequence=True),
+    "reused_mlp": ZooEntry(
+        "reused_mlp",
+        ReusedMLP,
+        lambda b, g: (torch.randn(b, 12, generator=g), torch.randint(0, CLASSES, (b,), generator=g)),
+        _call,
+        sequence=False,
+    ),
+    "regops_fused": ZooEntry(
+        "regops_fused",
+        lambda: FusedDropoutMLP(),  # defined below
+        lambda b, g: (torch.randn(b, 12, generator=g), torch.randint(0, CLASSES, (b,), generator=g)),
+        _call,
+        sequence=False,
+    ),
+}
+
+
+def per_example_loop_grads(
+    entry: ZooEntry, model: nn.Module, inputs: Any, target: torch.Tensor
+) -> list[dict[str, torch.Tensor]]:
+    """Brute force: the gradient of each example's loss, one backward per example (the test oracle).
+
+    Models with BatchNorm must be in eval mode (a batch of one has no batch statistics in train mode)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads = []
+    for i in range(target.shape[0]):
+        xi = inputs[i : i + 1]
+        loss = entry.loss(entry.forward(model, xi), target[i : i + 1])
+        gs = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        grads.append(
+            {n: (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(params.items(), gs, strict=True)}
+        )
+    return grads
+
+
 class FusedDropoutMLP(nn.Module):
     """An MLP block written with regops' fused dropout ops (``bias_dropout_add``, ``dropout_add_layer_norm``).
 
@@ -219,51 +267,3 @@ class FusedDropoutMLP(nn.Module):
             r = h + F.dropout(self.fc(h) + self.fc_bias, self.p, self.training)
             h = self.norm(r + F.dropout(torch.tanh(r), self.p, self.training))
         return self.out(h)
-
-
-def _call(model: nn.Module, inputs: Any) -> torch.Tensor:
-    return model(inputs)
-
-
-ZOO: dict[str, ZooEntry] = {
-    "gpt2": ZooEntry("gpt2", _gpt2, _tokens, _hf_logits, sequence=True),
-    "bert": ZooEntry("bert", _bert, _labels, _hf_logits, sequence=False),
-    "llama": ZooEntry("llama", _llama, _tokens, _hf_logits, sequence=True),
-    "vit": ZooEntry("vit", _vit, _images(8), _call, sequence=False),
-    "resnet18": ZooEntry("resnet18", _resnet18, _images(16), _call, sequence=False, has_batchnorm=True),
-    "encoder": ZooEntry("encoder", lambda: EncoderClassifier(True), _labels, _call, sequence=False),
-    "encoder_seq_first": ZooEntry("encoder_seq_first", lambda: EncoderClassifier(False), _labels, _call, False),
-    "tied_lm": ZooEntry("tied_lm", TiedLM, _tokens, _call, sequence=True),
-    "reused_mlp": ZooEntry(
-        "reused_mlp",
-        ReusedMLP,
-        lambda b, g: (torch.randn(b, 12, generator=g), torch.randint(0, CLASSES, (b,), generator=g)),
-        _call,
-        sequence=False,
-    ),
-    "regops_fused": ZooEntry(
-        "regops_fused",
-        FusedDropoutMLP,
-        lambda b, g: (torch.randn(b, 12, generator=g), torch.randint(0, CLASSES, (b,), generator=g)),
-        _call,
-        sequence=False,
-    ),
-}
-
-
-def per_example_loop_grads(
-    entry: ZooEntry, model: nn.Module, inputs: Any, target: torch.Tensor
-) -> list[dict[str, torch.Tensor]]:
-    """Brute force: the gradient of each example's loss, one backward per example (the test oracle).
-
-    Models with BatchNorm must be in eval mode (a batch of one has no batch statistics in train mode)."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    grads = []
-    for i in range(target.shape[0]):
-        xi = inputs[i : i + 1]
-        loss = entry.loss(entry.forward(model, xi), target[i : i + 1])
-        gs = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        grads.append(
-            {n: (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(params.items(), gs, strict=True)}
-        )
-    return grads
