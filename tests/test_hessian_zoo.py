@@ -163,3 +163,5 @@ def test_fused_ops_model_explicit_engines():
     if not has_double_backward(model, crit, inputs, targets):
         with pytest.raises(RuntimeError, match="no double backward.*finite_difference"):
             regops.hessian.trace(model, crit, inputs, targets, probes=vs, hvp="loop")
+        with pytest.raises(RuntimeError, match="no double backward.*differentiable curvature penalty"):
+            regops.hessian.trace_penalty(crit(model(inputs), targets), model)

@@ -201,6 +201,11 @@ class LossHVP:
         if _no_double_backward(exc):
             if self.auto and not self.create_graph:
                 return "finite_difference"
+            if self.create_graph:
+                raise RuntimeError(
+                    f"regops: the loss's graph has no double backward ({_first_line(exc)}); a differentiable "
+                    "curvature penalty needs the second derivatives of every op in it"
+                ) from exc
             raise RuntimeError(
                 f"regops: the model has no double backward ({_first_line(exc)}), so hvp={self.method!r} cannot "
                 "compute Hessian-vector products; use hvp='finite_difference' (two first-order backwards per "
