@@ -33,6 +33,8 @@ class TraceEstimate:
         method: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
         samples: the per-probe terms whose mean is the estimate (Hutchinson: ``v_k^T H v_k``; Hutch++: the
             residual terms, to which the sketched trace is added; XTrace: the exchangeable leave-one-out terms).
+        engine: the Hessian-vector product engine that computed it, after any fallback (``"double_backward"``,
+            ``"forward_over_reverse"``, ``"loop"`` or ``"finite_difference"``; empty when unknown).
     """
 
     value: float
@@ -40,6 +42,7 @@ class TraceEstimate:
     num_matvecs: int
     method: str = "hutchinson"
     samples: torch.Tensor = field(default_factory=lambda: torch.empty(0), repr=False)
+    engine: str = ""
 
     @property
     def relative_stderr(self) -> float:
@@ -265,7 +268,7 @@ def _hutchpp(op: HessianOperator, layout: ParamLayout, m: int, distribution: str
     hg = op.matmat(g)
     samples = (g.double() * hg.double()).sum(1)
     mean, err = _mean_stderr(samples)
-    return TraceEstimate(exact + mean, err, op.num_matvecs, "hutch++", samples)
+    return TraceEstimate(exact + mean, err, op.num_matvecs, "hutch++", samples, op.engine)
 
 
 def _xtrace(op: HessianOperator, layout: ParamLayout, m: int, distribution: str, generator) -> TraceEstimate:
@@ -303,7 +306,7 @@ def _xtrace(op: HessianOperator, layout: ParamLayout, m: int, distribution: str,
     cross = (s * (rd - hw)).sum(0)
     samples = trace_proj + r_a_r + 2 * c * cross + c * c * shs
     mean, err = _mean_stderr(samples)
-    return TraceEstimate(mean, err, op.num_matvecs, "xtrace", samples)
+    return TraceEstimate(mean, err, op.num_matvecs, "xtrace", samples, op.engine)
 
 
 def _group(names: Sequence[str], by: str) -> dict[str, list[int]]:
@@ -433,12 +436,12 @@ def trace(
     if by is None:
         samples = state.dots.sum(1)
         mean, err = _mean_stderr(samples)
-        return TraceEstimate(mean, err, matvecs, "hutchinson", samples)
+        return TraceEstimate(mean, err, matvecs, "hutchinson", samples, op.engine)
     out = {}
     for key, idx in _group(problem.names, by).items():
         samples = state.dots[:, idx].sum(1)
         mean, err = _mean_stderr(samples)
-        out[key] = TraceEstimate(mean, err, matvecs, "hutchinson", samples)
+        out[key] = TraceEstimate(mean, err, matvecs, "hutchinson", samples, op.engine)
     return out
 
 
@@ -519,7 +522,7 @@ def diagonal(
     errors = tuple(e[0] for e in errors)
     samples = state.dots.sum(1)
     t_mean, t_err = _mean_stderr(samples)
-    tr = TraceEstimate(t_mean, t_err, m, "hutchinson", samples)
+    tr = TraceEstimate(t_mean, t_err, m, "hutchinson", samples, op.engine)
     return DiagonalEstimate(problem.per_param(values), problem.per_param(errors), m, tr)
 
 
