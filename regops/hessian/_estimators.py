@@ -381,7 +381,8 @@ def trace(
         distributed: split the probes across the ranks of ``group`` (every rank passes the same arguments and
             its share of nothing else: the same data gives the same Hessian); the seed is broadcast from rank 0
             and the results are combined with one all-reduce (one per round with ``tol``). Every rank returns
-            the estimate a single process would compute with the same seed. Hutchinson only.
+            the estimate a single process would compute with the same seed (in train mode, each rank's dropout
+            masks come from its own generators). Hutchinson only.
         probes: your own probes instead of Philox ones (Hutchinson only; ``num_probes``, ``distribution`` and
             ``generator`` are then unused): a ``[K, N]`` tensor over the trainable params flattened and
             concatenated in order, or one ``[K, *p.shape]`` tensor per trainable param (a dict by name or a
