@@ -241,6 +241,10 @@ _TABLES: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
 _TABLES_MAX = 64
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _index_tables(v2: list[torch.Tensor], h2: list[torch.Tensor], block: int, device: torch.device):
     key = (
         str(device),
@@ -252,7 +256,7 @@ def _index_tables(v2: list[torch.Tensor], h2: list[torch.Tensor], block: int, de
     if hit is not None:
         _TABLES.move_to_end(key)
         return hit
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if _capturing(device):
         raise RuntimeError(
             "regops: hessian_probe_dot met new tensors during CUDA-graph capture; its index tables are copied to "
             "the GPU once per set of tensors, which capture forbids. Run the same step once before capturing "

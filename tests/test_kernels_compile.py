@@ -79,7 +79,10 @@ def _norm_report() -> list[dict]:
 def test_layer_norm_kernels_never_spill_up_to_65536_columns():
     pytest.importorskip("triton")
     report = _norm_report()
-    lines = [f"sm_{r['arch']} {r['label']}: {r['regs']} regs, spills {r['spill_stores']}/{r['spill_loads']} B" for r in report]
+    lines = [
+        f"sm_{r['arch']} {r['label']}: {r['regs']} regs, spills {r['spill_stores']}/{r['spill_loads']} B"
+        for r in report
+    ]
     print("\n".join(lines))
     spilled = [line for line, r in zip(lines, report, strict=True) if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, "LayerNorm kernels spill:\n" + "\n".join(spilled)

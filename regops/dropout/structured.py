@@ -315,7 +315,7 @@ def multi_sample_seeds(
     """
     step = _ref.multi_sample_counters(x.numel())
     seed = _rng.philox_seed(x.device, num_samples * 4 * step, generator)
-    per_sample = [seed + torch.tensor([0, k * step], dtype=torch.int64) for k in range(num_samples)]
+    per_sample = [seed + torch.tensor([0, k * step], dtype=torch.int64, device=seed.device) for k in range(num_samples)]
     return seed, per_sample
 
 
