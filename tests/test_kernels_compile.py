@@ -50,7 +50,8 @@ for cfg in configs:
                     )
                 text = log.getvalue()
                 regs = [int(v) for v in re.findall(r"Used (\d+) registers", text)]
-                spills = [tuple(map(int, m)) for m in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)]
+                spill_pattern = r"(\d+) bytes spill stores, (\d+) bytes spill loads"
+                spills = [tuple(map(int, m)) for m in re.findall(spill_pattern, text)]
                 assert regs and spills, f"no ptxas report for {kernel.fn.__name__}: {text[-500:]}"
                 results.append({
                     "label": f"{kernel.fn.__name__}[{dtype[1:]}, BLOCK_R={cfg.block_r}, BLOCK_C={cfg.block_c}, "
