@@ -61,7 +61,8 @@ __global__ void dropout_kernel(const T* __restrict__ x, T* __restrict__ y, int64
 }
 
 template <typename T>
-cudaError_t launch(const void* x, void* y, int64_t n, int32_t threshold, float scale, const int64_t* seed, cudaStream_t stream) {
+cudaError_t launch(const void* x, void* y, int64_t n, int32_t threshold, float scale, const int64_t* seed,
+                   cudaStream_t stream) {
   constexpr int threads = 256;
   const int blocks = grid_size((n + group_elems<T>() - 1) / group_elems<T>(), threads);
   const T* xt = static_cast<const T*>(x);

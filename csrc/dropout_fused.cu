@@ -55,7 +55,8 @@ __device__ __forceinline__ void store4(T* p, int count, const typename Compute<T
 template <typename T, bool VECTOR>
 __global__ void bias_dropout_add_fwd_kernel(const T* __restrict__ x, const T* __restrict__ bias,
                                             const T* __restrict__ residual, T* __restrict__ y, int64_t rows,
-                                            int64_t cols, int32_t threshold, float scale, const int64_t* __restrict__ seed_ptr) {
+                                            int64_t cols, int32_t threshold, float scale,
+                                            const int64_t* __restrict__ seed_ptr) {
   // (key, first counter) from device memory: a CUDA-graph replay reads the seed its capture's RNG draw wrote.
   const uint64_t seed = static_cast<uint64_t>(seed_ptr[0]), offset = static_cast<uint64_t>(seed_ptr[1]);
   using C = typename Compute<T>::type;
@@ -86,7 +87,8 @@ __global__ void bias_dropout_add_fwd_kernel(const T* __restrict__ x, const T* __
 template <typename T, bool VECTOR>
 __global__ void bias_dropout_add_bwd_kernel(const T* __restrict__ grad, T* __restrict__ dx,
                                             typename Compute<T>::type* __restrict__ dbias_partial, int64_t rows,
-                                            int64_t cols, int32_t threshold, float scale, const int64_t* __restrict__ seed_ptr) {
+                                            int64_t cols, int32_t threshold, float scale,
+                                            const int64_t* __restrict__ seed_ptr) {
   // (key, first counter) from device memory: a CUDA-graph replay reads the seed its capture's RNG draw wrote.
   const uint64_t seed = static_cast<uint64_t>(seed_ptr[0]), offset = static_cast<uint64_t>(seed_ptr[1]);
   using C = typename Compute<T>::type;
@@ -193,7 +195,8 @@ int bias_dropout_add_row_chunks(int64_t rows, int64_t cols) {
 }
 
 cudaError_t bias_dropout_add_launch(const void* x, const void* bias, const void* residual, void* y, int64_t rows,
-                                    int64_t cols, DType dtype, int32_t threshold, float scale, const int64_t* seed, cudaStream_t stream) {
+                                    int64_t cols, DType dtype, int32_t threshold, float scale, const int64_t* seed,
+                                    cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
   switch (dtype) {
     case DType::Float32:

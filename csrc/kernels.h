@@ -17,7 +17,8 @@ cudaError_t dropout_launch(const void* x, void* y, int64_t n, DType dtype, int32
 // y = residual + where(keep, (x + bias) * scale, 0) over [rows, cols] (csrc/dropout_fused.cu); bias may be null.
 // Row layout: element (r, c) takes word c % 4 of counter offset + r * ceil(cols / 4) + c / 4.
 cudaError_t bias_dropout_add_launch(const void* x, const void* bias, const void* residual, void* y, int64_t rows,
-                                    int64_t cols, DType dtype, int32_t threshold, float scale, const int64_t* seed, cudaStream_t stream);
+                                    int64_t cols, DType dtype, int32_t threshold, float scale, const int64_t* seed,
+                                    cudaStream_t stream);
 // dx = where(keep, grad * scale, 0); dbias_partial (nullable; float, double for Float64) gets [row_chunks, cols]
 // partial column sums of dx, row_chunks = bias_dropout_add_row_chunks(rows, cols).
 cudaError_t bias_dropout_add_backward_launch(const void* grad, void* dx, void* dbias_partial, int64_t rows,

@@ -724,10 +724,11 @@ for _t in _DTYPES:
     ]
     # the LayerNorm kernels with s in the widest dtype; tests/test_kernels_compile.py compiles every launcher
     # configuration of them (fp32/bf16/fp16) and checks registers and spills
-    COMPILE_SPECS += [
-        layer_norm_spec(
-            looped, backward, _t, "*fp64" if _t == "*fp64" else "*fp32", norm_config(1024 if looped else 256)
-        )
-        for looped in (False, True)
-        for backward in (False, True)
-    ]
+    for _cfg in (norm_config(256), norm_config(2 * WHOLE_ROW_MAX_COLS)):
+        COMPILE_SPECS += [
+            (
+                *layer_norm_spec(_cfg.looped, backward, _t, "*fp64" if _t == "*fp64" else "*fp32", _cfg),
+                {"num_warps": _cfg.num_warps, "maxnreg": _cfg.maxnreg},
+            )
+            for backward in (False, True)
+        ]

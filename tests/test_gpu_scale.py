@@ -155,6 +155,21 @@ def test_kernels_read_the_seed_from_memory_at_run_time():
     assert torch.equal(probes, ref_h.probes(5, 6, 0, 2, 100, "rademacher", torch.float32))
 
 
+def test_three_backends_share_the_stream_constant():
+    """The reference, the Triton kernels and csrc/philox.cuh draw from the same subsequence c3 = STREAM_C3, whose
+    top bit torch's own Philox users (thread index in (c2, c3), inductor's (offset, 0, 0)) never set: disjoint
+    from torch's streams whatever key and offset the seed tensor holds."""
+    import re
+    from pathlib import Path
+
+    from regops.kernels import philox as kp
+    from regops.reference.philox import STREAM_C3
+
+    cuh = (Path(__file__).resolve().parents[1] / "csrc" / "philox.cuh").read_text()
+    (value,) = re.findall(r"kStreamC3 = (0x[0-9A-Fa-f]+)u", cuh)
+    assert int(value, 16) == STREAM_C3 == kp.STREAM_C3.value and STREAM_C3 >> 31 == 1
+
+
 def test_seeds_are_drawn_on_the_tensor_device_and_passed_as_tensors():
     seed = _rng.philox_seed(torch.device("meta"), 1000)
     assert seed.device.type == "meta" and seed.shape == (2,) and seed.dtype == torch.int64
