@@ -14,6 +14,9 @@ the GPU kernels read it from device memory (never as a host value baked into the
 * Reproducibility: ``torch.manual_seed`` / ``torch.cuda.manual_seed`` / a ``generator`` reproduce the draws, and
   the reference given the same seed values (``seed.tolist()``) produces the same bits as every backend.
 * The backward of an op keeps the 16-byte seed tensor and regenerates the mask from it.
+* Disjoint from torch's own streams whatever the drawn key and offset: regops' counters have ``c3 = STREAM_C3``
+  (top bit set), a subsequence torch's Philox kernels (thread index in ``(c2, c3)``) and inductor's RNG
+  (``(offset, 0, 0)``) never reach. The draw itself is one of torch's RNG calls and advances the generator.
 """
 
 from __future__ import annotations
