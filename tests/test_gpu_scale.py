@@ -288,3 +288,22 @@ def test_probe_dot_is_deterministic_and_reuses_its_tables(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
     with pytest.raises(RuntimeError, match="CUDA-graph capture"):
         kh.probe_dot([v.clone() for v in vs], hs, True, block=1024)  # new tensors under capture
+
+
+def test_sm_count_is_per_device(monkeypatch):
+    """Grid sizing asks each device for its own SM count (a mixed machine: not the first GPU's, not 132)."""
+    import types
+
+    from regops.kernels import launch as kl
+
+    counts = {0: 132, 1: 108}
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(multi_processor_count=counts[i])
+    )
+    kl._cuda_sm_count.cache_clear()
+    try:
+        assert kl.sm_count(torch.device("cuda", 0)) == 132
+        assert kl.sm_count(torch.device("cuda", 1)) == 108
+    finally:
+        kl._cuda_sm_count.cache_clear()
+    assert kl.sm_count(torch.device("meta")) == 132
