@@ -16,6 +16,7 @@ from regops import _build_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     full_env.update(env)

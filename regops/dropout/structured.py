@@ -238,7 +238,8 @@ def drop_path_add(
     _validate.same_device("x", x, "residual", residual)
     if not training:
         p = 0.0
-    seed = _rng.philox_seed(x.device, x.shape[0], generator) if p > 0 else torch.zeros(2, dtype=torch.int64, device=x.device)
+    no_seed = torch.zeros(2, dtype=torch.int64, device=x.device)
+    seed = _rng.philox_seed(x.device, x.shape[0], generator) if p > 0 else no_seed
     return _drop_path_op(x, residual, p, scale_by_keep, seed)
 
 
@@ -315,7 +316,7 @@ def multi_sample_seeds(
     """
     step = _ref.multi_sample_counters(x.numel())
     seed = _rng.philox_seed(x.device, num_samples * 4 * step, generator)
-    per_sample = [seed + torch.tensor([0, k * step], dtype=torch.int64, device=seed.device) for k in range(num_samples)]
+    per_sample = [seed + torch.tensor([0, k * step], device=seed.device) for k in range(num_samples)]
     return seed, per_sample
 
 
