@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 namespace regops {
@@ -34,14 +35,25 @@ __device__ __forceinline__ __half from_compute<__half>(float v) { return __float
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_compute<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// Streaming multiprocessors of the current device (the launch's: the ops run under a device guard), looked up
+// once per device: a machine with different GPUs must not size every grid for the first one it saw.
+inline int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  int device = 0;
+  cudaGetDevice(&device);
+  if (device < 0 || device >= kMaxDevices) device = 0;
+  int sms = cache[device].load(std::memory_order_relaxed);
+  if (sms == 0) {
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 80;
+    cache[device].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
+}
+
 // Blocks for a grid-stride loop over `work` items: enough to fill the device, never more than needed.
 inline int grid_size(int64_t work, int threads) {
-  static int max_blocks = [] {
-    int device = 0, sms = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    return (sms > 0 ? sms : 80) * 32;
-  }();
+  const int64_t max_blocks = int64_t{sm_count()} * 32;
   const int64_t needed = (work + threads - 1) / threads;
   return static_cast<int>(needed < max_blocks ? (needed > 0 ? needed : 1) : max_blocks);
 }

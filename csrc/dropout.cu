@@ -16,7 +16,9 @@ __host__ __device__ constexpr int group_elems() {
 
 template <typename T, bool VECTOR>
 __global__ void dropout_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n, int32_t threshold,
-                               float scale, uint64_t seed, uint64_t offset) {
+                               float scale, const int64_t* __restrict__ seed_ptr) {
+  // (key, first counter) from device memory: a CUDA-graph replay reads the seed its capture's RNG draw wrote.
+  const uint64_t seed = static_cast<uint64_t>(seed_ptr[0]), offset = static_cast<uint64_t>(seed_ptr[1]);
   constexpr int ELEMS = group_elems<T>();
   constexpr int VEC = 16 / sizeof(T);
   using C = typename Compute<T>::type;
@@ -59,16 +61,16 @@ __global__ void dropout_kernel(const T* __restrict__ x, T* __restrict__ y, int64
 }
 
 template <typename T>
-cudaError_t launch(const void* x, void* y, int64_t n, int32_t threshold, float scale, uint64_t seed,
-                   uint64_t offset, cudaStream_t stream) {
+cudaError_t launch(const void* x, void* y, int64_t n, int32_t threshold, float scale, const int64_t* seed,
+                   cudaStream_t stream) {
   constexpr int threads = 256;
   const int blocks = grid_size((n + group_elems<T>() - 1) / group_elems<T>(), threads);
   const T* xt = static_cast<const T*>(x);
   T* yt = static_cast<T*>(y);
   if (aligned16(x) && aligned16(y)) {
-    dropout_kernel<T, true><<<blocks, threads, 0, stream>>>(xt, yt, n, threshold, scale, seed, offset);
+    dropout_kernel<T, true><<<blocks, threads, 0, stream>>>(xt, yt, n, threshold, scale, seed);
   } else {
-    dropout_kernel<T, false><<<blocks, threads, 0, stream>>>(xt, yt, n, threshold, scale, seed, offset);
+    dropout_kernel<T, false><<<blocks, threads, 0, stream>>>(xt, yt, n, threshold, scale, seed);
   }
   return cudaGetLastError();
 }
@@ -76,17 +78,17 @@ cudaError_t launch(const void* x, void* y, int64_t n, int32_t threshold, float s
 }  // namespace
 
 cudaError_t dropout_launch(const void* x, void* y, int64_t n, DType dtype, int32_t threshold, float scale,
-                           uint64_t seed, uint64_t offset, cudaStream_t stream) {
+                           const int64_t* seed, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   switch (dtype) {
     case DType::Float32:
-      return launch<float>(x, y, n, threshold, scale, seed, offset, stream);
+      return launch<float>(x, y, n, threshold, scale, seed, stream);
     case DType::Float16:
-      return launch<__half>(x, y, n, threshold, scale, seed, offset, stream);
+      return launch<__half>(x, y, n, threshold, scale, seed, stream);
     case DType::BFloat16:
-      return launch<__nv_bfloat16>(x, y, n, threshold, scale, seed, offset, stream);
+      return launch<__nv_bfloat16>(x, y, n, threshold, scale, seed, stream);
     case DType::Float64:
-      return launch<double>(x, y, n, threshold, scale, seed, offset, stream);
+      return launch<double>(x, y, n, threshold, scale, seed, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -55,8 +55,10 @@ __device__ __forceinline__ void store4(T* p, int count, const typename Compute<T
 template <typename T, bool VECTOR>
 __global__ void bias_dropout_add_fwd_kernel(const T* __restrict__ x, const T* __restrict__ bias,
                                             const T* __restrict__ residual, T* __restrict__ y, int64_t rows,
-                                            int64_t cols, int32_t threshold, float scale, uint64_t seed,
-                                            uint64_t offset) {
+                                            int64_t cols, int32_t threshold, float scale,
+                                            const int64_t* __restrict__ seed_ptr) {
+  // (key, first counter) from device memory: a CUDA-graph replay reads the seed its capture's RNG draw wrote.
+  const uint64_t seed = static_cast<uint64_t>(seed_ptr[0]), offset = static_cast<uint64_t>(seed_ptr[1]);
   using C = typename Compute<T>::type;
   const int64_t groups = (cols + 3) / 4;
   const int64_t group = static_cast<int64_t>(blockIdx.x) * GROUPS_X + threadIdx.x;
@@ -85,8 +87,10 @@ __global__ void bias_dropout_add_fwd_kernel(const T* __restrict__ x, const T* __
 template <typename T, bool VECTOR>
 __global__ void bias_dropout_add_bwd_kernel(const T* __restrict__ grad, T* __restrict__ dx,
                                             typename Compute<T>::type* __restrict__ dbias_partial, int64_t rows,
-                                            int64_t cols, int32_t threshold, float scale, uint64_t seed,
-                                            uint64_t offset) {
+                                            int64_t cols, int32_t threshold, float scale,
+                                            const int64_t* __restrict__ seed_ptr) {
+  // (key, first counter) from device memory: a CUDA-graph replay reads the seed its capture's RNG draw wrote.
+  const uint64_t seed = static_cast<uint64_t>(seed_ptr[0]), offset = static_cast<uint64_t>(seed_ptr[1]);
   using C = typename Compute<T>::type;
   __shared__ C sums[ROWS_Y][GROUPS_X * 4];
   const int64_t groups = (cols + 3) / 4;
@@ -141,7 +145,7 @@ dim3 grid_for(int64_t rows, int64_t cols, int row_chunks) {
 
 template <typename T>
 cudaError_t launch_fwd(const void* x, const void* bias, const void* residual, void* y, int64_t rows, int64_t cols,
-                       int32_t threshold, float scale, uint64_t seed, uint64_t offset, cudaStream_t stream) {
+                       int32_t threshold, float scale, const int64_t* seed, cudaStream_t stream) {
   const dim3 block(GROUPS_X, ROWS_Y);
   const dim3 grid = grid_for(rows, cols, bias_dropout_add_row_chunks(rows, cols));
   const T* xt = static_cast<const T*>(x);
@@ -150,17 +154,17 @@ cudaError_t launch_fwd(const void* x, const void* bias, const void* residual, vo
   T* yt = static_cast<T*>(y);
   if (vector_ok<T>(cols, {x, bias, residual, y})) {
     bias_dropout_add_fwd_kernel<T, true>
-        <<<grid, block, 0, stream>>>(xt, bt, rt, yt, rows, cols, threshold, scale, seed, offset);
+        <<<grid, block, 0, stream>>>(xt, bt, rt, yt, rows, cols, threshold, scale, seed);
   } else {
     bias_dropout_add_fwd_kernel<T, false>
-        <<<grid, block, 0, stream>>>(xt, bt, rt, yt, rows, cols, threshold, scale, seed, offset);
+        <<<grid, block, 0, stream>>>(xt, bt, rt, yt, rows, cols, threshold, scale, seed);
   }
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_bwd(const void* grad, void* dx, void* dbias_partial, int64_t rows, int64_t cols,
-                       int32_t threshold, float scale, uint64_t seed, uint64_t offset, int row_chunks,
+                       int32_t threshold, float scale, const int64_t* seed, int row_chunks,
                        cudaStream_t stream) {
   using C = typename Compute<T>::type;
   const dim3 block(GROUPS_X, ROWS_Y);
@@ -170,10 +174,10 @@ cudaError_t launch_bwd(const void* grad, void* dx, void* dbias_partial, int64_t 
   C* part = static_cast<C*>(dbias_partial);
   if (vector_ok<T>(cols, {grad, dx})) {
     bias_dropout_add_bwd_kernel<T, true>
-        <<<grid, block, 0, stream>>>(gt, dxt, part, rows, cols, threshold, scale, seed, offset);
+        <<<grid, block, 0, stream>>>(gt, dxt, part, rows, cols, threshold, scale, seed);
   } else {
     bias_dropout_add_bwd_kernel<T, false>
-        <<<grid, block, 0, stream>>>(gt, dxt, part, rows, cols, threshold, scale, seed, offset);
+        <<<grid, block, 0, stream>>>(gt, dxt, part, rows, cols, threshold, scale, seed);
   }
   return cudaGetLastError();
 }
@@ -191,38 +195,38 @@ int bias_dropout_add_row_chunks(int64_t rows, int64_t cols) {
 }
 
 cudaError_t bias_dropout_add_launch(const void* x, const void* bias, const void* residual, void* y, int64_t rows,
-                                    int64_t cols, DType dtype, int32_t threshold, float scale, uint64_t seed,
-                                    uint64_t offset, cudaStream_t stream) {
+                                    int64_t cols, DType dtype, int32_t threshold, float scale, const int64_t* seed,
+                                    cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
   switch (dtype) {
     case DType::Float32:
-      return launch_fwd<float>(x, bias, residual, y, rows, cols, threshold, scale, seed, offset, stream);
+      return launch_fwd<float>(x, bias, residual, y, rows, cols, threshold, scale, seed, stream);
     case DType::Float16:
-      return launch_fwd<__half>(x, bias, residual, y, rows, cols, threshold, scale, seed, offset, stream);
+      return launch_fwd<__half>(x, bias, residual, y, rows, cols, threshold, scale, seed, stream);
     case DType::BFloat16:
-      return launch_fwd<__nv_bfloat16>(x, bias, residual, y, rows, cols, threshold, scale, seed, offset, stream);
+      return launch_fwd<__nv_bfloat16>(x, bias, residual, y, rows, cols, threshold, scale, seed, stream);
     case DType::Float64:
-      return launch_fwd<double>(x, bias, residual, y, rows, cols, threshold, scale, seed, offset, stream);
+      return launch_fwd<double>(x, bias, residual, y, rows, cols, threshold, scale, seed, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 cudaError_t bias_dropout_add_backward_launch(const void* grad, void* dx, void* dbias_partial, int64_t rows,
                                              int64_t cols, DType dtype, int32_t threshold, float scale,
-                                             uint64_t seed, uint64_t offset, int row_chunks, cudaStream_t stream) {
+                                             const int64_t* seed, int row_chunks, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
   switch (dtype) {
     case DType::Float32:
-      return launch_bwd<float>(grad, dx, dbias_partial, rows, cols, threshold, scale, seed, offset, row_chunks,
+      return launch_bwd<float>(grad, dx, dbias_partial, rows, cols, threshold, scale, seed, row_chunks,
                                stream);
     case DType::Float16:
-      return launch_bwd<__half>(grad, dx, dbias_partial, rows, cols, threshold, scale, seed, offset, row_chunks,
+      return launch_bwd<__half>(grad, dx, dbias_partial, rows, cols, threshold, scale, seed, row_chunks,
                                 stream);
     case DType::BFloat16:
-      return launch_bwd<__nv_bfloat16>(grad, dx, dbias_partial, rows, cols, threshold, scale, seed, offset,
+      return launch_bwd<__nv_bfloat16>(grad, dx, dbias_partial, rows, cols, threshold, scale, seed,
                                        row_chunks, stream);
     case DType::Float64:
-      return launch_bwd<double>(grad, dx, dbias_partial, rows, cols, threshold, scale, seed, offset, row_chunks,
+      return launch_bwd<double>(grad, dx, dbias_partial, rows, cols, threshold, scale, seed, row_chunks,
                                 stream);
   }
   return cudaErrorInvalidValue;

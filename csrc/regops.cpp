@@ -30,7 +30,16 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "regops_C::", op, ": kernel launch failed: ", cudaGetErrorString(err));
 }
 
-at::Tensor dropout(const at::Tensor& x, int64_t threshold, double scale, int64_t seed, int64_t offset) {
+// The int64 [2] (key, first counter) tensor on the op's device; the kernels read it there (CUDA-graph safe).
+const int64_t* seed_ptr(const at::Tensor& seed, const at::Tensor& like, const char* op) {
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 2 && seed.is_contiguous(), "regops_C::", op,
+              ": seed must be a contiguous int64 tensor of 2 elements");
+  TORCH_CHECK(seed.device() == like.device(), "regops_C::", op, ": seed must be on ", like.device(), ", got ",
+              seed.device());
+  return seed.const_data_ptr<int64_t>();
+}
+
+at::Tensor dropout(const at::Tensor& x, int64_t threshold, double scale, const at::Tensor& seed) {
   TORCH_CHECK(x.is_cuda(), "regops_C::dropout: x must be a CUDA tensor");
   TORCH_CHECK(threshold >= -1 && threshold < (int64_t{1} << 31), "regops_C::dropout: threshold out of range");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -38,14 +47,14 @@ at::Tensor dropout(const at::Tensor& x, int64_t threshold, double scale, int64_t
   at::Tensor y = at::empty_like(input, at::MemoryFormat::Contiguous);
   check_launch(regops::dropout_launch(input.const_data_ptr(), y.mutable_data_ptr(), input.numel(),
                                       dtype_of(input, "dropout"), static_cast<int32_t>(threshold),
-                                      static_cast<float>(scale), static_cast<uint64_t>(seed),
-                                      static_cast<uint64_t>(offset), c10::cuda::getCurrentCUDAStream()),
+                                      static_cast<float>(scale), seed_ptr(seed, x, "dropout"),
+                                      c10::cuda::getCurrentCUDAStream()),
                "dropout");
   return y;
 }
 
 at::Tensor bias_dropout_add(const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
-                            int64_t threshold, double scale, int64_t seed, int64_t offset) {
+                            int64_t threshold, double scale, const at::Tensor& seed) {
   TORCH_CHECK(x.is_cuda() && residual.is_cuda(), "regops_C::bias_dropout_add: x and residual must be CUDA tensors");
   TORCH_CHECK(x.dim() >= 1 && residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type(),
               "regops_C::bias_dropout_add: residual must match x's shape and dtype");
@@ -63,15 +72,15 @@ at::Tensor bias_dropout_add(const at::Tensor& x, const std::optional<at::Tensor>
   check_launch(regops::bias_dropout_add_launch(input.const_data_ptr(), b.defined() ? b.const_data_ptr() : nullptr,
                                                res.const_data_ptr(), y.mutable_data_ptr(), rows, cols,
                                                dtype_of(input, "bias_dropout_add"), static_cast<int32_t>(threshold),
-                                               static_cast<float>(scale), static_cast<uint64_t>(seed),
-                                               static_cast<uint64_t>(offset), c10::cuda::getCurrentCUDAStream()),
+                                               static_cast<float>(scale), seed_ptr(seed, x, "bias_dropout_add"),
+                                               c10::cuda::getCurrentCUDAStream()),
                "bias_dropout_add");
   return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward(const at::Tensor& grad, bool has_bias,
-                                                             int64_t threshold, double scale, int64_t seed,
-                                                             int64_t offset) {
+                                                             int64_t threshold, double scale,
+                                                             const at::Tensor& seed) {
   TORCH_CHECK(grad.is_cuda() && grad.dim() >= 1, "regops_C::bias_dropout_add_backward: grad must be a CUDA tensor");
   TORCH_CHECK(threshold >= -1 && threshold < (int64_t{1} << 31), "regops_C::bias_dropout_add_backward: bad threshold");
   const c10::cuda::CUDAGuard guard(grad.device());
@@ -84,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward(const at::Tensor& g
   check_launch(regops::bias_dropout_add_backward_launch(
                    g.const_data_ptr(), dx.mutable_data_ptr(), has_bias ? parts.mutable_data_ptr() : nullptr, rows,
                    cols, dtype_of(g, "bias_dropout_add_backward"), static_cast<int32_t>(threshold),
-                   static_cast<float>(scale), static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), chunks,
+                   static_cast<float>(scale), seed_ptr(seed, grad, "bias_dropout_add_backward"), chunks,
                    c10::cuda::getCurrentCUDAStream()),
                "bias_dropout_add_backward");
   at::Tensor dbias = has_bias ? parts.sum(0) : at::empty({0}, g.options().dtype(acc));
@@ -141,10 +150,9 @@ at::Tensor mix_apply_backward(const at::Tensor& grad, const at::Tensor& w_self, 
 }  // namespace
 
 TORCH_LIBRARY(regops_C, m) {
-  m.def("dropout(Tensor x, int threshold, float scale, int seed, int offset) -> Tensor");
-  m.def("bias_dropout_add(Tensor x, Tensor? bias, Tensor residual, int threshold, float scale, int seed, "
-        "int offset) -> Tensor");
-  m.def("bias_dropout_add_backward(Tensor grad, bool has_bias, int threshold, float scale, int seed, int offset) "
+  m.def("dropout(Tensor x, int threshold, float scale, Tensor seed) -> Tensor");
+  m.def("bias_dropout_add(Tensor x, Tensor? bias, Tensor residual, int threshold, float scale, Tensor seed) -> Tensor");
+  m.def("bias_dropout_add_backward(Tensor grad, bool has_bias, int threshold, float scale, Tensor seed) "
         "-> (Tensor, Tensor)");
   m.def("mix_apply(Tensor x, Tensor w_self, Tensor w_other, Tensor partner, Tensor box) -> Tensor");
   m.def("mix_apply_backward(Tensor grad, Tensor w_self, Tensor w_other, Tensor inverse, Tensor box) -> Tensor");

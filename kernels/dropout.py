@@ -3,15 +3,17 @@
 import torch
 import triton
 import triton.language as tl
-from regops.kernels.philox import keep_mask
+from regops.kernels.launch import launch
+from regops.kernels.philox import keep_mask, load_seed, seed_tensor
 from regops.kernels.utils import cast_rne
 
 from regops.reference.dropout import dropout_scale, float_round, multi_sample_counters
 from regops.reference.philox import keep_threshold
 
 
-@triton.jit(do_not_specialize=["n", "threshold", "seed", "offset"])
-def dropout_kernel(x_ptr, y_ptr, n, threshold, scale, seed, offset, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["n", "threshold"])
+def dropout_kernel(x_ptr, y_ptr, n, threshold, scale, seed_ptr, BLOCK: tl.constexpr):
+    seed, offset = load_seed(seed_ptr)
     start = tl.program_id(0).to(tl.int64) * BLOCK
     idx = start + tl.arange(0, BLOCK)
     in_bounds = idx < n
@@ -28,20 +30,39 @@ def _default_block(x: torch.Tensor) -> int:
     return 8192 if x.device.type == "cpu" else 2048
 
 
-def dropout(x: torch.Tensor, p: float, seed: int, offset: int, *, block: int | None = None) -> torch.Tensor:
-    """Dropout of a contiguous tensor; bit-identical to regops.reference.dropout.dropout."""
+def dropout(
+    x: torch.Tensor, p: float, seed: int | torch.Tensor, offset: int | None = None, *, block: int | None = None
+) -> torch.Tensor:
+    """Dropout of a contiguous tensor; bit-identical to regops.reference.dropout.dropout.
+
+    ``seed``: the int64 ``[2]`` tensor (key, offset) the kernel reads (CUDA-graph safe), or the ints
+    ``seed, offset`` (see regops.kernels.philox.seed_tensor)."""
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     n = x.numel()
     if n == 0:
         return y
+    seed_t = seed_tensor(seed, offset, x.device)
     block = block or _default_block(x)
     grid = (triton.cdiv(n, block),)
-    dropout_kernel[grid](x, y, n, keep_threshold(p), dropout_scale(p), seed, offset, BLOCK=block, num_warps=4)
+    launch(
+        dropout_kernel,
+        grid,
+        x,
+        y,
+        n,
+        keep_threshold(p),
+        dropout_scale(p),
+        seed_t,
+        device=x.device,
+        BLOCK=block,
+        num_warps=4,
+    )
     return y
 
 
-@triton.jit(do_not_specialize=["n", "threshold", "seed", "offset"])
-def dropout_bitmask_kernel(x_ptr, y_ptr, bits_ptr, n, threshold, scale, seed, offset, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["n", "threshold"])
+def dropout_bitmask_kernel(x_ptr, y_ptr, bits_ptr, n, threshold, scale, seed_ptr, BLOCK: tl.constexpr):
+    seed, offset = load_seed(seed_ptr)
     start = tl.program_id(0).to(tl.int64) * BLOCK
     idx = start + tl.arange(0, BLOCK)
     in_bounds = idx < n
@@ -54,7 +75,8 @@ def dropout_bitmask_kernel(x_ptr, y_ptr, bits_ptr, n, threshold, scale, seed, of
     # Bit j of byte k is element 8k + j; bits past n are zero.
     bits = tl.reshape((keep & in_bounds).to(tl.int32), [BLOCK // 8, 8]) << tl.arange(0, 8)[None, :]
     byte_idx = start // 8 + tl.arange(0, BLOCK // 8)
-    tl.store(bits_ptr + byte_idx, tl.sum(bits, axis=1).to(tl.uint8), mask=byte_idx < (n + 7) // 8)
+    # n + 7 in int64: n is an int32 argument below 2**31 and n + 7 could wrap.
+    tl.store(bits_ptr + byte_idx, tl.sum(bits, axis=1).to(tl.uint8), mask=byte_idx < (n.to(tl.int64) + 7) // 8)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -63,7 +85,7 @@ def apply_bitmask_kernel(g_ptr, bits_ptr, out_ptr, n, scale, BLOCK: tl.constexpr
     idx = start + tl.arange(0, BLOCK)
     in_bounds = idx < n
     byte_idx = start // 8 + tl.arange(0, BLOCK // 8)
-    packed = tl.load(bits_ptr + byte_idx, mask=byte_idx < (n + 7) // 8, other=0).to(tl.int32)
+    packed = tl.load(bits_ptr + byte_idx, mask=byte_idx < (n.to(tl.int64) + 7) // 8, other=0).to(tl.int32)
     keep = tl.reshape((packed[:, None] >> tl.arange(0, 8)[None, :]) & 1, [BLOCK]) != 0
     g = tl.load(g_ptr + idx, mask=in_bounds)
     if g.dtype != tl.float64:
@@ -72,14 +94,18 @@ def apply_bitmask_kernel(g_ptr, bits_ptr, out_ptr, n, scale, BLOCK: tl.constexpr
     tl.store(out_ptr + idx, cast_rne(out, out_ptr.dtype.element_ty), mask=in_bounds)
 
 
-@triton.jit(do_not_specialize=["n", "num_samples", "step", "threshold", "seed", "offset"])
-def multi_sample_mean_kernel(x_ptr, y_ptr, n, num_samples, step, threshold, factor, seed, offset, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["n", "num_samples", "step", "threshold"])
+def multi_sample_mean_kernel(x_ptr, y_ptr, n, num_samples, step, threshold, factor, seed_ptr, BLOCK: tl.constexpr):
+    seed, offset = load_seed(seed_ptr)
     start = tl.program_id(0).to(tl.int64) * BLOCK
     idx = start + tl.arange(0, BLOCK)
     in_bounds = idx < n
     count = tl.zeros([BLOCK], dtype=tl.int32)
-    for k in range(num_samples):
-        count += keep_mask(seed, offset + k * step + start // 4, threshold, BLOCK).to(tl.int32)
+    # Sample k starts at counter offset + k * step: advanced in int64 (k * step in int32 would wrap).
+    counter = offset + start // 4
+    for _ in range(num_samples):
+        count += keep_mask(seed, counter, threshold, BLOCK).to(tl.int32)
+        counter += step.to(tl.int64)
     x = tl.load(x_ptr + idx, mask=in_bounds)
     if x.dtype != tl.float64:
         x = x.to(tl.float32)
@@ -110,7 +136,9 @@ def scale_rows_add(
     if n == 0:
         return y
     block = block or _default_block(x)
-    scale_rows_add_kernel[(triton.cdiv(n, block),)](
+    launch(
+        scale_rows_add_kernel,
+        (triton.cdiv(n, block),),
         x,
         scales,
         residual if residual is not None else x,
@@ -118,6 +146,7 @@ def scale_rows_add(
         n,
         max(n // x.shape[0], 1),
         HAS_RESIDUAL=residual is not None,
+        device=x.device,
         BLOCK=block,
         num_warps=4,
         enable_fp_fusion=False,  # x*s+r stays two roundings, bit-identical to the reference
@@ -126,7 +155,7 @@ def scale_rows_add(
 
 
 def dropout_bitmask(
-    x: torch.Tensor, p: float, seed: int, offset: int, *, block: int | None = None
+    x: torch.Tensor, p: float, seed: int | torch.Tensor, offset: int | None = None, *, block: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dropout plus the keep-mask packed 1 bit per element; as regops.reference.dropout.dropout_bitmask."""
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -134,10 +163,22 @@ def dropout_bitmask(
     bits = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
     if n == 0:
         return y, bits
+    seed_t = seed_tensor(seed, offset, x.device)
     block = block or _default_block(x)
     grid = (triton.cdiv(n, block),)
-    dropout_bitmask_kernel[grid](
-        x, y, bits, n, keep_threshold(p), dropout_scale(p), seed, offset, BLOCK=block, num_warps=4
+    launch(
+        dropout_bitmask_kernel,
+        grid,
+        x,
+        y,
+        bits,
+        n,
+        keep_threshold(p),
+        dropout_scale(p),
+        seed_t,
+        device=x.device,
+        BLOCK=block,
+        num_warps=4,
     )
     return y, bits
 
@@ -149,12 +190,29 @@ def apply_bitmask(g: torch.Tensor, bits: torch.Tensor, scale: float, *, block: i
     if n == 0:
         return out
     block = block or _default_block(g)
-    apply_bitmask_kernel[(triton.cdiv(n, block),)](g, bits, out, n, scale, BLOCK=block, num_warps=4)
+    launch(
+        apply_bitmask_kernel,
+        (triton.cdiv(n, block),),
+        g,
+        bits,
+        out,
+        n,
+        scale,
+        device=g.device,
+        BLOCK=block,
+        num_warps=4,
+    )
     return out
 
 
 def multi_sample_mean_dropout(
-    x: torch.Tensor, p: float, num_samples: int, seed: int, offset: int, *, block: int | None = None
+    x: torch.Tensor,
+    p: float,
+    num_samples: int,
+    seed: int | torch.Tensor,
+    offset: int | None = None,
+    *,
+    block: int | None = None,
 ) -> torch.Tensor:
     """``x`` times the mean of ``num_samples`` dropout masks; as the reference of the same name."""
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -163,7 +221,9 @@ def multi_sample_mean_dropout(
         return y
     block = block or _default_block(x)
     factor = float_round(dropout_scale(p) / num_samples)
-    multi_sample_mean_kernel[(triton.cdiv(n, block),)](
+    launch(
+        multi_sample_mean_kernel,
+        (triton.cdiv(n, block),),
         x,
         y,
         n,
@@ -171,8 +231,8 @@ def multi_sample_mean_dropout(
         multi_sample_counters(n),
         keep_threshold(p),
         factor,
-        seed,
-        offset,
+        seed_tensor(seed, offset, x.device),
+        device=x.device,
         BLOCK=block,
         num_warps=4,
     )
@@ -183,7 +243,7 @@ _DTYPES = ("*fp32", "*fp16", "*bf16", "*fp64")
 COMPILE_SPECS = [
     (
         dropout_kernel,
-        {"x_ptr": t, "y_ptr": t, "n": "i64", "threshold": "i32", "scale": "fp32", "seed": "i64", "offset": "i64"},
+        {"x_ptr": t, "y_ptr": t, "n": "i64", "threshold": "i32", "scale": "fp32", "seed_ptr": "*i64"},
         {"BLOCK": 2048},
     )
     for t in _DTYPES
@@ -198,8 +258,7 @@ COMPILE_SPECS += [
             "n": "i64",
             "threshold": "i32",
             "scale": "fp32",
-            "seed": "i64",
-            "offset": "i64",
+            "seed_ptr": "*i64",
         },
         {"BLOCK": 2048},
     )
@@ -220,8 +279,7 @@ COMPILE_SPECS += [
             "step": "i64",
             "threshold": "i32",
             "factor": "fp32",
-            "seed": "i64",
-            "offset": "i64",
+            "seed_ptr": "*i64",
         },
         {"BLOCK": 2048},
     )

@@ -4,10 +4,13 @@ Masks use the row layout of regops.reference.dropout.row_keep_mask: element (r, 
 counter offset + r * ceil(H / 4) + c // 4, so any tile of rows regenerates its own mask, forward or backward.
 """
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
-from regops.kernels.philox import counter_words
+from regops.kernels.launch import launch, sm_count
+from regops.kernels.philox import counter_words, load_seed, seed_tensor
 from regops.kernels.utils import cast_rne
 
 from regops.reference.dropout import dropout_scale, row_counters
@@ -29,7 +32,7 @@ def row_keep_tile(seed, offset, rows, col0, threshold, counters_per_row, BLOCK_R
 
 
 # ------------------------------------------------------------------------------------------------ bias_dropout_add
-@triton.jit(do_not_specialize=["rows", "cols", "counters_per_row", "threshold", "seed", "offset"])
+@triton.jit(do_not_specialize=["rows", "cols", "counters_per_row", "threshold"])
 def bias_dropout_add_fwd_kernel(
     x_ptr,
     bias_ptr,
@@ -40,12 +43,12 @@ def bias_dropout_add_fwd_kernel(
     counters_per_row,
     threshold,
     scale,
-    seed,
-    offset,
+    seed_ptr,
     HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    seed, offset = load_seed(seed_ptr)
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     col0 = tl.program_id(1).to(tl.int64) * BLOCK_C
     c = col0 + tl.arange(0, BLOCK_C)
@@ -62,7 +65,7 @@ def bias_dropout_add_fwd_kernel(
     tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)
 
 
-@triton.jit(do_not_specialize=["rows", "cols", "counters_per_row", "threshold", "seed", "offset", "iters"])
+@triton.jit(do_not_specialize=["rows", "cols", "counters_per_row", "threshold", "iters"])
 def bias_dropout_add_bwd_kernel(
     g_ptr,
     dx_ptr,
@@ -72,13 +75,13 @@ def bias_dropout_add_bwd_kernel(
     counters_per_row,
     threshold,
     scale,
-    seed,
-    offset,
+    seed_ptr,
     iters,
     HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    seed, offset = load_seed(seed_ptr)
     # Program (i, j) handles row blocks i, i + G, i + 2G, ... of column block j and writes one partial bias sum.
     pid_r = tl.program_id(0)
     n_prog_r = tl.num_programs(0)
@@ -100,7 +103,7 @@ def bias_dropout_add_bwd_kernel(
         if HAS_BIAS:
             acc += tl.sum(dx, axis=0)
     if HAS_BIAS:
-        tl.store(dbias_part_ptr + pid_r * cols + c, acc, mask=c < cols)
+        tl.store(dbias_part_ptr + pid_r.to(tl.int64) * cols + c, acc, mask=c < cols)
 
 
 def _rows_cols(x: torch.Tensor) -> tuple[int, int]:
@@ -116,7 +119,12 @@ def _tile(x: torch.Tensor, cols: int) -> tuple[int, int]:
 
 
 def bias_dropout_add(
-    x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, p: float, seed: int, offset: int
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    p: float,
+    seed: int | torch.Tensor,
+    offset: int | None = None,
 ) -> torch.Tensor:
     """``residual + dropout(x + bias)``; as regops.reference.dropout.bias_dropout_add (contiguous inputs)."""
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -125,7 +133,9 @@ def bias_dropout_add(
         return y
     block_r, block_c = _tile(x, cols)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
-    bias_dropout_add_fwd_kernel[grid](
+    launch(
+        bias_dropout_add_fwd_kernel,
+        grid,
         x,
         bias if bias is not None else x,
         residual,
@@ -135,8 +145,8 @@ def bias_dropout_add(
         row_counters(cols),
         keep_threshold(p),
         dropout_scale(p),
-        seed,
-        offset,
+        seed_tensor(seed, offset, x.device),
+        device=x.device,
         HAS_BIAS=bias is not None,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
@@ -147,7 +157,7 @@ def bias_dropout_add(
 
 
 def bias_dropout_add_backward(
-    grad: torch.Tensor, has_bias: bool, p: float, seed: int, offset: int
+    grad: torch.Tensor, has_bias: bool, p: float, seed: int | torch.Tensor, offset: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(dx, dbias)``; dbias float32 (float64 for float64) column sums of dx before rounding."""
     dx = torch.empty_like(grad, memory_format=torch.contiguous_format)
@@ -157,9 +167,11 @@ def bias_dropout_add_backward(
         return dx, (torch.zeros(cols, dtype=acc_dtype, device=grad.device) if has_bias else None)
     block_r, block_c = _tile(grad, cols)
     row_blocks = triton.cdiv(rows, block_r)
-    programs = min(row_blocks, 8 if grad.device.type == "cpu" else 4 * 132)
+    programs = min(row_blocks, 8 if grad.device.type == "cpu" else 4 * sm_count(grad.device))
     parts = torch.empty((programs, cols), dtype=acc_dtype, device=grad.device) if has_bias else dx
-    bias_dropout_add_bwd_kernel[(programs, triton.cdiv(cols, block_c))](
+    launch(
+        bias_dropout_add_bwd_kernel,
+        (programs, triton.cdiv(cols, block_c)),
         grad,
         dx,
         parts,
@@ -168,9 +180,9 @@ def bias_dropout_add_backward(
         row_counters(cols),
         keep_threshold(p),
         dropout_scale(p),
-        seed,
-        offset,
+        seed_tensor(seed, offset, grad.device),
         triton.cdiv(row_blocks, programs),
+        device=grad.device,
         HAS_BIAS=has_bias,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
@@ -180,7 +192,7 @@ def bias_dropout_add_backward(
 
 
 # ------------------------------------------------------------------------------------------------ + LayerNorm
-@triton.jit(do_not_specialize=["rows", "cols", "counters_per_row", "threshold", "seed", "offset"])
+@triton.jit(do_not_specialize=["rows", "cols", "counters_per_row", "threshold"])
 def dropout_add_layer_norm_fwd_kernel(
     x_ptr,
     res_ptr,
@@ -196,8 +208,7 @@ def dropout_add_layer_norm_fwd_kernel(
     threshold,
     scale,
     eps,
-    seed,
-    offset,
+    seed_ptr,
     HAS_DROPOUT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -206,6 +217,8 @@ def dropout_add_layer_norm_fwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """Whole rows in registers (BLOCK_C >= cols): used up to WHOLE_ROW_MAX_COLS, where it does not spill."""
+    seed, offset = load_seed(seed_ptr)
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.arange(0, BLOCK_C)
     col_ok = c < cols
@@ -241,7 +254,7 @@ def dropout_add_layer_norm_fwd_kernel(
     tl.store(rstd_ptr + r, rstd, mask=r < rows)
 
 
-@triton.jit(do_not_specialize=["rows", "cols", "counters_per_row", "threshold", "seed", "offset", "iters"])
+@triton.jit(do_not_specialize=["rows", "cols", "counters_per_row", "threshold", "iters"])
 def dropout_add_layer_norm_bwd_kernel(
     dy_ptr,
     ds_ptr,
@@ -258,8 +271,7 @@ def dropout_add_layer_norm_bwd_kernel(
     counters_per_row,
     threshold,
     scale,
-    seed,
-    offset,
+    seed_ptr,
     iters,
     HAS_DROPOUT: tl.constexpr,
     HAS_DS: tl.constexpr,
@@ -270,6 +282,8 @@ def dropout_add_layer_norm_bwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """Whole rows in registers (BLOCK_C >= cols): used up to WHOLE_ROW_MAX_COLS, where it does not spill."""
+    seed, offset = load_seed(seed_ptr)
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     c = tl.arange(0, BLOCK_C)
@@ -310,20 +324,222 @@ def dropout_add_layer_norm_bwd_kernel(
         if HAS_BIAS:
             db_acc += tl.sum(g, axis=0)
     if HAS_WEIGHT:
-        tl.store(dw_part_ptr + pid * cols + c, dw_acc, mask=col_ok)
+        tl.store(dw_part_ptr + pid.to(tl.int64) * cols + c, dw_acc, mask=col_ok)
     if HAS_BIAS:
-        tl.store(db_part_ptr + pid * cols + c, db_acc, mask=col_ok)
+        tl.store(db_part_ptr + pid.to(tl.int64) * cols + c, db_acc, mask=col_ok)
 
 
-MAX_NORM_COLS = 65536
+# Rows longer than WHOLE_ROW_MAX_COLS do not fit in registers (in fp32 the whole-row backward spills ~0.5 KB per
+# thread at 8192 columns and ~30 KB at 65536): the looped kernels stream each row in BLOCK_C-column chunks, as the
+# best Triton LayerNorms do. Forward: pass 1 writes s chunk by chunk and merges per-chunk mean and M2 (Chan et al.,
+# stable for any row length), pass 2 re-reads s (hot in L2) and writes y. Backward: pass 1 reduces the two row
+# dot products c1, c2 into a [rows] scratch, pass 2 walks column chunks in the outer loop so that the dweight and
+# dbias partial sums of a chunk stay in registers over all the program's rows (deterministic, no atomics).
+@triton.jit(do_not_specialize=["rows", "cols", "counters_per_row", "threshold"])
+def dropout_add_layer_norm_fwd_looped_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    s_ptr,
+    mean_ptr,
+    rstd_ptr,
+    rows,
+    cols,
+    counters_per_row,
+    threshold,
+    scale,
+    eps,
+    seed_ptr,
+    HAS_DROPOUT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RMS_NORM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    seed, offset = load_seed(seed_ptr)
+    compute: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = r < rows
+    mean = tl.zeros([BLOCK_R], dtype=compute)
+    m2 = tl.zeros([BLOCK_R], dtype=compute)
+    for col0 in range(0, cols, BLOCK_C):
+        c = col0 + tl.arange(0, BLOCK_C)
+        in_bounds = row_ok[:, None] & (c[None, :] < cols)
+        idx = r[:, None] * cols + c[None, :]
+        t = tl.load(x_ptr + idx, mask=in_bounds, other=0.0).to(compute)
+        if HAS_DROPOUT:
+            keep = row_keep_tile(seed, offset, r, col0, threshold, counters_per_row, BLOCK_R, BLOCK_C)
+            t = tl.where(keep, t * scale, 0.0)
+        if HAS_RESIDUAL:
+            t += tl.load(res_ptr + idx, mask=in_bounds, other=0.0).to(compute)
+        s_stored = cast_rne(t, s_ptr.dtype.element_ty)
+        tl.store(s_ptr + idx, s_stored, mask=in_bounds)
+        sv = tl.where(in_bounds, s_stored.to(compute), 0.0)
+        if RMS_NORM:
+            m2 += tl.sum(sv * sv, axis=1)
+        else:
+            # merge this chunk's (n_c, mean_c, M2_c) into the running (col0, mean, M2)
+            n_c = tl.sum((c < cols).to(compute), axis=0)
+            n_prev = tl.zeros([BLOCK_R], dtype=compute) + col0
+            mean_c = tl.sum(sv, axis=1) / n_c
+            d = tl.where(in_bounds, sv - mean_c[:, None], 0.0)
+            delta = mean_c - mean
+            frac = n_c / (n_prev + n_c)
+            m2 += tl.sum(d * d, axis=1) + delta * delta * n_prev * frac
+            mean += delta * frac
+    rstd = 1.0 / tl.sqrt(m2 / cols + eps)
+    tl.store(mean_ptr + r, mean, mask=row_ok)
+    tl.store(rstd_ptr + r, rstd, mask=row_ok)
+    tl.debug_barrier()  # pass 2 reads s written by other threads of this program
+    for col0 in range(0, cols, BLOCK_C):
+        c = col0 + tl.arange(0, BLOCK_C)
+        col_ok = c < cols
+        in_bounds = row_ok[:, None] & col_ok[None, :]
+        idx = r[:, None] * cols + c[None, :]
+        sv = tl.load(s_ptr + idx, mask=in_bounds, other=0.0).to(compute)
+        y = (sv - mean[:, None]) * rstd[:, None]
+        if HAS_WEIGHT:
+            y = y * tl.load(w_ptr + c, mask=col_ok, other=0.0).to(compute)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(b_ptr + c, mask=col_ok, other=0.0).to(compute)[None, :]
+        tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)
 
 
-def _norm_tile(t: torch.Tensor, cols: int) -> tuple[int, int]:
-    block_c = max(triton.next_power_of_2(cols), 4)
-    if block_c > MAX_NORM_COLS:
-        raise ValueError(f"regops: the Triton dropout_add_layer_norm handles rows of at most {MAX_NORM_COLS}")
-    target = 16384 if t.device.type == "cpu" else 4096
-    return max(1, min(target // block_c, 16)), block_c
+@triton.jit(do_not_specialize=["rows", "cols", "counters_per_row", "threshold", "iters"])
+def dropout_add_layer_norm_bwd_looped_kernel(
+    dy_ptr,
+    ds_ptr,
+    s_ptr,
+    mean_ptr,
+    rstd_ptr,
+    w_ptr,
+    dx_ptr,
+    dres_ptr,
+    dw_part_ptr,
+    db_part_ptr,
+    c1_ptr,
+    c2_ptr,
+    rows,
+    cols,
+    counters_per_row,
+    threshold,
+    scale,
+    seed_ptr,
+    iters,
+    HAS_DROPOUT: tl.constexpr,
+    HAS_DS: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RMS_NORM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    seed, offset = load_seed(seed_ptr)
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    compute: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
+    # pass 1: c1 = mean(xhat * w g), c2 = mean(w g) per row, into the [rows] scratch
+    for it in range(iters):
+        r = (pid + it * n_prog).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = r < rows
+        mean = tl.load(mean_ptr + r, mask=row_ok, other=0.0).to(compute)
+        rstd = tl.load(rstd_ptr + r, mask=row_ok, other=0.0).to(compute)
+        c1 = tl.zeros([BLOCK_R], dtype=compute)
+        c2 = tl.zeros([BLOCK_R], dtype=compute)
+        for col0 in range(0, cols, BLOCK_C):
+            c = col0 + tl.arange(0, BLOCK_C)
+            col_ok = c < cols
+            in_bounds = row_ok[:, None] & col_ok[None, :]
+            idx = r[:, None] * cols + c[None, :]
+            sv = tl.load(s_ptr + idx, mask=in_bounds, other=0.0).to(compute)
+            g = tl.load(dy_ptr + idx, mask=in_bounds, other=0.0).to(compute)
+            xhat = tl.where(in_bounds, (sv - mean[:, None]) * rstd[:, None], 0.0)
+            if HAS_WEIGHT:
+                g = g * tl.load(w_ptr + c, mask=col_ok, other=0.0).to(compute)[None, :]
+            c1 += tl.sum(xhat * g, axis=1)
+            c2 += tl.sum(g, axis=1)
+        tl.store(c1_ptr + r, c1 / cols, mask=row_ok)
+        tl.store(c2_ptr + r, c2 / cols, mask=row_ok)
+    tl.debug_barrier()  # pass 2 reads c1, c2 written by other threads of this program
+    # pass 2: column chunks outside, the program's rows inside; dweight / dbias partials stay in registers
+    for col0 in range(0, cols, BLOCK_C):
+        c = col0 + tl.arange(0, BLOCK_C)
+        col_ok = c < cols
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + c, mask=col_ok, other=0.0).to(compute)
+        dw_acc = tl.zeros([BLOCK_C], dtype=compute)
+        db_acc = tl.zeros([BLOCK_C], dtype=compute)
+        for it in range(iters):
+            r = (pid + it * n_prog).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+            row_ok = r < rows
+            in_bounds = row_ok[:, None] & col_ok[None, :]
+            idx = r[:, None] * cols + c[None, :]
+            mean = tl.load(mean_ptr + r, mask=row_ok, other=0.0).to(compute)
+            rstd = tl.load(rstd_ptr + r, mask=row_ok, other=0.0).to(compute)
+            c1 = tl.load(c1_ptr + r, mask=row_ok, other=0.0)
+            sv = tl.load(s_ptr + idx, mask=in_bounds, other=0.0).to(compute)
+            g = tl.load(dy_ptr + idx, mask=in_bounds, other=0.0).to(compute)
+            xhat = tl.where(in_bounds, (sv - mean[:, None]) * rstd[:, None], 0.0)
+            wg = g * w[None, :] if HAS_WEIGHT else g
+            if RMS_NORM:
+                dsum = (wg - xhat * c1[:, None]) * rstd[:, None]
+            else:
+                c2 = tl.load(c2_ptr + r, mask=row_ok, other=0.0)
+                dsum = (wg - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+            if HAS_DS:
+                dsum += tl.load(ds_ptr + idx, mask=in_bounds, other=0.0).to(compute)
+            dx = dsum
+            if HAS_DROPOUT:
+                keep = row_keep_tile(seed, offset, r, col0, threshold, counters_per_row, BLOCK_R, BLOCK_C)
+                dx = tl.where(keep, dsum * scale, 0.0)
+            tl.store(dx_ptr + idx, cast_rne(dx, dx_ptr.dtype.element_ty), mask=in_bounds)
+            if HAS_DRES:
+                tl.store(dres_ptr + idx, cast_rne(dsum, dres_ptr.dtype.element_ty), mask=in_bounds)
+            if HAS_WEIGHT:
+                dw_acc += tl.sum(g * xhat, axis=0)
+            if HAS_BIAS:
+                db_acc += tl.sum(g, axis=0)
+        if HAS_WEIGHT:
+            tl.store(dw_part_ptr + pid.to(tl.int64) * cols + c, dw_acc, mask=col_ok)
+        if HAS_BIAS:
+            tl.store(db_part_ptr + pid.to(tl.int64) * cols + c, db_acc, mask=col_ok)
+
+
+# Whole rows in registers up to WHOLE_ROW_MAX_COLS; longer rows stream through LOOP_BLOCK_C-column chunks. GPU
+# tiles hold 1024 elements on 8 warps (4 per thread) and the register budget is fixed at MAX_REGISTERS (two
+# 256-thread blocks per SM): left to itself ptxas picks an occupancy target and spills a few bytes to meet it
+# (4-12 B at 64-128 registers), and whole rows of 4096+ columns sat at 255 registers or spilled ~0.8 KB per
+# thread (8192 columns, fp32 backward). Columns are padded to at least MIN_BLOCK_C so that few distinct
+# configurations exist: tests/test_kernels_compile.py compiles each one the launchers pick up to 65536 columns
+# and fails on any spill.
+WHOLE_ROW_MAX_COLS = 1024
+MAX_REGISTERS = 128
+LOOP_BLOCK_C = 1024
+MIN_BLOCK_C = 128
+_GPU_TILE = 1024
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    block_r: int
+    block_c: int
+    looped: bool
+    num_warps: int
+    maxnreg: int
+
+
+def norm_config(cols: int, device_type: str = "cuda") -> NormConfig:
+    """Tile of the LayerNorm kernels for rows of ``cols`` columns: whole rows in registers, or looped rows."""
+    block_c = max(triton.next_power_of_2(cols), MIN_BLOCK_C)
+    if block_c > WHOLE_ROW_MAX_COLS:
+        return NormConfig(1, LOOP_BLOCK_C, True, 8, MAX_REGISTERS)
+    target = 16384 if device_type == "cpu" else _GPU_TILE  # the interpreter pays per program: large tiles
+    return NormConfig(max(1, min(target // block_c, 16)), block_c, False, 8, MAX_REGISTERS)
 
 
 def dropout_add_layer_norm(
@@ -335,10 +551,10 @@ def dropout_add_layer_norm(
     eps: float,
     rms_norm: bool,
     residual_in_fp32: bool,
-    seed: int,
-    offset: int,
+    seed: int | torch.Tensor,
+    offset: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """As regops.reference.dropout.dropout_add_layer_norm: ``(y, s, mean, rstd)``."""
+    """As regops.reference.dropout.dropout_add_layer_norm: ``(y, s, mean, rstd)``; any row length."""
     cols = x.shape[-1]
     rows = x.numel() // cols if cols else 0
     stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -353,8 +569,10 @@ def dropout_add_layer_norm(
     rstd = torch.empty(rows, dtype=stat_dtype, device=x.device)
     if x.numel() == 0:
         return y, s, mean, rstd
-    block_r, block_c = _norm_tile(x, cols)
-    dropout_add_layer_norm_fwd_kernel[(triton.cdiv(rows, block_r),)](
+    cfg = norm_config(cols, x.device.type)
+    launch(
+        dropout_add_layer_norm_fwd_looped_kernel if cfg.looped else dropout_add_layer_norm_fwd_kernel,
+        (triton.cdiv(rows, cfg.block_r),),
         x,
         residual if residual is not None else x,
         weight if weight is not None else x,
@@ -369,16 +587,17 @@ def dropout_add_layer_norm(
         keep_threshold(p),
         dropout_scale(p),
         eps,
-        seed,
-        offset,
+        seed_tensor(seed, offset, x.device),
+        device=x.device,
         HAS_DROPOUT=p > 0.0,
         HAS_RESIDUAL=residual is not None,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         RMS_NORM=rms_norm,
-        BLOCK_R=block_r,
-        BLOCK_C=block_c,
-        num_warps=4 if block_c <= 2048 else 8,
+        BLOCK_R=cfg.block_r,
+        BLOCK_C=cfg.block_c,
+        num_warps=cfg.num_warps,
+        maxnreg=cfg.maxnreg,
         enable_fp_fusion=False,  # the stored pre-norm sum is bit-identical to the reference
     )
     return y, s, mean, rstd
@@ -394,8 +613,8 @@ def dropout_add_layer_norm_backward(
     has_bias: bool,
     p: float,
     rms_norm: bool,
-    seed: int,
-    offset: int,
+    seed: int | torch.Tensor,
+    offset: int | None,
     x_dtype: torch.dtype,
     res_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -408,12 +627,16 @@ def dropout_add_layer_norm_backward(
     if s.numel() == 0:
         zeros = lambda: torch.zeros(cols, dtype=acc_dtype, device=s.device)
         return dx, dres, (zeros() if weight is not None else None), (zeros() if has_bias else None)
-    block_r, block_c = _norm_tile(s, cols)
-    row_blocks = triton.cdiv(rows, block_r)
-    programs = min(row_blocks, 4 if s.device.type == "cpu" else 2 * 132)
+    cfg = norm_config(cols, s.device.type)
+    row_blocks = triton.cdiv(rows, cfg.block_r)
+    programs = min(row_blocks, 4 if s.device.type == "cpu" else 2 * sm_count(s.device))
     dw = torch.empty((programs, cols), dtype=acc_dtype, device=s.device) if weight is not None else None
     db = torch.empty((programs, cols), dtype=acc_dtype, device=s.device) if has_bias else None
-    dropout_add_layer_norm_bwd_kernel[(programs,)](
+    # the looped kernel's per-row scratch for its two row reductions
+    scratch = (torch.empty(rows, dtype=acc_dtype, device=s.device) for _ in range(2)) if cfg.looped else ()
+    launch(
+        dropout_add_layer_norm_bwd_looped_kernel if cfg.looped else dropout_add_layer_norm_bwd_kernel,
+        (programs,),
         dy,
         ds if ds is not None else dy,
         s,
@@ -424,25 +647,47 @@ def dropout_add_layer_norm_backward(
         dres if dres is not None else dx,
         dw if dw is not None else dx,
         db if db is not None else dx,
+        *scratch,
         rows,
         cols,
         row_counters(cols),
         keep_threshold(p),
         dropout_scale(p),
-        seed,
-        offset,
+        seed_tensor(seed, offset, s.device),
         triton.cdiv(row_blocks, programs),
+        device=s.device,
         HAS_DROPOUT=p > 0.0,
         HAS_DS=ds is not None,
         HAS_DRES=dres is not None,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=has_bias,
         RMS_NORM=rms_norm,
-        BLOCK_R=block_r,
-        BLOCK_C=block_c,
-        num_warps=4 if block_c <= 2048 else 8,
+        BLOCK_R=cfg.block_r,
+        BLOCK_C=cfg.block_c,
+        num_warps=cfg.num_warps,
+        maxnreg=cfg.maxnreg,
     )
     return dx, dres, (dw.sum(0) if dw is not None else None), (db.sum(0) if db is not None else None)
+
+
+def layer_norm_spec(looped: bool, backward: bool, dtype: str, s_dtype: str, cfg: NormConfig):
+    """(kernel, signature, constexprs) of a LayerNorm kernel with every option on, for AOT compile tests.
+
+    ``dtype``/``s_dtype``: Triton pointer types of x (y, dx, ...) and of the stored pre-norm sum."""
+    stat = "*fp64" if dtype == "*fp64" else "*fp32"
+    rows = {"rows": "i64", "cols": "i64", "counters_per_row": "i64", "threshold": "i32", "scale": "fp32"}
+    flags = {"HAS_DROPOUT": True, "HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_R": cfg.block_r, "BLOCK_C": cfg.block_c}
+    if not backward:
+        ptrs = dict(x_ptr=dtype, res_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=dtype, s_ptr=s_dtype)
+        sig = {**ptrs, "mean_ptr": stat, "rstd_ptr": stat, **rows, "eps": "fp32", "seed_ptr": "*i64"}
+        kernel = dropout_add_layer_norm_fwd_looped_kernel if looped else dropout_add_layer_norm_fwd_kernel
+        return kernel, sig, {**flags, "HAS_RESIDUAL": True, "RMS_NORM": False}
+    ptrs = dict(dy_ptr=dtype, ds_ptr=s_dtype, s_ptr=s_dtype, mean_ptr=stat, rstd_ptr=stat, w_ptr=dtype)
+    outs = dict(dx_ptr=dtype, dres_ptr=dtype, dw_part_ptr=stat, db_part_ptr=stat)
+    scratch = {"c1_ptr": stat, "c2_ptr": stat} if looped else {}
+    sig = {**ptrs, **outs, **scratch, **rows, "seed_ptr": "*i64", "iters": "i32"}
+    kernel = dropout_add_layer_norm_bwd_looped_kernel if looped else dropout_add_layer_norm_bwd_kernel
+    return kernel, sig, {**flags, "HAS_DS": True, "HAS_DRES": True, "RMS_NORM": False}
 
 
 _DTYPES = ("*fp32", "*fp16", "*bf16", "*fp64")
@@ -459,8 +704,7 @@ for _t in _DTYPES:
                 "y_ptr": _t,
                 **_ROW_ARGS,
                 "scale": "fp32",
-                "seed": "i64",
-                "offset": "i64",
+                "seed_ptr": "*i64",
             },
             {"HAS_BIAS": True, "BLOCK_R": 4, "BLOCK_C": 1024},
         ),
@@ -472,71 +716,19 @@ for _t in _DTYPES:
                 "dbias_part_ptr": "*fp64" if _t == "*fp64" else "*fp32",
                 **_ROW_ARGS,
                 "scale": "fp32",
-                "seed": "i64",
-                "offset": "i64",
+                "seed_ptr": "*i64",
                 "iters": "i32",
             },
             {"HAS_BIAS": True, "BLOCK_R": 4, "BLOCK_C": 1024},
         ),
     ]
-    _stat = "*fp64" if _t == "*fp64" else "*fp32"
-    for _s in dict.fromkeys((_t, _stat)):
+    # the LayerNorm kernels with s in the widest dtype; tests/test_kernels_compile.py compiles every launcher
+    # configuration of them (fp32/bf16/fp16) and checks registers and spills
+    for _cfg in (norm_config(256), norm_config(2 * WHOLE_ROW_MAX_COLS)):
         COMPILE_SPECS += [
             (
-                dropout_add_layer_norm_fwd_kernel,
-                {
-                    "x_ptr": _t,
-                    "res_ptr": _t,
-                    "w_ptr": _t,
-                    "b_ptr": _t,
-                    "y_ptr": _t,
-                    "s_ptr": _s,
-                    "mean_ptr": _stat,
-                    "rstd_ptr": _stat,
-                    **_ROW_ARGS,
-                    "scale": "fp32",
-                    "eps": "fp32",
-                    "seed": "i64",
-                    "offset": "i64",
-                },
-                {
-                    "HAS_DROPOUT": True,
-                    "HAS_RESIDUAL": True,
-                    "HAS_WEIGHT": True,
-                    "HAS_BIAS": True,
-                    "RMS_NORM": False,
-                    "BLOCK_R": 2,
-                    "BLOCK_C": 2048,
-                },
-            ),
-            (
-                dropout_add_layer_norm_bwd_kernel,
-                {
-                    "dy_ptr": _t,
-                    "ds_ptr": _s,
-                    "s_ptr": _s,
-                    "mean_ptr": _stat,
-                    "rstd_ptr": _stat,
-                    "w_ptr": _t,
-                    "dx_ptr": _t,
-                    "dres_ptr": _t,
-                    "dw_part_ptr": _stat,
-                    "db_part_ptr": _stat,
-                    **_ROW_ARGS,
-                    "scale": "fp32",
-                    "seed": "i64",
-                    "offset": "i64",
-                    "iters": "i32",
-                },
-                {
-                    "HAS_DROPOUT": True,
-                    "HAS_DS": True,
-                    "HAS_DRES": True,
-                    "HAS_WEIGHT": True,
-                    "HAS_BIAS": True,
-                    "RMS_NORM": True,
-                    "BLOCK_R": 2,
-                    "BLOCK_C": 2048,
-                },
-            ),
+                *layer_norm_spec(_cfg.looped, backward, _t, "*fp64" if _t == "*fp64" else "*fp32", _cfg),
+                {"num_warps": _cfg.num_warps, "maxnreg": _cfg.maxnreg},
+            )
+            for backward in (False, True)
         ]

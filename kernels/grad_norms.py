@@ -9,24 +9,29 @@
 
 Each program writes one float32 partial; the launcher sums the partials per example (deterministic).
 Inputs may have any strides; float32 dots run in IEEE precision (no TF32), bf16/fp16 dots accumulate in fp32.
+
+Grids: the tiles of one example run along x (up to 2**31 - 1 programs: T = 65536 gives 1024**2 Gram tiles,
+a 16384 x 16384 Linear 65536 instantiate tiles), the examples along y, in launches of at most 65535 examples.
+Offsets are int64: ``t * stride`` passes 2**31 for long sequences of wide layers.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from regops.kernels.launch import MAX_GRID, launch
 from regops.reference import grad_norms as _ref
 
 
 @triton.jit
 def _gram_tile(x_ptr, sb, st, sk, n, ti, tj, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
     """(X_i X_j^T) for T-tiles i, j of example n of X [B, T, K], accumulated over K in float32."""
-    offs_i = ti * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_j = tj * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_i = ti.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_j = tj.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     base = x_ptr + n.to(tl.int64) * sb
     acc = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         kmask = offs_k[None, :] < K
         xi = tl.load(base + offs_i[:, None] * st + offs_k[None, :] * sk, mask=(offs_i[:, None] < T) & kmask, other=0)
         xj = tl.load(base + offs_j[:, None] * st + offs_k[None, :] * sk, mask=(offs_j[:, None] < T) & kmask, other=0)
@@ -55,8 +60,8 @@ def gram_kernel(
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    n = tl.program_id(0)
-    pid = tl.program_id(1)
+    pid = tl.program_id(0)
+    n = tl.program_id(1)
     ti = pid // n_t
     tj = pid % n_t
     if tj >= ti:
@@ -88,15 +93,15 @@ def instantiate_kernel(
     BLOCK_P: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    n = tl.program_id(0)
-    pid = tl.program_id(1)
-    offs_d = (pid // n_p) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_p = (pid % n_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pid = tl.program_id(0)
+    n = tl.program_id(1)
+    offs_d = (pid // n_p).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_p = (pid % n_p).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     a_base = a_ptr + n.to(tl.int64) * sab
     g_base = g_ptr + n.to(tl.int64) * sgb
     acc = tl.zeros((BLOCK_D, BLOCK_P), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
+        offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
         tmask = offs_t[:, None] < T
         a = tl.load(
             a_base + offs_t[:, None] * sat + offs_d[None, :] * sad,
@@ -133,13 +138,13 @@ def embedding_gram_kernel(
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    n = tl.program_id(0)
-    pid = tl.program_id(1)
+    pid = tl.program_id(0)
+    n = tl.program_id(1)
     ti = pid // n_t
     tj = pid % n_t
     if tj >= ti:
-        offs_i = ti * BLOCK_T + tl.arange(0, BLOCK_T)
-        offs_j = tj * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_i = ti.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_j = tj.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
         base = ids_ptr + n.to(tl.int64) * sib
         id_i = tl.load(base + offs_i * sit, mask=offs_i < T, other=-1)
         id_j = tl.load(base + offs_j * sit, mask=offs_j < T, other=-2)
@@ -148,6 +153,21 @@ def embedding_gram_kernel(
         part = tl.sum(tl.sum(tl.where(same, sg, 0.0), axis=1), axis=0)
         weight = tl.where(tj > ti, 2.0, 1.0)
         tl.store(out_ptr + n.to(tl.int64) * n_t * n_t + pid, part * weight)
+
+
+def _launch_per_examples(kernel, tiles: int, batched: tuple[torch.Tensor, ...], *args, **meta) -> None:
+    """Grid (tiles, examples): ``batched`` tensors (inputs and the ``[B, tiles]`` partials) are sliced along
+    dim 0 into launches of at most 65535 examples (CUDA's limit on grid y); strides are unchanged."""
+    b = batched[0].shape[0]
+    step = MAX_GRID[1]
+    for n0 in range(0, b, step):
+        chunk = [t[n0 : n0 + step] for t in batched]
+        launch(kernel, (tiles, chunk[0].shape[0]), *chunk, *args, device=batched[0].device, **meta)
+
+
+# Two 64 x 64 float32 Gram tiles per program: on 4 warps the fp32 kernel spilled 88-184 B per thread (sm_90/sm_80);
+# on 8 warps it takes ~130-170 registers and no spill (tests/test_kernels_compile.py reports it).
+GRAM_WARPS = 8
 
 
 def _common(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,10 +197,10 @@ def gram_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     partial = torch.zeros(b, n_t * n_t, dtype=torch.float32, device=a.device)
     if b == 0 or t == 0:
         return partial.sum(1)
-    gram_kernel[(b, n_t * n_t)](
-        a,
-        g,
-        partial,
+    _launch_per_examples(
+        gram_kernel,
+        n_t * n_t,
+        (a, g, partial),
         t,
         d,
         p,
@@ -190,7 +210,7 @@ def gram_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         BLOCK_T=block_t,
         BLOCK_K=block_k,
         UPCAST=_upcast(g),
-        num_warps=4,
+        num_warps=GRAM_WARPS,
     )
     return partial.sum(1)
 
@@ -207,10 +227,10 @@ def instantiate_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     partial = torch.zeros(b, n_d * n_p, dtype=torch.float32, device=a.device)
     if b == 0 or t == 0 or d == 0 or p == 0:
         return partial.sum(1)
-    instantiate_kernel[(b, n_d * n_p)](
-        a,
-        g,
-        partial,
+    _launch_per_examples(
+        instantiate_kernel,
+        n_d * n_p,
+        (a, g, partial),
         t,
         d,
         p,
@@ -238,10 +258,10 @@ def embedding_gram_sq_norms(ids: torch.Tensor, g: torch.Tensor, padding_idx: int
     partial = torch.zeros(b, n_t * n_t, dtype=torch.float32, device=g.device)
     if b == 0 or t == 0:
         return partial.sum(1)
-    embedding_gram_kernel[(b, n_t * n_t)](
-        ids,
-        g,
-        partial,
+    _launch_per_examples(
+        embedding_gram_kernel,
+        n_t * n_t,
+        (ids, g, partial),
         t,
         p,
         *ids.stride(),
@@ -251,6 +271,7 @@ def embedding_gram_sq_norms(ids: torch.Tensor, g: torch.Tensor, padding_idx: int
         BLOCK_T=block_t,
         BLOCK_K=block_k,
         UPCAST=_upcast(g),
+        num_warps=GRAM_WARPS,
     )
     return partial.sum(1)
 
@@ -272,6 +293,7 @@ COMPILE_SPECS = [
                 "n_t": "i32",
             },
             {"BLOCK_T": 64, "BLOCK_K": 32, "UPCAST": False},
+            {"num_warps": GRAM_WARPS},
         )
         for t in _DTYPES
     ],
@@ -311,6 +333,7 @@ COMPILE_SPECS = [
                 "n_t": "i32",
             },
             {"BLOCK_T": 64, "BLOCK_K": 32, "UPCAST": False},
+            {"num_warps": GRAM_WARPS},
         )
         for t in _DTYPES
     ],

@@ -5,14 +5,23 @@ Both work on the parameters flattened and concatenated into ``[K, N]`` (``K`` pr
 launch covers every parameter tensor. The probe stream is specified in :mod:`regops.reference.hessian`; the
 kernels reproduce it bit for bit (the Gaussian transform uses only correctly rounded operations, and the
 launch disables FMA contraction so a GPU rounds like the reference).
+
+At scale: the probe grid puts the ``N / BLOCK`` column blocks on x (10**9 parameters: ~10**6 blocks) and the
+probes on y, in launches of at most 65535 probes. The accumulation is graph-safe and deterministic: its index
+tables are built once per set of tensors (cached on the device; a cache miss under CUDA-graph capture is a
+clear error: run one step before capturing), and the per-parameter dots are summed block by block in a fixed
+order by a second kernel (no atomics, no ``index_add_``).
 """
+
+from collections import OrderedDict
 
 import torch
 import triton
 import triton.language as tl
-from regops.kernels.philox import counter_words
-from regops.kernels.utils import cast_rne
 
+from regops.kernels.launch import MAX_GRID, launch
+from regops.kernels.philox import counter_words, load_seed, seed_tensor
+from regops.kernels.utils import cast_rne
 from regops.reference import hessian as ref
 
 LN2 = tl.constexpr(ref.LN2)
@@ -68,12 +77,13 @@ def _box_muller(wa, wb):
     return r * _sin_poly(bc * TWO_PI), r * _sin_poly(bs * TWO_PI)
 
 
-@triton.jit(do_not_specialize=["first_probe", "numel", "seed", "offset", "row_counters"])
-def probes_kernel(out_ptr, first_probe, numel, seed, offset, row_counters, GAUSSIAN: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (k, b) writes probe row first_probe + k, columns [b BLOCK, (b + 1) BLOCK) of rows of ``numel``
+@triton.jit(do_not_specialize=["first_probe", "numel", "row_counters"])
+def probes_kernel(out_ptr, first_probe, numel, seed_ptr, row_counters, GAUSSIAN: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (b, k) writes probe row first_probe + k, columns [b BLOCK, (b + 1) BLOCK) of rows of ``numel``
     (the padded row length)."""
-    k = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
+    seed, offset = load_seed(seed_ptr)
+    b = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1).to(tl.int64)
     cols = b * BLOCK + tl.arange(0, BLOCK)
     row_counter = offset + (first_probe + k) * row_counters
     if GAUSSIAN:
@@ -99,8 +109,8 @@ def _probe_block(numel: int, device: torch.device) -> int:
 
 
 def probes(
-    seed: int,
-    offset: int,
+    seed: int | torch.Tensor,
+    offset: int | None,
     first_probe: int,
     num_probes: int,
     numel: int,
@@ -111,26 +121,31 @@ def probes(
     block: int | None = None,
 ) -> torch.Tensor:
     """Probe rows as ``[num_probes, row_stride(numel)]`` (first ``numel`` columns are the probes);
-    bit-identical to :func:`regops.reference.hessian.probes`."""
+    bit-identical to :func:`regops.reference.hessian.probes`. ``seed``: the int64 ``[2]`` seed tensor (then
+    ``offset`` is None) or the int key with its ``offset``."""
     device = torch.device(device if device is not None else "cpu")
     stride = ref.row_stride(numel, distribution)
     out = torch.empty(num_probes, stride, dtype=dtype, device=device)
     if out.numel() == 0:
         return out
+    seed_t = seed_tensor(seed, offset, device)
     block = block or _probe_block(stride, device)
-    grid = (num_probes, triton.cdiv(stride, block))
-    probes_kernel[grid](
-        out,
-        first_probe,
-        stride,
-        seed,
-        offset,
-        stride // ref.ELEMENTS_PER_COUNTER[distribution],
-        GAUSSIAN=distribution == "gaussian",
-        BLOCK=block,
-        num_warps=4,
-        enable_fp_fusion=False,
-    )
+    for k0 in range(0, num_probes, MAX_GRID[1]):
+        rows = out[k0 : k0 + MAX_GRID[1]]
+        launch(
+            probes_kernel,
+            (triton.cdiv(stride, block), rows.shape[0]),
+            rows,
+            first_probe + k0,
+            stride,
+            seed_t,
+            stride // ref.ELEMENTS_PER_COUNTER[distribution],
+            device=device,
+            GAUSSIAN=distribution == "gaussian",
+            BLOCK=block,
+            num_warps=4,
+            enable_fp_fusion=False,
+        )
     return out
 
 
@@ -171,6 +186,7 @@ def probe_dot_kernel(
     acc_ty = partial_ptr.dtype.element_ty
     diag = tl.zeros([BLOCK], dtype=acc_ty)
     diag_sq = tl.zeros([BLOCK], dtype=acc_ty)
+    out_off = b.to(tl.int64)  # partial[k, b] at k * num_blocks + b, advanced in int64 (k * num_blocks can pass 2**31)
     for k in range(num_probes):
         v = tl.load(v_base + k * v_stride + cols, mask=mask, other=0.0).to(acc_ty)
         hv = tl.load(hv_base + k * hv_stride + cols, mask=mask, other=0.0).to(acc_ty)
@@ -178,7 +194,8 @@ def probe_dot_kernel(
         if WITH_DIAG:
             diag += prod
             diag_sq += prod * prod
-        tl.store(partial_ptr + k * num_blocks + b, tl.sum(prod, axis=0))
+        tl.store(partial_ptr + out_off, tl.sum(prod, axis=0))
+        out_off += num_blocks
     if WITH_DIAG:
         out = col + tl.arange(0, BLOCK)
         tl.store(diag_ptr + out, diag, mask=mask)
@@ -197,12 +214,83 @@ _TL_DTYPES = {
 }
 
 
+@triton.jit(do_not_specialize=["num_probes", "num_blocks", "num_tensors"])
+def segment_sum_kernel(
+    partial_ptr, first_block_ptr, dots_ptr, num_probes, num_blocks, num_tensors, BLOCK: tl.constexpr
+):
+    """Program p: dots[k, p] = sum of partial[k, first_block[p] : first_block[p + 1]], in block order (the same
+    sum on every run, unlike atomics)."""
+    p = tl.program_id(0)
+    lo = tl.load(first_block_ptr + p)
+    hi = tl.load(first_block_ptr + p + 1)
+    row_off = lo * 0  # int64 offsets of row k in partial and dots, advanced per probe
+    out_off = p.to(tl.int64)
+    for _ in range(num_probes):
+        acc = tl.zeros([BLOCK], dtype=dots_ptr.dtype.element_ty)
+        for b0 in range(lo, hi, BLOCK):
+            b = b0 + tl.arange(0, BLOCK)
+            acc += tl.load(partial_ptr + row_off + b, mask=b < hi, other=0.0)
+        tl.store(dots_ptr + out_off, tl.sum(acc, axis=0))
+        row_off += num_blocks
+        out_off += num_tensors
+
+
+# Device index tables of probe_dot, keyed by everything they encode (addresses, row strides, sizes, block): a
+# hit is correct by construction. Kept so that a step replayed under a CUDA graph copies nothing host-to-device.
+_TABLES: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
+_TABLES_MAX = 64
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _index_tables(v2: list[torch.Tensor], h2: list[torch.Tensor], block: int, device: torch.device):
+    key = (
+        str(device),
+        block,
+        tuple((v.data_ptr(), v.stride(0), v.shape[1]) for v in v2),
+        tuple((h.data_ptr(), h.stride(0)) for h in h2),
+    )
+    hit = _TABLES.get(key)
+    if hit is not None:
+        _TABLES.move_to_end(key)
+        return hit
+    if _capturing(device):
+        raise RuntimeError(
+            "regops: hessian_probe_dot met new tensors during CUDA-graph capture; its index tables are copied to "
+            "the GPU once per set of tensors, which capture forbids. Run the same step once before capturing "
+            "(the usual warm-up), so that the capture finds them built."
+        )
+    tensors, starts, ends, cols, first_block = [], [], [], [], [0]
+    offset = 0
+    for p, v in enumerate(v2):
+        n = v.shape[1]
+        for s in range(0, n, block):
+            tensors.append(p)
+            starts.append(s)
+            ends.append(min(s + block, n))
+            cols.append(offset + s)
+        offset += n
+        first_block.append(len(starts))
+    per_tensor = [[t.data_ptr() for t in v2], [t.data_ptr() for t in h2], [t.stride(0) for t in v2]]
+    per_tensor.append([t.stride(0) for t in h2])
+    lists = [*per_tensor, tensors, starts, ends, cols, first_block]
+    flat = torch.tensor([x for xs in lists for x in xs], dtype=torch.int64).to(device)  # one copy
+    tables = tuple(flat.split([len(xs) for xs in lists]))
+    _TABLES[key] = tables
+    if len(_TABLES) > _TABLES_MAX:
+        _TABLES.popitem(last=False)
+    return tables
+
+
 def probe_dot(
     vs: list[torch.Tensor], hvs: list[torch.Tensor], with_diag: bool = True, *, block: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused per-parameter ``v . Hv``, ``sum_k v * Hv`` and ``sum_k (v * Hv)^2`` in one launch over every
     parameter tensor (read in place through address tables); matches
-    :func:`regops.reference.hessian.probe_dot` to float rounding (the sums are reordered)."""
+    :func:`regops.reference.hessian.probe_dot` to float rounding (the sums are reordered, the same way on
+    every run)."""
     dtype = vs[0].dtype
     device = vs[0].device
     k = vs[0].shape[0]
@@ -211,45 +299,41 @@ def probe_dot(
     # rows of each tensor: [K, n_p] with unit column stride (views of a probe buffer keep their row stride)
     v2 = [_rows(v.to(dtype), k) for v in vs]
     h2 = [_rows(h.to(dtype), k) for h in hvs]
-    sizes = [v.shape[1] for v in v2]
-    numel = sum(sizes)
-    tensors, starts, ends, cols = [], [], [], []
-    offset = 0
-    for p, n in enumerate(sizes):
-        for s in range(0, n, block):
-            tensors.append(p)
-            starts.append(s)
-            ends.append(min(s + block, n))
-            cols.append(offset + s)
-        offset += n
-    as_i64 = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)
-    num_blocks = len(starts)
+    numel = sum(v.shape[1] for v in v2)
+    num_blocks = sum(triton.cdiv(v.shape[1], block) for v in v2)
     partial = torch.empty(k, num_blocks, dtype=acc, device=device)
     diag = torch.empty(numel if with_diag else 0, dtype=acc, device=device)
     diag_sq = torch.empty_like(diag)
-    dots = torch.zeros(k, len(sizes), dtype=acc, device=device)
+    dots = torch.empty(k, len(v2), dtype=acc, device=device)
     if num_blocks == 0 or k == 0:
-        return dots, diag.zero_(), diag_sq.zero_()
-    probe_dot_kernel[(num_blocks,)](
-        as_i64([t.data_ptr() for t in v2]),
-        as_i64([t.data_ptr() for t in h2]),
-        as_i64([t.stride(0) for t in v2]),
-        as_i64([t.stride(0) for t in h2]),
-        as_i64(tensors),
-        as_i64(starts),
-        as_i64(ends),
-        as_i64(cols),
+        return dots.zero_(), diag.zero_(), diag_sq.zero_()
+    v_ptrs, hv_ptrs, v_strides, hv_strides, tensors, starts, ends, cols, first_block = _index_tables(
+        v2, h2, block, device
+    )
+    launch(
+        probe_dot_kernel,
+        (num_blocks,),
+        v_ptrs,
+        hv_ptrs,
+        v_strides,
+        hv_strides,
+        tensors,
+        starts,
+        ends,
+        cols,
         partial,
         diag,
         diag_sq,
         k,
         num_blocks,
+        device=device,
         DTYPE=_TL_DTYPES[dtype],
         WITH_DIAG=with_diag,
         BLOCK=block,
         num_warps=4,
     )
-    return dots.index_add_(1, as_i64(tensors), partial), diag, diag_sq
+    launch(segment_sum_kernel, (len(v2),), partial, first_block, dots, k, num_blocks, len(v2), device=device, BLOCK=256)
+    return dots, diag, diag_sq
 
 
 def _rows(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -258,7 +342,7 @@ def _rows(t: torch.Tensor, k: int) -> torch.Tensor:
 
 
 _OUT = ("*fp32", "*fp64", "*bf16", "*fp16")
-_PROBE_SIG = {"first_probe": "i64", "numel": "i64", "seed": "i64", "offset": "i64", "row_counters": "i64"}
+_PROBE_SIG = {"first_probe": "i64", "numel": "i64", "seed_ptr": "*i64", "row_counters": "i64"}
 COMPILE_SPECS = [
     (probes_kernel, {"out_ptr": t, **_PROBE_SIG}, {"GAUSSIAN": g, "BLOCK": 1024}) for t in _OUT for g in (True, False)
 ]
@@ -280,4 +364,19 @@ COMPILE_SPECS += [
     )
     for d, a in ((tl.float32, "*fp32"), (tl.bfloat16, "*fp32"), (tl.float16, "*fp32"), (tl.float64, "*fp64"))
     for w in (True, False)
+]
+COMPILE_SPECS += [
+    (
+        segment_sum_kernel,
+        {
+            "partial_ptr": a,
+            "first_block_ptr": "*i64",
+            "dots_ptr": a,
+            "num_probes": "i32",
+            "num_blocks": "i32",
+            "num_tensors": "i32",
+        },
+        {"BLOCK": 256},
+    )
+    for a in ("*fp32", "*fp64")
 ]

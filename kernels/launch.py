@@ -15,6 +15,7 @@ Every launcher calls ``launch(kernel, grid, *args, device=t.device, **meta)`` in
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,19 @@ def launch(kernel, grid: tuple[int, ...], *args: Any, device: torch.device, **me
             kernel[grid](*args, **meta)
     else:
         kernel[grid](*args, **meta)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (each GPU its own: a mixed machine must not size grids for the
+    first one); a nominal 132 (an H100) for meta tensors, so recorded grids are those of a large GPU."""
+    if device.type != "cuda":
+        return 132
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @contextlib.contextmanager

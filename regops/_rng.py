@@ -1,20 +1,30 @@
 """Seeds for the counter-based Philox stream, drawn from torch's generators.
 
-An op that draws random bits takes one int64 tensor ``seed`` of shape ``[2]`` on the CPU: the Philox key and the
-first counter of this call. Element ``i`` of the call uses counter ``offset + i // 4``, word ``i % 4`` (see
-:mod:`regops.reference.philox`), so a call that draws ``n`` words advances the stream by ``ceil(n / 4)`` counters.
+An op that draws random bits takes one int64 tensor ``seed`` of shape ``[2]`` on the tensor's device: the Philox
+key and the first counter of this call. Element ``i`` of the call uses counter ``offset + i // 4``, word ``i % 4``
+(see :mod:`regops.reference.philox`), on the subsequence ``c3 = STREAM_C3`` that torch's own kernels never use.
 
-* CUDA tensors use the CUDA generator like torch's own kernels: key = its seed, counter = its Philox offset,
-  which is advanced past this call (so ``torch.manual_seed`` / ``torch.cuda.manual_seed`` reproduce runs).
-* CPU tensors (and everything under ``torch.compile``, where a traced ``torch.randint`` stands in) draw a fresh
-  key and offset from the CPU generator, advancing it.
+The seed is drawn by a torch RNG kernel on the tensor's device (``torch.randint`` with the op's generator), and
+the GPU kernels read it from device memory (never as a host value baked into the launch):
+
+* CUDA graphs: torch makes its RNG kernels capture-safe (the generator's Philox offset lives on the device and
+  advances on every replay), so each replay of a captured step writes a fresh seed into the same buffer and
+  every regops kernel of that replay reads it: fresh masks, no host synchronisation, nothing frozen. The same
+  holds under ``torch.compile(mode="reduce-overhead")``.
+* Reproducibility: ``torch.manual_seed`` / ``torch.cuda.manual_seed`` / a ``generator`` reproduce the draws, and
+  the reference given the same seed values (``seed.tolist()``) produces the same bits as every backend.
+* The backward of an op keeps the 16-byte seed tensor and regenerates the mask from it.
+* Disjoint from torch's own streams whatever the drawn key and offset: regops' counters have ``c3 = STREAM_C3``
+  (top bit set), a subsequence torch's Philox kernels (thread index in ``(c2, c3)``) and inductor's RNG
+  (``(offset, 0, 0)``) never reach. The draw itself is one of torch's RNG calls and advances the generator.
 """
 
 from __future__ import annotations
 
 import torch
 
-_MASK63 = (1 << 63) - 1
+# Keys and first counters in [0, 2**62): offset + counters of any call stay below 2**63 (no sign wrap).
+_SEED_RANGE = 1 << 62
 
 
 def counters_for(n_words: int) -> int:
@@ -34,19 +44,32 @@ def check_generator(generator: torch.Generator | None, device: torch.device) -> 
 
 
 def philox_seed(device: torch.device, n_words: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Key and first counter for a call that draws ``n_words`` 32-bit words on ``device``; advances the generator."""
+    """Key and first counter (int64 ``[2]`` on ``device``) for a call that draws ``n_words`` 32-bit words.
+
+    Drawn on ``device`` by torch's RNG (capture-safe on CUDA), advancing ``generator`` (default: the device's
+    default generator). ``n_words`` only bounds the counters the call uses: any ``n_words < 2**64`` fits above
+    the drawn first counter."""
     check_generator(generator, device)
-    n_counters = counters_for(max(n_words, 0))
-    if torch.compiler.is_compiling() or device.type != "cuda":
-        return torch.randint(0, 1 << 62, (2,), dtype=torch.int64, generator=generator)
-    gen = generator if generator is not None else torch.cuda.default_generators[_cuda_index(device)]
-    key = gen.initial_seed()
-    offset = gen.get_offset()
-    gen.set_offset(offset + (n_counters + 3) // 4 * 4)  # torch requires multiples of 4
-    # Keep the key's bits; int64 storage reads them back as two's complement.
-    key = key - (1 << 64) if key > _MASK63 else key
-    return torch.tensor([key, offset], dtype=torch.int64)
+    if counters_for(max(n_words, 0)) >= 1 << 62:
+        raise ValueError(f"regops: a call cannot draw {n_words} random words")
+    return torch.randint(0, _SEED_RANGE, (2,), dtype=torch.int64, device=device, generator=generator)
 
 
-def _cuda_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
+def device_seed(seed: torch.Tensor | int, offset: int | None, device: torch.device) -> torch.Tensor:
+    """The int64 ``[2]`` seed tensor on ``device`` that a CUDA extension kernel reads (from ``seed_args``'s pair)."""
+    if isinstance(seed, torch.Tensor):
+        return seed if seed.device == device else seed.to(device)
+    return torch.tensor([seed, offset], dtype=torch.int64, device=device)
+
+
+def seed_args(seed: torch.Tensor, op: str, device: torch.device) -> tuple[int | torch.Tensor, int | None]:
+    """``(key, offset)`` as the implementation of ``op`` chosen for ``device`` takes them.
+
+    The reference reads two host ints (``seed.tolist()``: a copy from the device, fine outside graph capture);
+    the Triton and CUDA kernels take the seed tensor itself and ``None``, and read it on the device."""
+    from regops import _backend
+
+    if _backend.choose(op, device) == "torch":
+        key, offset = seed.tolist()
+        return key, offset
+    return seed, None

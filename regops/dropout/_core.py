@@ -19,11 +19,12 @@ __all__ = ["dropout"]
 MASK_MODES = ("recompute", "bitmask")
 
 
-def _dropout_cuda(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
-    return torch.ops.regops_C.dropout(x, keep_threshold(p), _ref.dropout_scale(p), seed, offset)
+def _dropout_cuda(x: torch.Tensor, p: float, seed: torch.Tensor | int, offset: int | None) -> torch.Tensor:
+    seed = _rng.device_seed(seed, offset, x.device)
+    return torch.ops.regops_C.dropout(x, keep_threshold(p), _ref.dropout_scale(p), seed)
 
 
-def _dropout_cuda_fake(x: torch.Tensor, threshold: int, scale: float, seed: int, offset: int) -> torch.Tensor:
+def _dropout_cuda_fake(x: torch.Tensor, threshold: int, scale: float, seed: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -38,7 +39,7 @@ _backend.register(
 
 @torch.library.custom_op("regops::dropout", mutates_args=())
 def _dropout_op(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    key, offset = seed.tolist()
+    key, offset = _rng.seed_args(seed, "dropout", x.device)
     return _backend.implementation("dropout", x.device)(x.contiguous(), p, key, offset)
 
 
@@ -71,7 +72,7 @@ _backend.register("apply_bitmask", torch=_ref.apply_bitmask, triton="regops.kern
 
 @torch.library.custom_op("regops::dropout_bitmask", mutates_args=())
 def _dropout_bitmask_op(x: torch.Tensor, p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    key, offset = seed.tolist()
+    key, offset = _rng.seed_args(seed, "dropout_bitmask", x.device)
     return _backend.implementation("dropout_bitmask", x.device)(x.contiguous(), p, key, offset)
 
 

@@ -15,12 +15,10 @@ from regops.reference.philox import keep_threshold
 
 __all__ = ["bias_dropout_add", "dropout_add_layer_norm"]
 
-_NO_SEED = (0, 0)
-
 
 def _seed_for(device: torch.device, rows: int, cols: int, p: float, generator) -> torch.Tensor:
     if p == 0.0:
-        return torch.tensor(_NO_SEED, dtype=torch.int64)
+        return torch.zeros(2, dtype=torch.int64, device=device)  # a device fill: capture-safe
     return _rng.philox_seed(device, rows * 4 * _ref.row_counters(cols), generator)
 
 
@@ -30,24 +28,24 @@ def _rows_cols(x: torch.Tensor) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------------ bias_dropout_add
-def _bda_cuda(x, bias, residual, p: float, seed: int, offset: int) -> torch.Tensor:
-    return torch.ops.regops_C.bias_dropout_add(
-        x, bias, residual, keep_threshold(p), _ref.dropout_scale(p), seed, offset
-    )
+def _bda_cuda(x, bias, residual, p: float, seed: torch.Tensor | int, offset: int | None) -> torch.Tensor:
+    seed = _rng.device_seed(seed, offset, x.device)
+    return torch.ops.regops_C.bias_dropout_add(x, bias, residual, keep_threshold(p), _ref.dropout_scale(p), seed)
 
 
-def _bda_cuda_fake(x, bias, residual, threshold, scale, seed, offset):
+def _bda_cuda_fake(x, bias, residual, threshold, scale, seed):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _bda_backward_cuda(grad, has_bias: bool, p: float, seed: int, offset: int):
+def _bda_backward_cuda(grad, has_bias: bool, p: float, seed: torch.Tensor | int, offset: int | None):
+    seed = _rng.device_seed(seed, offset, grad.device)
     dx, dbias = torch.ops.regops_C.bias_dropout_add_backward(
-        grad, has_bias, keep_threshold(p), _ref.dropout_scale(p), seed, offset
+        grad, has_bias, keep_threshold(p), _ref.dropout_scale(p), seed
     )
     return dx, (dbias if has_bias else None)
 
 
-def _bda_backward_cuda_fake(grad, has_bias, threshold, scale, seed, offset):
+def _bda_backward_cuda_fake(grad, has_bias, threshold, scale, seed):
     cols = grad.shape[-1]
     dbias = grad.new_empty((cols if has_bias else 0,), dtype=_ref.compute_dtype(grad.dtype))
     return torch.empty_like(grad, memory_format=torch.contiguous_format), dbias
@@ -73,7 +71,7 @@ _backend.register(
 def _bias_dropout_add_op(
     x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, p: float, seed: torch.Tensor
 ) -> torch.Tensor:
-    key, offset = seed.tolist()
+    key, offset = _rng.seed_args(seed, "bias_dropout_add", x.device)
     bias = bias.contiguous() if bias is not None else None
     return _backend.implementation("bias_dropout_add", x.device)(
         x.contiguous(), bias, residual.contiguous(), p, key, offset
@@ -89,7 +87,7 @@ def _(x, bias, residual, p, seed):
 def _bias_dropout_add_backward_op(
     grad: torch.Tensor, has_bias: bool, p: float, seed: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    key, offset = seed.tolist()
+    key, offset = _rng.seed_args(seed, "bias_dropout_add_backward", grad.device)
     dx, dbias = _backend.implementation("bias_dropout_add_backward", grad.device)(
         grad.contiguous(), has_bias, p, key, offset
     )
@@ -210,7 +208,7 @@ def _daln_op(
     residual_in_fp32: bool,
     seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    key, offset = seed.tolist()
+    key, offset = _rng.seed_args(seed, "dropout_add_layer_norm", x.device)
     c = lambda t: t.contiguous() if t is not None else None
     y, s, mean, rstd = _backend.implementation("dropout_add_layer_norm", x.device)(
         x.contiguous(), c(residual), c(weight), c(bias), p, eps, rms_norm, residual_in_fp32, key, offset
@@ -246,7 +244,7 @@ def _daln_backward_op(
     res_dtype: torch.dtype,
     has_residual: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    key, offset = seed.tolist()
+    key, offset = _rng.seed_args(seed, "dropout_add_layer_norm_backward", s.device)
     dx, dres, dw, db = _backend.implementation("dropout_add_layer_norm_backward", s.device)(
         dy.contiguous(),
         ds.contiguous() if ds is not None else None,

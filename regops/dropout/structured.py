@@ -29,18 +29,17 @@ __all__ = [
 ]
 
 
-def _unit_mask(shape: Sequence[int], p: float, key: int, offset: int, device, dtype) -> torch.Tensor:
+def _unit_mask(shape: Sequence[int], p: float, seed: torch.Tensor, device, dtype) -> torch.Tensor:
     """``dropout(ones(shape))``: 0 or ``1/(1-p)`` per element, from the running backend's dropout kernel."""
     ones = torch.ones(tuple(shape), dtype=dtype, device=device)
-    return _backend.implementation("dropout", ones.device)(ones, p, key, offset)
+    return _backend.implementation("dropout", ones.device)(ones, p, *_rng.seed_args(seed, "dropout", ones.device))
 
 
 # ------------------------------------------------------------------------------------------------ shared masks
 @torch.library.custom_op("regops::shared_dropout", mutates_args=())
 def _shared_dropout_op(x: torch.Tensor, p: float, mask_shape: list[int], seed: torch.Tensor) -> torch.Tensor:
-    key, offset = seed.tolist()
     cd = _ref.compute_dtype(x.dtype)
-    mask = _unit_mask(mask_shape, p, key, offset, x.device, cd)
+    mask = _unit_mask(mask_shape, p, seed, x.device, cd)
     return (x.to(cd) * mask).to(x.dtype).contiguous()
 
 
@@ -143,8 +142,8 @@ def dropout3d(x, p: float = 0.5, training: bool = True, inplace: bool = False, *
 _backend.register("scale_rows_add", torch=_ref.scale_rows_add, triton="regops.kernels.dropout:scale_rows_add")
 
 
-def _sample_scales(batch, p, scale_by_keep, key, offset, device, dtype) -> torch.Tensor:
-    scales = _unit_mask((batch,), p, key, offset, device, dtype)
+def _sample_scales(batch, p, scale_by_keep, seed, device, dtype) -> torch.Tensor:
+    scales = _unit_mask((batch,), p, seed, device, dtype)
     return scales if scale_by_keep else (scales != 0).to(dtype)
 
 
@@ -152,8 +151,7 @@ def _sample_scales(batch, p, scale_by_keep, key, offset, device, dtype) -> torch
 def _drop_path_op(
     x: torch.Tensor, residual: torch.Tensor | None, p: float, scale_by_keep: bool, seed: torch.Tensor
 ) -> torch.Tensor:
-    key, offset = seed.tolist()
-    scales = _sample_scales(x.shape[0], p, scale_by_keep, key, offset, x.device, _ref.compute_dtype(x.dtype))
+    scales = _sample_scales(x.shape[0], p, scale_by_keep, seed, x.device, _ref.compute_dtype(x.dtype))
     res = residual.contiguous() if residual is not None else None
     return _backend.implementation("scale_rows_add", x.device)(x.contiguous(), scales, res)
 
@@ -240,7 +238,8 @@ def drop_path_add(
     _validate.same_device("x", x, "residual", residual)
     if not training:
         p = 0.0
-    seed = _rng.philox_seed(x.device, x.shape[0], generator) if p > 0 else torch.zeros(2, dtype=torch.int64)
+    no_seed = torch.zeros(2, dtype=torch.int64, device=x.device)
+    seed = _rng.philox_seed(x.device, x.shape[0], generator) if p > 0 else no_seed
     return _drop_path_op(x, residual, p, scale_by_keep, seed)
 
 
@@ -300,7 +299,7 @@ _backend.register(
 
 @torch.library.custom_op("regops::multi_sample_dropout_mean", mutates_args=())
 def _multi_sample_op(x: torch.Tensor, p: float, num_samples: int, seed: torch.Tensor) -> torch.Tensor:
-    key, offset = seed.tolist()
+    key, offset = _rng.seed_args(seed, "multi_sample_dropout_mean", x.device)
     return _backend.implementation("multi_sample_dropout_mean", x.device)(x.contiguous(), p, num_samples, key, offset)
 
 
@@ -317,7 +316,7 @@ def multi_sample_seeds(
     """
     step = _ref.multi_sample_counters(x.numel())
     seed = _rng.philox_seed(x.device, num_samples * 4 * step, generator)
-    per_sample = [seed + torch.tensor([0, k * step], dtype=torch.int64) for k in range(num_samples)]
+    per_sample = [seed + torch.tensor([0, k * step], device=seed.device) for k in range(num_samples)]
     return seed, per_sample
 
 

@@ -31,7 +31,7 @@ def _probes_op(
     dtype: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor:
-    key, offset = seed.tolist()
+    key, offset = _rng.seed_args(seed, "hessian_probes", torch.device(device))
     impl = _backend.implementation("hessian_probes", torch.device(device))
     return impl(key, offset, first_probe, num_probes, numel, distribution, dtype, device)
 
