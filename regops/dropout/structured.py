@@ -129,9 +129,10 @@ def _channel_mask_shape(name: str, x: torch.Tensor, spatial: int) -> list[int] |
             "batch dimension (i.e. 2D or 3D inputs)."
         )
     lo, hi = spatial + 1, spatial + 2
-    if spatial > 1 and dim not in (lo, hi):
+    quiet = torch.compiler.is_compiling()  # dynamo cannot trace warnings.warn (a graph break)
+    if spatial > 1 and dim not in (lo, hi) and not quiet:
         warnings.warn(_DEPRECATED_RANK.format(name=name, dim=dim, spatial=spatial, lo=lo, hi=hi), stacklevel=4)
-    if spatial == 2 and dim == 3:
+    if spatial == 2 and dim == 3 and not quiet:
         warnings.warn(
             "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise 1D dropout behavior is "
             "desired - input is interpreted as shape (N, C, L), where C is the channel dim. This behavior will "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 
 import torch
@@ -54,7 +55,8 @@ def row_keep_mask(seed: int, offset: int, rows: int, cols: int, p: float, device
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1]) if t.dim() > 0 else t.reshape(1, 1)
+    # Explicit row count: reshape(-1, 0) is ambiguous for an empty last dimension.
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1]) if t.dim() > 0 else t.reshape(1, 1)
 
 
 # ------------------------------------------------------------------------------------------------ bitmask
