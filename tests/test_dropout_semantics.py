@@ -205,8 +205,9 @@ def test_patch_keeps_hooks_state_and_handles():
     calls.clear()
     model(torch.randn(2, 4))
     assert [c[0] for c in calls] == ["pre", "kw"]
+    model[1].p = 0.25  # a p schedule applied while patched
     handle.revert()
-    assert type(model[1]) is torch.nn.Dropout
+    assert type(model[1]) is torch.nn.Dropout and model[1].p == 0.25
 
 
 @pytest.mark.filterwarnings("ignore:dropout2d")

@@ -165,7 +165,14 @@ def _channel_dropout(name, x, p, training, inplace, generator, spatial: int) -> 
     return _apply_shared(x, p, mask_shape, training, inplace, generator)
 
 
-def dropout1d(x, p: float = 0.5, training: bool = True, inplace: bool = False, *, generator=None) -> torch.Tensor:
+def dropout1d(
+    x: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """:func:`torch.nn.functional.dropout1d` semantics (zero whole channels of ``(N, C, L)`` or ``(C, L)``).
 
     Other ranks raise ``RuntimeError``, as torch. Only the seed is saved for backward.
@@ -175,7 +182,14 @@ def dropout1d(x, p: float = 0.5, training: bool = True, inplace: bool = False, *
     return _channel_dropout("dropout1d", x, p, training, inplace, generator, 1)
 
 
-def dropout2d(x, p: float = 0.5, training: bool = True, inplace: bool = False, *, generator=None) -> torch.Tensor:
+def dropout2d(
+    x: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """:func:`torch.nn.functional.dropout2d` semantics (zero whole channels of ``(N, C, H, W)``).
 
     Exactly torch's rank rules: every input is read as batched ``(N, C, ...)`` (3-D as ``(N, C, L)``), with
@@ -186,7 +200,14 @@ def dropout2d(x, p: float = 0.5, training: bool = True, inplace: bool = False, *
     return _channel_dropout("dropout2d", x, p, training, inplace, generator, 2)
 
 
-def dropout3d(x, p: float = 0.5, training: bool = True, inplace: bool = False, *, generator=None) -> torch.Tensor:
+def dropout3d(
+    x: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """:func:`torch.nn.functional.dropout3d` semantics (zero whole channels of ``(N, C, D, H, W)`` or ``(C, D, H, W)``).
 
     Exactly torch's rank rules: only a 5-D input is batched; any other rank is unbatched ``(C, ...)`` (a 3-D
