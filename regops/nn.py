@@ -30,10 +30,13 @@ class _RuntimeProbability:
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
         if name == self._p_attr:
+            if isinstance(value, torch.Tensor):  # the user's own 0-dim tensor: the ops read it directly
+                object.__setattr__(self, "_p_runtime", value.detach())
+                return
             ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
             number = float(value) if ok else float("nan")  # NaN: the op raises a clear error if it ever runs
             runtime = self.__dict__.get("_p_runtime")
-            if runtime is None:
+            if runtime is None or runtime.dtype != torch.float64 or runtime.device.type != "cpu":
                 object.__setattr__(self, "_p_runtime", torch.tensor(number, dtype=torch.float64))
             else:
                 with torch.no_grad():

@@ -91,6 +91,25 @@ def test_daln_backward_keeps_nan_of_the_gradient_at_dropped_positions():
     assert dx.isnan().all()  # torch's dropout backward multiplies: NaN * 0 = NaN
 
 
+def test_nested_dropout_multiplies_too():
+    x = torch.full((64, 6), math.inf)
+    y = regops.nested_dropout(x, 0.5, generator=torch.Generator().manual_seed(0))
+    nan = y.isnan()  # dropped units (a suffix of each row): Inf * 0 = NaN, as torch's multiply gives
+    assert torch.equal(nan, torch.arange(6) >= (~nan).sum(1, keepdim=True)) and nan.any()
+    assert (y[~nan] == math.inf).all()
+
+
+def test_module_p_set_to_a_tensor():
+    m = regops.nn.Dropout(0.5)
+    m.p = torch.tensor(0.0)
+    x = torch.randn(8)
+    assert torch.equal(m(x), x)
+    f = torch.compile(m, backend="aot_eager", fullgraph=True)
+    assert torch.equal(f(x), x)
+    m.p.fill_(1.0)
+    assert torch.equal(f(x), x * 0)
+
+
 # ------------------------------------------------------------------------------------------------ rank rules
 @pytest.mark.parametrize("name", ["dropout1d", "dropout2d", "dropout3d"])
 def test_channel_dropout_rank_rules_are_torchs(name):
