@@ -155,7 +155,11 @@ def _drop_path_add(device, rows, cols, dtype):
     shape = (batch, rows // batch, cols)
     x, r = _rand(shape, dtype, device), _rand(shape, dtype, device)
     eager = lambda x, r: r + _timm_drop_path(x)
-    fns = {"regops": lambda x, r: regops.drop_path_add(x, r, P), "eager": eager, "compile": compiled(eager)}
+    fns = {
+        "regops": lambda x, r: regops.drop_path_add(x, r, P, training=True),
+        "eager": eager,
+        "compile": compiled(eager),
+    }
     n = x.numel() * x.element_size()
     forward = {k: (lambda f=f: f(x, r)) for k, f in fns.items()}
     return Setup(_fwd_bwd(fns, [x, r], torch.ones_like), bytes=5 * n, forward=forward, note="fwd+bwd; eager = timm")

@@ -1,5 +1,6 @@
 // Dropout with the mask regenerated from (seed, offset): 16-byte vector loads/stores, one Philox call per
-// four elements, the same element -> (counter, word) mapping as every other backend.
+// four elements, the same element -> (counter, word) mapping as every other backend. Dropped elements are
+// multiplied by 0, as in torch: a NaN or Inf there gives NaN.
 #include "common.cuh"
 #include "kernels.h"
 #include "philox.cuh"
@@ -45,7 +46,7 @@ __global__ void dropout_kernel(const T* __restrict__ x, T* __restrict__ y, int64
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           const int i = v * VEC + j;
-          out.e[j] = from_compute<T>(keep(words[i], threshold) ? to_compute(in.e[j]) * s : C(0));
+          out.e[j] = from_compute<T>(to_compute(in.e[j]) * (keep(words[i], threshold) ? s : C(0)));
         }
         *reinterpret_cast<uint4*>(y + base + v * VEC) = out.raw;
       }
@@ -53,7 +54,7 @@ __global__ void dropout_kernel(const T* __restrict__ x, T* __restrict__ y, int64
 #pragma unroll
       for (int i = 0; i < ELEMS; ++i) {
         if (base + i < n) {
-          y[base + i] = from_compute<T>(keep(words[i], threshold) ? to_compute(x[base + i]) * s : C(0));
+          y[base + i] = from_compute<T>(to_compute(x[base + i]) * (keep(words[i], threshold) ? s : C(0)));
         }
       }
     }

@@ -78,7 +78,7 @@ __global__ void bias_dropout_add_fwd_kernel(const T* __restrict__ x, const T* __
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const C t = bias != nullptr ? add_rn(xv[j], b[j]) : xv[j];
-      out[j] = add_rn(keep(words.w[j], threshold) ? mul_rn(t, s) : C(0), rv[j]);
+      out[j] = add_rn(mul_rn(t, keep(words.w[j], threshold) ? s : C(0)), rv[j]);  // x * 0: NaN/Inf -> NaN
     }
     store4<T, VECTOR>(y + base, count, out);
   }
@@ -108,7 +108,7 @@ __global__ void bias_dropout_add_bwd_kernel(const T* __restrict__ grad, T* __res
       load4<T, VECTOR>(grad + base, count, gv);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        out[j] = keep(words.w[j], threshold) ? mul_rn(gv[j], s) : C(0);
+        out[j] = mul_rn(gv[j], keep(words.w[j], threshold) ? s : C(0));
         acc[j] += out[j];
       }
       store4<T, VECTOR>(dx + base, count, out);

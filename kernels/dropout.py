@@ -21,7 +21,7 @@ def dropout_kernel(x_ptr, y_ptr, n, threshold, scale, seed_ptr, BLOCK: tl.conste
     x = tl.load(x_ptr + idx, mask=in_bounds)
     if x.dtype != tl.float64:
         x = x.to(tl.float32)
-    y = tl.where(keep, x * scale, 0.0)
+    y = x * tl.where(keep, scale, 0.0)  # multiply, as torch: NaN/Inf at a dropped position -> NaN
     tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)
 
 
@@ -70,7 +70,7 @@ def dropout_bitmask_kernel(x_ptr, y_ptr, bits_ptr, n, threshold, scale, seed_ptr
     x = tl.load(x_ptr + idx, mask=in_bounds)
     if x.dtype != tl.float64:
         x = x.to(tl.float32)
-    y = tl.where(keep, x * scale, 0.0)
+    y = x * tl.where(keep, scale, 0.0)  # multiply, as torch: NaN/Inf at a dropped position -> NaN
     tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)
     # Bit j of byte k is element 8k + j; bits past n are zero.
     bits = tl.reshape((keep & in_bounds).to(tl.int32), [BLOCK // 8, 8]) << tl.arange(0, 8)[None, :]
@@ -90,7 +90,7 @@ def apply_bitmask_kernel(g_ptr, bits_ptr, out_ptr, n, scale, BLOCK: tl.constexpr
     g = tl.load(g_ptr + idx, mask=in_bounds)
     if g.dtype != tl.float64:
         g = g.to(tl.float32)
-    out = tl.where(keep, g * scale, 0.0)
+    out = g * tl.where(keep, scale, 0.0)
     tl.store(out_ptr + idx, cast_rne(out, out_ptr.dtype.element_ty), mask=in_bounds)
 
 
@@ -110,6 +110,8 @@ def multi_sample_mean_kernel(x_ptr, y_ptr, n, num_samples, step, threshold, fact
     if x.dtype != tl.float64:
         x = x.to(tl.float32)
     y = x * (count.to(x.dtype) * factor)
+    z = x * 0.0  # NaN where x is NaN/Inf: torch's mean of K products is NaN there if any sample dropped
+    y = tl.where((count < num_samples) & (z != z), z, y)
     tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)
 
 

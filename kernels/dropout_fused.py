@@ -61,7 +61,7 @@ def bias_dropout_add_fwd_kernel(
     if HAS_BIAS:
         t += tl.load(bias_ptr + c, mask=c < cols, other=0.0).to(compute)[None, :]
     res = tl.load(res_ptr + idx, mask=in_bounds, other=0.0).to(compute)
-    y = tl.where(keep, t * scale, 0.0) + res
+    y = t * tl.where(keep, scale, 0.0) + res  # multiply, as torch: NaN/Inf at a dropped position -> NaN
     tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)
 
 
@@ -98,7 +98,7 @@ def bias_dropout_add_bwd_kernel(
         g = tl.load(g_ptr + idx, mask=in_bounds, other=0.0)
         if g.dtype != tl.float64:
             g = g.to(tl.float32)
-        dx = tl.where(keep, g * scale, 0.0)
+        dx = g * tl.where(keep, scale, 0.0)
         tl.store(dx_ptr + idx, cast_rne(dx, dx_ptr.dtype.element_ty), mask=in_bounds)
         if HAS_BIAS:
             acc += tl.sum(dx, axis=0)
@@ -229,7 +229,7 @@ def dropout_add_layer_norm_fwd_kernel(
     t = x.to(compute)
     if HAS_DROPOUT:
         keep = row_keep_tile(seed, offset, r, 0, threshold, counters_per_row, BLOCK_R, BLOCK_C)
-        t = tl.where(keep, t * scale, 0.0)
+        t = t * tl.where(keep, scale, 0.0)
     if HAS_RESIDUAL:
         t += tl.load(res_ptr + idx, mask=in_bounds, other=0.0).to(compute)
     # Normalize the stored pre-norm sum (rounded to its storage dtype), as an unfused composition would.
@@ -315,7 +315,7 @@ def dropout_add_layer_norm_bwd_kernel(
         dx = dsum
         if HAS_DROPOUT:
             keep = row_keep_tile(seed, offset, r, 0, threshold, counters_per_row, BLOCK_R, BLOCK_C)
-            dx = tl.where(keep, dsum * scale, 0.0)
+            dx = dsum * tl.where(keep, scale, 0.0)
         tl.store(dx_ptr + idx, cast_rne(dx, dx_ptr.dtype.element_ty), mask=in_bounds)
         if HAS_DRES:
             tl.store(dres_ptr + idx, cast_rne(dsum, dres_ptr.dtype.element_ty), mask=in_bounds)
@@ -373,7 +373,7 @@ def dropout_add_layer_norm_fwd_looped_kernel(
         t = tl.load(x_ptr + idx, mask=in_bounds, other=0.0).to(compute)
         if HAS_DROPOUT:
             keep = row_keep_tile(seed, offset, r, col0, threshold, counters_per_row, BLOCK_R, BLOCK_C)
-            t = tl.where(keep, t * scale, 0.0)
+            t = t * tl.where(keep, scale, 0.0)
         if HAS_RESIDUAL:
             t += tl.load(res_ptr + idx, mask=in_bounds, other=0.0).to(compute)
         s_stored = cast_rne(t, s_ptr.dtype.element_ty)
@@ -496,7 +496,7 @@ def dropout_add_layer_norm_bwd_looped_kernel(
             dx = dsum
             if HAS_DROPOUT:
                 keep = row_keep_tile(seed, offset, r, col0, threshold, counters_per_row, BLOCK_R, BLOCK_C)
-                dx = tl.where(keep, dsum * scale, 0.0)
+                dx = dsum * tl.where(keep, scale, 0.0)
             tl.store(dx_ptr + idx, cast_rne(dx, dx_ptr.dtype.element_ty), mask=in_bounds)
             if HAS_DRES:
                 tl.store(dres_ptr + idx, cast_rne(dsum, dres_ptr.dtype.element_ty), mask=in_bounds)

@@ -2,16 +2,68 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.utils.checkpoint
 
 from regops.dropout import dropout as _dropout_fn
 from regops.dropout import fused as _fused
 from regops.dropout import structured as _structured
-from regops.dropout._core import _dropout_op
+from regops.dropout._core import _dropout_op, runtime_probability
 
 # Module class (or "package.module:Class" for optional dependencies) -> regops class with ``from_module``.
 SWAPS: dict[type | str, type] = {}
+
+
+class _RuntimeProbability:
+    """Mixin: the module's probability attribute (``p``, or ``drop_prob``) is mirrored into a 0-dim float64 CPU
+    tensor that the ops take, so that under ``torch.compile`` a p schedule (``module.p = new_p`` between steps)
+    is a runtime value: no guard on the float, no recompile. In eager mode the float itself is used.
+
+    The tensor is a plain attribute (not a buffer): not in the state_dict, and ``.to(device)`` leaves it on the
+    CPU, where reading it costs no device sync.
+    """
+
+    _p_attr = "p"
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name == self._p_attr:
+            if isinstance(value, torch.Tensor):  # the user's own 0-dim tensor: the ops read it directly
+                object.__setattr__(self, "_p_runtime", value.detach())
+                return
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            number = float(value) if ok else float("nan")  # NaN: the op raises a clear error if it ever runs
+            runtime = self.__dict__.get("_p_runtime")
+            if runtime is None or runtime.dtype != torch.float64 or runtime.device.type != "cpu":
+                object.__setattr__(self, "_p_runtime", torch.tensor(number, dtype=torch.float64))
+            else:
+                with torch.no_grad():
+                    runtime.fill_(number)  # in place: a compiled graph reads it as an input
+
+    def _probability(self):
+        """What forward passes as p: the tensor under torch.compile, the float otherwise."""
+        return self._p_runtime if torch.compiler.is_compiling() else getattr(self, self._p_attr)
+
+
+_SHARED_STATE = ("_parameters", "_buffers", "_non_persistent_buffers_set")
+
+
+def adopt_module_state(new: torch.nn.Module, old: torch.nn.Module) -> torch.nn.Module:
+    """Give ``new`` (a regops replacement of ``old``) everything of ``old`` a user may have attached.
+
+    Hook dicts (forward, pre-forward, backward, state_dict hooks, ...) are *shared*, not copied, so hooks
+    registered before the swap run on the replacement and their handles still remove them; parameters and
+    buffers are shared too, and other attributes a user set are copied over. ``training`` follows ``old``.
+    """
+    for key, value in old.__dict__.items():
+        if "hook" in key or key in _SHARED_STATE:
+            new.__dict__[key] = value
+        elif key not in new.__dict__:
+            new.__dict__[key] = value
+    new.train(old.training)
+    return new
 
 
 def swaps(*targets: type | str):
@@ -28,37 +80,35 @@ def swaps(*targets: type | str):
 
 
 @swaps(torch.nn.Dropout)
-class Dropout(torch.nn.Dropout):
+class Dropout(_RuntimeProbability, torch.nn.Dropout):
     """:class:`torch.nn.Dropout` (same constructor, repr and state_dict) backed by :func:`regops.dropout`.
 
     Saves no mask for backward. Still an instance of ``torch.nn.Dropout``, so code that looks for dropout
-    modules keeps finding it.
+    modules keeps finding it. Under ``torch.compile`` changing ``p`` between steps never recompiles.
 
     >>> m = regops.nn.Dropout(p=0.1)
     >>> y = m(torch.randn(4, 16))
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return _dropout_fn(input, self.p, self.training, self.inplace)
+        return _dropout_fn(input, self._probability(), self.training, self.inplace)
 
     @classmethod
     def from_module(cls, module: torch.nn.Dropout) -> Dropout:
-        new = cls(p=module.p, inplace=module.inplace)
-        new.train(module.training)
-        return new
+        """The regops twin of ``module`` with its hooks, state and training flag (what :func:`regops.patch` uses)."""
+        return adopt_module_state(cls(p=module.p, inplace=module.inplace), module)
 
 
-class _ChannelDropoutMixin:
+class _ChannelDropoutMixin(_RuntimeProbability):
     _fn = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return type(self)._fn(input, self.p, self.training, self.inplace)
+        return type(self)._fn(input, self._probability(), self.training, self.inplace)
 
     @classmethod
     def from_module(cls, module: torch.nn.Module) -> torch.nn.Module:
-        new = cls(p=module.p, inplace=module.inplace)
-        new.train(module.training)
-        return new
+        """The regops twin of ``module`` with its hooks, state and training flag (what :func:`regops.patch` uses)."""
+        return adopt_module_state(cls(p=module.p, inplace=module.inplace), module)
 
 
 @swaps(torch.nn.Dropout1d)
@@ -83,15 +133,18 @@ class Dropout3d(_ChannelDropoutMixin, torch.nn.Dropout3d):
 
 
 @swaps("timm.layers:DropPath")
-class DropPath(torch.nn.Module):
+class DropPath(_RuntimeProbability, torch.nn.Module):
     """Stochastic depth with timm's ``DropPath`` constructor, attributes, repr and semantics.
 
     ``DropPath(drop_prob=0.0, scale_by_keep=True)``: in training, each sample is zeroed with probability
     ``drop_prob`` (survivors scaled by ``1/(1-drop_prob)`` when ``scale_by_keep``); identity in eval.
-    Backed by :func:`regops.drop_path`: the per-sample mask is regenerated in backward.
+    Backed by :func:`regops.drop_path`: the per-sample mask is regenerated in backward. Under ``torch.compile``
+    changing ``drop_prob`` between steps (a stochastic-depth schedule) never recompiles.
 
     >>> block_out = regops.nn.DropPath(0.1)(block_out)
     """
+
+    _p_attr = "drop_prob"
 
     def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True):
         super().__init__()
@@ -99,7 +152,7 @@ class DropPath(torch.nn.Module):
         self.scale_by_keep = scale_by_keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _structured.drop_path(x, self.drop_prob, self.training, self.scale_by_keep)
+        return _structured.drop_path(x, self._probability(), self.training, self.scale_by_keep)
 
     def extra_repr(self) -> str:
         return f"drop_prob={round(self.drop_prob, 3):0.3f}"
@@ -107,11 +160,10 @@ class DropPath(torch.nn.Module):
     @classmethod
     def from_module(cls, module: torch.nn.Module) -> DropPath:
         new = cls(drop_prob=module.drop_prob, scale_by_keep=getattr(module, "scale_by_keep", True))
-        new.train(module.training)
-        return new
+        return adopt_module_state(new, module)
 
 
-class DropoutAddLayerNorm(torch.nn.Module):
+class DropoutAddLayerNorm(_RuntimeProbability, torch.nn.Module):
     """``LayerNorm(dropout(x) + residual)`` (or RMSNorm) as one fused op, :func:`regops.dropout_add_layer_norm`.
 
     Constructor as flash-attn's ``DropoutAddLayerNorm`` plus ``rms_norm``: parameters ``weight`` (ones) and
@@ -148,7 +200,7 @@ class DropoutAddLayerNorm(torch.nn.Module):
             residual,
             self.weight,
             self.bias,
-            self.p,
+            self._probability(),
             self.eps,
             rms_norm=self.rms_norm,
             prenorm=self.prenorm,
@@ -161,7 +213,7 @@ class DropoutAddLayerNorm(torch.nn.Module):
         return f"{self.weight.shape[0]}, p={self.p}, eps={self.eps}, {kind}, prenorm={self.prenorm}"
 
 
-class MultiSampleDropout(torch.nn.Module):
+class MultiSampleDropout(_RuntimeProbability, torch.nn.Module):
     """Multi-sample dropout (Inoue 2019): the mean over K dropout masks of ``head(dropout_k(features))``.
 
     * A linear head (``torch.nn.Linear``, or ``linear_head=True``) is applied once to the features times the
@@ -185,20 +237,25 @@ class MultiSampleDropout(torch.nn.Module):
 
     def _samples(self, features: torch.Tensor, fn):
         _, seeds = _structured.multi_sample_seeds(features, self.num_samples)
-        run = lambda f, s: fn(_dropout_op(f, self.p, s))
+        _, p = runtime_probability(self._probability())
+        run = lambda f, s: fn(_dropout_op(f, p, s))
         outs = [torch.utils.checkpoint.checkpoint(run, features, s, use_reentrant=False) for s in seeds]
         return torch.stack(outs).mean(0)
 
+    def _off(self) -> bool:
+        # Under torch.compile p is a runtime value: never branch on it (no guard, no recompile).
+        return not self.training or (not torch.compiler.is_compiling() and self.p == 0.0)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
+        if self._off():
             return self.head(features)
         if self.linear_head:
-            return self.head(_structured.multi_sample_dropout(features, self.p, self.num_samples))
+            return self.head(_structured.multi_sample_dropout(features, self._probability(), self.num_samples))
         return self._samples(features, self.head)
 
     def loss(self, features: torch.Tensor, target: torch.Tensor, loss_fn) -> torch.Tensor:
         """Mean over the K samples of ``loss_fn(head(dropout_k(features)), target)``."""
-        if not self.training or self.p == 0.0:
+        if self._off():
             return loss_fn(self.head(features), target)
         return self._samples(features, lambda z: loss_fn(self.head(z), target))
 

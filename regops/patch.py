@@ -47,6 +47,9 @@ class PatchHandle:
     def revert(self) -> None:
         for parent, name, original, replacement in reversed(self.swapped):
             original.train(replacement.training)
+            attr = getattr(replacement, "_p_attr", None)
+            if attr is not None and hasattr(original, attr):  # a p schedule applied while patched carries over
+                setattr(original, attr, getattr(replacement, attr))
             parent._modules[name] = original
         self.swapped.clear()
 
@@ -62,7 +65,9 @@ def patch(model: torch.nn.Module) -> PatchHandle:
 
     Supported: ``torch.nn.Dropout``, ``Dropout1d``, ``Dropout2d``, ``Dropout3d`` and timm's ``DropPath``
     (whatever regops.nn declares with ``@swaps``). Subclasses and other dropout kinds (e.g. ``AlphaDropout``)
-    are left alone. A module shared by several parents is replaced by one shared regops module.
+    are left alone. A module shared by several parents is replaced by one shared regops module. The replacement
+    shares the original's hooks (forward, pre-forward, backward, state_dict: handles taken before the swap still
+    remove them), buffers and attributes, and takes its training flag (see :func:`regops.nn.adopt_module_state`).
     Returns a :class:`PatchHandle`; ``handle.revert()`` restores the original modules.
 
     >>> handle = regops.patch(model)

@@ -30,7 +30,7 @@ from regops.reference import hessian as ref_h
 
 KEY = -1234567890123
 OFFSETS = (12345, 2**31 - 2000, 2**32 - 3)
-P = 0.3
+P = torch.tensor(0.3, dtype=torch.float64)  # the ops take p as a 0-dim tensor
 
 
 class Checker:

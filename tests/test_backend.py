@@ -31,10 +31,10 @@ def test_env_selects_triton_on_cpu_under_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert _backend.choose("dropout", CPU) == "triton"
     x = torch.randn(100)
-    seed = torch.tensor([1, 2])
-    out = torch.ops.regops.dropout(x, 0.5, seed)
+    seed, p = torch.tensor([1, 2]), torch.tensor(0.5, dtype=torch.float64)  # the op takes p as a 0-dim tensor
+    out = torch.ops.regops.dropout(x, p, seed)
     monkeypatch.setenv("REGOPS_BACKEND", "torch")
-    assert torch.equal(out, torch.ops.regops.dropout(x, 0.5, seed))
+    assert torch.equal(out, torch.ops.regops.dropout(x, p, seed))
 
 
 def test_unknown_backend_names(monkeypatch):

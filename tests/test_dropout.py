@@ -18,8 +18,13 @@ SEEDS = [torch.tensor(s, dtype=torch.int64) for s in ([0, 0], [1234, 7], [-(2**6
 SHAPES = [(n,) for n in ODD_SIZES] + [(3, 5, 7), (2, 0, 3), ()]
 
 
+def _p(v: float) -> torch.Tensor:
+    """The ops take p as a 0-dim float64 tensor (a runtime value under torch.compile)."""
+    return torch.tensor(v, dtype=torch.float64)
+
+
 def _op(x, p, seed):
-    return torch.ops.regops.dropout(x, p, seed)
+    return torch.ops.regops.dropout(x, _p(p), seed)
 
 
 def _reference(x, p, seed):
@@ -195,8 +200,8 @@ def test_saves_only_the_seed_for_backward():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_opcheck(dtype):
     x = make_tensor((5, 33), dtype, requires_grad=dtype != torch.bfloat16)
-    torch.library.opcheck(torch.ops.regops.dropout, (x, 0.3, torch.tensor([1, 2])))
-    torch.library.opcheck(torch.ops.regops.dropout, (make_tensor((0,), dtype), 0.3, torch.tensor([1, 2])))
+    torch.library.opcheck(torch.ops.regops.dropout, (x, _p(0.3), torch.tensor([1, 2])))
+    torch.library.opcheck(torch.ops.regops.dropout, (make_tensor((0,), dtype), _p(0.3), torch.tensor([1, 2])))
 
 
 def test_compile_fullgraph_forward_and_backward():

@@ -16,6 +16,11 @@ SHAPES = [(1, 1), (7, 5), (3, 64), (2, 3, 1000)]
 SEED = torch.tensor([1234, 77])
 
 
+def _p(v: float) -> torch.Tensor:
+    """The ops take p as a 0-dim float64 tensor (a runtime value under torch.compile)."""
+    return torch.tensor(v, dtype=torch.float64)
+
+
 def _saved_bytes(fn):
     sizes = []
 
@@ -43,7 +48,7 @@ def test_row_layout_equals_flat_stream_when_rows_are_whole_counters():
 
 # ------------------------------------------------------------------------------------------------ bias_dropout_add
 def _bda(x, b, r, p, seed):
-    return torch.ops.regops.bias_dropout_add(x, b, r, p, seed)
+    return torch.ops.regops.bias_dropout_add(x, b, r, _p(p), seed)
 
 
 @pytest.mark.usefixtures("poison_empty")
@@ -59,8 +64,10 @@ def test_bias_dropout_add_kernel_matches_reference(kernel_target, dtype, shape):
             out = _bda(x, bias, r, p, SEED)
             ref = _reference(_bda, x.cpu(), None if bias is None else bias.cpu(), r.cpu(), p, SEED)
             assert torch.equal(out.cpu(), ref), (p, bias is None)
-            dx, db = torch.ops.regops.bias_dropout_add_backward(g, bias is not None, p, SEED)
-            dx_ref, db_ref = _reference(torch.ops.regops.bias_dropout_add_backward, g.cpu(), bias is not None, p, SEED)
+            dx, db = torch.ops.regops.bias_dropout_add_backward(g, bias is not None, _p(p), SEED)
+            dx_ref, db_ref = _reference(
+                torch.ops.regops.bias_dropout_add_backward, g.cpu(), bias is not None, _p(p), SEED
+            )
             assert torch.equal(dx.cpu(), dx_ref)
             assert db.shape == db_ref.shape
             assert_close(db.cpu(), db_ref, rtol=1e-5, atol=1e-5)
@@ -69,7 +76,7 @@ def test_bias_dropout_add_kernel_matches_reference(kernel_target, dtype, shape):
 def test_bias_dropout_add_is_residual_plus_dropout_of_sum():
     x, r = make_tensor((6, 16), seed=1), make_tensor((6, 16), seed=2)
     b = make_tensor((16,), seed=3)
-    composed = r + torch.ops.regops.dropout(x + b, 0.4, SEED)  # H % 4 == 0: same stream as plain dropout
+    composed = r + torch.ops.regops.dropout(x + b, _p(0.4), SEED)  # H % 4 == 0: same stream as plain dropout
     assert torch.equal(_bda(x, b, r, 0.4, SEED), composed)
 
 
@@ -114,9 +121,9 @@ def test_bias_dropout_add_opcheck(dtype):
     rg = dtype != torch.bfloat16
     x, r = make_tensor((5, 33), dtype, requires_grad=rg), make_tensor((5, 33), dtype, requires_grad=rg, seed=1)
     b = make_tensor((33,), dtype, requires_grad=rg, seed=2)
-    torch.library.opcheck(torch.ops.regops.bias_dropout_add, (x, b, r, 0.3, SEED))
-    torch.library.opcheck(torch.ops.regops.bias_dropout_add, (x, None, r, 0.3, SEED))
-    torch.library.opcheck(torch.ops.regops.bias_dropout_add_backward, (x.detach(), True, 0.3, SEED))
+    torch.library.opcheck(torch.ops.regops.bias_dropout_add, (x, b, r, _p(0.3), SEED))
+    torch.library.opcheck(torch.ops.regops.bias_dropout_add, (x, None, r, _p(0.3), SEED))
+    torch.library.opcheck(torch.ops.regops.bias_dropout_add_backward, (x.detach(), True, _p(0.3), SEED))
 
 
 def test_bias_dropout_add_eval_statistics_and_compile():
@@ -137,10 +144,10 @@ def test_bias_dropout_add_eval_statistics_and_compile():
 
 def test_bias_dropout_add_bad_inputs():
     x = torch.randn(4, 8)
-    with pytest.raises(ValueError, match="residual must match"):
+    with pytest.raises(ValueError, match="residual must have x's shape"):
         regops.bias_dropout_add(x, None, torch.randn(4, 7), 0.1)
-    with pytest.raises(ValueError, match="residual must match"):
-        regops.bias_dropout_add(x, None, x.double(), 0.1)
+    # mixed dtypes follow torch's type promotion (as the unfused residual + dropout(x + bias))
+    assert regops.bias_dropout_add(x, None, x.double(), 0.1).dtype == torch.float64
     with pytest.raises(ValueError, match="bias must have shape"):
         regops.bias_dropout_add(x, torch.randn(4), x, 0.1)
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):
@@ -153,7 +160,7 @@ def test_bias_dropout_add_bad_inputs():
 
 # ------------------------------------------------------------------------------------------------ + LayerNorm
 def _daln(x, r, w, b, p, rms=False, fp32=False, seed=SEED):
-    return torch.ops.regops.dropout_add_layer_norm(x, r, w, b, p, 1e-5, rms, fp32, seed)
+    return torch.ops.regops.dropout_add_layer_norm(x, r, w, b, _p(p), 1e-5, rms, fp32, seed)
 
 
 def _composition(x, r, w, b, p, rms, keep, eps=1e-5):
@@ -195,7 +202,7 @@ def test_dropout_add_layer_norm_kernel_matches_reference(kernel_target, dtype, s
             for a, e in zip(out, ref, strict=True):
                 torch.testing.assert_close(a.cpu(), e, **loose)
             ds = make_tensor(shape, out[1].dtype, device, seed=6)
-            bwd = (dy, ds, out[1], out[2], out[3], args[2], has_b, p, rms, SEED, dtype, res.dtype, has_r)
+            bwd = (dy, ds, out[1], out[2], out[3], args[2], has_b, _p(p), rms, SEED, dtype, res.dtype, has_r)
             got = torch.ops.regops.dropout_add_layer_norm_backward(*bwd)
             want = _reference(
                 torch.ops.regops.dropout_add_layer_norm_backward,
@@ -249,8 +256,8 @@ def test_dropout_add_layer_norm_saves_no_mask():
     y, sizes = _saved_bytes(lambda: regops.dropout_add_layer_norm(x, r, w, b, 0.1))
     assert all(dt not in (torch.bool, torch.uint8) for _, dt in sizes)
     n = x.numel()
-    # s (bf16) + mean/rstd + weight + seed: nothing else of size N.
-    assert sum(s for s, _ in sizes) <= 2 * n + 8 * 64 + 4 * 512 + 16, sizes
+    # s (bf16) + mean/rstd + weight + p + seed: nothing else of size N.
+    assert sum(s for s, _ in sizes) <= 2 * n + 8 * 64 + 4 * 512 + 8 + 16, sizes
     y.float().sum().backward()
     assert x.grad is not None and r.grad is not None and w.grad is not None and b.grad is not None
 
@@ -260,8 +267,8 @@ def test_dropout_add_layer_norm_opcheck(dtype):
     rg = dtype != torch.bfloat16
     x, r = make_tensor((4, 33), dtype, requires_grad=rg), make_tensor((4, 33), dtype, requires_grad=rg, seed=1)
     w, b = make_tensor((33,), dtype, requires_grad=rg, seed=2), make_tensor((33,), dtype, requires_grad=rg, seed=3)
-    torch.library.opcheck(torch.ops.regops.dropout_add_layer_norm, (x, r, w, b, 0.3, 1e-5, False, False, SEED))
-    torch.library.opcheck(torch.ops.regops.dropout_add_layer_norm, (x, None, w, None, 0.3, 1e-5, True, True, SEED))
+    torch.library.opcheck(torch.ops.regops.dropout_add_layer_norm, (x, r, w, b, _p(0.3), 1e-5, False, False, SEED))
+    torch.library.opcheck(torch.ops.regops.dropout_add_layer_norm, (x, None, w, None, _p(0.3), 1e-5, True, True, SEED))
 
 
 def test_dropout_add_layer_norm_prenorm_residual_fp32_eval_and_compile():
@@ -321,7 +328,7 @@ def test_bias_dropout_add_cuda_extension_matches_reference_and_triton(dtype, sha
             with regops.use_backend(backend):
                 outs[backend] = (
                     _bda(x, bias, r, 0.3, SEED),
-                    *torch.ops.regops.bias_dropout_add_backward(g, bias is not None, 0.3, SEED),
+                    *torch.ops.regops.bias_dropout_add_backward(g, bias is not None, _p(0.3), SEED),
                 )
         for backend in ("triton", "torch"):
             assert torch.equal(outs["cuda"][0], outs[backend][0]), backend

@@ -17,6 +17,11 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SEED = torch.tensor([4321, 99])
 
 
+def _p(v: float) -> torch.Tensor:
+    """The ops take p as a 0-dim float64 tensor (a runtime value under torch.compile)."""
+    return torch.tensor(v, dtype=torch.float64)
+
+
 def _reference(fn, *args):
     with regops.use_backend("torch"):
         return fn(*args)
@@ -43,18 +48,20 @@ def test_drop_path_kernel_matches_reference(kernel_target, dtype, shape):
     x, r = make_tensor(shape, dtype, device, seed=1), make_tensor(shape, dtype, device, seed=2)
     for res in (r, None):
         for sbk in (True, False):
-            out = torch.ops.regops.drop_path(x, res, 0.4, sbk, SEED)
-            ref = _reference(torch.ops.regops.drop_path, x.cpu(), None if res is None else res.cpu(), 0.4, sbk, SEED)
+            out = torch.ops.regops.drop_path(x, res, _p(0.4), sbk, SEED)
+            ref = _reference(
+                torch.ops.regops.drop_path, x.cpu(), None if res is None else res.cpu(), _p(0.4), sbk, SEED
+            )
             assert torch.equal(out.cpu(), ref)
 
 
 def test_drop_path_one_draw_per_sample_like_timm():
     x = make_tensor((64, 3, 5), requires_grad=True)
-    y = torch.ops.regops.drop_path(x, None, 0.3, True, SEED)
+    y = torch.ops.regops.drop_path(x, None, _p(0.3), True, SEED)
     keep = keep_mask(4321, 99, (64,), 0.3)
     expected = x.detach() * torch.where(keep, dropout_scale(0.3), 0.0)[:, None, None]
     assert torch.equal(y, expected)
-    y2 = torch.ops.regops.drop_path(x, None, 0.3, False, SEED)
+    y2 = torch.ops.regops.drop_path(x, None, _p(0.3), False, SEED)
     assert torch.equal(y2, x.detach() * keep[:, None, None])
     (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
     assert torch.equal(dx, torch.where(keep, dropout_scale(0.3), 0.0)[:, None, None].expand_as(x))
@@ -64,7 +71,7 @@ def test_drop_path_one_draw_per_sample_like_timm():
 
 def test_drop_path_statistics_and_timm_module_parity():
     timm_layers = pytest.importorskip("timm.layers")
-    y = regops.drop_path(torch.ones(20000, 2), 0.3)
+    y = regops.drop_path(torch.ones(20000, 2), 0.3, training=True)
     kept = (y[:, 0] != 0).double().mean().item()
     assert abs(kept - 0.7) < 6 * math.sqrt(0.21 / 20000)
     assert torch.equal(y[:, 0], y[:, 1])
@@ -78,8 +85,9 @@ def test_drop_path_statistics_and_timm_module_parity():
 
 def test_drop_path_add_fused_grads_saved_and_compile():
     x, r = make_tensor((6, 10), requires_grad=True, seed=1), make_tensor((6, 10), requires_grad=True, seed=2)
-    y, sizes = _saved(lambda: regops.drop_path_add(x, r, 0.5))
+    y, sizes = _saved(lambda: regops.drop_path_add(x, r, 0.5, training=True))
     assert sum(s for s, _ in sizes) <= 64
+    assert not torch.equal(y, x + r)  # some sample dropped (6 samples, p = 0.5, this seed)
     g = make_tensor((6, 10), seed=3)
     dx, dr = torch.autograd.grad(y, (x, r), g)
     assert torch.equal(dr, g)
@@ -87,12 +95,12 @@ def test_drop_path_add_fused_grads_saved_and_compile():
     torch.testing.assert_close(dx, g * scale)
     torch.testing.assert_close(regops.drop_path_add(x, r, 0.5, training=False), x + r)
     assert torch.autograd.gradcheck(
-        lambda a, b: torch.ops.regops.drop_path(a, b, 0.5, True, SEED), (x.double(), r.double())
+        lambda a, b: torch.ops.regops.drop_path(a, b, _p(0.5), True, SEED), (x.double(), r.double())
     )
-    torch.library.opcheck(torch.ops.regops.drop_path, (x, r, 0.5, True, SEED))
-    torch.library.opcheck(torch.ops.regops.drop_path, (x, None, 0.5, False, SEED))
+    torch.library.opcheck(torch.ops.regops.drop_path, (x, r, _p(0.5), True, SEED))
+    torch.library.opcheck(torch.ops.regops.drop_path, (x, None, _p(0.5), False, SEED))
     torch._dynamo.reset()
-    f = torch.compile(lambda a, b: regops.drop_path_add(a * 1, b, 0.5), fullgraph=True)
+    f = torch.compile(lambda a, b: regops.drop_path_add(a * 1, b, 0.5, True), fullgraph=True)
     out = f(x, r)
     rows = (out - r).abs().sum(1) != 0
     assert torch.equal(rows, (out - r).abs().amax(1) > 0)
@@ -103,7 +111,7 @@ def test_drop_path_bad_inputs():
         regops.drop_path(torch.tensor(1.0), 0.1)
     with pytest.raises(ValueError, match="residual must match"):
         regops.drop_path_add(torch.randn(2, 3), torch.randn(2, 4), 0.1)
-    with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"drop_prob must be in \[0, 1\]"):
         regops.drop_path(torch.randn(2, 3), -0.1)
 
 
@@ -112,13 +120,13 @@ def test_shared_dropout_kernel_matches_reference(kernel_target):
     _, device = kernel_target
     for dtype in DTYPES:
         x = make_tensor((3, 5, 67), dtype, device)
-        out = torch.ops.regops.shared_dropout(x, 0.3, [3, 1, 67], SEED)
-        assert torch.equal(out.cpu(), _reference(torch.ops.regops.shared_dropout, x.cpu(), 0.3, [3, 1, 67], SEED))
+        out = torch.ops.regops.shared_dropout(x, _p(0.3), [3, 1, 67], SEED)
+        assert torch.equal(out.cpu(), _reference(torch.ops.regops.shared_dropout, x.cpu(), _p(0.3), [3, 1, 67], SEED))
 
 
 def test_shared_dropout_mask_is_the_dropout_mask_of_the_reduced_shape():
     x = make_tensor((4, 6, 8), torch.float64)
-    y = torch.ops.regops.shared_dropout(x, 0.4, [4, 1, 8], SEED)
+    y = torch.ops.regops.shared_dropout(x, _p(0.4), [4, 1, 8], SEED)
     keep = keep_mask(4321, 99, (4, 1, 8), 0.4)
     assert torch.equal(y, x * torch.where(keep, dropout_scale(0.4), 0.0))
     tokens = regops.shared_dropout(torch.ones(2, 50, 16), 0.5, dims=-1)  # token dropout
@@ -150,13 +158,13 @@ def test_channel_dropout_has_torch_structure(fn, torch_fn, shape):
 
 def test_channel_dropout_grads_opcheck_errors():
     x = make_tensor((3, 4, 5), torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: torch.ops.regops.shared_dropout(t, 0.5, [3, 4, 1], SEED), (x,))
-    torch.library.opcheck(torch.ops.regops.shared_dropout, (x.float(), 0.5, [3, 4, 1], SEED))
-    with pytest.raises(ValueError, match="dropout1d expects"):
+    assert torch.autograd.gradcheck(lambda t: torch.ops.regops.shared_dropout(t, _p(0.5), [3, 4, 1], SEED), (x,))
+    torch.library.opcheck(torch.ops.regops.shared_dropout, (x.float(), _p(0.5), [3, 4, 1], SEED))
+    with pytest.raises(RuntimeError, match="dropout1d: Expected 2D or 3D input"):
         regops.dropout1d(torch.randn(2, 3, 4, 5), 0.5)
     with pytest.raises(ValueError, match="dims must be ints"):
         regops.shared_dropout(torch.randn(2, 3), 0.5, dims=2)
-    with pytest.warns(UserWarning, match="dropout2d received a 3-D"):
+    with pytest.warns(UserWarning, match="Received a 3D input to dropout2d"):
         regops.dropout2d(torch.randn(2, 3, 4), 0.5)
     y = torch.ones(8, 4, 3)
     out = regops.dropout1d(y, 0.5, inplace=True)
@@ -200,10 +208,10 @@ def test_nested_dropout_keeps_a_geometric_prefix():
 
 def test_nested_dropout_dim_grads_opcheck_errors():
     x = make_tensor((5, 7, 3), torch.float64, requires_grad=True)
-    y = torch.ops.regops.nested_dropout(x, 0.3, 1, SEED)
+    y = torch.ops.regops.nested_dropout(x, _p(0.3), 1, SEED)
     assert torch.equal((y != 0).any(2), (y != 0).all(2))
-    assert torch.autograd.gradcheck(lambda t: torch.ops.regops.nested_dropout(t, 0.3, 1, SEED), (x,))
-    torch.library.opcheck(torch.ops.regops.nested_dropout, (x.float(), 0.3, 2, SEED))
+    assert torch.autograd.gradcheck(lambda t: torch.ops.regops.nested_dropout(t, _p(0.3), 1, SEED), (x,))
+    torch.library.opcheck(torch.ops.regops.nested_dropout, (x.float(), _p(0.3), 2, SEED))
     with pytest.raises(ValueError, match="non-batch dimension"):
         regops.nested_dropout(x, 0.3, dim=0)
     with pytest.raises(ValueError, match="nested_dropout needs"):
@@ -216,8 +224,8 @@ def test_nested_dropout_dim_grads_opcheck_errors():
 def test_multi_sample_kernel_matches_reference_and_mean_of_masks(kernel_target, dtype):
     _, device = kernel_target
     x = make_tensor((3, 1001), dtype, device)
-    out = torch.ops.regops.multi_sample_dropout_mean(x, 0.3, 5, SEED)
-    ref = _reference(torch.ops.regops.multi_sample_dropout_mean, x.cpu(), 0.3, 5, SEED)
+    out = torch.ops.regops.multi_sample_dropout_mean(x, _p(0.3), 5, SEED)
+    ref = _reference(torch.ops.regops.multi_sample_dropout_mean, x.cpu(), _p(0.3), 5, SEED)
     assert torch.equal(out.cpu(), ref)
     step = multi_sample_counters(x.numel())
     masks = [keep_mask(4321, 99 + k * step, x.shape, 0.3).double() for k in range(5)]
@@ -245,7 +253,7 @@ def test_multi_sample_module_linear_and_generic_heads():
     from regops.dropout.structured import multi_sample_seeds
 
     _, seeds = multi_sample_seeds(feats, 4)
-    manual = torch.stack([F.cross_entropy(head(torch.ops.regops.dropout(feats, 0.5, s)), target) for s in seeds])
+    manual = torch.stack([F.cross_entropy(head(torch.ops.regops.dropout(feats, _p(0.5), s)), target) for s in seeds])
     torch.testing.assert_close(loss, manual.mean())
     assert torch.equal(msd.eval()(feats), head(feats))
 
@@ -255,8 +263,8 @@ def test_multi_sample_memory_grads_opcheck():
     y, sizes = _saved(lambda: regops.multi_sample_dropout(x, 0.5, 8))
     assert sum(s for s, _ in sizes) <= 64
     xd = make_tensor((3, 7), torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: torch.ops.regops.multi_sample_dropout_mean(t, 0.5, 3, SEED), (xd,))
-    torch.library.opcheck(torch.ops.regops.multi_sample_dropout_mean, (xd.float(), 0.5, 3, SEED))
+    assert torch.autograd.gradcheck(lambda t: torch.ops.regops.multi_sample_dropout_mean(t, _p(0.5), 3, SEED), (xd,))
+    torch.library.opcheck(torch.ops.regops.multi_sample_dropout_mean, (xd.float(), _p(0.5), 3, SEED))
     with pytest.raises(ValueError, match="num_samples"):
         regops.multi_sample_dropout(x, 0.5, 0)
     with pytest.raises(ValueError, match="num_samples"):
@@ -270,13 +278,13 @@ def test_bitmask_kernel_matches_reference(kernel_target, dtype):
     _, device = kernel_target
     for n in (1, 63, 1000, 4097):
         x = make_tensor((n,), dtype, device)
-        y, bits = torch.ops.regops.dropout_bitmask(x, 0.3, SEED)
-        y_ref, bits_ref = _reference(torch.ops.regops.dropout_bitmask, x.cpu(), 0.3, SEED)
+        y, bits = torch.ops.regops.dropout_bitmask(x, _p(0.3), SEED)
+        y_ref, bits_ref = _reference(torch.ops.regops.dropout_bitmask, x.cpu(), _p(0.3), SEED)
         assert torch.equal(y.cpu(), y_ref) and torch.equal(bits.cpu(), bits_ref) and bits.numel() == (n + 7) // 8
-        assert torch.equal(y.cpu(), _reference(torch.ops.regops.dropout, x.cpu(), 0.3, SEED))
+        assert torch.equal(y.cpu(), _reference(torch.ops.regops.dropout, x.cpu(), _p(0.3), SEED))
         g = make_tensor((n,), dtype, device, seed=3)
-        out = torch.ops.regops.apply_bitmask(g, bits, 2.0)
-        assert torch.equal(out.cpu(), _reference(torch.ops.regops.apply_bitmask, g.cpu(), bits.cpu(), 2.0))
+        out = torch.ops.regops.apply_bitmask(g, bits, _p(0.5))
+        assert torch.equal(out.cpu(), _reference(torch.ops.regops.apply_bitmask, g.cpu(), bits.cpu(), _p(0.5)))
 
 
 def test_bitmask_pack_roundtrip_saved_bytes_and_grads():
@@ -285,7 +293,7 @@ def test_bitmask_pack_roundtrip_saved_bytes_and_grads():
     x = torch.randn(1 << 16, requires_grad=True)
     torch.manual_seed(3)
     y, sizes = _saved(lambda: regops.dropout(x, 0.2, mask_mode="bitmask"))
-    assert sizes == [((1 << 16) // 8, torch.uint8)]
+    assert sizes == [((1 << 16) // 8, torch.uint8), (8, torch.float64)]  # the bits and the 0-dim p
     torch.manual_seed(3)
     y_re = regops.dropout(x, 0.2)
     assert torch.equal(y, y_re)
@@ -293,9 +301,9 @@ def test_bitmask_pack_roundtrip_saved_bytes_and_grads():
     (dx_re,) = torch.autograd.grad(y_re, x, torch.ones_like(y))
     assert torch.equal(dx, dx_re)
     xd = make_tensor((5, 7), torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: torch.ops.regops.dropout_bitmask(t, 0.4, SEED)[0], (xd,))
-    assert torch.autograd.gradgradcheck(lambda t: torch.ops.regops.dropout_bitmask(t, 0.4, SEED)[0], (xd,))
-    torch.library.opcheck(torch.ops.regops.dropout_bitmask, (xd.float(), 0.4, SEED))
+    assert torch.autograd.gradcheck(lambda t: torch.ops.regops.dropout_bitmask(t, _p(0.4), SEED)[0], (xd,))
+    assert torch.autograd.gradgradcheck(lambda t: torch.ops.regops.dropout_bitmask(t, _p(0.4), SEED)[0], (xd,))
+    torch.library.opcheck(torch.ops.regops.dropout_bitmask, (xd.float(), _p(0.4), SEED))
     with pytest.raises(ValueError, match="mask_mode"):
         regops.dropout(x, 0.2, mask_mode="bool")
 

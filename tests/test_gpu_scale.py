@@ -33,6 +33,7 @@ needs_interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="checks
 OFFSETS = [2**31 - 2000, 2**32 - 3]
 KEY = -1234567890123
 P = 0.3
+P_T = torch.tensor(P, dtype=torch.float64)  # the ops take p as a 0-dim tensor
 
 
 def _x(shape, dtype=torch.float32, seed=0):
@@ -61,13 +62,13 @@ def test_structured_masks_at_large_offsets(offset):
     seed = torch.tensor([KEY, offset])
     x = _x((6, 5, 8, 8))
     with regops.use_backend("triton"):
-        shared = torch.ops.regops.shared_dropout(x, P, [6, 5, 1, 1], seed)
-        drop_path = torch.ops.regops.drop_path(x, None, P, True, seed)
-        multi = torch.ops.regops.multi_sample_dropout_mean(x, P, 3, seed)
+        shared = torch.ops.regops.shared_dropout(x, P_T, [6, 5, 1, 1], seed)
+        drop_path = torch.ops.regops.drop_path(x, None, P_T, True, seed)
+        multi = torch.ops.regops.multi_sample_dropout_mean(x, P_T, 3, seed)
     with regops.use_backend("torch"):
-        assert torch.equal(shared, torch.ops.regops.shared_dropout(x, P, [6, 5, 1, 1], seed))
-        assert torch.equal(drop_path, torch.ops.regops.drop_path(x, None, P, True, seed))
-        assert torch.equal(multi, torch.ops.regops.multi_sample_dropout_mean(x, P, 3, seed))
+        assert torch.equal(shared, torch.ops.regops.shared_dropout(x, P_T, [6, 5, 1, 1], seed))
+        assert torch.equal(drop_path, torch.ops.regops.drop_path(x, None, P_T, True, seed))
+        assert torch.equal(multi, torch.ops.regops.multi_sample_dropout_mean(x, P_T, 3, seed))
 
 
 @needs_interpreter
@@ -163,6 +164,7 @@ def test_three_backends_share_the_stream_constant():
     from pathlib import Path
 
     from regops.kernels import philox as kp
+
     from regops.reference.philox import STREAM_C3
 
     cuh = (Path(__file__).resolve().parents[1] / "csrc" / "philox.cuh").read_text()
@@ -199,7 +201,7 @@ def test_cuda_graph_replays_draw_fresh_masks(backend):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             seed = _rng.philox_seed(x.device, x.numel())
-            y = torch.ops.regops.dropout(x, P, seed)
+            y = torch.ops.regops.dropout(x, P_T, seed)
         outs = []
         for _ in range(3):
             graph.replay()

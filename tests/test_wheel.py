@@ -33,7 +33,10 @@ def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts" / "build_wheel.sh"), str(out)],
-        capture_output=True, text=True, cwd=ROOT, env=_clean_env(REGOPS_VENV=sys.prefix),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_clean_env(REGOPS_VENV=sys.prefix),
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for arch in ("sm_80", "sm_86", "sm_89", "sm_90"):
@@ -52,8 +55,13 @@ def test_wheel_name_and_contents(wheel):
         names = z.namelist()
         info = json.loads(z.read("regops/_build_info.json"))
     assert any(n.startswith("regops/_C") and n.endswith(".so") for n in names)
-    for required in ("regops/kernels/dropout.py", "regops/reference/philox.py", "regops/csrc/dropout.cu",
-                     "regops/csrc/regops.cpp", "regops/csrc/philox.cuh"):
+    for required in (
+        "regops/kernels/dropout.py",
+        "regops/reference/philox.py",
+        "regops/csrc/dropout.cu",
+        "regops/csrc/regops.cpp",
+        "regops/csrc/philox.cuh",
+    ):
         assert required in names, required
     assert info["cuda_archs"] == ["sm_80", "sm_86", "sm_89", "sm_90", "compute_90"]
     assert info["torch_version"] == torch.__version__ and info["git_revision"]
@@ -66,8 +74,12 @@ def _fresh_env(tmp_path: Path, wheel: Path) -> Path:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
-    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     Path(site, "parent-torch.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     with zipfile.ZipFile(wheel) as z:  # installing a wheel is unpacking it into site-packages
         z.extractall(site)

@@ -14,7 +14,12 @@ from collections.abc import Sequence
 import torch
 
 from regops import _backend, _rng, _validate
-from regops.dropout._core import register_seeded_mask_op
+from regops.dropout._core import (
+    in_layout_of,
+    probability_value,
+    register_seeded_mask_op,
+    runtime_probability,
+)
 from regops.reference import dropout as _ref
 
 __all__ = [
@@ -37,23 +42,24 @@ def _unit_mask(shape: Sequence[int], p: float, seed: torch.Tensor, device, dtype
 
 # ------------------------------------------------------------------------------------------------ shared masks
 @torch.library.custom_op("regops::shared_dropout", mutates_args=())
-def _shared_dropout_op(x: torch.Tensor, p: float, mask_shape: list[int], seed: torch.Tensor) -> torch.Tensor:
+def _shared_dropout_op(x: torch.Tensor, p: torch.Tensor, mask_shape: list[int], seed: torch.Tensor) -> torch.Tensor:
     cd = _ref.compute_dtype(x.dtype)
-    mask = _unit_mask(mask_shape, p, seed, x.device, cd)
-    return (x.to(cd) * mask).to(x.dtype).contiguous()
+    mask = _unit_mask(mask_shape, probability_value(p), seed, x.device, cd)
+    return in_layout_of(x, (x.to(cd) * mask).to(x.dtype).contiguous())
 
 
 register_seeded_mask_op(_shared_dropout_op)
 
 
 def _apply_shared(x, p, mask_shape, training, inplace, generator) -> torch.Tensor:
-    if not training or p == 0.0:
+    p_value, p_t = p
+    if not training or p_value == 0.0:
         return x
     n = 1
     for s in mask_shape:
         n *= s
     seed = _rng.philox_seed(x.device, n, generator)
-    y = _shared_dropout_op(x, p, list(mask_shape), seed)
+    y = _shared_dropout_op(x, p_t, list(mask_shape), seed)
     return x.copy_(y) if inplace else y
 
 
@@ -84,57 +90,130 @@ def shared_dropout(
         >>> y = regops.shared_dropout(torch.randn(8, 128, 512), 0.1, dims=-1)   # drop whole tokens
     """
     _validate.floating(x, "x")
-    p = _validate.probability(p)
+    p = runtime_probability(p)
     _rng.check_generator(generator, x.device)
     dims = (dims,) if isinstance(dims, int) else tuple(dims)
     norm = set()
+    rank = max(x.dim(), 1)  # as torch: a 0-dim tensor accepts dim 0 and -1
     for d in dims:
-        if isinstance(d, bool) or not isinstance(d, int) or not -x.dim() <= d < max(x.dim(), 1):
-            raise ValueError(f"regops: dims must be ints in [-{x.dim()}, {x.dim()}), got {dims}")
-        norm.add(d % x.dim())
+        if isinstance(d, bool) or not isinstance(d, int) or not -rank <= d < rank:
+            raise ValueError(f"regops: dims must be ints in [-{rank}, {rank}), got {dims}")
+        norm.add(d % rank)
     mask_shape = [1 if i in norm else s for i, s in enumerate(x.shape)]
     return _apply_shared(x, p, mask_shape, training, inplace, generator)
 
 
-def _channel_dropout(name, x, p, training, inplace, generator, spatial: int) -> torch.Tensor:
-    _validate.floating(x, "x")
-    p = _validate.probability(p)
-    _rng.check_generator(generator, x.device)
+_DEPRECATED_RANK = (
+    "{name}: Received a {dim}-D input to {name}, which is deprecated and will result in an error in a future "
+    "release. To retain the behavior and silence this warning, please use dropout instead. Note that {name} "
+    "exists to provide channel-wise dropout on inputs with {spatial} spatial dimensions, a channel dimension, "
+    "and an optional batch dimension (i.e. {lo}D or {hi}D inputs)."
+)
+
+
+def _channel_mask_shape(name: str, x: torch.Tensor, spatial: int) -> list[int] | None:
+    """The mask shape torch's ``dropout{1,2,3}d`` draws for ``x`` (``None``: torch raises if it draws at all).
+
+    torch's rules, rank by rank: dropout1d takes only 2-D ``(C, L)`` and 3-D ``(N, C, L)``. dropout2d warns on
+    ranks other than 3 and 4 and treats *every* input as batched ``(N, C, ...)`` (a 3-D input is ``(N, C, L)``,
+    with a second warning). dropout3d warns on ranks other than 4 and 5 and treats every rank but 5 as unbatched
+    (``(C, ...)``: a 3-D input is ``(C, D, H)``, a 1-D input is per element). The mask is one draw per
+    (sample, channel), broadcast over the rest; a batched input of fewer than 2 dims has no channel.
+    """
     dim = x.dim()
     if spatial == 1 and dim not in (2, 3):
-        raise ValueError(f"regops: {name} expects a 2D (C, L) or 3D (N, C, L) input, got {dim}D")
-    if spatial > 1 and dim not in (spatial + 1, spatial + 2):
-        if dim < 2:
-            raise ValueError(f"regops: {name} expects an input with at least 2 dimensions, got {dim}D")
-        warnings.warn(
-            f"regops: {name} received a {dim}-D input; like torch, the first two dims are treated as (N, C)",
-            stacklevel=3,
+        raise RuntimeError(
+            f"dropout1d: Expected 2D or 3D input, but received a {dim}D input. Note that dropout1d exists to "
+            "provide channel-wise dropout on inputs with 1 spatial dimension, a channel dimension, and an optional "
+            "batch dimension (i.e. 2D or 3D inputs)."
         )
-    if spatial == 2 and dim == 3:
+    lo, hi = spatial + 1, spatial + 2
+    quiet = torch.compiler.is_compiling()  # dynamo cannot trace warnings.warn (a graph break)
+    if spatial > 1 and dim not in (lo, hi) and not quiet:
+        warnings.warn(_DEPRECATED_RANK.format(name=name, dim=dim, spatial=spatial, lo=lo, hi=hi), stacklevel=4)
+    if spatial == 2 and dim == 3 and not quiet:
         warnings.warn(
-            "regops: dropout2d received a 3-D input; like torch, it is treated as (N, C, L) and whole channels "
-            "are dropped (use dropout1d for that)",
-            stacklevel=3,
+            "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise 1D dropout behavior is "
+            "desired - input is interpreted as shape (N, C, L), where C is the channel dim. This behavior will "
+            "change in a future release to interpret the input as one without a batch dimension, i.e. shape "
+            "(C, H, W). To maintain the 1D channel-wise dropout behavior, please switch to using dropout1d instead.",
+            stacklevel=4,
         )
-    batched = dim == spatial + 2 or (spatial == 2 and dim == 3) or dim not in (spatial + 1, spatial + 2)
-    # torch.nn.functional.dropout2d treats a 3D input as (N, C, L) (batched, 1D channels), as done here.
-    keep_dims = 2 if batched else 1
-    mask_shape = list(x.shape[:keep_dims]) + [1] * (dim - keep_dims)
+    batched = dim == hi if spatial != 2 else True
+    shape = list(x.shape) if batched else [1, *x.shape]
+    if len(shape) < 2:
+        return None
+    mask = shape[:2] + [1] * (len(shape) - 2)
+    return mask if batched else mask[1:]
+
+
+def _channel_dropout(name, x, p, training, inplace, generator, spatial: int) -> torch.Tensor:
+    _validate.floating(x, "x")
+    p = runtime_probability(p)
+    _rng.check_generator(generator, x.device)
+    mask_shape = _channel_mask_shape(name, x, spatial)
+    if mask_shape is None:
+        # torch returns early for eval, p == 0, empty inputs and p == 1 (x * 0), and fails only when it draws
+        # (under torch.compile p is not known while tracing: that fails too).
+        p_value, _ = p
+        if not training or p_value == 0.0 or x.numel() == 0:
+            return x
+        if p_value != 1.0:
+            raise RuntimeError(f"{name}: Feature dropout requires at least 2 dimensions in the input")
+        mask_shape = list(x.shape)
     return _apply_shared(x, p, mask_shape, training, inplace, generator)
 
 
-def dropout1d(x, p: float = 0.5, training: bool = True, inplace: bool = False, *, generator=None) -> torch.Tensor:
-    """:func:`torch.nn.functional.dropout1d` semantics (zero whole channels of ``(N, C, L)`` or ``(C, L)``)."""
+def dropout1d(
+    x: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """:func:`torch.nn.functional.dropout1d` semantics (zero whole channels of ``(N, C, L)`` or ``(C, L)``).
+
+    Other ranks raise ``RuntimeError``, as torch. Only the seed is saved for backward.
+
+    >>> y = regops.dropout1d(torch.randn(8, 16, 100), 0.1)
+    """
     return _channel_dropout("dropout1d", x, p, training, inplace, generator, 1)
 
 
-def dropout2d(x, p: float = 0.5, training: bool = True, inplace: bool = False, *, generator=None) -> torch.Tensor:
-    """:func:`torch.nn.functional.dropout2d` semantics (zero whole channels of ``(N, C, H, W)``; 3D as torch)."""
+def dropout2d(
+    x: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """:func:`torch.nn.functional.dropout2d` semantics (zero whole channels of ``(N, C, H, W)``).
+
+    Exactly torch's rank rules: every input is read as batched ``(N, C, ...)`` (3-D as ``(N, C, L)``), with
+    torch's warnings for ranks other than 4; fewer than 2 dims raise when a mask is drawn.
+
+    >>> y = regops.dropout2d(torch.randn(8, 16, 32, 32), 0.1)
+    """
     return _channel_dropout("dropout2d", x, p, training, inplace, generator, 2)
 
 
-def dropout3d(x, p: float = 0.5, training: bool = True, inplace: bool = False, *, generator=None) -> torch.Tensor:
-    """:func:`torch.nn.functional.dropout3d` semantics (zero whole channels of ``(N, C, D, H, W)`` or unbatched)."""
+def dropout3d(
+    x: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """:func:`torch.nn.functional.dropout3d` semantics (zero whole channels of ``(N, C, D, H, W)`` or ``(C, D, H, W)``).
+
+    Exactly torch's rank rules: only a 5-D input is batched; any other rank is unbatched ``(C, ...)`` (a 3-D
+    input is ``(C, D, H)``, a 1-D input drops elements), with torch's warning for ranks other than 4 and 5.
+
+    >>> y = regops.dropout3d(torch.randn(2, 8, 4, 16, 16), 0.1)
+    """
     return _channel_dropout("dropout3d", x, p, training, inplace, generator, 3)
 
 
@@ -149,36 +228,37 @@ def _sample_scales(batch, p, scale_by_keep, seed, device, dtype) -> torch.Tensor
 
 @torch.library.custom_op("regops::drop_path", mutates_args=())
 def _drop_path_op(
-    x: torch.Tensor, residual: torch.Tensor | None, p: float, scale_by_keep: bool, seed: torch.Tensor
+    x: torch.Tensor, residual: torch.Tensor | None, p: torch.Tensor, scale_by_keep: bool, seed: torch.Tensor
 ) -> torch.Tensor:
-    scales = _sample_scales(x.shape[0], p, scale_by_keep, seed, x.device, _ref.compute_dtype(x.dtype))
+    cd = _ref.compute_dtype(x.dtype)
+    scales = _sample_scales(x.shape[0], probability_value(p), scale_by_keep, seed, x.device, cd)
     res = residual.contiguous() if residual is not None else None
-    return _backend.implementation("scale_rows_add", x.device)(x.contiguous(), scales, res)
+    return in_layout_of(x, _backend.implementation("scale_rows_add", x.device)(x.contiguous(), scales, res))
 
 
 @_drop_path_op.register_fake
 def _(x, residual, p, scale_by_keep, seed):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return in_layout_of(x, torch.empty_like(x, memory_format=torch.contiguous_format))
 
 
 def _drop_path_setup_context(ctx, inputs, output) -> None:
     _, residual, p, scale_by_keep, seed = inputs
-    ctx.p, ctx.scale_by_keep, ctx.has_residual = p, scale_by_keep, residual is not None
-    ctx.save_for_backward(seed)
+    ctx.scale_by_keep, ctx.has_residual = scale_by_keep, residual is not None
+    ctx.save_for_backward(p, seed)
 
 
 def _drop_path_backward(ctx, grad):
-    (seed,) = ctx.saved_tensors
-    dx = _drop_path_op(grad, None, ctx.p, ctx.scale_by_keep, seed)
+    p, seed = ctx.saved_tensors
+    dx = _drop_path_op(grad, None, p, ctx.scale_by_keep, seed)
     return dx, (grad if ctx.has_residual else None), None, None, None
 
 
 _drop_path_op.register_autograd(_drop_path_backward, setup_context=_drop_path_setup_context)
 
 
-def _check_drop_path(x, p, generator) -> float:
+def _check_drop_path(x, drop_prob, generator) -> tuple[float | None, torch.Tensor]:
     _validate.floating(x, "x")
-    p = _validate.probability(p)
+    p = runtime_probability(drop_prob, "drop_prob")
     _rng.check_generator(generator, x.device)
     if x.dim() == 0:
         raise ValueError("regops: drop_path needs a batch dimension (dim 0)")
@@ -187,48 +267,56 @@ def _check_drop_path(x, p, generator) -> float:
 
 def drop_path(
     x: torch.Tensor,
-    p: float = 0.0,
-    training: bool = True,
+    drop_prob: float = 0.0,
+    training: bool = False,
     scale_by_keep: bool = True,
     *,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    r"""Stochastic depth (timm's ``drop_path``): each sample (dim 0) is zeroed with probability ``p``.
+    r"""Stochastic depth, a drop-in for timm's ``drop_path(x, drop_prob=0., training=False, scale_by_keep=True)``.
+
+    Each sample (dim 0) is zeroed with probability ``drop_prob``:
 
     .. math:: y_b = x_b \cdot m_b / (1-p) \quad(\text{no } 1/(1-p) \text{ unless } scale\_by\_keep)
 
     One draw per sample: ``m_b`` is :func:`regops.dropout`'s mask of ``ones(B)``. The backward regenerates it.
-    ``training=False`` or ``p == 0`` returns ``x`` itself, as timm does.
+    As in timm, ``training`` defaults to ``False`` (pass ``training=True``, or use :class:`regops.nn.DropPath`),
+    ``training=False`` or ``drop_prob == 0`` returns ``x`` itself, and the mask multiplies (a NaN or Inf in a
+    dropped sample gives NaN). The output keeps x's memory format.
+
+    Args:
+        x: ``[B, ...]``, floating. drop_prob: in ``[0, 1]`` (a runtime value under torch.compile).
 
     Example::
 
-        >>> y = regops.drop_path(branch_out, 0.1)
+        >>> y = regops.drop_path(branch_out, 0.1, training=True)
     """
-    p = _check_drop_path(x, p, generator)
-    if not training or p == 0.0:
+    p_value, p_t = _check_drop_path(x, drop_prob, generator)
+    if not training or p_value == 0.0:
         return x
-    return _drop_path_op(x, None, p, scale_by_keep, _rng.philox_seed(x.device, x.shape[0], generator))
+    return _drop_path_op(x, None, p_t, scale_by_keep, _rng.philox_seed(x.device, x.shape[0], generator))
 
 
 def drop_path_add(
     x: torch.Tensor,
     residual: torch.Tensor,
-    p: float = 0.0,
-    training: bool = True,
+    drop_prob: float = 0.0,
+    training: bool = False,
     scale_by_keep: bool = True,
     *,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """``residual + drop_path(x, p)`` in one pass (and one pass backward: ``dx = m_b g / (1-p)``, ``dres = g``).
+    """``residual + drop_path(x, drop_prob, training)`` in one pass (one pass backward: ``dx = m_b g / (1-p)``,
+    ``dres = g``). Arguments and defaults as :func:`drop_path` (``training=False`` by default, as timm).
 
     Args:
         x: the branch output ``[B, ...]``; residual: x's shape and dtype.
 
     Example::
 
-        >>> h = regops.drop_path_add(block(h), h, 0.1)
+        >>> h = regops.drop_path_add(block(h), h, 0.1, training=True)
     """
-    p = _check_drop_path(x, p, generator)
+    p_value, p_t = _check_drop_path(x, drop_prob, generator)
     _validate.floating(residual, "residual")
     if residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(
@@ -237,17 +325,17 @@ def drop_path_add(
         )
     _validate.same_device("x", x, "residual", residual)
     if not training:
-        p = 0.0
+        p_value, p_t = 0.0, torch.zeros((), dtype=torch.float64)
     no_seed = torch.zeros(2, dtype=torch.int64, device=x.device)
-    seed = _rng.philox_seed(x.device, x.shape[0], generator) if p > 0 else no_seed
-    return _drop_path_op(x, residual, p, scale_by_keep, seed)
+    seed = _rng.philox_seed(x.device, x.shape[0], generator) if p_value != 0.0 else no_seed
+    return _drop_path_op(x, residual, p_t, scale_by_keep, seed)
 
 
 # ------------------------------------------------------------------------------------------------ nested dropout
 @torch.library.custom_op("regops::nested_dropout", mutates_args=())
-def _nested_dropout_op(x: torch.Tensor, p: float, dim: int, seed: torch.Tensor) -> torch.Tensor:
+def _nested_dropout_op(x: torch.Tensor, p: torch.Tensor, dim: int, seed: torch.Tensor) -> torch.Tensor:
     key, offset = seed.tolist()
-    return _ref.nested_dropout(x, p, dim, key, offset).contiguous()
+    return in_layout_of(x, _ref.nested_dropout(x, probability_value(p), dim, key, offset).contiguous())
 
 
 register_seeded_mask_op(_nested_dropout_op)
@@ -277,16 +365,16 @@ def nested_dropout(
         >>> z = regops.nested_dropout(features, p=0.05)   # [B, D]: keep a random-length prefix per sample
     """
     _validate.floating(x, "x")
-    p = _validate.probability(p)
+    p_value, p_t = runtime_probability(p)
     _rng.check_generator(generator, x.device)
     if x.dim() < 2:
         raise ValueError(f"regops: nested_dropout needs x of shape [B, ..., units, ...], got {tuple(x.shape)}")
     if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim() or dim % x.dim() == 0:
         raise ValueError(f"regops: dim must index a non-batch dimension of a {x.dim()}-D x, got {dim!r}")
-    if not training or p == 0.0:
+    if not training or p_value == 0.0:
         return x
     seed = _rng.philox_seed(x.device, x.shape[0], generator)
-    return _nested_dropout_op(x, p, dim % x.dim(), seed)
+    return _nested_dropout_op(x, p_t, dim % x.dim(), seed)
 
 
 # ------------------------------------------------------------------------------------------------ multi-sample
@@ -298,9 +386,10 @@ _backend.register(
 
 
 @torch.library.custom_op("regops::multi_sample_dropout_mean", mutates_args=())
-def _multi_sample_op(x: torch.Tensor, p: float, num_samples: int, seed: torch.Tensor) -> torch.Tensor:
+def _multi_sample_op(x: torch.Tensor, p: torch.Tensor, num_samples: int, seed: torch.Tensor) -> torch.Tensor:
     key, offset = _rng.seed_args(seed, "multi_sample_dropout_mean", x.device)
-    return _backend.implementation("multi_sample_dropout_mean", x.device)(x.contiguous(), p, num_samples, key, offset)
+    impl = _backend.implementation("multi_sample_dropout_mean", x.device)
+    return in_layout_of(x, impl(x.contiguous(), probability_value(p), num_samples, key, offset))
 
 
 register_seeded_mask_op(_multi_sample_op)
@@ -331,18 +420,19 @@ def multi_sample_dropout(
     r"""``x * mean_k(m_k) / (1-p)``: the mean of ``num_samples`` dropout masks applied in one pass.
 
     For a linear head ``W``, ``mean_k W(dropout_k(x)) = W(multi_sample_dropout(x))``: multi-sample dropout
-    (Inoue 2019) without materializing K masked copies. The K masks are regenerated in backward.
+    (Inoue 2019) without materializing K masked copies. The K masks are regenerated in backward. NaN/Inf as
+    torch's ``mean_k(dropout_k(x))``: NaN where some sample dropped a NaN or Inf.
 
     Example::
 
         >>> logits = head(regops.multi_sample_dropout(features, 0.5, num_samples=8))
     """
     _validate.floating(x, "x")
-    p = _validate.probability(p)
+    p_value, p_t = runtime_probability(p)
     _rng.check_generator(generator, x.device)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"regops: num_samples must be a positive int, got {num_samples!r}")
-    if not training or p == 0.0:
+    if not training or p_value == 0.0:
         return x
     seed, _ = multi_sample_seeds(x, num_samples, generator)
-    return _multi_sample_op(x, p, num_samples, seed)
+    return _multi_sample_op(x, p_t, num_samples, seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 
 import torch
@@ -20,11 +21,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def mask_values(keep: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``where(keep, scale, 0)`` in ``dtype``: what every dropout multiplies by.
+
+    Multiplying (never selecting) is torch's semantics: a NaN or Inf at a dropped position gives NaN, as
+    ``x * 0`` does, so an overflow stays visible (e.g. to AMP's GradScaler).
+    """
+    return keep.to(dtype) * scale  # exact: scale is a float32 value, the mask 0 or 1
+
+
 def dropout(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
-    """``where(keep, x * scale, 0)`` computed in float32 (float64 for float64) and rounded to x's dtype."""
+    """``x * where(keep, scale, 0)`` computed in float32 (float64 for float64) and rounded to x's dtype."""
     keep = keep_mask(seed, offset, x.shape, p, device=x.device)
-    y = torch.where(keep, x.to(compute_dtype(x.dtype)) * dropout_scale(p), 0.0)
-    return y.to(x.dtype)
+    cd = compute_dtype(x.dtype)
+    return (x.to(cd) * mask_values(keep, dropout_scale(p), cd)).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ row layout
@@ -45,7 +55,8 @@ def row_keep_mask(seed: int, offset: int, rows: int, cols: int, p: float, device
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1]) if t.dim() > 0 else t.reshape(1, 1)
+    # Explicit row count: reshape(-1, 0) is ambiguous for an empty last dimension.
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1]) if t.dim() > 0 else t.reshape(1, 1)
 
 
 # ------------------------------------------------------------------------------------------------ bitmask
@@ -69,14 +80,16 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
 def dropout_bitmask(x: torch.Tensor, p: float, seed: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`dropout` plus its keep-mask packed 1 bit per element (``ceil(numel / 8)`` uint8 bytes)."""
     keep = keep_mask(seed, offset, x.shape, p, device=x.device)
-    y = torch.where(keep, x.to(compute_dtype(x.dtype)) * dropout_scale(p), 0.0).to(x.dtype)
+    cd = compute_dtype(x.dtype)
+    y = (x.to(cd) * mask_values(keep, dropout_scale(p), cd)).to(x.dtype)
     return y, pack_bits(keep)
 
 
 def apply_bitmask(g: torch.Tensor, packed: torch.Tensor, scale: float) -> torch.Tensor:
-    """``where(bit, g * scale, 0)`` with the bits of a packed mask (the backward of bitmask dropout)."""
+    """``g * where(bit, scale, 0)`` with the bits of a packed mask (the backward of bitmask dropout)."""
     keep = unpack_bits(packed, g.numel()).reshape(g.shape)
-    return torch.where(keep, g.to(compute_dtype(g.dtype)) * scale, 0.0).to(g.dtype)
+    cd = compute_dtype(g.dtype)
+    return (g.to(cd) * mask_values(keep, scale, cd)).to(g.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ bias + residual
@@ -93,7 +106,7 @@ def bias_dropout_add(
     t = x.to(cd)
     if bias is not None:
         t = t + bias.to(cd)
-    return (torch.where(keep, t * dropout_scale(p), 0.0) + residual.to(cd)).to(x.dtype)
+    return (t * mask_values(keep, dropout_scale(p), cd) + residual.to(cd)).to(x.dtype)
 
 
 def bias_dropout_add_backward(
@@ -103,7 +116,7 @@ def bias_dropout_add_backward(
     cd = compute_dtype(grad.dtype)
     cols = grad.shape[-1] if grad.dim() else 1
     keep = row_keep_mask(seed, offset, grad.numel() // max(cols, 1), cols, p, device=grad.device)
-    dx = torch.where(keep.reshape(grad.shape), grad.to(cd) * dropout_scale(p), 0.0)
+    dx = grad.to(cd) * mask_values(keep.reshape(grad.shape), dropout_scale(p), cd)
     dbias = _rows(dx).sum(0) if has_bias else None
     return dx.to(grad.dtype), dbias
 
@@ -138,7 +151,7 @@ def dropout_add_layer_norm(
     t = x.to(cd)
     if p > 0.0:
         keep = row_keep_mask(seed, offset, rows, cols, p, device=x.device).reshape(x.shape)
-        t = torch.where(keep, t * dropout_scale(p), 0.0)
+        t = t * mask_values(keep, dropout_scale(p), cd)
     if residual is not None:
         t = t + residual.to(cd)
     s = t.to(s_dtype, copy=True)  # never an alias of x (p = 0, no residual)
@@ -194,7 +207,7 @@ def dropout_add_layer_norm_backward(
     dx = dsum
     if p > 0.0:
         keep = row_keep_mask(seed, offset, rows, cols, p, device=s.device)
-        dx = torch.where(keep, dsum * dropout_scale(p), 0.0)
+        dx = dsum * mask_values(keep, dropout_scale(p), cd)
     dweight = (g * xhat).sum(0) if weight is not None else None
     dbias = g.sum(0) if has_bias else None
     dres = dsum.reshape(s.shape).to(res_dtype, copy=True) if res_dtype is not None else None
@@ -210,7 +223,8 @@ def multi_sample_counters(numel: int) -> int:
 def multi_sample_mean_dropout(x: torch.Tensor, p: float, num_samples: int, seed: int, offset: int) -> torch.Tensor:
     r"""``x * mean_k(mask_k) / (1-p)``: sample ``k``'s mask is :func:`dropout`'s with offset ``offset + k*ceil(n/4)``.
 
-    The float32 multiplier is ``count * (scale / K)`` with ``scale / K`` rounded to float32 first.
+    The float32 multiplier is ``count * (scale / K)`` with ``scale / K`` rounded to float32 first. Where some
+    sample dropped a NaN or Inf, the result is NaN, as the mean of the K products ``x * mask_k`` is in torch.
     """
     cd = compute_dtype(x.dtype)
     step = multi_sample_counters(x.numel())
@@ -218,7 +232,10 @@ def multi_sample_mean_dropout(x: torch.Tensor, p: float, num_samples: int, seed:
     for k in range(num_samples):
         count += keep_mask(seed, offset + k * step, x.shape, p, device=x.device)
     factor = float_round(dropout_scale(p) / num_samples)
-    return (x.to(cd) * (count.to(cd) * factor)).to(x.dtype)
+    xc = x.to(cd)
+    y = xc * (count.to(cd) * factor)
+    z = xc * 0.0  # NaN exactly where x is NaN or Inf
+    return torch.where((count < num_samples) & (z != z), z, y).to(x.dtype)
 
 
 def float_round(v: float) -> float:
@@ -253,13 +270,16 @@ def nested_keep_counts(batch: int, units: int, p: float, seed: int, offset: int,
 
 
 def nested_dropout(x: torch.Tensor, p: float, dim: int, seed: int, offset: int) -> torch.Tensor:
-    """Per sample (dim 0) keep the first ``b`` units along ``dim`` and zero the rest (no rescaling)."""
+    """Per sample (dim 0) keep the first ``b`` units along ``dim`` and zero the rest (no rescaling).
+
+    The rest is multiplied by 0 (a NaN or Inf there gives NaN), as every dropout here does.
+    """
     units = x.shape[dim]
     counts = nested_keep_counts(x.shape[0], units, p, seed, offset, device=x.device)
     keep = torch.arange(units, device=x.device)[None, :] < counts[:, None]  # [batch, units]
     shape = [1] * x.dim()
     shape[0], shape[dim] = x.shape[0], units
-    return torch.where(keep.reshape(shape), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x * keep.reshape(shape).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ symmetric KL
