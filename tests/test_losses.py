@@ -1,0 +1,252 @@
+"""The losses family: regops.cross_entropy and linear_cross_entropy against float64 eager formulas written out
+here, torch's F.cross_entropy, timm's SoftTargetCrossEntropy and Liger-Kernel's definitions; the Triton kernels
+under the interpreter against the reference; opcheck, torch.compile, memory, grids, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import regops
+from regops.kernels import launch
+from regops.losses import cross_entropy as CE
+from regops.reference import losses as R
+
+F64 = torch.float64
+
+
+# ============================================================================================ eager formulas
+def eager_rows(x, index, t, *, row_w=None, cw=None, a=0.0, m=0.0, l=0.0, b=0.0, eta=0.0, cap=None, s=1.0):
+    """The issue's formulas, written densely in float64 with autograd (independent of regops' code)."""
+    z = x * s
+    if cap:
+        z = cap * torch.tanh(z / cap)
+    n, k = z.shape
+    lse = torch.logsumexp(z, 1)
+    lp = z - lse[:, None]
+    p = lp.exp()
+    has_cw = cw is not None
+    cw = cw if has_cw else torch.ones(k, dtype=z.dtype)
+    omega = t * cw[index]
+    ce = -(omega * lp.gather(1, index)).sum(1)
+    u = -(lp * cw).sum(1) / k
+    c_row = omega.sum(1) if has_cw else torch.ones(n, dtype=z.dtype)
+    ent = -(p * lp).sum(1)
+    reg = m * (z.max(1).values - z.mean(1)) + l * lse**2 - b * ent
+    if eta:
+        ia, ib = index[:, 0], index[:, 1]
+        cols = torch.arange(k)[None]
+        keep = (cols != ia[:, None]) & (cols != ib[:, None])
+        z_rest = torch.where(keep, z, float("-inf"))
+        za, zb = z.gather(1, index[:, :1]), z.gather(1, index[:, 1:2])
+        log_qa = torch.logsumexp(torch.cat([za, z_rest], 1), 1)  # log(e^{z_a} + R)
+        log_qb = torch.logsumexp(torch.cat([zb, z_rest], 1), 1)
+        reg = reg + eta * (t[:, 0] * (log_qa - za[:, 0]) + t[:, 1] * (log_qb - zb[:, 0]))
+    row = (1 - a) * ce + a * u + c_row * reg
+    return row if row_w is None else row * row_w
+
+
+def _data(n=6, k=11, seed=0, dtype=F64, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (scale * torch.randn(n, k, generator=g)).to(dtype).requires_grad_()
+    y = torch.randint(0, k, (n,), generator=g)
+    return x, y, g
+
+
+def _grad(out, x):
+    return torch.autograd.grad(out, x)[0]
+
+
+# ============================================================================================ the float64 bar
+def test_float64_bar_smoothing_zloss_confidence():
+    x, y, _ = _data()
+    ours = regops.cross_entropy(x, y, label_smoothing=0.1, z_loss=1e-3, confidence_penalty=0.05)
+    ref = eager_rows(x, y[:, None], torch.ones(6, 1, dtype=F64), a=0.1, l=1e-3, b=0.05).mean()
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(_grad(ours, x), _grad(ref, x), rtol=0, atol=1e-10)
+
+
+def test_float64_bar_maxsup_and_its_gradient_formula():
+    x, y, _ = _data(seed=1)
+    ours = regops.cross_entropy(x, y, maxsup=0.2, reduction="sum")
+    ref = eager_rows(x, y[:, None], torch.ones(6, 1, dtype=F64), m=0.2).sum()
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
+    g = _grad(ours, x)
+    k = x.shape[1]
+    expected = torch.softmax(x, 1) - F.one_hot(y, k).double() + 0.2 * (F.one_hot(x.argmax(1), k).double() - 1.0 / k)
+    torch.testing.assert_close(g, expected.detach(), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_float64_bar_mixed_and_decoupled(eta):
+    x, y, g = _data(n=8, seed=2)
+    x_img = torch.randn(8, 3, 4, 4, dtype=F64, generator=g)
+    _, mix = regops.mix_batch(x_img, y, mixup_alpha=1.0, mode="elem", generator=g)
+    mix.target_b[0] = mix.target_a[0]  # a == b on one row
+    lam = mix.params.lam
+    index, t = torch.stack([mix.target_a, mix.target_b], 1), torch.stack([lam, 1 - lam], 1)
+    ours = regops.cross_entropy(x, mix=mix, label_smoothing=0.1, decoupled=eta)
+    ref = eager_rows(x, index, t, a=0.1, eta=eta).mean()
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(_grad(ours, x), _grad(ref, x), rtol=0, atol=1e-10)
+
+
+def test_every_option_together_with_weights_softcap_scale_and_ignore():
+    x, y, g = _data(n=9, k=13, seed=3)
+    y[4] = -100
+    cw = torch.rand(13, dtype=F64, generator=g) + 0.5
+    tw = torch.rand(9, dtype=F64, generator=g)
+    kw = dict(label_smoothing=0.2, maxsup=0.1, z_loss=1e-2, confidence_penalty=0.3, softcap=5.0, logit_scale=0.7)
+    ours = regops.cross_entropy(x, y, weight=cw, token_weight=tw, reduction="none", **kw)
+    valid = (y != -100).double()
+    ys = y.clamp(min=0)
+    ref = eager_rows(x, ys[:, None], torch.ones(9, 1, dtype=F64), row_w=tw * valid, cw=cw, a=0.2, m=0.1, l=1e-2,
+                     b=0.3, cap=5.0, s=0.7)  # fmt: skip
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
+    gy = torch.randn(9, dtype=F64, generator=g)
+    torch.testing.assert_close(_grad((ours * gy).sum(), x), _grad((ref * gy).sum(), x), rtol=0, atol=1e-10)
+    mean = regops.cross_entropy(x, y, weight=cw, token_weight=tw, **kw)
+    torch.testing.assert_close(mean, ref.sum() / (tw * valid * cw[ys]).sum(), rtol=0, atol=1e-10)
+
+
+def test_sparse_teacher_targets_equal_dense_soft_targets():
+    x, _, g = _data(n=5, k=17, seed=4)
+    top = torch.randn(5, 17, generator=g).softmax(1).topk(4, dim=1)
+    probs = top.values.double()
+    dense = torch.zeros(5, 17, dtype=F64).scatter_(1, top.indices, probs)
+    ours = regops.cross_entropy(x, (top.indices, probs), label_smoothing=0.1, z_loss=1e-3)
+    ref = eager_rows(x, top.indices, probs, a=0.1, l=1e-3).mean()
+    soft = torch.sum(-dense * torch.log_softmax(x, 1), 1)  # timm SoftTargetCrossEntropy's formula
+    torch.testing.assert_close(regops.cross_entropy(x, (top.indices, probs), reduction="none"), soft)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(_grad(ours, x), _grad(ref, x), rtol=0, atol=1e-10)
+
+
+def test_statistics_from_the_same_pass():
+    x, y, _ = _data(n=7, k=9, seed=5)
+    y[3] = -100
+    loss, st = regops.cross_entropy(x, y, return_stats=True, reduction="none")
+    z = x.detach()
+    p = z.softmax(1)
+    ok = y != -100
+    ys = y.clamp(min=0)
+    torch.testing.assert_close(st.loss, loss.detach())
+    torch.testing.assert_close(st.lse, torch.logsumexp(z, 1))
+    torch.testing.assert_close(st.entropy, -(p * p.log()).sum(1))
+    el2n = (p - F.one_hot(ys, 9)).norm(dim=1)
+    torch.testing.assert_close(st.el2n, torch.where(ok, el2n, 0.0))
+    torch.testing.assert_close(st.max_prob, p.max(1).values)
+    assert torch.equal(st.argmax, z.argmax(1))
+    others = z.scatter(1, ys[:, None], float("-inf")).max(1).values
+    torch.testing.assert_close(st.margin, torch.where(ok, z.gather(1, ys[:, None])[:, 0] - others, 0.0))
+    assert not st.lse.requires_grad
+
+
+# ============================================================================================ parity
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_matches_torch_cross_entropy(dtype, smoothing):
+    x, y, g = _data(n=12, k=10, seed=6, dtype=dtype)
+    y[[1, 5]] = -100
+    w = torch.rand(10, generator=g).to(dtype)
+    for kw in ({}, {"weight": w}):
+        for reduction in ("mean", "sum", "none"):
+            ours = regops.cross_entropy(x, y, label_smoothing=smoothing, reduction=reduction, **kw)
+            ref = F.cross_entropy(x, y, label_smoothing=smoothing, reduction=reduction, **kw)
+            torch.testing.assert_close(ours, ref.to(ours.dtype))
+            gy = torch.randn_like(ref)
+            torch.testing.assert_close(_grad((ours * gy).sum(), x), _grad((ref * gy).sum(), x))
+
+
+def test_matches_liger_definitions_of_z_loss_and_smoothing():
+    """Liger-Kernel: loss = (1-eps) nll + eps * (lse - mean z)  (smooth_loss = sum(-eps/V z) + eps lse), plus
+    z_loss = lse_square_scale * lse^2 per non-ignored row, "mean" dividing both by the non-ignored count."""
+    x, y, _ = _data(n=10, k=12, seed=7)
+    y[0] = -100
+    eps, zs = 0.1, 1e-2
+    lse = torch.logsumexp(x, 1)
+    keep = y != -100
+    ys = y.clamp(min=0)
+    nll = lse - x.gather(1, ys[:, None])[:, 0]
+    smooth = (-(eps / 12) * x).sum(1) + eps * lse
+    liger = torch.where(keep, (1 - eps) * nll + smooth + zs * lse**2, 0.0).sum() / keep.sum()
+    ours = regops.cross_entropy(x, y, label_smoothing=eps, z_loss=zs)
+    torch.testing.assert_close(ours, liger, rtol=0, atol=1e-12)
+    torch.testing.assert_close(_grad(ours, x), _grad(liger, x), rtol=0, atol=1e-12)
+
+
+def test_mixed_targets_match_timm_soft_target_cross_entropy():
+    timm_loss = pytest.importorskip("timm.loss")
+    timm_mixup = pytest.importorskip("timm.data.mixup")
+    x, y, g = _data(n=8, k=10, seed=8, dtype=torch.float32)
+    _, mix = regops.mix_batch(torch.randn(8, 3, 8, 8, generator=g), y, mixup_alpha=1.0, cutmix_alpha=1.0,
+                              mode="elem", label_smoothing=0.1, generator=g)  # fmt: skip
+    lam = mix.lam
+    dense = timm_mixup.mixup_target(mix.target_a, 10, 1.0, 0.1) * 0  # shape only
+    dense = regops.mixed_targets(mix, 10)
+    ref = timm_loss.SoftTargetCrossEntropy()(x, dense)
+    ours = regops.cross_entropy(x, mix=mix)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(_grad(ours, x), _grad(ref, x))
+    del lam
+
+
+# ============================================================================================ shapes and edges
+def test_leading_shapes_k1_k2_and_all_ignored():
+    x = torch.randn(2, 3, 5, dtype=F64, requires_grad=True)
+    y = torch.randint(0, 5, (2, 3))
+    torch.testing.assert_close(regops.cross_entropy(x, y), F.cross_entropy(x.reshape(-1, 5), y.reshape(-1)))
+    assert regops.cross_entropy(x, y, reduction="none").shape == (2, 3)
+    for k in (1, 2):
+        xk = torch.randn(4, k, dtype=F64, requires_grad=True)
+        yk = torch.randint(0, k, (4,))
+        ours = regops.cross_entropy(xk, yk, label_smoothing=0.1, z_loss=1e-2, maxsup=0.1, confidence_penalty=0.1)
+        ref = eager_rows(xk, yk[:, None], torch.ones(4, 1, dtype=F64), a=0.1, l=1e-2, m=0.1, b=0.1).mean()
+        torch.testing.assert_close(ours, ref)
+        torch.testing.assert_close(_grad(ours, xk), _grad(ref, xk))
+    ignored = torch.full((2, 3), -100)
+    loss = regops.cross_entropy(x, ignored, label_smoothing=0.1)
+    assert loss.item() == 0.0
+    assert torch.equal(_grad(loss, x), torch.zeros_like(x))
+
+
+def test_gradcheck_reference_path():
+    x, y, g = _data(n=4, k=6, seed=9)
+    cw = torch.rand(6, dtype=F64, generator=g) + 0.5
+
+    def f(x):
+        return regops.cross_entropy(x, y, weight=cw, label_smoothing=0.1, maxsup=0.1, z_loss=0.01,
+                                    confidence_penalty=0.1, softcap=4.0, reduction="none")  # fmt: skip
+
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_logits_use_float32_math(dtype):
+    x, y, _ = _data(n=16, k=50, seed=10, dtype=dtype)
+    ours = regops.cross_entropy(x, y, label_smoothing=0.1, z_loss=1e-3)
+    assert ours.dtype == torch.float32
+    x64 = x.detach().double().requires_grad_()
+    ref = eager_rows(x64, y[:, None], torch.ones(16, 1, dtype=F64), a=0.1, l=1e-3).mean()
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-6, atol=1e-6)
+    g = _grad(ours, x)
+    assert g.dtype == dtype
+    g_ref = _grad(ref, x64)
+    # rounded once from float32: within half an ulp of the dtype (plus float32 noise)
+    err = (g.double() - g_ref).abs()
+    ulp = torch.finfo(dtype).eps * g_ref.abs() + torch.finfo(dtype).tiny
+    assert bool((err <= ulp + 1e-7).all())
+
+
+def test_huge_vocabulary_on_the_reference_path():
+    k = (1 << 17) + 3
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, k, generator=g, dtype=F64, requires_grad=True)
+    y = torch.tensor([0, k - 1, 12345])
+    ours = regops.cross_entropy(x, y, label_smoothing=0.1, z_loss=1e-3, maxsup=0.1)
+    ref = eager_rows(x, y[:, None], torch.ones(3, 1, dtype=F64), a=0.1, l=1e-3, m=0.1).mean()
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(_grad(ours, x), _grad(ref, x), rtol=0, atol=1e-12)
