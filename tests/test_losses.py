@@ -4,15 +4,13 @@ under the interpreter against the reference; opcheck, torch.compile, memory, gri
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import regops
 from regops.kernels import launch
-from regops.losses import cross_entropy as CE
+from regops.losses import regularized as CE
 from regops.reference import losses as R
 
 F64 = torch.float64
@@ -180,18 +178,14 @@ def test_matches_liger_definitions_of_z_loss_and_smoothing():
 
 def test_mixed_targets_match_timm_soft_target_cross_entropy():
     timm_loss = pytest.importorskip("timm.loss")
-    timm_mixup = pytest.importorskip("timm.data.mixup")
     x, y, g = _data(n=8, k=10, seed=8, dtype=torch.float32)
     _, mix = regops.mix_batch(torch.randn(8, 3, 8, 8, generator=g), y, mixup_alpha=1.0, cutmix_alpha=1.0,
                               mode="elem", label_smoothing=0.1, generator=g)  # fmt: skip
-    lam = mix.lam
-    dense = timm_mixup.mixup_target(mix.target_a, 10, 1.0, 0.1) * 0  # shape only
-    dense = regops.mixed_targets(mix, 10)
+    dense = regops.mixed_targets(mix, 10)  # timm's mixup_target (tested equal in test_mix.py)
     ref = timm_loss.SoftTargetCrossEntropy()(x, dense)
     ours = regops.cross_entropy(x, mix=mix)
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(_grad(ours, x), _grad(ref, x))
-    del lam
 
 
 # ============================================================================================ shapes and edges
@@ -250,3 +244,229 @@ def test_huge_vocabulary_on_the_reference_path():
     ref = eager_rows(x, y[:, None], torch.ones(3, 1, dtype=F64), a=0.1, l=1e-3, m=0.1).mean()
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(_grad(ours, x), _grad(ref, x), rtol=0, atol=1e-12)
+
+
+# ============================================================================================ kernels
+_KERNEL_CASES = [  # (J, decoupled, class weights, softcap)
+    (1, 0.0, False, 0.0),
+    (1, 0.0, True, 4.0),
+    (2, 0.5, False, 0.0),
+    (2, 0.5, True, 3.0),
+    (4, 0.0, False, 0.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64])
+@pytest.mark.parametrize("case", range(len(_KERNEL_CASES)))
+def test_kernels_match_reference(kernel_target, dtype, case):
+    _, device = kernel_target
+    n_targets, dec, has_cw, cap = _KERNEL_CASES[case]
+    g = torch.Generator().manual_seed(case)
+    n, k = 5, 37
+    acc = R.compute_dtype(dtype)
+    x = (3 * torch.randn(n, k, generator=g)).to(dtype)
+    idx = torch.randint(0, k, (n, n_targets), generator=g)
+    idx[0, -1] = idx[0, 0]
+    tw = torch.rand(n, n_targets, generator=g, dtype=acc)
+    rw = torch.rand(n, generator=g, dtype=acc)
+    rw[1] = 0
+    cw = (torch.rand(k, generator=g, dtype=acc) + 0.5) if has_cw else None
+    opts = (0.1, 0.2, 0.01, 0.3, dec, cap, 0.9)
+    cpu = (idx, tw, rw, cw)
+    dev = tuple(None if t is None else t.to(device) for t in cpu)
+    out = regops._backend.implementation("cross_entropy", device)(x.to(device), *dev, *opts, True)
+    ref = R.cross_entropy(x, *cpu, *opts, True)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == F64 else dict(rtol=1e-5, atol=1e-5)
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a.cpu(), b, **tol)
+    grad = torch.randn(n, generator=g, dtype=acc)
+    gk = regops._backend.implementation("cross_entropy_backward", device)(
+        grad.to(device), x.to(device), *dev, ref[1].to(device), ref[2].to(device), *opts
+    )
+    gr = R.cross_entropy_backward(grad, x, *cpu, ref[1], ref[2], *opts)
+    assert gk.dtype == dtype
+    if dtype == torch.bfloat16:  # both round once from float32: at most one bf16 ulp apart
+        assert bool(((gk.cpu().float() - gr.float()).abs() <= gr.float().abs() * 2**-7 + 1e-6).all())
+    else:
+        torch.testing.assert_close(gk.cpu(), gr, **tol)
+
+
+def test_kernel_public_api_and_blocked_vocabulary(kernel_target):
+    """Through the op (autograd), several vocabulary blocks per row, with ignore_index and statistics."""
+    _, device = kernel_target
+    x, y, _ = _data(n=6, k=50, seed=12, dtype=torch.float32)
+    y[2] = -100
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, maxsup=0.1, confidence_penalty=0.05, return_stats=True)
+    from regops.kernels import losses as K
+
+    real = K._block
+    try:
+        K._block = lambda n_cols, dev: 16  # 4 blocks per row
+        loss, st = regops.cross_entropy(x.detach().to(device).requires_grad_(), y.to(device), **kw)
+        xd = x.detach().to(device).requires_grad_()
+        loss = regops.cross_entropy(xd, y.to(device), **kw)[0]
+        gk = _grad(loss, xd)
+    finally:
+        K._block = real
+    with regops.use_backend("torch"):
+        loss_r, st_r = regops.cross_entropy(x, y, **kw)
+        gr = _grad(loss_r, x)
+    torch.testing.assert_close(loss.cpu(), loss_r)
+    torch.testing.assert_close(gk.cpu(), gr)
+    for a, b in zip(st, st_r, strict=True):
+        torch.testing.assert_close(a.cpu(), b)
+
+
+def test_launch_grids_stay_within_cuda_limits_for_2_pow_20_rows():
+    n, k = 1 << 20, 128256
+    x = torch.empty(n, k, device="meta", dtype=torch.bfloat16)
+    idx = torch.empty(n, 2, device="meta", dtype=torch.long)
+    tw = torch.empty(n, 2, device="meta")
+    rw = torch.empty(n, device="meta")
+    from regops.kernels import losses as K
+
+    with launch.recording() as launches:
+        loss, stats, amax = K.cross_entropy(x, idx, tw, rw, None, 0.1, 0.0, 1e-4, 0.0, 0.5, 0.0, 1.0, True)
+        K.cross_entropy_backward(rw, x, idx, tw, rw, None, stats, amax, 0.1, 0.0, 1e-4, 0.0, 0.5, 0.0, 1.0)
+    assert [lc.kernel for lc in launches] == ["ce_fwd_kernel", "ce_bwd_kernel"]
+    for lc in launches:
+        launch.check_grid(lc.grid)
+        assert lc.grid == (n,)
+
+
+# ============================================================================================ linear CE
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_equals_linear_then_formula(monkeypatch, bias):
+    monkeypatch.setattr(R, "_CHUNK", 3 * 23)  # 3 rows per block: several blocks
+    g = torch.Generator().manual_seed(13)
+    h = torch.randn(2, 5, 8, dtype=F64, generator=g, requires_grad=True)
+    w = torch.randn(23, 8, dtype=F64, generator=g, requires_grad=True)
+    b = torch.randn(23, dtype=F64, generator=g, requires_grad=True) if bias else None
+    y = torch.randint(0, 23, (2, 5), generator=g)
+    y[0, 1] = -100
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, maxsup=0.05, confidence_penalty=0.1, softcap=6.0)
+    ours, st = regops.linear_cross_entropy(h, w, y, b, reduction="none", return_stats=True, **kw)
+    logits = F.linear(h, w, b)
+    ref, st_ref = regops.cross_entropy(logits, y, reduction="none", return_stats=True, **kw)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    for a, c in zip(st, st_ref, strict=True):
+        torch.testing.assert_close(a, c)
+    gy = torch.randn(2, 5, dtype=F64, generator=g)  # a non-uniform upstream gradient: reduction="none" is exact
+    params = [h, w] + ([b] if bias else [])
+    got = torch.autograd.grad((ours * gy).sum(), params)
+    want = torch.autograd.grad((ref * gy).sum(), params)
+    for a, c in zip(got, want, strict=True):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
+    mean = regops.linear_cross_entropy(h, w, y, b, **kw)
+    torch.testing.assert_close(mean, regops.cross_entropy(logits, y, **kw))
+
+
+def test_linear_cross_entropy_gradcheck_and_kernels(kernel_target):
+    _, device = kernel_target
+    g = torch.Generator().manual_seed(14)
+    h = torch.randn(4, 6, dtype=F64, generator=g, requires_grad=True)
+    w = torch.randn(9, 6, dtype=F64, generator=g, requires_grad=True)
+    y = torch.randint(0, 9, (4,), generator=g)
+    with regops.use_backend("torch"):
+        assert torch.autograd.gradcheck(
+            lambda h, w: regops.linear_cross_entropy(h, w, y, label_smoothing=0.1, z_loss=0.01, reduction="none"),
+            (h, w),
+        )
+        ref = regops.linear_cross_entropy(h, w, y, label_smoothing=0.1, z_loss=0.01)
+        gref = torch.autograd.grad(ref, (h, w))
+    hd, wd = h.detach().to(device).requires_grad_(), w.detach().to(device).requires_grad_()
+    out = regops.linear_cross_entropy(hd, wd, y.to(device), label_smoothing=0.1, z_loss=0.01)
+    got = torch.autograd.grad(out, (hd, wd))
+    torch.testing.assert_close(out.cpu(), ref)
+    for a, c in zip(got, gref, strict=True):
+        torch.testing.assert_close(a.cpu(), c)
+
+
+def test_linear_cross_entropy_never_holds_the_logits(monkeypatch):
+    """Peak memory of forward + backward stays a few blocks, a small fraction of one [rows, V] logits tensor."""
+    from benchmarks.harness import _cpu_peak
+
+    monkeypatch.setattr(R, "_CHUNK", 1 << 18)  # 1 MiB blocks
+    n, hdim, v = 512, 64, 8192  # logits: 16 MiB
+    h = torch.randn(n, hdim, requires_grad=True)
+    w = torch.randn(v, hdim, requires_grad=True)
+    y = torch.randint(0, v, (n,))
+
+    def step():
+        regops.linear_cross_entropy(h, w, y, label_smoothing=0.1, z_loss=1e-4).backward()
+
+    peak = _cpu_peak(step)
+    if peak is None:
+        pytest.skip("profiler memory events unavailable")
+    grads = h.numel() * 4 + w.numel() * 4 * 2  # d hidden, d weight (+ its float32 accumulator)
+    assert peak - grads <= 6 * R._CHUNK * 4, peak
+    assert peak - grads < n * v * 4 / 2
+
+
+# ============================================================================================ op contract
+def test_opcheck_and_compile():
+    x, y, g = _data(n=4, k=7, seed=15, dtype=torch.float32)
+    idx = y[:, None]
+    tw = torch.ones(4, 1)
+    rw = torch.ones(4)
+    opts = (0.1, 0.1, 1e-3, 0.1, 0.0, 5.0, 1.0)
+    torch.library.opcheck(torch.ops.regops.cross_entropy, (x, idx, tw, rw, None, *opts, True))
+    torch.library.opcheck(torch.ops.regops.cross_entropy, (x, idx, tw, rw, torch.rand(7), *opts, False))
+    h = torch.randn(4, 3, requires_grad=True)
+    w = torch.randn(7, 3, requires_grad=True)
+    torch.library.opcheck(torch.ops.regops.linear_cross_entropy, (h, w, None, idx, tw, rw, None, *opts, True))
+    torch.library.opcheck(
+        torch.ops.regops.linear_cross_entropy, (h, w, torch.randn(7), idx, tw, rw, None, *opts, False)
+    )
+
+    def f(x, y):
+        return regops.cross_entropy(x * 1.0, y, label_smoothing=0.1, z_loss=1e-3, ignore_index=3)
+
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(x, y), f(x, y))
+    torch.testing.assert_close(_grad(compiled(x, y), x), _grad(f(x, y), x))
+
+
+def test_bad_input_raises_clear_errors():
+    x = torch.randn(3, 5)
+    y = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="outside"):
+        regops.cross_entropy(x, torch.tensor([0, 5, 1]))
+    with pytest.raises(ValueError, match="outside"):
+        regops.cross_entropy(x, torch.tensor([0, -3, 1]))
+    with pytest.raises(TypeError, match="integer class indices"):
+        regops.cross_entropy(x, torch.rand(3, 5))
+    with pytest.raises(ValueError, match="leading shape"):
+        regops.cross_entropy(x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        regops.cross_entropy(x, y, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="z_loss"):
+        regops.cross_entropy(x, y, z_loss=-1.0)
+    with pytest.raises(ValueError, match="reduction"):
+        regops.cross_entropy(x, y, reduction="batchmean")
+    with pytest.raises(ValueError, match="decoupled"):
+        regops.cross_entropy(x, y, decoupled=0.5)
+    with pytest.raises(ValueError, match="weight"):
+        regops.cross_entropy(x, y, weight=torch.ones(4))
+    with pytest.raises(ValueError, match="token_weight"):
+        regops.cross_entropy(x, y, token_weight=torch.ones(4))
+    with pytest.raises(ValueError, match="no gradient"):
+        regops.cross_entropy(x, y, token_weight=torch.ones(3, requires_grad=True))
+    with pytest.raises(ValueError, match="softcap"):
+        regops.cross_entropy(x, y, softcap=0.0)
+    with pytest.raises(ValueError, match="V >= 1"):
+        regops.cross_entropy(torch.randn(3, 0), y)
+    with pytest.raises(TypeError, match="share a dtype"):
+        regops.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4, dtype=F64), y)
+    with pytest.raises(ValueError, match="weight"):
+        regops.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 3), y)
+    x_in = x.clone()
+    regops.cross_entropy(x, y, label_smoothing=0.1)
+    assert torch.equal(x, x_in)  # never modified
+
+
+def test_out_of_range_labels_give_nan_rows_without_a_host_sync_off_cpu(monkeypatch):
+    monkeypatch.setattr(CE, "_check_range", lambda index, ignored, n, name: (index < 0) | (index >= n) & ~ignored)
+    x = torch.randn(3, 5)
+    loss = regops.cross_entropy(x, torch.tensor([0, 7, 1]), reduction="none")
+    assert loss[1].isnan() and not loss[[0, 2]].isnan().any()

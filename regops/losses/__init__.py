@@ -5,7 +5,7 @@
 * :func:`linear_cross_entropy` -- the same on ``hidden @ weight.T`` without materialising the logits;
 """
 
-from regops.losses import cross_entropy as _cross_entropy_module
-from regops.losses.cross_entropy import LossStats, cross_entropy, linear_cross_entropy
+from regops.losses import regularized
+from regops.losses.regularized import *  # noqa: F403
 
-__all__ = [*_cross_entropy_module.__all__]
+__all__ = [*regularized.__all__]

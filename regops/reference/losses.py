@@ -113,11 +113,15 @@ def cross_entropy(
     cw = None if class_weight is None else class_weight.to(acc)
     need_max = bool(maxsup) or want_stats
     need_p = bool(confidence) or want_stats or bool(decoupled)
+    # Two reusable block buffers: a fresh block per step would page-fault its memory in every time.
+    step = max(1, _CHUNK // max(1, k))
+    ws_lp = torch.empty((min(step, n), k), dtype=acc, device=dev)
+    ws_p = torch.empty_like(ws_lp) if need_p else None
     for rows in row_chunks(n, k):
         z = transform(logits[rows].to(acc), scale, softcap)
         idx = index[rows]
         omega, _, c_row = _row_weights(idx, tweight[rows], cw, acc)
-        lp = torch.log_softmax(z, dim=1)
+        lp = torch.ops.aten._log_softmax.out(z, 1, False, out=ws_lp[: z.shape[0]])
         lp_t = lp.gather(1, idx)  # log p at the targets [r, J]
         lse = z[:, 0] - lp[:, 0]
         row = -(omega * lp_t).sum(1)
@@ -133,8 +137,8 @@ def cross_entropy(
         if z_loss:
             reg += z_loss * lse.square()
         if need_p:
-            p = lp.exp()
-            ent = -(p * lp).sum(1)
+            p = torch.exp(lp, out=ws_p[: z.shape[0]])
+            ent = -torch.bmm(p.unsqueeze(1), lp.unsqueeze(2)).view(-1)
             stats[rows, ENTROPY] = ent
             stats[rows, MEAN_Z] = lse - ent
             if confidence:
@@ -208,17 +212,16 @@ def cross_entropy_grad_z(
     if decoupled:
         reg_a += decoupled * stats[:, DEC_COEF]
     a_coef = (a_coef + c_row * reg_a) * g
-    if confidence:
-        p.mul_(z * (confidence * c_row * g).unsqueeze(1) + a_coef.unsqueeze(1))
-    else:
-        p.mul_(a_coef.unsqueeze(1))
     const = torch.zeros_like(lse)
     if maxsup:
         const -= maxsup * c_row / k
     if smoothing and cw is None:
         const -= smoothing / k
-    if maxsup or (smoothing and cw is None):
-        p.add_((const * g).unsqueeze(1))
+    const = const * g
+    if confidence:  # p (A + B z) + C
+        p.mul_(torch.addcmul(a_coef.unsqueeze(1), z, (confidence * c_row * g).unsqueeze(1))).add_(const.unsqueeze(1))
+    else:  # p A + C in one pass
+        torch.addcmul(const.unsqueeze(1), p, a_coef.unsqueeze(1), out=p)
     if smoothing and cw is not None:
         p.addr_(g, cw, alpha=-smoothing / k)
     # sparse corrections
@@ -365,7 +368,7 @@ def linear_cross_entropy_backward(
             grad[rows], z, index[rows], tweight[rows], row_weight[rows], class_weight, stats[rows], argmax[rows],
             smoothing, maxsup, z_loss, confidence, decoupled, softcap, scale,
         )  # fmt: skip
-        torch.mm(gz, w_mm, out=d_hidden[rows]) if d_hidden.is_contiguous() else d_hidden[rows].copy_(gz @ w_mm)
+        torch.mm(gz, w_mm, out=d_hidden[rows])
         h = hidden[rows]
         if acc == gz.dtype:
             d_weight.addmm_(gz.t(), h)

@@ -308,13 +308,17 @@ def _prepare(
             )
         probs = _validate.floating(probs, "target probabilities")
         if probs.shape != index.shape or index.dim() == 0 or index.shape[-1] == 0:
-            raise ValueError(f"regops: target probabilities {tuple(probs.shape)} must match indices {tuple(index.shape)}")
+            raise ValueError(
+                f"regops: target probabilities {tuple(probs.shape)} must match indices {tuple(index.shape)}"
+            )
         _validate.same_device("logits", torch.empty(0, device=device), "target", index)
         index = index.reshape(n, -1).long()
         tweight = probs.reshape(n, -1).to(acc)
     else:
         if target is None:
-            raise ValueError("regops: target is required (class indices, or (indices, probabilities)) unless mix is given")
+            raise ValueError(
+                "regops: target is required (class indices, or (indices, probabilities)) unless mix is given"
+            )
         target = _validate.tensor(target, "target")
         if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
             raise TypeError(
@@ -322,7 +326,9 @@ def _prepare(
                 "regops.soft_target_cross_entropy, for sparse ones target=(indices, probabilities)"
             )
         if target.shape != lead:
-            raise ValueError(f"regops: target must have the logits' leading shape {tuple(lead)}, got {tuple(target.shape)}")
+            raise ValueError(
+                f"regops: target must have the logits' leading shape {tuple(lead)}, got {tuple(target.shape)}"
+            )
         _validate.same_device("logits", torch.empty(0, device=device), "target", target)
         index = target.reshape(n, 1).long()
         tweight = torch.ones(n, 1, dtype=acc, device=device)
@@ -466,7 +472,9 @@ def cross_entropy(
     logits = _validate.floating(logits, "logits")
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"regops: logits must be [..., V] with V >= 1, got {tuple(logits.shape)}")
-    opts = _options(label_smoothing, maxsup, z_loss, confidence_penalty, decoupled, softcap, logit_scale, reduction, mix)
+    opts = _options(
+        label_smoothing, maxsup, z_loss, confidence_penalty, decoupled, softcap, logit_scale, reduction, mix
+    )
     _no_grad_needed(weight=weight, token_weight=token_weight, target=target)
     lead, n_classes = logits.shape[:-1], logits.shape[-1]
     acc = _ref.compute_dtype(logits.dtype)
@@ -531,7 +539,9 @@ def linear_cross_entropy(
         bias = _validate.floating(bias, "bias")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"regops: bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
-    opts = _options(label_smoothing, maxsup, z_loss, confidence_penalty, decoupled, softcap, logit_scale, reduction, mix)
+    opts = _options(
+        label_smoothing, maxsup, z_loss, confidence_penalty, decoupled, softcap, logit_scale, reduction, mix
+    )
     _no_grad_needed(class_weight=class_weight, token_weight=token_weight, target=target)
     lead, n_classes = hidden.shape[:-1], weight.shape[0]
     acc = _ref.compute_dtype(hidden.dtype)
