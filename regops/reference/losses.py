@@ -311,8 +311,8 @@ def linear_cross_entropy(
     ce=None,
     chunk: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`cross_entropy` (or ``ce``, a kernel with its signature) of ``hidden @ weight.T + bias`` (``[N, H] x [V, H]``), computed over row blocks of
-    ``_CHUNK / V`` rows: one ``[rows, V]`` block of logits exists at a time."""
+    """:func:`cross_entropy` (or ``ce``, a kernel with its signature) of ``hidden @ weight.T + bias``
+    (``[N, H] x [V, H]``), over row blocks of ``chunk / V`` rows: one ``[rows, V]`` block of logits at a time."""
     n, v = hidden.shape[0], weight.shape[0]
     acc = compute_dtype(hidden.dtype)
     loss = torch.zeros(n, dtype=acc, device=hidden.device)
