@@ -509,6 +509,7 @@ def mix_batch(
     masks: torch.Tensor | Sequence[torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     params: MixParams | None = None,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, MixedBatch]:
     r"""MixUp / CutMix a batch and keep index labels: ``x_mixed, mix = regops.mix_batch(x, target, ...)``.
 
@@ -521,7 +522,7 @@ def mix_batch(
 
     Train with :func:`mix_cross_entropy` (``lam CE(y_a) + (1 - lam) CE(y_b)``), which never builds a ``B x C``
     target. Every draw is made on ``x``'s device with ``generator`` (default: torch's), and the mixing is one
-    kernel launch; ``x`` is not modified.
+    kernel launch; ``x`` is not modified (unless ``inplace=True``: timm mixes in place).
 
     Args:
         x: ``[B, ..., H, W]`` (CutMix boxes on the last two dims) or ``[B, D]`` (MixUp only); float32/16,
@@ -534,6 +535,8 @@ def mix_batch(
         masks: a tensor or list of tensors ``[B, ..., H, W]`` (dense labels) mixed with the same lambdas and boxes.
         generator: ``torch.Generator`` on ``x``'s device type.
         params: reuse these :class:`MixParams` instead of drawing (e.g. ``mix.params`` of another batch).
+        inplace: write the mixed batch into ``x`` and return ``x`` (timm's in-place behaviour); default: ``x`` is
+            not modified and a new tensor is returned.
 
     Returns:
         ``(x_mixed, mix)``: ``x_mixed`` like ``x``; ``mix`` a :class:`MixedBatch`.
@@ -553,6 +556,8 @@ def mix_batch(
         _rng.check_generator(generator, x.device)
         params = _sample_params(cfg, x, generator)
     x_mixed = _apply(x, params)
+    if inplace:
+        x_mixed = _write_back(x, x_mixed)
     mix = MixedBatch(
         target_a=target,
         target_b=target.index_select(0, params.partner),
@@ -568,6 +573,15 @@ def mix_batch(
             pairs = [_mix_masks(m, params, x) for m in masks]
             mix.masks, mix.masks_b = [p[0] for p in pairs], [p[1] for p in pairs]
     return x_mixed, mix
+
+
+def _write_back(x: torch.Tensor, x_mixed: torch.Tensor) -> torch.Tensor:
+    """timm's in-place contract: ``x`` holds the mixed batch afterwards (no autograd: inputs are data)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise ValueError("regops: inplace=True mixes data batches; x requires grad (use manifold_mix, not in place)")
+    with torch.no_grad():
+        x.copy_(x_mixed)
+    return x
 
 
 def manifold_mix(
@@ -596,8 +610,17 @@ def manifold_mix(
 
 
 def mixed_targets(mix: MixedBatch, num_classes: int, label_smoothing: float | None = None) -> torch.Tensor:
-    """Dense float32 ``[B, num_classes]`` soft targets of ``mix`` (timm's ``mixup_target``) for losses needing them."""
+    """Dense float32 ``[B, num_classes]`` soft targets of ``mix`` (timm's ``mixup_target``) for losses needing them.
+
+    Raises ValueError if a label of ``mix`` lies outside ``[0, num_classes)`` (as every other entry point does;
+    scattering it would fail inside torch, or hit a device-side assert on a GPU).
+    """
+    if not isinstance(mix, MixedBatch):
+        raise TypeError(f"regops: mix must be the MixedBatch returned by mix_batch, got {type(mix).__name__}")
     num_classes = _check_num_classes(num_classes)
+    batch = mix.target_a.shape[0]
+    _check_labels(mix.target_a, batch, num_classes, mix.target_a.device, "mix.target_a")
+    _check_labels(mix.target_b, batch, num_classes, mix.target_a.device, "mix.target_b")
     s = mix.label_smoothing if label_smoothing is None else _check_smoothing(label_smoothing)
     w_self, w_other = mix.params.label_weights
     return _ref.mixed_one_hot(mix.target_a, mix.target_b, w_self, w_other, num_classes, s)
@@ -614,9 +637,14 @@ class Mixup:
     are the flipped batch; targets are ``lam * y_a + (1 - lam) * y_b`` with one-hots smoothed to
     ``1 - s + s / C`` / ``s / C``.
 
-    Differences, all deliberate: every draw is made with torch on ``x``'s device (``torch.manual_seed`` /
+    **In place or not:** timm's ``Mixup`` mixes ``x`` in place (and returns it); by default this one leaves ``x``
+    untouched and returns the mixed batch as a new tensor, so code ported from timm that ignores the returned
+    ``x`` (``mixup(x, y)`` then ``model(x)``) would train on unmixed images. Use the return value, or pass
+    ``inplace=True`` (constructor or call) to write the mixed batch into ``x`` as timm does.
+
+    Other differences, all deliberate: every draw is made with torch on ``x``'s device (``torch.manual_seed`` /
     ``generator``), not NumPy; all modes run one mixing kernel, with no per-sample Python loop and no host
-    sync; ``x`` is returned mixed as a new tensor (timm mixes in place); odd batch sizes work (the middle
+    sync; odd batch sizes work (the middle
     sample of a flipped odd batch is left unmixed); ``partner='roll'|'random'`` are options; uint8 images are
     blended in float32 and rounded; for float32 images the outputs and targets equal timm's for the same draws.
 
@@ -642,7 +670,9 @@ class Mixup:
         *,
         partner: str = "flip",
         generator: torch.Generator | None = None,
+        inplace: bool = False,
     ) -> None:
+        self.inplace = bool(inplace)
         self._cfg = _make_config(
             mixup_alpha, cutmix_alpha, cutmix_minmax, prob, switch_prob, mode, correct_lam, partner
         )
@@ -667,9 +697,13 @@ class Mixup:
         return _sample_params(replace(self._cfg, enabled=bool(self.mixup_enabled)), x, self.generator)
 
     def __call__(
-        self, x: torch.Tensor, target: torch.Tensor, params: MixParams | None = None
+        self, x: torch.Tensor, target: torch.Tensor, params: MixParams | None = None, inplace: bool | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x_mixed, soft_targets float32 [B, num_classes])``; ``params`` replaces the draws if given."""
+        """``(x_mixed, soft_targets float32 [B, num_classes])``; ``params`` replaces the draws if given.
+
+        ``inplace`` (default: the constructor's): write the mixed batch into ``x`` and return ``x`` (timm's
+        behaviour); otherwise ``x`` is left as it was and a new tensor is returned.
+        """
         x = _check_images(x)
         if self.multi_label:
             target = _validate.tensor(target, "target")
@@ -683,6 +717,8 @@ class Mixup:
         if params is None:
             params = self.sample_params(x)
         x_mixed = _apply(x, params)
+        if self.inplace if inplace is None else inplace:
+            x_mixed = _write_back(x, x_mixed)
         w_self, w_other = params.label_weights
         if self.multi_label:
             s = self.label_smoothing

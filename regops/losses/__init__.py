@@ -11,8 +11,9 @@ Kernels: :mod:`regops.kernels.losses` (and :mod:`regops.kernels.symmetric_kl`); 
 :mod:`regops.reference.losses`.
 """
 
-from regops.losses import mixed, regularized
+from regops.losses import consistency, mixed, regularized
+from regops.losses.consistency import *  # noqa: F403
 from regops.losses.mixed import *  # noqa: F403
 from regops.losses.regularized import *  # noqa: F403
 
-__all__ = [*regularized.__all__, *mixed.__all__]
+__all__ = [*regularized.__all__, *mixed.__all__, *consistency.__all__]

@@ -505,9 +505,9 @@ def _bce_targets(
         off = smoothing / n_cols
         on = 1.0 - smoothing + off
         lam_r = lam[rows].double().view(-1, 1)
-        cols = torch.arange(n_cols, device=lam.device).view(1, -1)
-        ya = torch.where(cols == target_a[rows].view(-1, 1), on, off)
-        yb = torch.where(cols == target_b[rows].view(-1, 1), on, off)
+        shape = (lam_r.shape[0], n_cols)
+        ya = torch.full(shape, off, dtype=dtype, device=lam.device).scatter_(1, target_a[rows].view(-1, 1), on)
+        yb = torch.full(shape, off, dtype=dtype, device=lam.device).scatter_(1, target_b[rows].view(-1, 1), on)
         t = ya * lam_r + yb * (1.0 - lam_r)
     else:
         from regops.reference.mix import mixed_one_hot
