@@ -26,8 +26,13 @@ def _mix(batch=6, classes=9, seed=0, smoothing=0.1):
 def test_old_import_paths_still_work():
     from regops.dropout import symmetric_kl as a
     from regops.dropout.consistency import symmetric_kl as b
-    from regops.mix import MixCrossEntropy, SoftTargetCrossEntropy, mix_binary_cross_entropy, mix_cross_entropy
-    from regops.mix import soft_target_cross_entropy
+    from regops.mix import (
+        MixCrossEntropy,
+        SoftTargetCrossEntropy,
+        mix_binary_cross_entropy,
+        mix_cross_entropy,
+        soft_target_cross_entropy,
+    )
     from regops.reference.mix import mix_cross_entropy as ref_mce
 
     assert a is b is regops.symmetric_kl is regops.losses.symmetric_kl
@@ -82,7 +87,7 @@ def test_mixed_loss_kernels_compute_float64_in_float64(kernel_target, name):
     }[name]
     out = regops._backend.implementation(name, device)(*[a.to(device) if torch.is_tensor(a) else a for a in args])
     ref = getattr(R, name)(*args)
-    for a, b in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
+    for a, b in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,), strict=True):
         assert a.dtype == F64
         torch.testing.assert_close(a.cpu(), b, rtol=1e-13, atol=1e-13)
     grad = torch.randn(6, dtype=F64, generator=g)

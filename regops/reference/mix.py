@@ -22,7 +22,6 @@ timm's ``x * lam + x_flip * (1 - lam)`` computes for float32 images.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 # Samples of at least this many elements are mixed one at a time (memory read about once, no batch-sized
 # temporaries); smaller ones in chunks of about this many elements, with per-sample weights broadcast.
@@ -185,7 +184,7 @@ def mixed_one_hot(
 
 # ------------------------------------------------------------------------------------------------ losses
 # The mixed-label losses live with the other row-softmax losses; these names stay importable from here.
-from regops.reference.losses import (  # noqa: E402
+from regops.reference.losses import (  # noqa: E402, F401
     loss_dtype,
     mix_binary_cross_entropy,
     mix_binary_cross_entropy_backward,
