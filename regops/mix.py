@@ -10,14 +10,13 @@ Three layers:
 * **One mixing op.** ``regops::mix_apply`` mixes every sample with its partner -- blend outside the box, paste
   inside it -- in a single launch for every mode (batch / pair / elem, MixUp / CutMix / both). It is
   differentiable (manifold mixup): the backward is the same kernel run transposed, gradients reach both partners.
-* **Losses from index labels.** ``regops::mix_cross_entropy`` computes ``lam CE_s(y_a) + (1 - lam) CE_s(y_b)``
-  reading the logits once forward and once backward with ``O(B)`` extra memory; ``soft_target_cross_entropy``
-  and ``mix_binary_cross_entropy`` (timm's ``BinaryCrossEntropy`` semantics) likewise.
+* **Losses from index labels** live in the losses family (:mod:`regops.losses.mixed`: ``mix_cross_entropy``,
+  ``soft_target_cross_entropy``, ``mix_binary_cross_entropy``; :func:`regops.cross_entropy` with ``mix=``); their
+  names stay importable from here.
 
-Public API: :class:`Mixup` (drop-in for ``timm.data.Mixup``), :func:`mix_batch` + :class:`MixedBatch`,
-:func:`mix_cross_entropy`, :func:`soft_target_cross_entropy`, :func:`mix_binary_cross_entropy`,
-:func:`mixed_targets`, :func:`manifold_mix`, :class:`MixUp` / :class:`CutMix` (torchvision v2), and the loss
-modules :class:`MixCrossEntropy`, :class:`SoftTargetCrossEntropy`.
+Public API: :class:`Mixup` (drop-in for ``timm.data.Mixup``; ``inplace=True`` for timm's in-place mixing),
+:func:`mix_batch` + :class:`MixedBatch`, :func:`mixed_targets`, :func:`manifold_mix`, :class:`MixUp` /
+:class:`CutMix` (torchvision v2).
 """
 
 from __future__ import annotations
