@@ -562,3 +562,25 @@ def test_kernel_vocabulary_above_2_pow_17(kernel_target, monkeypatch):
     torch.testing.assert_close(gk.cpu(), gr, **tol)
     for a, b in zip(st, st_r, strict=True):
         torch.testing.assert_close(a.cpu(), b, **tol)
+
+
+def test_hugging_face_causal_lm_loss_function():
+    from tests.zoo import ZOO
+
+    entry = ZOO["gpt2"]
+    model = entry.build(torch.float64)
+    ids, _ = entry.batch(3, torch.Generator().manual_seed(19))
+    labels = ids.clone()
+    labels[0, :2] = -100
+    ref = model(ids, labels=labels).loss
+    model.loss_function = regops.causal_lm_loss()
+    ours = model(ids, labels=labels).loss  # float64 math (transformers upcasts to float32 only)
+    torch.testing.assert_close(ours, ref.double(), rtol=1e-6, atol=1e-6)
+    model.loss_function = regops.causal_lm_loss(z_loss=1e-3)
+    logits = model(ids).logits
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    want = regops.cross_entropy(logits, shifted, z_loss=1e-3, reduction="sum") / 7
+    got = model(ids, labels=labels, num_items_in_batch=torch.tensor(7)).loss
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="reduction"):
+        regops.causal_lm_loss(reduction="sum")
