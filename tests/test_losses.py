@@ -337,7 +337,7 @@ def test_launch_grids_stay_within_cuda_limits_for_2_pow_20_rows():
 # ============================================================================================ linear CE
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_cross_entropy_equals_linear_then_formula(monkeypatch, bias):
-    monkeypatch.setattr(R, "_CHUNK", 3 * 23)  # 3 rows per block: several blocks
+    monkeypatch.setattr(R, "_LINEAR_CHUNK", 3 * 23)  # 3 rows per block: several blocks
     g = torch.Generator().manual_seed(13)
     h = torch.randn(2, 5, 8, dtype=F64, generator=g, requires_grad=True)
     w = torch.randn(23, 8, dtype=F64, generator=g, requires_grad=True)
@@ -386,7 +386,7 @@ def test_linear_cross_entropy_never_holds_the_logits(monkeypatch):
     """Peak memory of forward + backward stays a few blocks, a small fraction of one [rows, V] logits tensor."""
     from benchmarks.harness import _cpu_peak
 
-    monkeypatch.setattr(R, "_CHUNK", 1 << 18)  # 1 MiB blocks
+    monkeypatch.setattr(R, "_LINEAR_CHUNK", 1 << 18)  # 1 MiB blocks
     n, hdim, v = 512, 64, 8192  # logits: 16 MiB
     h = torch.randn(n, hdim, requires_grad=True)
     w = torch.randn(v, hdim, requires_grad=True)
@@ -399,7 +399,7 @@ def test_linear_cross_entropy_never_holds_the_logits(monkeypatch):
     if peak is None:
         pytest.skip("profiler memory events unavailable")
     grads = h.numel() * 4 + w.numel() * 4 * 2  # d hidden, d weight (+ its float32 accumulator)
-    assert peak - grads <= 6 * R._CHUNK * 4, peak
+    assert peak - grads <= 6 * R._LINEAR_CHUNK * 4, peak
     assert peak - grads < n * v * 4 / 2
 
 
