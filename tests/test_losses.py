@@ -584,3 +584,14 @@ def test_hugging_face_causal_lm_loss_function():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="reduction"):
         regops.causal_lm_loss(reduction="sum")
+
+
+def test_sparse_targets_drop_ignored_entries_and_rows():
+    x, _, _ = _data(n=3, k=6, seed=20)
+    idx = torch.tensor([[-100, 3], [-100, -100], [1, 2]])
+    probs = torch.tensor([[0.5, 0.5], [0.3, 0.7], [0.6, 0.4]], dtype=F64)
+    ours = regops.cross_entropy(x, (idx, probs), reduction="none")
+    lp = torch.log_softmax(x, 1)
+    want = torch.stack([-0.5 * lp[0, 3], lp.new_zeros(()), -(0.6 * lp[2, 1] + 0.4 * lp[2, 2])])
+    torch.testing.assert_close(ours, want)
+    torch.testing.assert_close(regops.cross_entropy(x, (idx, probs)), want.sum() / 2)  # two rows count

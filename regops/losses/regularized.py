@@ -338,7 +338,8 @@ def _prepare(
     bad = _check_range(index, entry_ignored, n_classes, "target")
     tweight = torch.where(entry_ignored, 0.0, tweight)
     index = torch.where(entry_ignored | bad, 0, index)
-    valid = ~entry_ignored[:, 0] if index.shape[1] <= 2 else ~entry_ignored.all(1)
+    # a label (or a mixed pair's first label) decides for its row; sparse targets: all their entries
+    valid = ~entry_ignored.all(1) if isinstance(target, (tuple, list)) else ~entry_ignored[:, 0]
     row_weight = valid.to(acc)
     if token_weight is not None:
         token_weight = _validate.floating(token_weight, "token_weight")
