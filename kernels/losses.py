@@ -803,3 +803,11 @@ COMPILE_SPECS = (
     ]
     + _MIX_LOSS_SPECS
 )
+
+
+def linear_cross_entropy_with_grad(hidden, weight, bias, *args):
+    """regops.reference.losses.linear_cross_entropy_with_grad with this module's kernels on each block."""
+    return ref.linear_cross_entropy_with_grad(
+        hidden, weight, bias, *args, ce=cross_entropy, ce_backward=cross_entropy_backward,
+        chunk=_linear_chunk(hidden.device),
+    )  # fmt: skip

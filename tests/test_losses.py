@@ -357,8 +357,14 @@ def test_linear_cross_entropy_equals_linear_then_formula(monkeypatch, bias):
     want = torch.autograd.grad((ref * gy).sum(), params)
     for a, c in zip(got, want, strict=True):
         torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
-    mean = regops.linear_cross_entropy(h, w, y, b, **kw)
-    torch.testing.assert_close(mean, regops.cross_entropy(logits, y, **kw))
+    for reduction in ("mean", "sum"):  # the one-sweep path (gradients formed in the forward), scaled upstream
+        ours = regops.linear_cross_entropy(h, w, y, b, reduction=reduction, **kw)
+        ref = regops.cross_entropy(F.linear(h, w, b), y, reduction=reduction, **kw)
+        torch.testing.assert_close(ours, ref)
+        got = torch.autograd.grad(ours * 1.7, params)
+        want = torch.autograd.grad(ref * 1.7, params)
+        for a, c in zip(got, want, strict=True):
+            torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
 
 
 def test_linear_cross_entropy_gradcheck_and_kernels(kernel_target):
@@ -416,6 +422,7 @@ def test_opcheck_and_compile():
     torch.library.opcheck(
         torch.ops.regops.linear_cross_entropy, (h, w, torch.randn(7), idx, tw, rw, None, *opts, False)
     )
+    torch.library.opcheck(torch.ops.regops.linear_cross_entropy_with_grad, (h, w, None, idx, tw, rw, None, *opts, True))
 
     def f(x, y):
         return regops.cross_entropy(x * 1.0, y, label_smoothing=0.1, z_loss=1e-3, ignore_index=3)

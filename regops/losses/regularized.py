@@ -34,6 +34,11 @@ _backend.register(
     triton="regops.kernels.losses:linear_cross_entropy",
 )
 _backend.register(
+    "linear_cross_entropy_with_grad",
+    torch=_ref.linear_cross_entropy_with_grad,
+    triton="regops.kernels.losses:linear_cross_entropy_with_grad",
+)
+_backend.register(
     "linear_cross_entropy_backward",
     torch=_ref.linear_cross_entropy_backward,
     triton="regops.kernels.losses:linear_cross_entropy_backward",
@@ -219,6 +224,64 @@ def _lce_bwd(ctx, grad_loss, _grad_stats, _grad_argmax):
 
 
 _lce_op.register_autograd(_lce_bwd, setup_context=_lce_setup)
+
+
+@torch.library.custom_op("regops::linear_cross_entropy_with_grad", mutates_args=())
+def _lce_grad_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    index: torch.Tensor,
+    tweight: torch.Tensor,
+    row_weight: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    smoothing: float,
+    maxsup: float,
+    z_loss: float,
+    confidence: float,
+    decoupled: float,
+    softcap: float,
+    scale: float,
+    want_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    fn = _backend.implementation("linear_cross_entropy_with_grad", hidden.device)
+    return fn(
+        hidden.contiguous(), weight.contiguous(), bias, index.contiguous(), tweight.contiguous(),
+        row_weight.contiguous(), class_weight,
+        smoothing, maxsup, z_loss, confidence, decoupled, softcap, scale, want_stats,
+    )  # fmt: skip
+
+
+@_lce_grad_op.register_fake
+def _(hidden, weight, bias, *args):
+    v = weight.shape[0]
+    return (
+        *_ce_fake(hidden, *args),
+        torch.empty_like(hidden, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        weight.new_empty(v),
+    )
+
+
+def _lce_grad_setup(ctx, inputs, output) -> None:
+    _, stats, argmax, d_hidden, d_weight, d_bias = output
+    ctx.mark_non_differentiable(stats, argmax, d_hidden, d_weight, d_bias)
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(d_hidden, d_weight, d_bias)
+
+
+def _lce_grad_bwd(ctx, grad_loss, *_unused):
+    # Used only under "mean" / "sum": every row's upstream gradient is the same number, grad_loss[0].
+    d_hidden, d_weight, d_bias = ctx.saved_tensors
+    g = grad_loss.to(d_hidden.dtype)
+    s = grad_loss[:1]
+    dh = d_hidden * g.unsqueeze(1)
+    dw = (d_weight * s.to(d_weight.dtype)).to(d_weight.dtype)
+    db = (d_bias * s.to(d_bias.dtype)) if ctx.has_bias else None
+    return (dh, dw, db) + (None,) * 12
+
+
+_lce_grad_op.register_autograd(_lce_grad_bwd, setup_context=_lce_grad_setup)
 
 
 # ============================================================================================== API
@@ -511,11 +574,13 @@ def linear_cross_entropy(
 ) -> torch.Tensor | tuple[torch.Tensor, LossStats]:
     r""":func:`cross_entropy` of ``hidden @ weight.T + bias`` without ever materialising the ``[rows, V]`` logits.
 
-    The rows are processed in blocks (one block of logits, about 16 MiB, exists at a time); the backward
-    recomputes each block's logits, forms its gradient in place and multiplies it into ``d hidden`` and
-    ``d weight`` (accumulated in float32, float64 for float64), so ``reduction="none"`` is exact for any upstream
-    gradient. Same options and statistics as :func:`cross_entropy` (the class weights are ``class_weight`` here,
-    since ``weight`` is the classifier's).
+    The rows are processed in blocks (one block of logits exists at a time, 64 MiB in float32 on CPU). With
+    ``reduction="mean"`` or ``"sum"`` and gradients needed, the forward sweep also forms each block's gradient
+    and multiplies it into ``d hidden`` and ``d weight`` (accumulated in float32, float64 for float64), which the
+    backward scales by the upstream gradient (every row shares it: exact). With ``reduction="none"`` the
+    backward recomputes each block's logits instead, so the result is exact for any upstream gradient. Same
+    options and statistics as :func:`cross_entropy` (the class weights are ``class_weight`` here, since ``weight``
+    is the classifier's).
 
     Args:
         hidden: ``[..., H]``; weight: ``[V, H]`` (an LM head: ``lm_head.weight``); bias: ``[V]`` or None.
@@ -547,10 +612,14 @@ def linear_cross_entropy(
     lead, n_classes = hidden.shape[:-1], weight.shape[0]
     acc = _ref.compute_dtype(hidden.dtype)
     tg = _prepare(lead, n_classes, hidden.device, acc, target, mix, ignore_index, class_weight, token_weight, opts[4])
-    rows, stats, argmax = _lce_op(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, tg.index, tg.tweight, tg.row_weight, tg.class_weight,
-        *opts, bool(return_stats),
-    )  # fmt: skip
+    args = (hidden.reshape(-1, hidden.shape[-1]), weight, bias, tg.index, tg.tweight, tg.row_weight, tg.class_weight)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if reduction != "none" and wants_grad and tg.index.shape[0] > 0:
+        # One sweep computes the loss and the gradients of the row sum (3 matmuls per block, not 4): exact, since
+        # a "mean" / "sum" gives every row the same upstream gradient. reduction="none" recomputes in backward.
+        rows, stats, argmax, *_ = _lce_grad_op(*args, *opts, bool(return_stats))
+    else:
+        rows, stats, argmax = _lce_op(*args, *opts, bool(return_stats))
     loss = _reduce(rows, reduction, tg.denominator, lead)
     if not return_stats:
         return loss
