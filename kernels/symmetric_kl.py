@@ -8,6 +8,8 @@ and the gradients is ever allocated.
 import torch
 import triton
 import triton.language as tl
+
+from regops.kernels.launch import launch
 from regops.kernels.utils import cast_rne
 
 
@@ -93,7 +95,9 @@ def symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     stats = torch.empty((rows, 4), dtype=acc, device=a.device)
     if rows == 0:
         return loss, stats
-    symmetric_kl_fwd_kernel[(rows,)](a, b, loss, stats, cols, BLOCK=_block(a, cols), num_warps=8)
+    launch(
+        symmetric_kl_fwd_kernel, (rows,), a, b, loss, stats, cols, device=a.device, BLOCK=_block(a, cols), num_warps=8
+    )
     return loss, stats
 
 
@@ -106,7 +110,10 @@ def symmetric_kl_backward(
     gb = torch.empty_like(b, memory_format=torch.contiguous_format)
     if rows == 0 or cols == 0:
         return ga.zero_(), gb.zero_()
-    symmetric_kl_bwd_kernel[(rows,)](grad.contiguous(), a, b, stats, ga, gb, cols, BLOCK=_block(a, cols), num_warps=8)
+    launch(
+        symmetric_kl_bwd_kernel, (rows,), grad.contiguous(), a, b, stats, ga, gb, cols,
+        device=a.device, BLOCK=_block(a, cols), num_warps=8,
+    )  # fmt: skip
     return ga, gb
 
 

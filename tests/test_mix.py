@@ -715,3 +715,37 @@ def test_bad_input_raises_clear_errors():
         regops.mix_binary_cross_entropy(torch.randn(4, 4), mix, pos_weight=torch.ones(3))
     with pytest.raises(ValueError, match="multi-label"):
         regops.Mixup(multi_label=True, num_classes=4)(x, y)
+
+
+# ============================================================================================ issue-11 items
+def test_mixed_targets_rejects_labels_outside_num_classes():
+    y = torch.tensor([0, 3, 9, 1])
+    _, mix = regops.mix_batch(torch.randn(4, 3, 4, 4), y, mixup_alpha=1.0)
+    assert regops.mixed_targets(mix, 10).shape == (4, 10)
+    with pytest.raises(ValueError, match="outside"):
+        regops.mixed_targets(mix, 9)
+    mix.target_b[0] = -1
+    with pytest.raises(ValueError, match="outside"):
+        regops.mixed_targets(mix, 10)
+    with pytest.raises(TypeError, match="MixedBatch"):
+        regops.mixed_targets(None, 10)
+
+
+def test_inplace_mixup_mixes_x_like_timm():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 8, 8)
+    y = torch.randint(0, 10, (6,))
+    mixup = regops.Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, mode="elem", num_classes=10)
+    params = mixup.sample_params(x)
+    expected, soft = mixup(x, y, params)  # default: x untouched, a new tensor
+    x_in = x.clone()
+    out, soft_inplace = mixup(x_in, y, params, inplace=True)
+    assert out is x_in and torch.equal(x_in, expected) and torch.equal(soft, soft_inplace)
+    x_ctor = x.clone()
+    regops.Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, mode="elem", num_classes=10, inplace=True)(x_ctor, y, params)
+    assert torch.equal(x_ctor, expected)  # code ported from timm that ignores the returned x still trains on mixed x
+    x_fn = x.clone()
+    out, _ = regops.mix_batch(x_fn, y, params=params, inplace=True)
+    assert out is x_fn and torch.equal(x_fn, expected)
+    with pytest.raises(ValueError, match="requires grad"):
+        regops.mix_batch(x.clone().requires_grad_(), y, params=params, inplace=True)

@@ -1,4 +1,6 @@
-"""Reference MixUp/CutMix mixing and mixed-label losses (CPU path, test oracle, benchmark baseline).
+"""Reference MixUp/CutMix mixing and mixed targets (CPU path, test oracle, benchmark baseline).
+
+The mixed-label losses moved to :mod:`regops.reference.losses` (still importable from here).
 
 Everything the kernels compute is defined here in plain PyTorch, and the CPU path runs these functions.
 They are written to be fast on a CPU as well as clear: work is done in row (or sample) chunks that stay in cache,
@@ -20,13 +22,10 @@ timm's ``x * lam + x_flip * (1 - lam)`` computes for float32 images.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 # Samples of at least this many elements are mixed one at a time (memory read about once, no batch-sized
 # temporaries); smaller ones in chunks of about this many elements, with per-sample weights broadcast.
 _CHUNK = 1 << 17
-# Elements per row block of the losses: few, large fused row ops (log_softmax, softmax) beat many small ones.
-_LOSS_CHUNK = 1 << 23
 
 
 # ------------------------------------------------------------------------------------------------ mixing
@@ -184,186 +183,13 @@ def mixed_one_hot(
 
 
 # ------------------------------------------------------------------------------------------------ losses
-def loss_dtype(logits: torch.Tensor) -> torch.dtype:
-    """Per-row losses and statistics are float32 (float64 for float64 logits)."""
-    return compute_dtype(logits.dtype)
-
-
-def _row_chunks(n_rows: int, n_cols: int, chunk: int = 0):
-    step = max(1, (chunk or _CHUNK) // max(1, n_cols))
-    for start in range(0, n_rows, step):
-        yield slice(start, min(n_rows, start + step))
-
-
-def mix_cross_entropy(
-    logits: torch.Tensor, target_a: torch.Tensor, target_b: torch.Tensor, lam: torch.Tensor, smoothing: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Per-row ``lam * CE_s(z, a) + (1 - lam) * CE_s(z, b)`` and the row log-sum-exp (float32 ``[B]``; float64
-    for float64 logits).
-
-    .. math:: \ell_b = \mathrm{lse}(z_b) - (1-s)\,(\lambda_b z_{b,a} + (1-\lambda_b) z_{b,b'}) - s\,\bar z_b
-
-    (``CE_s``: cross-entropy against the one-hot smoothed to ``1 - s + s/C`` / ``s/C``; ``\bar z``: the row mean.)
-    Computed from ``log_softmax`` over row blocks of at most ``_LOSS_CHUNK`` elements.
-    """
-    n, c = logits.shape
-    acc = compute_dtype(logits.dtype)
-    loss = torch.empty(n, dtype=acc, device=logits.device)
-    lse = torch.empty(n, dtype=acc, device=logits.device)
-    lam = lam.to(acc)
-    for rows in _row_chunks(n, c, _LOSS_CHUNK):
-        z = logits[rows].to(acc)
-        logp = torch.log_softmax(z, dim=1)
-        a, b = target_a[rows].view(-1, 1), target_b[rows].view(-1, 1)
-        lpa, lpb = logp.gather(1, a).squeeze(1), logp.gather(1, b).squeeze(1)
-        lr = lam[rows]
-        row = (lr * lpa + (1.0 - lr) * lpb) * -(1.0 - smoothing)
-        if smoothing:
-            row -= smoothing * logp.mean(dim=1)
-        loss[rows] = row
-        lse[rows] = z.gather(1, a).squeeze(1) - lpa
-    return loss, lse
-
-
-def _softmax_into(out_rows: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """softmax(z, 1), written into ``out_rows`` when it has z's dtype (no extra pass), else a new tensor."""
-    if out_rows.dtype == z.dtype and out_rows.is_contiguous():
-        return torch.ops.aten._softmax.out(z, 1, False, out=out_rows)
-    return torch.softmax(z, dim=1)
-
-
-def mix_cross_entropy_backward(
-    grad: torch.Tensor,
-    logits: torch.Tensor,
-    lse: torch.Tensor,
-    target_a: torch.Tensor,
-    target_b: torch.Tensor,
-    lam: torch.Tensor,
-    smoothing: float,
-) -> torch.Tensor:
-    """``grad[b] * (softmax(z_b) - s/C - (1-s) (lam_b e_a + (1-lam_b) e_b))`` in logits' dtype.
-
-    (``softmax(z_b) = exp(z_b - lse_b)``; the CPU path recomputes it with ``softmax`` straight into the output.)
-    """
-    n, c = logits.shape
-    acc = compute_dtype(logits.dtype)
-    out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    g = grad.to(acc)
-    lam = lam.to(acc)
-    for rows in _row_chunks(n, c, _LOSS_CHUNK):
-        p = _softmax_into(out[rows], logits[rows].to(acc))
-        gr = g[rows]
-        if smoothing:  # p * g - (s / C) g in one pass
-            torch.addcmul((-(smoothing / c) * gr).view(-1, 1), p, gr.view(-1, 1), out=p)
-        else:
-            p.mul_(gr.view(-1, 1))
-        lr = lam[rows]
-        p.scatter_add_(1, target_a[rows].view(-1, 1), (-(1.0 - smoothing) * lr * gr).view(-1, 1))
-        p.scatter_add_(1, target_b[rows].view(-1, 1), (-(1.0 - smoothing) * (1.0 - lr) * gr).view(-1, 1))
-        if p.data_ptr() != out[rows].data_ptr():
-            out[rows] = p
-    return out
-
-
-def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Per-row ``-sum_c t_c log_softmax(z)_c = lse(z) sum_c t_c - sum_c t_c z_c`` and the row statistics the
-    backward needs, ``[B, 2] = (lse(z), sum_c t_c)`` (float32; float64 for float64 logits)."""
-    n, c = logits.shape
-    acc = compute_dtype(logits.dtype)
-    loss = torch.empty(n, dtype=acc, device=logits.device)
-    stats = torch.empty(n, 2, dtype=acc, device=logits.device)
-    for rows in _row_chunks(n, c, _LOSS_CHUNK):
-        z = logits[rows].to(acc)
-        t = target[rows].to(acc)
-        first = z[:, :1]
-        lse_r = (first - torch.log_softmax(z, dim=1)[:, :1]).squeeze(1)  # one fused row op, no logsumexp temps
-        t_sum = t.sum(dim=1)
-        dot = torch.bmm(t.unsqueeze(1), z.unsqueeze(2)).view(-1)  # row dot products, no B x C temporary
-        loss[rows] = lse_r * t_sum - dot
-        stats[rows, 0] = lse_r
-        stats[rows, 1] = t_sum
-    return loss, stats
-
-
-def soft_target_cross_entropy_backward(
-    grad: torch.Tensor, logits: torch.Tensor, stats: torch.Tensor, target: torch.Tensor
-) -> torch.Tensor:
-    """Gradient w.r.t. the logits: ``grad[b] * (softmax(z_b) * sum_c t_bc - t_b)`` in logits' dtype."""
-    n, c = logits.shape
-    acc = compute_dtype(logits.dtype)
-    out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    g = grad.to(acc)
-    for rows in _row_chunks(n, c, _LOSS_CHUNK):
-        t = target[rows].to(acc)
-        p = _softmax_into(out[rows], logits[rows].to(acc))
-        p.mul_(stats[rows, 1].view(-1, 1)).sub_(t).mul_(g[rows].view(-1, 1))
-        if p.data_ptr() != out[rows].data_ptr():
-            out[rows] = p
-    return out
-
-
-def _bce_targets(
-    rows: slice,
-    n_cols: int,
-    target_a: torch.Tensor,
-    target_b: torch.Tensor,
-    lam: torch.Tensor,
-    smoothing: float,
-    threshold: float | None,
-) -> torch.Tensor:
-    lam_r = lam[rows].float()
-    t = mixed_one_hot(target_a[rows], target_b[rows], lam_r, 1.0 - lam_r, n_cols, smoothing)
-    if threshold is not None:
-        t = t.gt(threshold).float()
-    return t
-
-
-def mix_binary_cross_entropy(
-    logits: torch.Tensor,
-    target_a: torch.Tensor,
-    target_b: torch.Tensor,
-    lam: torch.Tensor,
-    smoothing: float,
-    threshold: float | None,
-    weight: torch.Tensor | None,
-    pos_weight: torch.Tensor | None,
-) -> torch.Tensor:
-    """Per-row sums over classes of ``binary_cross_entropy_with_logits(z, t, weight, pos_weight)`` (float32 ``[B]``),
-    ``t`` = the mixed smoothed one-hot of :func:`mixed_one_hot` (``w_self = lam``), optionally thresholded."""
-    n, c = logits.shape
-    acc = compute_dtype(logits.dtype)
-    loss = torch.empty(n, dtype=acc, device=logits.device)
-    w = None if weight is None else weight.to(acc)
-    pw = None if pos_weight is None else pos_weight.to(acc)
-    for rows in _row_chunks(n, c, _LOSS_CHUNK):
-        t = _bce_targets(rows, c, target_a, target_b, lam, smoothing, threshold).to(acc)
-        z = logits[rows].to(acc)
-        loss[rows] = F.binary_cross_entropy_with_logits(z, t, w, pos_weight=pw, reduction="none").sum(dim=1)
-    return loss
-
-
-def mix_binary_cross_entropy_backward(
-    grad: torch.Tensor,
-    logits: torch.Tensor,
-    target_a: torch.Tensor,
-    target_b: torch.Tensor,
-    lam: torch.Tensor,
-    smoothing: float,
-    threshold: float | None,
-    weight: torch.Tensor | None,
-    pos_weight: torch.Tensor | None,
-) -> torch.Tensor:
-    """``grad[b] * w_c * ((1 - t) - (1 + (pw_c - 1) t) * sigmoid(-z))`` in logits' dtype."""
-    n, c = logits.shape
-    acc = compute_dtype(logits.dtype)
-    out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    g = grad.to(acc)
-    for rows in _row_chunks(n, c, _LOSS_CHUNK):
-        t = _bce_targets(rows, c, target_a, target_b, lam, smoothing, threshold).to(acc)
-        z = logits[rows].to(acc)
-        lw = 1.0 if pos_weight is None else 1.0 + (pos_weight.to(acc) - 1.0) * t
-        d = (1.0 - t) - lw * torch.sigmoid(-z)
-        if weight is not None:
-            d = d * weight.to(acc)
-        out[rows] = d * g[rows].view(-1, 1)
-    return out
+# The mixed-label losses live with the other row-softmax losses; these names stay importable from here.
+from regops.reference.losses import (  # noqa: E402, F401
+    loss_dtype,
+    mix_binary_cross_entropy,
+    mix_binary_cross_entropy_backward,
+    mix_cross_entropy,
+    mix_cross_entropy_backward,
+    soft_target_cross_entropy,
+    soft_target_cross_entropy_backward,
+)
