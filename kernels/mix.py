@@ -9,7 +9,6 @@ losses moved to :mod:`regops.kernels.losses`.)
 import torch
 import triton
 import triton.language as tl
-
 from regops.kernels.launch import launch
 from regops.kernels.utils import cast_rne
 

@@ -8,7 +8,6 @@ and the gradients is ever allocated.
 import torch
 import triton
 import triton.language as tl
-
 from regops.kernels.launch import launch
 from regops.kernels.utils import cast_rne
 
