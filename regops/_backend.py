@@ -80,6 +80,9 @@ def _register_cuda_fake(op: str) -> None:
     fake = _REGISTRY[op].cuda_fake
     if fake is not None and hasattr(torch.ops.regops_C, op):
         torch.library.register_fake(f"regops_C::{op}", fake)
+    # A C++ CPU kernel has the reference's signature and the reference is plain tensor code: it is the fake impl.
+    if hasattr(getattr(torch.ops, CPP_NAMESPACE), op):
+        torch.library.register_fake(f"{CPP_NAMESPACE}::{op}", _REGISTRY[op].torch)
 
 
 def registered_ops() -> list[str]:
