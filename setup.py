@@ -18,7 +18,6 @@ requires the torch minor release it was built against (the C++ ABI torch keeps w
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import json
 import os
@@ -73,7 +72,10 @@ def _import_target_torch():
     try:
         out = subprocess.run(
             [sys.executable, "-c", "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))"],
-            capture_output=True, text=True, env=env, timeout=300,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -147,14 +149,20 @@ def extensions():
         )
         _log(f"building regops._C: CPU kernels, CUDA kernels with CUDA {info['cuda_version']} for {arch_list}")
         ext = cpp_extension.CUDAExtension(
-            "regops._C", sources, include_dirs=[os.path.join(HERE, "csrc")],
-            extra_compile_args={"cxx": flags, "nvcc": ["-O3"]}, optional=MODE != "1",
+            "regops._C",
+            sources,
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args={"cxx": flags, "nvcc": ["-O3"]},
+            optional=MODE != "1",
         )
     else:
         _log(f"building regops._C with the CPU kernels only ({why_no_cuda})")
         ext = cpp_extension.CppExtension(
-            "regops._C", sources, include_dirs=[os.path.join(HERE, "csrc")],
-            extra_compile_args={"cxx": flags}, optional=MODE != "1",
+            "regops._C",
+            sources,
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args={"cxx": flags},
+            optional=MODE != "1",
         )
 
     class BuildExt(cpp_extension.BuildExtension):

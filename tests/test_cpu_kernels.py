@@ -50,9 +50,14 @@ def test_dropout_reads_logical_order_of_non_contiguous_input():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bias_dropout_add_matches_reference(dtype):
-    for shape, p, (seed, offset) in itertools.product(((1, 1), (3, 5), (2, 3, 64), (7, 1001), (513, 3)),
-                                                      (0.0, 0.3, 1.0), SEEDS_OFFSETS[1:]):
-        x, res, b = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype), torch.randn(shape[-1], dtype=dtype)
+    for shape, p, (seed, offset) in itertools.product(
+        ((1, 1), (3, 5), (2, 3, 64), (7, 1001), (513, 3)), (0.0, 0.3, 1.0), SEEDS_OFFSETS[1:]
+    ):
+        x, res, b = (
+            torch.randn(shape, dtype=dtype),
+            torch.randn(shape, dtype=dtype),
+            torch.randn(shape[-1], dtype=dtype),
+        )
         for bias in (None, b):
             out = K.bias_dropout_add(x, bias, res, p, seed, offset)
             assert torch.equal(out, ref.bias_dropout_add(x, bias, res, p, seed, offset)), (shape, p)
@@ -78,15 +83,31 @@ def test_dropout_add_layer_norm_matches_reference(dtype):
         b = torch.randn(shape[-1], dtype=dtype) if affine else None
         got = K.dropout_add_layer_norm(x, res, w, b, p, 1e-5, rms, in_fp32, seed, offset)
         want = ref.dropout_add_layer_norm(x, res, w, b, p, 1e-5, rms, in_fp32, seed, offset)
-        for g, e in zip(got, want):
+        for g, e in zip(got, want, strict=True):
             assert g.dtype == e.dtype and g.shape == e.shape
         assert torch.equal(got[1], want[1])  # s: elementwise, the same bits
         torch.testing.assert_close(got[0].double(), want[0].double(), **_tol(dtype))
         torch.testing.assert_close(got[2], want[2], **_tol(got[2].dtype))
         torch.testing.assert_close(got[3], want[3], rtol=1e-4, atol=1e-5)
         ds = torch.randn(shape, dtype=want[1].dtype) if with_res else None
-        args = (dy, ds, want[1], want[2], want[3], w, affine, p, rms, seed, offset, dtype, res.dtype if with_res else None)
-        for g, e in zip(K.dropout_add_layer_norm_backward(*args), ref.dropout_add_layer_norm_backward(*args)):
+        args = (
+            dy,
+            ds,
+            want[1],
+            want[2],
+            want[3],
+            w,
+            affine,
+            p,
+            rms,
+            seed,
+            offset,
+            dtype,
+            res.dtype if with_res else None,
+        )
+        for g, e in zip(
+            K.dropout_add_layer_norm_backward(*args), ref.dropout_add_layer_norm_backward(*args), strict=True
+        ):
             assert (g is None) == (e is None)
             if g is not None:
                 assert g.dtype == e.dtype
@@ -114,12 +135,18 @@ def test_results_do_not_depend_on_thread_count():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = (K.bias_dropout_add_backward(x, True, 0.2, 9, 4), K.dropout_add_layer_norm(x, x, None, None, 0.2, 1e-5, False, False, 9, 4))
+        one = (
+            K.bias_dropout_add_backward(x, True, 0.2, 9, 4),
+            K.dropout_add_layer_norm(x, x, None, None, 0.2, 1e-5, False, False, 9, 4),
+        )
         torch.set_num_threads(2)
-        two = (K.bias_dropout_add_backward(x, True, 0.2, 9, 4), K.dropout_add_layer_norm(x, x, None, None, 0.2, 1e-5, False, False, 9, 4))
+        two = (
+            K.bias_dropout_add_backward(x, True, 0.2, 9, 4),
+            K.dropout_add_layer_norm(x, x, None, None, 0.2, 1e-5, False, False, 9, 4),
+        )
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(itertools.chain(*one), itertools.chain(*two)):
+    for a, b in zip(itertools.chain(*one), itertools.chain(*two), strict=True):
         assert torch.equal(a, b)
 
 
@@ -137,8 +164,15 @@ def test_bad_input_gets_a_clear_error():
 def test_ops_pick_the_cpp_backend_on_cpu_and_agree_with_the_reference(monkeypatch):
     monkeypatch.delenv("REGOPS_BACKEND", raising=False)
     cpu = torch.device("cpu")
-    for op in ("dropout", "dropout_bitmask", "apply_bitmask", "bias_dropout_add", "bias_dropout_add_backward",
-               "dropout_add_layer_norm", "dropout_add_layer_norm_backward"):
+    for op in (
+        "dropout",
+        "dropout_bitmask",
+        "apply_bitmask",
+        "bias_dropout_add",
+        "bias_dropout_add_backward",
+        "dropout_add_layer_norm",
+        "dropout_add_layer_norm_backward",
+    ):
         assert _backend.choose(op, cpu) == "cpp", op
     x = torch.randn(8, 33, requires_grad=True)
     torch.manual_seed(0)
