@@ -1,8 +1,10 @@
 // C++ CPU kernels of the dropout ops (namespace regops_cpu, signatures of regops/reference/dropout.py):
-// dropout, dropout_bitmask, apply_bitmask. Multiply semantics, as torch: y = x * (keep ? scale : 0) in float32
+// dropout, dropout_bitmask, apply_bitmask, multi_sample_dropout_mean, scale_rows_add (drop path's application). Multiply semantics, as torch: y = x * (keep ? scale : 0) in float32
 // (float64 for float64), rounded once to x's dtype, so a NaN or inf at a dropped position stays NaN.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <optional>
 
 #include "cpu_common.h"
 
@@ -118,6 +120,94 @@ at::Tensor apply_bitmask(const at::Tensor& g, const at::Tensor& packed, double s
   return y;
 }
 
+// y = x * (count * (scale / K)), count = kept samples of K masks; sample k uses first counter offset + k * ceil(n/4).
+at::Tensor multi_sample_dropout_mean(const at::Tensor& x, double p, int64_t num_samples, int64_t seed,
+                                     int64_t offset) {
+  TORCH_CHECK(x.device().is_cpu(), "regops_cpu::multi_sample_dropout_mean: x must be a CPU tensor");
+  check_p(p, "multi_sample_dropout_mean");
+  TORCH_CHECK(num_samples >= 1, "regops_cpu::multi_sample_dropout_mean: num_samples must be >= 1");
+  const at::Tensor input = x.contiguous();
+  const int64_t n = input.numel(), step = (n + 3) / 4;
+  at::Tensor y = at::empty_like(input, at::MemoryFormat::Contiguous);
+  const int32_t threshold = keep_threshold(p);
+  // regops.reference.dropout.float_round(dropout_scale(p) / K): the quotient rounded to float32.
+  const float factor = static_cast<float>(static_cast<double>(dropout_scale(p)) / static_cast<double>(num_samples));
+  REGOPS_CPU_FLOATING(input.scalar_type(), "multi_sample_dropout_mean", [&] {
+    using C = typename Acc<T>::type;
+    const T* xp = input.const_data_ptr<T>();
+    T* yp = y.mutable_data_ptr<T>();
+    at::parallel_for(0, (n + kBlockElems - 1) / kBlockElems, std::max<int64_t>(1, kGrainBlocks / num_samples),
+                     [&](int64_t begin, int64_t end) {
+                       alignas(64) uint32_t words[kBlockElems];
+                       alignas(64) int32_t count[kBlockElems];
+                       for (int64_t b = begin; b < end; ++b) {
+                         const int64_t first = b * kBlockElems, len = std::min(kBlockElems, n - first);
+                         for (int64_t i = 0; i < kBlockElems; ++i) count[i] = 0;
+                         for (int64_t k = 0; k < num_samples; ++k) {
+                           philox_block(seed, offset + static_cast<uint64_t>(k * step + b * kBlockCounters), words);
+                           for (int64_t i = 0; i < kBlockElems; ++i) count[i] += keep(words[i], threshold) ? 1 : 0;
+                         }
+                         for (int64_t i = 0; i < len; ++i) {
+                           const C m = static_cast<C>(count[i]) * static_cast<C>(factor);
+                           yp[first + i] = static_cast<T>(static_cast<C>(xp[first + i]) * m);
+                         }
+                       }
+                     });
+  });
+  return y;
+}
+
+// y = x * scales[b] (+ residual), b the index along dim 0 (drop path's application step).
+template <typename T, typename R>
+void scale_rows(const T* __restrict__ x, const typename Acc<T>::type* __restrict__ scales, const R* __restrict__ res,
+                T* __restrict__ y, int64_t batch, int64_t per) {
+  using C = typename Acc<T>::type;
+  at::parallel_for(0, batch, std::max<int64_t>(1, 65536 / std::max<int64_t>(per, 1)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const C s = scales[b];
+      const T* xb = x + b * per;
+      T* yb = y + b * per;
+      if (res) {
+        const R* rb = res + b * per;
+        for (int64_t i = 0; i < per; ++i) yb[i] = static_cast<T>(static_cast<C>(xb[i]) * s + static_cast<C>(rb[i]));
+      } else {
+        for (int64_t i = 0; i < per; ++i) yb[i] = static_cast<T>(static_cast<C>(xb[i]) * s);
+      }
+    }
+  });
+}
+
+at::Tensor scale_rows_add(const at::Tensor& x, const at::Tensor& scales, const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x.device().is_cpu() && scales.device().is_cpu(), "regops_cpu::scale_rows_add: CPU tensors expected");
+  TORCH_CHECK(x.dim() >= 1 && scales.numel() == x.size(0),
+              "regops_cpu::scale_rows_add: scales must hold one value per row of x (", x.dim() ? x.size(0) : 0, ")");
+  const at::Tensor input = x.contiguous();
+  const at::ScalarType cd = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor sc = scales.contiguous().to(cd);
+  at::Tensor res;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->device().is_cpu(),
+                "regops_cpu::scale_rows_add: residual must match x's shape");
+    // The reference adds residual.to(compute dtype): read it as x's dtype when it is, else converted once.
+    res = residual->scalar_type() == input.scalar_type() ? residual->contiguous() : residual->contiguous().to(cd);
+  }
+  at::Tensor y = at::empty_like(input, at::MemoryFormat::Contiguous);
+  const int64_t batch = input.size(0), per = batch ? input.numel() / batch : 0;
+  if (input.numel() == 0) return y;
+  REGOPS_CPU_FLOATING(input.scalar_type(), "scale_rows_add", [&] {
+    using C = typename Acc<T>::type;
+    const C* sp = sc.const_data_ptr<C>();
+    if (!res.defined()) {
+      scale_rows<T, T>(input.const_data_ptr<T>(), sp, nullptr, y.mutable_data_ptr<T>(), batch, per);
+    } else if (res.scalar_type() == input.scalar_type()) {
+      scale_rows<T, T>(input.const_data_ptr<T>(), sp, res.const_data_ptr<T>(), y.mutable_data_ptr<T>(), batch, per);
+    } else {
+      scale_rows<T, C>(input.const_data_ptr<T>(), sp, res.const_data_ptr<C>(), y.mutable_data_ptr<T>(), batch, per);
+    }
+  });
+  return y;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace regops
@@ -126,4 +216,6 @@ TORCH_LIBRARY_IMPL(regops_cpu, CPU, m) {
   m.impl("dropout", &regops::cpu::dropout);
   m.impl("dropout_bitmask", &regops::cpu::dropout_bitmask);
   m.impl("apply_bitmask", &regops::cpu::apply_bitmask);
+  m.impl("multi_sample_dropout_mean", &regops::cpu::multi_sample_dropout_mean);
+  m.impl("scale_rows_add", &regops::cpu::scale_rows_add);
 }

@@ -10,6 +10,8 @@ TORCH_LIBRARY(regops_cpu, m) {
   m.def("dropout(Tensor x, float p, int seed, int offset) -> Tensor");
   m.def("dropout_bitmask(Tensor x, float p, int seed, int offset) -> (Tensor, Tensor)");
   m.def("apply_bitmask(Tensor g, Tensor packed, float scale) -> Tensor");
+  m.def("multi_sample_dropout_mean(Tensor x, float p, int num_samples, int seed, int offset) -> Tensor");
+  m.def("scale_rows_add(Tensor x, Tensor scales, Tensor? residual) -> Tensor");
   m.def("bias_dropout_add(Tensor x, Tensor? bias, Tensor residual, float p, int seed, int offset) -> Tensor");
   m.def("bias_dropout_add_backward(Tensor grad, bool has_bias, float p, int seed, int offset) -> (Tensor, Tensor?)");
   m.def(

@@ -114,6 +114,18 @@ def test_dropout_add_layer_norm_matches_reference(dtype):
                 torch.testing.assert_close(g.double(), e.double(), **_tol(dtype if dtype != torch.float32 else g.dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_multi_sample_and_scale_rows_match_reference(dtype):
+    seed, offset = SEEDS_OFFSETS[2]
+    for shape, p, k in itertools.product(((1,), (3, 5), (7, 65), (2, 3, 67)), (0.0, 0.3, 1.0), (1, 3)):
+        x = torch.randn(shape, dtype=dtype)
+        got = K.multi_sample_dropout_mean(x, p, k, seed, offset)
+        assert torch.equal(got, ref.multi_sample_mean_dropout(x, p, k, seed, offset)), (shape, p, k)
+        scales = torch.rand(shape[0], dtype=ref.compute_dtype(dtype))
+        for res in (None, torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=torch.float32)):
+            assert torch.equal(K.scale_rows_add(x, scales, res), ref.scale_rows_add(x, scales, res)), (shape, res)
+
+
 def test_nan_at_dropped_position_stays_nan():
     """Multiply semantics, as torch: y = x * (keep ? scale : 0), so a NaN or inf that is dropped gives NaN."""
     x = torch.full((4096,), float("nan"))
@@ -172,6 +184,8 @@ def test_ops_pick_the_cpp_backend_on_cpu_and_agree_with_the_reference(monkeypatc
         "bias_dropout_add_backward",
         "dropout_add_layer_norm",
         "dropout_add_layer_norm_backward",
+        "multi_sample_dropout_mean",
+        "scale_rows_add",
     ):
         assert _backend.choose(op, cpu) == "cpp", op
     x = torch.randn(8, 33, requires_grad=True)
