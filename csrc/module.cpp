@@ -21,6 +21,7 @@ TORCH_LIBRARY(regops_cpu, m) {
       "dropout_add_layer_norm_backward(Tensor dy, Tensor? ds, Tensor s, Tensor mean, Tensor rstd, Tensor? weight, "
       "bool has_bias, float p, bool rms_norm, int seed, int offset, ScalarType x_dtype, ScalarType? res_dtype) "
       "-> (Tensor, Tensor?, Tensor?, Tensor?)");
+  m.def("hessian_probe_dot(Tensor[] vs, Tensor[] hvs, bool with_diag=True) -> (Tensor, Tensor, Tensor)");
 }
 
 // A Python module with no functions: importing regops._C loads the library and runs the registrations.

@@ -126,6 +126,21 @@ def test_multi_sample_and_scale_rows_match_reference(dtype):
             assert torch.equal(K.scale_rows_add(x, scales, res), ref.scale_rows_add(x, scales, res)), (shape, res)
 
 
+@pytest.mark.skipif(not _has("hessian_probe_dot"), reason="no C++ CPU kernel for hessian_probe_dot in this build")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_probe_dot_matches_reference(dtype):
+    from regops.reference import hessian as href
+
+    shapes = [(3,), (70, 65), (5000,)]
+    for k, with_diag in itertools.product((1, 4), (True, False)):
+        vs = [torch.randint(0, 2, (k, *s)).to(dtype) * 2 - 1 for s in shapes]
+        hvs = [torch.randn((k, *s), dtype=dtype) for s in shapes]
+        got, want = K.hessian_probe_dot(vs, hvs, with_diag), href.probe_dot(vs, hvs, with_diag)
+        for g, e in zip(got, want, strict=True):
+            assert g.dtype == e.dtype and g.shape == e.shape
+            torch.testing.assert_close(g, e, **_tol(g.dtype if dtype != torch.float64 else dtype))
+
+
 def test_nan_at_dropped_position_stays_nan():
     """Multiply semantics, as torch: y = x * (keep ? scale : 0), so a NaN or inf that is dropped gives NaN."""
     x = torch.full((4096,), float("nan"))
@@ -186,6 +201,7 @@ def test_ops_pick_the_cpp_backend_on_cpu_and_agree_with_the_reference(monkeypatc
         "dropout_add_layer_norm_backward",
         "multi_sample_dropout_mean",
         "scale_rows_add",
+        "hessian_probe_dot",
     ):
         assert _backend.choose(op, cpu) == "cpp", op
     x = torch.randn(8, 33, requires_grad=True)
