@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import pkgutil
 from pathlib import Path
 
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-k", dest="match", help="only cases whose 'family name params' matches this regex")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>/)")
     args = parser.parse_args(argv)
+    # torch.compile imports cpp_extension, which warns "No CUDA runtime is found" on a machine without a GPU:
+    # noise in a results table, like the profiler's lines (silenced in the harness).
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     load_cases()
     device = torch.device(args.device) if args.device else None
     env, rows = harness.run(args.family, device, args.quick, args.match)

@@ -10,16 +10,22 @@ it writes JSON, CSV and a PNG plot under ``benchmarks/results/<device>/``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
+import importlib.abc
+import importlib.util
 import json
 import math
+import os
 import platform
 import re
 import statistics
+import sys
 import time
+import types
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,12 +145,31 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
     return _cpu_peak(fn)
 
 
+@contextlib.contextmanager
+def _quiet_native_output() -> Iterator[None]:
+    """Silence what native code writes to fds 1 and 2 (the profiler's ``USDT ... profiler_start`` and
+    ``gpuGetDeviceCount failed`` lines): they are noise in the benchmark output, not results."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
 def _cpu_peak(fn: Callable[[], Any]) -> int | None:
     """CPU allocator peak from the profiler's allocation events (torch has no CPU allocator counters)."""
     from torch.profiler import ProfilerActivity, profile
 
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _quiet_native_output(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
         events = prof.profiler.kineto_results.events()
     except Exception:  # profiler unavailable in this build
@@ -188,8 +213,82 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------------------------ missing peers
+class PeerMissing(RuntimeError):
+    """A peer library a variant needs is not installed: that variant is skipped, the case still runs."""
+
+
+class _MissingModule(types.ModuleType):
+    """Stands in for a peer that is not installed: every attribute is a callable that raises PeerMissing, so a
+    case that imports the peer while it is built still builds, and only the peer's variant fails when run."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.__path__: list[str] = []  # a package: its submodules import as stubs too
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        root = self.__name__.split(".")[0]
+
+        def missing(*args: Any, **kwargs: Any) -> Any:
+            raise PeerMissing(f"peer {root!r} is not installed")
+
+        return missing
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, roots: set[str]) -> None:
+        self.roots = roots
+
+    def find_spec(self, name, path, target=None):
+        return importlib.util.spec_from_loader(name, self) if name.split(".")[0] in self.roots else None
+
+    def create_module(self, spec):
+        return _MissingModule(spec.name)
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+# Never stubbed: a missing one of these is a broken install, not a missing baseline.
+_NOT_PEERS = {"torch", "regops", "benchmarks", "triton", "numpy"}
+
+
+def build_case(c: Case, device: torch.device, quick: bool) -> tuple[Setup | None, set[str]]:
+    """``c.make(device, quick)`` with every missing peer library replaced by a stub (see :class:`_MissingModule`);
+    returns the setup and the names of the peers that are missing."""
+    missing: set[str] = set()
+    while True:
+        finder = _StubFinder(missing)
+        sys.meta_path.append(finder)  # last: only modules no real finder provides
+        try:
+            return c.make(device, quick), missing
+        except ModuleNotFoundError as exc:
+            root = (exc.name or "").split(".")[0]
+            if not root or root in missing or root in _NOT_PEERS:
+                raise
+            missing.add(root)
+        finally:
+            sys.meta_path.remove(finder)
+            for name in [n for n in sys.modules if n.split(".")[0] in missing]:
+                if isinstance(sys.modules[name], _MissingModule):
+                    del sys.modules[name]
+
+
 def run_case(c: Case, device: torch.device, copy_bps: float, quick: bool) -> list[dict[str, Any]]:
-    setup = c.make(device, quick)
+    try:
+        setup, _ = build_case(c, device, quick)
+    except Exception as exc:  # a case that cannot be built is reported, not fatal to the run
+        return [
+            {
+                "family": c.family,
+                "case": c.name,
+                "params": c.params,
+                "variant": "-",
+                "error": f"case not built: {type(exc).__name__}: {exc}"[:200],
+            }
+        ]
     if setup is None:
         return []
     rows = []
@@ -197,6 +296,10 @@ def run_case(c: Case, device: torch.device, copy_bps: float, quick: bool) -> lis
         row: dict[str, Any] = {"family": c.family, "case": c.name, "params": c.params, "variant": variant}
         try:
             seconds = time_fn(fn, device, quick=quick)
+        except PeerMissing as exc:
+            row.update(error=f"skipped: {exc}")
+            rows.append(row)
+            continue
         except Exception as exc:  # a peer that cannot run this case is reported, not fatal
             row.update(error=f"{type(exc).__name__}: {exc}"[:200])
             rows.append(row)
@@ -269,7 +372,10 @@ def table(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"copy {env['copy_GB/s']:.1f} GB/s"
     )
     if env["device_type"] == "cpu":
-        head += "\nno GPU: CPU paths (regops runs its reference; Triton/CUDA kernels need a GPU)"
+        head += (
+            "\nno GPU: CPU paths (regops runs its C++ CPU kernels where regops._C has them, else its reference;"
+            " Triton/CUDA kernels need a GPU)"
+        )
     cells = [[_fmt(r.get(c)) if "error" not in r or c in COLUMNS[:4] else "" for c in COLUMNS] for r in rows]
     for r, cell in zip(rows, cells, strict=True):
         if "error" in r:
@@ -332,7 +438,10 @@ def plot(env: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
         return
     heights = [sum(len(v) for _, v in bars) + len(bars) for _, bars in panels]
     fig, axes = plt.subplots(
-        len(panels), 1, figsize=(11, 0.16 * sum(heights) + 1.2 * len(panels)), squeeze=False,
+        len(panels),
+        1,
+        figsize=(11, 0.16 * sum(heights) + 1.2 * len(panels)),
+        squeeze=False,
         gridspec_kw={"height_ratios": heights},
     )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

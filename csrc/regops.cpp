@@ -1,8 +1,8 @@
-// regops._C: schemas of the CUDA kernels (namespace regops_C) and their CUDA implementations.
+// regops._C, CUDA part (built when nvcc and a CUDA torch exist): schemas of the CUDA kernels (namespace
+// regops_C) and their CUDA implementations. The module itself and the CPU kernels: csrc/module.cpp, cpu_*.cpp.
 // The kernels themselves are plain CUDA in csrc/*.cu (declared in kernels.h); this file only checks tensors
 // and launches them on the current stream. Fake (meta) impls are registered from Python (regops/_backend.py).
 #include <ATen/ATen.h>
-#include <Python.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -165,7 +165,3 @@ TORCH_LIBRARY_IMPL(regops_C, CUDA, m) {
   m.impl("mix_apply", &mix_apply);
   m.impl("mix_apply_backward", &mix_apply_backward);
 }
-
-// A Python module with no functions: importing regops._C loads the library and runs the registrations above.
-static struct PyModuleDef regops_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&regops_c_module); }

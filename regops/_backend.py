@@ -5,10 +5,14 @@ Every kernel-backed op registers its implementations here under one name, all wi
 * ``"torch"``  -- the pure-PyTorch reference in :mod:`regops.reference` (any device),
 * ``"triton"`` -- a Triton launcher in :mod:`regops.kernels` (CUDA tensors, or CPU tensors when the
   Triton interpreter is on: ``TRITON_INTERPRET=1``),
-* ``"cuda"``   -- the CUDA C++ extension ``regops._C`` (CUDA tensors), op ``torch.ops.regops_C.<name>``.
+* ``"cuda"``   -- the CUDA C++ extension ``regops._C`` (CUDA tensors), op ``torch.ops.regops_C.<name>``,
+* ``"cpp"``    -- the C++ CPU kernels of ``regops._C`` (CPU tensors), op ``torch.ops.regops_cpu.<name>``: used for
+  every op whose name the extension registers a CPU kernel for; it has the signature of the op's reference, so
+  registering an op needs nothing more for it.
 
 Selection, in order: the innermost :func:`use_backend` context, then ``REGOPS_BACKEND``, then automatic
-(CPU tensors: ``torch``; CUDA tensors: ``cuda`` if the extension has the op, else ``triton``).
+(CPU tensors: ``cpp`` if the extension has a CPU kernel for the op, else ``torch``; CUDA tensors: ``cuda`` if the
+extension has the op, else ``triton``).
 A CUDA tensor with no GPU kernel available raises one :class:`BackendUnavailableError` naming what is missing.
 Nothing here imports Triton, loads the extension or touches CUDA until an op actually runs.
 """
@@ -28,7 +32,8 @@ from typing import Any
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "triton", "cuda", "cpp")
+CPP_NAMESPACE = "regops_cpu"
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("regops_backend", default=None)
 
@@ -75,6 +80,9 @@ def _register_cuda_fake(op: str) -> None:
     fake = _REGISTRY[op].cuda_fake
     if fake is not None and hasattr(torch.ops.regops_C, op):
         torch.library.register_fake(f"regops_C::{op}", fake)
+    # A C++ CPU kernel has the reference's signature and the reference is plain tensor code: it is the fake impl.
+    if hasattr(getattr(torch.ops, CPP_NAMESPACE), op):
+        torch.library.register_fake(f"{CPP_NAMESPACE}::{op}", _REGISTRY[op].torch)
 
 
 def registered_ops() -> list[str]:
@@ -83,7 +91,8 @@ def registered_ops() -> list[str]:
 
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """Force a backend (``"torch"``, ``"triton"``, ``"cuda"``) inside the block; ``None`` restores automatic.
+    """Force a backend (``"torch"``, ``"triton"``, ``"cuda"``, ``"cpp"``) inside the block; ``None`` restores
+    automatic.
 
     >>> with regops.use_backend("torch"):
     ...     y = regops.dropout(x, 0.1)   # the reference, even on a CUDA tensor
@@ -150,11 +159,16 @@ def _load_extension() -> tuple[Any | None, str]:
         raise ValueError(f"regops: REGOPS_EXT={mode!r} is not one of auto, prebuilt, jit, off")
     if mode == "off":
         return None, "disabled (REGOPS_EXT=off)"
-    reason = "not built (installed without nvcc, or with REGOPS_BUILD_EXT=0)"
+    reason = "not built (installed without a C++ compiler, or with REGOPS_BUILD_EXT=0)"
+    problem = None  # why a prebuilt regops._C was not loaded: warned about only if nothing else loads
     if mode in ("auto", "prebuilt") and importlib.util.find_spec("regops._C") is not None:
-        module, reason = _load_prebuilt()
-        if module is not None or mode == "prebuilt":
-            return module, reason
+        module, problem = _load_prebuilt()
+        if module is not None:
+            return module, "loaded"
+        reason = problem
+        if mode == "prebuilt":
+            _warn_fallback(problem)
+            return None, reason
     if mode in ("auto", "jit"):
         from regops import _jit
 
@@ -162,29 +176,52 @@ def _load_extension() -> tuple[Any | None, str]:
         if path is None and mode == "jit" and torch.cuda.is_available():
             path = _jit.build()
         if path is not None:
-            return types.SimpleNamespace(__file__=str(path)), f"loaded (just-in-time build {path})"
+            skipped = f"; the prebuilt one was not used: {problem}" if problem else ""
+            return types.SimpleNamespace(__file__=str(path)), f"loaded (just-in-time build {path}{skipped})"
+    if problem:
+        _warn_fallback(problem)
     return None, reason
 
 
+def _warn_fallback(problem: str) -> None:
+    warnings.warn(
+        f"regops: {problem}; CPU ops fall back to the reference, GPU ops to Triton", RuntimeWarning, stacklevel=5
+    )
+
+
 def _load_prebuilt() -> tuple[Any | None, str]:
+    """The prebuilt ``regops._C``, or ``None`` and why it was not loaded."""
     from regops import _build_info
 
     mismatch = _build_info.torch_mismatch()
     if mismatch:
-        msg = f"regops._C was built for {mismatch}; not loading it, GPU ops fall back to Triton"
-        warnings.warn(f"regops: {msg}", RuntimeWarning, stacklevel=4)
-        return None, msg
+        return None, f"regops._C was built for {mismatch}; not loading it"
     try:
         module = importlib.import_module("regops._C")
     except (ImportError, OSError) as exc:  # undefined symbols from an ABI change, missing libcudart, ...
-        msg = f"regops._C failed to load ({exc}); GPU ops fall back to Triton"
-        warnings.warn(f"regops: {msg}", RuntimeWarning, stacklevel=4)
-        return None, msg
+        return None, f"regops._C failed to load ({exc})"
     return module, "loaded"
 
 
 def extension_has(op: str) -> bool:
     return extension() is not None and hasattr(torch.ops.regops_C, op)
+
+
+def cpp_kernel(op: str) -> bool:
+    """Whether the loaded extension registers a C++ CPU kernel ``regops_cpu::<op>`` (looked up once per op)."""
+    if extension() is None:
+        return False
+    found = _EXT_STATE.setdefault("cpp_kernels", {})
+    if op not in found:
+        name = f"{CPP_NAMESPACE}::{op}"
+        found[op] = hasattr(getattr(torch.ops, CPP_NAMESPACE), op) and torch._C._dispatch_has_kernel_for_dispatch_key(
+            name, "CPU"
+        )
+    return found[op]
+
+
+def _call_cpp(op: str) -> Callable[..., Any]:
+    return getattr(getattr(torch.ops, CPP_NAMESPACE), op)
 
 
 # ----------------------------------------------------------------------------------------------- choice
@@ -202,6 +239,14 @@ def _why_not(op: str, backend: str, device: torch.device) -> str | None:
             return "Triton kernels run on CPU tensors only under the interpreter (set TRITON_INTERPRET=1)"
         if device.type not in ("cpu", "cuda"):
             return f"Triton kernels do not run on {device.type} tensors"
+        return None
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"the C++ CPU kernels run on CPU tensors, not {device.type}"
+        if extension() is None:
+            return f"the extension regops._C is unavailable: {_EXT_STATE.get('reason', 'not loaded')}"
+        if not cpp_kernel(op):
+            return f"this build of regops._C has no C++ CPU kernel for {op!r}"
         return None
     # cuda
     if device.type != "cuda":
@@ -226,7 +271,7 @@ def choose(op: str, device: torch.device) -> str:
             raise BackendUnavailableError(f"regops: backend {forced!r} cannot run {op!r} on {device}: {reason}")
         return forced
     if device.type != "cuda":
-        return "torch"
+        return "cpp" if device.type == "cpu" and _why_not(op, "cpp", device) is None else "torch"
     reasons = []
     for candidate in ("cuda", "triton"):
         reason = _why_not(op, candidate, device)
@@ -245,7 +290,7 @@ def implementation(op: str, device: torch.device) -> Callable[..., Any]:
     impls = _REGISTRY[op]
     fn = impls.resolved.get(backend)
     if fn is None:
-        target = getattr(impls, backend)
+        target = _call_cpp(op) if backend == "cpp" else getattr(impls, backend)
         if isinstance(target, str):
             module, _, attr = target.partition(":")
             target = getattr(importlib.import_module(module), attr)

@@ -1,15 +1,43 @@
-"""Finding the CUDA toolkit and describing build targets; used by setup.py (loaded by path, before regops is
-installed) and by the just-in-time build in regops/_jit.py. Standard library only."""
+"""Finding the CUDA toolkit, the extension's sources and flags, and describing build targets; used by setup.py
+(loaded by path, before regops is installed) and by the just-in-time build in regops/_jit.py. Standard library
+only."""
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
 import shutil
 import subprocess
 
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+# Host compiler flags of the extension. No floating-point contraction: the CPU kernels must round exactly as the
+# reference does (an a*b+c fused into one FMA rounds once, the reference twice), on every ISA clone.
+CXX_FLAGS = ["-O3", "-ffp-contract=off"]
+NVCC_FLAGS = ["-O3"]
+
+
+def extension_sources(csrc: str, cuda: bool) -> list[str]:
+    """The files compiled into regops._C: the module and the CPU kernels (csrc/module.cpp, csrc/cpu_*.cpp)
+    always; with ``cuda`` also the CUDA part (csrc/regops.cpp and csrc/*.cu)."""
+    cpu = [os.path.join(csrc, "module.cpp"), *sorted(glob.glob(os.path.join(csrc, "cpu_*.cpp")))]
+    if not cuda:
+        return cpu
+    others = [p for p in sorted(glob.glob(os.path.join(csrc, "*.cpp"))) if p not in cpu]
+    return cpu + others + sorted(glob.glob(os.path.join(csrc, "*.cu")))
+
+
+def sources_hash(csrc: str, flags: list[str]) -> str:
+    """A short hash of every source and header in ``csrc`` and the build flags: the just-in-time cache key."""
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(csrc, "*"))):
+        if os.path.splitext(path)[1] in (".cpp", ".cu", ".cuh", ".h"):
+            digest.update(os.path.basename(path).encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    digest.update("\0".join(flags).encode())
+    return digest.hexdigest()[:16]
 
 
 def is_toolkit(root: str | None) -> bool:
@@ -95,7 +123,25 @@ def git_revision(path: str) -> str | None:
     return out.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
-def local_version(torch_version: str, torch_cuda: str) -> str:
-    """The wheel variant, e.g. torch 2.14.1 with CUDA 13.0 -> 'cu130.torch2.14'."""
-    major_minor = ".".join(torch_version.split("+")[0].split(".")[:2])
-    return f"cu{torch_cuda.replace('.', '')}.torch{major_minor}"
+def torch_minor(torch_version: str) -> tuple[int, int]:
+    """'2.14.1+cu130' -> (2, 14)."""
+    major, minor = re.match(r"(\d+)\.(\d+)", torch_version).groups()
+    return int(major), int(minor)
+
+
+def local_version(torch_version: str, torch_cuda: str | None) -> str:
+    """The wheel variant: torch 2.14.1 with CUDA 13.0 kernels -> 'cu130.torch2.14'; CPU kernels only -> 'cpu.torch2.14'.
+
+    The torch part is the minor release: torch keeps its C++ ABI across the patch releases of one minor release
+    (patch releases fix bugs; the ABI changes between minor releases), which is also what the load-time guard
+    (regops._build_info.torch_mismatch) and the declared requirement (:func:`torch_requirement`) check.
+    """
+    major, minor = torch_minor(torch_version)
+    variant = f"cu{torch_cuda.replace('.', '')}" if torch_cuda else "cpu"
+    return f"{variant}.torch{major}.{minor}"
+
+
+def torch_requirement(torch_version: str) -> str:
+    """The torch an extension built against ``torch_version`` loads into: the same minor release."""
+    major, minor = torch_minor(torch_version)
+    return f"torch>={major}.{minor},<{major}.{minor + 1}"

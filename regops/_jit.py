@@ -1,9 +1,10 @@
 """Building regops._C just in time, for an installation that came without it.
 
-``regops.build_extension()`` compiles the CUDA sources shipped in ``regops.csrc`` with
-``torch.utils.cpp_extension.load`` into a cache directory keyed by the regops, torch and CUDA versions, and loads
-the result; from then on every process finds it there. With ``REGOPS_EXT=jit`` the first op on a CUDA tensor
-builds it when it is missing.
+``regops.build_extension()`` compiles the sources shipped in ``regops.csrc`` (the C++ CPU kernels, plus the CUDA
+kernels when torch is a CUDA build and nvcc is found) with ``torch.utils.cpp_extension.load`` into a cache
+directory keyed by the torch and CUDA versions and a hash of the sources and build flags, and loads the result;
+from then on every process finds it there, and a checkout whose csrc/ changed gets a fresh build, never the old
+one. With ``REGOPS_EXT=jit`` the first op on a CUDA tensor builds it when it is missing.
 """
 
 from __future__ import annotations
@@ -22,11 +23,16 @@ LIBRARY_NAME = "regops_C"
 
 
 def cache_dir() -> Path:
-    """``$REGOPS_CACHE`` or ``~/.cache/regops``, one sub-directory per (regops, torch, CUDA) combination."""
+    """``$REGOPS_CACHE`` or ``~/.cache/regops``, one sub-directory per (torch, CUDA, sources and flags)."""
     root = os.environ.get("REGOPS_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "regops"
     )
-    variant = f"regops{__version__}-torch{torch.__version__}-cuda{torch.version.cuda}".replace("+", "_")
+    try:
+        # Cheap to compute (no nvcc call, no CUDA query): it runs when a process first looks for the extension.
+        key = _cuda_toolkit.sources_hash(str(sources_dir()), [*_cuda_toolkit.CXX_FLAGS, *_cuda_toolkit.NVCC_FLAGS])
+    except RuntimeError:  # no sources shipped: nothing can be built or found
+        key = "nosources"
+    variant = f"regops{__version__}-torch{torch.__version__}-cuda{torch.version.cuda}-{key}".replace("+", "_")
     return Path(root) / variant
 
 
@@ -84,31 +90,34 @@ def _arch_list() -> str:
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile regops._C for this machine into :func:`cache_dir` and load it into this process."""
-    if torch.version.cuda is None:
-        raise RuntimeError(f"regops: cannot build the CUDA extension: torch {torch.__version__} is not a CUDA build")
-    cuda_home = _cuda_toolkit.find_cuda_home()
-    if cuda_home is None:
-        raise RuntimeError("regops: cannot build the CUDA extension: no CUDA toolkit (nvcc) found; set CUDA_HOME")
-    from torch.utils import cpp_extension
+    """Compile regops._C for this machine into :func:`cache_dir` and load it into this process: the C++ CPU
+    kernels, and the CUDA kernels when torch is a CUDA build and a CUDA toolkit is found."""
+    cuda_home = _cuda_toolkit.find_cuda_home() if torch.version.cuda is not None else None
+    arch_list = _arch_list() if cuda_home else ""
+    # CUDA_HOME before torch.utils.cpp_extension is imported: it reads it at import, and torch's own guess (from a
+    # wrapper nvcc on PATH) is wrong and prints a misleading "No CUDA runtime is found".
+    env = {"MAX_JOBS": str(_cuda_toolkit.default_jobs())}
+    if cuda_home:
+        env.update(CUDA_HOME=cuda_home, TORCH_CUDA_ARCH_LIST=arch_list)
+    with _env(**env):
+        from torch.utils import cpp_extension
 
-    cpp_extension.CUDA_HOME = cuda_home  # torch's own guess is wrong when nvcc on PATH is a wrapper
-    try:
-        cpp_extension.verify_ninja_availability()
-    except RuntimeError as exc:
-        raise RuntimeError("regops: building the extension just in time needs ninja (pip install ninja)") from exc
-    src = sources_dir()
-    sources = sorted(str(p) for p in src.iterdir() if p.suffix in (".cpp", ".cu"))
-    out = cache_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    arch_list = _arch_list()
-    with _env(CUDA_HOME=cuda_home, TORCH_CUDA_ARCH_LIST=arch_list, MAX_JOBS=str(_cuda_toolkit.default_jobs())):
+        if cuda_home:
+            cpp_extension.CUDA_HOME = cuda_home
+        try:
+            cpp_extension.verify_ninja_availability()
+        except RuntimeError as exc:
+            raise RuntimeError("regops: building the extension just in time needs ninja (pip install ninja)") from exc
+        src = sources_dir()
+        sources = _cuda_toolkit.extension_sources(str(src), cuda=cuda_home is not None)
+        out = cache_dir()
+        out.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
             name=LIBRARY_NAME,
             sources=sources,
             extra_include_paths=[str(src)],
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3"],
+            extra_cflags=_cuda_toolkit.CXX_FLAGS,
+            extra_cuda_cflags=_cuda_toolkit.NVCC_FLAGS,
             build_directory=str(out),
             is_python_module=False,
             verbose=verbose,
@@ -116,29 +125,35 @@ def build(verbose: bool = False) -> Path:
     info = {
         "torch_version": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "cuda_version": _cuda_toolkit.nvcc_version(cuda_home),
-        "cuda_home": cuda_home,
-        "arch_list": arch_list,
-        "cuda_archs": _cuda_toolkit.cuda_archs(arch_list),
+        "cpu_kernels": True,
+        "cuda_kernels": cuda_home is not None,
         "built_by": "regops.build_extension",
     }
+    if cuda_home:
+        info.update(
+            cuda_version=_cuda_toolkit.nvcc_version(cuda_home),
+            cuda_home=cuda_home,
+            arch_list=arch_list,
+            cuda_archs=_cuda_toolkit.cuda_archs(arch_list),
+        )
     (out / "_build_info.json").write_text(json.dumps(info, indent=1))
     return library_path()
 
 
 def build_extension(verbose: bool = False) -> Path:
-    """Build the CUDA extension for this torch and GPU into the cache and use it from now on.
+    """Build the extension (C++ CPU kernels; CUDA kernels too where possible) for this torch into the cache and use
+    it from now on.
 
-    For an installation without ``regops._C`` (a pure-Python wheel, or a torch upgrade): needs ``nvcc`` (CUDA
-    toolkit; ``CUDA_HOME`` if it is not found) and ``ninja``. Targets: ``TORCH_CUDA_ARCH_LIST``, else the
-    visible GPU's architecture. Returns the path of the built library.
+    For an installation without ``regops._C`` (a pure-Python wheel, or a torch upgrade): needs a C++ compiler and
+    ``ninja``; for the CUDA kernels also ``nvcc`` (CUDA toolkit; ``CUDA_HOME`` if it is not found). CUDA targets:
+    ``TORCH_CUDA_ARCH_LIST``, else the visible GPU's architecture. Returns the path of the built library.
 
     >>> regops.build_extension()      # once per machine and torch version; later processes load it from the cache
     """
     from regops import _backend
 
     if _backend.extension() is not None:
-        raise RuntimeError(f"regops: a CUDA extension is already loaded ({_backend.extension_status()})")
+        raise RuntimeError(f"regops: an extension is already loaded ({_backend.extension_status()})")
     path = build(verbose)
     _backend.reset_extension()
     return path

@@ -65,11 +65,12 @@ def device_seed(seed: torch.Tensor | int, offset: int | None, device: torch.devi
 def seed_args(seed: torch.Tensor, op: str, device: torch.device) -> tuple[int | torch.Tensor, int | None]:
     """``(key, offset)`` as the implementation of ``op`` chosen for ``device`` takes them.
 
-    The reference reads two host ints (``seed.tolist()``: a copy from the device, fine outside graph capture);
-    the Triton and CUDA kernels take the seed tensor itself and ``None``, and read it on the device."""
+    The reference and the C++ CPU kernels (which share the reference's signature) read two host ints
+    (``seed.tolist()``: a copy from the device, fine outside graph capture); the Triton and CUDA kernels take the
+    seed tensor itself and ``None``, and read it on the device."""
     from regops import _backend
 
-    if _backend.choose(op, device) == "torch":
+    if _backend.choose(op, device) in ("torch", "cpp"):
         key, offset = seed.tolist()
         return key, offset
     return seed, None

@@ -1,4 +1,5 @@
-"""``python -m regops.info``: versions, the CUDA extension, and which backend runs each op here."""
+"""``python -m regops.info``: versions, the extension (its C++ CPU and CUDA parts), and which backend runs each op
+here."""
 
 from __future__ import annotations
 
@@ -33,12 +34,18 @@ def report() -> str:
     status = _backend.extension_status()
     info = _jit.build_info() if "just-in-time" in status else _build_info.read()
     lines.append(f"regops._C     {status}")
+    if _backend.extension() is not None:
+        cpp_ops = [op for op in _backend.registered_ops() if _backend.cpp_kernel(op)]
+        lines.append(f"  CPU kernels {'C++, ' + str(len(cpp_ops)) + ' ops' if cpp_ops else 'none in this build'}")
+        cuda_built = info.get("cuda_kernels", bool(info.get("cuda_archs")))
+        lines.append(f"  CUDA kernels {'yes' if cuda_built else 'no (built without nvcc or without a CUDA torch)'}")
     if info:
+        cuda = f", CUDA {info.get('cuda_version')}" if info.get("cuda_version") else ""
         lines.append(
-            f"  built with  torch {info.get('torch_version')}, CUDA {info.get('cuda_version')}, "
-            f"git {info.get('git_revision') or 'unknown'}"
+            f"  built with  torch {info.get('torch_version')}{cuda}, git {info.get('git_revision') or 'unknown'}"
         )
-        lines.append(f"  archs       {' '.join(info.get('cuda_archs', [])) or 'unknown'}")
+        if info.get("cuda_archs"):
+            lines.append(f"  archs       {' '.join(info['cuda_archs'])}")
     interp = " (TRITON_INTERPRET=1)" if _backend.triton_interpreted() else ""
     lines.append(f"REGOPS_BACKEND {_backend.requested_backend() or 'auto'}{interp}")
     lines.append("")

@@ -11,9 +11,22 @@ from regops import _backend
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-def test_cpu_defaults_to_reference(monkeypatch):
+def test_cpu_defaults_to_cpp_kernel_else_reference(monkeypatch):
     monkeypatch.delenv("REGOPS_BACKEND", raising=False)
+    assert _backend.choose("dropout", CPU) == ("cpp" if _backend.cpp_kernel("dropout") else "torch")
+    assert _backend.choose("symmetric_kl", CPU) == "torch"  # no C++ CPU kernel for it
+    monkeypatch.setattr(_backend, "extension", lambda: None)
+    monkeypatch.setitem(_backend._EXT_STATE, "reason", "not built (test)")
     assert _backend.choose("dropout", CPU) == "torch"
+    with regops.use_backend("cpp"):
+        with pytest.raises(regops.BackendUnavailableError, match="regops._C is unavailable: not built"):
+            _backend.choose("dropout", CPU)
+
+
+def test_cpp_backend_runs_on_cpu_tensors_only():
+    with regops.use_backend("cpp"):
+        with pytest.raises(regops.BackendUnavailableError, match="C\\+\\+ CPU kernels run on CPU tensors, not cuda"):
+            _backend.choose("dropout", CUDA)
 
 
 def test_context_manager_overrides_env_and_nests(monkeypatch):

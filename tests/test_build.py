@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -49,6 +52,8 @@ def test_extension_holds_cubins_for_every_recorded_arch():
         if shutil.which("nvcc") and torch.version.cuda and os.environ.get("REGOPS_BUILD_EXT", "auto") != "0":
             pytest.fail("nvcc and a CUDA torch are present but regops._C was not built")
         pytest.skip("regops._C not built (no nvcc or REGOPS_BUILD_EXT=0)")
+    if not _build_info.read().get("cuda_kernels", True):
+        pytest.skip("regops._C was built with its C++ CPU kernels only (REGOPS_BUILD_EXT=cpu)")
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump available")
@@ -114,3 +119,71 @@ def test_extension_built_for_another_torch_warns_once_and_falls_back():
     )
     proc = _run(code)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ packaging
+def test_label_guard_and_requirement_agree_on_the_torch_minor_release(monkeypatch):
+    from regops import _cuda_toolkit as tk
+
+    assert tk.local_version("2.14.1+cu130", "13.0") == "cu130.torch2.14"
+    assert tk.local_version("2.14.1", None) == "cpu.torch2.14"
+    assert tk.torch_requirement("2.14.1+cu130") == "torch>=2.14,<2.15"
+    built = {"torch_version": "2.14.1+cu130", "torch_cuda": "13.0", "cuda_kernels": True}
+    monkeypatch.setattr(_build_info, "read", lambda: built)
+    for running, cuda, ok in [
+        ("2.14.0+cu130", "13.0", True),
+        ("2.14.3+cu130", "13.0", True),
+        ("2.15.0+cu130", "13.0", False),
+        ("2.14.1+cu128", "12.8", False),
+    ]:
+        monkeypatch.setattr(torch, "__version__", running)
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+        assert (_build_info.torch_mismatch() is None) == ok, running
+    built["cuda_kernels"] = False  # CPU kernels only: the CUDA release torch was built with does not matter
+    assert _build_info.torch_mismatch() is None
+
+
+def test_prebuilt_for_another_torch_but_a_jit_build_loads_without_a_warning(monkeypatch, tmp_path, recwarn):
+    from regops import _backend, _jit
+
+    monkeypatch.setenv("REGOPS_EXT", "auto")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "regops._C" else None)
+    monkeypatch.setattr(_backend, "_load_prebuilt", lambda: (None, "regops._C was built for torch 1.13.0"))
+    monkeypatch.setattr(_jit, "load_cached", lambda: tmp_path / "regops_C.so")
+    module, reason = _backend._load_extension()
+    assert module is not None and "just-in-time build" in reason and "1.13.0" in reason
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    monkeypatch.setattr(_jit, "load_cached", lambda: None)
+    with pytest.warns(RuntimeWarning, match="built for torch 1.13.0.*fall back"):
+        assert _backend._load_extension()[0] is None
+
+
+def test_jit_cache_is_keyed_on_sources_and_flags(tmp_path):
+    from regops import _cuda_toolkit as tk
+
+    src = tmp_path / "csrc"
+    shutil.copytree(ROOT / "csrc", src)
+    key = tk.sources_hash(str(src), tk.CXX_FLAGS)
+    assert key == tk.sources_hash(str(src), tk.CXX_FLAGS)
+    assert key != tk.sources_hash(str(src), [*tk.CXX_FLAGS, "-DX"])
+    (src / "philox.cuh").write_text((src / "philox.cuh").read_text() + "\n// changed\n")
+    assert key != tk.sources_hash(str(src), tk.CXX_FLAGS)
+
+
+def test_pure_wheel_after_an_extension_build_ships_no_build_info(tmp_path):
+    """A stale regops/_build_info.json beside an in-place build must not end up in a py3-none-any wheel."""
+    checkout = tmp_path / "src"
+    shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.so", "benchmarks"))
+    (checkout / "regops" / "_build_info.json").write_text(json.dumps({"torch_version": "2.14.1+cu130"}))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env["REGOPS_BUILD_EXT"] = "0"
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", str(tmp_path), "."]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=checkout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = tmp_path.glob("regops-*-py3-none-any.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        meta = z.read(next(n for n in names if n.endswith("METADATA"))).decode()
+    assert "regops/_build_info.json" not in names
+    assert not any(n.endswith(".so") for n in names)
+    assert "License-Expression: Apache-2.0" in meta and any(n.endswith("licenses/LICENSE") for n in names)

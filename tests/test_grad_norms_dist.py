@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
+import dist_workers
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -39,45 +35,39 @@ def _per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
     return vmap(grad(loss_n), in_dims=(None, 0, 0))(params, x, y)
 
 
-def _worker(rank: int, init_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        x_all, y_all = _data(WORLD * LOCAL_BATCH)
-        local = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        model = _model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        with regops.per_sample_grad_norms(ddp, "mean", retain_signals=True) as norms:
-            F.cross_entropy(ddp(x_all[local]), y_all[local]).backward()
+def _worker(rank: int) -> None:
+    x_all, y_all = _data(WORLD * LOCAL_BATCH)
+    local = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    with regops.per_sample_grad_norms(ddp, "mean", retain_signals=True) as norms:
+        F.cross_entropy(ddp(x_all[local]), y_all[local]).backward()
 
-        # norms are per local example
-        grads = _per_example_grads(_model(), x_all, y_all)
-        for name, g in grads.items():
-            got = norms.per_param[f"module.{name}"]
-            torch.testing.assert_close(got, g[local].flatten(1).norm(dim=1), msg=name)
+    # norms are per local example
+    grads = _per_example_grads(_model(), x_all, y_all)
+    for name, g in grads.items():
+        got = norms.per_param[f"module.{name}"]
+        torch.testing.assert_close(got, g[local].flatten(1).norm(dim=1), msg=name)
 
-        # clipped gradients: (sum over all ranks' examples of clipped grads) / (global batch), on every rank
-        max_norm = 0.3
-        regops.clip_per_sample_(norms, max_norm=max_norm)
-        total = torch.stack([g.flatten(1).square().sum(1) for g in grads.values()]).sum(0).sqrt()
-        factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for name, p in model.named_parameters():
-            want = torch.einsum("b,b...->...", factor, grads[name]) / (WORLD * LOCAL_BATCH)
-            torch.testing.assert_close(p.grad, want, msg=name)
+    # clipped gradients: (sum over all ranks' examples of clipped grads) / (global batch), on every rank
+    max_norm = 0.3
+    regops.clip_per_sample_(norms, max_norm=max_norm)
+    total = torch.stack([g.flatten(1).square().sum(1) for g in grads.values()]).sum(0).sqrt()
+    factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for name, p in model.named_parameters():
+        want = torch.einsum("b,b...->...", factor, grads[name]) / (WORLD * LOCAL_BATCH)
+        torch.testing.assert_close(p.grad, want, msg=name)
 
-        # noise is drawn once, on rank 0 (whatever the other ranks' generators), then averaged like the grads
-        with regops.per_sample_grad_norms(ddp, "mean", retain_signals=True) as norms:
-            F.cross_entropy(ddp(x_all[local]), y_all[local]).backward()
-        regops.clip_per_sample_(norms, 0.3, noise_multiplier=1.0, generator=torch.Generator().manual_seed(rank))
-        gen0 = torch.Generator().manual_seed(0)
-        for name, p in model.named_parameters():
-            want = torch.einsum("b,b...->...", factor, grads[name]) / (WORLD * LOCAL_BATCH)
-            noise = torch.randn(p.shape, generator=gen0, dtype=torch.float32).double() * 0.3 / LOCAL_BATCH / WORLD
-            torch.testing.assert_close(p.grad, want + noise, msg=name)
-    finally:
-        dist.destroy_process_group()
+    # noise is drawn once, on rank 0 (whatever the other ranks' generators), then averaged like the grads
+    with regops.per_sample_grad_norms(ddp, "mean", retain_signals=True) as norms:
+        F.cross_entropy(ddp(x_all[local]), y_all[local]).backward()
+    regops.clip_per_sample_(norms, 0.3, noise_multiplier=1.0, generator=torch.Generator().manual_seed(rank))
+    gen0 = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        want = torch.einsum("b,b...->...", factor, grads[name]) / (WORLD * LOCAL_BATCH)
+        noise = torch.randn(p.shape, generator=gen0, dtype=torch.float32).double() * 0.3 / LOCAL_BATCH / WORLD
+        torch.testing.assert_close(p.grad, want + noise, msg=name)
 
 
 def test_ddp_norms_and_clipping_two_processes():
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(init_file,), nprocs=WORLD, join=True)
+    dist_workers.run(_worker, world=WORLD)

@@ -6,10 +6,9 @@ from __future__ import annotations
 import os
 import tempfile
 
+import dist_workers
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import regops
@@ -78,21 +77,17 @@ def _estimates(distributed: bool, seed: int):
     }
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        # rank 1 gets a different generator seed: the broadcast from rank 0 must win
-        result = _estimates(True, 100 if rank == 0 else 999)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, out_dir: str) -> None:
+    # rank 1 gets a different generator seed: the broadcast from rank 0 must win
+    result = _estimates(True, 100 if rank == 0 else 999)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.slow
 def test_distributed_estimate_equals_single_process():
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
+        dist_workers.run(_worker, tmp, world=WORLD)
         results = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
     single = _estimates(False, 100)
     for res in results:

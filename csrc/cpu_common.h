@@ -1,0 +1,90 @@
+// Shared pieces of the C++ CPU kernels (csrc/cpu_*.cpp): the dropout parameters computed exactly as the
+// reference computes them, Philox words for a block of counters in a loop the compiler vectorizes, and the
+// per-ISA clones of the hot loops.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "philox.cuh"
+
+// Hot loops are compiled once per ISA (AVX-512, AVX2, baseline) and picked at load time (GNU ifunc): one
+// portable binary that still uses wide integer multiplies where the CPU has them. Integer math and single
+// float multiplies/adds only (-ffp-contract=off in the build), so every clone gives the same bits.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define REGOPS_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define REGOPS_CPU_CLONES
+#endif
+
+namespace regops {
+namespace cpu {
+
+// Counters per block: 64 elements, 8 bitmask bytes; the unit of the vectorized Philox loop.
+constexpr int64_t kBlockCounters = 16;
+constexpr int64_t kBlockElems = 4 * kBlockCounters;
+
+// regops.reference.philox.keep_threshold: int(p * 2**31) - 1 (the product is exact in double).
+inline int32_t keep_threshold(double p) { return static_cast<int32_t>(static_cast<int64_t>(p * 2147483648.0) - 1); }
+
+// regops.reference.dropout.dropout_scale: 1/(1-p) rounded to float32; 0 for p >= 1.
+inline float dropout_scale(double p) { return p >= 1.0 ? 0.0f : static_cast<float>(1.0 / (1.0 - p)); }
+
+inline void check_p(double p, const char* op) {
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, "regops_cpu::", op, ": p must be in [0, 1], got ", p);
+}
+
+// words[4 * j + k] = word k of counter first + j, for j < kBlockCounters (always a whole block: the caller
+// ignores words past its end).
+void philox_block(uint64_t seed, uint64_t first, uint32_t* __restrict__ words);
+
+// Multipliers of a block: m[i] = keep(words[i]) ? scale : 0, as float (the dropout mask times its scale).
+REGOPS_HD void block_multipliers(const uint32_t* __restrict__ words, int32_t threshold, float scale,
+                                 float* __restrict__ m) {
+  for (int64_t i = 0; i < kBlockElems; ++i) m[i] = keep(words[i], threshold) ? scale : 0.0f;
+}
+
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+// Dispatch over the four floating dtypes with the element type T.
+#define REGOPS_CPU_FLOATING(dtype, op, ...)                                  \
+  [&] {                                                                      \
+    switch (dtype) {                                                         \
+      case at::kFloat: {                                                     \
+        using T = float;                                                     \
+        return __VA_ARGS__();                                                \
+      }                                                                      \
+      case at::kDouble: {                                                    \
+        using T = double;                                                    \
+        return __VA_ARGS__();                                                \
+      }                                                                      \
+      case at::kHalf: {                                                      \
+        using T = c10::Half;                                                 \
+        return __VA_ARGS__();                                                \
+      }                                                                      \
+      case at::kBFloat16: {                                                  \
+        using T = c10::BFloat16;                                             \
+        return __VA_ARGS__();                                                \
+      }                                                                      \
+      default:                                                               \
+        TORCH_CHECK(false, "regops_cpu::", op, ": unsupported dtype ", dtype, \
+                    " (float32, float64, float16, bfloat16)");                \
+    }                                                                        \
+  }()
+
+// Parallel chunks of whole blocks of counters: about 256K elements per task, so that small calls stay on one
+// thread and the work split never depends on the thread count (results do not either).
+constexpr int64_t kGrainBlocks = 4096;
+
+}  // namespace cpu
+}  // namespace regops

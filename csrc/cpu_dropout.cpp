@@ -1,0 +1,221 @@
+// C++ CPU kernels of the dropout ops (namespace regops_cpu, signatures of regops/reference/dropout.py):
+// dropout, dropout_bitmask, apply_bitmask, multi_sample_dropout_mean, scale_rows_add (drop path's application). Multiply semantics, as torch: y = x * (keep ? scale : 0) in float32
+// (float64 for float64), rounded once to x's dtype, so a NaN or inf at a dropped position stays NaN.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "cpu_common.h"
+
+namespace regops {
+namespace cpu {
+
+REGOPS_CPU_CLONES void philox_block(uint64_t seed, uint64_t first, uint32_t* __restrict__ words) {
+  for (int64_t j = 0; j < kBlockCounters; ++j) {
+    const Words4 r = philox4x32_10(seed, first + static_cast<uint64_t>(j));
+    words[4 * j] = r.w[0];
+    words[4 * j + 1] = r.w[1];
+    words[4 * j + 2] = r.w[2];
+    words[4 * j + 3] = r.w[3];
+  }
+}
+
+namespace {
+
+// y[i] = x[i] * m[i] for the elements [base, base + len) of a block.
+template <typename T>
+inline void apply_block(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ m, int64_t len) {
+  using C = typename Acc<T>::type;
+  for (int64_t i = 0; i < len; ++i) y[i] = static_cast<T>(static_cast<C>(x[i]) * static_cast<C>(m[i]));
+}
+
+// Runs body(block_index, words, first_element, len) over every block of a flat call of n elements, in parallel.
+template <typename Body>
+void for_each_block(int64_t n, uint64_t seed, uint64_t offset, const Body& body) {
+  const int64_t blocks = (n + kBlockElems - 1) / kBlockElems;
+  at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
+    alignas(64) uint32_t words[kBlockElems];
+    for (int64_t b = begin; b < end; ++b) {
+      philox_block(seed, offset + static_cast<uint64_t>(b * kBlockCounters), words);
+      const int64_t first = b * kBlockElems;
+      body(b, words, first, std::min(kBlockElems, n - first));
+    }
+  });
+}
+
+at::Tensor dropout(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+  TORCH_CHECK(x.device().is_cpu(), "regops_cpu::dropout: x must be a CPU tensor");
+  check_p(p, "dropout");
+  const at::Tensor input = x.contiguous();
+  at::Tensor y = at::empty_like(input, at::MemoryFormat::Contiguous);
+  const int32_t threshold = keep_threshold(p);
+  const float scale = dropout_scale(p);
+  REGOPS_CPU_FLOATING(input.scalar_type(), "dropout", [&] {
+    const T* xp = input.const_data_ptr<T>();
+    T* yp = y.mutable_data_ptr<T>();
+    for_each_block(input.numel(), seed, offset, [&](int64_t, const uint32_t* words, int64_t first, int64_t len) {
+      alignas(64) float m[kBlockElems];
+      block_multipliers(words, threshold, scale, m);
+      apply_block(xp + first, yp + first, m, len);
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> dropout_bitmask(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+  TORCH_CHECK(x.device().is_cpu(), "regops_cpu::dropout_bitmask: x must be a CPU tensor");
+  check_p(p, "dropout_bitmask");
+  const at::Tensor input = x.contiguous();
+  const int64_t n = input.numel();
+  at::Tensor y = at::empty_like(input, at::MemoryFormat::Contiguous);
+  at::Tensor bits = at::empty({(n + 7) / 8}, input.options().dtype(at::kByte));
+  const int32_t threshold = keep_threshold(p);
+  const float scale = dropout_scale(p);
+  uint8_t* bp = bits.mutable_data_ptr<uint8_t>();
+  REGOPS_CPU_FLOATING(input.scalar_type(), "dropout_bitmask", [&] {
+    const T* xp = input.const_data_ptr<T>();
+    T* yp = y.mutable_data_ptr<T>();
+    for_each_block(n, seed, offset, [&](int64_t, const uint32_t* words, int64_t first, int64_t len) {
+      alignas(64) float m[kBlockElems];
+      block_multipliers(words, threshold, scale, m);
+      apply_block(xp + first, yp + first, m, len);
+      // Bit j of byte k is element 8k + j; bits past the end stay 0 (as the reference pads).
+      for (int64_t byte = 0; byte < (len + 7) / 8; ++byte) {
+        uint32_t packed = 0;
+        for (int64_t j = 0; j < 8; ++j) {
+          const int64_t i = 8 * byte + j;
+          packed |= static_cast<uint32_t>(i < len && keep(words[i], threshold)) << j;
+        }
+        bp[first / 8 + byte] = static_cast<uint8_t>(packed);
+      }
+    });
+  });
+  return {y, bits};
+}
+
+at::Tensor apply_bitmask(const at::Tensor& g, const at::Tensor& packed, double scale) {
+  TORCH_CHECK(g.device().is_cpu() && packed.device().is_cpu(), "regops_cpu::apply_bitmask: CPU tensors expected");
+  const int64_t n = g.numel();
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 1 && packed.numel() == (n + 7) / 8,
+              "regops_cpu::apply_bitmask: the mask must be uint8 [ceil(numel / 8)] = [", (n + 7) / 8, "], got ",
+              packed.scalar_type(), " ", packed.sizes());
+  const at::Tensor grad = g.contiguous(), bits = packed.contiguous();
+  at::Tensor y = at::empty_like(grad, at::MemoryFormat::Contiguous);
+  const uint8_t* bp = bits.const_data_ptr<uint8_t>();
+  REGOPS_CPU_FLOATING(grad.scalar_type(), "apply_bitmask", [&] {
+    using C = typename Acc<T>::type;
+    const C s = static_cast<C>(scale);
+    const T* gp = grad.const_data_ptr<T>();
+    T* yp = y.mutable_data_ptr<T>();
+    at::parallel_for(0, (n + kBlockElems - 1) / kBlockElems, kGrainBlocks, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t first = b * kBlockElems, len = std::min(kBlockElems, n - first);
+        alignas(64) C m[kBlockElems];
+        for (int64_t i = 0; i < len; ++i) m[i] = ((bp[(first + i) >> 3] >> ((first + i) & 7)) & 1) ? s : C(0);
+        for (int64_t i = 0; i < len; ++i) yp[first + i] = static_cast<T>(static_cast<C>(gp[first + i]) * m[i]);
+      }
+    });
+  });
+  return y;
+}
+
+// y = x * (count * (scale / K)), count = kept samples of K masks; sample k uses first counter offset + k * ceil(n/4).
+at::Tensor multi_sample_dropout_mean(const at::Tensor& x, double p, int64_t num_samples, int64_t seed,
+                                     int64_t offset) {
+  TORCH_CHECK(x.device().is_cpu(), "regops_cpu::multi_sample_dropout_mean: x must be a CPU tensor");
+  check_p(p, "multi_sample_dropout_mean");
+  TORCH_CHECK(num_samples >= 1, "regops_cpu::multi_sample_dropout_mean: num_samples must be >= 1");
+  const at::Tensor input = x.contiguous();
+  const int64_t n = input.numel(), step = (n + 3) / 4;
+  at::Tensor y = at::empty_like(input, at::MemoryFormat::Contiguous);
+  const int32_t threshold = keep_threshold(p);
+  // regops.reference.dropout.float_round(dropout_scale(p) / K): the quotient rounded to float32.
+  const float factor = static_cast<float>(static_cast<double>(dropout_scale(p)) / static_cast<double>(num_samples));
+  REGOPS_CPU_FLOATING(input.scalar_type(), "multi_sample_dropout_mean", [&] {
+    using C = typename Acc<T>::type;
+    const T* xp = input.const_data_ptr<T>();
+    T* yp = y.mutable_data_ptr<T>();
+    at::parallel_for(0, (n + kBlockElems - 1) / kBlockElems, std::max<int64_t>(1, kGrainBlocks / num_samples),
+                     [&](int64_t begin, int64_t end) {
+                       alignas(64) uint32_t words[kBlockElems];
+                       alignas(64) int32_t count[kBlockElems];
+                       for (int64_t b = begin; b < end; ++b) {
+                         const int64_t first = b * kBlockElems, len = std::min(kBlockElems, n - first);
+                         for (int64_t i = 0; i < kBlockElems; ++i) count[i] = 0;
+                         for (int64_t k = 0; k < num_samples; ++k) {
+                           philox_block(seed, offset + static_cast<uint64_t>(k * step + b * kBlockCounters), words);
+                           for (int64_t i = 0; i < kBlockElems; ++i) count[i] += keep(words[i], threshold) ? 1 : 0;
+                         }
+                         for (int64_t i = 0; i < len; ++i) {
+                           const C m = static_cast<C>(count[i]) * static_cast<C>(factor);
+                           yp[first + i] = static_cast<T>(static_cast<C>(xp[first + i]) * m);
+                         }
+                       }
+                     });
+  });
+  return y;
+}
+
+// y = x * scales[b] (+ residual), b the index along dim 0 (drop path's application step).
+template <typename T, typename R>
+void scale_rows(const T* __restrict__ x, const typename Acc<T>::type* __restrict__ scales, const R* __restrict__ res,
+                T* __restrict__ y, int64_t batch, int64_t per) {
+  using C = typename Acc<T>::type;
+  at::parallel_for(0, batch, std::max<int64_t>(1, 65536 / std::max<int64_t>(per, 1)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const C s = scales[b];
+      const T* xb = x + b * per;
+      T* yb = y + b * per;
+      if (res) {
+        const R* rb = res + b * per;
+        for (int64_t i = 0; i < per; ++i) yb[i] = static_cast<T>(static_cast<C>(xb[i]) * s + static_cast<C>(rb[i]));
+      } else {
+        for (int64_t i = 0; i < per; ++i) yb[i] = static_cast<T>(static_cast<C>(xb[i]) * s);
+      }
+    }
+  });
+}
+
+at::Tensor scale_rows_add(const at::Tensor& x, const at::Tensor& scales, const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x.device().is_cpu() && scales.device().is_cpu(), "regops_cpu::scale_rows_add: CPU tensors expected");
+  TORCH_CHECK(x.dim() >= 1 && scales.numel() == x.size(0),
+              "regops_cpu::scale_rows_add: scales must hold one value per row of x (", x.dim() ? x.size(0) : 0, ")");
+  const at::Tensor input = x.contiguous();
+  const at::ScalarType cd = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor sc = scales.contiguous().to(cd);
+  at::Tensor res;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->device().is_cpu(),
+                "regops_cpu::scale_rows_add: residual must match x's shape");
+    // The reference adds residual.to(compute dtype): read it as x's dtype when it is, else converted once.
+    res = residual->scalar_type() == input.scalar_type() ? residual->contiguous() : residual->contiguous().to(cd);
+  }
+  at::Tensor y = at::empty_like(input, at::MemoryFormat::Contiguous);
+  const int64_t batch = input.size(0), per = batch ? input.numel() / batch : 0;
+  if (input.numel() == 0) return y;
+  REGOPS_CPU_FLOATING(input.scalar_type(), "scale_rows_add", [&] {
+    using C = typename Acc<T>::type;
+    const C* sp = sc.const_data_ptr<C>();
+    if (!res.defined()) {
+      scale_rows<T, T>(input.const_data_ptr<T>(), sp, nullptr, y.mutable_data_ptr<T>(), batch, per);
+    } else if (res.scalar_type() == input.scalar_type()) {
+      scale_rows<T, T>(input.const_data_ptr<T>(), sp, res.const_data_ptr<T>(), y.mutable_data_ptr<T>(), batch, per);
+    } else {
+      scale_rows<T, C>(input.const_data_ptr<T>(), sp, res.const_data_ptr<C>(), y.mutable_data_ptr<T>(), batch, per);
+    }
+  });
+  return y;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace regops
+
+TORCH_LIBRARY_IMPL(regops_cpu, CPU, m) {
+  m.impl("dropout", &regops::cpu::dropout);
+  m.impl("dropout_bitmask", &regops::cpu::dropout_bitmask);
+  m.impl("apply_bitmask", &regops::cpu::apply_bitmask);
+  m.impl("multi_sample_dropout_mean", &regops::cpu::multi_sample_dropout_mean);
+  m.impl("scale_rows_add", &regops::cpu::scale_rows_add);
+}
