@@ -22,7 +22,12 @@ kernels in ``regops.kernels.grad_norms``).
 
 from __future__ import annotations
 
+from regops.grad_norms.accounting import PrivacyAccountant
+from regops.grad_norms.accounting import epsilon as epsilon
+from regops.grad_norms.accounting import noise_multiplier_for as noise_multiplier_for
 from regops.grad_norms.clipping import DPClipping, clip_per_sample_, dp_clipping
+from regops.grad_norms.fix import Change as Change
+from regops.grad_norms.fix import fix_model
 from regops.grad_norms.layers import LayerRule as LayerRule
 from regops.grad_norms.layers import register_rule as register_rule
 from regops.grad_norms.layers import registered_rules as registered_rules
@@ -32,5 +37,15 @@ from regops.grad_norms.norms import per_sample_squared_norms as per_sample_squar
 from regops.grad_norms.ops import embedding_gram_sq_norms as embedding_gram_sq_norms
 from regops.grad_norms.ops import gram_sq_norms as gram_sq_norms
 from regops.grad_norms.ops import instantiate_sq_norms as instantiate_sq_norms
+from regops.grad_norms.sampling import PoissonBatchSampler
 
-__all__ = ["DPClipping", "PerSampleGradNorms", "clip_per_sample_", "dp_clipping", "per_sample_grad_norms"]
+__all__ = [
+    "DPClipping",
+    "PerSampleGradNorms",
+    "PoissonBatchSampler",
+    "PrivacyAccountant",
+    "clip_per_sample_",
+    "dp_clipping",
+    "fix_model",
+    "per_sample_grad_norms",
+]

@@ -165,6 +165,14 @@ class _Recorder:
                 if p is not None and p.requires_grad
             }
             layer = _layer_for(module)
+            if isinstance(module, nn.MultiheadAttention) and module.batch_first != (self.batch_dim == 0):
+                # Its layout is known: a sequence-first model read batch-first would be silently wrong
+                # whenever the sequence length equals the batch size.
+                raise ValueError(
+                    f"regops: nn.MultiheadAttention {label!r} has batch_first={module.batch_first} but "
+                    f"batch_dim={self.batch_dim}: pass batch_dim={0 if module.batch_first else 1} (the batch dim "
+                    "of the model's 3-D activations)"
+                )
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and layer is None:
                 raise ValueError(
                     f"regops: {type(module).__name__} {label!r} (a BatchNorm with its own forward) couples "
