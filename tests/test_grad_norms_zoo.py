@@ -78,12 +78,13 @@ def test_zoo_matches_the_per_example_loop(name):
     model.zero_grad(set_to_none=True)
     with regops.per_sample_grad_norms(model, "sum", retain_signals=True, batch_dim=bd) as norms:
         entry.loss(entry.forward(model, inputs), target).backward()
-    torch.testing.assert_close(norms.total, norms_exp, rtol=1e-6, atol=0)
     for k, v in per_param_exp.items():  # some are 0 up to rounding (a key bias under softmax): absolute floor
         torch.testing.assert_close(norms.per_param[k], v, rtol=1e-6, atol=1e-12, msg=k)
-    regops.clip_per_sample_(norms, max_norm=bound)
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, clipped[k], rtol=1e-6, atol=1e-12, msg=k)
+    torch.testing.assert_close(norms.total, norms_exp, rtol=1e-6, atol=0)
+    if name in LOW_PRECISION:  # (ResNet-18: its clipping is checked with two micro-batches below)
+        regops.clip_per_sample_(norms, max_norm=bound)
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, clipped[k], rtol=1e-6, atol=1e-12, msg=k)
 
     # two micro-batches in one dp_clipping block, mean loss: the clipped sum over all b examples, / b
     model.zero_grad(set_to_none=True)

@@ -10,7 +10,13 @@ gradient norm for the layer's parameters from ``(A, G)`` without building the ``
   2-D inputs (``T = 1``) use ``||a_n||^2 ||g_n||^2``.
 * Embedding: the rows of repeated ids are summed (``instantiate``) or the id-equality Gram is used
   (``ghost``).
-* LayerNorm / GroupNorm / RMSNorm and every bias: the per-example gradients are small and are built directly.
+* LayerNorm / GroupNorm / RMSNorm / BatchNorm (eval) and every bias: the per-example gradients are small and
+  are built directly.
+* Any other use of a trainable parameter (``F.linear(h, emb.weight)``, ``x @ W.T``, ``weight * h``,
+  ``nn.MultiheadAttention``'s projections, ``cls_token.expand(B, ...)``) is seen by a ``TorchFunctionMode``
+  during the block and recorded as a call of the matching rule, or raises naming the parameter.
+* A parameter used by several calls (tied weights) gets ``||sum_i g_i||^2`` from the rules' factors
+  (``<U^T V, U'^T V'> = <U U'^T, V V'^T>``), never a dropped use.
 
 DP-SGD clipping (:func:`clip_per_sample_`) reuses the stored ``(A, G)`` with the clip factors (Book-Keeping),
 so the clipped sum needs no second backward pass.

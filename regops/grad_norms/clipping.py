@@ -183,18 +183,14 @@ class DPClipping(PerSampleGradNorms):
         self.clip_factors: torch.Tensor | None = None
 
     def _skippable(self) -> list[tuple[nn.Module, nn.Parameter]]:
-        """Linear / Conv weights used by one module: their autograd gradient would be overwritten anyway."""
-        owners: dict[int, int] = {}
-        for e in self._rec.entries:
-            for _, p in e.params.values():
-                owners[id(p)] = owners.get(id(p), 0) + 1
-        out = []
-        for e in self._rec.entries:
-            if isinstance(e.layer, (LinearRule, ConvRule)) and "weight" in e.params:
-                w = e.params["weight"][1]
-                if owners[id(w)] == 1:
-                    out.append((e.module, w))
-        return out
+        """Linear / Conv weights: their autograd gradient would be overwritten anyway. A tied weight too (an LM
+        head sharing the embedding): it is frozen only while the head's own forward runs, its other uses
+        keep their (cheap) autograd gradient, and the clipped sum is rebuilt from every use's signals."""
+        return [
+            (e.module, e.params["weight"][1])
+            for e in self._rec.entries
+            if isinstance(e.layer, (LinearRule, ConvRule)) and "weight" in e.params
+        ]
 
     def __enter__(self) -> DPClipping:
         super().__enter__()  # sets p.grad apart: the clipped sum is added to it on exit (torch's accumulation)

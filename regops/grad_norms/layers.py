@@ -200,13 +200,18 @@ class LinearRule(LayerRule):
 
     def weighted_grads(self, module, x, g, w):
         a, gg = self._ag(module, x, g)
-        gw = gg * w.to(gg.dtype)[:, None, None]
         out = {}
         if _requires(module.weight):
-            a2, g2 = a.reshape(-1, a.shape[-1]), gw.reshape(-1, gw.shape[-1])
+            # sum_n w_n G_n^T A_n: weight the narrower of the two (an LM head's G is [B, T, vocab])
+            if a.shape[-1] <= gg.shape[-1]:
+                a = a * w.to(a.dtype)[:, None, None]
+            else:
+                gg = gg * w.to(gg.dtype)[:, None, None]
+            a2, g2 = a.reshape(-1, a.shape[-1]), gg.reshape(-1, gg.shape[-1])
             out["weight"] = a2.t().mm(g2) if self.transposed else g2.t().mm(a2)
         if _requires(module.bias):
-            out["bias"] = gw.sum((0, 1))
+            g_sum = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
+            out["bias"] = torch.tensordot(w.to(g_sum.dtype), g_sum, dims=([0], [0]))
         return out
 
     def factors(self, module, x, g) -> dict[str, Factors]:
