@@ -58,7 +58,9 @@ def _worker(rank: int) -> None:
         want = torch.einsum("b,b...->...", factor, grads[name]) / (WORLD * LOCAL_BATCH)
         torch.testing.assert_close(p.grad, want, msg=name)
 
-    # noise is drawn once, on rank 0 (whatever the other ranks' generators), then averaged like the grads
+    # noise is drawn once, on rank 0 (whatever the other ranks' generators), then averaged like the grads;
+    # clipping adds to what p.grad held before the block, as torch's backward does, so start from none
+    ddp.zero_grad(set_to_none=True)
     with regops.per_sample_grad_norms(ddp, "mean", retain_signals=True) as norms:
         F.cross_entropy(ddp(x_all[local]), y_all[local]).backward()
     regops.clip_per_sample_(norms, 0.3, noise_multiplier=1.0, generator=torch.Generator().manual_seed(rank))
