@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from regops import _backend, _rng, _validate
+from regops.distributed import _hook as _dtensor
 from regops.reference import dropout as _ref
 from regops.reference.philox import keep_threshold
 
@@ -163,6 +164,8 @@ def dropout(
         raise ValueError(f"regops: mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
     if not training or p == 0.0:
         return x
+    if _dtensor.is_dtensor(x):
+        return _dtensor.forward("dropout", "dropout", x, p, inplace, mask_mode, generator)
     seed = _rng.philox_seed(x.device, x.numel(), generator)
     y = _dropout_op(x, p, seed) if mask_mode == "recompute" else _dropout_bitmask_op(x, p, seed)[0]
     return x.copy_(y) if inplace else y

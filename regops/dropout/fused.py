@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from regops import _backend, _rng, _validate
+from regops.distributed import _hook as _dtensor
 from regops.reference import dropout as _ref
 from regops.reference.philox import keep_threshold
 
@@ -175,6 +176,8 @@ def bias_dropout_add(
         _validate.same_device("x", x, "bias", bias)
     if not training:
         p = 0.0
+    if _dtensor.is_dtensor(x):
+        return _dtensor.forward("dropout", "bias_dropout_add", x, bias, residual, p, generator)
     rows, cols = _rows_cols(x)
     return _bias_dropout_add_op(x, bias, residual, p, _seed_for(x.device, rows, cols, p, generator))
 
@@ -391,6 +394,9 @@ def dropout_add_layer_norm(
         raise ValueError(f"regops: eps must be a non-negative number, got {eps!r}")
     if not training:
         p = 0.0
+    if _dtensor.is_dtensor(x):
+        return _dtensor.forward("dropout", "dropout_add_layer_norm", x, residual, weight, bias, p, float(eps),
+                                rms_norm, prenorm, residual_in_fp32, generator)  # fmt: skip
     rows, cols = _rows_cols(x)
     seed = _seed_for(x.device, rows, cols, p, generator)
     y, s, _, _ = _daln_op(x, residual, weight, bias, p, float(eps), rms_norm, residual_in_fp32, seed)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from regops import _backend, _rng, _validate
+from regops.distributed import _hook as _dtensor
 from regops.dropout._core import register_seeded_mask_op
 from regops.reference import dropout as _ref
 
@@ -50,6 +51,8 @@ register_seeded_mask_op(_shared_dropout_op)
 def _apply_shared(x, p, mask_shape, training, inplace, generator) -> torch.Tensor:
     if not training or p == 0.0:
         return x
+    if _dtensor.is_dtensor(x):
+        return _dtensor.forward("dropout", "shared", x, p, list(mask_shape), inplace, generator)
     n = 1
     for s in mask_shape:
         n *= s
@@ -209,6 +212,8 @@ def drop_path(
     p = _check_drop_path(x, p, generator)
     if not training or p == 0.0:
         return x
+    if _dtensor.is_dtensor(x):
+        return _dtensor.forward("dropout", "drop_path", x, None, p, scale_by_keep, generator)
     return _drop_path_op(x, None, p, scale_by_keep, _rng.philox_seed(x.device, x.shape[0], generator))
 
 
@@ -240,6 +245,8 @@ def drop_path_add(
     _validate.same_device("x", x, "residual", residual)
     if not training:
         p = 0.0
+    if _dtensor.is_dtensor(x):
+        return _dtensor.forward("dropout", "drop_path", x, residual, p, scale_by_keep, generator)
     seed = _rng.philox_seed(x.device, x.shape[0], generator) if p > 0 else torch.zeros(2, dtype=torch.int64)
     return _drop_path_op(x, residual, p, scale_by_keep, seed)
 
@@ -286,6 +293,8 @@ def nested_dropout(
         raise ValueError(f"regops: dim must index a non-batch dimension of a {x.dim()}-D x, got {dim!r}")
     if not training or p == 0.0:
         return x
+    if _dtensor.is_dtensor(x):
+        return _dtensor.forward("dropout", "nested_dropout", x, p, dim % x.dim(), generator)
     seed = _rng.philox_seed(x.device, x.shape[0], generator)
     return _nested_dropout_op(x, p, dim % x.dim(), seed)
 
@@ -345,5 +354,7 @@ def multi_sample_dropout(
         raise ValueError(f"regops: num_samples must be a positive int, got {num_samples!r}")
     if not training or p == 0.0:
         return x
+    if _dtensor.is_dtensor(x):
+        return _dtensor.forward("dropout", "multi_sample_dropout", x, p, num_samples, generator)
     seed, _ = multi_sample_seeds(x, num_samples, generator)
     return _multi_sample_op(x, p, num_samples, seed)
