@@ -4,6 +4,7 @@ CPU thread per process (the machine may be loaded)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import tempfile
 import time
@@ -27,11 +28,28 @@ def _entry(rank: int, body: Callable[..., None], world: int, init_file: str, arg
         dist.destroy_process_group()
 
 
+# Workers start from a fork server that has imported these once (a fresh interpreter importing torch costs
+# seconds on a loaded machine; the server is shared by every run in the session). It never initialises CUDA or
+# thread pools, so forking from it is safe, unlike forking the test process itself.
+_PRELOAD = ["torch", "torch.distributed.tensor", "torch.distributed.fsdp", "regops"]
+
+
+def _context():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
 def run(body: Callable[..., None], world: int = 2, *args: Any, timeout: float = 180.0) -> None:
-    """``body(rank, world, *args)`` in ``world`` spawned processes; re-raises the first failure in the parent."""
+    """``body(rank, world, *args)`` in ``world`` new processes; re-raises the first failure in the parent."""
+    _context()
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(
-            _entry, args=(body, world, os.path.join(tmp, "store"), args), nprocs=world, join=False, start_method="spawn"
+            _entry,
+            args=(body, world, os.path.join(tmp, "store"), args),
+            nprocs=world,
+            join=False,
+            start_method="forkserver",
         )
         deadline = time.monotonic() + timeout
         try:
