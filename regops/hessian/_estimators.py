@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from regops.distributed import _hook as _dtensor
 from regops.hessian import _probes
 from regops.hessian._hvp import HVP_METHODS, HessianOperator, takes_params
 from regops.hessian._probes import ParamLayout
@@ -485,6 +486,9 @@ def trace(
         raise ValueError(f"regops: by must be None, 'param' or 'module', got {by!r}")
     if method != "hutchinson" and (by is not None or distributed or tol is not None):
         raise ValueError(f"regops: by, tol and distributed need method='hutchinson' (got method={method!r})")
+    if _dtensor.is_dtensor(*problem.params):  # FSDP2: see regops.distributed.hessian
+        args = (loss_fn, problem, num_probes, method, distribution, probe_batch, tol, generator, by, hvp, distributed)
+        return _dtensor.forward("hessian", "trace", *args)
     op = _operator(problem, hvp, probe_batch)
     layout = problem.layout
     if method == "hutch++":
@@ -545,6 +549,9 @@ def diagonal(
     """
     probe_batch = _check_common(num_probes, "hutchinson", distribution, probe_batch, tol, hvp)
     problem = _resolve(loss_fn, params, data)
+    if _dtensor.is_dtensor(*problem.params):  # FSDP2: see regops.distributed.hessian
+        args = (loss_fn, problem, num_probes, distribution, probe_batch, tol, generator, hvp, distributed)
+        return _dtensor.forward("hessian", "diagonal", *args)
     op = _operator(problem, hvp, probe_batch)
     layout = problem.layout
     dist_ = _Dist.of(distributed, group)
