@@ -30,7 +30,7 @@ def _placements(ndim: int):
     return [[Shard(d)] for d in range(ndim)] + [[Replicate()]]
 
 
-def _check_op(c: Checks, mesh, rank, name, fn, x, *, grad=True, exact=True, extra=()) -> None:
+def _check_op(c: Checks, mesh, rank, name, fn, x, *, grad=True, exact=True, extra=(), placements=None) -> None:
     """``fn(x, *extra, generator=g)`` on every placement of ``x`` against the single-process call.
 
     ``extra``: tensors distributed like ``x`` (residuals). Checks the values, the placements, the generator's
@@ -38,7 +38,7 @@ def _check_op(c: Checks, mesh, rank, name, fn, x, *, grad=True, exact=True, extr
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     cw = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(7))
-    for pl in _placements(x.dim()):
+    for pl in placements or _placements(x.dim()):
         g, g0, g_own = _gens(rank)
         xs = [x, *extra]
         leaves = [t.detach().clone().requires_grad_(grad) for t in xs]
@@ -70,11 +70,12 @@ def _body(rank: int, world: int) -> None:
     x32 = torch.randn(5, 7, 3, generator=data)  # every dim uneven over 2 ranks
     x64 = x32.double()
 
-    # the bar: dropout of a Shard(0) DTensor, bit for bit (and every other placement), float32 and float64
-    _check_op(c, mesh, rank, "dropout f32", lambda t, generator: regops.dropout(t, P, generator=generator), x32)
-    _check_op(c, mesh, rank, "dropout f64", lambda t, generator: regops.dropout(t, P, generator=generator), x64)
+    # the bar: dropout of a Shard(0) DTensor, bit for bit; every placement in float64, the Triton kernel
+    drop = lambda t, generator: regops.dropout(t, P, generator=generator)  # noqa: E731
+    _check_op(c, mesh, rank, "dropout f32", drop, x32, placements=[[Shard(0)], [Replicate()]])
+    _check_op(c, mesh, rank, "dropout f64", drop, x64)
     with regops.use_backend("triton"):  # the Triton kernel (interpreted here) on the shards
-        _check_op(c, mesh, rank, "dropout triton", lambda t, generator: regops.dropout(t, P, generator=generator), x32)
+        _check_op(c, mesh, rank, "dropout triton", drop, x32, placements=[[Shard(1)], [Replicate()]])
     # the default generator: torch.manual_seed(same) on every rank gives the single-process mask
     torch.manual_seed(3)
     want = regops.dropout(x32, P)
