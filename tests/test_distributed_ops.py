@@ -235,3 +235,14 @@ def test_errors_and_lean_hook():
     assert not is_dtensor(x, None, 3)
     if "torch.distributed.tensor" not in sys.modules:  # the hook never imports it for plain tensors
         assert regops.dropout(x, 0.5) is not None and "torch.distributed.tensor" not in sys.modules
+
+
+def test_reference_row_fast_path_equals_the_general_word_index():
+    for shape, layout in (((3, 70), [2**35 + 3, 2**33 + 1, 1]), ((2, 3, 5), [7, 40, 8, 1]), ((4, 1), [1, 5, 1])):
+        fast = G.global_words(KEY, OFFSET, shape, layout)
+        w = G.word_index(shape, layout)
+        words = R.random_words(KEY, OFFSET, (4 * (int(w.max()) // 4 + 1),)) if int(w.max()) < 4096 else None
+        general = torch.stack([R.random_words(KEY, OFFSET + int(v) // 4, (4,))[int(v) % 4] for v in w.reshape(-1)])
+        assert torch.equal(fast.reshape(-1), general), (shape, layout)
+        if words is not None:
+            assert torch.equal(fast.reshape(-1), words[w.reshape(-1)])

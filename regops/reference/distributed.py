@@ -57,9 +57,25 @@ def word_index(local_shape, layout: list[int], device=None) -> torch.Tensor:
 
 def global_words(seed: int, offset: int, local_shape, layout: list[int], device=None) -> torch.Tensor:
     """The 32-bit word (int64 in ``[0, 2**32)``) per local element: word ``w % 4`` of counter ``offset + w // 4``."""
+    local_shape = tuple(int(s) for s in local_shape)
+    if local_shape and layout[-1] == 1 and local_shape[-1] > 0:
+        return _row_words(seed, offset, local_shape, layout, device)
     w = word_index(local_shape, layout, device)
     words = counter_words(seed, offset + torch.div(w, 4, rounding_mode="floor"))
     return words.gather(-1, (w % 4).unsqueeze(-1)).squeeze(-1)
+
+
+def _row_words(seed: int, offset: int, local_shape, layout: list[int], device=None) -> torch.Tensor:
+    """:func:`global_words` when the last dim has word stride 1: each local row is a run of consecutive words, so
+    one Philox evaluation serves four elements (plus at most one per row for an unaligned start)."""
+    cols = local_shape[-1]
+    starts = word_index((*local_shape[:-1], 1), layout, device).reshape(-1)  # first word of every row
+    first = torch.div(starts, 4, rounding_mode="floor")
+    span = (cols + 3) // 4 + 1
+    counters = offset + first[:, None] + torch.arange(span, dtype=torch.int64, device=device)[None, :]
+    words = counter_words(seed, counters).reshape(starts.shape[0], 4 * span)
+    index = (starts % 4)[:, None] + torch.arange(cols, dtype=torch.int64, device=device)[None, :]
+    return words.gather(1, index).reshape(local_shape)
 
 
 def global_keep_mask(seed: int, offset: int, local_shape, layout: list[int], p: float, device=None) -> torch.Tensor:
