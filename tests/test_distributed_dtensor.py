@@ -82,6 +82,15 @@ def _body(rank: int, world: int) -> None:
     torch.manual_seed(3)
     got = regops.dropout(distribute_tensor(x32, mesh, [Shard(1)]), P)
     c.equal("dropout default generator", got.full_tensor(), want)
+    # inplace: x itself holds the result
+    xd = distribute_tensor(x32, mesh, [Shard(0)])
+    out = regops.dropout(xd, P, inplace=True, generator=_gens(0)[1])
+    c.true("inplace returns x", out is xd)
+    c.equal("inplace value", xd.full_tensor(), regops.dropout(x32, P, generator=_gens(0)[1]))
+    # a 2-D mesh (1 x world): boxes from both mesh dims, the seed broadcast along each
+    mesh2 = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+    two_d = [[Shard(0), Shard(1)], [Replicate(), Shard(2)], [Shard(1), Replicate()]]
+    _check_op(c, mesh2, rank, "dropout 2-D mesh", drop, x64, placements=two_d)
 
     # masks shared along dims, channel dropout, drop path, multi-sample, nested
     shared = lambda t, generator: regops.shared_dropout(t, P, dims=-1, generator=generator)  # noqa: E731
