@@ -21,11 +21,40 @@ _DIMS = [f"{k}{d}" for d in range(MAX_DIMS) for k in ("L", "W")]
 
 
 @triton.jit
-def _keep(seed, counter_base, w, threshold):
+def _keep(seed, counter_base, w, threshold, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Keep-mask of BLOCK elements. ``w``: every element's word index (one Philox evaluation per element), or,
+    ALIGNED, the word index of the first of each group of four elements, a multiple of 4 whose group holds words
+    ``w .. w + 3`` (one evaluation per four elements, as the single-process kernel)."""
     r0, r1, r2, r3 = counter_words(seed, counter_base + w // 4)
-    j = w % 4
-    word = tl.where(j == 0, r0, tl.where(j == 1, r1, tl.where(j == 2, r2, r3)))
+    if ALIGNED:
+        word = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK])
+    else:
+        j = w % 4
+        word = tl.where(j == 0, r0, tl.where(j == 1, r1, tl.where(j == 2, r2, r3)))
     return (word >> 1).to(tl.int32, bitcast=True) > threshold
+
+
+@triton.jit
+def _word_index(idx, base, L0, W0, L1, W1, L2, W2, L3, W3, L4, W4, L5, W5, NDIM: tl.constexpr):
+    """Global word index of local linear indices ``idx`` (innermost dim first), in int64."""
+    rem = idx
+    w = base.to(tl.int64) + (rem % L0) * W0
+    rem = rem // L0
+    if NDIM > 1:
+        w += (rem % L1) * W1
+        rem = rem // L1
+    if NDIM > 2:
+        w += (rem % L2) * W2
+        rem = rem // L2
+    if NDIM > 3:
+        w += (rem % L3) * W3
+        rem = rem // L3
+    if NDIM > 4:
+        w += (rem % L4) * W4
+        rem = rem // L4
+    if NDIM > 5:
+        w += (rem % L5) * W5
+    return w
 
 
 @triton.jit(do_not_specialize=_INTS + _DIMS)
@@ -59,28 +88,17 @@ def global_mask_kernel(
     MODE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    idx = start + tl.arange(0, BLOCK)
     in_bounds = idx < n
-    # Unravel the local linear index (innermost dim first) into the global word index; int64 throughout.
-    rem = idx
-    w = base.to(tl.int64) + (rem % L0) * W0
-    rem = rem // L0
-    if NDIM > 1:
-        w += (rem % L1) * W1
-        rem = rem // L1
-    if NDIM > 2:
-        w += (rem % L2) * W2
-        rem = rem // L2
-    if NDIM > 3:
-        w += (rem % L3) * W3
-        rem = rem // L3
-    if NDIM > 4:
-        w += (rem % L4) * W4
-        rem = rem // L4
-    if NDIM > 5:
-        w += (rem % L5) * W5
+    if ALIGNED:  # groups of four elements hold the four words of one counter
+        first = start + 4 * tl.arange(0, BLOCK // 4).to(tl.int64)
+        w = _word_index(first, base, L0, W0, L1, W1, L2, W2, L3, W3, L4, W4, L5, W5, NDIM)
+    else:
+        w = _word_index(idx, base, L0, W0, L1, W1, L2, W2, L3, W3, L4, W4, L5, W5, NDIM)
     x = tl.load(x_ptr + idx, mask=in_bounds)
     if x.dtype != tl.float64:
         x = x.to(tl.float32)
@@ -89,10 +107,10 @@ def global_mask_kernel(
     if MODE == 2:
         count = tl.zeros([BLOCK], dtype=tl.int32)
         for k in range(num_samples):
-            count += _keep(seed, offset.to(tl.int64) + k * step.to(tl.int64), w, threshold).to(tl.int32)
+            count += _keep(seed, offset.to(tl.int64) + k * step.to(tl.int64), w, threshold, ALIGNED, BLOCK).to(tl.int32)
         y = x * (count.to(x.dtype) * scale)
     else:
-        keep = _keep(seed, offset.to(tl.int64), w, threshold)
+        keep = _keep(seed, offset.to(tl.int64), w, threshold, ALIGNED, BLOCK)
         if MODE == 0:
             y = tl.where(keep, x * scale, 0.0)
         else:
@@ -114,6 +132,14 @@ def collapse(local_shape, strides) -> list[tuple[int, int]]:
         else:
             dims.append((size, int(stride)))
     return dims or [(1, 0)]
+
+
+def aligned_words(base: int, dims: list[tuple[int, int]]) -> bool:
+    """Whether every group of four consecutive local elements (from a multiple of 4) holds the four words of one
+    Philox counter: the innermost dim has word stride 1 and a multiple of 4 elements, and every row starts on a
+    multiple of 4. Then one Philox evaluation serves four elements."""
+    size, stride = dims[0]
+    return stride == 1 and size % 4 == 0 and base % 4 == 0 and all(w % 4 == 0 for _, w in dims[1:])
 
 
 def _default_block(x: torch.Tensor) -> int:
@@ -148,6 +174,7 @@ def global_mask_apply(
         raise ValueError(
             f"regops: a shard with more than {MAX_DIMS} non-mergeable dims is not supported, got {tuple(x.shape)}"
         )
+    aligned = aligned_words(layout[0], dims)
     dims += [(1, 0)] * (MAX_DIMS - len(dims))
     flat = [v for pair in dims for v in pair]
     block = block or _default_block(x)
@@ -174,6 +201,7 @@ def global_mask_apply(
         MODE=mode,
         HAS_RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None,
+        ALIGNED=aligned,
         BLOCK=block,
         num_warps=4,
         enable_fp_fusion=False,  # t*s+r stays two roundings, bit-identical to the reference
@@ -201,8 +229,8 @@ COMPILE_SPECS = [
             "num_samples": "i32",
             "step": "i64",
         },
-        {"NDIM": ndim, "MODE": mode, "HAS_RESIDUAL": True, "HAS_BIAS": mode == 0, "BLOCK": 1024},
+        {"NDIM": ndim, "MODE": mode, "HAS_RESIDUAL": True, "HAS_BIAS": mode == 0, "ALIGNED": aligned, "BLOCK": 1024},
     )
     for t in _DTYPES
-    for ndim, mode in ((1, 0), (3, 1), (6, 2))
+    for ndim, mode, aligned in ((1, 0, True), (2, 0, False), (3, 1, False), (6, 2, True))
 ]

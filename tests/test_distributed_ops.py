@@ -110,15 +110,22 @@ def test_shard_is_the_single_process_result_restricted_to_its_box(box, dtype):
             assert torch.equal(got, want[_slices(box)]), name
 
 
+# A global shape whose rows are multiples of 4 words: most of its boxes take the kernel's aligned path (one
+# Philox evaluation per four elements); the last box starts mid-counter and does not.
+GLOBAL_ALIGNED = (6, 4, 8)
+BOXES_ALIGNED = [((3, 0, 0), (3, 4, 8)), ((0, 2, 0), (6, 2, 8)), ((0, 0, 4), (6, 4, 4)), ((1, 1, 2), (4, 3, 6))]
+
+
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_kernel_bit_identical_to_reference(kernel_target, dtype):
+@pytest.mark.parametrize("shape", [GLOBAL, GLOBAL_ALIGNED], ids=["unaligned", "aligned"])
+def test_kernel_bit_identical_to_reference(kernel_target, dtype, shape):
     _, device = kernel_target
-    x, res = make_tensor(GLOBAL, dtype, device, seed=1), make_tensor(GLOBAL, dtype, device, seed=2)
-    bias = make_tensor(GLOBAL[-1:], dtype, device, seed=3)
+    x, res = make_tensor(shape, dtype, device, seed=1), make_tensor(shape, dtype, device, seed=2)
+    bias = make_tensor(shape[-1:], dtype, device, seed=3)
     x[0, 0, 0] = float("nan")  # NaN and signed zeros go through as in the reference
     x[0, 0, 1] = -0.0
-    for box in BOXES:
+    for box in BOXES if shape == GLOBAL else BOXES_ALIGNED:
         for name, _, kw, strides in _family_cases(x.cpu(), res.cpu(), bias.cpu()):
             kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
             got = _shard(x, box, _layout(box, strides), kw)
@@ -160,6 +167,19 @@ def test_launcher_grid_for_a_huge_shard_stays_within_cuda_limits():
         launcher(x, None, None, P, 2.0, G.MODE_WHERE, 1, 0, [0, 2**14, 1], 1, 2)
     (launch,) = launches
     assert launch.grid[0] * launch.meta["BLOCK"] >= x.numel() and launch.meta["NDIM"] == 2
+
+
+def test_aligned_path_is_taken_only_where_groups_of_four_share_a_counter():
+    from regops.kernels.distributed import aligned_words, collapse
+
+    def aligned(box, strides):
+        layout = _layout(box, strides)
+        return aligned_words(layout[0], collapse(box[1], layout[1:]))
+
+    full = G.contiguous_strides(GLOBAL_ALIGNED)
+    assert [aligned(b, full) for b in BOXES_ALIGNED] == [True, True, True, False]
+    assert not any(aligned(b, G.contiguous_strides(GLOBAL)) for b in BOXES[:-1])
+    assert not aligned(((0, 0, 0), (6, 4, 8)), [1, 0, 0])  # drop path: one word per sample
 
 
 def test_collapse_merges_word_contiguous_dims():
