@@ -1,6 +1,7 @@
-"""Dropout on one shard of a DTensor: regops' shard op (mask by global element index, one Philox evaluation
-per element) against regops.dropout of the same local tensor (a layout-dependent mask), eager F.dropout and
-torch.compile(F.dropout). Single process: what each rank pays for a layout-independent mask."""
+"""Dropout on one shard of a DTensor: regops' shard op (mask by global element index) against regops.dropout of
+the same local tensor (a layout-dependent mask), eager F.dropout and torch.compile(F.dropout). Single process:
+what each rank pays for a layout-independent mask. The shard here (half the columns, rows of a multiple of 4
+words) takes the kernel's aligned path: one Philox evaluation per four elements, as regops.dropout."""
 
 from __future__ import annotations
 
