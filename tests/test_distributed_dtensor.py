@@ -154,6 +154,13 @@ def _body(rank: int, world: int) -> None:
         c.equal(f"mix_batch {pl}: partners", mix.params.partner, mix0.params.partner)
         c.equal(f"mix_batch {pl}: boxes", mix.params.box, mix0.params.box)
         c.equal(f"mix_batch {pl}: lam", mix.lam, mix0.lam)
+    mixup_kw = dict(mixup_alpha=0.8, cutmix_alpha=1.0, mode="pair", num_classes=3)
+    want_x, want_y = regops.Mixup(**mixup_kw, generator=_gens(0)[1])(images, labels)
+    got_x, got_y = regops.Mixup(**mixup_kw, generator=_gens(rank)[0])(
+        distribute_tensor(images, mesh, [Shard(0)]), labels
+    )
+    c.equal("Mixup images", got_x.full_tensor(), want_x)
+    c.equal("Mixup soft targets", got_y, want_y)
     h = torch.randn(6, 4, 5, 3, dtype=torch.float64, generator=data)
     for pl in ([Shard(0)], [Shard(1)], [Shard(3)]):
         h0 = h.clone().requires_grad_()
