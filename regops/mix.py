@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from regops import _backend, _rng, _validate
+from regops.distributed import _hook as _dtensor
 from regops.reference import mix as _ref
 
 __all__ = [
@@ -376,6 +377,8 @@ def _sample_params(cfg: _Config, x: torch.Tensor, generator: torch.Generator | N
     partner = _partners(cfg.partner, cfg.mode, batch, device, generator)
     n = 1 if cfg.mode == "batch" else batch
     lam, cut, box = _params_from_draws(cfg, _draw(cfg, n, device, generator), height, width)
+    if _dtensor.is_dtensor(x):
+        partner, lam, cut, box = _dtensor.forward("mix", "sync_draws", x, partner, lam, cut, box)
     if cfg.mode == "batch":
         rep = torch.zeros(batch, dtype=torch.long, device=device)
     elif cfg.mode == "pair":
@@ -435,6 +438,8 @@ def _check_smoothing(value: Any, name: str = "label_smoothing") -> float:
 # ============================================================================================== mixing
 def _apply(x: torch.Tensor, params: MixParams) -> torch.Tensor:
     w_self, w_other = params.image_weights
+    if _dtensor.is_dtensor(x):
+        return _dtensor.forward("mix", "mix_apply", x, lambda t: _apply(t, params))
     return _mix_apply_op(x, w_self, w_other, params.partner, params.box)
 
 

@@ -13,6 +13,7 @@ import numbers
 import torch
 
 from regops import _backend, _rng, _validate
+from regops.distributed import _hook as _dtensor
 from regops.reference import dropout as _ref
 from regops.reference.philox import keep_threshold
 
@@ -247,6 +248,8 @@ def dropout(
         raise ValueError(f"regops: mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
     if not training or p_value == 0.0:
         return x
+    if _dtensor.is_dtensor(x):
+        return _dtensor.forward("dropout", "dropout", x, p_value, inplace, mask_mode, generator)
     seed = _rng.philox_seed(x.device, x.numel(), generator)
     y = _dropout_op(x, p_t, seed) if mask_mode == "recompute" else _dropout_bitmask_op(x, p_t, seed)[0]
     return x.copy_(y) if inplace else y

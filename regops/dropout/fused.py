@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from regops import _backend, _rng, _validate
+from regops.distributed import _hook as _dtensor
 from regops.dropout._core import in_layout_of, probability_value, runtime_probability
 from regops.reference import dropout as _ref
 from regops.reference.philox import keep_threshold
@@ -189,6 +190,8 @@ def bias_dropout_add(
         return residual + (x if bias is None else x + bias)
     x, residual = x.to(dtype), residual.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
+    if _dtensor.is_dtensor(x):
+        return _dtensor.forward("dropout", "bias_dropout_add", x, bias, residual, p_value, generator)
     rows, cols = _rows_cols(x)
     return _bias_dropout_add_op(x, bias, residual, p_t, _seed_for(x.device, rows, cols, p_value, generator))
 
@@ -445,6 +448,9 @@ def dropout_add_layer_norm(
         raise ValueError(f"regops: eps must be a non-negative number, got {eps!r}")
     if not training:
         p_value, p_t = 0.0, torch.zeros((), dtype=torch.float64)
+    if _dtensor.is_dtensor(x):
+        return _dtensor.forward("dropout", "dropout_add_layer_norm", x, residual, weight, bias, p_value, float(eps),
+                                rms_norm, prenorm, residual_in_fp32, generator)  # fmt: skip
     rows, cols = _rows_cols(x)
     seed = _seed_for(x.device, rows, cols, p_value, generator)
     y, s, _, _ = _daln_op(x, residual, weight, bias, p_t, float(eps), rms_norm, residual_in_fp32, seed)

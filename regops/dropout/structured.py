@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from regops import _backend, _rng, _validate
+from regops.distributed import _hook as _dtensor
 from regops.dropout._core import (
     in_layout_of,
     probability_value,
@@ -55,6 +56,8 @@ def _apply_shared(x, p, mask_shape, training, inplace, generator) -> torch.Tenso
     p_value, p_t = p
     if not training or p_value == 0.0:
         return x
+    if _dtensor.is_dtensor(x):
+        return _dtensor.forward("dropout", "shared", x, p_value, list(mask_shape), inplace, generator)
     n = 1
     for s in mask_shape:
         n *= s
@@ -294,6 +297,8 @@ def drop_path(
     p_value, p_t = _check_drop_path(x, drop_prob, generator)
     if not training or p_value == 0.0:
         return x
+    if _dtensor.is_dtensor(x):
+        return _dtensor.forward("dropout", "drop_path", x, None, p_value, scale_by_keep, generator)
     return _drop_path_op(x, None, p_t, scale_by_keep, _rng.philox_seed(x.device, x.shape[0], generator))
 
 
@@ -326,6 +331,8 @@ def drop_path_add(
     _validate.same_device("x", x, "residual", residual)
     if not training:
         p_value, p_t = 0.0, torch.zeros((), dtype=torch.float64)
+    if _dtensor.is_dtensor(x):
+        return _dtensor.forward("dropout", "drop_path", x, residual, p_value, scale_by_keep, generator)
     no_seed = torch.zeros(2, dtype=torch.int64, device=x.device)
     seed = _rng.philox_seed(x.device, x.shape[0], generator) if p_value != 0.0 else no_seed
     return _drop_path_op(x, residual, p_t, scale_by_keep, seed)
@@ -373,6 +380,8 @@ def nested_dropout(
         raise ValueError(f"regops: dim must index a non-batch dimension of a {x.dim()}-D x, got {dim!r}")
     if not training or p_value == 0.0:
         return x
+    if _dtensor.is_dtensor(x):
+        return _dtensor.forward("dropout", "nested_dropout", x, p_value, dim % x.dim(), generator)
     seed = _rng.philox_seed(x.device, x.shape[0], generator)
     return _nested_dropout_op(x, p_t, dim % x.dim(), seed)
 
@@ -434,5 +443,7 @@ def multi_sample_dropout(
         raise ValueError(f"regops: num_samples must be a positive int, got {num_samples!r}")
     if not training or p_value == 0.0:
         return x
+    if _dtensor.is_dtensor(x):
+        return _dtensor.forward("dropout", "multi_sample_dropout", x, p_value, num_samples, generator)
     seed, _ = multi_sample_seeds(x, num_samples, generator)
     return _multi_sample_op(x, p_t, num_samples, seed)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from regops.distributed import _hook as _dtensor
 from regops.grad_norms.layers import ConvRule, LinearRule
 from regops.grad_norms.norms import PerSampleGradNorms, _check_reduction
 from regops.grad_norms.recorder import _Call
@@ -146,7 +147,7 @@ def clip_per_sample_(
     rank = torch.distributed.get_rank() if dist > 1 else 0
     for name, p in norms._params.items():
         value = grads.get(name)
-        new = torch.zeros_like(p) if value is None else value.to(p.dtype)
+        new = torch.zeros(p.shape, dtype=p.dtype, device=p.device) if value is None else value.to(p.dtype)
         if s != 1.0:
             new = new / s
         if noise_multiplier > 0 and rank == 0:
@@ -156,7 +157,9 @@ def clip_per_sample_(
                 new.add_(noise, alpha=std)
             else:
                 new = new + (noise * std).to(p.dtype)
-        if dist > 1:
+        if _dtensor.is_dtensor(p):  # FSDP2: averaged over the mesh into p's placements (one reduce-scatter)
+            new = _dtensor.forward("grad_norms", "average_into", new, p)
+        elif dist > 1:
             torch.distributed.all_reduce(new)
             new.div_(dist)
         prev = before.get(name)
@@ -167,6 +170,8 @@ def clip_per_sample_(
 def _distributed_world(norms: PerSampleGradNorms) -> int:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return 1
+    if _dtensor.is_dtensor(*norms._params.values()):  # FSDP2: sharded parameters, one batch per rank
+        return torch.distributed.get_world_size()
     if not isinstance(norms._rec.model, nn.parallel.DistributedDataParallel):
         return 1
     return torch.distributed.get_world_size()

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from regops.distributed import _hook as _dtensor
 from regops.grad_norms.layers import (
     _VMAP,
     Factors,
@@ -418,7 +419,10 @@ class _Recorder:
             form = entry.form
             if form == "auto":
                 form = entry.layer.cost_form(entry.module, call.saved)
-            sq = entry.layer.sq_norms(entry.module, call.saved, g, form)
+            if _dtensor.is_dtensor(call.saved):  # tensor parallelism: partial norms of the shards, all-reduced
+                sq = _dtensor.forward("grad_norms", "tp_sq_norms", entry, call.saved, g, form, bool(shared))
+            else:
+                sq = entry.layer.sq_norms(entry.module, call.saved, g, form)
             facs = entry.layer.factors(entry.module, call.saved, g) if shared else {}
             dense = None
             if any(local not in facs for local in shared):

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from regops.distributed import _hook as _dtensor
 from regops.hessian import _probes
 from regops.hessian._hvp import HVP_METHODS, HessianOperator
 from regops.hessian._inputs import _operator, _resolve, _user_probes
@@ -317,6 +318,11 @@ def _group(names: Sequence[str], by: str) -> dict[str, list[int]]:
     return groups
 
 
+def _check_fsdp_options(supplied: torch.Tensor | None, fd_eps: float | None) -> None:
+    if supplied is not None or fd_eps is not None:
+        raise ValueError("regops: probes= and fd_eps= are not supported for FSDP2-sharded parameters")
+
+
 def trace(
     loss_fn: Callable[..., torch.Tensor] | nn.Module,
     params: Any = None,
@@ -412,6 +418,10 @@ def trace(
         raise ValueError(f"regops: by must be None, 'param' or 'module', got {by!r}")
     if method != "hutchinson" and (by is not None or distributed or tol is not None):
         raise ValueError(f"regops: by, tol and distributed need method='hutchinson' (got method={method!r})")
+    if _dtensor.is_dtensor(*problem.params):  # FSDP2: see regops.distributed.hessian
+        _check_fsdp_options(supplied, fd_eps)
+        args = (loss_fn, problem, num_probes, method, distribution, probe_batch, tol, generator, by, hvp, distributed)
+        return _dtensor.forward("hessian", "trace", *args)
     op = _operator(problem, hvp, probe_batch, fd_eps)
     layout = problem.layout
     if method == "hutch++":
@@ -493,6 +503,10 @@ def diagonal(
         supplied = _user_probes(probes, problem)
         num_probes = supplied.shape[0]
     probe_batch = _check_common(num_probes, "hutchinson", distribution, probe_batch, tol, hvp)
+    if _dtensor.is_dtensor(*problem.params):  # FSDP2: see regops.distributed.hessian
+        _check_fsdp_options(supplied, fd_eps)
+        args = (loss_fn, problem, num_probes, distribution, probe_batch, tol, generator, hvp, distributed)
+        return _dtensor.forward("hessian", "diagonal", *args)
     op = _operator(problem, hvp, probe_batch, fd_eps)
     layout = problem.layout
     dist_ = _Dist.of(distributed, group)

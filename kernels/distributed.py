@@ -1,0 +1,236 @@
+"""Triton kernel for one shard of a dropout-family op: the mask is addressed by *global* word index.
+
+See :mod:`regops.reference.distributed` for the layout (``word = base + sum_d i_d * W_d``). The launcher merges
+dims that are contiguous in word space (a Shard(0) dropout becomes one dim) and passes the rest as scalars,
+innermost first, so no index tensor is ever allocated.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from regops.kernels.launch import launch
+from regops.kernels.philox import counter_words
+from regops.kernels.utils import cast_rne
+
+from regops.reference.distributed import MODE_MUL, MODE_MULTI, MODE_WHERE, MODES
+from regops.reference.philox import keep_threshold
+
+MAX_DIMS = 6
+_INTS = ["n", "cols", "base", "threshold", "seed", "offset", "num_samples", "step"]
+_DIMS = [f"{k}{d}" for d in range(MAX_DIMS) for k in ("L", "W")]
+
+
+@triton.jit
+def _keep(seed, counter_base, w, threshold, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Keep-mask of BLOCK elements. ``w``: every element's word index (one Philox evaluation per element), or,
+    ALIGNED, the word index of the first of each group of four elements, a multiple of 4 whose group holds words
+    ``w .. w + 3`` (one evaluation per four elements, as the single-process kernel)."""
+    r0, r1, r2, r3 = counter_words(seed, counter_base + w // 4)
+    if ALIGNED:
+        word = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK])
+    else:
+        j = w % 4
+        word = tl.where(j == 0, r0, tl.where(j == 1, r1, tl.where(j == 2, r2, r3)))
+    return (word >> 1).to(tl.int32, bitcast=True) > threshold
+
+
+@triton.jit
+def _word_index(idx, base, L0, W0, L1, W1, L2, W2, L3, W3, L4, W4, L5, W5, NDIM: tl.constexpr):
+    """Global word index of local linear indices ``idx`` (innermost dim first), in int64."""
+    rem = idx
+    w = base.to(tl.int64) + (rem % L0) * W0
+    rem = rem // L0
+    if NDIM > 1:
+        w += (rem % L1) * W1
+        rem = rem // L1
+    if NDIM > 2:
+        w += (rem % L2) * W2
+        rem = rem // L2
+    if NDIM > 3:
+        w += (rem % L3) * W3
+        rem = rem // L3
+    if NDIM > 4:
+        w += (rem % L4) * W4
+        rem = rem // L4
+    if NDIM > 5:
+        w += (rem % L5) * W5
+    return w
+
+
+@triton.jit(do_not_specialize=_INTS + _DIMS)
+def global_mask_kernel(
+    x_ptr,
+    res_ptr,
+    bias_ptr,
+    y_ptr,
+    n,
+    cols,
+    base,
+    L0,
+    W0,
+    L1,
+    W1,
+    L2,
+    W2,
+    L3,
+    W3,
+    L4,
+    W4,
+    L5,
+    W5,
+    threshold,
+    scale,
+    seed,
+    offset,
+    num_samples,
+    step,
+    NDIM: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    idx = start + tl.arange(0, BLOCK)
+    in_bounds = idx < n
+    if ALIGNED:  # groups of four elements hold the four words of one counter
+        first = start + 4 * tl.arange(0, BLOCK // 4).to(tl.int64)
+        w = _word_index(first, base, L0, W0, L1, W1, L2, W2, L3, W3, L4, W4, L5, W5, NDIM)
+    else:
+        w = _word_index(idx, base, L0, W0, L1, W1, L2, W2, L3, W3, L4, W4, L5, W5, NDIM)
+    x = tl.load(x_ptr + idx, mask=in_bounds)
+    if x.dtype != tl.float64:
+        x = x.to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + idx % cols, mask=in_bounds).to(x.dtype)
+    if MODE == 2:
+        count = tl.zeros([BLOCK], dtype=tl.int32)
+        for k in range(num_samples):
+            count += _keep(seed, offset.to(tl.int64) + k * step.to(tl.int64), w, threshold, ALIGNED, BLOCK).to(tl.int32)
+        y = x * (count.to(x.dtype) * scale)
+    else:
+        keep = _keep(seed, offset.to(tl.int64), w, threshold, ALIGNED, BLOCK)
+        if MODE == 0:
+            y = tl.where(keep, x * scale, 0.0)
+        else:
+            y = x * tl.where(keep, scale, 0.0).to(x.dtype)
+    if HAS_RESIDUAL:
+        y += tl.load(res_ptr + idx, mask=in_bounds).to(x.dtype)
+    tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)
+
+
+def collapse(local_shape, strides) -> list[tuple[int, int]]:
+    """``(size, word_stride)`` pairs, innermost first, with size-1 dims dropped and word-contiguous dims merged."""
+    dims: list[tuple[int, int]] = []
+    for size, stride in zip(reversed(list(local_shape)), reversed(list(strides)), strict=True):
+        size = int(size)
+        if size == 1:
+            continue
+        if dims and stride == dims[-1][1] * dims[-1][0]:
+            dims[-1] = (dims[-1][0] * size, dims[-1][1])
+        else:
+            dims.append((size, int(stride)))
+    return dims or [(1, 0)]
+
+
+def aligned_words(base: int, dims: list[tuple[int, int]]) -> bool:
+    """Whether every group of four consecutive local elements (from a multiple of 4) holds the four words of one
+    Philox counter: the innermost dim has word stride 1 and a multiple of 4 elements, and every row starts on a
+    multiple of 4. Then one Philox evaluation serves four elements."""
+    size, stride = dims[0]
+    return stride == 1 and size % 4 == 0 and base % 4 == 0 and all(w % 4 == 0 for _, w in dims[1:])
+
+
+def _default_block(x: torch.Tensor) -> int:
+    return 4096 if x.device.type == "cpu" else 1024
+
+
+def global_mask_apply(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    p: float,
+    scale: float,
+    mode: int,
+    num_samples: int,
+    step: int,
+    layout: list[int],
+    seed: int,
+    offset: int,
+    out_dtype: torch.dtype | None = None,
+    *,
+    block: int | None = None,
+) -> torch.Tensor:
+    """As :func:`regops.reference.distributed.global_mask_apply` (contiguous inputs), bit for bit."""
+    if mode not in MODES:
+        raise ValueError(f"regops: unknown mask mode {mode}")
+    y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+    n = x.numel()
+    if n == 0:
+        return y
+    dims = collapse(x.shape, layout[1:])
+    if len(dims) > MAX_DIMS:
+        raise ValueError(
+            f"regops: a shard with more than {MAX_DIMS} non-mergeable dims is not supported, got {tuple(x.shape)}"
+        )
+    aligned = aligned_words(layout[0], dims)
+    dims += [(1, 0)] * (MAX_DIMS - len(dims))
+    flat = [v for pair in dims for v in pair]
+    block = block or _default_block(x)
+    cols = x.shape[-1] if x.dim() else 1
+    launch(
+        global_mask_kernel,
+        (triton.cdiv(n, block),),
+        x,
+        residual if residual is not None else x,
+        bias if bias is not None else x,
+        y,
+        n,
+        max(cols, 1),
+        layout[0],
+        *flat,
+        keep_threshold(p),
+        scale,
+        seed,
+        offset,
+        num_samples,
+        step,
+        device=x.device,
+        NDIM=len([d for d in dims if d != (1, 0)]) or 1,
+        MODE=mode,
+        HAS_RESIDUAL=residual is not None,
+        HAS_BIAS=bias is not None,
+        ALIGNED=aligned,
+        BLOCK=block,
+        num_warps=4,
+        enable_fp_fusion=False,  # t*s+r stays two roundings, bit-identical to the reference
+    )
+    return y
+
+
+assert (MODE_WHERE, MODE_MUL, MODE_MULTI) == (0, 1, 2)  # the kernel's MODE constants
+
+_DTYPES = ("*fp32", "*fp16", "*bf16", "*fp64")
+COMPILE_SPECS = [
+    (
+        global_mask_kernel,
+        {
+            "x_ptr": t,
+            "res_ptr": t,
+            "bias_ptr": t,
+            "y_ptr": t,
+            **{k: "i64" for k in ("n", "cols", "base")},
+            **{k: "i64" for k in _DIMS},
+            "threshold": "i32",
+            "scale": "fp32",
+            "seed": "i64",
+            "offset": "i64",
+            "num_samples": "i32",
+            "step": "i64",
+        },
+        {"NDIM": ndim, "MODE": mode, "HAS_RESIDUAL": True, "HAS_BIAS": mode == 0, "ALIGNED": aligned, "BLOCK": 1024},
+    )
+    for t in _DTYPES
+    for ndim, mode, aligned in ((1, 0, True), (2, 0, False), (3, 1, False), (6, 2, True))
+]

@@ -1,0 +1,221 @@
+"""Hutchinson trace and diagonal of the loss Hessian for a model under FSDP2 (``fully_shard``).
+
+Each rank holds its own batch; the loss is the mean of the ranks' losses (each a mean over its batch: with equal
+batch sizes, the mean over the concatenated batch), so ``H = mean_r H_r``. Then:
+
+* the parameters are all-gathered once (``full_tensor``) and the model runs on them with FSDP2's forward hooks
+  set aside for the estimate (so autograd sees a plain model: double backward and forward-over-reverse work);
+* the probes are the single-process probes: one seed drawn from the generator (every rank draws, advancing its
+  generator as a single process does; the mesh's first rank's seed is broadcast), each probe entry a function of
+  (seed, probe, global parameter index) over the full parameters, in the single-process layout;
+* every rank computes ``v^T H_r v`` for all probes; one all-reduce of the ``[num_probes, num_params]`` per-probe
+  dots gives the single-process estimate (trace). The diagonal needs each ``H v`` itself (its standard error is
+  not linear in ``H``): one all-reduce of ``H v`` per batch of probes.
+
+Every rank returns the same estimate; diagonal values are DTensors laid out like the parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+from regops.distributed import _dtensor
+from regops.hessian import _probes
+from regops.hessian._estimators import DiagonalEstimate, TraceEstimate, _group, _mean_stderr
+from regops.hessian._hvp import HessianOperator
+from regops.hessian._probes import ParamLayout
+
+
+def _fsdp_state_type():
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    except ImportError as exc:  # pragma: no cover - a torch without FSDP2's state where we expect it
+        raise NotImplementedError(
+            "regops: Hessian estimates under fully_shard need torch's FSDP2 (torch >= 2.6)"
+        ) from exc
+    return FSDPState
+
+
+def _is_fsdp_hook(hook: Any, state_type: type) -> bool:
+    # the state's bound method, or (modules sharded as a group) a function wrapping it
+    for fn in (hook, getattr(hook, "__wrapped__", None)):
+        if isinstance(getattr(fn, "__self__", None), state_type):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def fsdp_forward_hooks_off(model: nn.Module) -> Iterator[None]:
+    """Inside the block, ``model``'s FSDP2 forward hooks (all-gather before, reshard after) do not run; other
+    hooks do. Their dicts are restored in their original order on exit."""
+    state_type = _fsdp_state_type()
+    saved = []
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            keys = [k for k, h in hooks.items() if _is_fsdp_hook(h, state_type)]
+            if keys:
+                saved.append((hooks, list(hooks.items())))
+                for k in keys:
+                    del hooks[k]
+    if not saved and any(isinstance(m, FSDPModule) for m in model.modules()):
+        # Without this check a torch that moved its hooks would run the estimate on FSDP's own parameters and
+        # silently report a zero Hessian.
+        raise NotImplementedError("regops: could not find FSDP2's forward hooks on this model (torch version?)")
+    try:
+        yield
+    finally:
+        for hooks, items in saved:
+            added = [(k, h) for k, h in hooks.items() if k not in dict(items)]
+            hooks.clear()
+            hooks.update(items)
+            hooks.update(added)
+
+
+def _check(model: Any, problem: Any, method: str, tol: Any, distributed: bool) -> DTensor:
+    if not isinstance(model, nn.Module):
+        raise NotImplementedError(
+            "regops: Hessian estimates with DTensor parameters take the model form, "
+            "trace(model, criterion, inputs, targets) or trace(model, criterion, loader) (FSDP2)"
+        )
+    if method != "hutchinson" or tol is not None or distributed:
+        raise NotImplementedError(
+            "regops: under fully_shard the Hessian estimates use Hutchinson without tol or distributed=True (every "
+            "rank holds its own batch and computes every probe)"
+        )
+    sharded = [p for p in problem.params if isinstance(p, DTensor)]
+    mesh = sharded[0].device_mesh
+    for p in sharded:
+        _dtensor.check(p, "a parameter")
+        if p.device_mesh != mesh:
+            raise NotImplementedError("regops: parameters on several device meshes are not supported")
+    if mesh.size() != dist.get_world_size():
+        raise NotImplementedError("regops: under fully_shard, the parameters' mesh must span every rank")
+    return sharded[0]
+
+
+def _full_params(problem: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(
+        (p.full_tensor() if isinstance(p, DTensor) else p).detach().requires_grad_(True) for p in problem.params
+    )
+
+
+def _estimate(
+    model: nn.Module,
+    problem: Any,
+    num_probes: int,
+    distribution: str,
+    probe_batch: int,
+    generator: torch.Generator | None,
+    hvp: str,
+    with_diag: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ParamLayout]:
+    """``(dots [m, P], sum_k v*Hv [N], sum_k (v*Hv)^2 [N], layout)`` of the mean of the ranks' Hessians."""
+    anchor = next(p for p in problem.params if isinstance(p, DTensor))
+    full = _full_params(problem)
+    layout = ParamLayout.of(problem.names, full)
+    seed = _dtensor.sync(_probes.draw_seed(layout, num_probes, distribution, generator), anchor.device_mesh)
+    op = HessianOperator(problem.batches, full, layout, problem.pack, hvp, probe_batch, problem.single)
+    world = dist.get_world_size()
+    acc = torch.float64 if layout.dtype == torch.float64 else torch.float32
+    dots = torch.zeros(num_probes, len(layout.sizes), dtype=acc, device=layout.device)
+    diag = torch.zeros(layout.numel if with_diag else 0, dtype=acc, device=layout.device)
+    diag_sq = torch.zeros_like(diag)
+    with fsdp_forward_hooks_off(model):
+        for start in range(0, num_probes, probe_batch):
+            k = min(probe_batch, num_probes - start)
+            vs = layout.split(_probes.probe_rows(seed, start, k, layout, distribution))
+            hvs = op.apply(vs)
+            if with_diag:  # the mean of the ranks' H v, exactly: the diagonal's stderr is not linear in H
+                flat = layout.cat(hvs)
+                dist.all_reduce(flat)
+                hvs = layout.split(flat.div_(world))
+            d, dg, dsq = _probes.probe_dot(vs, hvs, with_diag)
+            dots[start : start + k] = d
+            if with_diag:
+                diag += dg
+                diag_sq += dsq
+    if not with_diag:
+        dist.all_reduce(dots)  # the one all-reduce of the trace: per-probe, per-parameter v^T H_r v
+        dots /= world
+    return dots, diag, diag_sq, layout
+
+
+def trace(
+    model: Any,
+    problem: Any,
+    num_probes: int,
+    method: str,
+    distribution: str,
+    probe_batch: int,
+    tol: Any,
+    generator: torch.Generator | None,
+    by: str | None,
+    hvp: str,
+    distributed: bool,
+) -> TraceEstimate | dict[str, TraceEstimate]:
+    """:func:`regops.hessian.trace` for a model under FSDP2 (arguments checked by the caller)."""
+    _check(model, problem, method, tol, distributed)
+    dots, _, _, _ = _estimate(model, problem, num_probes, distribution, probe_batch, generator, hvp, False)
+    if by is None:
+        mean, err = _mean_stderr(dots.sum(1))
+        return TraceEstimate(mean, err, num_probes, "hutchinson", dots.sum(1))
+    out = {}
+    for key, idx in _group(problem.names, by).items():
+        samples = dots[:, idx].sum(1)
+        mean, err = _mean_stderr(samples)
+        out[key] = TraceEstimate(mean, err, num_probes, "hutchinson", samples)
+    return out
+
+
+def _like(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A full tensor (the same on every rank) laid out like parameter ``p`` (no communication)."""
+    if not isinstance(p, DTensor):
+        return value
+    shape, offset = _dtensor.box(p)
+    local = value
+    for d, (o, n) in enumerate(zip(offset, shape, strict=True)):
+        local = local.narrow(d, o, n)
+    return DTensor.from_local(local.contiguous(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+
+
+def diagonal(
+    model: Any,
+    problem: Any,
+    num_probes: int,
+    distribution: str,
+    probe_batch: int,
+    tol: Any,
+    generator: torch.Generator | None,
+    hvp: str,
+    distributed: bool,
+) -> DiagonalEstimate:
+    """:func:`regops.hessian.diagonal` for a model under FSDP2: values and stderrs laid out like the parameters."""
+    _check(model, problem, "hutchinson", tol, distributed)
+    dots, diag, diag_sq, layout = _estimate(model, problem, num_probes, distribution, probe_batch, generator, hvp, True)
+    m = num_probes
+    mean = diag.double() / m
+    if m > 1:
+        err = ((diag_sq.double() / m - mean * mean).clamp_min(0) * (m / (m - 1)) / m).sqrt()
+    else:
+        err = torch.full_like(mean, math.inf)
+    values = [v[0] for v in layout.split(mean[None].to(layout.dtype))]
+    errors = [e[0] for e in layout.split(err[None].to(layout.dtype))]
+    values = [_like(v, p) for v, p in zip(values, problem.params, strict=True)]
+    errors = [_like(e, p) for e, p in zip(errors, problem.params, strict=True)]
+    samples = dots.sum(1)
+    t_mean, t_err = _mean_stderr(samples)
+    tr = TraceEstimate(t_mean, t_err, m, "hutchinson", samples)
+    if problem.keyed:
+        return DiagonalEstimate(
+            dict(zip(problem.names, values, strict=True)), dict(zip(problem.names, errors, strict=True)), m, tr
+        )
+    return DiagonalEstimate(tuple(values), tuple(errors), m, tr)

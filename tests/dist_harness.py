@@ -1,0 +1,90 @@
+"""Run a test body in several gloo processes on CPU: no port to pick (a file store in a fresh temp dir), one
+deadline for the whole run (stuck processes are killed), the process group torn down on every exit path, one
+CPU thread per process (the machine may be loaded)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank: int, body: Callable[..., None], world: int, init_file: str, args: tuple[Any, ...]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=90)
+    )
+    try:
+        body(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+# Workers start from a fork server that has imported these once (a fresh interpreter importing torch costs
+# seconds on a loaded machine; the server is shared by every run in the session). It never initialises CUDA or
+# thread pools, so forking from it is safe, unlike forking the test process itself.
+_PRELOAD = ["torch", "torch.distributed.tensor", "torch.distributed.fsdp", "regops"]
+
+
+def _context():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+def run(body: Callable[..., None], world: int = 2, *args: Any, timeout: float = 180.0) -> None:
+    """``body(rank, world, *args)`` in ``world`` new processes; re-raises the first failure in the parent."""
+    _context()
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(
+            _entry,
+            args=(body, world, os.path.join(tmp, "store"), args),
+            nprocs=world,
+            join=False,
+            start_method="forkserver",
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"distributed test did not finish within {timeout:.0f} s")
+        finally:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+                proc.join()
+
+
+class Checks:
+    """Collects failed checks so that one run reports all of them (with the rank)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.failures: list[str] = []
+
+    def equal(self, name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+        if got.shape != want.shape or got.dtype != want.dtype or not torch.equal(got, want):
+            diff = (got.double() - want.double()).abs().max().item() if got.shape == want.shape else "shape"
+            self.failures.append(f"{name}: not bit-identical (max abs diff {diff})")
+
+    def close(self, name: str, got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-6, atol: float = 1e-9) -> None:
+        try:
+            torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+        except AssertionError as exc:
+            self.failures.append(f"{name}: {str(exc).splitlines()[0:4]}")
+
+    def true(self, name: str, cond: bool) -> None:
+        if not cond:
+            self.failures.append(name)
+
+    def done(self) -> None:
+        if self.failures:
+            raise AssertionError(f"rank {self.rank}:\n" + "\n".join(self.failures))
