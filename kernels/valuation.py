@@ -94,8 +94,12 @@ def cross_gram_kernel(
     acc = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         for s0 in range(0, T2, BLOCK_T):
-            ka = _cross_tile(a_ptr, sab, sat, sad, a2_ptr, sa2b, sa2t, sa2d, i, j, t0, s0, T, T2, D, BLOCK_T, BLOCK_K, UPCAST)
-            kg = _cross_tile(g_ptr, sgb, sgt, sgp, g2_ptr, sg2b, sg2t, sg2p, i, j, t0, s0, T, T2, P, BLOCK_T, BLOCK_K, UPCAST)
+            ka = _cross_tile(
+                a_ptr, sab, sat, sad, a2_ptr, sa2b, sa2t, sa2d, i, j, t0, s0, T, T2, D, BLOCK_T, BLOCK_K, UPCAST
+            )
+            kg = _cross_tile(
+                g_ptr, sgb, sgt, sgp, g2_ptr, sg2b, sg2t, sg2p, i, j, t0, s0, T, T2, P, BLOCK_T, BLOCK_K, UPCAST
+            )
             acc += ka * kg
     tl.store(out_ptr + i * B2 + j, tl.sum(tl.sum(acc, axis=1), axis=0))
 
@@ -133,8 +137,12 @@ def sq_sum_kernel(
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             tmask = offs_t[:, None] < T
-            a = tl.load(a_base + offs_t[:, None] * sat + offs_d[None, :] * sad, mask=tmask & (offs_d[None, :] < D), other=0)
-            g = tl.load(g_base + offs_t[:, None] * sgt + offs_p[None, :] * sgp, mask=tmask & (offs_p[None, :] < P), other=0)
+            a = tl.load(
+                a_base + offs_t[:, None] * sat + offs_d[None, :] * sad, mask=tmask & (offs_d[None, :] < D), other=0
+            )
+            g = tl.load(
+                g_base + offs_t[:, None] * sgt + offs_p[None, :] * sgp, mask=tmask & (offs_p[None, :] < P), other=0
+            )
             if UPCAST:
                 a, g = a.to(tl.float32), g.to(tl.float32)
             acc += tl.dot(tl.trans(a), g, input_precision="ieee")

@@ -8,12 +8,14 @@ from regops import dropout as _dropout_module
 from regops import grad_norms as _grad_norms_module
 from regops import hessian, nn
 from regops import mix as _mix_module
+from regops import valuation as _valuation_module
 from regops._backend import BackendUnavailableError, use_backend
 from regops._jit import build_extension
 from regops._version import __version__
 from regops.dropout import *  # noqa: F403
 from regops.grad_norms import *  # noqa: F403
 from regops.mix import *  # noqa: F403
+from regops.valuation import *  # noqa: F403
 from regops.patch import PatchHandle, patch
 
 __all__ = [
@@ -28,4 +30,5 @@ __all__ = [
     *_dropout_module.__all__,
     *_mix_module.__all__,
     *_grad_norms_module.__all__,
+    *_valuation_module.__all__,
 ]

@@ -13,7 +13,18 @@ Kernel-backed pieces: ``regops::valuation_cross_gram`` and ``regops::valuation_s
 from __future__ import annotations
 
 from regops.valuation.dots import per_sample_grad_dots
+from regops.valuation.fisher import empirical_fisher_diagonal
 from regops.valuation.ops import cross_gram_dots as cross_gram_dots
 from regops.valuation.ops import sq_grad_sum as sq_grad_sum
+from regops.valuation.scores import GradientCoherence, data_scores, gradient_coherence
+from regops.valuation.tracin import TracInTopK, tracin
 
-__all__ = ["per_sample_grad_dots"]
+__all__ = [
+    "GradientCoherence",
+    "TracInTopK",
+    "data_scores",
+    "empirical_fisher_diagonal",
+    "gradient_coherence",
+    "per_sample_grad_dots",
+    "tracin",
+]

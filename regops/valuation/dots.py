@@ -78,9 +78,7 @@ def combine(per_param: dict[str, torch.Tensor], cap: Captured, blocks: str | Non
     if blocks == "param":
         return per_param
     if blocks == "module":
-        return {
-            e.label: torch.stack([per_param[n] for n, _ in e.params.values()]).sum(0) for e in cap.entries
-        }
+        return {e.label: torch.stack([per_param[n] for n, _ in e.params.values()]).sum(0) for e in cap.entries}
     return torch.stack(list(per_param.values())).sum(0)
 
 

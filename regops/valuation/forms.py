@@ -139,11 +139,11 @@ def conv_grad_dots(module, x, g, x2, g2, form) -> dict[str, torch.Tensor]:
     if module.weight.requires_grad:
         a, gg = _conv_ag(module, x, g)
         a2, gg2 = _conv_ag(module, x2, g2)
-        out["weight"] = sum(
-            weight_dots(a[:, k], gg[:, k], a2[:, k], gg2[:, k], form) for k in range(module.groups)
-        )
+        out["weight"] = sum(weight_dots(a[:, k], gg[:, k], a2[:, k], gg2[:, k], form) for k in range(module.groups))
     if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = flat_dots(g.reshape(g.shape[0], g.shape[1], -1).sum(2), g2.reshape(g2.shape[0], g2.shape[1], -1).sum(2))
+        out["bias"] = flat_dots(
+            g.reshape(g.shape[0], g.shape[1], -1).sum(2), g2.reshape(g2.shape[0], g2.shape[1], -1).sum(2)
+        )
     return out
 
 

@@ -10,9 +10,7 @@ import torch
 from regops import _backend
 from regops.reference import valuation as _ref
 
-_backend.register(
-    "valuation_cross_gram", torch=_ref.cross_gram_dots, triton="regops.kernels.valuation:cross_gram_dots"
-)
+_backend.register("valuation_cross_gram", torch=_ref.cross_gram_dots, triton="regops.kernels.valuation:cross_gram_dots")
 _backend.register("valuation_sq_grad_sum", torch=_ref.sq_grad_sum, triton="regops.kernels.valuation:sq_grad_sum")
 
 
