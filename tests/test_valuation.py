@@ -183,6 +183,36 @@ def test_dots_zoo(name):
     rel_close(got, expected)
 
 
+class InPlace(nn.Module):
+    """Layer outputs modified in place afterwards (ReLU(inplace=True), a residual `out += x`), as in ResNets;
+    BatchNorm in eval mode is handled by torch.func (unsupported="vmap")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(3, 3, 3, padding=1), nn.BatchNorm1d(3)
+        self.fc1, self.fc2, self.act = nn.Linear(15, 15), nn.Linear(15, 3), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        h += x
+        h = self.fc1(self.act(h).flatten(1))
+        h = self.act(h)
+        return self.fc2(h)
+
+
+def test_outputs_modified_in_place():
+    torch.manual_seed(0)
+    model = InPlace().double().eval()
+    model.bn.running_mean.uniform_(-0.5, 0.5)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
+    got = regops.per_sample_grad_dots(model, sum_ce, (x, y), (x, y), unsupported="vmap")
+    g = loop_grads(model, x, y)
+    rel_close(got, g @ g.T)
+    fisher = regops.empirical_fisher_diagonal(model, sum_ce, [(x, y)], unsupported="vmap")
+    rel_close(torch.cat([fisher[n].flatten() for n, _ in model.named_parameters()]), g.square().mean(0))
+
+
 def test_tied_functional_use_is_refused():
     entry = ZOO["tied_lm"]
     model = entry.build(torch.float64)

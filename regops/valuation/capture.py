@@ -135,12 +135,36 @@ def capture(
     per-example losses (``loss_reduction="mean"``: the delivered gradient times ``B``)."""
     inputs, targets = split_batch(batch)
     rec = _Recorder(model, forms=forms, unsupported=unsupported, hook_outputs=False)
+    # Output gradients come from tensor hooks put on each output in the forward, before any later in-place op
+    # (ReLU(inplace=True), `out += identity`) can change it: a hook registered before an in-place
+    # modification receives the gradient of the value the layer produced; autograd.grad of the modified
+    # tensor would return the gradient of the modified value instead.
+    versions: dict[int, int] = {}
+    hook_grads: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def watch(module, args, kwargs, output):  # runs after the recorder's hook on the same module
+        call = rec.calls[-1] if rec.calls else None
+        if call is None or call.output is not output or id(call) in versions:
+            return None
+        versions[id(call)] = output._version
+
+        def store(g, key=id(call)):
+            hook_grads[key] = g
+
+        output.register_hook(store)
+        return None
+
     with torch.enable_grad():
         rec.attach()
         try:
+            for e in rec.entries:
+                handles.append(e.module.register_forward_hook(watch, with_kwargs=True))
             outputs = call_model(model, inputs)
         finally:
             rec.close()
+            for h in handles:
+                h.remove()
         if targets_fn is not None:
             targets = targets_fn(outputs, targets)
         loss = loss_fn(outputs, targets)
@@ -151,18 +175,25 @@ def capture(
             raise RuntimeError("regops: the forward reached no tracked layer with trainable parameters")
         _check_uses(loss, rec)
         params = {n: p for e in rec.entries for n, p in e.params.values()} if param_grads else {}
-        targets_list = [c.output for c in calls] + list(params.values())
-        grads = torch.autograd.grad(loss, targets_list, allow_unused=True) if targets_list else ()
+        # Drive one backward to every recorded output; an output modified in place is reached through its
+        # module's parameters instead (its current version's gradient is not the one we need).
+        drive = [c.output for c in calls if c.output._version == versions.get(id(c))]
+        for c in calls:
+            if c.output._version != versions.get(id(c)):
+                drive.extend(p for _, p in c.entry.params.values())
+        wanted = list(params.values()) + drive
+        grads = torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else ()
     b = rec.batch
     scale = float(b) if loss_reduction == "mean" else 1.0
     out_calls = []
-    for call, g in zip(calls, grads[: len(calls)], strict=True):
+    for call in calls:
         call.output = None
         call.saved = _detach(call.saved)
+        g = hook_grads.get(id(call))
         if g is not None:
             out_calls.append((call, g * scale if scale != 1.0 else g))
     pg = {}
-    for (name, p), g in zip(params.items(), grads[len(calls) :], strict=True):
+    for (name, p), g in zip(params.items(), grads[: len(params)], strict=True):
         g = torch.zeros_like(p) if g is None else g.detach()
         pg[name] = g * scale if scale != 1.0 else g
     kept = logits_of(outputs).detach() if keep_outputs else None
