@@ -321,9 +321,10 @@ def main() -> None:
     result = {"environment": environment(device), "mlp": paired(args.quick, args.rounds)}
     print(f"plain forward+backward of the training batch: peak {result['mlp']['plain_fwd_bwd_peak_MB']:.1f} MB")
     for name, row in result["mlp"]["variants"].items():
+        peak = "-" if row["peak_MB"] is None else f"{row['peak_MB']:.1f}"
         print(
             f"mlp {name:11s} median {row['median_ms']:9.1f} ms  min {row['min_ms']:9.1f} ms  "
-            f"x{row['speedup_vs_torch.func']:7.1f} vs torch.func  peak {"-" if row["peak_MB"] is None else f"{row['peak_MB']:.1f}"} MB  "
+            f"x{row['speedup_vs_torch.func']:7.1f} vs torch.func  peak {peak} MB  "
             f"rel diff {row['max_rel_diff_vs_torch.func']:.1e}"
         )
     result["projection"] = projection_ranking(args.quick)
