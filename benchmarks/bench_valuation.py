@@ -220,7 +220,7 @@ for _quick, _cfg in CONFIGS["mlp"].items():
 
 
 # ------------------------------------------------------------------------------------------ paired timing
-def paired(quick: bool = False, rounds: int = 5) -> dict:
+def paired(quick: bool = False, rounds: int = 5, loop: bool = True) -> dict:
     """The MLP bar on CPU: regops and torch.func (and the loop) timed back to back, exactness, peak memory."""
     import statistics
     import time
@@ -230,7 +230,7 @@ def paired(quick: bool = False, rounds: int = 5) -> dict:
     device = torch.device("cpu")
     cfg = CONFIGS["mlp"][quick]
     model, train, test = make("mlp", cfg, device)
-    fns = {k: v(model, train, test) for k, v in DOTS.items()}
+    fns = {k: v(model, train, test) for k, v in DOTS.items() if loop or k != "loop"}
     exact: dict[str, torch.Tensor] = {}
     times: dict[str, list[float]] = {k: [] for k in fns}
     for name, fn in fns.items():  # the first call of each; the loop (slow) is timed on this call only
@@ -246,7 +246,8 @@ def paired(quick: bool = False, rounds: int = 5) -> dict:
             times[name].append(time.perf_counter() - t0)
     peak_memory(fns["regops"], device)  # the profiler's first session misses blocks allocated before it
     peaks = {name: peak_memory(fns[name], device) for name in ("regops", "torch.func")}
-    peaks["loop"] = None  # not measured: one more pass of the loop costs minutes on a shared CPU
+    if loop:
+        peaks["loop"] = None  # not measured: one more pass of the loop costs minutes on a shared CPU
 
     def plain():  # one ordinary forward + backward of the training batch: the memory yardstick
         model.zero_grad(set_to_none=True)
@@ -313,12 +314,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="paired CPU timing of per_sample_grad_dots (MLP) vs torch.func")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
+    parser.add_argument("--no-loop", action="store_true", help="skip the per-example loop (minutes on a CPU)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    result = {"environment": environment(device), "mlp": paired(args.quick, args.rounds)}
+    result = {"environment": environment(device), "mlp": paired(args.quick, args.rounds, not args.no_loop)}
     print(f"plain forward+backward of the training batch: peak {result['mlp']['plain_fwd_bwd_peak_MB']:.1f} MB")
     for name, row in result["mlp"]["variants"].items():
         peak = "-" if row["peak_MB"] is None else f"{row['peak_MB']:.1f}"
