@@ -10,7 +10,13 @@ gradient norm for the layer's parameters from ``(A, G)`` without building the ``
   2-D inputs (``T = 1``) use ``||a_n||^2 ||g_n||^2``.
 * Embedding: the rows of repeated ids are summed (``instantiate``) or the id-equality Gram is used
   (``ghost``).
-* LayerNorm / GroupNorm / RMSNorm and every bias: the per-example gradients are small and are built directly.
+* LayerNorm / GroupNorm / RMSNorm / BatchNorm (eval) and every bias: the per-example gradients are small and
+  are built directly.
+* Any other use of a trainable parameter (``F.linear(h, emb.weight)``, ``x @ W.T``, ``weight * h``,
+  ``nn.MultiheadAttention``'s projections, ``cls_token.expand(B, ...)``) is seen by a ``TorchFunctionMode``
+  during the block and recorded as a call of the matching rule, or raises naming the parameter.
+* A parameter used by several calls (tied weights) gets ``||sum_i g_i||^2`` from the rules' factors
+  (``<U^T V, U'^T V'> = <U U'^T, V V'^T>``), never a dropped use.
 
 DP-SGD clipping (:func:`clip_per_sample_`) reuses the stored ``(A, G)`` with the clip factors (Book-Keeping),
 so the clipped sum needs no second backward pass.
@@ -22,7 +28,12 @@ kernels in ``regops.kernels.grad_norms``).
 
 from __future__ import annotations
 
+from regops.grad_norms.accounting import PrivacyAccountant
+from regops.grad_norms.accounting import epsilon as epsilon
+from regops.grad_norms.accounting import noise_multiplier_for as noise_multiplier_for
 from regops.grad_norms.clipping import DPClipping, clip_per_sample_, dp_clipping
+from regops.grad_norms.fix import Change as Change
+from regops.grad_norms.fix import fix_model
 from regops.grad_norms.layers import LayerRule as LayerRule
 from regops.grad_norms.layers import register_rule as register_rule
 from regops.grad_norms.layers import registered_rules as registered_rules
@@ -32,5 +43,15 @@ from regops.grad_norms.norms import per_sample_squared_norms as per_sample_squar
 from regops.grad_norms.ops import embedding_gram_sq_norms as embedding_gram_sq_norms
 from regops.grad_norms.ops import gram_sq_norms as gram_sq_norms
 from regops.grad_norms.ops import instantiate_sq_norms as instantiate_sq_norms
+from regops.grad_norms.sampling import PoissonBatchSampler
 
-__all__ = ["DPClipping", "PerSampleGradNorms", "clip_per_sample_", "dp_clipping", "per_sample_grad_norms"]
+__all__ = [
+    "DPClipping",
+    "PerSampleGradNorms",
+    "PoissonBatchSampler",
+    "PrivacyAccountant",
+    "clip_per_sample_",
+    "dp_clipping",
+    "fix_model",
+    "per_sample_grad_norms",
+]

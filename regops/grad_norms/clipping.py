@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from regops.grad_norms.layers import ConvRule, LinearRule
-from regops.grad_norms.norms import PerSampleGradNorms
-from regops.grad_norms.recorder import _Entry
+from regops.grad_norms.norms import PerSampleGradNorms, _check_reduction
+from regops.grad_norms.recorder import _Call
 
 
 def clip_per_sample_(
@@ -22,18 +22,25 @@ def clip_per_sample_(
     generator: torch.Generator | None = None,
     per_layer: bool = False,
     eps: float = 1e-6,
+    expected_batch_size: int | None = None,
 ) -> torch.Tensor:
-    r"""DP-SGD: overwrite each tracked ``p.grad`` with the sum of per-example gradients clipped to
-    ``max_norm``, plus Gaussian noise, from the one backward pass recorded by ``norms`` (Book-Keeping).
+    r"""DP-SGD: set each tracked ``p.grad`` to its value before the block plus the sum of per-example
+    gradients clipped to ``max_norm``, plus Gaussian noise, from the backward pass(es) recorded by ``norms``
+    (Book-Keeping: no second backward).
 
-    .. math:: p.\mathrm{grad} = \frac1s\Big(\sum_n c_n \nabla_p \ell_n + \mathcal N(0, \sigma^2 C^2 I)\Big),
+    .. math:: p.\mathrm{grad} \mathrel{+}= \frac1s\Big(\sum_n c_n \nabla_p \ell_n
+              + \mathcal N(0, \sigma^2 C^2 I)\Big),
               \qquad c_n = \min\Big(1, \frac{C}{\|\nabla \ell_n\| + \epsilon}\Big),
 
-    with ``s = B`` for ``loss_reduction="mean"`` and ``1`` for ``"sum"``. Flat clipping uses the norm over all
-    tracked parameters; ``per_layer=True`` clips each module's parameters to its own bound (``max_norm`` a
-    float or ``{module name: bound}``) and draws noise with ``C = sqrt(sum of squared bounds)``.
-    Under ``DistributedDataParallel`` (process group initialised, world size > 1) the clipped gradients are
-    averaged across ranks (as DDP averages) and the noise is drawn on rank 0 only.
+    over every example ``n`` of the block (all micro-batches), with ``s = expected_batch_size`` (DP-SGD's
+    normalisation, which the privacy accounting assumes; Opacus divides by it too) or, when it is not given,
+    the number of examples recorded, for ``loss_reduction="mean"``; ``s = 1`` for ``"sum"``. The gradient of
+    the block's own backward is replaced; what ``p.grad`` held before the block is kept (accumulation across
+    blocks works as in torch). Flat clipping uses the norm over all tracked parameters; ``per_layer=True``
+    clips the parameters of each module (``norms.per_module``) to its own bound (``max_norm`` a float or
+    ``{module name: bound}``) and draws noise with ``C = sqrt(sum of squared bounds)``. Under
+    ``DistributedDataParallel`` the clipped gradients are averaged across ranks and the noise is drawn on
+    rank 0 only.
 
     Args:
         norms: a finished block created with ``per_sample_grad_norms(model, ..., retain_signals=True)``.
@@ -42,9 +49,11 @@ def clip_per_sample_(
         generator: ``torch.Generator`` for the noise (on the parameters' device type).
         per_layer: clip per module instead of over all parameters.
         eps: added to the norms in the clip factor.
+        expected_batch_size: for ``"mean"``: the expected number of examples per step (``q * N`` under Poisson
+            sampling), used instead of the realised count.
 
     Returns:
-        ``[B]`` clip factors ``c_n`` (flat) or ``[L, B]`` (per layer, modules in ``norms.per_module`` order).
+        ``[N]`` clip factors ``c_n`` (flat) or ``[L, N]`` (per layer, modules in ``norms.per_module`` order).
 
     Example::
 
@@ -63,50 +72,86 @@ def clip_per_sample_(
         )
     if isinstance(noise_multiplier, bool) or not noise_multiplier >= 0:
         raise ValueError(f"regops: noise_multiplier must be >= 0, got {noise_multiplier}")
-    entries = rec.entries
+    if expected_batch_size is not None and (
+        isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, int) or expected_batch_size <= 0
+    ):
+        raise ValueError(f"regops: expected_batch_size must be a positive int, got {expected_batch_size!r}")
+    groups = norms.module_groups()
     if isinstance(max_norm, Mapping):
         if not per_layer:
             raise ValueError("regops: a per-module max_norm mapping needs per_layer=True")
-        unknown = set(max_norm) - {e.label for e in entries}
+        unknown = set(max_norm) - set(groups)
         if unknown:
             raise ValueError(f"regops: max_norm names unknown tracked modules: {sorted(unknown)}")
-        bounds = {e.label: float(max_norm[e.label]) for e in entries}
+        missing = set(groups) - set(max_norm)
+        if missing:
+            raise ValueError(f"regops: max_norm has no bound for modules {sorted(missing)}")
+        bounds = {m: float(max_norm[m]) for m in groups}
     else:
-        bounds = {e.label: float(max_norm) for e in entries}
+        bounds = {m: float(max_norm) for m in groups}
     if any(not (c > 0) for c in bounds.values()):
         raise ValueError("regops: max_norm must be > 0")
 
-    sq = norms.per_param_sq
-    b = norms.batch_size
-    if per_layer:
+    has_batch = any(mb.batch is not None for mb in rec.mbs)
+    n_total = norms.batch_size if has_batch else 0
+    if norms.loss_reduction == "mean":
+        if expected_batch_size is None and n_total == 0:
+            raise ValueError("regops: an empty batch with loss_reduction='mean' needs expected_batch_size")
+        s = float(expected_batch_size if expected_batch_size is not None else n_total)
+    else:
+        s = 1.0
+    offsets, start = [], 0
+    for mb in rec.mbs:
+        offsets.append(start)
+        start += mb.batch or 0
+
+    group_of = {n: m for m, names in groups.items() for n in names}
+    if n_total == 0:
+        factors: dict[str, torch.Tensor] = {}
+        stacked = torch.empty(0)
+        sensitivity = math.sqrt(sum(c * c for c in bounds.values())) if per_layer else next(iter(bounds.values()), 1.0)
+    elif per_layer:
+        sq = norms.per_param_sq
         factors = {}
-        for e in entries:
-            layer_norm = torch.stack([sq[n] for n, _ in e.params.values()]).sum(0).sqrt()
-            factors[e.label] = (bounds[e.label] / (layer_norm + eps)).clamp(max=1.0)
+        for m, names in groups.items():
+            layer_norm = torch.stack([sq[n] for n in names]).sum(0).sqrt()
+            factors[m] = (bounds[m] / (layer_norm + eps)).clamp(max=1.0)
         sensitivity = math.sqrt(sum(c * c for c in bounds.values()))
-        stacked = torch.stack([factors[e.label] for e in entries]) if entries else torch.empty(0, b)
+        stacked = torch.stack(list(factors.values())) if factors else torch.empty(0, n_total)
     else:
         c = next(iter(bounds.values())) if bounds else 1.0
-        total = norms.total
-        flat = (c / (total + eps)).clamp(max=1.0)
-        factors = {e.label: flat for e in entries}
+        flat = (c / (norms.total + eps)).clamp(max=1.0)
+        factors = {m: flat for m in groups}
         sensitivity = c
         stacked = flat
 
-    def weights(entry: _Entry, name: str) -> torch.Tensor:
-        # Signals of a "mean" loss carry 1/B: the weights c_n then give (sum_n c_n g_n) / B directly.
-        return factors[entry.label]
+    sliced: dict[tuple[int, int], torch.Tensor] = {}
 
-    grads = rec.weighted_grads(weights)
-    scale = 1.0 / b if norms.loss_reduction == "mean" else 1.0
+    def weights(call: _Call, name: str) -> torch.Tensor:
+        # Signals of a "mean" loss carry 1/B_k: multiplying by B_k gives the per-example gradients of the
+        # micro-batch; the sum over the block is then divided by s once, below.
+        key = (id(factors[group_of[name]]), call.mb)
+        w = sliced.get(key)
+        if w is None:
+            mb = rec.mbs[call.mb]
+            w = factors[group_of[name]][offsets[call.mb] : offsets[call.mb] + mb.batch]
+            if norms.loss_reduction == "mean":
+                w = w * float(mb.batch)
+            sliced[key] = w
+        return w
+
+    grads = rec.weighted_grads(weights) if n_total else {}
+    before = getattr(norms, "_grad_before", {})
     dist = _distributed_world(norms)
     rank = torch.distributed.get_rank() if dist > 1 else 0
     for name, p in norms._params.items():
         value = grads.get(name)
         new = torch.zeros_like(p) if value is None else value.to(p.dtype)
+        if s != 1.0:
+            new = new / s
         if noise_multiplier > 0 and rank == 0:
             noise = torch.randn(p.shape, generator=generator, device=p.device, dtype=torch.float32)
-            std = noise_multiplier * sensitivity * scale
+            std = noise_multiplier * sensitivity / s
             if new.dtype == torch.float32:  # `new` is a fresh tensor of ours: add in place
                 new.add_(noise, alpha=std)
             else:
@@ -114,10 +159,8 @@ def clip_per_sample_(
         if dist > 1:
             torch.distributed.all_reduce(new)
             new.div_(dist)
-        if p.grad is None:
-            p.grad = new.detach()
-        else:
-            p.grad.copy_(new)
+        prev = before.get(name)
+        p.grad = new.detach() if prev is None else prev + new.detach()
     return stacked
 
 
@@ -140,21 +183,17 @@ class DPClipping(PerSampleGradNorms):
         self.clip_factors: torch.Tensor | None = None
 
     def _skippable(self) -> list[tuple[nn.Module, nn.Parameter]]:
-        """Linear / Conv weights used by one module: their autograd gradient would be overwritten anyway."""
-        owners: dict[int, int] = {}
-        for e in self._rec.entries:
-            for _, p in e.params.values():
-                owners[id(p)] = owners.get(id(p), 0) + 1
-        out = []
-        for e in self._rec.entries:
-            if isinstance(e.layer, (LinearRule, ConvRule)) and "weight" in e.params:
-                w = e.params["weight"][1]
-                if owners[id(w)] == 1:
-                    out.append((e.module, w))
-        return out
+        """Linear / Conv weights: their autograd gradient would be overwritten anyway. A tied weight too (an LM
+        head sharing the embedding): it is frozen only while the head's own forward runs, its other uses
+        keep their (cheap) autograd gradient, and the clipped sum is rebuilt from every use's signals."""
+        return [
+            (e.module, e.params["weight"][1])
+            for e in self._rec.entries
+            if isinstance(e.layer, (LinearRule, ConvRule)) and "weight" in e.params
+        ]
 
     def __enter__(self) -> DPClipping:
-        super().__enter__()
+        super().__enter__()  # sets p.grad apart: the clipped sum is added to it on exit (torch's accumulation)
         if _distributed_world(self) > 1:
             return self  # DDP reduces every parameter's gradient: leave autograd as it is
         # The weight leaves requires_grad only while its module runs forward: the graph then has no edge to it,
@@ -175,6 +214,9 @@ class DPClipping(PerSampleGradNorms):
         super().__exit__(exc_type, exc, tb)
         if exc_type is None:
             self.clip_factors = clip_per_sample_(self, **self._clip_args)
+        else:
+            for name, p in self._params.items():
+                p.grad = self._grad_before.get(name)
 
 
 def _thaw_weight(module: nn.Module, args: tuple, output: Any) -> None:
@@ -201,27 +243,36 @@ def dp_clipping(
     model: nn.Module,
     max_norm: float | Mapping[str, float],
     *,
-    loss_reduction: str = "mean",
+    loss_reduction: str | None = None,
     noise_multiplier: float = 0.0,
     generator: torch.Generator | None = None,
     per_layer: bool = False,
+    expected_batch_size: int | None = None,
     forms: str | Mapping[str, str] | None = None,
     unsupported: str = "error",
+    batch_dim: int = 0,
 ) -> DPClipping:
-    r"""DP-SGD step in one block: run the forward and backward inside; on exit every tracked ``p.grad`` holds
-    the clipped, noised sum of :func:`clip_per_sample_` (divided by ``B`` for ``loss_reduction="mean"``).
+    r"""DP-SGD step in one block: run the forward(s) and backward(s) inside (several micro-batches
+    accumulate, like Opacus's virtual steps); on exit every tracked ``p.grad`` is its value before the block
+    plus the clipped, noised sum of :func:`clip_per_sample_` over all the block's examples, noise added once
+    (divided by ``expected_batch_size``, or the number of examples, for ``loss_reduction="mean"``).
 
     Since the clipped gradients are rebuilt from the recorded signals (Book-Keeping), autograd is spared the
     Linear/Conv weight gradients it would otherwise compute and throw away: inside the block those weights
     have ``requires_grad=False`` (restored on exit; not under DDP, which needs every gradient). The object
     also holds the norms (``total``, ``per_param``) and, after the block, ``clip_factors``.
 
+    Args: as :func:`per_sample_grad_norms` and :func:`clip_per_sample_`; ``loss_reduction`` is required.
+
     Example::
 
-        >>> with regops.dp_clipping(model, max_norm=1.0, noise_multiplier=1.1, generator=g):
-        ...     F.cross_entropy(model(x), y).backward()
+        >>> with regops.dp_clipping(model, max_norm=1.0, loss_reduction="mean", noise_multiplier=1.1,
+        ...                         expected_batch_size=256, generator=g):
+        ...     for x, y in micro_batches:
+        ...         F.cross_entropy(model(x), y).backward()
         >>> opt.step()
     """
+    _check_reduction(loss_reduction)
     bounds = list(max_norm.values()) if isinstance(max_norm, Mapping) else [max_norm]
     if any(isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0 for c in bounds):
         raise ValueError(f"regops: max_norm must be > 0, got {max_norm!r}")
@@ -231,5 +282,15 @@ def dp_clipping(
         or not noise_multiplier >= 0
     ):
         raise ValueError(f"regops: noise_multiplier must be >= 0, got {noise_multiplier!r}")
-    clip_args = dict(max_norm=max_norm, noise_multiplier=noise_multiplier, generator=generator, per_layer=per_layer)
-    return DPClipping(model, loss_reduction, clip_args, forms=forms, unsupported=unsupported)
+    if expected_batch_size is not None and (
+        isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, int) or expected_batch_size <= 0
+    ):
+        raise ValueError(f"regops: expected_batch_size must be a positive int, got {expected_batch_size!r}")
+    clip_args = dict(
+        max_norm=max_norm,
+        noise_multiplier=noise_multiplier,
+        generator=generator,
+        per_layer=per_layer,
+        expected_batch_size=expected_batch_size,
+    )
+    return DPClipping(model, loss_reduction, clip_args, forms=forms, unsupported=unsupported, batch_dim=batch_dim)

@@ -14,40 +14,65 @@ LOSS_REDUCTIONS = ("sum", "mean")
 
 
 # ----------------------------------------------------------------------------------------------- public API
+_REDUCTION_HELP = (
+    "regops: say how your loss combines the examples: loss_reduction='sum' (loss = sum_n loss_n) or 'mean' "
+    "(loss = mean over the batch: F.cross_entropy's default); the norms are rescaled accordingly"
+)
+
+
+def _check_reduction(loss_reduction: Any) -> str:
+    if loss_reduction is None:
+        raise TypeError(_REDUCTION_HELP)
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"regops: loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
+    return loss_reduction
+
+
 class PerSampleGradNorms:
-    """Context manager recording per-example gradient norms of ``model`` during one forward + backward.
+    """Context manager recording per-example gradient norms of ``model`` during the forward and backward
+    passes inside it (one batch, or several micro-batches: gradient accumulation).
 
-    Use :func:`per_sample_grad_norms` to create it. After the backward:
+    Use :func:`per_sample_grad_norms` to create it. After the backward, with ``N`` the number of examples of
+    all the forwards of the block, in order:
 
-    * ``total``: ``[B]`` float32, ``||grad_theta loss_n||_2`` over all trainable parameters;
-    * ``per_param``: ``{parameter name: [B]}`` per-example norms of each parameter's gradient;
+    * ``total``: ``[N]`` float32, ``||grad_theta loss_n||_2`` over all trainable parameters;
+    * ``per_param``: ``{parameter name: [N]}`` per-example norms of each parameter's gradient;
     * ``per_param_sq``: the same, squared;
-    * ``per_module``: ``{module name: [B]}`` over each module's parameters.
+    * ``per_module``: ``{module name: [N]}`` over the parameters each module holds;
+    * ``micro_batch_sizes``: the batch size of each forward.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        loss_reduction: str = "sum",
+        loss_reduction: str | None = None,
         *,
         forms: str | Mapping[str, str] | None = None,
         unsupported: str = "error",
         retain_signals: bool = False,
+        batch_dim: int = 0,
     ) -> None:
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"regops: loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
-        self.loss_reduction = loss_reduction
-        self._rec = _Recorder(model, forms=forms, unsupported=unsupported, retain_signals=retain_signals)
-        self._params = {name: p for e in self._rec.entries for name, p in e.params.values()}
+        self.loss_reduction = _check_reduction(loss_reduction)
+        self._rec = _Recorder(
+            model, forms=forms, unsupported=unsupported, retain_signals=retain_signals, batch_dim=batch_dim
+        )
+        self._params = dict(self._rec.params)
         self._received: set[str] = set()
         self._post_handles: list[Any] = []
-        self._cache: dict[str, torch.Tensor] | None = None
         self._used = False
 
     def __enter__(self) -> PerSampleGradNorms:
         if self._used:
             raise RuntimeError("regops: a PerSampleGradNorms block can be entered once; create a new one per batch")
         self._used = True
+        # With signals kept (clipping follows), the block's own gradient is set apart from what p.grad held
+        # before, so that clipping can replace the one and keep the other.
+        self._grad_before: dict[str, torch.Tensor] = {}
+        if self._rec.retain_signals:
+            for name, p in self._params.items():
+                if p.grad is not None:
+                    self._grad_before[name] = p.grad
+                    p.grad = None
         self._rec.attach()
         for name, p in self._params.items():
             self._post_handles.append(p.register_post_accumulate_grad_hook(self._received_hook(name)))
@@ -64,99 +89,138 @@ class PerSampleGradNorms:
         for h in self._post_handles:
             h.remove()
         self._post_handles.clear()
+        for name, prev in self._grad_before.items():
+            p = self._params[name]
+            p.grad = prev if p.grad is None else prev + p.grad
         if not self._rec.retain_signals:
             # Later backward passes through this graph are not ours; free the saved activations.
-            self._rec.active = False
+            self._rec.enabled = False
             for call in self._rec.calls:
-                call.saved = None
+                if not self._rec.mbs[call.mb].shared:
+                    call.saved = None
 
     # -- results
     @property
-    def batch_size(self) -> int:
-        if self._rec.batch is None:
+    def micro_batch_sizes(self) -> list[int]:
+        """The batch size of each forward of the block, in order."""
+        sizes = [mb.batch for mb in self._rec.mbs if mb.batch is not None]
+        if not sizes:
             raise RuntimeError(
-                "regops: no forward pass of a tracked layer was recorded; run the model's forward (and the "
-                "backward) inside the `with regops.per_sample_grad_norms(model) as norms:` block"
+                "regops: no forward pass of a tracked parameter was recorded; run the model's forward (and the "
+                "backward) inside the `with regops.per_sample_grad_norms(model, ...) as norms:` block"
             )
-        return self._rec.batch
+        return sizes
+
+    @property
+    def batch_size(self) -> int:
+        """Number of examples recorded (all micro-batches)."""
+        return sum(self.micro_batch_sizes)
 
     @property
     def per_param_sq(self) -> dict[str, torch.Tensor]:
-        """``{parameter name: [B]}`` squared per-example gradient norms (float32; float64 models: float64)."""
-        sq = self._rec.squared_norms()
-        missing = sorted(n for n in self._received if n not in sq)
+        """``{parameter name: [N]}`` squared per-example gradient norms (float32; float64 models: float64)."""
+        per_mb = self._rec.squared_norms()
+        seen = {n for sq in per_mb for n in sq}
+        missing = sorted(n for n in self._received if n not in seen)
         if missing:
             raise RuntimeError(
-                f"regops: parameters {missing} received gradients but their modules' forward was not "
-                "called on this batch (a parameter used outside its module's forward, e.g. tied "
-                "functionally, cannot be tracked); per-example norms would be wrong"
+                f"regops: parameters {missing} received gradients through a use regops did not see (outside the "
+                "block's forward, or through an autograd.Function); per-example norms would be wrong"
             )
-        b = self.batch_size
-        if not sq and self._rec.calls and all(not c.fired for c in self._rec.calls):
+        sizes = self.micro_batch_sizes
+        if self._rec.calls and all(not c.fired for c in self._rec.calls):
             raise RuntimeError("regops: no backward pass reached the tracked layers inside the block")
-        scale = float(b * b) if self.loss_reduction == "mean" else 1.0
         out = {}
+        mbs = [(mb, sq) for mb, sq in zip(self._rec.mbs, per_mb, strict=True) if mb.batch is not None]
         for name, p in self._params.items():
-            v = sq.get(name)
-            if v is None:
-                v = torch.zeros(b, dtype=torch.float32, device=p.device)
-            out[name] = v * scale if scale != 1.0 else v
+            parts = []
+            for mb, sq in mbs:
+                v = sq.get(name)
+                if v is None:
+                    v = torch.zeros(mb.batch, dtype=_norm_dtype(p), device=p.device)
+                elif self.loss_reduction == "mean":
+                    v = v * float(mb.batch * mb.batch)
+                parts.append(v)
+            out[name] = parts[0] if len(parts) == 1 else torch.cat([v.to(parts[0]) for v in parts])
+        del sizes
         return out
 
     @property
     def per_param(self) -> dict[str, torch.Tensor]:
-        """``{parameter name: [B]}`` per-example gradient norms."""
+        """``{parameter name: [N]}`` per-example gradient norms."""
         return {k: v.sqrt() for k, v in self.per_param_sq.items()}
+
+    def module_groups(self) -> dict[str, list[str]]:
+        """``{module name: [parameter names it holds]}`` for the modules holding trainable parameters."""
+        groups: dict[str, list[str]] = {}
+        for name, p in self._params.items():
+            groups.setdefault(self._rec.owner.get(id(p), ""), []).append(name)
+        return groups
 
     @property
     def per_module(self) -> dict[str, torch.Tensor]:
-        """``{module name: [B]}`` per-example norms of the gradient of each tracked module's parameters."""
+        """``{module name: [N]}`` per-example norms of the gradient of the parameters each module holds."""
         sq = self.per_param_sq
-        return {e.label: torch.stack([sq[n] for n, _ in e.params.values()]).sum(0).sqrt() for e in self._rec.entries}
+        return {m: torch.stack([sq[n] for n in names]).sum(0).sqrt() for m, names in self.module_groups().items()}
 
     @property
     def total(self) -> torch.Tensor:
-        """``[B]`` per-example gradient norms over all tracked parameters."""
+        """``[N]`` per-example gradient norms over all tracked parameters."""
         sq = self.per_param_sq
-        devices = {v.device for v in sq.values()}
-        dev = next(iter(devices))
+        if not sq:
+            return torch.zeros(self.batch_size)
+        dev = next(iter(sq.values())).device
         return torch.stack([v.to(dev) for v in sq.values()]).sum(0).sqrt()
+
+
+def _norm_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def per_sample_grad_norms(
     model: nn.Module,
-    loss_reduction: str = "sum",
+    loss_reduction: str | None = None,
     *,
     forms: str | Mapping[str, str] | None = None,
     unsupported: str = "error",
     retain_signals: bool = False,
+    batch_dim: int = 0,
 ) -> PerSampleGradNorms:
     r"""Per-example gradient norms of ``model``'s trainable parameters, from the ordinary backward pass.
 
-    Run the forward and the backward of one batch inside the block; ``p.grad`` receives the ordinary summed
-    gradient as usual, and the returned object then holds, for each example ``n`` of the batch,
+    Run the forward and the backward inside the block; ``p.grad`` receives the ordinary gradient as usual,
+    and the returned object then holds, for each example ``n``,
 
     .. math:: \text{total}_n = \Big\|\nabla_\theta \ell_n\Big\|_2,\qquad
               \text{per\_param}[k]_n = \big\|\nabla_{\theta_k} \ell_n\big\|_2 ,
 
-    where the loss is :math:`\sum_n \ell_n` (``loss_reduction="sum"``) or :math:`\frac1B \sum_n \ell_n`
-    (``"mean"``). Norms are float32 ``[B]`` tensors (float64 for a float64 model); low-precision activations
-    (bf16/fp16, autocast) are accumulated in float32.
+    where each forward's loss is :math:`\sum_n \ell_n` (``loss_reduction="sum"``) or
+    :math:`\frac1B \sum_n \ell_n` (``"mean"``, ``B`` that forward's batch size). Several forward+backward
+    pairs in one block (gradient accumulation) give the norms of all their examples, in order. Norms are
+    float32 tensors (float64 for a float64 model); low-precision activations (bf16/fp16, autocast with the
+    backward inside or outside it) are accumulated in float32.
 
     Args:
-        model: built from Linear (2-D or N-D inputs), Conv1d/2d/3d (any stride, padding, padding_mode,
-            dilation, groups), Embedding (``padding_idx``; not ``scale_grad_by_freq``), LayerNorm, GroupNorm,
-            RMSNorm, with or without biases, and parameter-free modules. Frozen parameters are skipped. Dim 0
-            of every layer's input is the batch. A module or parameter used several times (weight tying, a
-            layer applied twice) is handled exactly by summing its per-example gradients before the norm.
-        loss_reduction: how the loss combines the examples, ``"sum"`` or ``"mean"`` (over dim 0).
+        model: any model whose examples are independent. Parameters of Linear, Conv1d/2d/3d, Embedding,
+            LayerNorm, GroupNorm, RMSNorm, BatchNorm (eval mode), Hugging Face Conv1D and registered rules
+            (:func:`regops.grad_norms.register_rule`) are handled by their rule; every other use of a trainable
+            parameter (``F.linear(h, emb.weight)``, ``x @ W.T``, ``weight * h``, ``nn.MultiheadAttention``,
+            ``cls_token.expand(B, ...)``) is seen op by op and handled exactly, or raises naming the
+            parameter. A parameter used several times (tied or reused weights) gets the norm of its summed
+            per-example gradient. Frozen parameters are skipped. Batch statistics (BatchNorm in train mode)
+            raise.
+        loss_reduction: required: how the loss combines the examples, ``"sum"`` or ``"mean"``.
         forms: ``"auto"`` (per layer by cost: ghost iff ``2 T^2 <= p d``), ``"ghost"``, ``"instantiate"``,
             or a dict ``{module name: form}``.
-        unsupported: ``"error"`` (default) raises for a module of another type with trainable parameters;
-            ``"vmap"`` computes that module's per-example gradients with ``torch.func`` (exact when the module
-            treats examples independently; costs ``B x`` its parameter count in memory).
+        unsupported: ``"error"`` (default): a module without a rule is handled op by op (above) and an op
+            regops cannot attribute raises; ``"vmap"``: such a module's own parameters get per-example
+            gradients from ``torch.func`` (exact when it treats examples independently; costs ``B x`` its
+            parameter count in memory).
         retain_signals: keep the layer inputs and output gradients after the backward, as needed by
             :func:`clip_per_sample_`.
+        batch_dim: ``0`` (batch first) or ``1`` for sequence-first models (``[T, B, ...]`` activations, as
+            ``nn.Transformer(batch_first=False)``): the batch dim of every 3+-D activation; 2-D activations
+            (``[B, d]``) and convolution inputs keep the batch first.
 
     Example::
 
@@ -167,7 +231,12 @@ def per_sample_grad_norms(
         >>> norms.per_param["0.weight"]
     """
     return PerSampleGradNorms(
-        model, loss_reduction, forms=forms, unsupported=unsupported, retain_signals=retain_signals
+        model,
+        loss_reduction,
+        forms=forms,
+        unsupported=unsupported,
+        retain_signals=retain_signals,
+        batch_dim=batch_dim,
     )
 
 
@@ -208,8 +277,8 @@ def per_sample_squared_norms(
     if not isinstance(output, torch.Tensor):
         raise TypeError(f"regops: forward() must return a tensor, got {type(output).__name__}")
     calls = [c for c in rec.calls if c.output is not None]
-    names = [n for e in rec.entries for n, _ in e.params.values()]
-    params = {n: p for e in rec.entries for n, p in e.params.values()}
+    names = list(rec.params)
+    params = dict(rec.params)
     results = []
     try:
         for s in signals(output) if callable(signals) else signals:
@@ -219,8 +288,9 @@ def per_sample_squared_norms(
                 for call, g in zip(calls, grads, strict=True):
                     if g is not None:
                         rec.contribute(call, g)
-            sq = rec.squared_norms()
-            b = rec.batch or output.shape[0]
+            per_mb = rec.squared_norms()
+            sq = per_mb[-1] if per_mb else {}
+            b = (rec.mbs[-1].batch if rec.mbs else None) or output.shape[0]
             results.append({n: sq.get(n, torch.zeros(b, dtype=torch.float32, device=params[n].device)) for n in names})
     finally:
         rec.close()

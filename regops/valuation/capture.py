@@ -10,12 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from regops.grad_norms.layers import ConvRule, EmbeddingRule, LinearRule, _NormRule
 from regops.grad_norms.recorder import _Call, _Entry, _Recorder
 
 LOSS_REDUCTIONS = ("sum", "mean")
-# Rules whose module touches each of its parameters through exactly one autograd edge per call.
-_ONE_EDGE_RULES = (LinearRule, ConvRule, EmbeddingRule, _NormRule)
 
 Batch = tuple[Any, Any]
 
@@ -30,13 +27,18 @@ class Captured:
     logits: torch.Tensor | None  # detached, when asked
     targets: Any
     param_grads: dict[str, torch.Tensor] = field(default_factory=dict)  # sum_n grad_n, when asked
+    scale: float = 1.0  # per-example-loss gradient / delivered gradient
+
+    @property
+    def use_count(self) -> dict[str, int]:
+        return self.rec.mbs[0].use_count
 
     @property
     def entries(self) -> list[_Entry]:
-        return self.rec.entries
+        return self.rec.all_entries()
 
     def by_entry(self) -> dict[str, list[tuple[Any, torch.Tensor]]]:
-        out: dict[str, list[tuple[Any, torch.Tensor]]] = {e.label: [] for e in self.rec.entries}
+        out: dict[str, list[tuple[Any, torch.Tensor]]] = {e.label: [] for e in self.rec.all_entries()}
         for call, g in self.calls:
             out[call.entry.label].append((call.saved, g))
         return out
@@ -83,40 +85,23 @@ def _detach(x: Any) -> Any:
     return x
 
 
-def _check_uses(loss: torch.Tensor, rec: _Recorder) -> None:
-    """A parameter reached by autograd through more edges than its module was called (e.g. ``F.linear(h,
-    emb.weight)`` for a tied head, or a submodule's weight used by its parent's forward) has a gradient the
-    recorder does not see: refuse instead of returning silently wrong numbers."""
-    tracked = {
-        id(p): name for e in rec.entries if isinstance(e.layer, _ONE_EDGE_RULES) for name, p in e.params.values()
-    }
-    if not tracked or loss.grad_fn is None:
-        return
-    edges: dict[str, int] = {}
-    seen: set[Any] = set()
-    stack = [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for nxt, _ in node.next_functions:
-            if nxt is None:
-                continue
-            var = getattr(nxt, "variable", None)
-            if var is not None and id(var) in tracked:
-                name = tracked[id(var)]
-                edges[name] = edges.get(name, 0) + 1
-            elif nxt not in seen:
-                stack.append(nxt)
-    bad = sorted(n for n, k in edges.items() if k > rec.use_count.get(n, 0))
-    if bad:
-        raise ValueError(
-            f"regops: parameters {bad} are used outside their module's forward (e.g. tied functionally with "
-            "F.linear, or read by a parent module); their per-example gradients cannot be recorded, and inner "
-            "products, scores or Fisher diagonals would be wrong. Use the module itself (a shared nn.Linear / "
-            "nn.Embedding is fine), or freeze those parameters."
-        )
+class _SignalRecorder(_Recorder):
+    """The grad_norms recorder (module rules, functional parameter uses, torch.func fallback, batch_dim), keeping
+    each call's batch-first output gradient instead of turning it into norms. Its tensor hooks are put on the
+    outputs in the forward, so a layer output modified in place later (ReLU(inplace=True), a residual ``+=``)
+    still gets the gradient of the value the layer produced."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.signals: dict[int, tuple[Any, Any]] = {}  # id(call) -> (batch-first gradient, raw gradient)
+
+    def contribute(self, call: _Call, grad: Any) -> None:
+        if id(call) in self.signals:
+            raise RuntimeError("regops: a recorded forward was backpropagated twice")
+        self.signals[id(call)] = (self.batch_first(call, grad), grad)
+
+    def all_entries(self) -> list[_Entry]:
+        return [*self.entries, *self.functional_entries.values()]
 
 
 def capture(
@@ -134,67 +119,40 @@ def capture(
     """Run ``loss_fn(model(inputs), targets)`` once and get every tracked call's output gradient of the
     per-example losses (``loss_reduction="mean"``: the delivered gradient times ``B``)."""
     inputs, targets = split_batch(batch)
-    rec = _Recorder(model, forms=forms, unsupported=unsupported, hook_outputs=False)
-    # Output gradients come from tensor hooks put on each output in the forward, before any later in-place op
-    # (ReLU(inplace=True), `out += identity`) can change it: a hook registered before an in-place
-    # modification receives the gradient of the value the layer produced; autograd.grad of the modified
-    # tensor would return the gradient of the modified value instead.
-    versions: dict[int, int] = {}
-    hook_grads: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def watch(module, args, kwargs, output):  # runs after the recorder's hook on the same module
-        call = rec.calls[-1] if rec.calls else None
-        if call is None or call.output is not output or id(call) in versions:
-            return None
-        versions[id(call)] = output._version
-
-        def store(g, key=id(call)):
-            hook_grads[key] = g
-
-        output.register_hook(store)
-        return None
-
+    rec = _SignalRecorder(model, forms=forms, unsupported=unsupported)
     with torch.enable_grad():
         rec.attach()
         try:
-            for e in rec.entries:
-                handles.append(e.module.register_forward_hook(watch, with_kwargs=True))
             outputs = call_model(model, inputs)
         finally:
+            rec.detach_forward()
+        try:
+            if targets_fn is not None:
+                targets = targets_fn(outputs, targets)
+            loss = loss_fn(outputs, targets)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise ValueError("regops: loss_fn(outputs, targets) must return a scalar tensor (the batch loss)")
+            if len(rec.mbs) != 1 or rec.mbs[0].batch is None:
+                raise RuntimeError("regops: the forward reached no tracked parameter (or ran the model twice)")
+            params = dict(rec.params)
+            # One backward through every recorded use; the hooks keep the output gradients. Asking for the
+            # parameters' gradients (not p.grad) reaches every use, whatever happened to the outputs after.
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True) if params else ()
+        finally:
             rec.close()
-            for h in handles:
-                h.remove()
-        if targets_fn is not None:
-            targets = targets_fn(outputs, targets)
-        loss = loss_fn(outputs, targets)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise ValueError("regops: loss_fn(outputs, targets) must return a scalar tensor (the batch loss)")
-        calls = [c for c in rec.calls if c.output is not None]
-        if rec.batch is None:
-            raise RuntimeError("regops: the forward reached no tracked layer with trainable parameters")
-        _check_uses(loss, rec)
-        params = {n: p for e in rec.entries for n, p in e.params.values()} if param_grads else {}
-        # Drive one backward to every recorded output; an output modified in place is reached through its
-        # module's parameters instead (its current version's gradient is not the one we need).
-        drive = [c.output for c in calls if c.output._version == versions.get(id(c))]
-        for c in calls:
-            if c.output._version != versions.get(id(c)):
-                drive.extend(p for _, p in c.entry.params.values())
-        wanted = list(params.values()) + drive
-        grads = torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else ()
-    b = rec.batch
+    b = rec.mbs[0].batch
     scale = float(b) if loss_reduction == "mean" else 1.0
     out_calls = []
-    for call in calls:
-        call.output = None
+    for call in rec.calls:
+        sig = rec.signals.get(id(call))
         call.saved = _detach(call.saved)
-        g = hook_grads.get(id(call))
-        if g is not None:
+        if sig is not None:
+            g = sig[0]
             out_calls.append((call, g * scale if scale != 1.0 else g))
     pg = {}
-    for (name, p), g in zip(params.items(), grads[: len(params)], strict=True):
-        g = torch.zeros_like(p) if g is None else g.detach()
-        pg[name] = g * scale if scale != 1.0 else g
+    if param_grads:
+        for (name, p), g in zip(params.items(), grads, strict=True):
+            g = torch.zeros_like(p) if g is None else g.detach()
+            pg[name] = g * scale if scale != 1.0 else g
     kept = logits_of(outputs).detach() if keep_outputs else None
-    return Captured(rec, out_calls, b, kept, targets, pg)
+    return Captured(rec, out_calls, b, kept, targets, pg, scale)

@@ -94,23 +94,30 @@ def weight_sq_sum(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def linear_dots_form(module, x, x2) -> str:
     t, t2 = math.prod(x.shape[1:-1]), math.prod(x2.shape[1:-1])
-    return choose_dots_form(t, t2, module.out_features, module.in_features, x.shape[0], x2.shape[0])
+    p, d = module.weight.shape
+    return choose_dots_form(t, t2, p, d, x.shape[0], x2.shape[0])
+
+
+def _has_bias(module) -> bool:
+    bias = getattr(module, "bias", None)
+    return isinstance(bias, torch.Tensor) and bias.requires_grad
 
 
 def linear_grad_dots(module, x, g, x2, g2, form) -> dict[str, torch.Tensor]:
     out = {}
     if module.weight.requires_grad:
         out["weight"] = weight_dots(_as3(x), _as3(g), _as3(x2), _as3(g2), form)
-    if module.bias is not None and module.bias.requires_grad:
+    if _has_bias(module):
         out["bias"] = flat_dots(_as3(g).sum(1), _as3(g2).sum(1))
     return out
 
 
-def linear_sq_grad_sum(module, x, g) -> dict[str, torch.Tensor]:
+def linear_sq_grad_sum(module, x, g, transposed: bool = False) -> dict[str, torch.Tensor]:
     out = {}
     if module.weight.requires_grad:
-        out["weight"] = weight_sq_sum(_as3(x), _as3(g))
-    if module.bias is not None and module.bias.requires_grad:
+        w = weight_sq_sum(_as3(x), _as3(g))
+        out["weight"] = w.T if transposed else w  # Hugging Face's Conv1D stores W as [d, p]
+    if _has_bias(module):
         out["bias"] = sq_sum(_as3(g).sum(1))
     return out
 
@@ -160,7 +167,8 @@ def conv_sq_grad_sum(module, x, g) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------------------------- Embedding
 def _pad(module) -> int:
-    return -1 if module.padding_idx is None else int(module.padding_idx)
+    pad = getattr(module, "padding_idx", None)
+    return -1 if pad is None else int(pad)
 
 
 def embedding_grad_dots(module, ids, g, ids2, g2, form) -> dict[str, torch.Tensor]:
@@ -192,7 +200,7 @@ def embedding_sq_grad_sum(module, ids, g) -> dict[str, torch.Tensor]:
     i1 = ids.reshape(b, -1)
     g1 = g.reshape(b, i1.shape[1], -1)
     dtype = acc_dtype(g1)
-    v = module.num_embeddings
+    v = module.weight.shape[0]
     keys = (torch.arange(b, device=ids.device)[:, None] * v + i1).reshape(-1)
     rows = g1.reshape(-1, g1.shape[-1]).to(dtype)
     keep = i1.reshape(-1) != _pad(module)
@@ -213,9 +221,13 @@ def _slice(saved, s: int, e: int, batch: int):
 
 
 def default_sq_grad_sum(rule, module, saved, g) -> dict[str, torch.Tensor]:
-    """``sum_n grad_n ** 2`` from ``per_example_grads`` on chunks of examples (memory: one chunk's gradients)."""
+    """``sum_n grad_n ** 2`` from ``per_example_grads`` on chunks of examples (memory: one chunk's gradients;
+    saved signals other than tensors, e.g. the torch.func fallback's, are processed whole)."""
+    if not isinstance(g, torch.Tensor) or not isinstance(saved, (torch.Tensor, tuple)):
+        return {k: sq_sum(v) for k, v in rule.per_example_grads(module, saved, g).items()}
     b = g.shape[0]
-    n_params = sum(p.numel() for p in module._parameters.values() if p is not None)
+    params = getattr(module, "_parameters", None) or {}
+    n_params = sum(p.numel() for p in params.values() if p is not None) or 1
     step = max(1, _CHUNK_BYTES // max(1, 8 * n_params))
     out: dict[str, torch.Tensor] = {}
     for s in range(0, b, step):

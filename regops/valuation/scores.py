@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regops.grad_norms.recorder import _Recorder
 from regops.valuation.capture import Captured, call_model, capture, check_reduction, logits_of, split_batch
 
 SCORES = ("grand", "el2n", "loss", "entropy", "margin")
@@ -18,14 +19,16 @@ SCORES = ("grand", "el2n", "loss", "entropy", "margin")
 def _sq_norms(cap: Captured) -> torch.Tensor:
     """``[B]`` squared per-example gradient norms through the recorder's own path (the norms' code)."""
     rec = cap.rec
-    for call, g in cap.calls:
-        rec.contribute(call, g)
-    sq = rec.squared_norms()
-    p = next(p for e in cap.entries for _, p in e.params.values())
+    for call in rec.calls:
+        sig = rec.signals.get(id(call))
+        if sig is not None:
+            _Recorder.contribute(rec, call, sig[1])
+    sq = rec.squared_norms()[0]
+    p = next(iter(rec.params.values()))
     dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
     if not sq:
         return torch.zeros(cap.batch, dtype=dtype, device=p.device)
-    return torch.stack([v.to(dtype) for v in sq.values()]).sum(0)
+    return torch.stack([v.to(dtype) for v in sq.values()]).sum(0) * cap.scale**2
 
 
 def logit_scores(logits: torch.Tensor, targets: torch.Tensor, which: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,113 @@
+"""Per-example gradient norms and DP clipping on the zoo of real architectures (tests/zoo.py), against the
+brute-force per-example loop: float64 exact, one and two micro-batches, fp32 and bf16 autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import regops
+from tests.zoo import ZOO, per_example_loop_grads
+
+NAMES = list(ZOO)
+
+
+def _build(name: str, dtype: torch.dtype):
+    entry = ZOO[name]
+    model = entry.build(dtype)
+    if entry.has_batchnorm:
+        model, changes = regops.fix_model(model)
+        assert changes and all("GroupNorm" in c.after for c in changes)
+    return entry, model
+
+
+def _batch_dim(name: str) -> int:
+    return 1 if name == "encoder_seq_first" else 0
+
+
+def _oracle(entry, model64, inputs, target):
+    """Per-example gradients by the loop: their norms, and the clipped sum for a bound at 0.8 x the median."""
+    grads = per_example_loop_grads(entry, model64, inputs, target)
+    norms = torch.stack([torch.stack([g.square().sum() for g in d.values()]).sum().sqrt() for d in grads])
+    bound = 0.8 * norms.median().item()
+    factors = (bound / (norms + 1e-6)).clamp(max=1.0)
+    clipped = {k: sum(f * d[k] for f, d in zip(factors, grads, strict=True)) for k in grads[0]}
+    per_param = {k: torch.stack([d[k].norm() for d in grads]) for k in grads[0]}
+    return norms, per_param, bound, clipped
+
+
+def _split(x):
+    n = x.shape[0] // 2
+    return x[:n], x[n:]
+
+
+def _run_two(entry, model, inputs, target, reduction, autocast=None, backward_inside=False):
+    """Two micro-batches (forward + backward each) in one dp_clipping block."""
+    for xi, yi in zip(_split(inputs), _split(target), strict=True):
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+        with ctx:
+            out = entry.forward(model, xi)
+            if backward_inside:
+                entry.loss(out, yi, reduction).backward()
+        if not backward_inside:
+            entry.loss(out, yi, reduction).backward()
+
+
+def _rel(got: dict, exp: dict) -> float:
+    num = sum((got[k].double() - exp[k]).square().sum() for k in exp)
+    den = sum(exp[k].square().sum() for k in exp)
+    return float((num / den).sqrt())
+
+
+# ResNet-18 (11M parameters, the slowest by far on the CI's two cores) is checked in float64 only: its layers
+# (Conv, GroupNorm, Linear) are rules the low-precision runs of test_grad_norms.py cover.
+LOW_PRECISION = [n for n in NAMES if n != "resnet18"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zoo_matches_the_per_example_loop(name):
+    """One oracle (the float64 loop), four runs: the norms block with one micro-batch (float64, exact) and
+    dp_clipping with two micro-batches in float64 (exact), fp32 and bf16 autocast."""
+    entry, model = _build(name, torch.float64)
+    b = 2 if name == "resnet18" else 4  # ResNet-18: keep the loop short
+    inputs, target = entry.batch(b, dtype=torch.float64)
+    norms_exp, per_param_exp, bound, clipped = _oracle(entry, model, inputs, target)
+    bd = _batch_dim(name)
+
+    # one micro-batch: the plain norms block (no unsupported="vmap"), then Book-Keeping clipping
+    model.zero_grad(set_to_none=True)
+    with regops.per_sample_grad_norms(model, "sum", retain_signals=True, batch_dim=bd) as norms:
+        entry.loss(entry.forward(model, inputs), target).backward()
+    for k, v in per_param_exp.items():  # some are 0 up to rounding (a key bias under softmax): absolute floor
+        torch.testing.assert_close(norms.per_param[k], v, rtol=1e-6, atol=1e-12, msg=k)
+    torch.testing.assert_close(norms.total, norms_exp, rtol=1e-6, atol=0)
+    if name in LOW_PRECISION:  # (ResNet-18: its clipping is checked with two micro-batches below)
+        regops.clip_per_sample_(norms, max_norm=bound)
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, clipped[k], rtol=1e-6, atol=1e-12, msg=k)
+
+    # two micro-batches in one dp_clipping block, mean loss: the clipped sum over all b examples, / b
+    model.zero_grad(set_to_none=True)
+    with regops.dp_clipping(model, max_norm=bound, loss_reduction="mean", batch_dim=bd) as clip:
+        _run_two(entry, model, inputs, target, "mean")
+    assert clip.micro_batch_sizes == [b // 2, b // 2]
+    torch.testing.assert_close(clip.total, norms_exp, rtol=1e-6, atol=0)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, clipped[k] / b, rtol=1e-6, atol=1e-12, msg=k)
+    if name not in LOW_PRECISION:
+        return
+
+    # fp32, and bf16 autocast with the backward outside it (PyTorch's recommended pattern; the tied LM runs its
+    # backward inside the autocast region too): same weights rounded to fp32, against the float64 loop
+    model = model.float()
+    inputs = inputs.float() if inputs.is_floating_point() else inputs
+    for mode in ("fp32", "bf16"):
+        model.zero_grad(set_to_none=True)
+        inside = mode == "bf16" and name == "tied_lm"
+        with regops.dp_clipping(model, max_norm=bound, loss_reduction="sum", batch_dim=bd) as clip:
+            _run_two(entry, model, inputs, target, "sum", autocast=mode == "bf16", backward_inside=inside)
+        got = {k: p.grad for k, p in model.named_parameters()}
+        assert clip.total.dtype == torch.float32 and clip.total.shape == (b,)
+        tol = 1e-4 if mode == "fp32" else 0.1  # bf16 activations: a few % error on each norm
+        torch.testing.assert_close(clip.total.double(), norms_exp, rtol=tol, atol=0, msg=mode)
+        assert _rel(got, clipped) < tol, mode
