@@ -159,22 +159,27 @@ def test_dots_sequence_linear_t_differs_and_frozen():
         rel_close(regops.per_sample_grad_dots(model, loss, (x, y), (x2, y2), forms=form), expected)
 
 
-@pytest.mark.parametrize("name", ["reused_mlp", "encoder", "tied_lm"])
+@pytest.mark.parametrize("name", ["reused_mlp", "encoder", "tied_lm", "gpt2", "llama", "vit"])
 def test_dots_and_fisher_zoo(name):
     """A Linear applied twice (cross terms between its calls), nn.TransformerEncoder (MultiheadAttention reads
-    its projections functionally), a tied LM head F.linear(h, emb.weight): exact against the loop."""
+    its projections functionally), a tied LM head F.linear(h, emb.weight), Hugging Face GPT-2 (Conv1D, tied
+    head) and Llama, timm ViT: exact against the loop."""
     entry = ZOO[name]
     model = entry.build(torch.float64)
     inputs, target = entry.batch(3, torch.Generator().manual_seed(0), torch.float64)
     inputs2, target2 = entry.batch(2, torch.Generator().manual_seed(1), torch.float64)
-    got = regops.per_sample_grad_dots(model, entry.loss, (inputs, target), (inputs2, target2))
+
+    def loss(out, y):
+        return entry.loss(out if isinstance(out, torch.Tensor) else out.logits, y)
+
+    got = regops.per_sample_grad_dots(model, loss, (inputs, target), (inputs2, target2))
 
     def flat(gs):
         return torch.stack([torch.cat([v.flatten() for v in g.values()]) for g in gs])
 
     g1 = flat(per_example_loop_grads(entry, model, inputs, target))
     rel_close(got, g1 @ flat(per_example_loop_grads(entry, model, inputs2, target2)).T)
-    fisher = regops.empirical_fisher_diagonal(model, entry.loss, [(inputs, target)])
+    fisher = regops.empirical_fisher_diagonal(model, loss, [(inputs, target)])
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     rel_close(torch.cat([fisher[n].flatten() for n in names]), g1.square().mean(0))
 
