@@ -94,6 +94,13 @@ class _SignalRecorder(_Recorder):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.signals: dict[int, tuple[Any, Any]] = {}  # id(call) -> (batch-first gradient, raw gradient)
+        self.hooked: list[tuple[_Call, torch.Tensor, int]] = []  # (call, hooked output, its version then)
+
+    def record(self, entry, saved, output, label, batch_dim=None, rows=None):
+        replaced = super().record(entry, saved, output, label, batch_dim=batch_dim, rows=rows)
+        hooked = output if replaced is None else replaced  # the tensor whose hook gives this call's gradient
+        self.hooked.append((self.calls[-1], hooked, hooked._version))
+        return replaced
 
     def contribute(self, call: _Call, grad: Any) -> None:
         if id(call) in self.signals:
@@ -135,9 +142,15 @@ def capture(
             if len(rec.mbs) != 1 or rec.mbs[0].batch is None:
                 raise RuntimeError("regops: the forward reached no tracked parameter (or ran the model twice)")
             params = dict(rec.params)
-            # One backward through every recorded use; the hooks keep the output gradients. Asking for the
-            # parameters' gradients (not p.grad) reaches every use, whatever happened to the outputs after.
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True) if params else ()
+            # One backward that reaches every recorded use, computing no weight gradient where it can: the
+            # hooked outputs themselves, and for an output modified in place since (its current version's
+            # gradient is not the one we need) or a torch.func call, the parameters of that call's module.
+            direct = {id(c) for c, t, v in rec.hooked if t._version == v}
+            drive = [t for c, t, v in rec.hooked if id(c) in direct]
+            via = {id(p): p for c in rec.calls if id(c) not in direct for _, p in c.entry.params.values()}
+            wanted = list(params.values()) if param_grads else []
+            wanted += drive + [p for k, p in via.items() if not param_grads]
+            grads = torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else ()
         finally:
             rec.close()
     b = rec.mbs[0].batch
@@ -151,7 +164,7 @@ def capture(
             out_calls.append((call, g * scale if scale != 1.0 else g))
     pg = {}
     if param_grads:
-        for (name, p), g in zip(params.items(), grads, strict=True):
+        for (name, p), g in zip(params.items(), grads[: len(params)], strict=True):
             g = torch.zeros_like(p) if g is None else g.detach()
             pg[name] = g * scale if scale != 1.0 else g
     kept = logits_of(outputs).detach() if keep_outputs else None
