@@ -405,6 +405,10 @@ class _Recorder:
             )
         call.fired += 1
         g = self.batch_first(call, grad)
+        if isinstance(g, torch.Tensor) and not g.is_contiguous():
+            # (a transposed logits gradient, a sequence-first layout): copy once here rather than in every
+            # reshape of the rule's forms, factors and weighted sums
+            g = g.contiguous()
         if self.retain_signals:
             call.grad = g
         entry, mb = call.entry, self.mbs[call.mb]
