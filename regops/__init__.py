@@ -9,6 +9,7 @@ from regops import grad_norms as _grad_norms_module
 from regops import hessian, nn
 from regops import losses as _losses_module
 from regops import mix as _mix_module
+from regops import valuation as _valuation_module
 from regops._backend import BackendUnavailableError, use_backend
 from regops._jit import build_extension
 from regops._version import __version__
@@ -17,6 +18,7 @@ from regops.grad_norms import *  # noqa: F403
 from regops.losses import *  # noqa: F403
 from regops.mix import *  # noqa: F403
 from regops.patch import PatchHandle, patch
+from regops.valuation import *  # noqa: F403
 
 __all__ = [
     "BackendUnavailableError",
@@ -31,4 +33,5 @@ __all__ = [
     *_mix_module.__all__,
     *_grad_norms_module.__all__,
     *(name for name in _losses_module.__all__ if name not in _dropout_module.__all__),  # symmetric_kl: both
+    *_valuation_module.__all__,
 ]

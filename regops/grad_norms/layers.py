@@ -90,6 +90,26 @@ class LayerRule:
         """``"ghost"`` or ``"instantiate"``: the cheaper form for this call."""
         return "instantiate"
 
+    # -- data valuation (regops.valuation): inner products between two calls' per-example gradients and the
+    # summed squared per-example gradients (empirical Fisher diagonal). Defaults derive from per_example_grads.
+    def grad_dots(
+        self, module: nn.Module, saved: Any, g: torch.Tensor, saved2: Any, g2: torch.Tensor, form: str
+    ) -> dict[str, torch.Tensor]:
+        """``{local name: [B, B2]}`` inner products ``<grad_i, grad2_j>`` of two recorded calls' examples."""
+        from regops.valuation import forms
+
+        return forms.dense_dots(self.per_example_grads(module, saved, g), self.per_example_grads(module, saved2, g2))
+
+    def sq_grad_sum(self, module: nn.Module, saved: Any, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{local name: sum_n grad_n ** 2}`` (``param.shape``), the empirical Fisher diagonal's sum."""
+        from regops.valuation import forms
+
+        return forms.default_sq_grad_sum(self, module, saved, g)
+
+    def dots_form(self, module: nn.Module, saved: Any, saved2: Any) -> str:
+        """``"ghost"`` or ``"instantiate"``: the cheaper form of :meth:`grad_dots` for this pair of calls."""
+        return "instantiate"
+
     def factors(self, module: nn.Module, saved: Any, g: torch.Tensor) -> dict[str, Factors]:
         """Optional: ``{local name: Factors}`` for the parameters whose per-example gradient is ``U_n^T V_n``.
         Lets a parameter used by several calls (tied weights) get exact norms without per-example gradients;
@@ -214,6 +234,22 @@ class LinearRule(LayerRule):
             out["bias"] = torch.tensordot(w.to(g_sum.dtype), g_sum, dims=([0], [0]))
         return out
 
+    # -- data valuation (regops.valuation.forms)
+    def grad_dots(self, module, x, g, x2, g2, form):
+        from regops.valuation import forms
+
+        return forms.linear_grad_dots(module, x, g, x2, g2, form)
+
+    def sq_grad_sum(self, module, x, g):
+        from regops.valuation import forms
+
+        return forms.linear_sq_grad_sum(module, x, g, self.transposed)
+
+    def dots_form(self, module, x, x2):
+        from regops.valuation import forms
+
+        return forms.linear_dots_form(module, x, x2)
+
     def factors(self, module, x, g) -> dict[str, Factors]:
         """The weight's per-example gradient as ``U^T V`` (``G^T A``, or ``A^T G`` when transposed)."""
         if not _requires(module.weight):
@@ -308,6 +344,22 @@ class ConvRule(LayerRule):
             out["bias"] = gw.transpose(0, 1).reshape(gw.shape[1], -1).sum(1)
         return out
 
+    # -- data valuation (regops.valuation.forms)
+    def grad_dots(self, module, x, g, x2, g2, form):
+        from regops.valuation import forms
+
+        return forms.conv_grad_dots(module, x, g, x2, g2, form)
+
+    def sq_grad_sum(self, module, x, g):
+        from regops.valuation import forms
+
+        return forms.conv_sq_grad_sum(module, x, g)
+
+    def dots_form(self, module, x, x2):
+        from regops.valuation import forms
+
+        return forms.conv_dots_form(module, x, x2)
+
 
 def _conv_out_positions(module, spatial) -> int:
     pad = module._reversed_padding_repeated_twice
@@ -381,6 +433,20 @@ class EmbeddingRule(LayerRule):
             flat_ids, rows = flat_ids[keep], rows[keep]
         grad = rows.new_zeros(module.weight.shape[0], rows.shape[-1])
         return {"weight": grad.index_add_(0, flat_ids, rows)}
+
+    # -- data valuation (regops.valuation.forms): the id-equality cross Gram, never a B x V x d gradient
+    def grad_dots(self, module, ids, g, ids2, g2, form):
+        from regops.valuation import forms
+
+        return forms.embedding_grad_dots(module, ids, g, ids2, g2, form)
+
+    def sq_grad_sum(self, module, ids, g):
+        from regops.valuation import forms
+
+        return forms.embedding_sq_grad_sum(module, ids, g)
+
+    def dots_form(self, module, ids, ids2):
+        return "ghost"
 
 
 class _NormRule(LayerRule):

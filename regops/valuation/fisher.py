@@ -1,0 +1,119 @@
+"""``empirical_fisher_diagonal``: the exact mean of squared per-example gradients, true or sampled labels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from regops.valuation import forms as _forms
+from regops.valuation.capture import Captured, capture, check_reduction, logits_of
+from regops.valuation.dots import _owners, _summed_grads
+
+LABELS = ("true", "sampled")
+
+
+def fisher_sums(cap: Captured) -> dict[str, torch.Tensor]:
+    """``{parameter name: sum_n grad_n ** 2}`` of one captured batch (a module called once: its rule's
+    ``sq_grad_sum``; a reused module or a tied parameter: its per-example gradients summed over the uses)."""
+    owners = _owners(cap)
+    calls = cap.by_entry()
+    out: dict[str, torch.Tensor] = {}
+    for e in cap.entries:
+        single = {local for local, (name, _) in e.params.items() if len(owners[name]) == 1}
+        if len(calls[e.label]) == 1:
+            saved, g = calls[e.label][0]
+            for local, value in e.layer.sq_grad_sum(e.module, saved, g).items():
+                if local in single:
+                    out[e.params[local][0]] = value
+        elif len(calls[e.label]) > 1:
+            for local in single:
+                name = e.params[local][0]
+                out[name] = _forms.sq_sum(_summed_grads(cap, [(e.label, local)]))
+    for name, uses in owners.items():
+        if len(uses) > 1:
+            dense = _summed_grads(cap, uses)
+            if dense is not None:
+                out[name] = _forms.sq_sum(dense)
+    return out
+
+
+def _sampler(generator: torch.Generator | None) -> Callable[[Any, Any], torch.Tensor]:
+    def sample(outputs: Any, targets: Any) -> torch.Tensor:
+        logits = logits_of(outputs).detach()
+        probs = torch.softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
+        drawn = torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:-1])
+        if isinstance(targets, torch.Tensor) and targets.shape == drawn.shape:
+            drawn = torch.where(targets == -100, targets, drawn)  # ignored positions stay ignored
+        return drawn
+
+    return sample
+
+
+def empirical_fisher_diagonal(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    loader: Iterable[tuple[Any, Any]],
+    *,
+    labels: str = "true",
+    loss_reduction: str = "sum",
+    generator: torch.Generator | None = None,
+    forms: str | Mapping[str, str] | None = None,
+    unsupported: str = "error",
+) -> dict[str, torch.Tensor]:
+    r"""The diagonal of the empirical Fisher, exactly: :math:`F_k = \frac1N \sum_{n} (\nabla_{\theta_k} \ell_n)^2`.
+
+    One forward and one backward per batch; ``p.grad`` untouched. Per layer: a Linear on ``[B, d]`` inputs is
+    one GEMM :math:`(G\odot G)^\top (A\odot A)`; a Linear on sequences and a convolution (unfolded patches)
+    square each example's gradient tile by tile (``regops::valuation_sq_grad_sum``, the instantiate kernel's
+    tiles: no ``B x p x d`` tensor); Embedding sums each example's rows of repeated ids; norms and biases
+    their per-example gradients; reused modules and tied parameters their summed per-example gradients.
+
+    Args:
+        model, loss_fn: as for :func:`per_sample_grad_dots`.
+        loader: an iterable of ``(inputs, targets)`` batches (a DataLoader, a list).
+        labels: ``"true"`` (the empirical Fisher, used by EWC / EATA) or ``"sampled"``: targets drawn from
+            the model's softmax over the last dim of its logits (an unbiased estimate of the true Fisher's
+            diagonal); positions whose target is ``-100`` stay ignored.
+        loss_reduction: ``"sum"`` or ``"mean"``: the gradients are those of the per-example losses either way.
+        generator: for ``labels="sampled"``.
+
+    Returns:
+        ``{parameter name: tensor of the parameter's shape}``, float32 (float64 for a float64 model).
+
+    Example::
+
+        >>> fisher = regops.empirical_fisher_diagonal(model, F.cross_entropy, loader, loss_reduction="mean")
+        >>> ewc = sum((fisher[n] * (p - old[n]) ** 2).sum() for n, p in model.named_parameters())
+    """
+    check_reduction(loss_reduction)
+    if labels not in LABELS:
+        raise ValueError(f"regops: labels must be 'true' or 'sampled', got {labels!r}")
+    targets_fn = _sampler(generator) if labels == "sampled" else None
+    total: dict[str, torch.Tensor] = {}
+    params: dict[str, nn.Parameter] = {}
+    n = 0
+    for batch in loader:
+        cap = capture(
+            model,
+            loss_fn,
+            batch,
+            loss_reduction=loss_reduction,
+            forms=forms,
+            unsupported=unsupported,
+            targets_fn=targets_fn,
+        )
+        params.update({name: p for e in cap.entries for name, p in e.params.values()})
+        for name, value in fisher_sums(cap).items():
+            total[name] = value if name not in total else total[name] + value
+        n += cap.batch
+    if n == 0:
+        raise ValueError("regops: the loader yielded no examples")
+    out = {}
+    for name, p in params.items():
+        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        v = total.get(name)
+        out[name] = torch.zeros(p.shape, dtype=dtype, device=p.device) if v is None else (v / n).reshape(p.shape)
+    return out
