@@ -220,7 +220,7 @@ def test_opcheck_and_compile():
     x = torch.randn(5, 33)
     torch.library.opcheck(K.dropout, (x, 0.3, 5, 2**32 - 1))
     torch.library.opcheck(K.bias_dropout_add, (x, torch.randn(33), x, 0.3, 5, 7))
-    torch.library.opcheck(torch.ops.regops.dropout, (x, 0.3, torch.tensor([5, 7])))
+    torch.library.opcheck(torch.ops.regops.dropout, (x, torch.tensor(0.3, dtype=torch.float64), torch.tensor([5, 7])))
     fn = torch.compile(lambda t: regops.bias_dropout_add(t, None, t, 0.25), fullgraph=True, backend="eager")
     torch.manual_seed(1)
     out = fn(x)

@@ -119,7 +119,8 @@ def test_just_in_time_build_into_cache_and_reuse(tmp_path):
         "path = regops.build_extension()\n"
         "assert _backend.extension() is not None and hasattr(torch.ops.regops_C, 'dropout')\n"
         "x = torch.randn(8, device='meta')\n"
-        "assert torch.ops.regops_C.dropout(x, 5, 1.0, 1, 2).shape == x.shape\n"
+        "seed = torch.zeros(2, dtype=torch.int64, device='meta')\n"
+        "assert torch.ops.regops_C.dropout(x, 5, 1.0, seed).shape == x.shape\n"
         "print(path)"
     )
     proc = subprocess.run([sys.executable, "-c", build], capture_output=True, text=True, cwd=tmp_path, env=env)
