@@ -214,8 +214,10 @@ def cpp_kernel(op: str) -> bool:
     found = _EXT_STATE.setdefault("cpp_kernels", {})
     if op not in found:
         name = f"{CPP_NAMESPACE}::{op}"
-        found[op] = hasattr(getattr(torch.ops, CPP_NAMESPACE), op) and torch._C._dispatch_has_kernel_for_dispatch_key(
-            name, "CPU"
+        # An op with no tensor argument (hessian_probes) has nothing to dispatch on: its kernel is registered as
+        # CompositeExplicitAutograd and checks that the device is the CPU.
+        found[op] = hasattr(getattr(torch.ops, CPP_NAMESPACE), op) and any(
+            torch._C._dispatch_has_kernel_for_dispatch_key(name, key) for key in ("CPU", "CompositeExplicitAutograd")
         )
     return found[op]
 

@@ -202,6 +202,7 @@ def test_ops_pick_the_cpp_backend_on_cpu_and_agree_with_the_reference(monkeypatc
         "multi_sample_dropout_mean",
         "scale_rows_add",
         "hessian_probe_dot",
+        "hessian_probes",
     ):
         assert _backend.choose(op, cpu) == "cpp", op
     x = torch.randn(8, 33, requires_grad=True)
@@ -226,3 +227,54 @@ def test_opcheck_and_compile():
     out = fn(x)
     torch.manual_seed(1)
     assert torch.equal(out, regops.bias_dropout_add(x, None, x, 0.25))
+
+
+# ----------------------------------------------------------------------------------------------- hessian_probes
+@pytest.mark.parametrize("distribution", ("rademacher", "gaussian"))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hessian_probes_bits_match_reference(distribution, dtype):
+    from regops.reference import hessian as href
+
+    cpu = torch.device("cpu")
+    for (k, first, n), (seed, offset) in itertools.product(
+        ((0, 0, 5), (1, 0, 1), (3, 2, 129), (2, 7, 1001), (1, 2**20 + 3, 4099)), SEEDS_OFFSETS
+    ):
+        got = K.hessian_probes(seed, offset, first, k, n, distribution, dtype, cpu)
+        want = href.probes(seed, offset, first, k, n, distribution, dtype, cpu)
+        assert got.shape == want.shape and got.dtype == dtype, (k, first, n)
+        assert torch.equal(got, want), (k, first, n, seed, offset)
+
+
+def test_hessian_probes_gaussian_many_blocks_and_threads_match_reference():
+    from regops.reference import hessian as href
+
+    want = href.probes(3, 2**32 - 9, 1, 4, 70001, "gaussian", torch.float32, None)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            assert torch.equal(K.hessian_probes(3, 2**32 - 9, 1, 4, 70001, "gaussian", torch.float32, None), want)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_hessian_probes_op_runs_cpp_and_checks_input(monkeypatch):
+    monkeypatch.delenv("REGOPS_BACKEND", raising=False)
+    seed = torch.tensor([11, 2**32 - 5])
+    got = torch.ops.regops.hessian_probes(seed, 1, 3, 77, "gaussian", torch.float64, torch.device("cpu"))
+    with regops.use_backend("torch"):
+        want = torch.ops.regops.hessian_probes(seed, 1, 3, 77, "gaussian", torch.float64, torch.device("cpu"))
+    assert torch.equal(got, want)
+    torch.library.opcheck(torch.ops.regops.hessian_probes, (seed, 0, 2, 130, "rademacher", torch.float32, "cpu"))
+    fn = torch.compile(
+        lambda s: torch.ops.regops.hessian_probes(s, 1, 3, 77, "gaussian", torch.float64, "cpu"),
+        fullgraph=True,
+        backend="eager",
+    )
+    assert torch.equal(fn(seed), want)
+    with pytest.raises(RuntimeError, match="distribution must be one of"):
+        K.hessian_probes(0, 0, 0, 1, 4, "uniform", torch.float32, None)
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        K.hessian_probes(0, 0, 0, 1, 4, "gaussian", torch.int32, None)
+    with pytest.raises(RuntimeError, match="device must be the CPU"):
+        K.hessian_probes(0, 0, 0, 1, 4, "gaussian", torch.float32, torch.device("meta"))
