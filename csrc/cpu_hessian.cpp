@@ -128,20 +128,18 @@ const float kSinCoeffs[7] = {static_cast<float>(-1.0 / 1307674368000.0), static_
                              static_cast<float>(-1.0 / 5040.0),          static_cast<float>(1.0 / 120.0),
                              static_cast<float>(-1.0 / 6.0)};
 
-// ln(k 2^-24) for k in [1, 2^24] (regops.reference.hessian.log_unit).
+// ln(k 2^-24) for k in [1, 2^24] (regops.reference.hessian.log_unit). Branch-free so that the block loop
+// vectorizes; each operation is the reference's, in its order.
 inline float log_unit(uint32_t k) {
-  const float u = static_cast<float>(k) * kTwoPowM24;
+  const float u = static_cast<float>(static_cast<int32_t>(k)) * kTwoPowM24;
   int32_t bits;
   std::memcpy(&bits, &u, 4);
-  int32_t e = (bits >> 23) - 127;
   const int32_t mbits = (bits & 0x7FFFFF) | 0x3F800000;
   float m;
   std::memcpy(&m, &mbits, 4);
-  if (m > kSqrt2) {
-    m = m * 0.5f;
-    e = e + 1;
-  }
-  const float ef = static_cast<float>(e);
+  const bool big = m > kSqrt2;
+  m = big ? m * 0.5f : m;
+  const float ef = static_cast<float>((bits >> 23) - 127 + (big ? 1 : 0));
   const float s = (m - 1.0f) / (m + 1.0f);
   const float s2 = s * s;
   float p = s2 * kLogCoeffs[0] + kLogCoeffs[1];
@@ -158,29 +156,53 @@ inline float sin_poly(float x) {
   return x * p;
 }
 
-// Box-Muller on two words (regops.reference.hessian.box_muller).
-inline void box_muller(uint32_t wa, uint32_t wb, float& z0, float& z1) {
-  const float r = static_cast<float>(std::sqrt(static_cast<double>(log_unit((wa >> 8) + 1)) * -2.0));
-  const float u = static_cast<float>(wb >> 8) * kTwoPowM24;
-  const float t = u >= 0.5f ? u - 1.0f : u;
-  const float a = std::fabs(t);
-  const float bc = 0.25f - a;
-  const float bs = a <= 0.25f ? t : (t > 0.0f ? 0.5f - t : -0.5f - t);
-  z0 = r * sin_poly(bc * kTwoPi);
-  z1 = r * sin_poly(bs * kTwoPi);
+constexpr int64_t kPairs = kBlockElems / 2;
+
+// Box-Muller on the word pairs (2i, 2i + 1) of a block (regops.reference.hessian.box_muller): z[2i], z[2i + 1].
+// Split into loops over the pairs (radius, then the two angles) that the compiler vectorizes.
+REGOPS_CPU_CLONES void gaussian_pairs(const uint32_t* __restrict__ words, float* __restrict__ z) {
+  alignas(64) float r[kPairs], bc[kPairs], bs[kPairs];
+  for (int64_t i = 0; i < kPairs; ++i) {
+    r[i] = static_cast<float>(std::sqrt(static_cast<double>(log_unit((words[2 * i] >> 8) + 1)) * -2.0));
+  }
+  for (int64_t i = 0; i < kPairs; ++i) {
+    const float u = static_cast<float>(static_cast<int32_t>(words[2 * i + 1] >> 8)) * kTwoPowM24;
+    const float t = u >= 0.5f ? u - 1.0f : u;
+    const float a = std::fabs(t);
+    bc[i] = (0.25f - a) * kTwoPi;
+    bs[i] = (a <= 0.25f ? t : (t > 0.0f ? 0.5f - t : -0.5f - t)) * kTwoPi;
+  }
+  for (int64_t i = 0; i < kPairs; ++i) {
+    z[2 * i] = r[i] * sin_poly(bc[i]);
+    z[2 * i + 1] = r[i] * sin_poly(bs[i]);
+  }
 }
 
 template <typename T>
-REGOPS_CPU_CLONES void gaussian_block(const uint32_t* __restrict__ words, T* __restrict__ out, int64_t len) {
+void gaussian_block(const uint32_t* __restrict__ words, T* __restrict__ out, int64_t len) {
   alignas(64) float z[kBlockElems];
-  for (int64_t i = 0; i < kBlockElems; i += 2) box_muller(words[i], words[i + 1], z[i], z[i + 1]);
+  gaussian_pairs(words, z);
   for (int64_t i = 0; i < len; ++i) out[i] = static_cast<T>(z[i]);
 }
 
+// table[byte][j] = -1 if bit j of byte is set, else +1 (the reference's sign table).
 template <typename T>
-void rademacher_block(const uint32_t* __restrict__ words, T* __restrict__ out, int64_t len) {
-  // Element 32 w + b of the block's word list is bit b of word w: -1 where set, else +1.
-  for (int64_t i = 0; i < len; ++i) out[i] = static_cast<T>(((words[i >> 5] >> (i & 31)) & 1u) ? -1.0f : 1.0f);
+struct SignTable {
+  alignas(64) T v[256][8];
+  SignTable() {
+    for (int b = 0; b < 256; ++b)
+      for (int j = 0; j < 8; ++j) v[b][j] = static_cast<T>(((b >> j) & 1) ? -1.0f : 1.0f);
+  }
+};
+
+template <typename T>
+void rademacher_block(const uint32_t* __restrict__ words, T* __restrict__ out, int64_t len, const SignTable<T>& table) {
+  // Element 32 w + 8 b + j of the block is bit j of byte b (little-endian) of word w: -1 where set, else +1.
+  const int64_t whole = len / 8;
+  for (int64_t k = 0; k < whole; ++k) {
+    std::memcpy(out + 8 * k, table.v[(words[k >> 2] >> (8 * (k & 3))) & 0xFF], 8 * sizeof(T));
+  }
+  for (int64_t i = 8 * whole; i < len; ++i) out[i] = table.v[(words[i >> 5] >> (8 * ((i >> 3) & 3))) & 0xFF][i & 7];
 }
 
 at::Tensor probes(int64_t seed, int64_t offset, int64_t first_probe, int64_t num_probes, int64_t numel,
@@ -203,6 +225,7 @@ at::Tensor probes(int64_t seed, int64_t offset, int64_t first_probe, int64_t num
     const int64_t block_elems = kBlockCounters * per;
     const int64_t blocks = (n + block_elems - 1) / block_elems;
     const int64_t grain = gaussian ? kGrainBlocks : std::max<int64_t>(1, kGrainBlocks / 32);
+    const SignTable<T> table;
     at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
       alignas(64) uint32_t words[kBlockElems];
       for (int64_t b = begin; b < end; ++b) {
@@ -211,7 +234,7 @@ at::Tensor probes(int64_t seed, int64_t offset, int64_t first_probe, int64_t num
         if (gaussian) {
           gaussian_block<T>(words, yp + start, len);
         } else {
-          rademacher_block<T>(words, yp + start, len);
+          rademacher_block<T>(words, yp + start, len, table);
         }
       }
     });
