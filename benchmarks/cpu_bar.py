@@ -1,6 +1,7 @@
 """The CPU bar of the C++ kernels: fp32, 4M elements ([4096, 1024]), forward+backward, regops against the eager
 composition, min of interleaved runs (a loaded machine inflates both sides; the minimum is the least disturbed).
-Then the forward-only ops (Hessian probes, the mixing op), each against the torch op it replaces and the reference.
+Then forward-only cases (nested dropout, Hessian probes, the mixing op), each against the eager torch ops it replaces
+and the reference.
 
     python -m benchmarks.cpu_bar --threads 1 2
 """
@@ -39,6 +40,7 @@ def _cases(rows: int, cols: int):
 
 def _forward_cases():
     """name -> (torch op it replaces, reference, regops C++ kernel), ~4M float32 outputs each."""
+    from regops.reference import dropout as rref
     from regops.reference import hessian as href
     from regops.reference import mix as mref
 
@@ -58,7 +60,18 @@ def _forward_cases():
         y[:, :, 20:120, 30:150] = x.flip(0)[:, :, 20:120, 30:150]
         return y
 
+    h = torch.randn(4096, 1024)
+
+    def eager_nested():
+        counts = torch.randint(1, h.shape[1] + 1, (h.shape[0], 1))
+        return h * (torch.arange(h.shape[1]) < counts)
+
     return {
+        "nested_dropout": (
+            eager_nested,
+            lambda: rref.nested_dropout(h, 0.01, 1, 7, 11),
+            lambda: regops.nested_dropout(h, 0.01, dim=1),
+        ),
         "probes gaussian": (
             lambda: torch.randn(k, n),
             lambda: href.probes(7, 11, 0, k, n, "gaussian", torch.float32, cpu),

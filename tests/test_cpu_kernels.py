@@ -204,6 +204,7 @@ def test_ops_pick_the_cpp_backend_on_cpu_and_agree_with_the_reference(monkeypatc
         "hessian_probe_dot",
         "hessian_probes",
         "mix_apply",
+        "nested_dropout",
     ):
         assert _backend.choose(op, cpu) == "cpp", op
     x = torch.randn(8, 33, requires_grad=True)
@@ -348,4 +349,40 @@ def test_mix_apply_op_runs_cpp_with_gradient_opcheck_and_compile(monkeypatch):
     torch.library.opcheck(K.mix_apply, (x, ws, wo, partner, box))
     torch.library.opcheck(op, (x, ws, wo, partner, box))
     fn = torch.compile(lambda t: op(t, ws, wo, partner, box), fullgraph=True, backend="eager")
+    assert torch.equal(fn(x), y_ref)
+
+
+# ----------------------------------------------------------------------------------------------- nested dropout
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nested_dropout_bits_match_reference(dtype):
+    cases = (((5, 7), 1), ((5, 7), -1), ((3, 4, 9), 1), ((9, 2, 3, 5), 2), ((1, 1), 1), ((130, 33), 1), ((4, 0), 1))
+    for (shape, dim), p, (seed, offset) in itertools.product(cases, (1e-9, 0.05, 0.3, 1.0), SEEDS_OFFSETS):
+        x = torch.randn(shape).to(dtype)
+        got = K.nested_dropout(x, p, dim, seed, offset)
+        assert torch.equal(got, ref.nested_dropout(x, p, dim, seed, offset)), (shape, dim, p, offset)
+    x = torch.randn(4, 8)
+    x[:, 5:] = float("nan")  # dropped units are multiplied by 0: NaN stays NaN, as in the reference
+    assert torch.equal(K.nested_dropout(x, 0.5, 1, 3, 4).isnan(), ref.nested_dropout(x, 0.5, 1, 3, 4).isnan())
+    with pytest.raises(RuntimeError, match="must not be the batch dim"):
+        K.nested_dropout(x, 0.5, 0, 3, 4)
+
+
+def test_nested_dropout_op_runs_cpp_with_gradient_opcheck_and_compile(monkeypatch):
+    monkeypatch.delenv("REGOPS_BACKEND", raising=False)
+    x = torch.randn(6, 5, 7).transpose(1, 2)  # non-contiguous: the output keeps x's layout
+
+    def run(t):
+        torch.manual_seed(3)
+        t = t.clone().requires_grad_()
+        y = regops.nested_dropout(t, 0.2, dim=1)
+        y.backward(torch.ones_like(y))
+        return y, t.grad
+
+    y, g = run(x)
+    with regops.use_backend("torch"):
+        y_ref, g_ref = run(x)
+    assert torch.equal(y, y_ref) and torch.equal(g, g_ref) and y.stride() == y_ref.stride()
+    torch.library.opcheck(K.nested_dropout, (x.contiguous(), 0.2, 1, 5, 2**32 - 1))
+    fn = torch.compile(lambda t: regops.nested_dropout(t, 0.2, dim=1), fullgraph=True, backend="eager")
+    torch.manual_seed(3)
     assert torch.equal(fn(x), y_ref)
