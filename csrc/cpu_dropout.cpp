@@ -4,7 +4,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
+#include <vector>
 
 #include "cpu_common.h"
 
@@ -208,6 +210,51 @@ at::Tensor scale_rows_add(const at::Tensor& x, const at::Tensor& scales, const s
   return y;
 }
 
+// regops.reference.dropout.nested_dropout: sample b (dim 0) keeps its first count_b units along dim, count_b =
+// 1 + #{k : w_b < T_k}, w_b = word b of the stream, T_k = floor((1-p)^k 2^32) (geometric_thresholds: the same
+// double pow and truncation as the reference's host floats); the rest is multiplied by 0 (NaN stays NaN).
+at::Tensor nested_dropout(const at::Tensor& x, double p, int64_t dim, int64_t seed, int64_t offset) {
+  const char* op = "nested_dropout";
+  TORCH_CHECK(x.device().is_cpu(), "regops_cpu::nested_dropout: x must be a CPU tensor");
+  TORCH_CHECK(x.dim() >= 2, "regops_cpu::nested_dropout: x must have a batch dim and a unit dim, got ", x.sizes());
+  dim = at::maybe_wrap_dim(dim, x.dim());
+  TORCH_CHECK(dim != 0, "regops_cpu::nested_dropout: dim must not be the batch dim 0");
+  const at::Tensor input = x.contiguous();
+  at::Tensor y = at::empty_like(input, at::MemoryFormat::Contiguous);
+  const int64_t batch = input.size(0), units = input.size(dim);
+  std::vector<uint32_t> thresholds;
+  const double q = 1.0 - p;
+  for (int64_t k = 1; k < units; ++k) {
+    const int64_t t = static_cast<int64_t>(std::pow(q, static_cast<double>(k)) * 4294967296.0);
+    if (t <= 0) break;
+    thresholds.push_back(static_cast<uint32_t>(std::min<int64_t>(t, 4294967295LL)));
+  }
+  std::vector<int64_t> counts(batch, 1);
+  for (int64_t b = 0; b < batch; b += 4) {
+    const Words4 r = philox4x32_10(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset) + b / 4);
+    for (int64_t j = 0; j < 4 && b + j < batch; ++j) {
+      for (uint32_t t : thresholds) counts[b + j] += r.w[j] < t;
+    }
+  }
+  if (input.numel() == 0) return y;
+  const int64_t inner = input.stride(dim), outer = input.numel() / (batch * units * inner);
+  REGOPS_CPU_FLOATING(input.scalar_type(), op, [&] {
+    using C = typename Acc<T>::type;
+    const T* xp = input.const_data_ptr<T>();
+    T* yp = y.mutable_data_ptr<T>();
+    const int64_t rows = batch * outer;
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainBlocks * kBlockElems / (units * inner)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t keep = counts[r / outer] * inner, len = units * inner;
+        const T* a = xp + r * len;
+        T* o = yp + r * len;
+        for (int64_t i = 0; i < len; ++i) o[i] = static_cast<T>(static_cast<C>(a[i]) * (i < keep ? C(1) : C(0)));
+      }
+    });
+  });
+  return y;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace regops
@@ -218,4 +265,5 @@ TORCH_LIBRARY_IMPL(regops_cpu, CPU, m) {
   m.impl("apply_bitmask", &regops::cpu::apply_bitmask);
   m.impl("multi_sample_dropout_mean", &regops::cpu::multi_sample_dropout_mean);
   m.impl("scale_rows_add", &regops::cpu::scale_rows_add);
+  m.impl("nested_dropout", &regops::cpu::nested_dropout);
 }

@@ -6,6 +6,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "cpu_common.h"
@@ -103,8 +107,147 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> probe_dot(at::TensorList vs, at::
   return {dots, diag, diag_sq};
 }
 
+// ---------------------------------------------------------------------------------------------- probes
+// regops.reference.hessian.probes: the probe rows [K, S] of one call are the counters
+// offset + first_probe * S / per + t, t = 0 .. K * S / per - 1, in order (per = 128 elements per counter for
+// Rademacher, 4 for Gaussian), so the output is one flat run of counters split into blocks.
+// The Gaussian transform repeats the reference's float32 operations one by one in the same order (no FMA: the
+// build uses -ffp-contract=off), so it gives the same bits.
+
+constexpr float kLn2 = 0x1.62e43p-1f;         // float32(ln 2)
+constexpr float kSqrt2 = 0x1.6a09e6p+0f;      // float32(sqrt 2)
+constexpr float kTwoPi = 0x1.921fb6p+2f;      // float32(2 pi)
+constexpr float kTwoPowM24 = 0x1p-24f;
+
+// float32 constants of the reference (LOG_COEFFS = 1/11, 1/9, 1/7, 1/5, 1/3; SIN_COEFFS = (-1)^n / (2n+1)!,
+// n = 7 .. 1), rounded from double exactly as numpy rounds them.
+const float kLogCoeffs[5] = {static_cast<float>(1.0 / 11), static_cast<float>(1.0 / 9), static_cast<float>(1.0 / 7),
+                             static_cast<float>(1.0 / 5), static_cast<float>(1.0 / 3)};
+const float kSinCoeffs[7] = {static_cast<float>(-1.0 / 1307674368000.0), static_cast<float>(1.0 / 6227020800.0),
+                             static_cast<float>(-1.0 / 39916800.0),      static_cast<float>(1.0 / 362880.0),
+                             static_cast<float>(-1.0 / 5040.0),          static_cast<float>(1.0 / 120.0),
+                             static_cast<float>(-1.0 / 6.0)};
+
+// ln(k 2^-24) for k in [1, 2^24] (regops.reference.hessian.log_unit). Branch-free so that the block loop
+// vectorizes; each operation is the reference's, in its order.
+inline float log_unit(uint32_t k) {
+  const float u = static_cast<float>(static_cast<int32_t>(k)) * kTwoPowM24;
+  int32_t bits;
+  std::memcpy(&bits, &u, 4);
+  const int32_t mbits = (bits & 0x7FFFFF) | 0x3F800000;
+  float m;
+  std::memcpy(&m, &mbits, 4);
+  const bool big = m > kSqrt2;
+  m = big ? m * 0.5f : m;
+  const float ef = static_cast<float>((bits >> 23) - 127 + (big ? 1 : 0));
+  const float s = (m - 1.0f) / (m + 1.0f);
+  const float s2 = s * s;
+  float p = s2 * kLogCoeffs[0] + kLogCoeffs[1];
+  for (int i = 2; i < 5; ++i) p = p * s2 + kLogCoeffs[i];
+  p = p * s2 + 1.0f;
+  return ef * kLn2 + (s + s) * p;
+}
+
+inline float sin_poly(float x) {
+  const float x2 = x * x;
+  float p = x2 * kSinCoeffs[0] + kSinCoeffs[1];
+  for (int i = 2; i < 7; ++i) p = p * x2 + kSinCoeffs[i];
+  p = p * x2 + 1.0f;
+  return x * p;
+}
+
+constexpr int64_t kPairs = kBlockElems / 2;
+
+// Box-Muller on the word pairs (2i, 2i + 1) of a block (regops.reference.hessian.box_muller): z[2i], z[2i + 1].
+// Split into loops over the pairs (radius, then the two angles) that the compiler vectorizes.
+REGOPS_CPU_CLONES void gaussian_pairs(const uint32_t* __restrict__ words, float* __restrict__ z) {
+  alignas(64) float r[kPairs], bc[kPairs], bs[kPairs];
+  for (int64_t i = 0; i < kPairs; ++i) {
+    r[i] = static_cast<float>(std::sqrt(static_cast<double>(log_unit((words[2 * i] >> 8) + 1)) * -2.0));
+  }
+  for (int64_t i = 0; i < kPairs; ++i) {
+    const float u = static_cast<float>(static_cast<int32_t>(words[2 * i + 1] >> 8)) * kTwoPowM24;
+    const float t = u >= 0.5f ? u - 1.0f : u;
+    const float a = std::fabs(t);
+    bc[i] = (0.25f - a) * kTwoPi;
+    bs[i] = (a <= 0.25f ? t : (t > 0.0f ? 0.5f - t : -0.5f - t)) * kTwoPi;
+  }
+  for (int64_t i = 0; i < kPairs; ++i) {
+    z[2 * i] = r[i] * sin_poly(bc[i]);
+    z[2 * i + 1] = r[i] * sin_poly(bs[i]);
+  }
+}
+
+template <typename T>
+void gaussian_block(const uint32_t* __restrict__ words, T* __restrict__ out, int64_t len) {
+  alignas(64) float z[kBlockElems];
+  gaussian_pairs(words, z);
+  for (int64_t i = 0; i < len; ++i) out[i] = static_cast<T>(z[i]);
+}
+
+// table[byte][j] = -1 if bit j of byte is set, else +1 (the reference's sign table).
+template <typename T>
+struct SignTable {
+  alignas(64) T v[256][8];
+  SignTable() {
+    for (int b = 0; b < 256; ++b)
+      for (int j = 0; j < 8; ++j) v[b][j] = static_cast<T>(((b >> j) & 1) ? -1.0f : 1.0f);
+  }
+};
+
+template <typename T>
+void rademacher_block(const uint32_t* __restrict__ words, T* __restrict__ out, int64_t len, const SignTable<T>& table) {
+  // Element 32 w + 8 b + j of the block is bit j of byte b (little-endian) of word w: -1 where set, else +1.
+  const int64_t whole = len / 8;
+  for (int64_t k = 0; k < whole; ++k) {
+    std::memcpy(out + 8 * k, table.v[(words[k >> 2] >> (8 * (k & 3))) & 0xFF], 8 * sizeof(T));
+  }
+  for (int64_t i = 8 * whole; i < len; ++i) out[i] = table.v[(words[i >> 5] >> (8 * ((i >> 3) & 3))) & 0xFF][i & 7];
+}
+
+at::Tensor probes(int64_t seed, int64_t offset, int64_t first_probe, int64_t num_probes, int64_t numel,
+                  c10::string_view distribution, at::ScalarType dtype, std::optional<at::Device> device) {
+  const char* op = "hessian_probes";
+  TORCH_CHECK(!device.has_value() || device->is_cpu(), "regops_cpu::", op, ": device must be the CPU, got ", *device);
+  const bool gaussian = distribution == "gaussian";
+  TORCH_CHECK(gaussian || distribution == "rademacher", "regops_cpu::", op,
+              ": distribution must be one of ('rademacher', 'gaussian'), got '", std::string(distribution), "'");
+  TORCH_CHECK(num_probes >= 0 && numel >= 0, "regops_cpu::", op, ": num_probes and numel must be >= 0");
+  const int64_t per = gaussian ? 4 : 128;
+  const int64_t stride = (numel + per - 1) / per * per, row_counters = stride / per;
+  const int64_t n = num_probes * stride;
+  // The reference computes counters in int64 and Philox takes them mod 2^64: the same here in uint64.
+  const uint64_t first = static_cast<uint64_t>(offset) +
+                         static_cast<uint64_t>(first_probe) * static_cast<uint64_t>(row_counters);
+  at::Tensor out = at::empty({num_probes, stride}, at::TensorOptions().dtype(dtype).device(at::kCPU));
+  REGOPS_CPU_FLOATING(dtype, op, [&] {
+    T* yp = out.mutable_data_ptr<T>();
+    const int64_t block_elems = kBlockCounters * per;
+    const int64_t blocks = (n + block_elems - 1) / block_elems;
+    const int64_t grain = gaussian ? kGrainBlocks : std::max<int64_t>(1, kGrainBlocks / 32);
+    const SignTable<T> table;
+    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+      alignas(64) uint32_t words[kBlockElems];
+      for (int64_t b = begin; b < end; ++b) {
+        philox_block(static_cast<uint64_t>(seed), first + static_cast<uint64_t>(b * kBlockCounters), words);
+        const int64_t start = b * block_elems, len = std::min(block_elems, n - start);
+        if (gaussian) {
+          gaussian_block<T>(words, yp + start, len);
+        } else {
+          rademacher_block<T>(words, yp + start, len, table);
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace regops
 
 TORCH_LIBRARY_IMPL(regops_cpu, CPU, m) { m.impl("hessian_probe_dot", &regops::cpu::probe_dot); }
+
+// No tensor argument to dispatch on: the kernel is registered for every backend key and checks the device itself
+// (regops/_backend.py calls it only for CPU devices).
+TORCH_LIBRARY_IMPL(regops_cpu, CompositeExplicitAutograd, m) { m.impl("hessian_probes", &regops::cpu::probes); }

@@ -21,6 +21,11 @@ TORCH_LIBRARY(regops_cpu, m) {
       "dropout_add_layer_norm_backward(Tensor dy, Tensor? ds, Tensor s, Tensor mean, Tensor rstd, Tensor? weight, "
       "bool has_bias, float p, bool rms_norm, int seed, int offset, ScalarType x_dtype, ScalarType? res_dtype) "
       "-> (Tensor, Tensor?, Tensor?, Tensor?)");
+  m.def(
+      "hessian_probes(int seed, int offset, int first_probe, int num_probes, int numel, str distribution, "
+      "ScalarType dtype, Device? device=None) -> Tensor");
+  m.def("nested_dropout(Tensor x, float p, int dim, int seed, int offset) -> Tensor");
+  m.def("mix_apply(Tensor x, Tensor w_self, Tensor w_other, Tensor partner, Tensor box) -> Tensor");
   m.def("hessian_probe_dot(Tensor[] vs, Tensor[] hvs, bool with_diag=True) -> (Tensor, Tensor, Tensor)");
 }
 

@@ -51,6 +51,8 @@ class _OpImpls:
     cuda: Callable[..., Any] | None = None
     # Fake (meta) impl of torch.ops.regops_C.<op>, registered when the extension loads.
     cuda_fake: Callable[..., Any] | None = None
+    # Fake impl of the C++ CPU kernel regops_cpu::<op> when the reference cannot trace (it reads values on the host).
+    cpp_fake: Callable[..., Any] | None = None
     resolved: dict[str, Callable[..., Any]] = field(default_factory=dict)
 
 
@@ -64,14 +66,16 @@ def register(
     triton: Callable[..., Any] | str | None = None,
     cuda: Callable[..., Any] | None = None,
     cuda_fake: Callable[..., Any] | None = None,
+    cpp_fake: Callable[..., Any] | None = None,
 ) -> None:
     """Register the implementations of ``op``. All take the same arguments and return the same result.
 
-    ``cuda_fake`` is the fake (meta) impl of the extension's ``regops_C::<op>`` schema, so that op also traces.
+    ``cuda_fake`` is the fake (meta) impl of the extension's ``regops_C::<op>`` schema, so that op also traces;
+    ``cpp_fake`` that of ``regops_cpu::<op>`` (default: the reference itself).
     """
     if op in _REGISTRY:
         raise RuntimeError(f"regops: op {op!r} is registered twice")
-    _REGISTRY[op] = _OpImpls(torch=torch, triton=triton, cuda=cuda, cuda_fake=cuda_fake)
+    _REGISTRY[op] = _OpImpls(torch=torch, triton=triton, cuda=cuda, cuda_fake=cuda_fake, cpp_fake=cpp_fake)
     if _EXT_STATE.get("module") is not None:
         _register_cuda_fake(op)
 
@@ -82,7 +86,7 @@ def _register_cuda_fake(op: str) -> None:
         torch.library.register_fake(f"regops_C::{op}", fake)
     # A C++ CPU kernel has the reference's signature and the reference is plain tensor code: it is the fake impl.
     if hasattr(getattr(torch.ops, CPP_NAMESPACE), op):
-        torch.library.register_fake(f"{CPP_NAMESPACE}::{op}", _REGISTRY[op].torch)
+        torch.library.register_fake(f"{CPP_NAMESPACE}::{op}", _REGISTRY[op].cpp_fake or _REGISTRY[op].torch)
 
 
 def registered_ops() -> list[str]:
@@ -214,8 +218,10 @@ def cpp_kernel(op: str) -> bool:
     found = _EXT_STATE.setdefault("cpp_kernels", {})
     if op not in found:
         name = f"{CPP_NAMESPACE}::{op}"
-        found[op] = hasattr(getattr(torch.ops, CPP_NAMESPACE), op) and torch._C._dispatch_has_kernel_for_dispatch_key(
-            name, "CPU"
+        # An op with no tensor argument (hessian_probes) has nothing to dispatch on: its kernel is registered as
+        # CompositeExplicitAutograd and checks that the device is the CPU.
+        found[op] = hasattr(getattr(torch.ops, CPP_NAMESPACE), op) and any(
+            torch._C._dispatch_has_kernel_for_dispatch_key(name, key) for key in ("CPU", "CompositeExplicitAutograd")
         )
     return found[op]
 

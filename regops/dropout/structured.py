@@ -339,10 +339,18 @@ def drop_path_add(
 
 
 # ------------------------------------------------------------------------------------------------ nested dropout
+_backend.register("nested_dropout", torch=_ref.nested_dropout)
+
+
 @torch.library.custom_op("regops::nested_dropout", mutates_args=())
 def _nested_dropout_op(x: torch.Tensor, p: torch.Tensor, dim: int, seed: torch.Tensor) -> torch.Tensor:
     key, offset = seed.tolist()
-    return in_layout_of(x, _ref.nested_dropout(x, probability_value(p), dim, key, offset).contiguous())
+    # No GPU kernel: CUDA tensors (and a forced Triton backend) run the reference; CPU tensors run what the backend
+    # chooses (the C++ kernel when built).
+    impl = _ref.nested_dropout
+    if x.device.type == "cpu" and _backend.requested_backend() in (None, "cpp", "torch"):
+        impl = _backend.implementation("nested_dropout", x.device)
+    return in_layout_of(x, impl(x, probability_value(p), dim, key, offset).contiguous())
 
 
 register_seeded_mask_op(_nested_dropout_op)
