@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import regops
-from benchmarks.harness import Setup, case
+from benchmarks.harness import Setup, case, compiled
 
 CONFIGS = {  # (device type, quick) -> (sizes, batch, probes)
     ("cpu", False): ((784, 256, 256, 10), 256, 32),
@@ -176,17 +176,27 @@ def _register_probes(quick: bool) -> None:
             vs, hvs = list(v.split(sizes, 1)), list(hv.split(sizes, 1))
             from regops.hessian import _probes as P
 
+            def rademacher():
+                return torch.randint(0, 2, (k, numel), device=device).float() * 2 - 1
+
+            def gaussian():
+                return torch.randn(k, numel, device=device)
+
+            def probe_dot(v, hv):
+                vh = v * hv
+                return torch.stack([c.sum(1) for c in vh.split(sizes, 1)], 1), vh.sum(0), (vh**2).sum(0)
+
+            compiled_dot = compiled(probe_dot)
             variants = {
                 "regops": lambda: regops.hessian.probes([w], k, generator=gen),
                 "regops gaussian": lambda: regops.hessian.probes([w], k, distribution="gaussian", generator=gen),
-                "eager": lambda: torch.randint(0, 2, (k, numel), device=device).float() * 2 - 1,
-                "eager gaussian": lambda: torch.randn(k, numel, device=device),
+                "eager": rademacher,
+                "compile": compiled(rademacher),
+                "eager gaussian": gaussian,
+                "compile gaussian": compiled(gaussian),
                 "regops probe_dot": lambda: P._probe_dot_op(vs, hvs, True),
-                "eager probe_dot": lambda: (
-                    torch.stack([c.sum(1) for c in (v * hv).split(sizes, 1)], 1),
-                    (v * hv).sum(0),
-                    ((v * hv) ** 2).sum(0),
-                ),
+                "eager probe_dot": lambda: probe_dot(v, hv),
+                "compile probe_dot": lambda: compiled_dot(v, hv),
             }
             return Setup(variants, bytes=k * numel * 4, note="probe generation and the fused accumulation")
 
