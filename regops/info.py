@@ -70,6 +70,21 @@ def report() -> str:
     return "\n".join(lines)
 
 
+def summary() -> str:
+    """One line: the regops version and what its extension provides here (or why it is not loaded)."""
+    status = _backend.extension_status()
+    if _backend.extension() is None:
+        return f"regops {_version('regops')}: extension regops._C {status}"
+    info = _jit.build_info() if "just-in-time" in status else _build_info.read()
+    cpp_ops = sum(_backend.cpp_kernel(op) for op in _backend.registered_ops())
+    cuda_built = info.get("cuda_kernels", bool(info.get("cuda_archs")))
+    archs = " ".join(info.get("cuda_archs", []))
+    return (
+        f"regops {_version('regops')}: extension regops._C {status}: C++ CPU kernels for {cpp_ops} ops, "
+        f"CUDA kernels {'for ' + archs if cuda_built else 'not built'}"
+    )
+
+
 def main() -> None:
     print(report())
 

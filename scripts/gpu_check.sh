@@ -10,7 +10,17 @@
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-PY="${PYTHON:-python}"
+# The README's environment (made by scripts/test.sh or bench.sh) when it exists, else $PYTHON or the python on PATH
+# (a GPU machine with torch and triton preinstalled: regops is installed there without dependencies).
+VENV="${REGOPS_VENV:-$ROOT/.venv}"
+if [[ -n "${PYTHON:-}" ]]; then
+  PY="$PYTHON"
+elif [[ -x "$VENV/bin/python" ]]; then
+  PY="$VENV/bin/python"
+  export PATH="$VENV/bin:$PATH"
+else
+  PY=python
+fi
 
 DRY=0 BUILD=1 BENCH=1 TESTS=1
 for arg in "$@"; do
