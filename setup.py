@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODE = os.environ.get("REGOPS_BUILD_EXT", "auto").strip().lower()
@@ -35,13 +35,13 @@ BASE_REQUIRES = ["torch>=2.6", "numpy", "tqdm"]
 
 def _load(name: str):
     """A module of the regops source tree, loaded by path: regops itself is not importable during its build."""
-    spec = importlib.util.spec_from_file_location(f"_regops_setup_{name}", os.path.join(HERE, "regops", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(f"_regops_setup_{name}", os.path.join(HERE, "regops", "_core", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-toolkit = _load("_cuda_toolkit")
+toolkit = _load("toolkit")
 BASE_VERSION = re.search(r'__version__ = "([^"]+)"', open(os.path.join(HERE, "regops", "_version.py")).read())[1]
 
 
@@ -136,6 +136,7 @@ def extensions():
         "cpu_kernels": True,
         "cuda_kernels": cuda_home is not None,
         "git_revision": toolkit.git_revision(HERE),
+        "sources_hash": toolkit.sources_hash(os.path.join(HERE, "csrc"), [*toolkit.CXX_FLAGS, *toolkit.NVCC_FLAGS]),
         "built_by": "setup.py",
     }
     if cuda_home is not None:
@@ -152,7 +153,7 @@ def extensions():
             "regops._C",
             sources,
             include_dirs=[os.path.join(HERE, "csrc")],
-            extra_compile_args={"cxx": flags, "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": flags, "nvcc": toolkit.NVCC_FLAGS},
             optional=MODE != "1",
         )
     else:
@@ -184,4 +185,15 @@ def extensions():
 
 
 ext_modules, cmdclass, version, install_requires = extensions()
-setup(version=version, ext_modules=ext_modules, cmdclass=cmdclass, install_requires=install_requires)
+# Every package under regops/, plus the Triton sources (kernels/) as regops.kernels and the C++/CUDA sources (csrc/)
+# as regops.csrc: at the top of a checkout, neither is importable under its own name.
+packages = [*find_packages(include=["regops", "regops.*"]), "regops.kernels", "regops.csrc"]
+package_dir = {"regops.kernels": "kernels", "regops.csrc": "csrc"}
+setup(
+    version=version,
+    packages=packages,
+    package_dir=package_dir,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=install_requires,
+)

@@ -8,12 +8,12 @@ innermost first, so no index tensor is ever allocated.
 import torch
 import triton
 import triton.language as tl
-from regops.kernels.launch import launch
 from regops.kernels.philox import counter_words
 from regops.kernels.utils import cast_rne
 
+from regops._core.launch import launch
+from regops._core.philox import keep_threshold
 from regops.reference.distributed import MODE_MUL, MODE_MULTI, MODE_WHERE, MODES
-from regops.reference.philox import keep_threshold
 
 MAX_DIMS = 6
 _INTS = ["n", "cols", "base", "threshold", "seed", "offset", "num_samples", "step"]

@@ -1,14 +1,10 @@
-"""Triton dropout: one pass, output only; the same kernel applied to the gradient is the backward."""
+"""Triton kernels of the dropout ops (launchers: :mod:`regops.dropout.triton`): one pass over a flat tensor; the
+same kernel applied to the gradient is the backward."""
 
-import torch
 import triton
 import triton.language as tl
-from regops.kernels.launch import launch
-from regops.kernels.philox import keep_mask, load_seed, seed_tensor
+from regops.kernels.philox import keep_mask, load_seed
 from regops.kernels.utils import cast_rne
-
-from regops.reference.dropout import dropout_scale, float_round, multi_sample_counters
-from regops.reference.philox import keep_threshold
 
 
 @triton.jit(do_not_specialize=["n", "threshold"])
@@ -23,41 +19,6 @@ def dropout_kernel(x_ptr, y_ptr, n, threshold, scale, seed_ptr, BLOCK: tl.conste
         x = x.to(tl.float32)
     y = x * tl.where(keep, scale, 0.0)  # multiply, as torch: NaN/Inf at a dropped position -> NaN
     tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)
-
-
-def _default_block(x: torch.Tensor) -> int:
-    # The interpreter pays per program instance; a GPU wants ~16-32 bytes in flight per thread.
-    return 8192 if x.device.type == "cpu" else 2048
-
-
-def dropout(
-    x: torch.Tensor, p: float, seed: int | torch.Tensor, offset: int | None = None, *, block: int | None = None
-) -> torch.Tensor:
-    """Dropout of a contiguous tensor; bit-identical to regops.reference.dropout.dropout.
-
-    ``seed``: the int64 ``[2]`` tensor (key, offset) the kernel reads (CUDA-graph safe), or the ints
-    ``seed, offset`` (see regops.kernels.philox.seed_tensor)."""
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    n = x.numel()
-    if n == 0:
-        return y
-    seed_t = seed_tensor(seed, offset, x.device)
-    block = block or _default_block(x)
-    grid = (triton.cdiv(n, block),)
-    launch(
-        dropout_kernel,
-        grid,
-        x,
-        y,
-        n,
-        keep_threshold(p),
-        dropout_scale(p),
-        seed_t,
-        device=x.device,
-        BLOCK=block,
-        num_warps=4,
-    )
-    return y
 
 
 @triton.jit(do_not_specialize=["n", "threshold"])
@@ -127,118 +88,6 @@ def scale_rows_add_kernel(x_ptr, scales_ptr, res_ptr, y_ptr, n, inner, HAS_RESID
     if HAS_RESIDUAL:
         y += tl.load(res_ptr + idx, mask=in_bounds).to(x.dtype)
     tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)
-
-
-def scale_rows_add(
-    x: torch.Tensor, scales: torch.Tensor, residual: torch.Tensor | None, *, block: int | None = None
-) -> torch.Tensor:
-    """``x * scales[sample] (+ residual)``; as regops.reference.dropout.scale_rows_add (contiguous inputs)."""
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    n = x.numel()
-    if n == 0:
-        return y
-    block = block or _default_block(x)
-    launch(
-        scale_rows_add_kernel,
-        (triton.cdiv(n, block),),
-        x,
-        scales,
-        residual if residual is not None else x,
-        y,
-        n,
-        max(n // x.shape[0], 1),
-        HAS_RESIDUAL=residual is not None,
-        device=x.device,
-        BLOCK=block,
-        num_warps=4,
-        enable_fp_fusion=False,  # x*s+r stays two roundings, bit-identical to the reference
-    )
-    return y
-
-
-def dropout_bitmask(
-    x: torch.Tensor, p: float, seed: int | torch.Tensor, offset: int | None = None, *, block: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dropout plus the keep-mask packed 1 bit per element; as regops.reference.dropout.dropout_bitmask."""
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    n = x.numel()
-    bits = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
-    if n == 0:
-        return y, bits
-    seed_t = seed_tensor(seed, offset, x.device)
-    block = block or _default_block(x)
-    grid = (triton.cdiv(n, block),)
-    launch(
-        dropout_bitmask_kernel,
-        grid,
-        x,
-        y,
-        bits,
-        n,
-        keep_threshold(p),
-        dropout_scale(p),
-        seed_t,
-        device=x.device,
-        BLOCK=block,
-        num_warps=4,
-    )
-    return y, bits
-
-
-def apply_bitmask(g: torch.Tensor, bits: torch.Tensor, scale: float, *, block: int | None = None) -> torch.Tensor:
-    """``where(bit, g * scale, 0)``; as regops.reference.dropout.apply_bitmask."""
-    out = torch.empty_like(g, memory_format=torch.contiguous_format)
-    n = g.numel()
-    if n == 0:
-        return out
-    block = block or _default_block(g)
-    launch(
-        apply_bitmask_kernel,
-        (triton.cdiv(n, block),),
-        g,
-        bits,
-        out,
-        n,
-        scale,
-        device=g.device,
-        BLOCK=block,
-        num_warps=4,
-    )
-    return out
-
-
-def multi_sample_mean_dropout(
-    x: torch.Tensor,
-    p: float,
-    num_samples: int,
-    seed: int | torch.Tensor,
-    offset: int | None = None,
-    *,
-    block: int | None = None,
-) -> torch.Tensor:
-    """``x`` times the mean of ``num_samples`` dropout masks; as the reference of the same name."""
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    n = x.numel()
-    if n == 0:
-        return y
-    block = block or _default_block(x)
-    factor = float_round(dropout_scale(p) / num_samples)
-    launch(
-        multi_sample_mean_kernel,
-        (triton.cdiv(n, block),),
-        x,
-        y,
-        n,
-        num_samples,
-        multi_sample_counters(n),
-        keep_threshold(p),
-        factor,
-        seed_tensor(seed, offset, x.device),
-        device=x.device,
-        BLOCK=block,
-        num_warps=4,
-    )
-    return y
 
 
 _DTYPES = ("*fp32", "*fp16", "*bf16", "*fp64")

@@ -1,20 +1,15 @@
 """Triton fused dropout ops over rows: residual + dropout(x + bias), and dropout + residual + LayerNorm/RMSNorm.
 
-Masks use the row layout of regops.reference.dropout.row_keep_mask: element (r, c) takes word c % 4 of
+Masks use the row layout of regops.dropout.reference.row_keep_mask: element (r, c) takes word c % 4 of
 counter offset + r * ceil(H / 4) + c // 4, so any tile of rows regenerates its own mask, forward or backward.
 """
 
 from dataclasses import dataclass
 
-import torch
 import triton
 import triton.language as tl
-from regops.kernels.launch import launch, sm_count
-from regops.kernels.philox import counter_words, load_seed, seed_tensor
+from regops.kernels.philox import counter_words, load_seed
 from regops.kernels.utils import cast_rne
-
-from regops.reference.dropout import dropout_scale, row_counters
-from regops.reference.philox import keep_threshold
 
 
 @triton.jit
@@ -104,91 +99,6 @@ def bias_dropout_add_bwd_kernel(
             acc += tl.sum(dx, axis=0)
     if HAS_BIAS:
         tl.store(dbias_part_ptr + pid_r.to(tl.int64) * cols + c, acc, mask=c < cols)
-
-
-def _rows_cols(x: torch.Tensor) -> tuple[int, int]:
-    cols = x.shape[-1] if x.dim() else 1
-    return (x.numel() // cols if cols else 0), cols
-
-
-def _tile(x: torch.Tensor, cols: int) -> tuple[int, int]:
-    target = 16384 if x.device.type == "cpu" else 4096
-    block_c = min(max(triton.next_power_of_2(cols), 4), 1024 if x.device.type != "cpu" else 8192)
-    block_r = max(1, min(target // block_c, 64))
-    return block_r, block_c
-
-
-def bias_dropout_add(
-    x: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor,
-    p: float,
-    seed: int | torch.Tensor,
-    offset: int | None = None,
-) -> torch.Tensor:
-    """``residual + dropout(x + bias)``; as regops.reference.dropout.bias_dropout_add (contiguous inputs)."""
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    rows, cols = _rows_cols(x)
-    if x.numel() == 0:
-        return y
-    block_r, block_c = _tile(x, cols)
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
-    launch(
-        bias_dropout_add_fwd_kernel,
-        grid,
-        x,
-        bias if bias is not None else x,
-        residual,
-        y,
-        rows,
-        cols,
-        row_counters(cols),
-        keep_threshold(p),
-        dropout_scale(p),
-        seed_tensor(seed, offset, x.device),
-        device=x.device,
-        HAS_BIAS=bias is not None,
-        BLOCK_R=block_r,
-        BLOCK_C=block_c,
-        num_warps=4,
-        enable_fp_fusion=False,  # a*b+c stays two roundings, bit-identical to the reference
-    )
-    return y
-
-
-def bias_dropout_add_backward(
-    grad: torch.Tensor, has_bias: bool, p: float, seed: int | torch.Tensor, offset: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(dx, dbias)``; dbias float32 (float64 for float64) column sums of dx before rounding."""
-    dx = torch.empty_like(grad, memory_format=torch.contiguous_format)
-    rows, cols = _rows_cols(grad)
-    acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    if grad.numel() == 0:
-        return dx, (torch.zeros(cols, dtype=acc_dtype, device=grad.device) if has_bias else None)
-    block_r, block_c = _tile(grad, cols)
-    row_blocks = triton.cdiv(rows, block_r)
-    programs = min(row_blocks, 8 if grad.device.type == "cpu" else 4 * sm_count(grad.device))
-    parts = torch.empty((programs, cols), dtype=acc_dtype, device=grad.device) if has_bias else dx
-    launch(
-        bias_dropout_add_bwd_kernel,
-        (programs, triton.cdiv(cols, block_c)),
-        grad,
-        dx,
-        parts,
-        rows,
-        cols,
-        row_counters(cols),
-        keep_threshold(p),
-        dropout_scale(p),
-        seed_tensor(seed, offset, grad.device),
-        triton.cdiv(row_blocks, programs),
-        device=grad.device,
-        HAS_BIAS=has_bias,
-        BLOCK_R=block_r,
-        BLOCK_C=block_c,
-        num_warps=4,
-    )
-    return dx, (parts.sum(0) if has_bias else None)
 
 
 # ------------------------------------------------------------------------------------------------ + LayerNorm
@@ -540,134 +450,6 @@ def norm_config(cols: int, device_type: str = "cuda") -> NormConfig:
         return NormConfig(1, LOOP_BLOCK_C, True, 8, MAX_REGISTERS)
     target = 16384 if device_type == "cpu" else _GPU_TILE  # the interpreter pays per program: large tiles
     return NormConfig(max(1, min(target // block_c, 16)), block_c, False, 8, MAX_REGISTERS)
-
-
-def dropout_add_layer_norm(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    p: float,
-    eps: float,
-    rms_norm: bool,
-    residual_in_fp32: bool,
-    seed: int | torch.Tensor,
-    offset: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """As regops.reference.dropout.dropout_add_layer_norm: ``(y, s, mean, rstd)``; any row length."""
-    cols = x.shape[-1]
-    rows = x.numel() // cols if cols else 0
-    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    s_dtype = (
-        torch.float32
-        if residual_in_fp32 and x.dtype != torch.float64
-        else (residual.dtype if residual is not None else x.dtype)
-    )
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    s = torch.empty(x.shape, dtype=s_dtype, device=x.device)
-    mean = torch.empty(rows, dtype=stat_dtype, device=x.device)
-    rstd = torch.empty(rows, dtype=stat_dtype, device=x.device)
-    if x.numel() == 0:
-        return y, s, mean, rstd
-    cfg = norm_config(cols, x.device.type)
-    launch(
-        dropout_add_layer_norm_fwd_looped_kernel if cfg.looped else dropout_add_layer_norm_fwd_kernel,
-        (triton.cdiv(rows, cfg.block_r),),
-        x,
-        residual if residual is not None else x,
-        weight if weight is not None else x,
-        bias if bias is not None else x,
-        y,
-        s,
-        mean,
-        rstd,
-        rows,
-        cols,
-        row_counters(cols),
-        keep_threshold(p),
-        dropout_scale(p),
-        eps,
-        seed_tensor(seed, offset, x.device),
-        device=x.device,
-        HAS_DROPOUT=p > 0.0,
-        HAS_RESIDUAL=residual is not None,
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None,
-        RMS_NORM=rms_norm,
-        BLOCK_R=cfg.block_r,
-        BLOCK_C=cfg.block_c,
-        num_warps=cfg.num_warps,
-        maxnreg=cfg.maxnreg,
-        enable_fp_fusion=False,  # the stored pre-norm sum is bit-identical to the reference
-    )
-    return y, s, mean, rstd
-
-
-def dropout_add_layer_norm_backward(
-    dy: torch.Tensor,
-    ds: torch.Tensor | None,
-    s: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    weight: torch.Tensor | None,
-    has_bias: bool,
-    p: float,
-    rms_norm: bool,
-    seed: int | torch.Tensor,
-    offset: int | None,
-    x_dtype: torch.dtype,
-    res_dtype: torch.dtype | None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """As regops.reference.dropout.dropout_add_layer_norm_backward: ``(dx, dresidual, dweight, dbias)``."""
-    cols = s.shape[-1]
-    rows = s.numel() // cols if cols else 0
-    acc_dtype = torch.float64 if x_dtype == torch.float64 else torch.float32
-    dx = torch.empty(s.shape, dtype=x_dtype, device=s.device)
-    dres = torch.empty(s.shape, dtype=res_dtype, device=s.device) if res_dtype is not None else None
-    if s.numel() == 0:
-        zeros = lambda: torch.zeros(cols, dtype=acc_dtype, device=s.device)
-        return dx, dres, (zeros() if weight is not None else None), (zeros() if has_bias else None)
-    cfg = norm_config(cols, s.device.type)
-    row_blocks = triton.cdiv(rows, cfg.block_r)
-    programs = min(row_blocks, 4 if s.device.type == "cpu" else 2 * sm_count(s.device))
-    dw = torch.empty((programs, cols), dtype=acc_dtype, device=s.device) if weight is not None else None
-    db = torch.empty((programs, cols), dtype=acc_dtype, device=s.device) if has_bias else None
-    # the looped kernel's per-row scratch for its two row reductions
-    scratch = (torch.empty(rows, dtype=acc_dtype, device=s.device) for _ in range(2)) if cfg.looped else ()
-    launch(
-        dropout_add_layer_norm_bwd_looped_kernel if cfg.looped else dropout_add_layer_norm_bwd_kernel,
-        (programs,),
-        dy,
-        ds if ds is not None else dy,
-        s,
-        mean,
-        rstd,
-        weight if weight is not None else s,
-        dx,
-        dres if dres is not None else dx,
-        dw if dw is not None else dx,
-        db if db is not None else dx,
-        *scratch,
-        rows,
-        cols,
-        row_counters(cols),
-        keep_threshold(p),
-        dropout_scale(p),
-        seed_tensor(seed, offset, s.device),
-        triton.cdiv(row_blocks, programs),
-        device=s.device,
-        HAS_DROPOUT=p > 0.0,
-        HAS_DS=ds is not None,
-        HAS_DRES=dres is not None,
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=has_bias,
-        RMS_NORM=rms_norm,
-        BLOCK_R=cfg.block_r,
-        BLOCK_C=cfg.block_c,
-        num_warps=cfg.num_warps,
-        maxnreg=cfg.maxnreg,
-    )
-    return dx, dres, (dw.sum(0) if dw is not None else None), (db.sum(0) if db is not None else None)
 
 
 def layer_norm_spec(looped: bool, backward: bool, dtype: str, s_dtype: str, cfg: NormConfig):

@@ -18,8 +18,8 @@ Offsets are int64: ``t * stride`` passes 2**31 for long sequences of wide layers
 import torch
 import triton
 import triton.language as tl
-from regops.kernels.launch import MAX_GRID, launch
 
+from regops._core.launch import MAX_GRID, launch
 from regops.reference import grad_norms as _ref
 
 

@@ -18,10 +18,10 @@ from collections import OrderedDict
 import torch
 import triton
 import triton.language as tl
-from regops.kernels.launch import MAX_GRID, launch
 from regops.kernels.philox import counter_words, load_seed, seed_tensor
 from regops.kernels.utils import cast_rne
 
+from regops._core.launch import MAX_GRID, launch
 from regops.reference import hessian as ref
 
 LN2 = tl.constexpr(ref.LN2)

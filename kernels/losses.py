@@ -14,9 +14,9 @@ dtype (float64 options for float64 logits; no recompilation when a value changes
 import torch
 import triton
 import triton.language as tl
-from regops.kernels.launch import launch
 from regops.kernels.utils import cast_rne
 
+from regops._core.launch import launch
 from regops.reference import losses as ref
 
 # Indices into the options tensor.

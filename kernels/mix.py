@@ -9,8 +9,9 @@ losses moved to :mod:`regops.kernels.losses`.)
 import torch
 import triton
 import triton.language as tl
-from regops.kernels.launch import launch
 from regops.kernels.utils import cast_rne
+
+from regops._core.launch import launch
 
 
 # ----------------------------------------------------------------------------------------------- mixing

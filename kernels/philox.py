@@ -1,10 +1,10 @@
-"""Shared Philox helpers: the same stream as regops.reference.philox and csrc/philox.cuh."""
+"""Shared Philox helpers: the same stream as regops._core.philox and csrc/philox.cuh."""
 
 import torch
 import triton
 import triton.language as tl
 
-from regops.reference.philox import STREAM_C3 as _STREAM_C3
+from regops._core.philox import STREAM_C3 as _STREAM_C3
 
 STREAM_C3 = tl.constexpr(_STREAM_C3)
 
@@ -13,7 +13,7 @@ def seed_tensor(seed: "int | torch.Tensor", offset: int | None, device: torch.de
     """The int64 ``[2]`` tensor (key, first counter) a kernel reads through :func:`load_seed`, on ``device``.
 
     Kernels read the seed from device memory, never as a launch argument: under CUDA-graph capture the launch
-    arguments are frozen into the graph, while memory written by the captured seed draw (regops._rng) changes on
+    arguments are frozen into the graph, while memory written by the captured seed draw (regops._core.rng) changes on
     every replay, so each replay draws a fresh mask. A tensor ``seed`` is used as is (``offset`` must be None);
     a Python int ``seed`` with ``offset`` is packed into a new tensor (tests, direct launcher calls).
     """

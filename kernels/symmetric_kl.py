@@ -8,8 +8,9 @@ and the gradients is ever allocated.
 import torch
 import triton
 import triton.language as tl
-from regops.kernels.launch import launch
 from regops.kernels.utils import cast_rne
+
+from regops._core.launch import launch
 
 
 @triton.jit(do_not_specialize=["cols"])

@@ -16,8 +16,8 @@ All pointer offsets that multiply an example index by a stride are int64.
 import torch
 import triton
 import triton.language as tl
-from regops.kernels.launch import MAX_GRID, launch
 
+from regops._core.launch import MAX_GRID, launch
 from regops.reference import valuation as _ref
 
 

@@ -10,8 +10,8 @@ from regops import hessian, nn
 from regops import losses as _losses_module
 from regops import mix as _mix_module
 from regops import valuation as _valuation_module
-from regops._backend import BackendUnavailableError, use_backend
-from regops._jit import build_extension
+from regops._core.dispatch import BackendUnavailableError, use_backend
+from regops._core.extension import build_extension
 from regops._version import __version__
 from regops.dropout import *  # noqa: F403
 from regops.grad_norms import *  # noqa: F403

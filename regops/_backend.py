@@ -1,6 +1,8 @@
-"""The one place that decides which implementation runs an op.
+"""Backend choice for the ops not yet declared with :func:`regops._core.ops.declare` (their C++ kernels live in
+the ``regops_cpu`` / ``regops_C`` namespaces with the reference's signature). Forcing a backend and loading the
+extension are shared with :mod:`regops._core.dispatch`.
 
-Every kernel-backed op registers its implementations here under one name, all with the same signature:
+Every such op registers its implementations here under one name, all with the same signature:
 
 * ``"torch"``  -- the pure-PyTorch reference in :mod:`regops.reference` (any device),
 * ``"triton"`` -- a Triton launcher in :mod:`regops.kernels` (CUDA tensors, or CPU tensors when the
@@ -19,27 +21,25 @@ Nothing here imports Triton, loads the extension or touches CUDA until an op act
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import importlib
 import importlib.util
-import os
-import types
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda", "cpp")
+from regops._core import extension as _extension
+from regops._core.dispatch import (  # noqa: F401
+    BACKENDS,
+    BackendUnavailableError,
+    requested_backend,
+    triton_importable,
+    triton_interpreted,
+    use_backend,
+)
+
 CPP_NAMESPACE = "regops_cpu"
-
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("regops_backend", default=None)
-
-
-class BackendUnavailableError(RuntimeError):
-    """The requested (or only possible) implementation of an op cannot run here."""
 
 
 @dataclass
@@ -57,6 +57,8 @@ class _OpImpls:
 
 
 _REGISTRY: dict[str, _OpImpls] = {}
+_CPP_KERNELS: dict[str, bool] = {}
+_FAKES_DONE: set[str] = set()
 
 
 def register(
@@ -68,23 +70,21 @@ def register(
     cuda_fake: Callable[..., Any] | None = None,
     cpp_fake: Callable[..., Any] | None = None,
 ) -> None:
-    """Register the implementations of ``op``. All take the same arguments and return the same result.
-
-    ``cuda_fake`` is the fake (meta) impl of the extension's ``regops_C::<op>`` schema, so that op also traces;
-    ``cpp_fake`` that of ``regops_cpu::<op>`` (default: the reference itself).
-    """
+    """Register the implementations of ``op``. All take the same arguments and return the same result."""
     if op in _REGISTRY:
         raise RuntimeError(f"regops: op {op!r} is registered twice")
     _REGISTRY[op] = _OpImpls(torch=torch, triton=triton, cuda=cuda, cuda_fake=cuda_fake, cpp_fake=cpp_fake)
-    if _EXT_STATE.get("module") is not None:
+    if _extension.loaded():
         _register_cuda_fake(op)
 
 
 def _register_cuda_fake(op: str) -> None:
+    if op in _FAKES_DONE:
+        return
+    _FAKES_DONE.add(op)
     fake = _REGISTRY[op].cuda_fake
     if fake is not None and hasattr(torch.ops.regops_C, op):
         torch.library.register_fake(f"regops_C::{op}", fake)
-    # A C++ CPU kernel has the reference's signature and the reference is plain tensor code: it is the fake impl.
     if hasattr(getattr(torch.ops, CPP_NAMESPACE), op):
         torch.library.register_fake(f"{CPP_NAMESPACE}::{op}", _REGISTRY[op].cpp_fake or _REGISTRY[op].torch)
 
@@ -93,118 +93,16 @@ def registered_ops() -> list[str]:
     return sorted(_REGISTRY)
 
 
-@contextlib.contextmanager
-def use_backend(name: str | None) -> Iterator[None]:
-    """Force a backend (``"torch"``, ``"triton"``, ``"cuda"``, ``"cpp"``) inside the block; ``None`` restores
-    automatic.
-
-    >>> with regops.use_backend("torch"):
-    ...     y = regops.dropout(x, 0.1)   # the reference, even on a CUDA tensor
-    """
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"regops: unknown backend {name!r}; choose one of {BACKENDS} or None")
-    token = _override.set(name)
-    try:
-        yield
-    finally:
-        _override.reset(token)
-
-
-def requested_backend() -> str | None:
-    """The backend forced by :func:`use_backend` or ``REGOPS_BACKEND``, or ``None`` for automatic."""
-    name = _override.get()
-    if name is not None:
-        return name
-    env = os.environ.get("REGOPS_BACKEND", "").strip().lower()
-    if env in ("", "auto"):
-        return None
-    if env not in BACKENDS:
-        raise ValueError(f"regops: REGOPS_BACKEND={env!r} is not one of {BACKENDS} or 'auto'")
-    return env
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-# ----------------------------------------------------------------------------------------------- extension
-_EXT_STATE: dict[str, Any] = {}
-
-
 def extension() -> Any | None:
-    """The loaded ``regops._C`` module, or ``None`` (not built, or built for another torch: one warning)."""
-    if "module" not in _EXT_STATE:
-        _EXT_STATE["module"], _EXT_STATE["reason"] = _load_extension()
-        if _EXT_STATE["module"] is not None:
-            for op in _REGISTRY:
-                _register_cuda_fake(op)
-    return _EXT_STATE["module"]
+    module = _extension.load()
+    if module is not None:
+        for op in _REGISTRY:
+            _register_cuda_fake(op)
+    return module
 
 
 def extension_status() -> str:
-    extension()
-    return _EXT_STATE["reason"]
-
-
-def reset_extension() -> None:
-    """Forget the extension state so that the next op looks again (after a just-in-time build)."""
-    _EXT_STATE.clear()
-
-
-def _load_extension() -> tuple[Any | None, str]:
-    """``REGOPS_EXT``: ``auto`` (prebuilt regops._C, else a cached just-in-time build), ``prebuilt``, ``jit``
-    (a cached just-in-time build, built on first use on a GPU machine when missing) or ``off``."""
-    mode = os.environ.get("REGOPS_EXT", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "prebuilt", "jit", "off"):
-        raise ValueError(f"regops: REGOPS_EXT={mode!r} is not one of auto, prebuilt, jit, off")
-    if mode == "off":
-        return None, "disabled (REGOPS_EXT=off)"
-    reason = "not built (installed without a C++ compiler, or with REGOPS_BUILD_EXT=0)"
-    problem = None  # why a prebuilt regops._C was not loaded: warned about only if nothing else loads
-    if mode in ("auto", "prebuilt") and importlib.util.find_spec("regops._C") is not None:
-        module, problem = _load_prebuilt()
-        if module is not None:
-            return module, "loaded"
-        reason = problem
-        if mode == "prebuilt":
-            _warn_fallback(problem)
-            return None, reason
-    if mode in ("auto", "jit"):
-        from regops import _jit
-
-        path = _jit.load_cached()
-        if path is None and mode == "jit" and torch.cuda.is_available():
-            path = _jit.build()
-        if path is not None:
-            skipped = f"; the prebuilt one was not used: {problem}" if problem else ""
-            return types.SimpleNamespace(__file__=str(path)), f"loaded (just-in-time build {path}{skipped})"
-    if problem:
-        _warn_fallback(problem)
-    return None, reason
-
-
-def _warn_fallback(problem: str) -> None:
-    warnings.warn(
-        f"regops: {problem}; CPU ops fall back to the reference, GPU ops to Triton", RuntimeWarning, stacklevel=5
-    )
-
-
-def _load_prebuilt() -> tuple[Any | None, str]:
-    """The prebuilt ``regops._C``, or ``None`` and why it was not loaded."""
-    from regops import _build_info
-
-    mismatch = _build_info.torch_mismatch()
-    if mismatch:
-        return None, f"regops._C was built for {mismatch}; not loading it"
-    try:
-        module = importlib.import_module("regops._C")
-    except (ImportError, OSError) as exc:  # undefined symbols from an ABI change, missing libcudart, ...
-        return None, f"regops._C failed to load ({exc})"
-    return module, "loaded"
+    return _extension.status()
 
 
 def extension_has(op: str) -> bool:
@@ -215,7 +113,7 @@ def cpp_kernel(op: str) -> bool:
     """Whether the loaded extension registers a C++ CPU kernel ``regops_cpu::<op>`` (looked up once per op)."""
     if extension() is None:
         return False
-    found = _EXT_STATE.setdefault("cpp_kernels", {})
+    found = _CPP_KERNELS
     if op not in found:
         name = f"{CPP_NAMESPACE}::{op}"
         # An op with no tensor argument (hessian_probes) has nothing to dispatch on: its kernel is registered as
@@ -250,7 +148,7 @@ def _why_not(op: str, backend: str, device: torch.device) -> str | None:
         if device.type != "cpu":
             return f"the C++ CPU kernels run on CPU tensors, not {device.type}"
         if extension() is None:
-            return f"the extension regops._C is unavailable: {_EXT_STATE.get('reason', 'not loaded')}"
+            return f"the extension regops._C is unavailable: {_extension.status()}"
         if not cpp_kernel(op):
             return f"this build of regops._C has no C++ CPU kernel for {op!r}"
         return None
@@ -260,7 +158,7 @@ def _why_not(op: str, backend: str, device: torch.device) -> str | None:
     if impls.cuda is None:
         return f"the CUDA extension has no kernel for {op!r}"
     if extension() is None:
-        return f"the CUDA extension regops._C is unavailable: {_EXT_STATE.get('reason', 'not loaded')}"
+        return f"the CUDA extension regops._C is unavailable: {_extension.status()}"
     if not hasattr(torch.ops.regops_C, op):
         return f"this build of regops._C has no op {op!r} (rebuild it)"
     return None
@@ -307,3 +205,19 @@ def implementation(op: str, device: torch.device) -> Callable[..., Any]:
 def availability(op: str, device: torch.device) -> dict[str, str | None]:
     """For each backend, ``None`` if it can run ``op`` on ``device`` or the reason it cannot."""
     return {b: _why_not(op, b, device) for b in BACKENDS}
+
+
+def device_seed(seed: torch.Tensor | int, offset: int | None, device: torch.device) -> torch.Tensor:
+    """The int64 ``[2]`` seed tensor on ``device`` that a CUDA extension kernel reads (from ``seed_args``'s pair)."""
+    if isinstance(seed, torch.Tensor):
+        return seed if seed.device == device else seed.to(device)
+    return torch.tensor([seed, offset], dtype=torch.int64, device=device)
+
+
+def seed_args(seed: torch.Tensor, op: str, device: torch.device) -> tuple[int | torch.Tensor, int | None]:
+    """``(key, offset)`` as the implementation of ``op`` chosen for ``device`` takes them: host ints for the
+    reference and the C++ CPU kernels, the seed tensor itself for the Triton and CUDA kernels."""
+    if choose(op, device) in ("torch", "cpp"):
+        key, offset = seed.tolist()
+        return key, offset
+    return seed, None

@@ -8,7 +8,8 @@ import platform
 
 import torch
 
-from regops import _backend, _build_info, _jit
+from regops import _backend
+from regops._core import extension
 
 
 def _version(dist: str) -> str:
@@ -32,7 +33,7 @@ def report() -> str:
     else:
         lines.append("GPU           none")
     status = _backend.extension_status()
-    info = _jit.build_info() if "just-in-time" in status else _build_info.read()
+    info = extension.build_info()
     lines.append(f"regops._C     {status}")
     if _backend.extension() is not None:
         cpp_ops = [op for op in _backend.registered_ops() if _backend.cpp_kernel(op)]
@@ -75,7 +76,7 @@ def summary() -> str:
     status = _backend.extension_status()
     if _backend.extension() is None:
         return f"regops {_version('regops')}: extension regops._C {status}"
-    info = _jit.build_info() if "just-in-time" in status else _build_info.read()
+    info = extension.build_info()
     cpp_ops = sum(_backend.cpp_kernel(op) for op in _backend.registered_ops())
     cuda_built = info.get("cuda_kernels", bool(info.get("cuda_archs")))
     archs = " ".join(info.get("cuda_archs", []))

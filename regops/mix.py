@@ -28,7 +28,9 @@ from typing import Any
 
 import torch
 
-from regops import _backend, _rng, _validate
+from regops import _backend
+from regops._core import rng as _rng
+from regops._core import validate as _validate
 from regops.distributed import _hook as _dtensor
 from regops.reference import mix as _ref
 

@@ -25,7 +25,8 @@ from collections.abc import Callable
 import torch
 
 import regops
-from regops import _backend, _rng
+from regops import _backend
+from regops._core import rng as _rng
 from regops.reference import hessian as ref_h
 
 KEY = -1234567890123

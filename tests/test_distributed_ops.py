@@ -160,7 +160,8 @@ def test_kernel_int64_word_indices_and_out_dtype(kernel_target):
 
 def test_launcher_grid_for_a_huge_shard_stays_within_cuda_limits():
     from regops.kernels.distributed import global_mask_apply as launcher
-    from regops.kernels.launch import recording
+
+    from regops._core.launch import recording
 
     x = torch.empty((2**20, 2**13 + 1), device="meta", dtype=torch.bfloat16)
     with recording() as launches:

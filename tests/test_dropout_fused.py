@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import regops
+from regops._core.philox import keep_mask
 from regops.reference.dropout import dropout_scale, row_keep_mask
-from regops.reference.philox import keep_mask
 from regops.testing import assert_close, assert_close_lowp, make_tensor
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -6,7 +6,7 @@
 * Seeds in device memory: the kernels read (key, offset) from the seed tensor at run time, so rewriting it in
   place -- what a CUDA-graph replay does -- draws a fresh mask from the same launch arguments.
 * Grids for huge shapes (2**32 dropout elements, 10**9 probe parameters, T = 65536), computed on meta tensors by
-  :func:`regops.kernels.launch.recording` without launching, stay within CUDA's limits.
+  :func:`regops._core.launch.recording` without launching, stay within CUDA's limits.
 * The Hessian accumulation: deterministic sums, no host-to-device copy on a repeated step, a clear error when
   new tensors meet CUDA-graph capture.
 """
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import regops
-from regops import _rng
+from regops._core import rng as _rng
 from regops.reference import dropout as ref
 from regops.reference import hessian as ref_h
 
@@ -27,7 +27,8 @@ from regops.kernels import dropout as kd  # noqa: E402
 from regops.kernels import dropout_fused as kf  # noqa: E402
 from regops.kernels import grad_norms as kg  # noqa: E402
 from regops.kernels import hessian as kh  # noqa: E402
-from regops.kernels.launch import MAX_GRID, recording  # noqa: E402
+
+from regops._core.launch import MAX_GRID, recording  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter on CPU tensors")
 OFFSETS = [2**31 - 2000, 2**32 - 3]
@@ -165,7 +166,7 @@ def test_three_backends_share_the_stream_constant():
 
     from regops.kernels import philox as kp
 
-    from regops.reference.philox import STREAM_C3
+    from regops._core.philox import STREAM_C3
 
     cuh = (Path(__file__).resolve().parents[1] / "csrc" / "philox.cuh").read_text()
     (value,) = re.findall(r"kStreamC3 = (0x[0-9A-Fa-f]+)u", cuh)
@@ -296,7 +297,7 @@ def test_sm_count_is_per_device(monkeypatch):
     """Grid sizing asks each device for its own SM count (a mixed machine: not the first GPU's, not 132)."""
     import types
 
-    from regops.kernels import launch as kl
+    from regops._core import launch as kl
 
     counts = {0: 132, 1: 108}
     monkeypatch.setattr(

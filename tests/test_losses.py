@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from regops.kernels import launch
+from regops._core import launch
 
 import regops
 from regops.losses import regularized as CE

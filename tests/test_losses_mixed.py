@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from regops.kernels import launch
 
 import regops
+from regops._core import launch
 from regops.reference import losses as R
 
 F64 = torch.float64
@@ -21,23 +21,6 @@ def _mix(batch=6, classes=9, seed=0, smoothing=0.1):
     _, mix = regops.mix_batch(torch.randn(batch, 3, 4, 4, generator=g), y, mixup_alpha=1.0, mode="elem",
                               label_smoothing=smoothing, generator=g)  # fmt: skip
     return mix, g
-
-
-def test_old_import_paths_still_work():
-    from regops.dropout import symmetric_kl as a
-    from regops.dropout.consistency import symmetric_kl as b
-    from regops.mix import (
-        MixCrossEntropy,
-        SoftTargetCrossEntropy,
-        mix_binary_cross_entropy,
-        mix_cross_entropy,
-        soft_target_cross_entropy,
-    )
-    from regops.reference.mix import mix_cross_entropy as ref_mce
-
-    assert a is b is regops.symmetric_kl is regops.losses.symmetric_kl
-    assert mix_cross_entropy is regops.losses.mix_cross_entropy and ref_mce is R.mix_cross_entropy
-    assert {MixCrossEntropy, SoftTargetCrossEntropy, mix_binary_cross_entropy, soft_target_cross_entropy}
 
 
 def _dense_float64_targets(mix, classes, smoothing):

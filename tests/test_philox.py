@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from regops.reference.philox import STREAM_C3, keep_threshold, philox4x32, random_words
+from regops._core.philox import STREAM_C3, keep_threshold, philox4x32, random_words
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -33,7 +33,7 @@ def test_reference_matches_random123_known_answers(counter, key, expected):
 
 
 def test_products_keep_all_64_bits():
-    from regops.reference.philox import ROUND_A, ROUND_B, _mul_hi_lo
+    from regops._core.philox import ROUND_A, ROUND_B, _mul_hi_lo
 
     words = [0, 1, 2**16 - 1, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1, 0x9E3779B9, 0xDEADBEEF]
     gen = torch.Generator().manual_seed(0)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from regops.kernels import launch as _launch
+from regops._core import launch as _launch
 from torch import nn
 from zoo import ZOO, per_example_loop_grads
 

@@ -58,7 +58,7 @@ def test_wheel_name_and_contents(wheel):
     assert any(n.startswith("regops/_C") and n.endswith(".so") for n in names)
     for required in (
         "regops/kernels/dropout.py",
-        "regops/reference/philox.py",
+        "regops/_core/philox.py",
         "regops/csrc/dropout.cu",
         "regops/csrc/regops.cpp",
         "regops/csrc/philox.cuh",

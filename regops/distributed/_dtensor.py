@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from regops import _rng
+from regops._core import rng as _rng
 from regops.reference.distributed import contiguous_strides
 
 

@@ -7,16 +7,9 @@ it: a tensor can only be a DTensor if ``torch.distributed.tensor`` has been impo
 from __future__ import annotations
 
 import importlib
-import sys
 from typing import Any
 
-
-def is_dtensor(*tensors: Any) -> bool:
-    """Whether any argument is a ``torch.distributed.tensor.DTensor`` (never imports torch.distributed)."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    if mod is None:
-        return False
-    return any(isinstance(t, mod.DTensor) for t in tensors)
+from regops._core.validate import is_dtensor  # noqa: F401
 
 
 def forward(module: str, function: str, *args: Any, **kwargs: Any) -> Any:

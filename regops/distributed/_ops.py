@@ -12,7 +12,7 @@ import torch
 
 from regops import _backend
 from regops.reference import distributed as _ref
-from regops.reference.dropout import compute_dtype
+from regops._core.dtypes import acc_dtype
 
 _backend.register(
     "global_mask_apply",
@@ -60,7 +60,7 @@ def _backward(ctx, grad: torch.Tensor):
     (seed,) = ctx.saved_tensors
     p, scale, mode, num_samples, step, layout = ctx.params
     has_bias = ctx.bias_dtype is not None
-    dx_dtype = compute_dtype(ctx.x_dtype) if has_bias else None  # dbias sums dx before it is rounded
+    dx_dtype = acc_dtype(ctx.x_dtype) if has_bias else None  # dbias sums dx before it is rounded
     dx = global_mask_apply(grad, None, None, p, scale, mode, num_samples, step, layout, seed, dx_dtype)
     dbias = dx.reshape(-1, dx.shape[-1]).sum(0).to(ctx.bias_dtype) if has_bias else None
     dres = grad.to(ctx.res_dtype) if ctx.res_dtype is not None else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from regops import _validate
+from regops._core import validate as _validate
 from regops.reference.hessian import softmax_ce_linear_head_diagonal
 
 

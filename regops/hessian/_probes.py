@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from regops import _backend, _rng
+from regops import _backend
+from regops._core import rng as _rng
 from regops.reference import hessian as _ref
 
 _backend.register("hessian_probes", torch=_ref.probes, triton="regops.kernels.hessian:probes")
@@ -31,7 +32,7 @@ def _probes_op(
     dtype: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor:
-    key, offset = _rng.seed_args(seed, "hessian_probes", torch.device(device))
+    key, offset = _backend.seed_args(seed, "hessian_probes", torch.device(device))
     impl = _backend.implementation("hessian_probes", torch.device(device))
     return impl(key, offset, first_probe, num_probes, numel, distribution, dtype, device)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from regops import _backend, _validate
+from regops import _backend
+from regops._core import validate as _validate
 from regops.reference import losses as _ref
 
 __all__ = ["symmetric_kl"]

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from regops import _backend, _validate
+from regops import _backend
+from regops._core import validate as _validate
 from regops.mix import MixedBatch, _check_number, _check_smoothing
 from regops.reference import losses as _ref
 

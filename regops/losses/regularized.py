@@ -15,7 +15,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from regops import _backend, _validate
+from regops import _backend
+from regops._core import validate as _validate
 from regops.reference import losses as _ref
 
 __all__ = ["LossStats", "cross_entropy", "linear_cross_entropy"]

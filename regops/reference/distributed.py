@@ -5,7 +5,7 @@ affine function of its logical multi-index ``g`` in the *global* tensor::
 
     word(g) = sum_d g_d * W_d          (W: the op's word strides; see below)
 
-and element ``word`` uses word ``word % 4`` of Philox counter ``offset + word // 4`` (:mod:`regops.reference.philox`).
+and element ``word`` uses word ``word % 4`` of Philox counter ``offset + word // 4`` (:mod:`regops._core.philox`).
 A shard holding the box ``[o_d, o_d + L_d)`` of the global tensor sees local index ``i = g - o``, so
 ``word = base + sum_d i_d * W_d`` with ``base = sum_d o_d * W_d``. The ``layout`` of a shard is the int list
 ``[base, W_0, ..., W_{ndim-1}]``. Word strides of the single-process ops:
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from regops.reference.dropout import compute_dtype
-from regops.reference.philox import counter_words, keep_threshold
+from regops._core.dtypes import acc_dtype
+from regops._core.philox import counter_words, keep_threshold
 
 # How the mask scales the (biased) input ``t``:
 MODE_WHERE = 0  # where(keep, t * scale, 0)                  (dropout, bias_dropout_add, dropout_add_layer_norm)
@@ -103,7 +103,7 @@ def global_mask_apply(
     ``bias`` is indexed by the local last dim; sample ``k`` of ``MODE_MULTI`` uses counter offset
     ``offset + k * step``. Bit-identical to the single-process reference ops on the elements this shard holds.
     """
-    cd = compute_dtype(x.dtype)
+    cd = acc_dtype(x.dtype)
     t = x.to(cd)
     if bias is not None:
         t = t + bias.to(cd)

@@ -27,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-from regops.reference.philox import counter_words
+from regops._core.philox import counter_words
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 

@@ -40,6 +40,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from regops._core.dtypes import acc_dtype
+
 # Elements per row block: a few blocks of float32 temporaries stay well under the 64 MiB the CPU bar allows.
 _CHUNK = 1 << 22
 # The linear form's row blocks are larger: each block's weight-gradient update reads and writes all of ``d weight``
@@ -576,7 +578,39 @@ def mix_binary_cross_entropy_backward(
 
 # ------------------------------------------------------------------------------------------------ two views
 # R-Drop's symmetric KL (defined with the dropout family's reference, where it was first written).
-from regops.reference.dropout import symmetric_kl, symmetric_kl_backward  # noqa: E402, F401
+# ------------------------------------------------------------------------------------------------ symmetric KL
+def symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-row :math:`\tfrac12(KL(p_a\|p_b) + KL(p_b\|p_a)) = \tfrac12\sum_v (p_a - p_b)(\log p_a - \log p_b)`.
+
+    ``a``, ``b``: ``[rows, V]`` logits. Returns ``(loss [rows], stats [rows, 4])`` in float32 (float64 for
+    float64): stats = ``(lse_a, lse_b, <p_a, d>, <p_b, d>)`` with ``d = log p_a - log p_b``, all the backward needs.
+    """
+    cd = acc_dtype(a.dtype)
+    a32, b32 = a.to(cd), b.to(cd)
+    lse_a, lse_b = torch.logsumexp(a32, -1), torch.logsumexp(b32, -1)
+    la, lb = a32 - lse_a[:, None], b32 - lse_b[:, None]
+    pa, pb = la.exp(), lb.exp()
+    d = la - lb
+    loss = 0.5 * ((pa - pb) * d).sum(-1)
+    stats = torch.stack([lse_a, lse_b, (pa * d).sum(-1), (pb * d).sum(-1)], dim=1)
+    return loss, stats
+
+
+def symmetric_kl_backward(
+    grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, stats: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``d loss_r / d a = g_r/2 (p_a (d - <p_a,d>) + p_a - p_b)``, ``d/db = g_r/2 (-p_b (d - <p_b,d>) + p_b - p_a)``."""
+    cd = acc_dtype(a.dtype)
+    lse_a, lse_b, pad, pbd = (stats[:, i : i + 1].to(cd) for i in range(4))
+    la, lb = a.to(cd) - lse_a, b.to(cd) - lse_b
+    pa, pb = la.exp(), lb.exp()
+    d = la - lb
+    g = 0.5 * grad.to(cd)[:, None]
+    ga = g * (pa * (d - pad) + pa - pb)
+    gb = g * (pb * (pbd - d) + pb - pa)
+    return ga.to(a.dtype), gb.to(b.dtype)
+
+
 
 
 def linear_cross_entropy_with_grad(

@@ -7,8 +7,8 @@
 //   y[b]  = own + other
 //
 // forward: o = partner[b], c = b;  transposed (the backward, partner a permutation): o = inverse[b], c = o.
-#include "common.cuh"
-#include "kernels.h"
+#include "common/cuda_common.cuh"
+#include "mix/cuda.h"
 
 namespace regops {
 namespace {

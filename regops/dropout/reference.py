@@ -1,4 +1,9 @@
-"""Reference dropout on the shared Philox stream (CPU path, test oracle, benchmark baseline)."""
+"""The dropout family's references: pure PyTorch on the shared Philox stream, any device.
+
+Each op's reference takes the op's arguments (contiguous tensors; ``p`` a 0-dim tensor, ``seed`` the int64 ``[2]``
+(key, first counter) tensor) and returns its results; the C++, CUDA and Triton kernels match them bit for bit
+(reductions: within rounding). The helpers below them work on host numbers and are what the kernels implement.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,15 @@ import struct
 
 import torch
 
-from regops.reference.philox import keep_mask, random_words
+from regops._core.dtypes import acc_dtype
+from regops._core.philox import keep_mask, random_words
+from regops._core.validate import probability_value
+
+
+def host_args(p: torch.Tensor, seed: torch.Tensor) -> tuple[float, int, int]:
+    """``(p, key, first counter)`` as host numbers (a device seed is copied to the host)."""
+    key, offset = seed.tolist()
+    return probability_value(p), key, offset
 
 
 def dropout_scale(p: float) -> float:
@@ -15,10 +28,6 @@ def dropout_scale(p: float) -> float:
     if p >= 1.0:
         return 0.0
     return struct.unpack("f", struct.pack("f", 1.0 / (1.0 - p)))[0]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def mask_values(keep: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -30,10 +39,11 @@ def mask_values(keep: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.T
     return keep.to(dtype) * scale  # exact: scale is a float32 value, the mask 0 or 1
 
 
-def dropout(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
+def dropout(x: torch.Tensor, p: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     """``x * where(keep, scale, 0)`` computed in float32 (float64 for float64) and rounded to x's dtype."""
-    keep = keep_mask(seed, offset, x.shape, p, device=x.device)
-    cd = compute_dtype(x.dtype)
+    p, key, offset = host_args(p, seed)
+    keep = keep_mask(key, offset, x.shape, p, device=x.device)
+    cd = acc_dtype(x.dtype)
     return (x.to(cd) * mask_values(keep, dropout_scale(p), cd)).to(x.dtype)
 
 
@@ -77,30 +87,33 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return bits.reshape(-1)[:n].bool()
 
 
-def dropout_bitmask(x: torch.Tensor, p: float, seed: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dropout_bitmask(x: torch.Tensor, p: torch.Tensor, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`dropout` plus its keep-mask packed 1 bit per element (``ceil(numel / 8)`` uint8 bytes)."""
-    keep = keep_mask(seed, offset, x.shape, p, device=x.device)
-    cd = compute_dtype(x.dtype)
+    p, key, offset = host_args(p, seed)
+    keep = keep_mask(key, offset, x.shape, p, device=x.device)
+    cd = acc_dtype(x.dtype)
     y = (x.to(cd) * mask_values(keep, dropout_scale(p), cd)).to(x.dtype)
     return y, pack_bits(keep)
 
 
-def apply_bitmask(g: torch.Tensor, packed: torch.Tensor, scale: float) -> torch.Tensor:
-    """``g * where(bit, scale, 0)`` with the bits of a packed mask (the backward of bitmask dropout)."""
+def apply_bitmask(g: torch.Tensor, packed: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``g * where(bit, 1/(1-p), 0)`` with the bits of a packed mask (the backward of bitmask dropout)."""
+    scale = dropout_scale(probability_value(p))
     keep = unpack_bits(packed, g.numel()).reshape(g.shape)
-    cd = compute_dtype(g.dtype)
+    cd = acc_dtype(g.dtype)
     return (g.to(cd) * mask_values(keep, scale, cd)).to(g.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ bias + residual
 def bias_dropout_add(
-    x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, p: float, seed: int, offset: int
+    x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, p: torch.Tensor, seed: torch.Tensor
 ) -> torch.Tensor:
     """``residual + dropout(x + bias)`` in float32 (float64 for float64), rounded once to x's dtype.
 
     ``x`` is read as rows of its last dimension; the mask uses the row layout (:func:`row_keep_mask`).
     """
-    cd = compute_dtype(x.dtype)
+    p, seed, offset = host_args(p, seed)
+    cd = acc_dtype(x.dtype)
     cols = x.shape[-1] if x.dim() else 1
     keep = row_keep_mask(seed, offset, x.numel() // max(cols, 1), cols, p, device=x.device).reshape(x.shape)
     t = x.to(cd)
@@ -110,29 +123,38 @@ def bias_dropout_add(
 
 
 def bias_dropout_add_backward(
-    grad: torch.Tensor, has_bias: bool, p: float, seed: int, offset: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gradients for ``x`` (the mask applied to ``grad``) and ``bias`` (float32 column sums of that)."""
-    cd = compute_dtype(grad.dtype)
+    grad: torch.Tensor, has_bias: bool, p: torch.Tensor, seed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients for ``x`` (the mask applied to ``grad``) and ``bias`` (float32 column sums of that; an empty
+    tensor when ``has_bias`` is false)."""
+    p, seed, offset = host_args(p, seed)
+    cd = acc_dtype(grad.dtype)
     cols = grad.shape[-1] if grad.dim() else 1
     keep = row_keep_mask(seed, offset, grad.numel() // max(cols, 1), cols, p, device=grad.device)
     dx = grad.to(cd) * mask_values(keep.reshape(grad.shape), dropout_scale(p), cd)
-    dbias = _rows(dx).sum(0) if has_bias else None
+    dbias = _rows(dx).sum(0) if has_bias else dx.new_empty(0)
     return dx.to(grad.dtype), dbias
 
 
 # ------------------------------------------------------------------------------------------------ + LayerNorm
+def prenorm_dtype(x: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool) -> torch.dtype:
+    """The dtype of the stored pre-norm sum ``s``: float32 with ``residual_in_fp32`` (float64 inputs stay float64),
+    else the residual's (x's without a residual)."""
+    if residual_in_fp32 and x.dtype != torch.float64:
+        return torch.float32
+    return residual.dtype if residual is not None else x.dtype
+
+
 def dropout_add_layer_norm(
     x: torch.Tensor,
     residual: torch.Tensor | None,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    p: float,
+    p: torch.Tensor,
     eps: float,
     rms_norm: bool,
     residual_in_fp32: bool,
-    seed: int,
-    offset: int,
+    seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``s = dropout(x) + residual`` (row layout mask), ``y = norm(s) * weight + bias``.
 
@@ -140,14 +162,11 @@ def dropout_add_layer_norm(
     residual), and the norm is taken of the stored ``s`` (what an unfused composition normalizes).
     Returns ``(y, s, mean, rstd)``; ``mean`` and ``rstd`` are float32 per row (``mean`` is 0 for RMSNorm).
     """
-    cd = compute_dtype(x.dtype)
+    p, seed, offset = host_args(p, seed)
+    cd = acc_dtype(x.dtype)
     cols = x.shape[-1]
     rows = x.numel() // cols if cols else 0
-    s_dtype = (
-        torch.float32
-        if residual_in_fp32 and x.dtype != torch.float64
-        else (residual.dtype if residual is not None else x.dtype)
-    )
+    s_dtype = prenorm_dtype(x, residual, residual_in_fp32)
     t = x.to(cd)
     if p > 0.0:
         keep = row_keep_mask(seed, offset, rows, cols, p, device=x.device).reshape(x.shape)
@@ -180,16 +199,17 @@ def dropout_add_layer_norm_backward(
     rstd: torch.Tensor,
     weight: torch.Tensor | None,
     has_bias: bool,
-    p: float,
+    p: torch.Tensor,
     rms_norm: bool,
-    seed: int,
-    offset: int,
+    seed: torch.Tensor,
     x_dtype: torch.dtype,
     res_dtype: torch.dtype | None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dx, dresidual, dweight, dbias)``; ``dresidual`` (the gradient of the pre-norm sum) in
-    ``res_dtype`` (``None`` when there is no residual); ``dweight``/``dbias`` in float32 (float64)."""
-    cd = compute_dtype(x_dtype)
+    ``res_dtype``, ``dweight``/``dbias`` in float32 (float64); an absent one (no residual, weight or bias) is an
+    empty tensor of the accumulation dtype."""
+    p, seed, offset = host_args(p, seed)
+    cd = acc_dtype(x_dtype)
     cols = s.shape[-1]
     rows = s.numel() // cols if cols else 0
     sr = _rows(s).to(cd)
@@ -208,9 +228,10 @@ def dropout_add_layer_norm_backward(
     if p > 0.0:
         keep = row_keep_mask(seed, offset, rows, cols, p, device=s.device)
         dx = dsum * mask_values(keep, dropout_scale(p), cd)
-    dweight = (g * xhat).sum(0) if weight is not None else None
-    dbias = g.sum(0) if has_bias else None
-    dres = dsum.reshape(s.shape).to(res_dtype, copy=True) if res_dtype is not None else None
+    none = s.new_empty(0, dtype=cd)
+    dweight = (g * xhat).sum(0) if weight is not None else none
+    dbias = g.sum(0) if has_bias else none
+    dres = dsum.reshape(s.shape).to(res_dtype, copy=True) if res_dtype is not None else none
     return dx.reshape(s.shape).to(x_dtype), dres, dweight, dbias
 
 
@@ -220,13 +241,14 @@ def multi_sample_counters(numel: int) -> int:
     return (numel + 3) // 4
 
 
-def multi_sample_mean_dropout(x: torch.Tensor, p: float, num_samples: int, seed: int, offset: int) -> torch.Tensor:
+def multi_sample_dropout_mean(x: torch.Tensor, p: torch.Tensor, num_samples: int, seed: torch.Tensor) -> torch.Tensor:
     r"""``x * mean_k(mask_k) / (1-p)``: sample ``k``'s mask is :func:`dropout`'s with offset ``offset + k*ceil(n/4)``.
 
     The float32 multiplier is ``count * (scale / K)`` with ``scale / K`` rounded to float32 first. Where some
     sample dropped a NaN or Inf, the result is NaN, as the mean of the K products ``x * mask_k`` is in torch.
     """
-    cd = compute_dtype(x.dtype)
+    p, seed, offset = host_args(p, seed)
+    cd = acc_dtype(x.dtype)
     step = multi_sample_counters(x.numel())
     count = torch.zeros(x.shape, dtype=torch.int32, device=x.device)
     for k in range(num_samples):
@@ -269,11 +291,12 @@ def nested_keep_counts(batch: int, units: int, p: float, seed: int, offset: int,
     return 1 + (words[:, None] < thresholds[None, :]).sum(1)
 
 
-def nested_dropout(x: torch.Tensor, p: float, dim: int, seed: int, offset: int) -> torch.Tensor:
+def nested_dropout(x: torch.Tensor, p: torch.Tensor, dim: int, seed: torch.Tensor) -> torch.Tensor:
     """Per sample (dim 0) keep the first ``b`` units along ``dim`` and zero the rest (no rescaling).
 
     The rest is multiplied by 0 (a NaN or Inf there gives NaN), as every dropout here does.
     """
+    p, seed, offset = host_args(p, seed)
     units = x.shape[dim]
     counts = nested_keep_counts(x.shape[0], units, p, seed, offset, device=x.device)
     keep = torch.arange(units, device=x.device)[None, :] < counts[:, None]  # [batch, units]
@@ -282,46 +305,13 @@ def nested_dropout(x: torch.Tensor, p: float, dim: int, seed: int, offset: int) 
     return x * keep.reshape(shape).to(x.dtype)
 
 
-# ------------------------------------------------------------------------------------------------ symmetric KL
-def symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Per-row :math:`\tfrac12(KL(p_a\|p_b) + KL(p_b\|p_a)) = \tfrac12\sum_v (p_a - p_b)(\log p_a - \log p_b)`.
-
-    ``a``, ``b``: ``[rows, V]`` logits. Returns ``(loss [rows], stats [rows, 4])`` in float32 (float64 for
-    float64): stats = ``(lse_a, lse_b, <p_a, d>, <p_b, d>)`` with ``d = log p_a - log p_b``, all the backward needs.
-    """
-    cd = compute_dtype(a.dtype)
-    a32, b32 = a.to(cd), b.to(cd)
-    lse_a, lse_b = torch.logsumexp(a32, -1), torch.logsumexp(b32, -1)
-    la, lb = a32 - lse_a[:, None], b32 - lse_b[:, None]
-    pa, pb = la.exp(), lb.exp()
-    d = la - lb
-    loss = 0.5 * ((pa - pb) * d).sum(-1)
-    stats = torch.stack([lse_a, lse_b, (pa * d).sum(-1), (pb * d).sum(-1)], dim=1)
-    return loss, stats
-
-
-def symmetric_kl_backward(
-    grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, stats: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``d loss_r / d a = g_r/2 (p_a (d - <p_a,d>) + p_a - p_b)``, ``d/db = g_r/2 (-p_b (d - <p_b,d>) + p_b - p_a)``."""
-    cd = compute_dtype(a.dtype)
-    lse_a, lse_b, pad, pbd = (stats[:, i : i + 1].to(cd) for i in range(4))
-    la, lb = a.to(cd) - lse_a, b.to(cd) - lse_b
-    pa, pb = la.exp(), lb.exp()
-    d = la - lb
-    g = 0.5 * grad.to(cd)[:, None]
-    ga = g * (pa * (d - pad) + pa - pb)
-    gb = g * (pb * (pbd - d) + pb - pa)
-    return ga.to(a.dtype), gb.to(b.dtype)
-
-
 # ------------------------------------------------------------------------------------------------ per-sample scale
 def scale_rows_add(x: torch.Tensor, scales: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     """``x * scales[b] (+ residual)`` with ``b`` the index along dim 0; float32 (float64) math, one rounding.
 
     ``scales``: ``[x.shape[0]]`` float32 (float64 for float64 x). Drop path's application step.
     """
-    cd = compute_dtype(x.dtype)
+    cd = acc_dtype(x.dtype)
     y = x.to(cd) * scales.to(cd).reshape((-1,) + (1,) * (x.dim() - 1))
     if residual is not None:
         y = y + residual.to(cd)

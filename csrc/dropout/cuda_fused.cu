@@ -2,9 +2,9 @@
 // Row layout, as regops.reference.dropout.row_keep_mask: element (r, c) takes word c % 4 of Philox counter
 // offset + r * ceil(cols / 4) + c / 4. A thread owns one 4-column group (one Philox call) of one row at a time;
 // a warp covers 32 consecutive groups of a row, so loads and stores are coalesced.
-#include "common.cuh"
-#include "kernels.h"
-#include "philox.cuh"
+#include "common/cuda_common.cuh"
+#include "dropout/cuda.h"
+#include "common/philox.cuh"
 
 namespace regops {
 namespace {

@@ -2,7 +2,7 @@
 
 An op that draws random bits takes one int64 tensor ``seed`` of shape ``[2]`` on the tensor's device: the Philox
 key and the first counter of this call. Element ``i`` of the call uses counter ``offset + i // 4``, word ``i % 4``
-(see :mod:`regops.reference.philox`), on the subsequence ``c3 = STREAM_C3`` that torch's own kernels never use.
+(see :mod:`regops._core.philox`), on the subsequence ``c3 = STREAM_C3`` that torch's own kernels never use.
 
 The seed is drawn by a torch RNG kernel on the tensor's device (``torch.randint`` with the op's generator), and
 the GPU kernels read it from device memory (never as a host value baked into the launch):
@@ -53,24 +53,3 @@ def philox_seed(device: torch.device, n_words: int, generator: torch.Generator |
     if counters_for(max(n_words, 0)) >= 1 << 62:
         raise ValueError(f"regops: a call cannot draw {n_words} random words")
     return torch.randint(0, _SEED_RANGE, (2,), dtype=torch.int64, device=device, generator=generator)
-
-
-def device_seed(seed: torch.Tensor | int, offset: int | None, device: torch.device) -> torch.Tensor:
-    """The int64 ``[2]`` seed tensor on ``device`` that a CUDA extension kernel reads (from ``seed_args``'s pair)."""
-    if isinstance(seed, torch.Tensor):
-        return seed if seed.device == device else seed.to(device)
-    return torch.tensor([seed, offset], dtype=torch.int64, device=device)
-
-
-def seed_args(seed: torch.Tensor, op: str, device: torch.device) -> tuple[int | torch.Tensor, int | None]:
-    """``(key, offset)`` as the implementation of ``op`` chosen for ``device`` takes them.
-
-    The reference and the C++ CPU kernels (which share the reference's signature) read two host ints
-    (``seed.tolist()``: a copy from the device, fine outside graph capture); the Triton and CUDA kernels take the
-    seed tensor itself and ``None``, and read it on the device."""
-    from regops import _backend
-
-    if _backend.choose(op, device) in ("torch", "cpp"):
-        key, offset = seed.tolist()
-        return key, offset
-    return seed, None

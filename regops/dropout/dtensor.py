@@ -1,6 +1,6 @@
 """The dropout family on DTensors: each shard computes the elements of the single-process mask it holds.
 
-The public functions of :mod:`regops.dropout` forward DTensor inputs here (one line each). Every function:
+The public functions of :mod:`regops.dropout.api` forward DTensor inputs here (one line each). Every function:
 
 1. draws the call's seed from the generator exactly as the single-process function does (the word count of
    the *global* call, so the generator advances identically on every rank), then broadcasts the mesh's first
@@ -19,10 +19,12 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
+from regops._core.dtypes import acc_dtype
 from regops.distributed import _dtensor
 from regops.distributed._ops import global_mask_apply
+from regops.dropout import ops
+from regops.dropout import reference as _ref
 from regops.reference import distributed as _gref
-from regops.reference import dropout as _ref
 
 
 def _numel(shape) -> int:
@@ -146,14 +148,9 @@ def dropout_add_layer_norm(
     first all-gathered along it (the result is returned with ``x``'s placements). Weight and bias as
     :func:`bias_dropout_add`'s bias. The dropout + residual pass runs on the shard, then the single-process
     fused norm with ``p = 0`` (the same arithmetic as the one-pass op)."""
-    from regops.dropout.fused import dropout_add_layer_norm as _single
-
-    cd = _ref.compute_dtype(x.dtype)
-    if residual_in_fp32 and x.dtype != torch.float64:
-        s_dtype = torch.float32
-    else:
-        s_dtype = residual.dtype if residual is not None else x.dtype
-    if _ref.compute_dtype(s_dtype) != cd or s_dtype not in (x.dtype, cd):
+    cd = acc_dtype(x)
+    s_dtype = _ref.prenorm_dtype(x, residual, residual_in_fp32)
+    if acc_dtype(s_dtype) != cd or s_dtype not in (x.dtype, cd):
         raise NotImplementedError(
             f"regops: dropout_add_layer_norm on DTensors needs the stored sum's dtype ({s_dtype}) to be x's dtype "
             f"({x.dtype}) or its compute dtype ({cd}); pass residual_in_fp32=True or a residual of x's dtype"
@@ -176,7 +173,8 @@ def dropout_add_layer_norm(
     )
     w = _dtensor.local_columns(weight, xg, "weight")
     b = _dtensor.local_columns(bias, xg, "bias")
-    y = _single(s, None, w, b, 0.0, eps, rms_norm=rms_norm, residual_in_fp32=residual_in_fp32).to(x.dtype)
+    no_dropout = torch.zeros((), dtype=torch.float64)
+    y = ops.dropout_add_layer_norm(s, None, w, b, no_dropout, eps, rms_norm, residual_in_fp32, seed)[0].to(x.dtype)
     out = [_dtensor.to_dtensor(t, xg, rows_placements) for t in ((y, s) if prenorm else (y,))]
     out = [t.redistribute(x.device_mesh, x.placements) if rows_placements != list(x.placements) else t for t in out]
     return (out[0], out[1]) if prenorm else out[0]

@@ -1,6 +1,6 @@
 """Finding the CUDA toolkit, the extension's sources and flags, and describing build targets; used by setup.py
-(loaded by path, before regops is installed) and by the just-in-time build in regops/_jit.py. Standard library
-only."""
+(loaded by path, before regops is installed) and by the just-in-time build in :mod:`regops._core.jit`. Standard
+library only."""
 
 from __future__ import annotations
 
@@ -19,21 +19,26 @@ NVCC_FLAGS = ["-O3"]
 
 
 def extension_sources(csrc: str, cuda: bool) -> list[str]:
-    """The files compiled into regops._C: the module and the CPU kernels (csrc/module.cpp, csrc/cpu_*.cpp)
-    always; with ``cuda`` also the CUDA part (csrc/regops.cpp and csrc/*.cu)."""
-    cpu = [os.path.join(csrc, "module.cpp"), *sorted(glob.glob(os.path.join(csrc, "cpu_*.cpp")))]
+    """The files compiled into regops._C: the module (csrc/module.cpp) and every family's CPU kernels
+    (csrc/<family>/cpu*.cpp) always; with ``cuda`` also the CUDA kernels and their bindings
+    (csrc/<family>/cuda*.cu, csrc/<family>/cuda*.cpp)."""
+    families = lambda pattern: sorted(glob.glob(os.path.join(csrc, "*", pattern)))
+    cpu = [os.path.join(csrc, "module.cpp"), *families("cpu*.cpp")]
     if not cuda:
         return cpu
-    others = [p for p in sorted(glob.glob(os.path.join(csrc, "*.cpp"))) if p not in cpu]
-    return cpu + others + sorted(glob.glob(os.path.join(csrc, "*.cu")))
+    return cpu + families("cuda*.cpp") + families("cuda*.cu")
+
+
+SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
 
 
 def sources_hash(csrc: str, flags: list[str]) -> str:
-    """A short hash of every source and header in ``csrc`` and the build flags: the just-in-time cache key."""
+    """A short hash of every source and header under ``csrc`` and the build flags: what a build was made from
+    (recorded in its build info; the just-in-time cache key)."""
     digest = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(csrc, "*"))):
-        if os.path.splitext(path)[1] in (".cpp", ".cu", ".cuh", ".h"):
-            digest.update(os.path.basename(path).encode() + b"\0")
+    for path in sorted(glob.glob(os.path.join(csrc, "**", "*"), recursive=True)):
+        if os.path.splitext(path)[1] in SOURCE_SUFFIXES:
+            digest.update(os.path.relpath(path, csrc).replace(os.sep, "/").encode() + b"\0")
             with open(path, "rb") as f:
                 digest.update(f.read())
     digest.update("\0".join(flags).encode())

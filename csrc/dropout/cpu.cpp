@@ -1,6 +1,7 @@
-// C++ CPU kernels of the dropout ops (namespace regops_cpu, signatures of regops/reference/dropout.py):
-// dropout, dropout_bitmask, apply_bitmask, multi_sample_dropout_mean, scale_rows_add (drop path's application). Multiply semantics, as torch: y = x * (keep ? scale : 0) in float32
-// (float64 for float64), rounded once to x's dtype, so a NaN or inf at a dropped position stays NaN.
+// C++ CPU kernels of the dropout ops, registered on the regops:: operators (schemas in regops/dropout/ops.py):
+// dropout, dropout_bitmask, apply_bitmask, multi_sample_dropout_mean, scale_rows_add (drop path's application),
+// nested_dropout. Multiply semantics, as torch: y = x * (keep ? scale : 0) in float32 (float64 for float64),
+// rounded once to x's dtype, so a NaN or inf at a dropped position stays NaN.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -8,7 +9,7 @@
 #include <optional>
 #include <vector>
 
-#include "cpu_common.h"
+#include "common/cpu_common.h"
 
 namespace regops {
 namespace cpu {
@@ -46,8 +47,8 @@ void for_each_block(int64_t n, uint64_t seed, uint64_t offset, const Body& body)
   });
 }
 
-at::Tensor dropout(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
-  TORCH_CHECK(x.device().is_cpu(), "regops_cpu::dropout: x must be a CPU tensor");
+at::Tensor dropout_kernel(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+  TORCH_CHECK(x.device().is_cpu(), "regops::dropout: x must be a CPU tensor");
   check_p(p, "dropout");
   const at::Tensor input = x.contiguous();
   at::Tensor y = at::empty_like(input, at::MemoryFormat::Contiguous);
@@ -65,8 +66,8 @@ at::Tensor dropout(const at::Tensor& x, double p, int64_t seed, int64_t offset) 
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> dropout_bitmask(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
-  TORCH_CHECK(x.device().is_cpu(), "regops_cpu::dropout_bitmask: x must be a CPU tensor");
+std::tuple<at::Tensor, at::Tensor> dropout_bitmask_kernel(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+  TORCH_CHECK(x.device().is_cpu(), "regops::dropout_bitmask: x must be a CPU tensor");
   check_p(p, "dropout_bitmask");
   const at::Tensor input = x.contiguous();
   const int64_t n = input.numel();
@@ -96,11 +97,11 @@ std::tuple<at::Tensor, at::Tensor> dropout_bitmask(const at::Tensor& x, double p
   return {y, bits};
 }
 
-at::Tensor apply_bitmask(const at::Tensor& g, const at::Tensor& packed, double scale) {
-  TORCH_CHECK(g.device().is_cpu() && packed.device().is_cpu(), "regops_cpu::apply_bitmask: CPU tensors expected");
+at::Tensor apply_bitmask_kernel(const at::Tensor& g, const at::Tensor& packed, double scale) {
+  TORCH_CHECK(g.device().is_cpu() && packed.device().is_cpu(), "regops::apply_bitmask: CPU tensors expected");
   const int64_t n = g.numel();
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 1 && packed.numel() == (n + 7) / 8,
-              "regops_cpu::apply_bitmask: the mask must be uint8 [ceil(numel / 8)] = [", (n + 7) / 8, "], got ",
+              "regops::apply_bitmask: the mask must be uint8 [ceil(numel / 8)] = [", (n + 7) / 8, "], got ",
               packed.scalar_type(), " ", packed.sizes());
   const at::Tensor grad = g.contiguous(), bits = packed.contiguous();
   at::Tensor y = at::empty_like(grad, at::MemoryFormat::Contiguous);
@@ -123,11 +124,11 @@ at::Tensor apply_bitmask(const at::Tensor& g, const at::Tensor& packed, double s
 }
 
 // y = x * (count * (scale / K)), count = kept samples of K masks; sample k uses first counter offset + k * ceil(n/4).
-at::Tensor multi_sample_dropout_mean(const at::Tensor& x, double p, int64_t num_samples, int64_t seed,
+at::Tensor multi_sample_dropout_mean_kernel(const at::Tensor& x, double p, int64_t num_samples, int64_t seed,
                                      int64_t offset) {
-  TORCH_CHECK(x.device().is_cpu(), "regops_cpu::multi_sample_dropout_mean: x must be a CPU tensor");
+  TORCH_CHECK(x.device().is_cpu(), "regops::multi_sample_dropout_mean: x must be a CPU tensor");
   check_p(p, "multi_sample_dropout_mean");
-  TORCH_CHECK(num_samples >= 1, "regops_cpu::multi_sample_dropout_mean: num_samples must be >= 1");
+  TORCH_CHECK(num_samples >= 1, "regops::multi_sample_dropout_mean: num_samples must be >= 1");
   const at::Tensor input = x.contiguous();
   const int64_t n = input.numel(), step = (n + 3) / 4;
   at::Tensor y = at::empty_like(input, at::MemoryFormat::Contiguous);
@@ -179,17 +180,17 @@ void scale_rows(const T* __restrict__ x, const typename Acc<T>::type* __restrict
   });
 }
 
-at::Tensor scale_rows_add(const at::Tensor& x, const at::Tensor& scales, const std::optional<at::Tensor>& residual) {
-  TORCH_CHECK(x.device().is_cpu() && scales.device().is_cpu(), "regops_cpu::scale_rows_add: CPU tensors expected");
+at::Tensor scale_rows_add_kernel(const at::Tensor& x, const at::Tensor& scales, const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x.device().is_cpu() && scales.device().is_cpu(), "regops::scale_rows_add: CPU tensors expected");
   TORCH_CHECK(x.dim() >= 1 && scales.numel() == x.size(0),
-              "regops_cpu::scale_rows_add: scales must hold one value per row of x (", x.dim() ? x.size(0) : 0, ")");
+              "regops::scale_rows_add: scales must hold one value per row of x (", x.dim() ? x.size(0) : 0, ")");
   const at::Tensor input = x.contiguous();
   const at::ScalarType cd = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor sc = scales.contiguous().to(cd);
   at::Tensor res;
   if (residual.has_value()) {
     TORCH_CHECK(residual->sizes() == x.sizes() && residual->device().is_cpu(),
-                "regops_cpu::scale_rows_add: residual must match x's shape");
+                "regops::scale_rows_add: residual must match x's shape");
     // The reference adds residual.to(compute dtype): read it as x's dtype when it is, else converted once.
     res = residual->scalar_type() == input.scalar_type() ? residual->contiguous() : residual->contiguous().to(cd);
   }
@@ -213,12 +214,12 @@ at::Tensor scale_rows_add(const at::Tensor& x, const at::Tensor& scales, const s
 // regops.reference.dropout.nested_dropout: sample b (dim 0) keeps its first count_b units along dim, count_b =
 // 1 + #{k : w_b < T_k}, w_b = word b of the stream, T_k = floor((1-p)^k 2^32) (geometric_thresholds: the same
 // double pow and truncation as the reference's host floats); the rest is multiplied by 0 (NaN stays NaN).
-at::Tensor nested_dropout(const at::Tensor& x, double p, int64_t dim, int64_t seed, int64_t offset) {
+at::Tensor nested_dropout_kernel(const at::Tensor& x, double p, int64_t dim, int64_t seed, int64_t offset) {
   const char* op = "nested_dropout";
-  TORCH_CHECK(x.device().is_cpu(), "regops_cpu::nested_dropout: x must be a CPU tensor");
-  TORCH_CHECK(x.dim() >= 2, "regops_cpu::nested_dropout: x must have a batch dim and a unit dim, got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), "regops::nested_dropout: x must be a CPU tensor");
+  TORCH_CHECK(x.dim() >= 2, "regops::nested_dropout: x must have a batch dim and a unit dim, got ", x.sizes());
   dim = at::maybe_wrap_dim(dim, x.dim());
-  TORCH_CHECK(dim != 0, "regops_cpu::nested_dropout: dim must not be the batch dim 0");
+  TORCH_CHECK(dim != 0, "regops::nested_dropout: dim must not be the batch dim 0");
   const at::Tensor input = x.contiguous();
   at::Tensor y = at::empty_like(input, at::MemoryFormat::Contiguous);
   const int64_t batch = input.size(0), units = input.size(dim);
@@ -255,11 +256,43 @@ at::Tensor nested_dropout(const at::Tensor& x, double p, int64_t dim, int64_t se
   return y;
 }
 
+// ------------------------------------------------------------------------------------------------ the ops
+at::Tensor dropout(const at::Tensor& x, const at::Tensor& p, const at::Tensor& seed) {
+  const HostSeed s = host_seed(seed, "dropout");
+  return in_layout_of(x, dropout_kernel(x, probability(p, "dropout"), s.key, s.offset));
+}
+
+std::tuple<at::Tensor, at::Tensor> dropout_bitmask(const at::Tensor& x, const at::Tensor& p, const at::Tensor& seed) {
+  const HostSeed s = host_seed(seed, "dropout_bitmask");
+  auto [y, bits] = dropout_bitmask_kernel(x, probability(p, "dropout_bitmask"), s.key, s.offset);
+  return {in_layout_of(x, y), bits};
+}
+
+at::Tensor apply_bitmask(const at::Tensor& g, const at::Tensor& bits, const at::Tensor& p) {
+  return in_layout_of(g, apply_bitmask_kernel(g, bits, dropout_scale(probability(p, "apply_bitmask"))));
+}
+
+at::Tensor multi_sample_dropout_mean(const at::Tensor& x, const at::Tensor& p, int64_t num_samples,
+                                     const at::Tensor& seed) {
+  const HostSeed s = host_seed(seed, "multi_sample_dropout_mean");
+  const double pv = probability(p, "multi_sample_dropout_mean");
+  return in_layout_of(x, multi_sample_dropout_mean_kernel(x, pv, num_samples, s.key, s.offset));
+}
+
+at::Tensor scale_rows_add(const at::Tensor& x, const at::Tensor& scales, const std::optional<at::Tensor>& residual) {
+  return in_layout_of(x, scale_rows_add_kernel(x, scales, residual));
+}
+
+at::Tensor nested_dropout(const at::Tensor& x, const at::Tensor& p, int64_t dim, const at::Tensor& seed) {
+  const HostSeed s = host_seed(seed, "nested_dropout");
+  return in_layout_of(x, nested_dropout_kernel(x, probability(p, "nested_dropout"), dim, s.key, s.offset));
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace regops
 
-TORCH_LIBRARY_IMPL(regops_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(regops, CPU, m) {
   m.impl("dropout", &regops::cpu::dropout);
   m.impl("dropout_bitmask", &regops::cpu::dropout_bitmask);
   m.impl("apply_bitmask", &regops::cpu::apply_bitmask);

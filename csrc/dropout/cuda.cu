@@ -1,9 +1,9 @@
 // Dropout with the mask regenerated from (seed, offset): 16-byte vector loads/stores, one Philox call per
 // four elements, the same element -> (counter, word) mapping as every other backend. Dropped elements are
 // multiplied by 0, as in torch: a NaN or Inf there gives NaN.
-#include "common.cuh"
-#include "kernels.h"
-#include "philox.cuh"
+#include "common/cuda_common.cuh"
+#include "dropout/cuda.h"
+#include "common/philox.cuh"
 
 namespace regops {
 namespace {

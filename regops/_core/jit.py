@@ -1,6 +1,6 @@
 """Building regops._C just in time, for an installation that came without it.
 
-``regops.build_extension()`` compiles the sources shipped in ``regops.csrc`` (the C++ CPU kernels, plus the CUDA
+:func:`regops.build_extension` (in :mod:`regops._core.extension`) compiles the sources shipped in ``regops.csrc`` (the C++ CPU kernels, plus the CUDA
 kernels when torch is a CUDA build and nvcc is found) with ``torch.utils.cpp_extension.load`` into a cache
 directory keyed by the torch and CUDA versions and a hash of the sources and build flags, and loads the result;
 from then on every process finds it there, and a checkout whose csrc/ changed gets a fresh build, never the old
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from regops import _cuda_toolkit
+from regops._core import toolkit
 from regops._version import __version__
 
 LIBRARY_NAME = "regops_C"
@@ -29,7 +29,7 @@ def cache_dir() -> Path:
     )
     try:
         # Cheap to compute (no nvcc call, no CUDA query): it runs when a process first looks for the extension.
-        key = _cuda_toolkit.sources_hash(str(sources_dir()), [*_cuda_toolkit.CXX_FLAGS, *_cuda_toolkit.NVCC_FLAGS])
+        key = toolkit.sources_hash(str(sources_dir()), [*toolkit.CXX_FLAGS, *toolkit.NVCC_FLAGS])
     except RuntimeError:  # no sources shipped: nothing can be built or found
         key = "nosources"
     variant = f"regops{__version__}-torch{torch.__version__}-cuda{torch.version.cuda}-{key}".replace("+", "_")
@@ -41,12 +41,12 @@ def library_path() -> Path:
 
 
 def sources_dir() -> Path:
-    """The CUDA sources: ``regops/csrc`` in an installed wheel, ``csrc/`` beside ``regops/`` in a checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "csrc", here.parent / "csrc"):
-        if (candidate / "regops.cpp").is_file():
+    """The C++/CUDA sources: ``regops/csrc`` in an installed wheel, ``csrc/`` beside ``regops/`` in a checkout."""
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "csrc", package.parent / "csrc"):
+        if (candidate / "module.cpp").is_file():
             return candidate
-    raise RuntimeError(f"regops: the CUDA sources are not installed (looked in {here / 'csrc'})")
+    raise RuntimeError(f"regops: the C++ sources are not installed (looked in {package / 'csrc'})")
 
 
 def build_info() -> dict:
@@ -86,17 +86,17 @@ def _arch_list() -> str:
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         return f"{major}.{minor}"
-    return _cuda_toolkit.DEFAULT_ARCHS
+    return toolkit.DEFAULT_ARCHS
 
 
 def build(verbose: bool = False) -> Path:
     """Compile regops._C for this machine into :func:`cache_dir` and load it into this process: the C++ CPU
     kernels, and the CUDA kernels when torch is a CUDA build and a CUDA toolkit is found."""
-    cuda_home = _cuda_toolkit.find_cuda_home() if torch.version.cuda is not None else None
+    cuda_home = toolkit.find_cuda_home() if torch.version.cuda is not None else None
     arch_list = _arch_list() if cuda_home else ""
     # CUDA_HOME before torch.utils.cpp_extension is imported: it reads it at import, and torch's own guess (from a
     # wrapper nvcc on PATH) is wrong and prints a misleading "No CUDA runtime is found".
-    env = {"MAX_JOBS": str(_cuda_toolkit.default_jobs())}
+    env = {"MAX_JOBS": str(toolkit.default_jobs())}
     if cuda_home:
         env.update(CUDA_HOME=cuda_home, TORCH_CUDA_ARCH_LIST=arch_list)
     with _env(**env):
@@ -109,15 +109,15 @@ def build(verbose: bool = False) -> Path:
         except RuntimeError as exc:
             raise RuntimeError("regops: building the extension just in time needs ninja (pip install ninja)") from exc
         src = sources_dir()
-        sources = _cuda_toolkit.extension_sources(str(src), cuda=cuda_home is not None)
+        sources = toolkit.extension_sources(str(src), cuda=cuda_home is not None)
         out = cache_dir()
         out.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
             name=LIBRARY_NAME,
             sources=sources,
             extra_include_paths=[str(src)],
-            extra_cflags=_cuda_toolkit.CXX_FLAGS,
-            extra_cuda_cflags=_cuda_toolkit.NVCC_FLAGS,
+            extra_cflags=toolkit.CXX_FLAGS,
+            extra_cuda_cflags=toolkit.NVCC_FLAGS,
             build_directory=str(out),
             is_python_module=False,
             verbose=verbose,
@@ -131,29 +131,11 @@ def build(verbose: bool = False) -> Path:
     }
     if cuda_home:
         info.update(
-            cuda_version=_cuda_toolkit.nvcc_version(cuda_home),
+            cuda_version=toolkit.nvcc_version(cuda_home),
             cuda_home=cuda_home,
             arch_list=arch_list,
-            cuda_archs=_cuda_toolkit.cuda_archs(arch_list),
+            cuda_archs=toolkit.cuda_archs(arch_list),
         )
+    info["sources_hash"] = toolkit.sources_hash(str(src), [*toolkit.CXX_FLAGS, *toolkit.NVCC_FLAGS])
     (out / "_build_info.json").write_text(json.dumps(info, indent=1))
     return library_path()
-
-
-def build_extension(verbose: bool = False) -> Path:
-    """Build the extension (C++ CPU kernels; CUDA kernels too where possible) for this torch into the cache and use
-    it from now on.
-
-    For an installation without ``regops._C`` (a pure-Python wheel, or a torch upgrade): needs a C++ compiler and
-    ``ninja``; for the CUDA kernels also ``nvcc`` (CUDA toolkit; ``CUDA_HOME`` if it is not found). CUDA targets:
-    ``TORCH_CUDA_ARCH_LIST``, else the visible GPU's architecture. Returns the path of the built library.
-
-    >>> regops.build_extension()      # once per machine and torch version; later processes load it from the cache
-    """
-    from regops import _backend
-
-    if _backend.extension() is not None:
-        raise RuntimeError(f"regops: an extension is already loaded ({_backend.extension_status()})")
-    path = build(verbose)
-    _backend.reset_extension()
-    return path

@@ -1,5 +1,6 @@
-// C++ CPU kernels of the fused dropout ops (namespace regops_cpu, signatures of regops/reference/dropout.py):
-// bias_dropout_add and its backward, dropout_add_layer_norm (LayerNorm / RMSNorm) and its backward.
+// C++ CPU kernels of the fused dropout ops, registered on the regops:: operators (schemas in
+// regops/dropout/ops.py): bias_dropout_add and its backward, dropout_add_layer_norm (LayerNorm / RMSNorm) and its
+// backward.
 //
 // Row layout (regops.reference.dropout.row_keep_mask): element (r, c) of [rows, cols] takes word c % 4 of counter
 // offset + r * rc + c / 4, rc = ceil(cols / 4). The counters of consecutive rows are consecutive, so a group of
@@ -14,7 +15,7 @@
 #include <optional>
 #include <vector>
 
-#include "cpu_common.h"
+#include "common/cpu_common.h"
 
 namespace regops {
 namespace cpu {
@@ -104,24 +105,24 @@ int64_t row_chunks(int64_t rows, int64_t cols) {
 }
 
 void check_rows(const at::Tensor& t, const char* what, const char* op) {
-  TORCH_CHECK(t.device().is_cpu(), "regops_cpu::", op, ": ", what, " must be a CPU tensor");
+  TORCH_CHECK(t.device().is_cpu(), "regops::", op, ": ", what, " must be a CPU tensor");
 }
 
 // ------------------------------------------------------------------------------------------------ bias_dropout_add
-at::Tensor bias_dropout_add(const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+at::Tensor bias_dropout_add_kernel(const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
                             double p, int64_t seed, int64_t offset) {
   const char* op = "bias_dropout_add";
   check_rows(x, "x", op);
   check_rows(residual, "residual", op);
   check_p(p, op);
   TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type(),
-              "regops_cpu::bias_dropout_add: residual must match x's shape and dtype");
+              "regops::bias_dropout_add: residual must match x's shape and dtype");
   const int64_t cols = x.dim() ? x.size(-1) : 1, rows = cols ? x.numel() / cols : 0;
   const at::Tensor input = x.contiguous(), res = residual.contiguous();
   at::Tensor b;
   if (bias.has_value()) {
     check_rows(*bias, "bias", op);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == cols, "regops_cpu::bias_dropout_add: bias must be [", cols,
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == cols, "regops::bias_dropout_add: bias must be [", cols,
                 "], got ", bias->sizes());
     b = bias->contiguous().to(input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   }
@@ -152,7 +153,7 @@ at::Tensor bias_dropout_add(const at::Tensor& x, const std::optional<at::Tensor>
   return y;
 }
 
-std::tuple<at::Tensor, std::optional<at::Tensor>> bias_dropout_add_backward(const at::Tensor& grad, bool has_bias,
+std::tuple<at::Tensor, std::optional<at::Tensor>> bias_dropout_add_backward_kernel(const at::Tensor& grad, bool has_bias,
                                                                             double p, int64_t seed,
                                                                             int64_t offset) {
   const char* op = "bias_dropout_add_backward";
@@ -289,14 +290,14 @@ void daln_forward(const at::Tensor& x, const at::Tensor& res, const at::Tensor& 
 
 at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_kernel(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double p, double eps, bool rms_norm, bool residual_in_fp32,
     int64_t seed, int64_t offset) {
   const char* op = "dropout_add_layer_norm";
   check_rows(x, "x", op);
   check_p(p, op);
-  TORCH_CHECK(x.dim() >= 1, "regops_cpu::dropout_add_layer_norm: x must have at least one dimension");
+  TORCH_CHECK(x.dim() >= 1, "regops::dropout_add_layer_norm: x must have at least one dimension");
   const int64_t cols = x.size(-1), rows = cols ? x.numel() / cols : 0;
   const at::ScalarType cd = acc_of(x.scalar_type());
   const at::ScalarType s_dtype = residual_in_fp32 && x.scalar_type() != at::kDouble
@@ -306,13 +307,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
   at::Tensor res, w, b;
   if (residual.has_value()) {
     check_rows(*residual, "residual", op);
-    TORCH_CHECK(residual->sizes() == x.sizes(), "regops_cpu::dropout_add_layer_norm: residual must match x's shape");
+    TORCH_CHECK(residual->sizes() == x.sizes(), "regops::dropout_add_layer_norm: residual must match x's shape");
     res = residual->contiguous().to(s_dtype);  // exact: the same dtype, or an upcast to float32
   }
   auto param = [&](const std::optional<at::Tensor>& t, const char* what) {
     if (!t.has_value()) return at::Tensor();
     check_rows(*t, what, op);
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == cols, "regops_cpu::dropout_add_layer_norm: ", what, " must be [",
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == cols, "regops::dropout_add_layer_norm: ", what, " must be [",
                 cols, "], got ", t->sizes());
     return t->contiguous().to(cd);
   };
@@ -422,7 +423,7 @@ void daln_backward(const at::Tensor& dy, const at::Tensor& ds, const at::Tensor&
 }
 
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
-dropout_add_layer_norm_backward(const at::Tensor& dy, const std::optional<at::Tensor>& ds, const at::Tensor& s,
+dropout_add_layer_norm_backward_kernel(const at::Tensor& dy, const std::optional<at::Tensor>& ds, const at::Tensor& s,
                                 const at::Tensor& mean, const at::Tensor& rstd,
                                 const std::optional<at::Tensor>& weight, bool has_bias, double p, bool rms_norm,
                                 int64_t seed, int64_t offset, at::ScalarType x_dtype,
@@ -430,22 +431,22 @@ dropout_add_layer_norm_backward(const at::Tensor& dy, const std::optional<at::Te
   const char* op = "dropout_add_layer_norm_backward";
   check_rows(s, "s", op);
   check_p(p, op);
-  TORCH_CHECK(s.dim() >= 1 && dy.sizes() == s.sizes(), "regops_cpu::dropout_add_layer_norm_backward: dy must match s");
+  TORCH_CHECK(s.dim() >= 1 && dy.sizes() == s.sizes(), "regops::dropout_add_layer_norm_backward: dy must match s");
   const int64_t cols = s.size(-1), rows = cols ? s.numel() / cols : 0;
   const at::ScalarType cd = acc_of(x_dtype);
   TORCH_CHECK(mean.numel() == rows && rstd.numel() == rows,
-              "regops_cpu::dropout_add_layer_norm_backward: mean and rstd must have one value per row");
+              "regops::dropout_add_layer_norm_backward: mean and rstd must have one value per row");
   const at::Tensor g = dy.contiguous().to(x_dtype), sc = s.contiguous();
   const at::Tensor mu = mean.contiguous().to(cd), rs = rstd.contiguous().to(cd);
   at::Tensor dsc;
   if (ds.has_value()) {
-    TORCH_CHECK(ds->sizes() == s.sizes(), "regops_cpu::dropout_add_layer_norm_backward: ds must match s");
+    TORCH_CHECK(ds->sizes() == s.sizes(), "regops::dropout_add_layer_norm_backward: ds must match s");
     dsc = ds->contiguous().to(s.scalar_type());
   }
   at::Tensor w;
   if (weight.has_value()) {
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == cols,
-                "regops_cpu::dropout_add_layer_norm_backward: weight must be [", cols, "]");
+                "regops::dropout_add_layer_norm_backward: weight must be [", cols, "]");
     w = weight->contiguous().to(cd);
   }
   at::Tensor dx = at::empty(s.sizes(), s.options().dtype(x_dtype));
@@ -467,11 +468,51 @@ dropout_add_layer_norm_backward(const at::Tensor& dy, const std::optional<at::Te
   return {dx, dres_out, dw_out, db_out};
 }
 
+// ------------------------------------------------------------------------------------------------ the ops
+at::Tensor bias_dropout_add(const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+                            const at::Tensor& p, const at::Tensor& seed) {
+  const HostSeed sd = host_seed(seed, "bias_dropout_add");
+  const double pv = probability(p, "bias_dropout_add");
+  return in_layout_of(x, bias_dropout_add_kernel(x, bias, residual, pv, sd.key, sd.offset));
+}
+
+std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward(const at::Tensor& grad, bool has_bias,
+                                                             const at::Tensor& p, const at::Tensor& seed) {
+  const HostSeed sd = host_seed(seed, "bias_dropout_add_backward");
+  const double pv = probability(p, "bias_dropout_add_backward");
+  auto [dx, dbias] = bias_dropout_add_backward_kernel(grad, has_bias, pv, sd.key, sd.offset);
+  const at::Tensor none = at::empty({0}, grad.options().dtype(acc_of(grad.scalar_type())));
+  return {in_layout_of(grad, dx), dbias.has_value() ? *dbias : none};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& p, double eps, bool rms_norm, bool residual_in_fp32,
+    const at::Tensor& seed) {
+  const HostSeed sd = host_seed(seed, "dropout_add_layer_norm");
+  const double pv = probability(p, "dropout_add_layer_norm");
+  return dropout_add_layer_norm_kernel(x, residual, weight, bias, pv, eps, rms_norm, residual_in_fp32, sd.key,
+                                       sd.offset);
+}
+
+// Absent gradients (no residual, weight or bias) are empty [0] tensors of the accumulation dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_backward(
+    const at::Tensor& dy, const std::optional<at::Tensor>& ds, const at::Tensor& s, const at::Tensor& mean,
+    const at::Tensor& rstd, const std::optional<at::Tensor>& weight, bool has_bias, const at::Tensor& p,
+    bool rms_norm, const at::Tensor& seed, at::ScalarType x_dtype, std::optional<at::ScalarType> res_dtype) {
+  const char* op = "dropout_add_layer_norm_backward";
+  const HostSeed sd = host_seed(seed, op);
+  auto [dx, dres, dw, db] = dropout_add_layer_norm_backward_kernel(
+      dy, ds, s, mean, rstd, weight, has_bias, probability(p, op), rms_norm, sd.key, sd.offset, x_dtype, res_dtype);
+  const at::Tensor none = at::empty({0}, s.options().dtype(acc_of(x_dtype)));
+  return {dx, dres.value_or(none), dw.value_or(none), db.value_or(none)};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace regops
 
-TORCH_LIBRARY_IMPL(regops_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(regops, CPU, m) {
   m.impl("bias_dropout_add", &regops::cpu::bias_dropout_add);
   m.impl("bias_dropout_add_backward", &regops::cpu::bias_dropout_add_backward);
   m.impl("dropout_add_layer_norm", &regops::cpu::dropout_add_layer_norm);

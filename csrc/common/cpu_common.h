@@ -9,7 +9,8 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "philox.cuh"
+#include "common/op_args.h"
+#include "common/philox.cuh"
 
 // Hot loops are compiled once per ISA (AVX-512, AVX2, baseline) and picked at load time (GNU ifunc): one
 // portable binary that still uses wide integer multiplies where the CPU has them. Integer math and single
@@ -23,18 +24,15 @@
 namespace regops {
 namespace cpu {
 
+using regops::dropout_scale;
+using regops::keep_threshold;
+
 // Counters per block: 64 elements, 8 bitmask bytes; the unit of the vectorized Philox loop.
 constexpr int64_t kBlockCounters = 16;
 constexpr int64_t kBlockElems = 4 * kBlockCounters;
 
-// regops.reference.philox.keep_threshold: int(p * 2**31) - 1 (the product is exact in double).
-inline int32_t keep_threshold(double p) { return static_cast<int32_t>(static_cast<int64_t>(p * 2147483648.0) - 1); }
-
-// regops.reference.dropout.dropout_scale: 1/(1-p) rounded to float32; 0 for p >= 1.
-inline float dropout_scale(double p) { return p >= 1.0 ? 0.0f : static_cast<float>(1.0 / (1.0 - p)); }
-
 inline void check_p(double p, const char* op) {
-  TORCH_CHECK(p >= 0.0 && p <= 1.0, "regops_cpu::", op, ": p must be in [0, 1], got ", p);
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "regops::", op, ": p must be in [0, 1], got ", p);
 }
 
 // words[4 * j + k] = word k of counter first + j, for j < kBlockCounters (always a whole block: the caller

@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu_common.h"
+#include "common/cpu_common.h"
 
 namespace regops {
 namespace cpu {
