@@ -1,7 +1,8 @@
 """Building regops._C just in time, for an installation that came without it.
 
-:func:`regops.build_extension` (in :mod:`regops._core.extension`) compiles the sources shipped in ``regops.csrc`` (the C++ CPU kernels, plus the CUDA
-kernels when torch is a CUDA build and nvcc is found) with ``torch.utils.cpp_extension.load`` into a cache
+:func:`regops.build_extension` (in :mod:`regops._core.extension`) compiles the sources shipped in
+``regops.csrc`` (the C++ CPU kernels, plus the CUDA kernels when torch is a CUDA build and nvcc is found) with
+``torch.utils.cpp_extension.load`` into a cache
 directory keyed by the torch and CUDA versions and a hash of the sources and build flags, and loads the result;
 from then on every process finds it there, and a checkout whose csrc/ changed gets a fresh build, never the old
 one. With ``REGOPS_EXT=jit`` the first op on a CUDA tensor builds it when it is missing.

@@ -6,4 +6,4 @@ Every random draw comes from the one Philox stream (:mod:`regops._core.rng`); ev
 """
 
 from regops.dropout.api import *  # noqa: F403
-from regops.dropout.api import __all__
+from regops.dropout.api import __all__ as __all__
