@@ -246,6 +246,7 @@ def dropout(
     _rng.check_generator(generator, x.device)
     if mask_mode not in MASK_MODES:
         raise ValueError(f"regops: mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    _validate.flag(training, "training")
     if not training or p_value == 0.0:
         return x
     if _dtensor.is_dtensor(x):

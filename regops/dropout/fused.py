@@ -186,6 +186,7 @@ def bias_dropout_add(
             raise ValueError(f"regops: bias must have shape ({x.shape[-1]},), got {tuple(bias.shape)}")
         _validate.same_device("x", x, "bias", bias)
         dtype = torch.promote_types(dtype, bias.dtype)
+    _validate.flag(training, "training")
     if not training or p_value == 0.0:
         return residual + (x if bias is None else x + bias)
     x, residual = x.to(dtype), residual.to(dtype)
@@ -446,6 +447,7 @@ def dropout_add_layer_norm(
             _validate.same_device("x", x, name, t)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"regops: eps must be a non-negative number, got {eps!r}")
+    _validate.flag(training, "training")
     if not training:
         p_value, p_t = 0.0, torch.zeros((), dtype=torch.float64)
     if _dtensor.is_dtensor(x):

@@ -54,6 +54,7 @@ register_seeded_mask_op(_shared_dropout_op)
 
 def _apply_shared(x, p, mask_shape, training, inplace, generator) -> torch.Tensor:
     p_value, p_t = p
+    _validate.flag(training, "training")
     if not training or p_value == 0.0:
         return x
     if _dtensor.is_dtensor(x):
@@ -159,6 +160,7 @@ def _channel_dropout(name, x, p, training, inplace, generator, spatial: int) -> 
         # torch returns early for eval, p == 0, empty inputs and p == 1 (x * 0), and fails only when it draws
         # (under torch.compile p is not known while tracing: that fails too).
         p_value, _ = p
+        _validate.flag(training, "training")
         if not training or p_value == 0.0 or x.numel() == 0:
             return x
         if p_value != 1.0:
@@ -295,6 +297,7 @@ def drop_path(
         >>> y = regops.drop_path(branch_out, 0.1, training=True)
     """
     p_value, p_t = _check_drop_path(x, drop_prob, generator)
+    _validate.flag(training, "training")
     if not training or p_value == 0.0:
         return x
     if _dtensor.is_dtensor(x):
@@ -329,6 +332,7 @@ def drop_path_add(
             f"for x {tuple(x.shape)} {x.dtype}"
         )
     _validate.same_device("x", x, "residual", residual)
+    _validate.flag(training, "training")
     if not training:
         p_value, p_t = 0.0, torch.zeros((), dtype=torch.float64)
     if _dtensor.is_dtensor(x):
@@ -386,6 +390,7 @@ def nested_dropout(
         raise ValueError(f"regops: nested_dropout needs x of shape [B, ..., units, ...], got {tuple(x.shape)}")
     if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim() or dim % x.dim() == 0:
         raise ValueError(f"regops: dim must index a non-batch dimension of a {x.dim()}-D x, got {dim!r}")
+    _validate.flag(training, "training")
     if not training or p_value == 0.0:
         return x
     if _dtensor.is_dtensor(x):
@@ -449,6 +454,7 @@ def multi_sample_dropout(
     _rng.check_generator(generator, x.device)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"regops: num_samples must be a positive int, got {num_samples!r}")
+    _validate.flag(training, "training")
     if not training or p_value == 0.0:
         return x
     if _dtensor.is_dtensor(x):
