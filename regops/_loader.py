@@ -90,6 +90,13 @@ def _sampler_name(loader: Any) -> str:
     return f"{name}({type(inner).__name__})" if inner is not None and name == "BatchSampler" else name
 
 
+def _recordable(loader: Any) -> bool:
+    from torch.utils.data import DataLoader
+
+    in_order = getattr(loader, "in_order", True) is not False or loader.num_workers <= 1
+    return type(loader).__iter__ is DataLoader.__iter__ and in_order
+
+
 def _check_recordable(loader: Any, what: str) -> None:
     from torch.utils.data import DataLoader
 
@@ -196,19 +203,19 @@ class ReplayLoader:
 
     A shuffling DataLoader (or any sampler) draws its order once; later passes fetch the same index batches
     again, so an estimate that walks the data several times sees one fixed sequence of batches. Loaders
-    without a sampler (lists, IterableDatasets) are iterated as they are.
+    without a sampler (lists, IterableDatasets) and DataLoaders whose order cannot be recorded (a subclass with
+    its own ``__iter__``, ``in_order=False`` with workers) are iterated as they are.
     """
 
     def __init__(self, loader: Iterable[Any]) -> None:
         self.loader = loader
-        self.replay = _is_data_loader(loader) and not _is_iterable_dataset(loader)
+        self.replay = _is_data_loader(loader) and not _is_iterable_dataset(loader) and _recordable(loader)
         self.batches: list[list[Any]] | None = None
 
     def __iter__(self) -> Iterator[Any]:
         if not self.replay:
             yield from self.loader
             return
-        _check_recordable(self.loader, "the DataLoader")
         if self.batches is None:
             index_sampler = self.loader.batch_sampler if self.loader.batch_sampler is not None else self.loader.sampler
             rec = _Recording(index_sampler)

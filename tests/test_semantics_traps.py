@@ -139,6 +139,25 @@ def test_samplers_that_skip_or_repeat_examples_are_refused_with_the_fix(kw, matc
     assert "Subset(dataset, indices)" in str(info.value)
 
 
+def test_loaders_whose_order_cannot_be_recovered_are_refused():
+    model = _mlp()
+    x, y = _data(6, 3)
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, y, strict=True))
+
+    with pytest.raises(ValueError, match="num_workers <= 1"):
+        regops.data_scores(model, F.cross_entropy, DataLoader(Stream(), batch_size=2, num_workers=2), ("loss",))
+
+    class Prefetching(DataLoader):
+        def __iter__(self):
+            return iter(list(super().__iter__()))
+
+    with pytest.raises(TypeError, match="its own __iter__"):
+        regops.data_scores(model, F.cross_entropy, Prefetching(TensorDataset(x, y), batch_size=2), ("loss",))
+
+
 def test_tracin_dense_and_top_k_in_dataset_order_with_shuffling_loaders():
     model = _mlp()
     x, y = _data(9, 4)
