@@ -55,16 +55,22 @@ def _halves_loss(loss_fn: Callable[[Any, Any], torch.Tensor], outputs: Any, targ
 
 
 def verify_reduction(
-    loss_fn: Callable[[Any, Any], torch.Tensor], outputs: Any, targets: Any, loss: torch.Tensor, loss_reduction: str
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    outputs: Any,
+    targets: Any,
+    loss: torch.Tensor,
+    loss_reduction: str,
+    batch: int,
 ) -> None:
     """Check ``loss_reduction`` against the loss itself where that is cheap and unambiguous: with tensor outputs
-    and targets sharing a batch dim ``B >= 2``, the batch loss of a sum is the sum of the losses of its two
-    halves, that of a mean their size-weighted mean. A loss that matches the other reduction and not the declared
-    one raises; a loss that matches neither (a per-token mean over sequences of different lengths) is left alone."""
+    and targets whose dim 0 is the batch the layers saw (``B >= 2``), the batch loss of a sum is the sum of the
+    losses of its two halves, that of a mean their size-weighted mean. A loss that matches the other reduction and
+    not the declared one raises; one that matches neither (a per-token mean over sequences of different lengths)
+    is left alone."""
     if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
         return
-    b = outputs.shape[0] if outputs.dim() else 0
-    if b < 2 or targets.dim() == 0 or targets.shape[0] != b:
+    b = batch
+    if b < 2 or outputs.dim() == 0 or outputs.shape[0] != b or targets.dim() == 0 or targets.shape[0] != b:
         return
     k = b // 2
     try:
@@ -182,9 +188,9 @@ def capture(
             loss = loss_fn(outputs, targets)
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 raise ValueError("regops: loss_fn(outputs, targets) must return a scalar tensor (the batch loss)")
-            verify_reduction(loss_fn, outputs, targets, loss, loss_reduction)
             if len(rec.mbs) != 1 or rec.mbs[0].batch is None:
                 raise RuntimeError("regops: the forward reached no tracked parameter (or ran the model twice)")
+            verify_reduction(loss_fn, outputs, targets, loss, loss_reduction, rec.mbs[0].batch)
             params = dict(rec.params)
             # One backward that reaches every recorded use, computing no weight gradient where it can: the
             # hooked outputs themselves, and for an output modified in place since (its current version's
