@@ -14,9 +14,10 @@ class CrossEntropyLoss(torch.nn.Module):
 
     Takes torch's constructor arguments (``weight``, ``ignore_index``, ``reduction``, ``label_smoothing``; the
     deprecated ``size_average`` / ``reduce`` are rejected) plus regops' own (``maxsup``, ``z_loss``,
-    ``confidence_penalty``, ``decoupled``, ``softcap``, ``logit_scale``, ``return_stats``). Inputs as torch's:
-    ``[N, C]``, ``[C]`` or ``[N, C, d1, ...]`` (classes on dim 1) with index targets; probability targets go to
-    torch's own loss (no regularizers on that path). ``forward(input, target, mix=None, token_weight=None)``.
+    ``confidence_penalty``, ``decoupled``, ``softcap``, ``logit_scale``, ``return_stats``, ``class_dim``). Inputs as
+    torch's: ``[N, C]``, ``[C]`` or ``[N, C, d1, ...]`` (classes on dim 1) with index targets, the same rule as
+    :func:`regops.cross_entropy`; ``class_dim=-1`` for classes-last logits (``[B, T, V]``). Probability targets go
+    to torch's own loss (no regularizers on that path). ``forward(input, target, mix=None, token_weight=None)``.
 
     Example::
 
@@ -40,6 +41,7 @@ class CrossEntropyLoss(torch.nn.Module):
         softcap: float | None = None,
         logit_scale: float = 1.0,
         return_stats: bool = False,
+        class_dim: int | None = None,
     ) -> None:
         super().__init__()
         if size_average is not None or reduce is not None:
@@ -49,13 +51,14 @@ class CrossEntropyLoss(torch.nn.Module):
         self.maxsup, self.z_loss, self.confidence_penalty = maxsup, z_loss, confidence_penalty
         self.decoupled, self.softcap, self.logit_scale = decoupled, softcap, logit_scale
         self.return_stats = return_stats
+        self.class_dim = class_dim
 
     def _options(self) -> dict:
         return dict(
             ignore_index=self.ignore_index, reduction=self.reduction, label_smoothing=self.label_smoothing,
             maxsup=self.maxsup, z_loss=self.z_loss, confidence_penalty=self.confidence_penalty,
             decoupled=self.decoupled, softcap=self.softcap, logit_scale=self.logit_scale,
-            return_stats=self.return_stats,
+            return_stats=self.return_stats, class_dim=self.class_dim,
         )  # fmt: skip
 
     def forward(self, input: torch.Tensor, target=None, mix=None, token_weight: torch.Tensor | None = None):
@@ -66,12 +69,12 @@ class CrossEntropyLoss(torch.nn.Module):
                 self.softcap is not None or self.logit_scale != 1.0 or mix is not None or token_weight is not None
             ):
                 raise ValueError("regops: probability targets take only torch's options; use index labels or mix=")
+            if self.class_dim is not None and input.dim() > 2:
+                input, target = input.movedim(self.class_dim, 1), target.movedim(self.class_dim, 1)
             return torch.nn.functional.cross_entropy(
                 input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
                 label_smoothing=self.label_smoothing,
             )  # fmt: skip
-        if input.dim() > 2:  # torch's [N, C, d1, ...]: classes last for the row kernel
-            input = input.movedim(1, -1)
         return cross_entropy(input, target, weight=self.weight, mix=mix, token_weight=token_weight, **self._options())
 
     def extra_repr(self) -> str:
@@ -94,9 +97,11 @@ class LinearCrossEntropyLoss(CrossEntropyLoss):
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target=None, bias=None, mix=None, token_weight=None):
         from regops.losses import linear_cross_entropy
 
+        opts = self._options()
+        if opts.pop("class_dim") not in (None, -1):
+            raise ValueError("regops: the linear form's logits are classes-last by construction (class_dim=-1)")
         return linear_cross_entropy(
-            hidden, weight, target, bias, class_weight=self.weight, mix=mix, token_weight=token_weight,
-            **self._options(),
+            hidden, weight, target, bias, class_weight=self.weight, mix=mix, token_weight=token_weight, **opts
         )  # fmt: skip
 
 

@@ -348,14 +348,14 @@ def test_symmetric_kl_matches_torch_composition_with_grads():
     a = make_tensor((4, 3, 50), torch.float64, requires_grad=True, seed=1, low=-5, high=5)
     b = make_tensor((4, 3, 50), torch.float64, requires_grad=True, seed=2)
     for reduction in ("mean", "sum", "none"):
-        ours = regops.symmetric_kl(a, b, reduction=reduction)
+        ours = regops.symmetric_kl(a, b, reduction=reduction, class_dim=-1)
         ref = _skl_torch(a, b)
         ref = ref.mean() if reduction == "mean" else ref.sum() if reduction == "sum" else ref
         torch.testing.assert_close(ours, ref)
         g = torch.randn_like(ref)
         torch.testing.assert_close(torch.autograd.grad(ours, (a, b), g), torch.autograd.grad(ref, (a, b), g))
     assert torch.autograd.gradcheck(lambda x, y: regops.symmetric_kl(x, y, reduction="none"), (a[0], b[0]))
-    assert regops.symmetric_kl(a, a).abs().item() < 1e-12
+    assert regops.symmetric_kl(a, a, class_dim=-1).abs().item() < 1e-12
 
 
 def test_symmetric_kl_memory_opcheck_compile_errors():

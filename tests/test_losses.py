@@ -192,8 +192,10 @@ def test_mixed_targets_match_timm_soft_target_cross_entropy():
 def test_leading_shapes_k1_k2_and_all_ignored():
     x = torch.randn(2, 3, 5, dtype=F64, requires_grad=True)
     y = torch.randint(0, 5, (2, 3))
-    torch.testing.assert_close(regops.cross_entropy(x, y), F.cross_entropy(x.reshape(-1, 5), y.reshape(-1)))
-    assert regops.cross_entropy(x, y, reduction="none").shape == (2, 3)
+    torch.testing.assert_close(
+        regops.cross_entropy(x, y, class_dim=-1), F.cross_entropy(x.reshape(-1, 5), y.reshape(-1))
+    )
+    assert regops.cross_entropy(x, y, reduction="none", class_dim=-1).shape == (2, 3)
     for k in (1, 2):
         xk = torch.randn(4, k, dtype=F64, requires_grad=True)
         yk = torch.randint(0, k, (4,))
@@ -202,7 +204,7 @@ def test_leading_shapes_k1_k2_and_all_ignored():
         torch.testing.assert_close(ours, ref)
         torch.testing.assert_close(_grad(ours, xk), _grad(ref, xk))
     ignored = torch.full((2, 3), -100)
-    loss = regops.cross_entropy(x, ignored, label_smoothing=0.1)
+    loss = regops.cross_entropy(x, ignored, label_smoothing=0.1, class_dim=-1)
     assert loss.item() == 0.0
     assert torch.equal(_grad(loss, x), torch.zeros_like(x))
 
@@ -347,7 +349,7 @@ def test_linear_cross_entropy_equals_linear_then_formula(monkeypatch, bias):
     kw = dict(label_smoothing=0.1, z_loss=1e-3, maxsup=0.05, confidence_penalty=0.1, softcap=6.0)
     ours, st = regops.linear_cross_entropy(h, w, y, b, reduction="none", return_stats=True, **kw)
     logits = F.linear(h, w, b)
-    ref, st_ref = regops.cross_entropy(logits, y, reduction="none", return_stats=True, **kw)
+    ref, st_ref = regops.cross_entropy(logits, y, reduction="none", return_stats=True, class_dim=-1, **kw)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
     for a, c in zip(st, st_ref, strict=True):
         torch.testing.assert_close(a, c)
@@ -359,7 +361,7 @@ def test_linear_cross_entropy_equals_linear_then_formula(monkeypatch, bias):
         torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
     for reduction in ("mean", "sum"):  # the one-sweep path (gradients formed in the forward), scaled upstream
         ours = regops.linear_cross_entropy(h, w, y, b, reduction=reduction, **kw)
-        ref = regops.cross_entropy(F.linear(h, w, b), y, reduction=reduction, **kw)
+        ref = regops.cross_entropy(F.linear(h, w, b), y, reduction=reduction, class_dim=-1, **kw)
         torch.testing.assert_close(ours, ref)
         got = torch.autograd.grad(ours * 1.7, params)
         want = torch.autograd.grad(ref * 1.7, params)
@@ -586,7 +588,7 @@ def test_hugging_face_causal_lm_loss_function():
     model.loss_function = regops.causal_lm_loss(z_loss=1e-3)
     logits = model(ids).logits
     shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
-    want = regops.cross_entropy(logits, shifted, z_loss=1e-3, reduction="sum") / 7
+    want = regops.cross_entropy(logits, shifted, z_loss=1e-3, reduction="sum", class_dim=-1) / 7
     got = model(ids, labels=labels, num_items_in_batch=torch.tensor(7)).loss
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="reduction"):

@@ -120,12 +120,12 @@ def test_dots_match_float64_loop(kind, form):
 def test_dots_diagonal_is_squared_norm_and_blocks_add_up(kind):
     model, x, y = model_and_data(kind, 4, 3)
     batch = (x, y)
-    got = regops.per_sample_grad_dots(model, sum_ce, batch, batch)
+    got = regops.per_sample_grad_dots(model, sum_ce, batch, batch, loss_reduction="sum")
     with regops.per_sample_grad_norms(model, "sum") as norms:
         sum_ce(model(x), y).backward()
     rel_close(got.diagonal(), norms.total**2, 1e-10)
-    per_param = regops.per_sample_grad_dots(model, sum_ce, batch, batch, blocks="param")
-    per_module = regops.per_sample_grad_dots(model, sum_ce, batch, batch, blocks="module")
+    per_param = regops.per_sample_grad_dots(model, sum_ce, batch, batch, blocks="param", loss_reduction="sum")
+    per_module = regops.per_sample_grad_dots(model, sum_ce, batch, batch, blocks="module", loss_reduction="sum")
     assert set(per_param) == {n for n, p in model.named_parameters() if p.requires_grad}
     rel_close(torch.stack(list(per_param.values())).sum(0), got, 1e-12)
     rel_close(torch.stack(list(per_module.values())).sum(0), got, 1e-12)
@@ -156,7 +156,9 @@ def test_dots_sequence_linear_t_differs_and_frozen():
 
     expected = grads(x, y) @ grads(x2, y2).T
     for form in ("ghost", "instantiate"):
-        rel_close(regops.per_sample_grad_dots(model, loss, (x, y), (x2, y2), forms=form), expected)
+        rel_close(
+            regops.per_sample_grad_dots(model, loss, (x, y), (x2, y2), forms=form, loss_reduction="sum"), expected
+        )
 
 
 @pytest.mark.parametrize("name", ["reused_mlp", "encoder", "tied_lm", "gpt2", "llama", "vit"])
@@ -172,14 +174,14 @@ def test_dots_and_fisher_zoo(name):
     def loss(out, y):
         return entry.loss(out if isinstance(out, torch.Tensor) else out.logits, y)
 
-    got = regops.per_sample_grad_dots(model, loss, (inputs, target), (inputs2, target2))
+    got = regops.per_sample_grad_dots(model, loss, (inputs, target), (inputs2, target2), loss_reduction="sum")
 
     def flat(gs):
         return torch.stack([torch.cat([v.flatten() for v in g.values()]) for g in gs])
 
     g1 = flat(per_example_loop_grads(entry, model, inputs, target))
     rel_close(got, g1 @ flat(per_example_loop_grads(entry, model, inputs2, target2)).T)
-    fisher = regops.empirical_fisher_diagonal(model, loss, [(inputs, target)])
+    fisher = regops.empirical_fisher_diagonal(model, loss, [(inputs, target)], loss_reduction="sum")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     rel_close(torch.cat([fisher[n].flatten() for n in names]), g1.square().mean(0))
 
@@ -203,8 +205,8 @@ def test_tied_modules_sharing_a_parameter():
             for i in range(3)
         ]
     )
-    rel_close(regops.per_sample_grad_dots(model, loss, (x, y), (x, y)), g @ g.T)
-    fisher = regops.empirical_fisher_diagonal(model, loss, [(x, y)])
+    rel_close(regops.per_sample_grad_dots(model, loss, (x, y), (x, y), loss_reduction="sum"), g @ g.T)
+    fisher = regops.empirical_fisher_diagonal(model, loss, [(x, y)], loss_reduction="sum")
     rel_close(torch.cat([fisher[n].flatten() for n, p in model.named_parameters()]), g.square().mean(0))
 
 
@@ -213,11 +215,11 @@ def test_dots_bad_input():
     with pytest.raises(ValueError, match="loss_reduction"):
         regops.per_sample_grad_dots(model, sum_ce, (x, y), (x, y), loss_reduction="avg")
     with pytest.raises(ValueError, match="blocks"):
-        regops.per_sample_grad_dots(model, sum_ce, (x, y), (x, y), blocks="layer")
+        regops.per_sample_grad_dots(model, sum_ce, (x, y), (x, y), blocks="layer", loss_reduction="sum")
     with pytest.raises(TypeError, match=r"\(inputs, targets\) pair"):
-        regops.per_sample_grad_dots(model, sum_ce, x, (x, y))
+        regops.per_sample_grad_dots(model, sum_ce, x, (x, y), loss_reduction="sum")
     with pytest.raises(ValueError, match="scalar"):
-        regops.per_sample_grad_dots(model, lambda o, t: o, (x, y), (x, y))
+        regops.per_sample_grad_dots(model, lambda o, t: o, (x, y), (x, y), loss_reduction="sum")
 
 
 # ---------------------------------------------------------------------------------------------- fisher
@@ -248,14 +250,19 @@ def test_fisher_sequence_linear_and_sampled_labels():
     x, y = torch.randn(4, 7, 4, dtype=torch.float64), torch.randint(0, 5, (4, 7))
     y[0, :2] = -100
     gen = torch.Generator().manual_seed(5)
-    sampled = regops.empirical_fisher_diagonal(model, loss, [(x, y)], labels="sampled", generator=gen)
+    sampled = regops.empirical_fisher_diagonal(
+        model, loss, [(x, y)], labels="sampled", generator=gen, loss_reduction="sum"
+    )
     # the same draw by hand: softmax of the logits, one multinomial call over all positions
     with torch.no_grad():
         probs = torch.softmax(model(x).reshape(-1, 5).float(), -1)
     drawn = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5)).reshape(4, 7)
     drawn = torch.where(y == -100, y, drawn)
     params = list(model.parameters())
-    for labels, result in ((drawn, sampled), (y, regops.empirical_fisher_diagonal(model, loss, [(x, y)]))):
+    for labels, result in (
+        (drawn, sampled),
+        (y, regops.empirical_fisher_diagonal(model, loss, [(x, y)], loss_reduction="sum")),
+    ):
         g = torch.stack(
             [
                 torch.cat(
@@ -266,7 +273,7 @@ def test_fisher_sequence_linear_and_sampled_labels():
         )
         rel_close(torch.cat([result[n].flatten() for n, _ in model.named_parameters()]), g.square().mean(0))
     with pytest.raises(ValueError, match="labels"):
-        regops.empirical_fisher_diagonal(model, loss, [(x, y)], labels="model")
+        regops.empirical_fisher_diagonal(model, loss, [(x, y)], labels="model", loss_reduction="sum")
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -274,7 +281,7 @@ def test_data_scores_values_order_and_batch_size_independence():
     model, x, y = model_and_data("transformer", 6, 7)
     by2 = [(x[i : i + 2], y[i : i + 2]) for i in range(0, 6, 2)]
     by4 = [(x[:4], y[:4]), (x[4:], y[4:])]
-    s2 = regops.data_scores(model, sum_ce, by2)
+    s2 = regops.data_scores(model, sum_ce, by2, loss_reduction="sum")
     s4 = regops.data_scores(model, sum_ce, by4, loss_reduction="sum")
     g = loop_grads(model, x, y)
     rel_close(s2["grand"], g.norm(dim=1), 1e-10)
@@ -292,7 +299,7 @@ def test_data_scores_values_order_and_batch_size_independence():
         torch.testing.assert_close(s2[k], s4[k], rtol=1e-12, atol=1e-14)
     assert set(regops.data_scores(model, sum_ce, by2, ("el2n",))) == {"el2n"}
     with pytest.raises(ValueError, match="unknown scores"):
-        regops.data_scores(model, sum_ce, by2, ("forgetting",))
+        regops.data_scores(model, sum_ce, by2, ("forgetting",), loss_reduction="sum")
 
 
 def test_data_scores_average_over_seeds():
@@ -305,13 +312,15 @@ def test_data_scores_average_over_seeds():
         return nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3)).double()
 
     trained = []
-    avg = regops.data_scores(factory, sum_ce, loader, ("grand", "el2n"), seeds=[1, 2], train_fn=trained.append)
+    avg = regops.data_scores(
+        factory, sum_ce, loader, ("grand", "el2n"), seeds=[1, 2], train_fn=trained.append, loss_reduction="sum"
+    )
     assert len(trained) == 2
-    each = [regops.data_scores(factory(s), sum_ce, loader, ("grand", "el2n")) for s in (1, 2)]
+    each = [regops.data_scores(factory(s), sum_ce, loader, ("grand", "el2n"), loss_reduction="sum") for s in (1, 2)]
     for k in avg:
         torch.testing.assert_close(avg[k], (each[0][k] + each[1][k]) / 2)
     with pytest.raises(TypeError, match="factory"):
-        regops.data_scores(factory(1), sum_ce, loader, seeds=[1])
+        regops.data_scores(factory(1), sum_ce, loader, seeds=[1], loss_reduction="sum")
 
 
 def test_gradient_coherence_matches_loop():
@@ -341,10 +350,10 @@ def test_tracin_dense_and_top_k_equal_the_hand_sum():
     model.load_state_dict(before)
     train = [(x[:3], y[:3]), (x[3:], y[3:])]
     test = [(xt[:2], yt[:2]), (xt[2:], yt[2:])]
-    dense = regops.tracin(model, sum_ce, train, test, ckpts, etas, progress=False)
+    dense = regops.tracin(model, sum_ce, train, test, ckpts, etas, progress=False, loss_reduction="sum")
     rel_close(dense, expected)
     loaders = [lambda m, c=c: m.load_state_dict(c) for c in ckpts]  # callables work as checkpoints too
-    top = regops.tracin(model, sum_ce, train, test, loaders, etas, top_k=3, progress=False)
+    top = regops.tracin(model, sum_ce, train, test, loaders, etas, top_k=3, progress=False, loss_reduction="sum")
     vals, idx = expected.T.topk(3, dim=1)
     rel_close(top.proponents, vals)
     assert torch.equal(top.proponent_indices, idx)
@@ -354,7 +363,7 @@ def test_tracin_dense_and_top_k_equal_the_hand_sum():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     with pytest.raises(ValueError, match="learning rates"):
-        regops.tracin(model, sum_ce, train, test, ckpts, [0.1], progress=False)
+        regops.tracin(model, sum_ce, train, test, ckpts, [0.1], progress=False, loss_reduction="sum")
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -420,11 +429,11 @@ def test_model_dots_and_fisher_with_kernels(kernel_target, kind):
     """float32 models through the Triton kernels (ghost dots, tiled Fisher) equal the reference backend."""
     model, x, y = model_and_data(kind, 3, 11, torch.float32)
     _, x2, y2 = model_and_data(kind, 2, 12, torch.float32)
-    got = regops.per_sample_grad_dots(model, mean_ce, (x, y), (x2, y2), forms="ghost")
-    fisher = regops.empirical_fisher_diagonal(model, mean_ce, [(x, y)])
+    got = regops.per_sample_grad_dots(model, mean_ce, (x, y), (x2, y2), forms="ghost", loss_reduction="mean")
+    fisher = regops.empirical_fisher_diagonal(model, mean_ce, [(x, y)], loss_reduction="mean")
     with regops.use_backend("torch"):
-        expected = regops.per_sample_grad_dots(model, mean_ce, (x, y), (x2, y2), forms="ghost")
-        fisher_ref = regops.empirical_fisher_diagonal(model, mean_ce, [(x, y)])
+        expected = regops.per_sample_grad_dots(model, mean_ce, (x, y), (x2, y2), forms="ghost", loss_reduction="mean")
+        fisher_ref = regops.empirical_fisher_diagonal(model, mean_ce, [(x, y)], loss_reduction="mean")
     torch.testing.assert_close(got.cpu(), expected.cpu(), rtol=1e-4, atol=1e-5)
     for k, v in fisher_ref.items():
         torch.testing.assert_close(fisher[k].cpu(), v.cpu(), rtol=1e-4, atol=1e-6, msg=k)

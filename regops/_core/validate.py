@@ -27,6 +27,14 @@ def floating(x: object, name: str = "x", dtypes: Iterable[torch.dtype] = FLOAT_D
     return x
 
 
+def flag(value: object, name: str = "training") -> bool:
+    """A switch such as ``training``: a Python bool, as torch requires (``F.dropout(x, 0.5, "yes")`` raises in
+    torch; a truthy string or a one-element tensor is not silently read as True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"regops: {name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+    return value
+
+
 def probability(p: object, name: str = "p") -> float:
     if isinstance(p, torch.Tensor):
         if p.numel() != 1:

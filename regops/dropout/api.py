@@ -92,6 +92,7 @@ def dropout(
     rng.check_generator(generator, x.device)
     if mask_mode not in MASK_MODES:
         raise ValueError(f"regops: mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    validate.flag(training, "training")
     if not training or p_value == 0.0:
         return x
     if is_dtensor(x):
@@ -166,6 +167,7 @@ def bias_dropout_add(
             raise ValueError(f"regops: bias must have shape ({x.shape[-1]},), got {tuple(bias.shape)}")
         validate.same_device("x", x, "bias", bias)
         dtype = torch.promote_types(dtype, bias.dtype)
+    validate.flag(training, "training")
     if not training or p_value == 0.0:
         return residual + (x if bias is None else x + bias)
     x, residual = x.to(dtype), residual.to(dtype)
@@ -236,6 +238,7 @@ def dropout_add_layer_norm(
             validate.same_device("x", x, name, t)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"regops: eps must be a non-negative number, got {eps!r}")
+    validate.flag(training, "training")
     if not training:
         p_value, p_t = 0.0, torch.zeros((), dtype=torch.float64)
     if is_dtensor(x):
@@ -250,6 +253,7 @@ def dropout_add_layer_norm(
 
 def _apply_shared(x, p, mask_shape, training, inplace, generator) -> torch.Tensor:
     p_value, p_t = p
+    validate.flag(training, "training")
     if not training or p_value == 0.0:
         return x
     if is_dtensor(x):
@@ -355,6 +359,7 @@ def _channel_dropout(name, x, p, training, inplace, generator, spatial: int) -> 
         # torch returns early for eval, p == 0, empty inputs and p == 1 (x * 0), and fails only when it draws
         # (under torch.compile p is not known while tracing: that fails too).
         p_value, _ = p
+        validate.flag(training, "training")
         if not training or p_value == 0.0 or x.numel() == 0:
             return x
         if p_value != 1.0:
@@ -452,6 +457,7 @@ def drop_path(
         >>> y = regops.drop_path(branch_out, 0.1, training=True)
     """
     p_value, p_t = _check_drop_path(x, drop_prob, generator)
+    validate.flag(training, "training")
     if not training or p_value == 0.0:
         return x
     if is_dtensor(x):
@@ -486,6 +492,7 @@ def drop_path_add(
             f"for x {tuple(x.shape)} {x.dtype}"
         )
     validate.same_device("x", x, "residual", residual)
+    validate.flag(training, "training")
     if not training:
         p_value, p_t = 0.0, torch.zeros((), dtype=torch.float64)
     if is_dtensor(x):
@@ -527,6 +534,7 @@ def nested_dropout(
         raise ValueError(f"regops: nested_dropout needs x of shape [B, ..., units, ...], got {tuple(x.shape)}")
     if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim() or dim % x.dim() == 0:
         raise ValueError(f"regops: dim must index a non-batch dimension of a {x.dim()}-D x, got {dim!r}")
+    validate.flag(training, "training")
     if not training or p_value == 0.0:
         return x
     if is_dtensor(x):
@@ -572,6 +580,7 @@ def multi_sample_dropout(
     rng.check_generator(generator, x.device)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"regops: num_samples must be a positive int, got {num_samples!r}")
+    validate.flag(training, "training")
     if not training or p_value == 0.0:
         return x
     if is_dtensor(x):

@@ -105,7 +105,7 @@ class ParamUseMode(TorchFunctionMode):
         if rec.suspended:
             return func(*args, **kwargs)
         if func is F.batch_norm:
-            _check_batch_norm(args, kwargs)
+            _check_batch_norm(rec.model, args, kwargs)
         if func is F.multi_head_attention_forward:
             return self._mha(func, args, kwargs)
         hits = self._hits(args, kwargs)
@@ -336,17 +336,33 @@ class _Shape:
         self.shape = tuple(shape)
 
 
-def _check_batch_norm(args, kwargs) -> None:
-    running_mean, running_var, training = _get(
-        args, kwargs, ("running_mean", "running_var", "training"), (None, None, False), start=1
-    )
+def _check_batch_norm(model: torch.nn.Module, args, kwargs) -> None:
+    names = ("running_mean", "running_var", "weight", "bias", "training")
+    running_mean, _, weight, _, training = _get(args, kwargs, names, (None,) * 4 + (False,), start=1)
     if training or running_mean is None:
         raise ValueError(
-            "regops: batch normalisation with batch statistics (BatchNorm in train mode, or "
-            "track_running_stats=False) couples the examples of a batch: per-example gradients are not defined "
-            "(with or without its own parameters). Replace it with GroupNorm (regops.grad_norms.fix_model(model) "
-            "does it and reports the swaps) or put it in eval mode."
+            f"regops: {_batch_norm_names(model, running_mean, weight)} normalises with batch statistics (train "
+            "mode, or track_running_stats=False), which couples the examples of a batch: per-example gradients are "
+            "not defined (with or without its own parameters). Call model.eval() before the block (BatchNorm then "
+            "normalises with its running statistics; one built with track_running_stats=False has none), or "
+            "replace it with GroupNorm: `model, changes = regops.fix_model(model)` does it and reports each swap."
         )
+
+
+def _batch_norm_names(model: torch.nn.Module, running_mean: Any, weight: Any) -> str:
+    """The BatchNorm module(s) of ``model`` a functional ``F.batch_norm`` call belongs to, for error messages."""
+    bns = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    own = [
+        (n, m)
+        for n, m in bns
+        if (running_mean is not None and m.running_mean is running_mean) or (weight is not None and m.weight is weight)
+    ]
+    found = own or [(n, m) for n, m in bns if m.training or m.running_mean is None]
+    if not found:
+        return "F.batch_norm (called outside a BatchNorm module)"
+    return ", ".join(f"{type(m).__name__} {n or '<root>'!r}" for n, m in found[:4]) + (
+        f" and {len(found) - 4} more" if len(found) > 4 else ""
+    )
 
 
 def _get(args: tuple, kwargs: dict, names: tuple[str, ...], defaults: tuple, start: int = 0) -> list:

@@ -16,7 +16,8 @@ LOSS_REDUCTIONS = ("sum", "mean")
 # ----------------------------------------------------------------------------------------------- public API
 _REDUCTION_HELP = (
     "regops: say how your loss combines the examples: loss_reduction='sum' (loss = sum_n loss_n) or 'mean' "
-    "(loss = mean over the batch: F.cross_entropy's default); the norms are rescaled accordingly"
+    "(loss = mean over the batch: F.cross_entropy's default); per-example gradients and their norms are rescaled "
+    "accordingly"
 )
 
 

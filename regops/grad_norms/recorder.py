@@ -86,6 +86,15 @@ class _Tap(torch.autograd.Function):
         return (None, *grads)
 
 
+def _check_not_empty(n: int, label: str, bd: int) -> None:
+    if n == 0:
+        raise ValueError(
+            f"regops: the batch is empty: layer {label!r} got 0 examples in dim {bd}, and there are no per-example "
+            "gradients to take. Skip the forward and backward of an empty batch (dp_clipping: run its block with no "
+            "forward, so the step adds only the noise)"
+        )
+
+
 class _Recorder:
     """Records the forward uses of the tracked parameters and turns output gradients into per-example squared
     norms and weighted gradient sums.
@@ -292,6 +301,7 @@ class _Recorder:
             )
         else:
             n = output.shape[bd]
+        _check_not_empty(n, label, bd)
         replaced = None
         if mb.batch is not None and n != mb.batch:
             if n == 1 and mb.batch > 1 and rows is None:
@@ -336,6 +346,7 @@ class _Recorder:
                 f"regops: {entry.label!r} ({type(entry.module).__name__}) returned shape {tuple(first.shape)}: "
                 f"no batch of size {mb.batch} in dim {bd}"
             )
+        _check_not_empty(n, entry.label, bd)
         mb.batch = n
         call = _Call(entry, VmapSaved(args, dict(kwargs), bd, n), mb_index, bd)
         self.calls.append(call)

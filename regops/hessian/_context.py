@@ -10,6 +10,14 @@ backward has a forward-mode derivative, and dropout masks that stay fixed across
   ``mse_loss_backward`` crashes under forward-mode AD with ``reduction="mean"``, "ZeroTensors are immutable",
   because its tangent formula updates the target's zero tangent in place), ``F.huber_loss`` and
   ``F.soft_margin_loss`` (no forward derivative of their backward), ``F.multi_margin_loss`` (no double backward).
+  Activations whose torch kernel lacks a second derivative run as exact composites of ops that have one:
+  ``F.hardsigmoid`` (``nn.Hardsigmoid``: MobileNetV3's squeeze-excitation gates; torch has no derivative of
+  ``hardsigmoid_backward``) as ``relu6(x + 3) / 6``, the same formula as torch's kernel (bit-identical in float32
+  and float64, the same first-derivative mask at the kinks), and ``F.rrelu`` in eval mode (no forward-mode or
+  vmap rule) as the ``leaky_relu`` with slope ``(lower + upper) / 2`` it computes. A sweep over ``torch.nn``'s
+  activations, Hugging Face's ``ACT2FN`` and timm's activation layers (tests/test_semantics_traps.py) checks every
+  engine against the exact Hessian; ``rrelu`` in train mode (random slopes) keeps torch's kernel, which has a
+  double backward (forward-over-reverse falls back to it, with a warning).
 * :class:`FixedRNG`: the state of torch's default generators (CPU, and the CUDA device of the parameters) at
   the first forward of a batch, replayed before every later forward of that batch. Dropout (torch's and
   regops' own, which seeds from the same generators) then draws the same mask for every probe, every engine
@@ -29,10 +37,11 @@ from torch.overrides import TorchFunctionMode
 @contextlib.contextmanager
 def twice_differentiable() -> Iterator[None]:
     """A context in which a forward can be differentiated twice, in reverse and forward-over-reverse mode:
-    ``scaled_dot_product_attention`` runs its math backend (the fused kernels have no double backward), and
+    ``scaled_dot_product_attention`` runs its math backend (the fused kernels have no double backward),
     ``F.mse_loss``, ``F.huber_loss``, ``F.soft_margin_loss`` and ``F.multi_margin_loss`` (and their modules) are
-    computed from elementwise ops. The Hessian estimators enter it themselves; use it around the forward whose
-    loss you pass to :func:`regops.hessian.trace_penalty` (or any ``create_graph`` backward) in an attention model.
+    computed from elementwise ops, and so are ``F.hardsigmoid`` (``nn.Hardsigmoid``) and eval-mode ``F.rrelu``.
+    The Hessian estimators enter it themselves; use it around the forward whose loss you pass to
+    :func:`regops.hessian.trace_penalty` (or any ``create_graph`` backward) in an attention model.
 
     Example::
 
@@ -99,14 +108,55 @@ def _huber(input, target, reduction="mean", delta=1.0, weight=None):
     return _reduce(torch.where(a < delta, 0.5 * d * d, delta * (a - 0.5 * delta)), reduction)
 
 
+def _hardsigmoid_of(x: torch.Tensor) -> torch.Tensor:
+    """``min(max(x + 3, 0), 6) / 6`` as torch's kernel computes it (16-bit inputs in float32, rounded once), from
+    ``relu6`` (``hardtanh``), whose backward has a derivative in both modes and the same strict mask at -3 and 3."""
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    out = F.relu6((x.float() if low else x) + 3.0) / 6.0
+    return out.to(x.dtype) if low else out
+
+
+def _hardsigmoid(input, inplace=False):
+    out = _hardsigmoid_of(input)
+    return input.copy_(out) if inplace else out
+
+
+def _hardsigmoid_(input):
+    return input.copy_(_hardsigmoid_of(input))
+
+
+def _rrelu(input, lower=1.0 / 8, upper=1.0 / 3, training=False, inplace=False):
+    if training:  # random slopes: torch's kernel (it has a double backward)
+        return F.rrelu(input, lower, upper, training, inplace)
+    return F.leaky_relu(input, (lower + upper) / 2, inplace)
+
+
+def _torch_rrelu(input, lower=1.0 / 8, upper=1.0 / 3, training=False, generator=None):
+    if training:
+        return torch.rrelu(input, lower, upper, training, generator)
+    return F.leaky_relu(input, (lower + upper) / 2)
+
+
+def _torch_rrelu_(input, lower=1.0 / 8, upper=1.0 / 3, training=False, generator=None):
+    if training:
+        return torch.rrelu_(input, lower, upper, training, generator)
+    return F.leaky_relu(input, (lower + upper) / 2, inplace=True)
+
+
 class _TwiceDifferentiableLosses(TorchFunctionMode):
-    """Routes the losses above to their elementwise forms; every other call passes through unchanged."""
+    """Routes the losses and activations above to their elementwise forms; every other call passes through."""
 
     _REWRITES = {
         F.mse_loss: _mse,
         F.huber_loss: _huber,
         F.soft_margin_loss: _soft_margin,
         F.multi_margin_loss: _multi_margin,
+        F.hardsigmoid: _hardsigmoid,
+        torch._C._nn.hardsigmoid: _hardsigmoid,
+        torch._C._nn.hardsigmoid_: _hardsigmoid_,
+        F.rrelu: _rrelu,
+        torch.rrelu: _torch_rrelu,
+        torch.rrelu_: _torch_rrelu_,
     }
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,10 +12,11 @@ import torch
 from torch import nn
 
 from regops.distributed import _hook as _dtensor
-from regops.hessian import _probes
+from regops.hessian import _probes, _sketch
 from regops.hessian._hvp import HVP_METHODS, HessianOperator
 from regops.hessian._inputs import _operator, _resolve, _user_probes
 from regops.hessian._probes import ParamLayout
+from regops.hessian._sketch import mean_stderr as _mean_stderr
 from regops.reference.hessian import DISTRIBUTIONS, check_distribution
 
 METHODS = ("hutchinson", "hutch++", "xtrace")
@@ -36,6 +38,13 @@ class TraceEstimate:
             residual terms, to which the sketched trace is added; XTrace: the exchangeable leave-one-out terms).
         engine: the Hessian-vector product engine that computed it, after any fallback (``"double_backward"``,
             ``"forward_over_reverse"``, ``"loop"`` or ``"finite_difference"``; empty when unknown).
+        probe_cap: the most products the method can use for the ``N`` trainable parameters (Hutch++ and XTrace:
+            ``2 N``, where the sketch spans the whole space); ``None`` for Hutchinson. ``num_matvecs`` is what ran.
+        fd_error: with finite differences, their estimated relative error on ``H v`` (``|D(2h) - D(h)| / 3 |D(h)|``
+            on the first probe of each batch, ``D`` the central difference; the largest over batches): for a loss
+            smooth at the scale of ``h`` the error of the products is about this large, whatever the stderr says.
+            Near kinks (ReLU, hard activations) a step that crosses one changes ``D`` by O(1): a large value flags
+            it, though it can then over- or understate the error. ``None`` when an exact engine ran.
     """
 
     value: float
@@ -44,6 +53,8 @@ class TraceEstimate:
     method: str = "hutchinson"
     samples: torch.Tensor = field(default_factory=lambda: torch.empty(0), repr=False)
     engine: str = ""
+    probe_cap: int | None = None
+    fd_error: float | None = None
 
     @property
     def relative_stderr(self) -> float:
@@ -66,16 +77,6 @@ class DiagonalEstimate:
     stderr: tuple[torch.Tensor | None, ...] | dict[str, torch.Tensor]
     num_matvecs: int
     trace: TraceEstimate
-
-
-def _mean_stderr(samples: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error over dim 0 (float64)."""
-    s = samples.double()
-    n = s.shape[0]
-    mean = s.mean(0)
-    if n < 2:
-        return mean.item(), math.inf
-    return mean.item(), (s.std(0, correction=1) / math.sqrt(n)).item()
 
 
 def _check_common(num_probes, method, distribution, probe_batch, tol, hvp) -> int:
@@ -248,66 +249,15 @@ def _diag_rel_stderr(state: _HutchinsonState) -> float:
     return math.sqrt(var.sum().item() / m) / norm if norm > 0 else math.inf
 
 
-# ---------------------------------------------------------------------------------------------- Hutch++ / XTrace
-def _hutchpp(op: HessianOperator, layout: ParamLayout, m: int, distribution: str, generator) -> TraceEstimate:
-    """Hutch++ (Meyer, Musco, Musco, Woodruff 2021): m//3 probes sketch the range, m//3 products give the exact
-    trace on it, the rest estimate the trace of the deflated remainder with Hutchinson."""
-    k = m // 3
-    rest = m - 2 * k
-    seed = _probes.draw_seed(layout, k + rest, distribution, generator)
-    exact = 0.0
-    q = None
-    if k > 0:
-        s = _probes.probe_rows(seed, 0, k, layout, distribution)[:, : layout.numel]
-        y = op.matmat(s)
-        q, _ = torch.linalg.qr(y.T)  # [N, k], orthonormal columns
-        hq = op.matmat(q.T.contiguous())
-        exact = (q.T.double() * hq.double()).sum().item()
-    g = _probes.probe_rows(seed, k, rest, layout, distribution)[:, : layout.numel]
-    if q is not None:
-        g = g - (g @ q) @ q.T
-    hg = op.matmat(g)
-    samples = (g.double() * hg.double()).sum(1)
-    mean, err = _mean_stderr(samples)
-    return TraceEstimate(exact + mean, err, op.num_matvecs, "hutch++", samples, op.engine)
-
-
-def _xtrace(op: HessianOperator, layout: ParamLayout, m: int, distribution: str, generator) -> TraceEstimate:
-    r"""XTrace (Epperly, Tropp, Webber 2024): Hutch++ made exchangeable by leaving each probe out in turn.
-
-    With ``k = m // 2`` probes ``Omega``, ``Y = A Omega = QR``, ``Z = A Q``: leaving out probe ``i`` projects
-    onto ``Q (I - s_i s_i^T) Q^T``, ``s_i`` the normalised column ``i`` of ``R^{-T}``, and every term reduces to
-    ``k x k`` products. Gaussian probes are scaled to norm ``sqrt(N)`` (the paper's improved variant, uniform on
-    the sphere: still ``E[w w^T] = I``).
-    """
-    k = m // 2
-    if k < 2:
-        raise ValueError(f"regops: method='xtrace' needs num_probes >= 4, got {m}")
-    seed = _probes.draw_seed(layout, k, distribution, generator)
-    omega = _probes.probe_rows(seed, 0, k, layout, distribution)[:, : layout.numel]
-    if distribution == "gaussian":
-        omega = omega * (math.sqrt(layout.numel) / omega.double().norm(dim=1, keepdim=True)).to(omega.dtype)
-    y = op.matmat(omega)
-    q, r = torch.linalg.qr(y.T)
-    z = op.matmat(q.T.contiguous())
-    qd, zd, od, yd, rd = q.double(), z.double(), omega.double(), y.double(), r.double()
-    h = qd.T @ zd.T  # [k, k] Q^T A Q
-    h = 0.5 * (h + h.T)
-    w = qd.T @ od.T  # [k, k]: column i = Q^T omega_i
-    t = zd @ od.T  # [k, k]: t[j, i] = (A q_j) . omega_i
-    s = torch.linalg.inv(rd).T
-    s = s / s.norm(dim=0, keepdim=True)
-    d = (od * yd).sum(1)  # omega_i . A omega_i
-    hs = h @ s
-    shs = (s * hs).sum(0)
-    hw = h @ w
-    c = (s * w).sum(0)
-    trace_proj = torch.trace(h) - shs
-    r_a_r = d - (t * w).sum(0) - (w * rd).sum(0) + (w * hw).sum(0)
-    cross = (s * (rd - hw)).sum(0)
-    samples = trace_proj + r_a_r + 2 * c * cross + c * c * shs
-    mean, err = _mean_stderr(samples)
-    return TraceEstimate(mean, err, op.num_matvecs, "xtrace", samples, op.engine)
+def _warn_tol(tol: float | None, metric: float, count: int, what: str) -> None:
+    if tol is not None and not metric < tol:
+        warnings.warn(
+            f"regops: tol={tol:g} not reached: the {what} has a relative standard error of {metric:.3g} after all "
+            f"{count} probes; pass a larger num_probes (the error falls as 1/sqrt(probes): about "
+            f"{math.ceil(count * (metric / tol) ** 2) if math.isfinite(metric) else 'many more'} probes for this tol)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _group(names: Sequence[str], by: str) -> dict[str, list[int]]:
@@ -368,14 +318,17 @@ def trace(
         num_probes: Hessian-vector products to spend (the budget for every method; >= 1).
         method: ``"hutchinson"``; ``"hutch++"`` (a third of the budget sketches the dominant subspace, exact
             there; error O(1/m) instead of O(1/sqrt(m)) when a few eigenvalues dominate); ``"xtrace"``
-            (Hutch++ that reuses every probe for both roles, leaving each out in turn; ``num_probes >= 4``).
+            (Hutch++ that reuses every probe for both roles, leaving each out in turn; ``num_probes >= 4``). Both
+            take any ``num_probes`` and spend at most ``2 N`` products on ``N`` parameters (a sketch of ``N``
+            probes spans everything: the trace is then exact); ``probe_cap`` in the result records the cap.
         distribution: ``"rademacher"`` (lowest variance for Hutchinson) or ``"gaussian"``; probes come from the
             Philox stream (:mod:`regops.reference.hessian`), reproducible from ``generator``'s state.
         probe_batch: probes per batched Hessian-vector product (memory ~ ``probe_batch`` x one backward);
             default ``min(num_probes, 16)``, and 1 for ``hvp="finite_difference"`` (each probe is regenerated from
             the seed when its two gradients are computed).
         tol: stop once the relative standard error ``stderr / |value|`` falls below ``tol`` (Hutchinson only;
-            checked after every ``probe_batch`` probes, at least two).
+            checked after every ``probe_batch`` probes, at least two). If ``num_probes`` run out first, a
+            ``RuntimeWarning`` gives the error reached and about how many probes the tol needs.
         generator: a ``torch.Generator`` on the parameters' device type; default torch's default generator.
         by: ``None`` (one estimate), ``"param"`` or ``"module"``: a dict of estimates of the traces of the
             diagonal blocks of ``H`` per parameter / per module (the parameters whose names share a prefix
@@ -397,7 +350,8 @@ def trace(
             4.9e-3 in float32, 6.1e-6 in float64; the bias is ``O(h^2)``, see :mod:`regops.hessian._hvp`).
 
     Returns:
-        :class:`TraceEstimate` (``value``, ``stderr``, ``num_matvecs``) or a dict of them (``by``).
+        :class:`TraceEstimate` (``value``, ``stderr``, ``num_matvecs``, ``engine``, ``probe_cap``, ``fd_error``)
+        or a dict of them (``by``).
 
     Example::
 
@@ -424,10 +378,11 @@ def trace(
         return _dtensor.forward("hessian", "trace", *args)
     op = _operator(problem, hvp, probe_batch, fd_eps)
     layout = problem.layout
-    if method == "hutch++":
-        return _hutchpp(op, layout, num_probes, distribution, generator)
-    if method == "xtrace":
-        return _xtrace(op, layout, num_probes, distribution, generator)
+    if method in ("hutch++", "xtrace"):
+        sketch = _sketch.hutchpp if method == "hutch++" else _sketch.xtrace
+        value, err, samples = sketch(op, layout, num_probes, distribution, generator)
+        cap = _sketch.probe_cap(layout)
+        return TraceEstimate(value, err, op.num_matvecs, method, samples, op.engine, cap, op.fd_error)
     dist_ = _Dist.of(distributed, group)
     state = _hutchinson(
         op,
@@ -444,15 +399,16 @@ def trace(
         supplied,
     )
     matvecs = state.count
+    _warn_tol(tol, _trace_rel_stderr(state), state.count, "trace")
     if by is None:
         samples = state.dots.sum(1)
         mean, err = _mean_stderr(samples)
-        return TraceEstimate(mean, err, matvecs, "hutchinson", samples, op.engine)
+        return TraceEstimate(mean, err, matvecs, "hutchinson", samples, op.engine, None, op.fd_error)
     out = {}
     for key, idx in _group(problem.names, by).items():
         samples = state.dots[:, idx].sum(1)
         mean, err = _mean_stderr(samples)
-        out[key] = TraceEstimate(mean, err, matvecs, "hutchinson", samples, op.engine)
+        out[key] = TraceEstimate(mean, err, matvecs, "hutchinson", samples, op.engine, None, op.fd_error)
     return out
 
 
@@ -525,6 +481,7 @@ def diagonal(
         supplied,
     )
     m = state.count
+    _warn_tol(tol, _diag_rel_stderr(state), m, "diagonal")
     mean = state.diag.double() / m
     if m > 1:
         var = (state.diag_sq.double() / m - mean * mean).clamp_min(0) * (m / (m - 1))
@@ -537,7 +494,7 @@ def diagonal(
     errors = tuple(e[0] for e in errors)
     samples = state.dots.sum(1)
     t_mean, t_err = _mean_stderr(samples)
-    tr = TraceEstimate(t_mean, t_err, m, "hutchinson", samples, op.engine)
+    tr = TraceEstimate(t_mean, t_err, m, "hutchinson", samples, op.engine, None, op.fd_error)
     return DiagonalEstimate(problem.per_param(values), problem.per_param(errors), m, tr)
 
 

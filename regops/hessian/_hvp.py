@@ -94,6 +94,27 @@ NOT_A_FUNCTION_OF_PARAMS = (
 )
 
 
+ONCE_DIFFERENTIABLE = (
+    "regops: the loss's graph goes through an autograd.Function whose backward is marked @once_differentiable "
+    "(it has no derivative), so a double backward would silently drop the second-order terms through it"
+)
+
+
+def check_second_order(grads: Sequence[torch.Tensor | None]) -> None:
+    """Gradients built with ``create_graph=True`` whose graph holds a ``@once_differentiable`` backward: torch
+    differentiates them without an error but treats that backward as a constant (a wrong Hessian), so raise."""
+    stack = [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node.name() == "torch::autograd::Error":  # the node once_differentiable puts on its outputs
+            raise RuntimeError(ONCE_DIFFERENTIABLE)
+        stack.extend(f for f, _ in node.next_functions)
+
+
 def check_depends(grads: Sequence[torch.Tensor | None]) -> None:
     """A loss none of whose params receive a gradient has no Hessian w.r.t. them: an error, not a zero."""
     if all(g is None for g in grads):
@@ -149,6 +170,8 @@ class LossHVP:
         self.fd_step = fd_step if fd_step is not None else default_fd_step(self.params)
         self._grads: tuple[torch.Tensor | None, ...] | None = None
         self._checked = not check
+        self.fd_error: float | None = None  # estimated relative error of finite-difference products, when run
+        self.estimate_fd_error = True  # on the first finite-difference probe this engine computes
 
     # ------------------------------------------------------------------ shared
     def _loss(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -170,6 +193,7 @@ class LossHVP:
             if not self._checked:
                 check_depends(grads)
                 self._checked = True
+            check_second_order(grads)
             self._grads = tuple(g if g is not None and g.requires_grad else None for g in grads)
         return self._grads
 
@@ -181,19 +205,21 @@ class LossHVP:
                 fallback = self._fallback(exc)
                 if fallback is None:
                     raise
+                reason = f"regops: {self.method} Hessian-vector products failed ({_first_line(exc)}); "
+                self.method = fallback
+                self._grads = None
+                if fallback != "finite_difference":
+                    warnings.warn(reason + f"falling back to {fallback}", RuntimeWarning, stacklevel=3)
+                    continue
+                out = self._run(vs)  # the warning carries the error estimate of what it computed
                 warnings.warn(
-                    f"regops: {self.method} Hessian-vector products failed ({_first_line(exc)}); "
-                    f"falling back to {fallback}"
-                    + (
-                        f" (central differences, step h={self.fd_step:.3g}: bias O(h^2))"
-                        if fallback == "finite_difference"
-                        else ""
-                    ),
+                    reason + f"falling back to finite differences (central, step h={self.fd_step:.3g}): estimated "
+                    f"relative error of H v {self.fd_error:.2g} (from a second step 2h; bias O(h^2)). Make the "
+                    "model twice differentiable for exact products",
                     RuntimeWarning,
                     stacklevel=3,
                 )
-                self.method = fallback
-                self._grads = None
+                return out
 
     def _fallback(self, exc: BaseException) -> str | None:
         if self.method == "finite_difference":
@@ -254,14 +280,17 @@ class LossHVP:
         return tuple(torch.stack([r[p] for r in rows]) for p in range(len(self.params)))
 
     def _check_once(self) -> None:
-        """One plain forward and backward: a loss that reaches none of the params is an error, not H = 0."""
+        """One forward and backward: a loss that reaches none of the params is an error, not H = 0, and one whose
+        backward has no derivative (``@once_differentiable``) is no more differentiable in forward mode."""
         if self._checked:
             return
         with torch.enable_grad(), self._second_order():
             loss = self._loss(self.params)
             if not loss.requires_grad:
                 raise ValueError(NOT_A_FUNCTION_OF_PARAMS)
-            check_depends(torch.autograd.grad(loss, self.params, allow_unused=True))
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            check_depends(grads)
+            check_second_order(grads)
         self._checked = True
 
     def _forward_over_reverse(self, vs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -310,15 +339,31 @@ class LossHVP:
         out = [torch.zeros_like(v) for v in vs]
         for j in range(k):
             v = [vi[j] for vi in vs]
-            plus = self._gradient_at(h, v)
-            if not self._checked:
-                check_depends(plus)
-                self._checked = True
-            minus = self._gradient_at(-h, v)
-            for o, a, b in zip(out, plus, minus, strict=True):
-                if a is not None and b is not None:
-                    o[j] = ((a - b) / (2.0 * h)).to(o.dtype)
+            hv = self._central(h, v)
+            if self.estimate_fd_error:
+                # Richardson: with bias c h^2, D(2h) - D(h) = 3 c h^2, so |D(2h) - D(h)| / 3 estimates D(h)'s error
+                # (rounding included); one extra pair of gradients, on the first probe of each batch's loss.
+                self.estimate_fd_error = False
+                self._note_error(hv, self._central(2.0 * h, v))
+            for o, d in zip(out, hv, strict=True):
+                if d is not None:
+                    o[j] = d.to(o.dtype)
         return tuple(out)
+
+    def _central(self, h: float, v: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        plus = self._gradient_at(h, v)
+        if not self._checked:
+            check_depends(plus)
+            self._checked = True
+        minus = self._gradient_at(-h, v)
+        return [None if a is None or b is None else (a - b) / (2.0 * h) for a, b in zip(plus, minus, strict=True)]
+
+    def _note_error(self, hv: Sequence[torch.Tensor | None], hv2: Sequence[torch.Tensor | None]) -> None:
+        pairs = [(a.double(), b.double()) for a, b in zip(hv, hv2, strict=True) if a is not None]
+        diff = sum(float((a - b).square().sum()) for a, b in pairs)
+        norm = sum(float(a.double().square().sum()) for a in hv if a is not None)
+        rel = math.sqrt(diff) / 3.0 / math.sqrt(norm) if norm > 0 else (0.0 if diff == 0 else math.inf)
+        self.fd_error = rel if self.fd_error is None else max(self.fd_error, rel)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -377,6 +422,8 @@ class HessianOperator:
         self._rngs: list[FixedRNG] = []
         self._checked = False
         self.num_matvecs = 0
+        self._fd_error: float | None = None
+        self._estimated: set[int] = set()  # batches whose finite-difference error has been estimated
 
     def _rng(self, index: int) -> FixedRNG:
         while len(self._rngs) <= index:
@@ -386,7 +433,7 @@ class HessianOperator:
     def _engine(self, index: int, fn: Callable[..., Any]) -> LossHVP:
         check = not self._checked  # one batch that reaches the params is enough
         self._checked = True
-        return LossHVP(
+        engine = LossHVP(
             fn,
             self.params,
             self.pack,
@@ -396,6 +443,8 @@ class HessianOperator:
             check=check,
             auto=self.auto,
         )
+        engine.estimate_fd_error = index not in self._estimated
+        return engine
 
     def _engines(self) -> Iterable[tuple[LossHVP, float]]:
         if self.single:
@@ -411,13 +460,18 @@ class HessianOperator:
             return self._cached[0][0].method
         return self.method
 
+    @property
+    def fd_error(self) -> float | None:
+        """The largest estimated relative error of the finite-difference products so far (``None``: none ran)."""
+        return self._fd_error
+
     def apply(self, vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per-parameter ``[K, *shape]`` probes -> per-parameter ``H v``; ``probe_batch`` probes at a time."""
         k = vs[0].shape[0]
         self.num_matvecs += k
         out: list[torch.Tensor] | None = None
         total = 0.0
-        for engine, weight in self._engines():
+        for index, (engine, weight) in enumerate(self._engines()):
             total += weight
             parts = [engine([v[s : s + self.probe_batch] for v in vs]) for s in range(0, k, self.probe_batch)]
             hv = [torch.cat(chunks) if len(chunks) > 1 else chunks[0] for chunks in zip(*parts, strict=True)]
@@ -426,6 +480,9 @@ class HessianOperator:
             else:
                 for o, h in zip(out, hv, strict=True):
                     o.add_(h, alpha=weight)
+            if engine.fd_error is not None:
+                self._estimated.add(index)
+                self._fd_error = engine.fd_error if self._fd_error is None else max(self._fd_error, engine.fd_error)
             if not self.single:
                 self.method = engine.method  # keep a fallback for the next batch
         if out is None or total == 0.0:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from regops._loader import ReplayLoader
 from regops.hessian._hvp import HessianOperator, takes_params
 from regops.hessian._probes import ParamLayout
 
@@ -126,6 +127,14 @@ def _batch_size(targets: object, inputs: object) -> int:
     return 1
 
 
+def _what(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    if isinstance(x, (tuple, list)):
+        return f"{type(x).__name__} of {len(x)}"
+    return type(x).__name__
+
+
 def _resolve(first: object, second: object, data: tuple) -> _Problem:
     """``(loss_fn, params)`` | ``(model, criterion, inputs, targets)`` | ``(model, criterion, loader)``."""
     if isinstance(first, nn.Module) and not isinstance(second, (torch.Tensor, Mapping, list, tuple)):
@@ -143,14 +152,31 @@ def _resolve(first: object, second: object, data: tuple) -> _Problem:
             return _Problem(spec, pack, lambda: [(batch_loss(inputs, targets), 1.0)], True)
         if len(data) == 1:
             loader = data[0]
+            if isinstance(loader, (torch.Tensor, Mapping)):
+                raise TypeError(
+                    f"regops: targets are missing: trace(model, criterion, inputs) got inputs ({_what(loader)}) and "
+                    "no targets; pass them as the fourth argument, trace(model, criterion, inputs, targets) (None "
+                    "for a criterion that takes none: criterion(outputs, None)), or a DataLoader of (inputs, targets) "
+                    "batches as the third"
+                )
             if not isinstance(loader, Iterable):
-                raise TypeError(f"regops: expected a DataLoader (iterable of (inputs, targets)), got {type(loader)}")
+                raise TypeError(
+                    f"regops: the third argument must be the inputs (with targets as the fourth) or a DataLoader of "
+                    f"(inputs, targets) batches, got {type(loader).__name__}"
+                )
             device = spec.tensors[0].device
+            # every product walks the loader again: replay the first pass's batches (a shuffling sampler would
+            # otherwise give each probe batch other examples, other batch sizes and other dropout masks)
+            loader = ReplayLoader(loader)
 
             def batches():
                 for batch in loader:
                     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                        raise TypeError("regops: the DataLoader must yield (inputs, targets) pairs")
+                        raise TypeError(
+                            f"regops: the loader passed as trace(model, criterion, loader) must yield (inputs, "
+                            f"targets) pairs, got a {_what(batch)}; for one batch call trace(model, criterion, "
+                            "inputs, targets)"
+                        )
                     inputs, targets = (b.to(device) if isinstance(b, torch.Tensor) else b for b in batch[:2])
                     yield batch_loss(inputs, targets), float(_batch_size(targets, inputs))
 

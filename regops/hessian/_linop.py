@@ -82,6 +82,11 @@ class HessianLinearOperator:
         """The HVP engine in use (after any fallback)."""
         return self._op.engine
 
+    @property
+    def fd_error(self) -> float | None:
+        """Estimated relative error of the finite-difference products so far (``None`` when an exact engine ran)."""
+        return self._op.fd_error
+
     def _rows(self, rows: torch.Tensor) -> torch.Tensor:
         """``[K, N] -> [K, N]``."""
         return self._op.matmat(rows.to(device=self.device, dtype=self.dtype))

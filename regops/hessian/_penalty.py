@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from regops.hessian import _probes
 from regops.hessian._hvp import NOT_A_FUNCTION_OF_PARAMS, LossHVP, check_loss
@@ -33,8 +35,10 @@ def trace_penalty(
 
     Args:
         loss: the scalar loss, computed with a graph from ``params``.
-        params: the tensors (list, dict or module) the curvature is taken with respect to; those that do not
-            require grad are left out (as in every estimator). A loss that reaches none of them raises.
+        params: the tensors the curvature is taken with respect to: a module or ``model.parameters()`` (frozen
+            parameters left out, as in every estimator), or a tensor, list, tuple or dict of tensors that all
+            require grad (one that does not raises: a penalty has no gradient to give it). A loss that reaches
+            none of them raises.
         num_probes: probes ``K`` (1 is the usual per-step choice).
 
     Returns:
@@ -49,6 +53,7 @@ def trace_penalty(
         raise ValueError(f"regops: num_probes must be an int >= 1, got {num_probes!r}")
     check_distribution(distribution)
     loss = check_loss(loss)
+    _check_listed(params)
     spec = _check_params(params)
     if not loss.requires_grad:
         raise ValueError(NOT_A_FUNCTION_OF_PARAMS)
@@ -67,3 +72,24 @@ def trace_penalty(
         raise
     dots, _, _ = _probes.probe_dot(vs, hvs, with_diag=False)
     return dots.sum(1).mean().to(loss.dtype)
+
+
+def _check_listed(params: Any) -> None:
+    """Tensors listed one by one are the ones the penalty is meant for: a frozen one among them is a mistake
+    (a module or ``model.parameters()`` leaves its frozen parameters out instead)."""
+    if isinstance(params, torch.Tensor):
+        named = [("params", params)]
+    elif isinstance(params, Mapping):
+        named = [(f"params[{k!r}]", v) for k, v in params.items()]
+    elif isinstance(params, (list, tuple)) and not isinstance(params, nn.Module):
+        named = [(f"params[{i}]", v) for i, v in enumerate(params)]
+    else:
+        return
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and not t.requires_grad:
+            raise ValueError(
+                f"regops: {name} (shape {tuple(t.shape)}) does not require grad: trace_penalty differentiates the "
+                "trace with respect to the tensors it is given, and this one would be silently left out. Call "
+                "requires_grad_() on it, leave it out of params, or pass the module (or model.parameters()) to "
+                "skip frozen parameters"
+            )

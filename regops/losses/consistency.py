@@ -11,6 +11,7 @@ import torch
 
 from regops import _backend
 from regops._core import validate as _validate
+from regops.losses._class_dim import check_class_dim
 from regops.reference import losses as _ref
 
 __all__ = ["symmetric_kl"]
@@ -82,8 +83,10 @@ _skl_op.register_autograd(_skl_backward, setup_context=_skl_setup_context)
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
-    r"""R-Drop consistency loss: :math:`\tfrac12\,[KL(p_a\|p_b) + KL(p_b\|p_a)]` over the last dimension.
+def symmetric_kl(
+    logits_a: torch.Tensor, logits_b: torch.Tensor, *, reduction: str = "mean", class_dim: int | None = None
+) -> torch.Tensor:
+    r"""R-Drop consistency loss: :math:`\tfrac12\,[KL(p_a\|p_b) + KL(p_b\|p_a)]` over the class dimension.
 
     .. math:: \ell = \tfrac12 \sum_v (p_{a,v} - p_{b,v})(\log p_{a,v} - \log p_{b,v}),
               \quad p = \mathrm{softmax}(\text{logits})
@@ -94,8 +97,12 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, *, reduction: s
     ``create_graph=True`` the backward runs as torch ops that autograd differentiates again.
 
     Args:
-        logits_a, logits_b: ``[..., V]``, same shape and floating dtype (computed in float32, float64 for float64).
-        reduction: ``"mean"`` over rows (= R-Drop's batch mean; default), ``"sum"``, or ``"none"`` (shape ``[...]``).
+        logits_a, logits_b: same shape and floating dtype (computed in float32, float64 for float64): ``[C]`` or
+            ``[N, C]``, or with more dims the classes in ``class_dim``.
+        reduction: ``"mean"`` over rows (= R-Drop's batch mean; default), ``"sum"``, or ``"none"`` (the logits'
+            shape without the class dim).
+        class_dim: required for 3-D and larger logits, which have no single reading: ``-1`` for classes-last
+            logits (``[B, T, V]`` from a language model), ``1`` for ``F.cross_entropy``'s ``[N, C, d1, ...]``.
 
     Returns:
         float32 (float64 for float64) loss.
@@ -103,6 +110,7 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, *, reduction: s
     Example::
 
         >>> loss = F.cross_entropy(la, y) + F.cross_entropy(lb, y) + alpha * regops.symmetric_kl(la, lb)
+        >>> reg = regops.symmetric_kl(lm_logits_a, lm_logits_b, class_dim=-1)   # [B, T, V]
     """
     _validate.floating(logits_a, "logits_a")
     _validate.floating(logits_b, "logits_b")
@@ -112,6 +120,15 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, *, reduction: s
             f"{logits_a.dtype} and {tuple(logits_b.shape)} {logits_b.dtype}"
         )
     _validate.same_device("logits_a", logits_a, "logits_b", logits_b)
+    nd = logits_a.dim()
+    if class_dim is None and nd > 2:
+        raise ValueError(
+            f"regops: symmetric_kl of {nd}-D logits {tuple(logits_a.shape)} needs class_dim: -1 for classes-last "
+            "logits ([B, T, V], a language model's), 1 for [N, C, d1, ...] (F.cross_entropy's layout)"
+        )
+    if class_dim is not None:
+        class_dim = check_class_dim(class_dim, nd)
+        logits_a, logits_b = logits_a.movedim(class_dim, -1), logits_b.movedim(class_dim, -1)
     if logits_a.dim() == 0 or logits_a.shape[-1] == 0:
         raise ValueError(f"regops: logits must have shape [..., V] with V > 0, got {tuple(logits_a.shape)}")
     if reduction not in REDUCTIONS:

@@ -368,13 +368,14 @@ def mix_binary_cross_entropy(
         raise ValueError(f"regops: reduction must be 'mean' or 'sum' for the fused BCE, got {reduction!r}")
     threshold = None if target_threshold is None else _check_number(target_threshold, "target_threshold")
 
+    acc = _ref.loss_dtype(logits)  # float64 weights stay float64 for float64 logits
+
     def per_class(t: Any, name: str) -> torch.Tensor | None:
         if t is None:
             return None
-        if not isinstance(t, torch.Tensor):
-            t = torch.tensor(float(_check_number(t, name)), device=logits.device)
+        if not isinstance(t, torch.Tensor):  # a Python number: straight to the compute dtype, never via float32
+            t = torch.tensor(float(_check_number(t, name)), dtype=acc, device=logits.device)
         t = _validate.floating(t, name)
-        acc = _ref.loss_dtype(logits)  # float64 weights stay float64 for float64 logits
         t = t.to(logits.device).to(acc).expand(n_classes).contiguous() if t.numel() == 1 else t.to(acc)
         if t.shape != (n_classes,):
             raise ValueError(f"regops: {name} must be a number or a [C={n_classes}] tensor, got {tuple(t.shape)}")

@@ -17,6 +17,7 @@ import torch
 
 from regops import _backend
 from regops._core import validate as _validate
+from regops.losses._class_dim import check_weight_dtype, classes_last
 from regops.reference import losses as _ref
 
 __all__ = ["LossStats", "cross_entropy", "linear_cross_entropy"]
@@ -391,7 +392,8 @@ def _prepare(
             )
         if target.shape != lead:
             raise ValueError(
-                f"regops: target must have the logits' leading shape {tuple(lead)}, got {tuple(target.shape)}"
+                f"regops: target must have the logits' leading shape (their shape without the class dim) "
+                f"{tuple(lead)}, got {tuple(target.shape)}"
             )
         _validate.same_device("logits", torch.empty(0, device=device), "target", target)
         index = target.reshape(n, 1).long()
@@ -492,8 +494,14 @@ def cross_entropy(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     return_stats: bool = False,
+    class_dim: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, LossStats]:
     r"""Cross-entropy with its regularizers, fused: one pass over each row forward, one backward.
+
+    A drop-in for ``F.cross_entropy``: the same shapes mean the same thing. Logits ``[N, C]``, ``[C]``
+    (unbatched) or ``[N, C, d1, ...]`` (classes in dim 1, targets ``[N, d1, ...]``); classes-last logits (a
+    language model's ``[B, T, V]`` with targets ``[B, T]``) take ``class_dim=-1``, and such a call without it
+    raises instead of reading ``T`` as the classes.
 
     For a row with logits ``z`` (``K`` classes), label ``y``, ``lse = logsumexp(z)``:
 
@@ -520,10 +528,14 @@ def cross_entropy(
     their gradient: ``O(rows)``. No host synchronisation, no atomics (deterministic, CUDA-graph capturable).
 
     Args:
-        logits: ``[..., V]`` float32/16, bfloat16 or float64.
-        target: int ``[...]`` labels, or ``(indices, probabilities)`` ``[..., k]``; ``None`` with ``mix``.
-        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (shape ``[...]``).
+        logits: ``[N, C]``, ``[C]`` or ``[N, C, d1, ...]`` (``class_dim=None``), or any shape with the classes in
+            ``class_dim``; float32/16, bfloat16 or float64.
+        target: int labels shaped like the logits without their class dim, or ``(indices, probabilities)`` with
+            ``k`` more in a last dim; ``None`` with ``mix``.
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (the target's shape).
         return_stats: also return :class:`LossStats` computed in the same pass.
+        class_dim: where the classes are; ``None`` for ``F.cross_entropy``'s rule (dim 1, or dim 0 of a 1-D
+            input), ``-1`` for classes-last logits such as ``[B, T, V]``.
 
     Returns:
         the loss (float32; float64 for float64 logits), and with ``return_stats`` a ``(loss, LossStats)`` pair.
@@ -533,14 +545,19 @@ def cross_entropy(
         >>> loss = regops.cross_entropy(logits, labels, label_smoothing=0.1, z_loss=1e-4)
         >>> loss, st = regops.cross_entropy(logits, labels, maxsup=0.1, return_stats=True)
         >>> hard = st.el2n > 0.5                         # data-pruning scores from the same pass
+        >>> loss = regops.cross_entropy(lm_logits, labels, class_dim=-1)   # [B, T, V] logits, [B, T] labels
     """
     logits = _validate.floating(logits, "logits")
-    if logits.dim() == 0 or logits.shape[-1] == 0:
-        raise ValueError(f"regops: logits must be [..., V] with V >= 1, got {tuple(logits.shape)}")
+    if logits.dim() == 0:
+        raise ValueError("regops: logits must have a class dim ([C], [N, C] or [N, C, d1, ...]), got a 0-d tensor")
+    logits = classes_last(logits, target, class_dim)
+    if logits.shape[-1] == 0:
+        raise ValueError(f"regops: logits need V >= 1 classes, got shape {tuple(logits.shape)} (classes last)")
     opts = _options(
         label_smoothing, maxsup, z_loss, confidence_penalty, decoupled, softcap, logit_scale, reduction, mix
     )
     _no_grad_needed(weight=weight, token_weight=token_weight, target=target)
+    check_weight_dtype(weight, "weight", logits.dtype)
     lead, n_classes = logits.shape[:-1], logits.shape[-1]
     acc = _ref.compute_dtype(logits.dtype)
     tg = _prepare(lead, n_classes, logits.device, acc, target, mix, ignore_index, weight, token_weight, opts[4])
@@ -574,6 +591,10 @@ def linear_cross_entropy(
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, LossStats]:
     r""":func:`cross_entropy` of ``hidden @ weight.T + bias`` without ever materialising the ``[rows, V]`` logits.
+
+    The logits this form stands for are classes-last by construction (``[..., V]`` from ``hidden`` ``[..., H]``),
+    so targets are shaped like ``hidden`` without its last dim (``[B, T]`` for ``[B, T, H]``): the form to use
+    for language-model heads.
 
     The rows are processed in blocks (one block of logits exists at a time, 64 MiB in float32 on CPU). With
     ``reduction="mean"`` or ``"sum"`` and gradients needed, the forward sweep also forms each block's gradient
@@ -610,6 +631,7 @@ def linear_cross_entropy(
         label_smoothing, maxsup, z_loss, confidence_penalty, decoupled, softcap, logit_scale, reduction, mix
     )
     _no_grad_needed(class_weight=class_weight, token_weight=token_weight, target=target)
+    check_weight_dtype(class_weight, "class_weight", hidden.dtype)
     lead, n_classes = hidden.shape[:-1], weight.shape[0]
     acc = _ref.compute_dtype(hidden.dtype)
     tg = _prepare(lead, n_classes, hidden.device, acc, target, mix, ignore_index, class_weight, token_weight, opts[4])

@@ -10,9 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from regops.grad_norms.norms import _check_reduction
 from regops.grad_norms.recorder import _Call, _Entry, _Recorder
-
-LOSS_REDUCTIONS = ("sum", "mean")
 
 Batch = tuple[Any, Any]
 
@@ -44,9 +43,59 @@ class Captured:
         return out
 
 
-def check_reduction(loss_reduction: str) -> None:
-    if loss_reduction not in LOSS_REDUCTIONS:
-        raise ValueError(f"regops: loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
+def check_reduction(loss_reduction: Any) -> str:
+    """``loss_reduction`` is required wherever per-example gradients are taken from a batch loss: a default
+    would silently scale every gradient by the batch size when it is wrong (as :func:`per_sample_grad_norms`)."""
+    return _check_reduction(loss_reduction)
+
+
+def _halves_loss(loss_fn: Callable[[Any, Any], torch.Tensor], outputs: Any, targets: Any, k: int):
+    with torch.no_grad():
+        return loss_fn(outputs[:k], targets[:k]), loss_fn(outputs[k:], targets[k:])
+
+
+def verify_reduction(
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    outputs: Any,
+    targets: Any,
+    loss: torch.Tensor,
+    loss_reduction: str,
+    batch: int,
+) -> None:
+    """Check ``loss_reduction`` against the loss itself where that is cheap and unambiguous: with tensor outputs
+    and targets whose dim 0 is the batch the layers saw (``B >= 2``), the batch loss of a sum is the sum of the
+    losses of its two halves, that of a mean their size-weighted mean. A loss that matches the other reduction and
+    not the declared one raises; one that matches neither (a per-token mean over sequences of different lengths)
+    is left alone."""
+    if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
+        return
+    b = batch
+    if b < 2 or outputs.dim() == 0 or outputs.shape[0] != b or targets.dim() == 0 or targets.shape[0] != b:
+        return
+    k = b // 2
+    try:
+        first, second = _halves_loss(loss_fn, outputs.detach(), targets, k)
+    except Exception:  # a loss that cannot take a part of the batch: nothing to check
+        return
+    if not (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)):
+        return
+    whole, first, second = (t.detach().double().reshape(()) for t in (loss, first, second))
+    as_sum = first + second
+    as_mean = (k * first + (b - k) * second) / b
+    rtol = 1e-8 if loss.dtype == torch.float64 else 1e-3
+    scale = first.abs() + second.abs() + whole.abs()
+    is_sum = bool((whole - as_sum).abs() <= rtol * scale)
+    is_mean = bool((whole - as_mean).abs() <= rtol * scale)
+    if is_sum == is_mean:
+        return
+    found = "sum" if is_sum else "mean"
+    if found != loss_reduction:
+        what = "the sum" if is_sum else "the size-weighted mean"
+        raise ValueError(
+            f"regops: loss_reduction={loss_reduction!r}, but loss_fn returns the {found} over the batch (its value on "
+            f"a batch is {what} of its values on the two halves); pass loss_reduction={found!r}, or every "
+            f"per-example gradient would be off by a factor of the batch size"
+        )
 
 
 def split_batch(batch: Any, what: str = "batch") -> Batch:
@@ -116,7 +165,7 @@ def capture(
     loss_fn: Callable[[Any, Any], torch.Tensor],
     batch: Any,
     *,
-    loss_reduction: str = "sum",
+    loss_reduction: str,
     forms: str | Mapping[str, str] | None = None,
     unsupported: str = "error",
     targets_fn: Callable[[Any, Any], Any] | None = None,
@@ -141,6 +190,7 @@ def capture(
                 raise ValueError("regops: loss_fn(outputs, targets) must return a scalar tensor (the batch loss)")
             if len(rec.mbs) != 1 or rec.mbs[0].batch is None:
                 raise RuntimeError("regops: the forward reached no tracked parameter (or ran the model twice)")
+            verify_reduction(loss_fn, outputs, targets, loss, loss_reduction, rec.mbs[0].batch)
             params = dict(rec.params)
             # One backward that reaches every recorded use, computing no weight gradient where it can: the
             # hooked outputs themselves, and for an output modified in place since (its current version's

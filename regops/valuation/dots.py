@@ -88,7 +88,7 @@ def per_sample_grad_dots(
     train: tuple[Any, Any],
     test: tuple[Any, Any],
     *,
-    loss_reduction: str = "sum",
+    loss_reduction: str | None = None,
     blocks: str | None = None,
     forms: str | Mapping[str, str] | None = None,
     unsupported: str = "error",
@@ -113,8 +113,11 @@ def per_sample_grad_dots(
         loss_fn: ``loss_fn(model_outputs, targets) -> scalar`` batch loss.
         train: ``(inputs, targets)`` with ``B`` examples (``inputs`` a tensor, a tuple of positional
             arguments or a dict of keyword arguments); test: ``(inputs, targets)`` with ``B2`` examples.
-        loss_reduction: ``"sum"`` (the loss is :math:`\sum_i \ell_i`) or ``"mean"`` (:math:`\frac1B\sum_i\ell_i`);
-            either way ``D`` is between the gradients of the per-example losses :math:`\ell_i`.
+        loss_reduction: required, as for :func:`regops.per_sample_grad_norms`: ``"sum"`` (the loss is
+            :math:`\sum_i \ell_i`) or ``"mean"`` (:math:`\frac1B\sum_i\ell_i`: ``F.cross_entropy``'s default);
+            either way ``D`` is between the gradients of the per-example losses :math:`\ell_i`. A wrong value
+            would scale every entry by ``B``: where the loss can be evaluated on parts of the batch (tensor
+            outputs and targets), a value that contradicts the loss raises.
         blocks: ``None`` for the ``[B, B2]`` total, ``"param"`` for ``{parameter name: [B, B2]}``, ``"module"``
             for ``{module name: [B, B2]}``.
         forms: ``"auto"``, ``"ghost"``, ``"instantiate"`` or ``{module name: form}``.

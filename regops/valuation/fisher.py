@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from regops.losses._class_dim import infer_classes_last
 from regops.valuation import forms as _forms
 from regops.valuation.capture import Captured, capture, check_reduction, logits_of
 from regops.valuation.dots import _owners, _summed_grads
@@ -40,9 +41,9 @@ def fisher_sums(cap: Captured) -> dict[str, torch.Tensor]:
     return out
 
 
-def _sampler(generator: torch.Generator | None) -> Callable[[Any, Any], torch.Tensor]:
+def _sampler(generator: torch.Generator | None, class_dim: int | None) -> Callable[[Any, Any], torch.Tensor]:
     def sample(outputs: Any, targets: Any) -> torch.Tensor:
-        logits = logits_of(outputs).detach()
+        logits = infer_classes_last(logits_of(outputs).detach(), targets, class_dim)
         probs = torch.softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
         drawn = torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:-1])
         if isinstance(targets, torch.Tensor) and targets.shape == drawn.shape:
@@ -58,10 +59,11 @@ def empirical_fisher_diagonal(
     loader: Iterable[tuple[Any, Any]],
     *,
     labels: str = "true",
-    loss_reduction: str = "sum",
+    loss_reduction: str | None = None,
     generator: torch.Generator | None = None,
     forms: str | Mapping[str, str] | None = None,
     unsupported: str = "error",
+    class_dim: int | None = None,
 ) -> dict[str, torch.Tensor]:
     r"""The diagonal of the empirical Fisher, exactly: :math:`F_k = \frac1N \sum_{n} (\nabla_{\theta_k} \ell_n)^2`.
 
@@ -75,9 +77,13 @@ def empirical_fisher_diagonal(
         model, loss_fn: as for :func:`per_sample_grad_dots`.
         loader: an iterable of ``(inputs, targets)`` batches (a DataLoader, a list).
         labels: ``"true"`` (the empirical Fisher, used by EWC / EATA) or ``"sampled"``: targets drawn from
-            the model's softmax over the last dim of its logits (an unbiased estimate of the true Fisher's
+            the model's softmax over the class dim of its logits (an unbiased estimate of the true Fisher's
             diagonal); positions whose target is ``-100`` stay ignored.
-        loss_reduction: ``"sum"`` or ``"mean"``: the gradients are those of the per-example losses either way.
+        class_dim: for ``labels="sampled"``, where the classes are (as for :func:`data_scores`: ``None`` finds
+            it from the targets' shape: last for ``[B, T, V]`` LM logits, dim 1 for ``[B, C, d1, ...]``).
+        loss_reduction: required: how ``loss_fn`` combines the examples, ``"sum"`` or ``"mean"``
+            (``F.cross_entropy``'s default); the gradients are those of the per-example losses either way (a
+            wrong value would scale the diagonal by ``B^2``; where it contradicts the loss, it raises).
         generator: for ``labels="sampled"``.
 
     Returns:
@@ -91,7 +97,7 @@ def empirical_fisher_diagonal(
     check_reduction(loss_reduction)
     if labels not in LABELS:
         raise ValueError(f"regops: labels must be 'true' or 'sampled', got {labels!r}")
-    targets_fn = _sampler(generator) if labels == "sampled" else None
+    targets_fn = _sampler(generator, class_dim) if labels == "sampled" else None
     total: dict[str, torch.Tensor] = {}
     params: dict[str, nn.Parameter] = {}
     n = 0

@@ -10,8 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regops._loader import IndexedLoader, in_dataset_order
 from regops.grad_norms.recorder import _Recorder
-from regops.valuation.capture import Captured, call_model, capture, check_reduction, logits_of, split_batch
+from regops.losses._class_dim import infer_classes_last
+from regops.valuation.capture import (
+    Captured,
+    call_model,
+    capture,
+    check_reduction,
+    logits_of,
+    split_batch,
+)
 
 SCORES = ("grand", "el2n", "loss", "entropy", "margin")
 
@@ -31,17 +40,19 @@ def _sq_norms(cap: Captured) -> torch.Tensor:
     return torch.stack([v.to(dtype) for v in sq.values()]).sum(0) * cap.scale**2
 
 
-def logit_scores(logits: torch.Tensor, targets: torch.Tensor, which: Sequence[str]) -> dict[str, torch.Tensor]:
-    """``{score: [B]}`` from logits ``[B, C]`` (targets ``[B]``) or ``[B, T, V]`` (targets ``[B, T]``; ``-100``
-    ignored): EL2N ``||softmax - onehot||_2`` (over all tokens), loss (cross-entropy summed over tokens),
-    entropy of the softmax and margin ``z_y - max_{c != y} z_c`` (means over the tokens)."""
+def logit_scores(
+    logits: torch.Tensor, targets: torch.Tensor, which: Sequence[str], class_dim: int | None = None
+) -> dict[str, torch.Tensor]:
+    """``{score: [B]}`` from logits ``[B, C]`` (targets ``[B]``) or with positions: ``[B, T, V]`` (targets
+    ``[B, T]``), ``[B, C, d1, ...]`` (targets ``[B, d1, ...]``; the class dim found from the targets, see
+    ``infer_classes_last``; ``-100`` ignored): EL2N ``||softmax - onehot||_2`` (over all positions), loss
+    (cross-entropy summed over positions), entropy of the softmax and margin ``z_y - max_{c != y} z_c`` (means
+    over the positions)."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    z = logits.detach().to(dtype)
-    if z.dim() == 2:
-        z, y = z[:, None], targets[:, None]
+    z = infer_classes_last(logits.detach(), targets, class_dim).to(dtype)
+    if z.dim() >= 2 and targets.shape == z.shape[:-1]:
+        z, y = z.reshape(z.shape[0], -1, z.shape[-1]), targets.reshape(z.shape[0], -1)
     else:
-        y = targets
-    if y.shape != z.shape[:-1]:
         raise ValueError(f"regops: targets {tuple(targets.shape)} do not match logits {tuple(logits.shape)}")
     valid = y != -100
     yc = y.clamp(min=0)
@@ -63,10 +74,13 @@ def logit_scores(logits: torch.Tensor, targets: torch.Tensor, which: Sequence[st
     return out
 
 
-def _scores_once(model, loss_fn, loader, which, kw) -> dict[str, list[torch.Tensor]]:
+def _scores_once(model, loss_fn, loader: IndexedLoader, which, kw, class_dim) -> dict[str, torch.Tensor]:
+    """``{score: [N]}`` of one pass over ``loader``, in dataset order."""
     out: dict[str, list[torch.Tensor]] = {s: [] for s in which}
     logit_which = [s for s in which if s != "grand"]
-    for batch in loader:
+    index = []
+    for batch, i in loader:
+        index.append(i)
         if "grand" in which:
             cap = capture(model, loss_fn, batch, keep_outputs=bool(logit_which), **kw)
             out["grand"].append(_sq_norms(cap).sqrt())
@@ -76,9 +90,12 @@ def _scores_once(model, loss_fn, loader, which, kw) -> dict[str, list[torch.Tens
             with torch.no_grad():
                 logits = logits_of(call_model(model, inputs))
         if logit_which:
-            for k, v in logit_scores(logits, targets, logit_which).items():
+            for k, v in logit_scores(logits, targets, logit_which, class_dim).items():
                 out[k].append(v)
-    return out
+    if not index:
+        raise ValueError("regops: the loader yielded no examples")
+    order = loader.order(index)
+    return {k: in_dataset_order(torch.cat(v), order) for k, v in out.items()}
 
 
 def data_scores(
@@ -89,11 +106,12 @@ def data_scores(
     *,
     seeds: Sequence[int] | None = None,
     train_fn: Callable[[nn.Module], Any] | None = None,
-    loss_reduction: str = "sum",
+    loss_reduction: str | None = None,
     forms: str | Mapping[str, str] | None = None,
     unsupported: str = "error",
+    class_dim: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    r"""Per-example data-pruning scores over a dataset, in the loader's order ("Deep Learning on a Data Diet").
+    r"""Per-example data-pruning scores over a dataset, in dataset order ("Deep Learning on a Data Diet").
 
     * ``grand``: :math:`\|\nabla_\theta \ell_n\|_2`, from the one-backward per-example norms;
     * ``el2n``: :math:`\|\mathrm{softmax}(z_n) - \mathrm{onehot}(y_n)\|_2` (sequences: over all tokens);
@@ -108,26 +126,36 @@ def data_scores(
             the initialisations, as the paper does (GraNd / EL2N at initialisation or after ``train_fn``).
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` batch loss (GraNd's gradient); the other scores read
             the logits (the output tensor or its ``.logits``) and integer class targets.
-        loader: a re-iterable of ``(inputs, targets)`` batches, unshuffled (``DataLoader(shuffle=False)``).
+        loader: a re-iterable of ``(inputs, targets)`` batches. Scores come back in dataset order: score ``n`` is
+            ``loader.dataset[n]``'s for a DataLoader (its sampler's indices are recorded on every pass, so a
+            shuffling loader works; a sampler that skips or repeats examples raises: use
+            ``torch.utils.data.Subset`` for a subset), the position in the iteration for a list of batches.
         scores: any of ``("grand", "el2n", "loss", "entropy", "margin")``.
         seeds: initialisation seeds for the factory. train_fn: ``train_fn(model)`` run before scoring each
             initialisation (e.g. a few epochs, as EL2N uses).
-        loss_reduction, forms, unsupported: as for :func:`per_sample_grad_dots`.
+        loss_reduction: required with ``"grand"`` (how ``loss_fn`` combines the examples, as for
+            :func:`per_sample_grad_dots`); unused by the other scores.
+        forms, unsupported: as for :func:`per_sample_grad_dots`.
+        class_dim: the class dim of the logits. ``None``: dim 1 of ``[B, C]``; for more dims, the one the
+            targets leave out (``[B, T, V]`` with ``[B, T]`` targets: last, as language models; ``[B, C, H, W]``
+            with ``[B, H, W]``: dim 1, as ``F.cross_entropy``), an error when both fit.
 
     Returns:
-        ``{score: [N]}`` float32 (float64 for a float64 model), ``N`` examples in loader order.
+        ``{score: [N]}`` float32 (float64 for a float64 model), ``N`` examples in dataset order.
 
     Example::
 
         >>> s = regops.data_scores(lambda seed: make_model(seed), F.cross_entropy, loader, ("grand", "el2n"),
-        ...                        seeds=range(4), train_fn=lambda m: train(m, epochs=1))
+        ...                        seeds=range(4), train_fn=lambda m: train(m, epochs=1), loss_reduction="mean")
         >>> keep = s["el2n"].argsort(descending=True)[: len(s["el2n"]) // 2]   # the hardest half
     """
-    check_reduction(loss_reduction)
     which = tuple(scores)
     bad = [s for s in which if s not in SCORES]
     if bad or not which:
         raise ValueError(f"regops: unknown scores {bad}; choose from {SCORES}")
+    if "grand" in which or loss_reduction is not None:
+        check_reduction(loss_reduction)
+    passes = IndexedLoader(loader)
     kw = dict(loss_reduction=loss_reduction, forms=forms, unsupported=unsupported)
     if seeds is None:
         if not isinstance(model, nn.Module):
@@ -153,11 +181,8 @@ def data_scores(
     total: dict[str, torch.Tensor] = {}
     count = 0
     for m in models:
-        parts = _scores_once(m, loss_fn, loader, which, kw)
-        for k, v in parts.items():
-            if not v:
-                raise ValueError("regops: the loader yielded no examples")
-            cat = torch.cat(v)
+        parts = _scores_once(m, loss_fn, passes, which, kw, class_dim)
+        for k, cat in parts.items():
             if k in total and total[k].shape != cat.shape:
                 raise ValueError("regops: the loader yielded a different number of examples on a second pass")
             total[k] = cat if k not in total else total[k] + cat
@@ -187,17 +212,19 @@ def gradient_coherence(
     loss_fn: Callable[[Any, Any], torch.Tensor],
     loader: Iterable[tuple[Any, Any]],
     *,
-    loss_reduction: str = "sum",
+    loss_reduction: str | None = None,
     forms: str | Mapping[str, str] | None = None,
     unsupported: str = "error",
 ) -> GradientCoherence:
     r"""Gradient coherence ("On the Generalization Mystery in Deep Learning") and the trace of the gradient
     covariance, from one forward and one backward per batch: :math:`\sum_n \|g_n\|^2` from the per-example
-    norms and :math:`\sum_n g_n` from the same backward (``p.grad`` untouched).
+    norms and :math:`\sum_n g_n` from the same backward (``p.grad`` untouched). ``loss_reduction`` is required
+    (how ``loss_fn`` combines the examples, as for :func:`per_sample_grad_dots`); ``forms``, ``unsupported``: as
+    there. The statistics are sums over the examples: the loader's order does not matter.
 
     Example::
 
-        >>> c = regops.gradient_coherence(model, F.cross_entropy, loader)
+        >>> c = regops.gradient_coherence(model, F.cross_entropy, loader, loss_reduction="mean")
         >>> float(c.coherence), float(c.cov_trace)
     """
     check_reduction(loss_reduction)
