@@ -67,7 +67,7 @@ def patch(model: torch.nn.Module) -> PatchHandle:
     (whatever regops.nn declares with ``@swaps``). Subclasses and other dropout kinds (e.g. ``AlphaDropout``)
     are left alone. A module shared by several parents is replaced by one shared regops module. The replacement
     shares the original's hooks (forward, pre-forward, backward, state_dict: handles taken before the swap still
-    remove them), buffers and attributes, and takes its training flag (see :func:`regops._core.modules.adopt_module_state`).
+    remove them), buffers and attributes, and takes its training flag.
     Returns a :class:`PatchHandle`; ``handle.revert()`` restores the original modules.
 
     >>> handle = regops.patch(model)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from regops import _backend
-from regops.reference import distributed as _ref
 from regops._core.dtypes import acc_dtype
+from regops.reference import distributed as _ref
 
 _backend.register(
     "global_mask_apply",
