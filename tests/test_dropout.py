@@ -33,6 +33,7 @@ def _reference(x, p, seed):
 
 
 # ------------------------------------------------------------------------------------------------ kernels
+@pytest.mark.ops("dropout")
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -47,6 +48,7 @@ def test_kernel_bit_identical_to_reference(kernel_target, dtype, shape):
             assert torch.equal(out.cpu(), ref), f"seed={seed.tolist()} p={p}"
 
 
+@pytest.mark.ops("dropout")
 def test_kernel_noncontiguous_reads_logical_order(kernel_target):
     _, device = kernel_target
     x = make_tensor((37, 65), torch.float32, device, noncontiguous=True)
@@ -57,6 +59,7 @@ def test_kernel_noncontiguous_reads_logical_order(kernel_target):
     assert torch.equal(_op(xt, 0.3, seed).cpu(), _reference(xt.contiguous().cpu(), 0.3, seed))
 
 
+@pytest.mark.ops("dropout")
 def test_kernel_p_one_gives_zeros_and_p_tiny_keeps_all(kernel_target):
     _, device = kernel_target
     x = make_tensor((1000,), torch.float32, device)
@@ -212,10 +215,11 @@ def test_compile_fullgraph_forward_and_backward():
 
     compiled = torch.compile(f, fullgraph=True)
     x = make_tensor((64, 33), torch.float32, requires_grad=True)
+    torch.manual_seed(23)
     y = compiled(x)
     y.sum().backward()
     kept = y != 1
-    assert 0.6 < kept.float().mean().item() < 0.9
+    assert abs(kept.double().mean().item() - 0.75) < 5 * (0.1875 / kept.numel()) ** 0.5  # 5 sigma
     assert torch.equal(x.grad != 0, kept)
     assert torch.allclose(x.grad[kept], torch.full_like(x.grad[kept], 2 * dropout_scale(0.25)))
     torch.testing.assert_close(y[kept], (x * 2 * dropout_scale(0.25) + 1)[kept])
