@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import regops
 from regops.reference.dropout import dropout_scale
-from regops.reference.philox import keep_mask
+from regops.reference.philox import keep_mask, random_words
 from regops.testing import ODD_SIZES, make_tensor
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -65,6 +65,23 @@ def test_kernel_p_one_gives_zeros_and_p_tiny_keeps_all(kernel_target):
     x = make_tensor((1000,), torch.float32, device)
     assert torch.equal(_op(x, 1.0, SEEDS[1]), torch.zeros_like(x))
     assert torch.equal(_op(x, 1e-12, SEEDS[1]), x)
+
+
+@pytest.mark.ops("dropout")
+def test_kernel_keep_threshold_is_exact_at_the_boundary(kernel_target):
+    """p chosen so the threshold lands exactly on an element's word: that element is dropped (keep iff
+    (word >> 1) > threshold), and kept when the threshold is one lower. A >= in a kernel changes only these."""
+    _, device = kernel_target
+    seed = SEEDS[1]
+    key, offset = (int(v) for v in seed)
+    x = torch.ones(64, device=device)
+    words = random_words(key, offset, (64,)) >> 1
+    for i in (0, 5, 63):
+        w = int(words[i])
+        for p, kept in (((w + 1) / 2**31, False), (w / 2**31, True)):
+            y = _op(x, p, seed).cpu()
+            assert torch.equal(y, _reference(x.cpu(), p, seed)), (i, p)
+            assert bool(y[i] != 0) == kept, (i, p)
 
 
 @pytest.mark.parametrize("block", [256, 1024, 4096])
