@@ -216,6 +216,15 @@ def _git_revision() -> str | None:
     return _cuda_toolkit.git_revision(str(RESULTS_DIR.parents[1]))
 
 
+def _command() -> list[str]:
+    """This process's command line, a benchmark script written as the ``python -m benchmarks.<name>`` that ran it."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if script is not None and script.parent == RESULTS_DIR.parent and script.suffix == ".py":
+        module = "benchmarks" if script.stem == "__main__" else f"benchmarks.{script.stem}"
+        return ["python", "-m", module, *sys.argv[1:]]
+    return ["python", *sys.argv]
+
+
 def environment(device: torch.device, command: list[str] | None = None) -> dict[str, Any]:
     """Where and how a result was measured: device, versions, threads, the command line and the date."""
     import importlib.metadata
@@ -237,7 +246,7 @@ def environment(device: torch.device, command: list[str] | None = None) -> dict[
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "command": " ".join(command if command is not None else ["python", *sys.argv]),
+        "command": " ".join(command if command is not None else _command()),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
