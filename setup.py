@@ -136,6 +136,7 @@ def extensions():
         "cpu_kernels": True,
         "cuda_kernels": cuda_home is not None,
         "git_revision": toolkit.git_revision(HERE),
+        "csrc_hash": toolkit.csrc_hash(os.path.join(HERE, "csrc")),
         "built_by": "setup.py",
     }
     if cuda_home is not None:

@@ -127,6 +127,7 @@ def build(verbose: bool = False) -> Path:
         "torch_cuda": torch.version.cuda,
         "cpu_kernels": True,
         "cuda_kernels": cuda_home is not None,
+        "csrc_hash": _cuda_toolkit.csrc_hash(str(src)),
         "built_by": "regops.build_extension",
     }
     if cuda_home:
