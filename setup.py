@@ -136,7 +136,7 @@ def extensions():
         "cpu_kernels": True,
         "cuda_kernels": cuda_home is not None,
         "git_revision": toolkit.git_revision(HERE),
-        "sources_hash": toolkit.sources_hash(os.path.join(HERE, "csrc"), [*toolkit.CXX_FLAGS, *toolkit.NVCC_FLAGS]),
+        "csrc_hash": toolkit.csrc_hash(os.path.join(HERE, "csrc")),
         "built_by": "setup.py",
     }
     if cuda_home is not None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import regops
-from benchmarks.harness import Setup, case
+from benchmarks.harness import PeerMissing, PeerRefused, Setup, case, peer
 
 
 class Block(nn.Module):
@@ -237,15 +237,23 @@ VARIANTS = {
 }
 
 
+def _build(name: str, model: nn.Module, x, y):
+    """The variant ``name`` on ``model``. regops' own variants and the eager baseline raise on any error; a peer
+    that is missing or refuses the model (Opacus's ghost clipping and tied weights, ...) gives a variant that
+    raises :class:`PeerMissing` / :class:`PeerRefused` with the reason, which the harness reports as a row."""
+    if name == "eager" or name.startswith("regops"):
+        return VARIANTS[name](model, x, y)
+    try:
+        return peer(VARIANTS[name](model, x, y), name)
+    except PeerMissing as exc:
+        return _raises(exc)
+    except Exception as exc:  # the peer refuses this model while wrapping it
+        return _raises(PeerRefused(f"{name}: {type(exc).__name__}: {exc}"))
+
+
 def _setup(kind: str, cfg: dict, device: torch.device) -> Setup:
     base, x, y = _make_model_and_batch(kind, cfg, device)
-    variants = {}
-    for name, build in VARIANTS.items():
-        model = copy.deepcopy(base)
-        try:
-            variants[name] = build(model, x, y)
-        except Exception as exc:  # a peer that cannot wrap this model is reported as an error row
-            variants[name] = _raises(exc)
+    variants = {name: _build(name, copy.deepcopy(base), x, y) for name in VARIANTS}
     n_params = sum(p.numel() for p in base.parameters())
     tokens = x.numel() if kind in ("transformer", "gpt2") else x.shape[0]
     return Setup(
@@ -297,14 +305,14 @@ def paired(
     device = torch.device("cpu")
     base, x, y = _make_model_and_batch(kind, cfg, device)
     fns = {}
-    for name, build in VARIANTS.items():
+    for name in VARIANTS:
         if variants is not None and name not in variants and name != "eager":
             continue
+        fns[name] = _build(name, copy.deepcopy(base), x, y)
         try:
-            fns[name] = build(copy.deepcopy(base), x, y)
             fns[name]()
             fns[name]()
-        except Exception as exc:
+        except (PeerMissing, PeerRefused) as exc:
             fns[name] = exc
     times: dict[str, list[float]] = {k: [] for k, f in fns.items() if callable(f)}
     slow = {"torch.func", "opacus-hooks"}
@@ -338,9 +346,8 @@ def paired(
 
 def main() -> None:
     import argparse
-    import json
 
-    from benchmarks.harness import RESULTS_DIR, device_slug, environment
+    from benchmarks.harness import RESULTS_DIR, device_slug, environment, record
 
     parser = argparse.ArgumentParser(description="paired per-example-norm timings against plain fwd+bwd")
     parser.add_argument("--quick", action="store_true")
@@ -367,9 +374,8 @@ def main() -> None:
             )
     suffix = "" if args.kinds == ",".join(CONFIGS) else "-" + args.kinds.replace(",", "-")
     out = RESULTS_DIR / device_slug(device) / f"grad_norms-paired{suffix}{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    record(out, result)  # appended: every run is kept
+    print(f"appended to {out}")
 
 
 if __name__ == "__main__":

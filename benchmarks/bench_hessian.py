@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import regops
-from benchmarks.harness import Setup, case, compiled
+from benchmarks.harness import PeerMissing, PeerRefused, Setup, case, compiled, peer
 
 CONFIGS = {  # (device type, quick) -> (sizes, batch, probes)
     ("cpu", False): ((784, 256, 256, 10), 256, 32),
@@ -126,8 +126,8 @@ def _register_trace(quick: bool) -> None:
                     model, crit, x, y, num_probes=k, hvp="finite_difference", generator=gen
                 ),
                 "eager": _loop_trace(model, crit, x, y, k),
-                "pyhessian": _pyhessian(model, crit, x, y, k),
-                "curvlinops": _curvlinops(model, crit, x, y, k),
+                "pyhessian": peer(_pyhessian(model, crit, x, y, k), "pyhessian"),
+                "curvlinops": peer(_curvlinops(model, crit, x, y, k), "curvlinops"),
                 "fwd+bwd": _fwd_bwd(model, crit, x, y),
             }
             note = f"K={k} probes per call (ms/K = per probe); eager = sequential double-backward loop"
@@ -151,7 +151,7 @@ def _register_diag(quick: bool) -> None:
                     model, crit, x, y, num_probes=k, probe_batch=min(k, 32), generator=gen
                 ),
                 "eager": _loop_trace(model, crit, x, y, k, diag=True),
-                "curvlinops": _curvlinops(model, crit, x, y, k, diag=True),
+                "curvlinops": peer(_curvlinops(model, crit, x, y, k, diag=True), "curvlinops"),
                 "fwd+bwd": _fwd_bwd(model, crit, x, y),
             }
             return Setup(variants, bytes=k * 2 * _param_bytes(model), note=f"K={k}; eager = sequential loop")
@@ -171,13 +171,16 @@ def _register_probes(quick: bool) -> None:
             w = torch.zeros(numel, device=device)
             gen = torch.Generator(device=device.type).manual_seed(4)
             hv = torch.randn(k, numel, device=device)
-            v = torch.randint(0, 2, (k, numel), device=device).float() * 2 - 1
+            v = torch.randint(0, 2, (k, numel), device=device, dtype=torch.float32) * 2 - 1
             sizes = [numel // 4, numel // 4, numel // 2]
             vs, hvs = list(v.split(sizes, 1)), list(hv.split(sizes, 1))
             from regops.hessian import _probes as P
 
-            def rademacher():
-                return torch.randint(0, 2, (k, numel), device=device).float() * 2 - 1
+            def rademacher():  # what a user writes: the draw in the target dtype, then the affine map
+                return torch.randint(0, 2, (k, numel), device=device, dtype=torch.float32) * 2 - 1
+
+            def rademacher_bernoulli():
+                return torch.empty(k, numel, device=device).bernoulli_(0.5) * 2 - 1
 
             def gaussian():
                 return torch.randn(k, numel, device=device)
@@ -192,6 +195,8 @@ def _register_probes(quick: bool) -> None:
                 "regops gaussian": lambda: regops.hessian.probes([w], k, distribution="gaussian", generator=gen),
                 "eager": rademacher,
                 "compile": compiled(rademacher),
+                "eager bernoulli": rademacher_bernoulli,
+                "compile bernoulli": compiled(rademacher_bernoulli),
                 "eager gaussian": gaussian,
                 "compile gaussian": compiled(gaussian),
                 "regops probe_dot": lambda: P._probe_dot_op(vs, hvs, True),
@@ -210,22 +215,24 @@ for _quick in (False, True):
 
 
 def _backpack_ggn_trace(model, x, y):
-    from backpack import backpack, extend
-    from backpack.extensions import DiagGGNExact
-
-    extended = extend(model)
-    crit = extend(nn.CrossEntropyLoss())
+    extended: dict[str, nn.Module] = {}
 
     def run():
-        loss = crit(extended(x), y)
+        from backpack import backpack, extend
+        from backpack.extensions import DiagGGNExact
+
+        if not extended:  # once (BackPACK extends the modules in place)
+            extended.update(model=extend(model), crit=extend(nn.CrossEntropyLoss()))
+        crit, extended_model = extended["crit"], extended["model"]
+        loss = crit(extended_model(x), y)
         with backpack(DiagGGNExact()):
             loss.backward()
-        total = sum(p.diag_ggn_exact.sum() for p in extended.parameters())
-        for p in extended.parameters():
+        total = sum(p.diag_ggn_exact.sum() for p in extended_model.parameters())
+        for p in extended_model.parameters():
             p.grad = None
         return total
 
-    return run
+    return peer(run, "backpack")
 
 
 def _register_ggn(quick: bool) -> None:
@@ -242,8 +249,8 @@ def _register_ggn(quick: bool) -> None:
             backpack_run = _backpack_ggn_trace(peer, x, y)
             try:
                 agreement = f"; |regops - backpack| / backpack = {abs(exact - backpack_run().item()) / exact:.1e}"
-            except Exception as exc:  # peer missing: reported by its variant
-                agreement = f"; backpack unavailable ({type(exc).__name__})"
+            except (PeerMissing, PeerRefused) as exc:  # reported by its variant too
+                agreement = f"; backpack unavailable ({exc})"
             gen = torch.Generator(device=device.type).manual_seed(5)
             variants = {
                 "regops": lambda: regops.hessian.ggn_trace(model, x, y),

@@ -1,6 +1,6 @@
 """Losses: regops' fused regularized cross-entropy and linear cross-entropy against PyTorch, its torch.compile,
-the eager composition of the regularizers, and Liger-Kernel / Cut Cross-Entropy where they run (CUDA only;
-skipped when not installed).
+the eager composition of the regularizers, and Liger-Kernel / Cut Cross-Entropy where they run (their kernels are
+Triton for CUDA: on a CPU their rows say so; a missing install is reported by its row too).
 
 Cases (CPU sizes are the issue's bar: 4096 x 32000 fp32 with label smoothing + z-loss; linear CE at 8192 rows,
 hidden 512, V = 32000; GPU sizes: 8192 x 32000 and 4096 x 128256 bf16, linear CE at hidden 2048 and Cut
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import regops
+from benchmarks import harness
 from benchmarks.harness import Setup, case, compiled
 
 CE_SIZES = {  # (device type, quick) -> [(rows, V, dtype)]
@@ -40,11 +41,12 @@ LCE_SIZES = {  # (device type, quick) -> [(rows, hidden, V, dtype)]
 SMOOTHING, Z_LOSS = 0.1, 1e-4
 
 
-def _try_import(name: str):
-    try:
-        return __import__(name, fromlist=["_"])
-    except Exception:  # not installed, or installed without a usable GPU stack
-        return None
+GPU_ONLY = "{} runs Triton kernels written for CUDA GPUs: not on {}"
+
+
+def _gpu_peers(device: torch.device, names: list[str]) -> dict[str, str]:
+    """The peers whose kernels cannot run on ``device``, with the reason (reported as rows, never dropped)."""
+    return {} if device.type == "cuda" else {name: GPU_ONLY.format(name, device.type) for name in names}
 
 
 def _register(name: str, make, sizes: dict, label) -> None:
@@ -86,13 +88,6 @@ def _eager_ls_z(z, y):
     return F.cross_entropy(z, y, label_smoothing=SMOOTHING) + Z_LOSS * torch.logsumexp(z.float(), 1).square().mean()
 
 
-def _liger_ce(device):
-    if device.type != "cuda":
-        return None
-    mod = _try_import("liger_kernel.transformers")
-    return None if mod is None else mod.LigerCrossEntropyLoss(label_smoothing=SMOOTHING, lse_square_scale=Z_LOSS)
-
-
 def _ce_case(shape, device) -> Setup:
     rows, vocab, dtype = shape
     z, y = _logits(rows, vocab, dtype, device)
@@ -113,11 +108,18 @@ def _ce_case(shape, device) -> Setup:
         "eager": _fwd_bwd(eager, z),  # CE(ls) + z * lse^2
         "compile": _fwd_bwd(lambda: eager_c(z, y), z),
     }
-    liger = _liger_ce(device)
-    if liger is not None:
-        variants["liger"] = _fwd_bwd(lambda: liger(z, y), z)
+    skipped = _gpu_peers(device, ["liger"])
+    if not skipped:
+        from liger_kernel.transformers import LigerCrossEntropyLoss  # stubbed when missing: its row says so
+
+        def liger():
+            return LigerCrossEntropyLoss(label_smoothing=SMOOTHING, lse_square_scale=Z_LOSS)(z, y)
+
+        variants["liger"] = harness.peer(_fwd_bwd(liger, z), "liger")
     nbytes = 3 * z.numel() * z.element_size()  # read forward, read + write backward
-    return Setup(variants, bytes=nbytes, forward={"regops": ours, "eager": eager}, note="ls 0.1 + z 1e-4")
+    return Setup(
+        variants, bytes=nbytes, forward={"regops": ours, "eager": eager}, note="ls 0.1 + z 1e-4", skipped=skipped
+    )
 
 
 def _regularizers_case(shape, device) -> Setup:
@@ -160,19 +162,21 @@ def _lce_case(shape, device) -> Setup:
         "eager": _fwd_bwd(lambda: eager_fn(h, w), h, w),  # F.linear + F.cross_entropy
         "compile": _fwd_bwd(lambda: eager_c(h, w), h, w),
     }
-    if device.type == "cuda":
-        liger = _try_import("liger_kernel.transformers")
-        if liger is not None:
-            flce = liger.LigerFusedLinearCrossEntropyLoss()
-            variants["liger FLCE"] = _fwd_bwd(lambda: flce(w, h, y), h, w)
-        cce = _try_import("cut_cross_entropy")
-        if cce is not None:
-            variants["cut cross-entropy"] = _fwd_bwd(lambda: cce.linear_cross_entropy(h, w, y), h, w)
+    skipped = _gpu_peers(device, ["liger FLCE", "cut cross-entropy"])
+    if not skipped:
+        from cut_cross_entropy import linear_cross_entropy as cce  # stubbed when missing: their rows say so
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        def liger():
+            return LigerFusedLinearCrossEntropyLoss()(w, h, y)
+
+        variants["liger FLCE"] = harness.peer(_fwd_bwd(liger, h, w), "liger")
+        variants["cut cross-entropy"] = harness.peer(_fwd_bwd(lambda: cce(h, w, y), h, w), "cut_cross_entropy")
     nbytes = (h.numel() + w.numel()) * h.element_size() * 3  # read h, w forward and backward, write dh, dw
     flops = 6 * rows * hidden * vocab  # forward + two backward matmuls (regops under "mean": the same three)
     return Setup(
         variants, bytes=nbytes, flops=flops, forward={"regops": ours, "eager": lambda: eager_fn(h, w)},
-        note="logits never materialised; gradients formed in the forward sweep (mean)",
+        note="logits never materialised; gradients formed in the forward sweep (mean)", skipped=skipped,
     )  # fmt: skip
 
 
@@ -181,29 +185,63 @@ _register("cross_entropy regularizers fwd+bwd", _regularizers_case, CE_SIZES, _c
 _register("linear_cross_entropy fwd+bwd", _lce_case, LCE_SIZES, _lce_label)
 
 
-# ------------------------------------------------------------------------------------------------ the issue's CPU bars
-def check_bars(reps: int = 5) -> None:
-    """``python -m benchmarks.bench_losses``: the issue's two CPU bars, timed interleaved (a shared machine's load
-    hits both sides alike; min and median reported) with the profiler's CPU allocation peak."""
-    _bar_cross_entropy(reps)
-    _bar_linear_cross_entropy(reps)
+# ------------------------------------------------------------------------------------------------ the CPU bars
+def check_bars(rounds: int = 5, threads: int | None = None) -> dict:
+    """``python -m benchmarks.bench_losses [--rounds N] [--threads T]``: the two CPU bars, regops and its baseline
+    timed interleaved (a shared machine's load hits both sides alike), median and minimum over ``rounds`` with
+    every round kept, and the profiler's CPU allocation peak; appended to
+    ``benchmarks/results/<device>/losses-bars.json``."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    results = _bar_cross_entropy(rounds) + _bar_linear_cross_entropy(rounds)
+    env = harness.environment(torch.device("cpu"))
+    path = harness.record(
+        harness.result_path("losses-bars"), {"environment": env, "rounds": rounds, "results": results}
+    )
+    print(f"appended to {path}")
+    return {"environment": env, "results": results}
 
 
-def _timed(fns: dict, reps: int) -> dict:
+def _timed(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each call, ``rounds`` times, the callables interleaved within each round (after one warm-up)."""
     import time
 
-    times: dict = {name: [] for name in fns}
-    for _ in range(reps):
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: (min(v), sorted(v)[len(v) // 2]) for name, v in times.items()}
+    return times
 
 
-def _bar_cross_entropy(reps: int) -> None:
-    from benchmarks.harness import _cpu_peak
+def _rows(bar: str, times: dict[str, list[float]], peaks_mib: dict[str, float], baseline: str) -> list[dict]:
+    import statistics
 
+    rows = []
+    for name, seconds in times.items():
+        base = times[baseline]
+        rows.append({
+            "bar": bar, "variant": name, "ms": 1e3 * statistics.median(seconds), "ms_min": 1e3 * min(seconds),
+            "rounds": len(seconds), "ms_all": [round(1e3 * t, 3) for t in seconds], "peak_MiB": peaks_mib[name],
+            "x_baseline_median": statistics.median(seconds) / statistics.median(base),
+            "x_baseline_min": min(seconds) / min(base),
+        })  # fmt: skip
+    for row in rows:
+        print(
+            f"{bar}: {row['variant']:>14s} median {row['ms']:9.1f} ms  min {row['ms_min']:9.1f} ms  "
+            f"peak {row['peak_MiB']:8.1f} MiB  vs {baseline}: {row['x_baseline_median']:.2f}x (median) "
+            f"{row['x_baseline_min']:.2f}x (min)"
+        )
+    return rows
+
+
+def _bar_cross_entropy(rounds: int) -> list[dict]:
+    """4096 x 32000 fp32, label smoothing 0.1 + z-loss 1e-4, forward + backward, against torch's
+    ``F.cross_entropy(label_smoothing=0.1)`` alone and the eager composition with the z-loss. Peak: bytes
+    allocated beyond the logits and their gradient."""
     torch.manual_seed(0)
     n, v = 4096, 32000
     z = torch.randn(n, v, requires_grad=True)
@@ -217,21 +255,19 @@ def _bar_cross_entropy(reps: int) -> None:
         F.cross_entropy(z, y, label_smoothing=SMOOTHING).backward()
         z.grad = None
 
-    logits_and_grad = 2 * z.numel() * 4
-    for name, fn in (("regops ls+z", ours), ("torch CE(ls)", torch_ls)):
-        peak = _cpu_peak(fn)  # the logits exist before: the peak counts the gradient and everything else
-        print(
-            f"CE {n}x{v}: {name}: peak above logits + grad {(peak + z.numel() * 4 - logits_and_grad) / 2**20:.1f} MiB"
-        )
-    t = _timed({"regops ls+z": ours, "torch CE(ls)": torch_ls}, reps)
-    print(f"CE {n}x{v} fwd+bwd: " + ", ".join(f"{k} min {a:.3f} s med {b:.3f} s" for k, (a, b) in t.items()))
-    print(f"  ratio (min) {t['regops ls+z'][0] / t['torch CE(ls)'][0]:.2f}, (median) "
-          f"{t['regops ls+z'][1] / t['torch CE(ls)'][1]:.2f}  (bar: <= 1.0)")  # fmt: skip
+    def eager():
+        _eager_ls_z(z, y).backward()
+        z.grad = None
+
+    fns = {"regops ls+z": ours, "torch CE(ls)": torch_ls, "eager CE(ls)+z": eager}
+    grad_bytes = z.numel() * 4  # the gradient every variant must allocate
+    peaks = {name: (harness._cpu_peak(fn) - grad_bytes) / 2**20 for name, fn in fns.items()}
+    return _rows(f"cross_entropy {n}x{v} fp32 fwd+bwd", _timed(fns, rounds), peaks, "torch CE(ls)")
 
 
-def _bar_linear_cross_entropy(reps: int) -> None:
-    from benchmarks.harness import _cpu_peak
-
+def _bar_linear_cross_entropy(rounds: int) -> list[dict]:
+    """8192 rows, hidden 512, V = 32000 fp32, forward + backward, against ``F.linear`` + ``F.cross_entropy``.
+    Peak: every byte allocated during the call (the gradients included)."""
     torch.manual_seed(0)
     n, hdim, v = 8192, 512, 32000
     h = torch.randn(n, hdim, requires_grad=True)
@@ -246,15 +282,16 @@ def _bar_linear_cross_entropy(reps: int) -> None:
         F.cross_entropy(F.linear(h, w), y).backward()
         h.grad = w.grad = None
 
-    peaks = {name: _cpu_peak(fn) for name, fn in (("regops", lce), ("linear+CE", linear_ce))}
-    ours_mib, base_mib = peaks["regops"] / 2**20, peaks["linear+CE"] / 2**20
-    print(f"linear CE {n}x{hdim}->{v}: peak regops {ours_mib:.0f} MiB, linear+CE {base_mib:.0f} MiB, ")
-    print(f"  ratio {ours_mib / base_mib:.3f} (bar: <= 0.25)")
-    t = _timed({"regops": lce, "linear+CE": linear_ce}, reps)
-    print("linear CE fwd+bwd: " + ", ".join(f"{k} min {a:.2f} s med {b:.2f} s" for k, (a, b) in t.items()))
-    print(f"  ratio (min) {t['regops'][0] / t['linear+CE'][0]:.2f}, (median) {t['regops'][1] / t['linear+CE'][1]:.2f}"
-          "  (bar: <= 1.5)")  # fmt: skip
+    fns = {"regops": lce, "linear+CE": linear_ce}
+    peaks = {name: harness._cpu_peak(fn) / 2**20 for name, fn in fns.items()}
+    return _rows(f"linear_cross_entropy {n}x{hdim}->{v} fp32 fwd+bwd", _timed(fns, rounds), peaks, "linear+CE")
 
 
 if __name__ == "__main__":
-    check_bars()
+    import argparse
+
+    parser = argparse.ArgumentParser(description="the losses' CPU bars (appended to losses-bars.json)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    check_bars(args.rounds, args.threads)

@@ -33,10 +33,15 @@ LOGITS = {  # (device type, quick) -> (B, C)
 
 
 def _try_import(name: str):
+    """The peer module, or None when it is not installed (its variants are then rows that say so)."""
     try:
         return __import__(name, fromlist=["_"])
-    except ImportError:
+    except ModuleNotFoundError:
         return None
+
+
+def _not_installed(name: str) -> str:
+    return f"peer {name!r} is not installed"
 
 
 timm_mixup = _try_import("timm.data.mixup")
@@ -91,12 +96,17 @@ def _mixup_case(mode: str):
             return _eager_mix(x, w_self, w_other, params.partner, params.box)
 
         variants["eager"] = eager
-        if timm_mixup is not None and shape[0] % 2 == 0:
+        skipped = {}
+        if timm_mixup is None:
+            skipped["timm"] = _not_installed("timm")
+        elif shape[0] % 2:
+            skipped["timm"] = "timm's Mixup takes even batch sizes only"
+        else:
             theirs = timm_mixup.Mixup(**kw)
             x_timm = x.clone()  # timm mixes in place: it keeps mixing this copy (values stay bounded)
             variants["timm"] = lambda: theirs(x_timm, y)
         nbytes = 2 * x.numel() * x.element_size()
-        return Setup(variants, bytes=nbytes, note="draws + mix + dense targets (eager: mix only)")
+        return Setup(variants, bytes=nbytes, note="draws + mix + dense targets (eager: mix only)", skipped=skipped)
 
     return make
 
@@ -128,10 +138,11 @@ def _v2_case(cls: str):
         x, y = _images(shape, device)
         ours = getattr(regops, cls)(alpha=1.0, num_classes=1000)
         variants = {"regops": lambda: ours(x, y)}
+        skipped = {"torchvision": _not_installed("torchvision")} if tv2 is None else {}
         if tv2 is not None:
             theirs = getattr(tv2, cls)(alpha=1.0, num_classes=1000)
             variants["torchvision"] = lambda: theirs(x, y)
-        return Setup(variants, bytes=2 * x.numel() * x.element_size())
+        return Setup(variants, bytes=2 * x.numel() * x.element_size(), skipped=skipped)
 
     return make
 
@@ -167,6 +178,7 @@ def _mce_case(shape, device) -> Setup:
     eager_c = compiled(eager)
     variants = {"regops": _grad_of(ours, z), "eager": _grad_of(eager, z), "compile": _grad_of(eager_c, z)}
     forward = {"regops": ours, "eager": eager}
+    skipped = {"timm": _not_installed("timm")} if timm_mixup is None else {}
     if timm_mixup is not None:
         crit = timm_loss.SoftTargetCrossEntropy()
 
@@ -176,7 +188,7 @@ def _mce_case(shape, device) -> Setup:
         variants["timm"] = _grad_of(timm_fn, z)
         forward["timm"] = timm_fn
     nbytes = 3 * z.numel() * z.element_size()  # read forward, read + write backward
-    return Setup(variants, bytes=nbytes, forward=forward, note="fwd+bwd, smoothing 0.1")
+    return Setup(variants, bytes=nbytes, forward=forward, note="fwd+bwd, smoothing 0.1", skipped=skipped)
 
 
 def _stce_case(shape, device) -> Setup:
@@ -189,10 +201,14 @@ def _stce_case(shape, device) -> Setup:
     def eager():
         return torch.sum(-soft * F.log_softmax(z, dim=-1), dim=-1).mean()
 
-    variants = {"regops": _grad_of(ours, z), "eager": _grad_of(eager, z)}
+    eager_c = compiled(eager)
+    variants = {"regops": _grad_of(ours, z), "eager": _grad_of(eager, z), "compile": _grad_of(eager_c, z)}
+    skipped = {"timm": _not_installed("timm")} if timm_loss is None else {}
     if timm_loss is not None:
         variants["timm"] = _grad_of(lambda: timm_loss.SoftTargetCrossEntropy()(z, soft), z)
-    return Setup(variants, bytes=5 * z.numel() * z.element_size(), forward={"regops": ours, "eager": eager})
+    return Setup(
+        variants, bytes=5 * z.numel() * z.element_size(), forward={"regops": ours, "eager": eager}, skipped=skipped
+    )
 
 
 def _bce_case(shape, device) -> Setup:
@@ -205,7 +221,9 @@ def _bce_case(shape, device) -> Setup:
         dense = regops.mixed_targets(mix, shape[1], 0.1)
         return F.binary_cross_entropy_with_logits(z, dense.gt(0.2).float())
 
-    variants = {"regops": _grad_of(ours, z), "eager": _grad_of(eager, z)}
+    eager_c = compiled(eager)
+    variants = {"regops": _grad_of(ours, z), "eager": _grad_of(eager, z), "compile": _grad_of(eager_c, z)}
+    skipped = {"timm": _not_installed("timm")} if timm_mixup is None else {}
     if timm_mixup is not None:
         crit = timm_loss.BinaryCrossEntropy(target_threshold=0.2)
 
@@ -213,7 +231,9 @@ def _bce_case(shape, device) -> Setup:
             return crit(z, timm_mixup.mixup_target(y, shape[1], mix.lam.view(-1, 1), 0.1))
 
         variants["timm"] = _grad_of(timm_fn, z)
-    return Setup(variants, bytes=3 * z.numel() * z.element_size(), forward={"regops": ours, "eager": eager})
+    return Setup(
+        variants, bytes=3 * z.numel() * z.element_size(), forward={"regops": ours, "eager": eager}, skipped=skipped
+    )
 
 
 for _mode in ("elem", "pair", "batch"):

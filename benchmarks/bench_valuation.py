@@ -24,7 +24,7 @@ from torch import nn
 
 import regops
 from benchmarks.bench_grad_norms import Transformer, _mlp
-from benchmarks.harness import Setup, case
+from benchmarks.harness import PeerMissing, PeerRefused, Setup, case, peer
 
 CONFIGS = {
     "mlp": {
@@ -172,13 +172,24 @@ def _raises(exc: Exception):
     return run
 
 
+PEERS = ("backpack",)
+
+
 def _build(variants: dict, model: nn.Module, *args) -> dict:
+    """Every variant on its own copy of ``model``. regops and the torch baselines raise on any error; a peer that
+    is missing or refuses gives a variant that raises :class:`PeerMissing` / :class:`PeerRefused` (a row that
+    says why)."""
     out = {}
     for name, build in variants.items():
-        try:
+        if not name.startswith(PEERS):
             out[name] = build(copy.deepcopy(model), *args)
-        except Exception as exc:  # a peer that cannot run here is reported as an error row
+            continue
+        try:
+            out[name] = peer(build(copy.deepcopy(model), *args), name)
+        except PeerMissing as exc:
             out[name] = _raises(exc)
+        except Exception as exc:  # the peer refuses this model while wrapping it
+            out[name] = _raises(PeerRefused(f"{name}: {type(exc).__name__}: {exc}"))
     return out
 
 
@@ -307,9 +318,8 @@ def projection_ranking(quick: bool = False, dims: tuple[int, ...] = (256, 1024, 
 
 def main() -> None:
     import argparse
-    import json
 
-    from benchmarks.harness import RESULTS_DIR, device_slug, environment
+    from benchmarks.harness import RESULTS_DIR, device_slug, environment, record
 
     parser = argparse.ArgumentParser(description="paired CPU timing of per_sample_grad_dots (MLP) vs torch.func")
     parser.add_argument("--quick", action="store_true")
@@ -331,10 +341,10 @@ def main() -> None:
     result["projection"] = projection_ranking(args.quick)
     for dim, row in result["projection"]["dims"].items():
         print(f"projection dim {dim:5d}: spearman {row['spearman']:.3f}  top-10 overlap {row['top10_overlap']:.3f}")
-    out = RESULTS_DIR / device_slug(device) / f"valuation-paired{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    threads = "" if args.threads == 1 else f"-{args.threads}-threads"
+    out = RESULTS_DIR / device_slug(device) / f"valuation-paired{threads}{'-quick' if args.quick else ''}.json"
+    record(out, result)  # appended: every run is kept
+    print(f"appended to {out}")
 
 
 if __name__ == "__main__":

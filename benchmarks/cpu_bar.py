@@ -1,7 +1,10 @@
 """The CPU bar of the C++ kernels: fp32, 4M elements ([4096, 1024]), forward+backward, regops against the eager
-composition, min of interleaved runs (a loaded machine inflates both sides; the minimum is the least disturbed).
-Then forward-only cases (nested dropout, Hessian probes, the mixing op), each against the eager torch ops it replaces
-and the reference.
+composition a user would write and its ``torch.compile``; then forward-only cases (nested dropout, Hessian probes,
+the mixing op), each against the eager torch ops it replaces, their ``torch.compile`` and the reference.
+
+Every variant is timed interleaved with the others (a loaded machine slows all alike), ``--rounds`` rounds of
+``--reps`` calls each; the median and the minimum over all timed calls are reported, as the harness does, and the
+run (every call's time included) is appended to ``benchmarks/results/<device>/cpu_bar.json``.
 
     python -m benchmarks.cpu_bar --threads 1 2
 """
@@ -9,37 +12,58 @@ and the reference.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
 import regops
+from benchmarks import harness
 
 P = 0.1
 
 
-def _cases(rows: int, cols: int):
+def _backward_cases(rows: int, cols: int):
+    """name -> {variant: callable}, each callable a forward + backward with the same upstream gradient."""
     x, r = torch.randn(rows, cols, requires_grad=True), torch.randn(rows, cols, requires_grad=True)
     b, w, lb = (torch.randn(cols, requires_grad=True) for _ in range(3))
     g = torch.randn(rows, cols)
     leaves = (x, r, b, w, lb)
+
+    def eager_dropout(x):
+        return F.dropout(x, P)
+
+    def eager_bda(x, b, r):
+        return r + F.dropout(x + b, P)
+
+    def eager_daln(x, r, w, lb):
+        return F.layer_norm(F.dropout(x, P) + r, (cols,), w, lb)
+
+    compiled = {f: harness.compiled(f) for f in (eager_dropout, eager_bda, eager_daln)}
     cases = {
-        "dropout": (lambda: F.dropout(x, P).backward(g), lambda: regops.dropout(x, P).backward(g)),
-        "bias_dropout_add": (
-            lambda: (r + F.dropout(x + b, P)).backward(g),
-            lambda: regops.bias_dropout_add(x, b, r, P).backward(g),
-        ),
-        "dropout_add_layer_norm": (
-            lambda: F.layer_norm(F.dropout(x, P) + r, (cols,), w, lb).backward(g),
-            lambda: regops.dropout_add_layer_norm(x, r, w, lb, P).backward(g),
-        ),
+        "dropout": {
+            "eager": lambda: eager_dropout(x).backward(g),
+            "compile": lambda: compiled[eager_dropout](x).backward(g),
+            "regops": lambda: regops.dropout(x, P).backward(g),
+        },
+        "bias_dropout_add": {
+            "eager": lambda: eager_bda(x, b, r).backward(g),
+            "compile": lambda: compiled[eager_bda](x, b, r).backward(g),
+            "regops": lambda: regops.bias_dropout_add(x, b, r, P).backward(g),
+        },
+        "dropout_add_layer_norm": {
+            "eager": lambda: eager_daln(x, r, w, lb).backward(g),
+            "compile": lambda: compiled[eager_daln](x, r, w, lb).backward(g),
+            "regops": lambda: regops.dropout_add_layer_norm(x, r, w, lb, P).backward(g),
+        },
     }
     return leaves, cases
 
 
 def _forward_cases():
-    """name -> (torch op it replaces, reference, regops C++ kernel), ~4M float32 outputs each."""
+    """name -> {variant: callable}: the torch ops a user writes for it ("eager"), their compile, the reference and
+    regops' C++ kernel; ~4M float32 outputs each."""
     from regops.reference import dropout as rref
     from regops.reference import hessian as href
     from regops.reference import mix as mref
@@ -55,6 +79,9 @@ def _forward_cases():
     no_box = torch.zeros(b, 4, dtype=torch.long)
     box = torch.tensor([[20, 120, 30, 150]] * b)
 
+    def eager_mixup():
+        return x * 0.7 + x.flip(0) * 0.3
+
     def eager_cutmix():
         y = x * 0.7 + x.flip(0) * 0.3
         y[:, :, 20:120, 30:150] = x.flip(0)[:, :, 20:120, 30:150]
@@ -66,79 +93,116 @@ def _forward_cases():
         counts = torch.randint(1, h.shape[1] + 1, (h.shape[0], 1))
         return h * (torch.arange(h.shape[1]) < counts)
 
+    def eager_gaussian():
+        return torch.randn(k, n)
+
+    def eager_rademacher():  # what a user writes: the draw in the target dtype, then the affine map
+        return torch.randint(0, 2, (k, n), dtype=torch.float32) * 2 - 1
+
+    def eager_rademacher_bernoulli():
+        return torch.empty(k, n).bernoulli_(0.5) * 2 - 1
+
+    def with_compile(eager, **others):
+        return {"eager": eager, "compile": harness.compiled(eager), **others}
+
     return {
-        "nested_dropout": (
+        "nested_dropout": with_compile(
             eager_nested,
-            lambda: rref.nested_dropout(h, 0.01, 1, 7, 11),
-            lambda: regops.nested_dropout(h, 0.01, dim=1),
+            reference=lambda: rref.nested_dropout(h, 0.01, 1, 7, 11),
+            regops=lambda: regops.nested_dropout(h, 0.01, dim=1),
         ),
-        "probes gaussian": (
-            lambda: torch.randn(k, n),
-            lambda: href.probes(7, 11, 0, k, n, "gaussian", torch.float32, cpu),
-            lambda: probes(seed, 0, k, n, "gaussian", torch.float32, cpu),
+        "probes gaussian": with_compile(
+            eager_gaussian,
+            reference=lambda: href.probes(7, 11, 0, k, n, "gaussian", torch.float32, cpu),
+            regops=lambda: probes(seed, 0, k, n, "gaussian", torch.float32, cpu),
         ),
-        "probes rademacher": (
-            lambda: torch.randint(0, 2, (k, n), dtype=torch.float32).mul_(2).sub_(1),
-            lambda: href.probes(7, 11, 0, k, n, "rademacher", torch.float32, cpu),
-            lambda: probes(seed, 0, k, n, "rademacher", torch.float32, cpu),
+        "probes rademacher": with_compile(
+            eager_rademacher,
+            **{"eager bernoulli": eager_rademacher_bernoulli},
+            reference=lambda: href.probes(7, 11, 0, k, n, "rademacher", torch.float32, cpu),
+            regops=lambda: probes(seed, 0, k, n, "rademacher", torch.float32, cpu),
         ),
-        "mix_apply mixup": (
-            lambda: x * 0.7 + x.flip(0) * 0.3,
-            lambda: mref.mix_apply(x, lam, 1 - lam, partner, no_box),
-            lambda: torch.ops.regops.mix_apply(x, lam, 1 - lam, partner, no_box),
+        "mix_apply mixup": with_compile(
+            eager_mixup,
+            reference=lambda: mref.mix_apply(x, lam, 1 - lam, partner, no_box),
+            regops=lambda: torch.ops.regops.mix_apply(x, lam, 1 - lam, partner, no_box),
         ),
-        "mix_apply cutmix box": (
+        "mix_apply cutmix box": with_compile(
             eager_cutmix,
-            lambda: mref.mix_apply(x, lam, 1 - lam, partner, box),
-            lambda: torch.ops.regops.mix_apply(x, lam, 1 - lam, partner, box),
+            reference=lambda: mref.mix_apply(x, lam, 1 - lam, partner, box),
+            regops=lambda: torch.ops.regops.mix_apply(x, lam, 1 - lam, partner, box),
         ),
     }
 
 
-def _min_ms(fn, leaves, reps: int) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        for t in leaves:
-            t.grad = None
-        start = time.perf_counter()
+def measure(variants: dict, leaves=(), rounds: int = 6, reps: int = 5, slow: tuple[str, ...] = ()) -> dict:
+    """Seconds of every call: one warm-up call each (compiles), then ``rounds`` rounds in which every variant makes
+    ``reps`` calls in turn (``slow`` variants: one call)."""
+    for fn in variants.values():
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            for _ in range(1 if name in slow else reps):
+                for t in leaves:
+                    t.grad = None
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
-def main() -> None:
+def _row(case: str, threads: int, times: dict[str, list[float]]) -> list[dict]:
+    eager_med, eager_min = statistics.median(times["eager"]), min(times["eager"])
+    rows = []
+    for name, seconds in times.items():
+        med, low = statistics.median(seconds), min(seconds)
+        rows.append({
+            "case": case, "threads": threads, "variant": name, "ms": 1e3 * med, "ms_min": 1e3 * low,
+            "rounds": len(seconds), "ms_all": [round(1e3 * t, 3) for t in seconds],
+            "x_eager_median": med / eager_med, "x_eager_min": low / eager_min,
+        })  # fmt: skip
+    text = "  ".join(f"{r['variant']} {r['ms']:.2f}/{r['ms_min']:.2f}" for r in rows)
+    print(f"threads={threads} {case:24s} ms median/min: {text}", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--reps", type=int, default=5, help="calls per variant per round")
     parser.add_argument("--only", nargs="+", default=None, help="run only the cases whose name contains one of these")
-    args = parser.parse_args()
-    leaves, cases = _cases(4096, 1024)
+    parser.add_argument("--no-record", action="store_true", help="print only; do not append to cpu_bar.json")
+    args = parser.parse_args(argv)
     backend = regops._backend.choose("dropout", torch.device("cpu"))
     print(f"regops._C: {regops._backend.extension_status()}; dropout on CPU runs the {backend!r} backend")
+    leaves, cases = _backward_cases(4096, 1024)
+    forward = _forward_cases()
+    rows: list[dict] = []
     for threads in args.threads:
         torch.set_num_threads(threads)
-        for name, (eager, ours) in cases.items():
+        for name, variants in {**cases, **forward}.items():
             if args.only and not any(w in name for w in args.only):
                 continue
-            e = o = float("inf")
-            for _ in range(args.rounds):
-                e = min(e, _min_ms(eager, leaves, 5))
-                o = min(o, _min_ms(ours, leaves, 5))
-            print(f"threads={threads} {name:24s} eager {e:7.2f} ms  regops {o:7.2f} ms  ratio {o / e:.2f}", flush=True)
-        for name, (eager, reference, ours) in _forward_cases().items():
-            if args.only and not any(w in name for w in args.only):
-                continue
-            e = r = o = float("inf")
-            for _ in range(args.rounds):
-                e = min(e, _min_ms(eager, (), 3))
-                r = min(r, _min_ms(reference, (), 1))
-                o = min(o, _min_ms(ours, (), 3))
-            print(
-                f"threads={threads} {name:24s} torch {e:7.2f} ms  reference {r:7.2f} ms  regops {o:7.2f} ms  "
-                f"ratio to torch {o / e:.2f}",
-                flush=True,
+            fwd_only = name in forward
+            times = measure(
+                variants,
+                () if fwd_only else leaves,
+                args.rounds,
+                args.reps if not fwd_only else max(1, args.reps - 2),
+                slow=("reference",),
             )
+            rows += _row(name, threads, times)
+    if not args.no_record:
+        env = harness.environment(torch.device("cpu"), ["python", "-m", "benchmarks.cpu_bar", *(argv or [])])
+        env["backend"] = backend
+        run = {"environment": env, "rounds": args.rounds, "reps": args.reps, "results": rows}
+        print(f"appended to {harness.record(harness.result_path('cpu_bar'), run)}")
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])

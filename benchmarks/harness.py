@@ -3,9 +3,14 @@
 A case file ``bench_<family>.py`` registers cases with :func:`case`. A case's ``make(device, quick)`` returns a
 :class:`Setup`: the variants to time (``"regops"``, ``"eager"``, ``"compile"``, peers such as ``"timm"``), the
 minimal bytes one call must move (and flops where that matters), and optionally forward-only callables whose
-bytes saved for backward are measured. The harness reports per variant: median time, GB/s, % of a same-run
-device-to-device copy, speedup over eager and over torch.compile, bytes saved for backward and peak memory;
-it writes JSON, CSV and a PNG plot under ``benchmarks/results/<device>/``.
+bytes saved for backward are measured. The harness reports per variant: median and minimum time over the stated
+number of rounds, GB/s, % of a same-run device-to-device copy, speedup over eager and over torch.compile, bytes
+saved for backward and peak memory; it writes JSON (with the device, versions, command and date), CSV and a PNG
+plot under ``benchmarks/results/<device>/``.
+
+A crash in a measured variant stops the run (it is a bug, never a missing row). Only a peer library may be
+absent or refuse a case: :class:`PeerMissing` / :class:`PeerRefused` (or ``Setup.skipped``) record the variant
+with the reason, and the case still runs.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ class Setup:
     # Forward-only callables (inputs require grad) whose saved-for-backward bytes are reported.
     forward: dict[str, Callable[[], Any]] = field(default_factory=dict)
     note: str = ""
+    # Variants that cannot run on this device, with the reason (a peer whose kernels need a GPU, ...): reported as
+    # rows that say so instead of vanishing from the table.
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,8 +88,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device, *, quick: bool = False) -> float:
-    """Median seconds per call after warm-up (CUDA events on GPU, perf_counter on CPU)."""
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call over ``rounds`` timed calls after warm-up."""
+
+    median: float
+    min: float
+    rounds: int
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> Timing:
+        return cls(statistics.median(seconds), min(seconds), len(seconds))
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, *, quick: bool = False) -> Timing:
+    """Median and minimum seconds per call after warm-up (CUDA events on GPU, perf_counter on CPU): at least 3
+    rounds, then as many as fit in the time budget (at most 200)."""
     warmup = 2 if quick else 5
     for _ in range(warmup):
         fn()
@@ -101,7 +123,7 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, quick: bool = False)
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return Timing.of(times)
 
 
 def copy_bandwidth(device: torch.device, quick: bool = False) -> float:
@@ -109,7 +131,7 @@ def copy_bandwidth(device: torch.device, quick: bool = False) -> float:
     numel = (1 << 26) if device.type == "cuda" else (1 << 24)
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    seconds = time_fn(lambda: dst.copy_(src), device, quick=quick)
+    seconds = time_fn(lambda: dst.copy_(src), device, quick=quick).median
     return 2 * src.numel() * src.element_size() / seconds
 
 
@@ -164,16 +186,13 @@ def _quiet_native_output() -> Iterator[None]:
             os.close(fd)
 
 
-def _cpu_peak(fn: Callable[[], Any]) -> int | None:
+def _cpu_peak(fn: Callable[[], Any]) -> int:
     """CPU allocator peak from the profiler's allocation events (torch has no CPU allocator counters)."""
     from torch.profiler import ProfilerActivity, profile
 
-    try:
-        with _quiet_native_output(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        events = prof.profiler.kineto_results.events()
-    except Exception:  # profiler unavailable in this build
-        return None
+    with _quiet_native_output(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = prof.profiler.kineto_results.events()
     allocations = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
     current = peak = 0
     for _, nbytes in allocations:
@@ -191,7 +210,23 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
 
-def environment(device: torch.device) -> dict[str, Any]:
+def _git_revision() -> str | None:
+    from regops import _cuda_toolkit
+
+    return _cuda_toolkit.git_revision(str(RESULTS_DIR.parents[1]))
+
+
+def _command() -> list[str]:
+    """This process's command line, a benchmark script written as the ``python -m benchmarks.<name>`` that ran it."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if script is not None and script.parent == RESULTS_DIR.parent and script.suffix == ".py":
+        module = "benchmarks" if script.stem == "__main__" else f"benchmarks.{script.stem}"
+        return ["python", "-m", module, *sys.argv[1:]]
+    return ["python", *sys.argv]
+
+
+def environment(device: torch.device, command: list[str] | None = None) -> dict[str, Any]:
+    """Where and how a result was measured: device, versions, threads, the command line and the date."""
     import importlib.metadata
 
     def version(dist):
@@ -207,8 +242,11 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "triton": version("triton"),
         "regops": version("regops"),
+        "git": _git_revision(),
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "command": " ".join(command if command is not None else _command()),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
@@ -216,6 +254,26 @@ def environment(device: torch.device) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ missing peers
 class PeerMissing(RuntimeError):
     """A peer library a variant needs is not installed: that variant is skipped, the case still runs."""
+
+
+class PeerRefused(RuntimeError):
+    """A peer library cannot run this case here (it rejects the model, or its kernels need a GPU): the variant is
+    reported with the peer's reason, the case still runs."""
+
+
+def peer(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``fn`` (a call into the peer library ``name``) with any error it raises turned into :class:`PeerRefused`:
+    for peer baselines only, never for regops' own variants (their errors must stop the run)."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PeerMissing:
+            raise
+        except Exception as exc:  # the peer's own refusal, reported with its message
+            raise PeerRefused(f"{name}: {type(exc).__name__}: {exc}") from exc
+
+    return run
 
 
 class _MissingModule(types.ModuleType):
@@ -277,34 +335,29 @@ def build_case(c: Case, device: torch.device, quick: bool) -> tuple[Setup | None
 
 
 def run_case(c: Case, device: torch.device, copy_bps: float, quick: bool) -> list[dict[str, Any]]:
-    try:
-        setup, _ = build_case(c, device, quick)
-    except Exception as exc:  # a case that cannot be built is reported, not fatal to the run
-        return [
-            {
-                "family": c.family,
-                "case": c.name,
-                "params": c.params,
-                "variant": "-",
-                "error": f"case not built: {type(exc).__name__}: {exc}"[:200],
-            }
-        ]
+    """Time every variant of ``c``. An error in a case or a variant propagates (the run fails), except a peer
+    that is missing or refuses (:class:`PeerMissing`, :class:`PeerRefused`, ``Setup.skipped``): its row says
+    why."""
+    setup, _ = build_case(c, device, quick)
     if setup is None:
         return []
     rows = []
+    for variant, reason in setup.skipped.items():
+        rows.append(
+            {"family": c.family, "case": c.name, "params": c.params, "variant": variant, "error": f"skipped: {reason}"}
+        )
     for variant, fn in setup.variants.items():
         row: dict[str, Any] = {"family": c.family, "case": c.name, "params": c.params, "variant": variant}
         try:
-            seconds = time_fn(fn, device, quick=quick)
-        except PeerMissing as exc:
-            row.update(error=f"skipped: {exc}")
+            timing = time_fn(fn, device, quick=quick)
+        except (PeerMissing, PeerRefused) as exc:
+            row.update(error=f"skipped: {exc}"[:300])
             rows.append(row)
             continue
-        except Exception as exc:  # a peer that cannot run this case is reported, not fatal
-            row.update(error=f"{type(exc).__name__}: {exc}"[:200])
-            rows.append(row)
-            continue
+        seconds = timing.median
         row["ms"] = seconds * 1e3
+        row["ms_min"] = timing.min * 1e3
+        row["rounds"] = timing.rounds
         row["GB/s"] = setup.bytes / seconds / 1e9
         row["%copy"] = 100.0 * setup.bytes / seconds / copy_bps
         if setup.flops:
@@ -353,7 +406,10 @@ def run(
 
 
 # ------------------------------------------------------------------------------------------------ output
-COLUMNS = ["family", "case", "params", "variant", "ms", "GB/s", "%copy", "x_eager", "x_compile", "saved_MB", "peak_MB"]
+COLUMNS = [
+    "family", "case", "params", "variant", "ms", "ms_min", "rounds", "GB/s", "%copy", "x_eager", "x_compile",
+    "saved_MB", "peak_MB",
+]  # fmt: skip
 
 
 def _fmt(value: Any) -> str:
@@ -377,12 +433,14 @@ def table(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             " Triton/CUDA kernels need a GPU)"
         )
     cells = [[_fmt(r.get(c)) if "error" not in r or c in COLUMNS[:4] else "" for c in COLUMNS] for r in rows]
-    for r, cell in zip(rows, cells, strict=True):
-        if "error" in r:
-            cell[4] = "error: " + r["error"][:60]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(COLUMNS)]
     line = "  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True))
-    body = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    body = []
+    for r, row in zip(rows, cells, strict=True):
+        if "error" in r:  # the reason, after the case's columns
+            body.append("  ".join(v.ljust(w) for v, w in zip(row[:4], widths, strict=True)) + "  " + r["error"])
+        else:
+            body.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
     return "\n".join([head, line, "-" * len(line), *body])
 
 
@@ -399,6 +457,24 @@ def write(env: dict[str, Any], rows: list[dict[str, Any]], out_dir: Path | None 
         writer.writerows(rows)
     plot(env, rows, out_dir / f"{stem}.png")
     return path
+
+
+def record(path: Path, run: dict[str, Any]) -> Path:
+    """Append ``run`` (a dict with its ``environment`` and results) to the result file ``path``: every run is kept,
+    so a figure quoted from one run can be read beside the others."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runs = []
+    if path.exists():
+        data = json.loads(path.read_text())
+        runs = data["runs"] if "runs" in data else [data]  # a file written before runs were kept: its one run
+    runs.append(run)
+    path.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    return path
+
+
+def result_path(name: str, device: torch.device | None = None) -> Path:
+    """``benchmarks/results/<device>/<name>.json``."""
+    return RESULTS_DIR / device_slug(device or torch.device("cpu")) / f"{name}.json"
 
 
 def _key(row: dict[str, Any]) -> tuple[str, str, str]:

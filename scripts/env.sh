@@ -45,3 +45,10 @@ fi
 export PATH="$VENV/bin:$PATH"
 # One line that says what this environment runs: the extension's CPU and CUDA parts, or why they are missing.
 python -c "from regops import info; print(info.summary())" >&2
+# Where a C++ compiler exists the C++ CPU kernels must be there (tests/test_extension_present.py checks the same,
+# and that they were built from these sources): an install that silently fell back to the reference stops here.
+has_cxx() { [ -n "${CXX:-}" ] || command -v c++ >/dev/null || command -v g++ >/dev/null || command -v clang++ >/dev/null; }
+if [ "${REGOPS_BUILD_EXT:-auto}" != "0" ] && [ "${REGOPS_EXT:-auto}" != "off" ] && has_cxx; then
+  python -c "import sys; from regops import _backend; sys.exit(0 if _backend.cpp_kernel('dropout') else 1)" \
+    || { echo "regops: a C++ compiler is on PATH but regops._C has no C++ CPU kernels (see the build log above)" >&2; exit 1; }
+fi

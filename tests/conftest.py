@@ -10,6 +10,11 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (a failure reproduces; a green run stays green).
+settings.register_profile("regops", derandomize=True, deadline=None)
+settings.load_profile("regops")
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -17,6 +22,7 @@ if not HAS_CUDA:
 
 import regops  # noqa: E402
 from regops import _backend  # noqa: E402
+from tests.backends import KERNEL_BACKENDS, kernel_targets  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,25 +34,45 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def _kernel_targets() -> list[tuple[str, str]]:
-    """(backend, device) pairs whose kernels are checked against the reference on this machine."""
-    targets = []
-    if _backend.triton_importable():
-        targets.append(("triton", "cuda" if HAS_CUDA else "cpu"))
-    if HAS_CUDA and _backend.extension() is not None:
-        targets.append(("cuda", "cuda"))
-    return targets
+def pytest_generate_tests(metafunc):
+    """``kernel_target`` is parametrized over :func:`kernel_targets` of the ops the test names with
+    ``@pytest.mark.ops(...)``; a kernel test without that marker is a collection error, so a test can never run
+    a backend its op does not have (and bury a real failure under ``BackendUnavailableError``).
+    ``backends=(...)`` narrows the choice for a test that calls one backend's launchers directly."""
+    if "kernel_target" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("ops")
+    if marker is None or not marker.args:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: kernel_target needs @pytest.mark.ops(<op names>)")
+    unknown = sorted(set(marker.args) - set(_backend.registered_ops()))
+    if unknown:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: unknown ops {unknown}")
+    backends = tuple(marker.kwargs.get("backends", KERNEL_BACKENDS))
+    if set(backends) - set(KERNEL_BACKENDS):
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: backends must be among {KERNEL_BACKENDS}")
+    targets = kernel_targets(tuple(marker.args), backends)
+    metafunc.parametrize("kernel_target", targets, ids=[f"{b}-{d}" for b, d in targets], indirect=True)
 
 
-KERNEL_TARGETS = _kernel_targets()
-
-
-@pytest.fixture(params=KERNEL_TARGETS, ids=[f"{b}-{d}" for b, d in KERNEL_TARGETS])
+@pytest.fixture
 def kernel_target(request):
-    """A (backend, device) pair with a real kernel; the test runs with that backend forced."""
+    """A (backend, device) pair with a real kernel for the test's ops; the test runs with that backend forced."""
     backend, device = request.param
     with regops.use_backend(backend):
         yield backend, torch.device(device)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same torch, NumPy and Python random state: a draw a test does not seed itself
+    is still the same on every run, so a statistical check is either always green or always red."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
 
 
 @pytest.fixture(params=["cpu"] + (["cuda"] if HAS_CUDA else []))

@@ -116,6 +116,7 @@ GLOBAL_ALIGNED = (6, 4, 8)
 BOXES_ALIGNED = [((3, 0, 0), (3, 4, 8)), ((0, 2, 0), (6, 2, 8)), ((0, 0, 4), (6, 4, 4)), ((1, 1, 2), (4, 3, 6))]
 
 
+@pytest.mark.ops("global_mask_apply")
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [GLOBAL, GLOBAL_ALIGNED], ids=["unaligned", "aligned"])
@@ -143,6 +144,7 @@ def _cpu(v):
     return v.cpu() if isinstance(v, torch.Tensor) else v
 
 
+@pytest.mark.ops("global_mask_apply")
 def test_kernel_int64_word_indices_and_out_dtype(kernel_target):
     """Global word indices past 2**32 (a shard deep inside a huge tensor) and a wider output dtype."""
     _, device = kernel_target

@@ -48,39 +48,88 @@ def test_the_bar_nan_stays_nan_like_torch():
     _same(regops.dropout(x, 1.0), F.dropout(x, 1.0))  # Inf * 0 = NaN, finite * 0 = +-0
 
 
+def _check_calls(calls) -> None:
+    for op, args in calls:
+        out, ref = op(*args), _reference(op, *args)
+        outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+        for a, e in zip(outs, refs, strict=True):
+            _same(a, e)
+
+
+@pytest.mark.ops("dropout", "bias_dropout_add", "bias_dropout_add_backward")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_every_kernel_multiplies_nan_and_inf_like_the_reference(kernel_target, dtype):
-    """Bit-identical to the reference with NaN/Inf in the inputs and gradients, for every dropout kernel."""
+def test_dropout_kernels_multiply_nan_and_inf_like_the_reference(kernel_target, dtype):
+    """Bit-identical to the reference with NaN/Inf in the inputs and gradients (the ops with CUDA kernels too)."""
     _, device = kernel_target
     ops = torch.ops.regops
     x = _with_specials((5, 37), dtype, device, seed=1)
     g = _with_specials((5, 37), dtype, device, seed=2)
     r, b = make_tensor((5, 37), dtype, device, seed=3), make_tensor((37,), dtype, device, seed=4)
     p = _p(0.4)
-    calls = [
-        (ops.dropout, (x, p, SEED)),
-        (ops.dropout_bitmask, (x, p, SEED)),
-        (ops.bias_dropout_add, (x, b, r, p, SEED)),
-        (ops.bias_dropout_add_backward, (g, True, p, SEED)),
-        (ops.dropout_add_layer_norm, (x, r, b, b, p, 1e-5, False, False, SEED)),
-        (ops.drop_path, (x, r, p, True, SEED)),
-        (ops.multi_sample_dropout_mean, (x, p, 3, SEED)),
-    ]
-    for op, args in calls:
-        out, ref = op(*args), _reference(op, *args)
-        outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
-        for a, e in zip(outs, refs, strict=True):
-            if op is ops.dropout_add_layer_norm and a.dtype != torch.float64:  # normalized outputs: rounding
-                torch.testing.assert_close(a.cpu().double(), e.double(), rtol=2e-2, atol=2e-2, equal_nan=True)
-            else:
-                _same(a, e)
-    y, bits = ops.dropout_bitmask(x, p, SEED)
-    _same(ops.apply_bitmask(g, bits, p), _reference(ops.apply_bitmask, g, bits, p))
+    _check_calls([(ops.dropout, (x, p, SEED)), (ops.bias_dropout_add, (x, b, r, p, SEED))])
+    dx, db = ops.bias_dropout_add_backward(g, True, p, SEED)
+    dx_ref, db_ref = _reference(ops.bias_dropout_add_backward, g, True, p, SEED)
+    _same(dx, dx_ref)
+    # the bias gradient is a column sum (its order is the kernel's): NaN columns exactly, the others within twice the
+    # reference's own error against float64 plus the rounding bound of a 5-term sum
+    db64 = _reference(ops.bias_dropout_add_backward, g.double(), True, p, SEED)[1]
+    db = db.cpu()
+    assert db.dtype == db_ref.dtype and torch.equal(db.isnan(), db_ref.isnan()) and db_ref.isnan().any()
+    finite = ~db_ref.isnan()
+    assert torch.equal(db[finite].isinf(), db_ref[finite].isinf())
+    finite &= ~db_ref.isinf()
+    err, err_ref = ((t[finite].double() - db64[finite]).abs().max().item() for t in (db, db_ref))
+    eps = torch.finfo(db.dtype).eps
+    assert err <= 2 * err_ref + 4 * eps * 5**0.5 * db64[finite].abs().max().item(), (err, err_ref)
     # the multiply model itself: NaN where x is NaN, or +-Inf at a dropped position; never a hidden NaN
     y = ops.dropout(x, p, SEED).cpu()
     dropped = ops.dropout(torch.ones_like(x), p, SEED).cpu() == 0
     xc = x.cpu()
+    assert dropped.any() and (xc.isinf() & dropped).any() and (xc.isnan() & ~dropped).any()
     assert torch.equal(y.isnan(), xc.isnan() | (xc.isinf() & dropped))
+
+
+@pytest.mark.ops(
+    "dropout_bitmask", "apply_bitmask", "dropout_add_layer_norm", "scale_rows_add", "multi_sample_dropout_mean"
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_and_structured_kernels_multiply_nan_and_inf_like_the_reference(kernel_target, dtype):
+    """The same for the bitmask mode, drop path and multi-sample dropout, bit for bit; the normalized output of
+    dropout_add_layer_norm: NaN exactly on the rows with a NaN or Inf, the finite rows within the derived bound."""
+    _, device = kernel_target
+    ops = torch.ops.regops
+    x = _with_specials((5, 37), dtype, device, seed=1)
+    g = _with_specials((5, 37), dtype, device, seed=2)
+    r, b = make_tensor((5, 37), dtype, device, seed=3), make_tensor((37,), dtype, device, seed=4)
+    p = _p(0.4)
+    _check_calls(
+        [
+            (ops.dropout_bitmask, (x, p, SEED)),
+            (ops.drop_path, (x, r, p, True, SEED)),
+            (ops.multi_sample_dropout_mean, (x, p, 3, SEED)),
+        ]
+    )
+    y, bits = ops.dropout_bitmask(x, p, SEED)
+    _same(ops.apply_bitmask(g, bits, p), _reference(ops.apply_bitmask, g, bits, p))
+    # LayerNorm: specials in rows 0 and 3 only, so the other rows are real numbers to compare
+    special_rows = torch.tensor([True, False, False, True, False])
+    xl = torch.where(special_rows[:, None].to(device), x, make_tensor((5, 37), dtype, device, seed=5))
+    out = ops.dropout_add_layer_norm(xl, r, b, b, p, 1e-5, False, False, SEED)
+    ref = _reference(ops.dropout_add_layer_norm, xl, r, b, b, p, 1e-5, False, False, SEED)
+    exact = _reference(ops.dropout_add_layer_norm, ref[1].double(), None, b.double(), b.double(), _p(0.0), 1e-5, False,
+                       False, SEED)  # fmt: skip
+    _same(out[1], ref[1])  # the pre-norm sum: bit for bit, NaN/Inf included
+    for a, e, x64 in zip(out[::2], ref[::2], exact[::2], strict=True):  # y and mean (rstd: NaN rows likewise)
+        a = a.cpu()
+        rows = a.reshape(5, -1)
+        assert torch.equal(rows.isnan(), e.reshape(5, -1).isnan())
+        assert rows[special_rows].isnan().all() and not rows[~special_rows].isnan().any()
+        finite = ~special_rows
+        err = (a.reshape(5, -1)[finite].double() - x64.reshape(5, -1)[finite]).abs().max().item()
+        err_ref = (e.reshape(5, -1)[finite].double() - x64.reshape(5, -1)[finite]).abs().max().item()
+        cd = torch.float64 if dtype == torch.float64 else torch.float32
+        scale = x64.reshape(5, -1)[finite].abs().max().item()
+        assert err <= 2 * err_ref + 4 * torch.finfo(cd).eps * 37**0.5 * scale, (err, err_ref)
 
 
 def test_daln_backward_keeps_nan_of_the_gradient_at_dropped_positions():
@@ -179,16 +228,20 @@ def test_double_backward_of_the_fused_ops_gradgradcheck():
 
 
 def test_eval_mode_is_the_identity_and_has_every_derivative():
-    x, b, r = torch.randn(3, 8, requires_grad=True), torch.randn(8), torch.randn(3, 8)
+    """In float64, so the third-order sums compare to the float64 rounding of the same math (float32's cancellation
+    in a Hessian-vector product of a cube would need a tolerance that hides real differences)."""
+    x = make_tensor((3, 8), torch.float64, requires_grad=True, seed=1)
+    b, r = make_tensor((8,), torch.float64, seed=2), make_tensor((3, 8), torch.float64, seed=3)
     y = regops.bias_dropout_add(x, b, r, 0.5, training=False)
     assert torch.equal(y, r + (x + b))
-    w = torch.randn(8, requires_grad=True)
+    w = make_tensor((8,), torch.float64, requires_grad=True, seed=4)
     y = regops.dropout_add_layer_norm(x, r, w, None, 0.5, training=False)
-    torch.testing.assert_close(y, F.layer_norm(x + r, (8,), w, None))
+    tol = {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(y, F.layer_norm(x + r, (8,), w, None), **tol)
     (gx,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
     (hx,) = torch.autograd.grad(gx.sum(), x)  # a Hessian-vector product through the eval-mode op
     (gx_t,) = torch.autograd.grad(F.layer_norm(x + r, (8,), w, None).pow(3).sum(), x, create_graph=True)
-    torch.testing.assert_close(hx, torch.autograd.grad(gx_t.sum(), x)[0])
+    torch.testing.assert_close(hx, torch.autograd.grad(gx_t.sum(), x)[0], **tol)
 
 
 # ------------------------------------------------------------------------------------------------ drop-in friction

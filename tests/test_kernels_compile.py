@@ -94,7 +94,12 @@ def _report() -> dict:
     with tempfile.TemporaryDirectory() as cache:
         env.update(TRITON_DUMP_PTXAS_LOG="1", TRITON_CACHE_DIR=cache)
         proc = subprocess.run(
-            [sys.executable, "-c", COMPILE_ALL, str(MAX_COLS)], capture_output=True, text=True, env=env, cwd=ROOT
+            [sys.executable, "-c", COMPILE_ALL, str(MAX_COLS)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=300,
         )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

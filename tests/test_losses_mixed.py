@@ -13,6 +13,11 @@ from regops._core import launch
 from regops.reference import losses as R
 
 F64 = torch.float64
+MIXED_LOSS_OPS = tuple(
+    f"{name}{part}"
+    for name in ("mix_cross_entropy", "soft_target_cross_entropy", "mix_binary_cross_entropy")
+    for part in ("", "_backward")
+)
 
 
 def _mix(batch=6, classes=9, seed=0, smoothing=0.1):
@@ -55,6 +60,7 @@ def test_float64_logits_get_float64_math_in_every_mixed_loss():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
 
 
+@pytest.mark.ops(*MIXED_LOSS_OPS)
 @pytest.mark.parametrize("name", ["mix_cross_entropy", "soft_target_cross_entropy", "mix_binary_cross_entropy"])
 def test_mixed_loss_kernels_compute_float64_in_float64(kernel_target, name):
     _, device = kernel_target

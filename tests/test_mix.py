@@ -15,8 +15,27 @@ import regops
 from regops import mix as M
 from regops.reference import mix as R
 
-timm_mixup = pytest.importorskip("timm.data.mixup")
-timm_loss = pytest.importorskip("timm.loss")
+MIXED_LOSS_OPS = tuple(
+    f"{name}{part}"
+    for name in ("mix_cross_entropy", "soft_target_cross_entropy", "mix_binary_cross_entropy")
+    for part in ("", "_backward")
+)
+
+
+# The peers are the reference only in the parity tests: those (and no others) skip when a peer is missing.
+@pytest.fixture
+def timm_mixup():
+    return pytest.importorskip("timm.data.mixup")
+
+
+@pytest.fixture
+def timm_loss():
+    return pytest.importorskip("timm.loss")
+
+
+@pytest.fixture
+def tv2():
+    return pytest.importorskip("torchvision.transforms.v2")
 
 
 # ============================================================================================ timm parity
@@ -63,7 +82,7 @@ class _ScriptedRandom:
         return int(low + math.floor(u[name][sample] * (high - low)))
 
 
-def _timm_with_draws(monkeypatch, kwargs, x, y, draws, cfg):
+def _timm_with_draws(monkeypatch, timm_mixup, kwargs, x, y, draws, cfg):
     """Run timm's Mixup on (x, y) with NumPy replaced by regops' draws."""
     scripted = _ScriptedRandom(draws, cfg, x.shape[0], kwargs.get("cutmix_minmax") is not None)
     fake_np = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
@@ -131,7 +150,7 @@ TIMM_CONFIGS = [
 @pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
 @pytest.mark.parametrize("cfg_index", range(len(TIMM_CONFIGS)))
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_mixup_equals_timm_for_the_same_draws(monkeypatch, mode, cfg_index, seed):
+def test_mixup_equals_timm_for_the_same_draws(monkeypatch, mode, cfg_index, seed, timm_mixup):
     kwargs = dict(TIMM_CONFIGS[cfg_index], mode=mode, num_classes=10)
     kwargs.setdefault("label_smoothing", 0.1)
     gen = torch.Generator().manual_seed(seed)
@@ -140,12 +159,12 @@ def test_mixup_equals_timm_for_the_same_draws(monkeypatch, mode, cfg_index, seed
     captured = _capture_draws(monkeypatch)
     torch.manual_seed(seed)
     ours_x, ours_t = regops.Mixup(**kwargs)(x, y)
-    timm_x, timm_t = _timm_with_draws(monkeypatch, kwargs, x, y, captured["draws"], captured["cfg"])
+    timm_x, timm_t = _timm_with_draws(monkeypatch, timm_mixup, kwargs, x, y, captured["draws"], captured["cfg"])
     assert torch.equal(ours_x, timm_x)
     assert torch.equal(ours_t, timm_t)
 
 
-def test_timm_parity_check_can_fail(monkeypatch):
+def test_timm_parity_check_can_fail(monkeypatch, timm_mixup):
     """The parity harness notices a wrong box: shift regops' box and the comparison fails."""
     kwargs = dict(mixup_alpha=0.0, cutmix_alpha=1.0, mode="elem", num_classes=10)
     x, y = torch.randn(6, 2, 9, 9), torch.arange(6)
@@ -155,7 +174,7 @@ def test_timm_parity_check_can_fail(monkeypatch):
     params = mixer.sample_params(x)
     shifted = M.MixParams(params.lam, params.partner, (params.box + 1).clamp(max=9), params.use_cutmix)
     ours_x, _ = mixer(x, y, params=shifted)
-    timm_x, _ = _timm_with_draws(monkeypatch, kwargs, x, y, captured["draws"], captured["cfg"])
+    timm_x, _ = _timm_with_draws(monkeypatch, timm_mixup, kwargs, x, y, captured["draws"], captured["cfg"])
     assert not torch.equal(ours_x, timm_x)
 
 
@@ -169,7 +188,7 @@ def test_mixup_disabled_and_prob_zero_pass_through():
     assert torch.equal(out, x)
 
 
-def test_multi_label_targets_match_timm():
+def test_multi_label_targets_match_timm(timm_mixup):
     x = torch.randn(4, 3, 5, 5)
     dense = (torch.rand(4, 6) > 0.5).float()
     params = M.MixParams(
@@ -185,12 +204,11 @@ def test_multi_label_targets_match_timm():
 
 
 # ============================================================================================ torchvision v2
-tv2 = pytest.importorskip("torchvision.transforms.v2")
 
 
 @pytest.mark.parametrize("cls", ["MixUp", "CutMix"])
 @pytest.mark.parametrize("seed", [0, 1, 5])
-def test_v2_classes_equal_torchvision_with_the_same_seed(cls, seed):
+def test_v2_classes_equal_torchvision_with_the_same_seed(cls, seed, tv2):
     gen = torch.Generator().manual_seed(100 + seed)
     x = torch.randn(5, 3, 12, 10, generator=gen)
     y = torch.randint(0, 7, (5,), generator=gen)
@@ -202,13 +220,18 @@ def test_v2_classes_equal_torchvision_with_the_same_seed(cls, seed):
     assert torch.equal(ours_y, tv_y)
 
 
-def test_v2_probability_labels_dict_input_and_errors():
-    x, soft = torch.randn(4, 3, 6, 6), torch.softmax(torch.randn(4, 5), 1)
+def test_v2_probability_labels_and_dict_input(tv2):
+    gen = torch.Generator().manual_seed(7)
+    x, soft = torch.randn(4, 3, 6, 6, generator=gen), torch.softmax(torch.randn(4, 5, generator=gen), 1)
     torch.manual_seed(0)
     tv_out = tv2.CutMix(num_classes=5)({"image": x, "labels": soft})
     torch.manual_seed(0)
     ours = regops.CutMix(num_classes=5)({"image": x, "labels": soft})
     assert torch.equal(ours["image"], tv_out["image"]) and torch.equal(ours["labels"], tv_out["labels"])
+
+
+def test_v2_classes_reject_bad_input():
+    x = torch.randn(4, 3, 6, 6)
     with pytest.raises(ValueError, match="num_classes must be given"):
         regops.MixUp()(x, torch.arange(4))
     with pytest.raises(ValueError, match="alpha must be > 0"):
@@ -393,6 +416,7 @@ def _example_params(batch: int, height: int, width: int, seed: int = 0) -> M.Mix
     )
 
 
+@pytest.mark.ops("mix_apply", "mix_apply_backward")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "3d", "2d"])
 def test_mix_kernel_matches_reference(kernel_target, dtype, layout):
@@ -426,6 +450,7 @@ def test_mix_kernel_matches_reference(kernel_target, dtype, layout):
         assert torch.equal(gk.cpu(), gr)
 
 
+@pytest.mark.ops(*MIXED_LOSS_OPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_cols", [1, 37, 300])
 def test_loss_kernels_match_reference(kernel_target, dtype, n_cols):
@@ -498,6 +523,7 @@ def test_manifold_mix_gradients_reach_both_partners_and_gradcheck():
     assert torch.autograd.gradcheck(lambda t: regops.manifold_mix(t, mixup_only), (h2,))
 
 
+@pytest.mark.ops("mix_apply", "mix_apply_backward")
 def test_manifold_mix_kernel_gradients(kernel_target):
     _, device = kernel_target
     p = _example_params(4, 3, 5, seed=5)
@@ -512,7 +538,7 @@ def test_manifold_mix_kernel_gradients(kernel_target):
 # ============================================================================================ losses
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("mode", ["batch", "elem"])
-def test_mix_cross_entropy_equals_dense_soft_target_loss(mode, smoothing):
+def test_mix_cross_entropy_equals_dense_soft_target_loss(mode, smoothing, timm_mixup, timm_loss):
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 3, 6, 6, generator=gen), torch.randint(0, 50, (8,), generator=gen)
     torch.manual_seed(1)
@@ -569,7 +595,7 @@ def test_mix_cross_entropy_allocates_no_b_by_c_tensor_but_the_gradient():
     assert sum(1 for a in backward_allocs if a > bxc // 2) == 1  # the gradient itself
 
 
-def test_soft_target_cross_entropy_equals_timm():
+def test_soft_target_cross_entropy_equals_timm(timm_loss):
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(6, 40, generator=gen, requires_grad=True)
     t = torch.softmax(torch.randn(6, 40, generator=gen), 1).requires_grad_()
@@ -594,7 +620,7 @@ def test_soft_target_cross_entropy_equals_timm():
         dict(weight="rand", pos_weight="rand"),
     ],
 )
-def test_mix_binary_cross_entropy_equals_timm(kw):
+def test_mix_binary_cross_entropy_equals_timm(kw, timm_loss):
     gen = torch.Generator().manual_seed(0)
     classes = 30
     y = torch.randint(0, classes, (8,), generator=gen)
@@ -612,7 +638,7 @@ def test_mix_binary_cross_entropy_equals_timm(kw):
     torch.testing.assert_close(g, g2, rtol=1e-5, atol=1e-7)
 
 
-def test_mixed_targets_equal_timm_mixup_target():
+def test_mixed_targets_equal_timm_mixup_target(timm_mixup):
     y = torch.tensor([3, 1, 4, 1, 5, 9])
     lam = torch.tensor([0.1, 0.9, 0.5, 0.5, 0.9, 0.1]).double()  # float32 values, as timm's per-sample lambdas
     p = M.MixParams(lam, torch.arange(6).flip(0), torch.zeros(6, 4, dtype=torch.long), torch.zeros(6, dtype=bool))

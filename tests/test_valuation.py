@@ -186,6 +186,32 @@ def test_dots_and_fisher_zoo(name):
     rel_close(torch.cat([fisher[n].flatten() for n in names]), g1.square().mean(0))
 
 
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "vit", "resnet18"])
+def test_zoo_dots_in_eval_mode_are_float64_exact(name):
+    """The README's claim: in eval mode these models' gradient inner products equal the per-example loop's to the
+    rounding of a float64 dot product, |error_ij| <= eps sqrt(P) |g_i| |g'_j| (P parameters): a float32 step
+    anywhere, or a missed term, is orders of magnitude above it."""
+    entry = ZOO[name]
+    model = entry.build(torch.float64).eval()
+    b1, b2 = (2, 1) if name == "resnet18" else (3, 2)  # ResNet-18: 11M parameters per loop gradient
+    inputs, target = entry.batch(b1, torch.Generator().manual_seed(0), torch.float64)
+    inputs2, target2 = entry.batch(b2, torch.Generator().manual_seed(1), torch.float64)
+
+    def loss(out, y):
+        return entry.loss(out if isinstance(out, torch.Tensor) else out.logits, y)
+
+    got = regops.per_sample_grad_dots(model, loss, (inputs, target), (inputs2, target2))
+
+    def flat(gs):
+        return torch.stack([torch.cat([v.flatten() for v in g.values()]) for g in gs])
+
+    g1 = flat(per_example_loop_grads(entry, model, inputs, target))
+    g2 = flat(per_example_loop_grads(entry, model, inputs2, target2))
+    bound = torch.finfo(torch.float64).eps * g1.shape[1] ** 0.5 * g1.norm(dim=1)[:, None] * g2.norm(dim=1)[None, :]
+    err = (got - g1 @ g2.T).abs()
+    assert (err <= bound).all(), (err / bound).max()
+
+
 def test_tied_modules_sharing_a_parameter():
     """Embedding and a Linear head holding the same Parameter (as HF ties them): dense per-example sums."""
     torch.manual_seed(0)
@@ -367,6 +393,7 @@ def test_tracin_dense_and_top_k_equal_the_hand_sum():
 
 
 # ---------------------------------------------------------------------------------------------- kernels
+@pytest.mark.ops("valuation_cross_gram", "valuation_sq_grad_sum")
 @pytest.mark.parametrize("shape", [(3, 70, 5, 9, 4, 13), (2, 1, 3, 17, 3, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_match_reference(kernel_target, shape, dtype, poison_empty):
@@ -424,16 +451,25 @@ def test_ops_opcheck_and_compile():
         cross_gram_dots(a, g, a2[..., :3], g2)
 
 
+@pytest.mark.ops("valuation_cross_gram", "valuation_sq_grad_sum")
 @pytest.mark.parametrize("kind", ["transformer", "cnn"])
 def test_model_dots_and_fisher_with_kernels(kernel_target, kind):
-    """float32 models through the Triton kernels (ghost dots, tiled Fisher) equal the reference backend."""
+    """float32 models on the target's device through its kernels (ghost dots, tiled Fisher) equal the reference
+    backend on the CPU."""
+    _, device = kernel_target
     model, x, y = model_and_data(kind, 3, 11, torch.float32)
     _, x2, y2 = model_and_data(kind, 2, 12, torch.float32)
-    got = regops.per_sample_grad_dots(model, mean_ce, (x, y), (x2, y2), forms="ghost", loss_reduction="mean")
-    fisher = regops.empirical_fisher_diagonal(model, mean_ce, [(x, y)], loss_reduction="mean")
     with regops.use_backend("torch"):
         expected = regops.per_sample_grad_dots(model, mean_ce, (x, y), (x2, y2), forms="ghost", loss_reduction="mean")
         fisher_ref = regops.empirical_fisher_diagonal(model, mean_ce, [(x, y)], loss_reduction="mean")
+
+    def to(t):
+        return tuple(v.to(device) for v in t) if isinstance(t, tuple) else t.to(device)
+
+    model, x, y, x2, y2 = (to(t) for t in (model, x, y, x2, y2))
+    got = regops.per_sample_grad_dots(model, mean_ce, (x, y), (x2, y2), forms="ghost", loss_reduction="mean")
+    fisher = regops.empirical_fisher_diagonal(model, mean_ce, [(x, y)], loss_reduction="mean")
+    assert got.device.type == device.type
     torch.testing.assert_close(got.cpu(), expected.cpu(), rtol=1e-4, atol=1e-5)
     for k, v in fisher_ref.items():
         torch.testing.assert_close(fisher[k].cpu(), v.cpu(), rtol=1e-4, atol=1e-6, msg=k)

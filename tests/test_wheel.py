@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -18,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CAN_BUILD = bool(shutil.which("nvcc")) and torch.version.cuda is not None
 
 needs_toolkit = pytest.mark.skipif(not CAN_BUILD, reason="needs nvcc and a CUDA build of torch")
+# A CUDA wheel (four architectures) or a just-in-time build takes longer than the suite's per-test default.
+pytestmark = pytest.mark.timeout(3600)
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -38,6 +39,7 @@ def wheel(tmp_path_factory) -> Path:
         cwd=ROOT,
         # The manylinux repair needs auditwheel; without it on PATH the script would fetch it: tests stay offline.
         env=_clean_env(REGOPS_VENV=sys.prefix, REGOPS_MANYLINUX="1" if shutil.which("auditwheel") else "0"),
+        timeout=2400,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for arch in ("sm_80", "sm_86", "sm_89", "sm_90"):
@@ -73,15 +75,18 @@ def _fresh_env(tmp_path: Path, wheel: Path) -> Path:
     site-packages through a path entry (processed after the venv's own, and without its .pth hooks, so this
     checkout's editable regops stays invisible)."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
     site = subprocess.run(
         [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True,
         text=True,
         check=True,
+        timeout=300,
     ).stdout.strip()
-    Path(site, "parent-torch.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # the directory torch is imported from (this environment's site-packages, or one it chains to with a .pth)
+    torch_site = os.path.dirname(os.path.dirname(torch.__file__))
+    Path(site, "parent-torch.pth").write_text(torch_site + "\n")
     with zipfile.ZipFile(wheel) as z:  # installing a wheel is unpacking it into site-packages
         z.extractall(site)
     return py
@@ -99,10 +104,12 @@ def test_wheel_installs_into_fresh_env_runs_op_and_reports_archs(wheel, tmp_path
         "assert torch.equal(x.grad != 0, y != 0)\n"
         "print(regops.__file__)"
     )
-    proc = subprocess.run([py, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=_clean_env())
+    proc = subprocess.run([py, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=_clean_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(tmp_path) in proc.stdout
-    info = subprocess.run([py, "-m", "regops.info"], capture_output=True, text=True, cwd=tmp_path, env=_clean_env())
+    info = subprocess.run(
+        [py, "-m", "regops.info"], capture_output=True, text=True, cwd=tmp_path, env=_clean_env(), timeout=300
+    )
     assert info.returncode == 0, info.stderr[-3000:]
     assert "regops._C     loaded" in info.stdout
     assert "sm_80 sm_86 sm_89 sm_90 compute_90" in info.stdout
@@ -123,7 +130,9 @@ def test_just_in_time_build_into_cache_and_reuse(tmp_path):
         "assert torch.ops.regops_C.dropout(x, 5, 1.0, seed).shape == x.shape\n"
         "print(path)"
     )
-    proc = subprocess.run([sys.executable, "-c", build], capture_output=True, text=True, cwd=tmp_path, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", build], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=1800
+    )
     if "CUDA" in proc.stderr and "not available" in proc.stderr and proc.returncode != 0 and torch.cuda.is_available():
         pytest.fail(proc.stderr[-3000:])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -134,15 +143,19 @@ def test_just_in_time_build_into_cache_and_reuse(tmp_path):
         "assert _backend.extension() is not None, _backend.extension_status()\n"
         "print(_backend.extension_status())"
     )
-    proc = subprocess.run([sys.executable, "-c", reuse], capture_output=True, text=True, cwd=tmp_path, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", reuse], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "just-in-time build" in proc.stdout
-    info = subprocess.run([sys.executable, "-m", "regops.info"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    info = subprocess.run(
+        [sys.executable, "-m", "regops.info"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
     assert "just-in-time" in info.stdout and "sm_80" in info.stdout
 
 
 def test_extension_can_be_switched_off():
     code = "from regops import _backend\nassert _backend.extension() is None\nprint(_backend.extension_status())"
     env = _clean_env(REGOPS_EXT="off")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "REGOPS_EXT=off" in proc.stdout, proc.stderr

@@ -152,7 +152,13 @@ at::Tensor multi_sample_dropout_mean_kernel(const at::Tensor& x, double p, int64
                          }
                          for (int64_t i = 0; i < len; ++i) {
                            const C m = static_cast<C>(count[i]) * static_cast<C>(factor);
-                           yp[first + i] = static_cast<T>(static_cast<C>(xp[first + i]) * m);
+                           const C xv = static_cast<C>(xp[first + i]);
+                           C out = xv * m;
+                           // torch's mean of the K products x * mask_k: a NaN or Inf that some sample dropped gives
+                           // NaN (Inf * 0), even when other samples kept it.
+                           const C z = xv * static_cast<C>(0);
+                           if (count[i] < num_samples && z != z) out = z;
+                           yp[first + i] = static_cast<T>(out);
                          }
                        }
                      });

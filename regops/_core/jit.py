@@ -128,6 +128,7 @@ def build(verbose: bool = False) -> Path:
         "torch_cuda": torch.version.cuda,
         "cpu_kernels": True,
         "cuda_kernels": cuda_home is not None,
+        "csrc_hash": toolkit.csrc_hash(str(src)),
         "built_by": "regops.build_extension",
     }
     if cuda_home:
@@ -137,6 +138,5 @@ def build(verbose: bool = False) -> Path:
             arch_list=arch_list,
             cuda_archs=toolkit.cuda_archs(arch_list),
         )
-    info["sources_hash"] = toolkit.sources_hash(str(src), [*toolkit.CXX_FLAGS, *toolkit.NVCC_FLAGS])
     (out / "_build_info.json").write_text(json.dumps(info, indent=1))
     return library_path()

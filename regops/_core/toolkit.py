@@ -45,6 +45,12 @@ def sources_hash(csrc: str, flags: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def csrc_hash(csrc: str) -> str:
+    """The hash of the extension's sources alone (no flags): recorded in the build info of every build, so a test
+    can tell an extension built from older sources than the checkout's."""
+    return sources_hash(csrc, [])
+
+
 def is_toolkit(root: str | None) -> bool:
     return (
         bool(root)
@@ -85,8 +91,10 @@ def find_cuda_home() -> str | None:
 
 def nvcc_version(cuda_home: str) -> str | None:
     try:
-        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True)
-    except OSError:
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError):
         return None
     match = re.search(r"release (\d+\.\d+)", out.stdout)
     return match.group(1) if match else None
@@ -117,13 +125,16 @@ def default_jobs() -> int:
 
 def git_revision(path: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=path, capture_output=True, text=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=path, capture_output=True, text=True, timeout=60
+        )
         if out.returncode != 0:
             return None
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=path, capture_output=True, text=True
-        )
-    except OSError:
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=path, capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 

@@ -28,6 +28,12 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def _sum_f32(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.sum(dim)`` accumulated and returned in float32 (float64 stays float64): a bias gradient summed over tokens
+    in bf16 would be rounded to bf16 before its norm is taken."""
+    return x.sum(dim, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
 def _wsum(w: torch.Tensor, per_example: torch.Tensor) -> torch.Tensor:
     """``sum_n w_n x_n`` of ``[B, ...]`` per-example tensors."""
     return torch.tensordot(w.to(per_example.dtype), per_example, dims=([0], [0]))
@@ -206,7 +212,7 @@ class LinearRule(LayerRule):
             a, gg = self._ag(module, x, g)
             out["weight"] = _weight_sq(a, gg, form)
         if _requires(module.bias):
-            out["bias"] = _sq(g if g.dim() == 2 else g.reshape(g.shape[0], -1, g.shape[-1]).sum(1))
+            out["bias"] = _sq(g if g.dim() == 2 else _sum_f32(g.reshape(g.shape[0], -1, g.shape[-1]), 1))
         return out
 
     def per_example_grads(self, module, x, g):
@@ -305,7 +311,7 @@ class ConvRule(LayerRule):
             g2 = gg.reshape(b * groups, gg.shape[2], gg.shape[3]).transpose(1, 2)
             out["weight"] = _weight_sq(a2, g2, form).reshape(b, groups).sum(1)
         if module.bias is not None and module.bias.requires_grad:
-            out["bias"] = _sq(g.reshape(g.shape[0], g.shape[1], -1).sum(2))
+            out["bias"] = _sq(_sum_f32(g.reshape(g.shape[0], g.shape[1], -1), 2))
         return out
 
     def per_example_grads(self, module, x, g):
