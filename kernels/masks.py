@@ -3,8 +3,9 @@ masked as they are loaded, the mask regenerated from (seed, element index) -- :f
 
 ``IEEE``: 0 the default dot (bf16/fp16), 1 an exact float32 dot, 2 a float32 dot of bf16 operands (the
 interpreter's bf16 dot is wrong). Element ``(m, k)`` of ``x [M, K]`` has flat index ``i = m * K + k`` and takes
-word ``i % 4`` of counter ``offset + i // 4``. When ``K % 4 == 0`` every tile row starts on a counter boundary and one Philox evaluation
-feeds four elements (``ALIGNED``); otherwise each element evaluates its own counter and picks its word.
+word ``i % 4`` of counter ``offset + i // 4``. When ``K % 4 == 0`` every tile row starts on a counter boundary
+and one Philox evaluation feeds four elements (``ALIGNED``); otherwise each element evaluates its own counter and
+picks its word.
 """
 
 import triton
