@@ -109,14 +109,10 @@ class PeftLoRALinear:
     def from_module(cls, module: torch.nn.Module) -> torch.nn.Module:
         twin = _PEFT_TWINS.get(type(module))
         if twin is None:
-            twin = _PEFT_TWINS[type(module)] = type("LoRALinear", (_PeftForward, type(module)), {})
+            twin = _PEFT_TWINS[type(module)] = type("LoRALinear", (cls, type(module)), {})
         new = twin.__new__(twin)
         new.__dict__.update(module.__dict__)  # parameters, submodules, hooks and adapter state shared
         return new
-
-
-class _PeftForward:
-    """The forward of the twin (mixed into a subclass of PEFT's ``Linear``)."""
 
     def _fusable(self, kwargs: dict[str, Any]) -> bool:
         if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
