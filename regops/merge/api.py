@@ -118,7 +118,8 @@ def _merge_state_dict(base: StateDict, deltas, plan, generator, inplace, out, ch
     for k, d in enumerate(deltas):
         if not isinstance(d, Mapping):
             raise TypeError(f"regops: delta {k} must be a state dict like the base, got {type(d).__name__}")
-        missing = [name for name in base if name not in d]
+        names = set(d)  # iterating names never loads a tensor (``in`` may, on a lazy mapping)
+        missing = [name for name in base if name not in names]
         if missing:
             raise KeyError(f"regops: delta {k} has no tensor named {missing[0]!r} (and {len(missing) - 1} more)")
     if inplace and not isinstance(base, MutableMapping):
