@@ -6,9 +6,11 @@ the CUDA extension (those happen on the first op that needs them).
 
 from regops import dropout as _dropout_module
 from regops import grad_norms as _grad_norms_module
-from regops import hessian, nn
+from regops import hessian, merge, nn
 from regops import losses as _losses_module
+from regops import masks as _masks_module
 from regops import mix as _mix_module
+from regops import penalties as _penalties_module
 from regops import valuation as _valuation_module
 from regops._core.dispatch import BackendUnavailableError, use_backend
 from regops._core.extension import build_extension
@@ -16,8 +18,10 @@ from regops._version import __version__
 from regops.dropout import *  # noqa: F403
 from regops.grad_norms import *  # noqa: F403
 from regops.losses import *  # noqa: F403
+from regops.masks import *  # noqa: F403
 from regops.mix import *  # noqa: F403
 from regops.patch import PatchHandle, patch
+from regops.penalties import *  # noqa: F403
 from regops.valuation import *  # noqa: F403
 
 __all__ = [
@@ -26,6 +30,7 @@ __all__ = [
     "build_extension",
     "PatchHandle",
     "hessian",
+    "merge",
     "nn",
     "patch",
     "use_backend",
@@ -34,4 +39,6 @@ __all__ = [
     *_grad_norms_module.__all__,
     *(name for name in _losses_module.__all__ if name not in _dropout_module.__all__),  # symmetric_kl: both
     *_valuation_module.__all__,
+    *_masks_module.__all__,
+    *_penalties_module.__all__,
 ]

@@ -7,6 +7,10 @@ import torch
 
 from regops.dropout.nn import *  # noqa: F403
 from regops.dropout.nn import __all__ as _dropout_all
+from regops.masks.nn import *  # noqa: F403
+from regops.masks.nn import __all__ as _masks_all
+from regops.penalties.nn import *  # noqa: F403
+from regops.penalties.nn import __all__ as _penalties_all
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -105,4 +109,4 @@ class LinearCrossEntropyLoss(CrossEntropyLoss):
         )  # fmt: skip
 
 
-__all__ = [*_dropout_all, "CrossEntropyLoss", "LinearCrossEntropyLoss"]
+__all__ = [*_dropout_all, *_masks_all, *_penalties_all, "CrossEntropyLoss", "LinearCrossEntropyLoss"]

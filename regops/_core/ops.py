@@ -69,6 +69,9 @@ class Op:
         self._tensor_args = [
             i for i, a in enumerate(self.overload._schema.arguments) if "Tensor" in str(a.type) and not a.kwarg_only
         ]
+        # autograd.Function sees only top-level tensors: an op with a Tensor[] argument always goes through the
+        # operator, whose registered autograd takes the lists apart.
+        self._via_operator = any(str(a.type).startswith("List[Tensor]") for a in self.overload._schema.arguments)
         LIB.impl(self.name, self.run, "CompositeExplicitAutograd")
         torch.library.register_fake(self.qualname, self._laid_out(fake) if layout_of_first else fake, lib=LIB)
         self._function: type[torch.autograd.Function] | None = None
@@ -78,7 +81,7 @@ class Op:
         return f"<regops op {self.qualname}>"
 
     def __call__(self, *args: Any) -> Any:
-        if _is_compiling() or _functorch_active():  # the operator's registered autograd serves these
+        if _is_compiling() or _functorch_active() or self._via_operator:  # the operator's autograd serves these
             return self.overload(*args)
         if self._function is not None and torch.is_grad_enabled() and _any_requires_grad(*args):
             return self._function.apply(*args)
