@@ -6,7 +6,7 @@ the CUDA extension (those happen on the first op that needs them).
 
 from regops import dropout as _dropout_module
 from regops import grad_norms as _grad_norms_module
-from regops import hessian, nn
+from regops import hessian, nn, optim
 from regops import losses as _losses_module
 from regops import mix as _mix_module
 from regops import valuation as _valuation_module
@@ -27,6 +27,7 @@ __all__ = [
     "PatchHandle",
     "hessian",
     "nn",
+    "optim",
     "patch",
     "use_backend",
     *_dropout_module.__all__,
