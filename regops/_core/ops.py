@@ -97,13 +97,13 @@ class Op:
         autograd rejects a backward through values the op overwrote (torch's in-place ops do the same)."""
         with _BelowInplaceOrView():
             out = self.overload(*args)
-        written = []
+        written: list[torch.Tensor] = []
         for i in self.mutated:
             a = args[i] if i < len(args) else None
             if isinstance(a, torch.Tensor):
                 written.append(a)
-            elif isinstance(a, (list, tuple)):
-                written.extend(t for t in a if isinstance(t, torch.Tensor))
+            elif a:  # a Tensor(a!)[] list: tensors only, by the schema
+                written.extend(a)
         torch._C._increment_version(written)
         return out
 

@@ -190,11 +190,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The step of one parameter group. ``restore``: parameter -> the values to start from (SAM's unperturbed
         parameters, read in the same pass)."""
         by_device: dict[torch.device, list[torch.Tensor]] = {}
+        sharded = is_dtensor(*group["params"])
         for p in group["params"]:
             if p.grad is not None:
                 if p.grad.is_sparse:
                     raise RuntimeError("regops: sparse gradients are not supported")
-                by_device.setdefault(_device(p), []).append(p)
+                by_device.setdefault(_device(p) if sharded else p.device, []).append(p)
         for device, params in by_device.items():
             self._device_step(group, params, device, grad_scale, found_inf, restore)
 

@@ -23,10 +23,6 @@ def _dtensor():
     return dtensor
 
 
-def _local(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-    return _dtensor().local(ts) if is_dtensor(*ts) else ts
-
-
 def _device(p: torch.Tensor) -> torch.device:
     return p.to_local().device if is_dtensor(p) else p.device
 
@@ -107,12 +103,21 @@ class SAM(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------------ steps
     def _with_grads(self) -> dict[torch.device, list[tuple[torch.Tensor, dict[str, Any]]]]:
+        """The parameters with a gradient, per device."""
         out: dict[torch.device, list[tuple[torch.Tensor, dict[str, Any]]]] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    out.setdefault(_device(p), []).append((p, group))
+                    out.setdefault(_device(p) if self._sharded else p.device, []).append((p, group))
         return out
+
+    def _local(self, ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The local shards of DTensors (plain tensors as they are)."""
+        return _dtensor().local(ts) if self._sharded else ts
+
+    def _note_sharded(self) -> None:
+        """Whether the parameters are DTensors, looked up once per step."""
+        self._sharded = is_dtensor(*(p for g in self.param_groups for p in g["params"]))
 
     def _buffer(self, p: torch.Tensor, name: str) -> torch.Tensor:
         state = self.state[p]
@@ -122,8 +127,8 @@ class SAM(torch.optim.Optimizer):
 
     def _global_sums(self, a, b, w, params) -> torch.Tensor:
         """``[sum (|w| a)^2, sum a b, sum b^2]`` over every tensor (every rank's shards)."""
-        per_tensor = ops.dots(_local(a), _local(b), _local(w), False)
-        return _dtensor().global_sums(per_tensor, params) if is_dtensor(*params) else per_tensor.sum(0)
+        per_tensor = ops.dots(self._local(a), self._local(b), self._local(w), False)
+        return _dtensor().global_sums(per_tensor, params) if self._sharded else per_tensor.sum(0)
 
     @torch.no_grad()
     def first_step(
@@ -139,6 +144,7 @@ class SAM(torch.optim.Optimizer):
         overflow in the second gradient. ``found_inf``: a nonzero value skips this step and the second one."""
         if grad_scaler is not None and grad_scale is None and grad_scaler.is_enabled():
             grad_scale = grad_scaler._get_scale_async()
+        self._note_sharded()
         self._pending, self._first_inf = True, None
         if self.needs_second_pass:
             self._perturb(grad_scale, found_inf)
@@ -147,7 +153,7 @@ class SAM(torch.optim.Optimizer):
             # sees the first pass's overflow too and backs off (the step itself is skipped either way).
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             if grads:
-                torch._foreach_mul_(_local(grads), 0.0)
+                torch._foreach_mul_(self._local(grads), 0.0)
         elif zero_grad:
             self.zero_grad()
 
@@ -184,8 +190,9 @@ class SAM(torch.optim.Optimizer):
                 olds = [self._buffer(p, "old_p") for p in ps]
                 keep = [self._buffer(p, self._grad_buffer) for p in ps] if self._keeps_grads else []
                 sc = scales if len(idx) == len(items) else scales[torch.tensor(idx, device=device)]
-                ops.sam_perturb(_local(ps), _local([p.grad for p in ps]), _local(olds), _local(keep), sc, adaptive,
-                                inf_d)  # fmt: skip
+                grads = [p.grad for p in ps]
+                local = self._local
+                ops.sam_perturb(local(ps), local(grads), local(olds), local(keep), sc, adaptive, inf_d)
                 for p in ps:
                     self.state[p]["perturbed"] = True
 
@@ -208,6 +215,7 @@ class SAM(torch.optim.Optimizer):
         ``grad_scale``/``found_inf`` (or the attributes GradScaler sets) as for torch's fused optimizers."""
         if not self._pending:
             raise RuntimeError("regops: SAM.second_step() needs a first_step() before it")
+        self._note_sharded()
         grad_scale = grad_scale if grad_scale is not None else getattr(self, "grad_scale", None)
         found_inf = found_inf if found_inf is not None else getattr(self, "found_inf", None)
         skip = self._first_inf
@@ -235,7 +243,7 @@ class SAM(torch.optim.Optimizer):
     def _restore(self, restore: dict[torch.Tensor, torch.Tensor]) -> None:
         if restore:
             params = list(restore)
-            torch._foreach_copy_(_local(params), _local([restore[p] for p in params]))
+            torch._foreach_copy_(self._local(params), self._local([restore[p] for p in params]))
 
     def _base_step(self, grad_scale: torch.Tensor | None, skip: torch.Tensor | None) -> None:
         base = self.base_optimizer
@@ -250,7 +258,7 @@ class SAM(torch.optim.Optimizer):
             return
         if grad_scale is not None:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            torch._foreach_div_(_local(grads), grad_scale.to(grads[0].device) if grads else grad_scale)
+            torch._foreach_div_(self._local(grads), grad_scale.to(grads[0].device) if grads else grad_scale)
         base.step()
 
     @torch.no_grad()
@@ -321,7 +329,8 @@ def _non_finite(groups, device: torch.device) -> torch.Tensor:
     grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
     if grads:
         one = torch.ones((), dtype=torch.float32, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(_local(grads), found, one)
+        grads = _dtensor().local(grads) if is_dtensor(*grads) else grads
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
     return found
 
 
@@ -356,7 +365,9 @@ class GSAM(SAM):
                     alpha = float(group["gsam_alpha"])
                     k = 1.0 + alpha * cosine * old_norm / (new_norm + _EPS)
                     coeffs = torch.stack([k, torch.full_like(k, -alpha)])
-                    ops.axpby(_local([p.grad for p in mine]), _local([self.state[p]["old_g"] for p in mine]), coeffs)
+                    ops.axpby(
+                        self._local([p.grad for p in mine]), self._local([self.state[p]["old_g"] for p in mine]), coeffs
+                    )
 
 
 class LookSAM(SAM):
@@ -393,8 +404,8 @@ class LookSAM(SAM):
                 d = self._global_sums(grads, gv, [], ps)
                 keep = (self._first_inf == 0).to(d) if self._first_inf is not None else torch.ones_like(d[0])
                 coeffs = torch.stack([-(d[1] / d[2].clamp(min=torch.finfo(d.dtype).tiny)) * keep, keep])
-                ops.axpby(_local(gv), _local(grads), coeffs)
+                ops.axpby(self._local(gv), self._local(grads), coeffs)
             else:
                 d = self._global_sums(grads, gv, [], ps)
                 scale = self.alpha * d[0].sqrt() / (d[2].sqrt() + 1e-8)
-                ops.axpby(_local(grads), _local(gv), torch.stack([torch.ones_like(scale), scale]))
+                ops.axpby(self._local(grads), self._local(gv), torch.stack([torch.ones_like(scale), scale]))
