@@ -12,24 +12,53 @@ namespace cpu {
 namespace optim {
 namespace {
 
+// The three sums of a piece in kLanes independent double accumulators (lane j takes the elements j mod kLanes,
+// then the lanes are added in order): a loop the compiler vectorizes without reassociating, the same sum every run.
+constexpr int64_t kLanes = 16;
+
 template <typename T>
-void dot_piece(const T* a, const T* b, const T* w, int64_t begin, int64_t end, double* out) {
+void dot_piece(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ w, int64_t begin, int64_t end,
+               double* out) {
   using C = typename Acc<T>::type;
-  double s0 = 0, s1 = 0, s2 = 0;
-  for (int64_t k = begin; k < end; ++k) {
-    const C x = static_cast<C>(a[k]);
-    const C xw = w ? std::fabs(static_cast<C>(w[k])) * x : x;
-    s0 += static_cast<double>(xw * xw);
+  alignas(64) double s0[kLanes] = {}, s1[kLanes] = {}, s2[kLanes] = {};
+  int64_t k = begin;
+  for (; k + kLanes <= end; k += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const C x = static_cast<C>(a[k + j]);
+      const C xw = w ? std::fabs(static_cast<C>(w[k + j])) * x : x;
+      s0[j] += static_cast<double>(xw * xw);
+    }
     if (b) {
-      const C y = static_cast<C>(b[k]);
-      s1 += static_cast<double>(x * y);
-      s2 += static_cast<double>(y * y);
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const C x = static_cast<C>(a[k + j]), y = static_cast<C>(b[k + j]);
+        s1[j] += static_cast<double>(x * y);
+        s2[j] += static_cast<double>(y * y);
+      }
     }
   }
-  out[0] = s0;
-  out[1] = s1;
-  out[2] = s2;
+  for (int64_t j = 0; k + j < end; ++j) {
+    const C x = static_cast<C>(a[k + j]);
+    const C xw = w ? std::fabs(static_cast<C>(w[k + j])) * x : x;
+    s0[j] += static_cast<double>(xw * xw);
+    if (b) {
+      const C y = static_cast<C>(b[k + j]);
+      s1[j] += static_cast<double>(x * y);
+      s2[j] += static_cast<double>(y * y);
+    }
+  }
+  out[0] = out[1] = out[2] = 0.0;
+  for (int64_t j = 0; j < kLanes; ++j) {
+    out[0] += s0[j];
+    out[1] += s1[j];
+    out[2] += s2[j];
+  }
 }
+
+// A block of whole rows of one tensor (row_len > 0: each row's sums go straight to its slot), or a piece of one
+// long row (row_len == 0: its sums go to a partial slot, added to the row's after the parallel part, in order).
+struct RowBlock {
+  int64_t tensor, begin, end, first_row, row_len;
+};
 
 at::Tensor optim_dots(at::TensorList a, at::TensorList b, at::TensorList w, bool rows) {
   const char* op = "optim_dots";
@@ -38,7 +67,17 @@ at::Tensor optim_dots(at::TensorList a, at::TensorList b, at::TensorList w, bool
   check_list(b, n, op, "b", true);
   check_list(w, n, op, "w", true);
   bool f64 = false;
-  std::vector<Piece> spans;
+  std::vector<RowBlock> blocks;
+  std::vector<int64_t> tasks{0};  // blocks[tasks[k] .. tasks[k + 1]) form task k (about kPiece elements)
+  int64_t total_rows = 0, in_task = 0;
+  auto add = [&](const RowBlock& blk) {
+    blocks.push_back(blk);
+    in_task += blk.end - blk.begin;
+    if (in_task >= kPiece) {
+      tasks.push_back(static_cast<int64_t>(blocks.size()));
+      in_task = 0;
+    }
+  };
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& x = a[i];
     TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "regops::optim_dots: a must hold contiguous CPU tensors");
@@ -47,24 +86,49 @@ at::Tensor optim_dots(at::TensorList a, at::TensorList b, at::TensorList w, bool
     f64 = f64 || x.scalar_type() == at::kDouble;
     const int64_t r = rows && x.dim() > 1 ? x.size(0) : 1;
     const int64_t len = r ? x.numel() / r : 0;
-    for (int64_t k = 0; k < r; ++k) spans.push_back({i, k * len, (k + 1) * len, 0});
+    if (len > kPiece) {
+      for (int64_t k = 0; k < r; ++k) {
+        for (int64_t s = k * len; s < (k + 1) * len; s += kPiece) {
+          add({i, s, std::min(s + kPiece, (k + 1) * len), total_rows + k, 0});
+        }
+      }
+    } else if (len > 0) {
+      const int64_t per = std::max<int64_t>(1, kPiece / len);
+      for (int64_t k = 0; k < r; k += per) add({i, k * len, std::min(r, k + per) * len, total_rows + k, len});
+    }
+    total_rows += r;
   }
-  const Plan pl = plan(spans);
-  std::vector<double> partial(3 * pl.pieces.size());
-  const Piece* first = pl.pieces.data();  // a piece's slot is its index in the plan
-  run(pl, [&](const Piece& piece) {
-    const int64_t slot = &piece - first;
-    const int64_t i = piece.tensor;
-    REGOPS_CPU_FLOATING(a[i].scalar_type(), op, [&] {
-      dot_piece<T>(a[i].const_data_ptr<T>(), const_ptr<T>(b, i), const_ptr<T>(w, i), piece.begin, piece.end,
-                   partial.data() + 3 * slot);
-    });
-  });
-  std::vector<double> sums(3 * spans.size(), 0.0);
-  for (int64_t k = 0; k < static_cast<int64_t>(pl.pieces.size()); ++k) {
-    for (int j = 0; j < 3; ++j) sums[3 * pl.pieces[k].span + j] += partial[3 * k + j];
+  if (tasks.back() != static_cast<int64_t>(blocks.size())) tasks.push_back(static_cast<int64_t>(blocks.size()));
+  std::vector<double> sums(3 * total_rows, 0.0), partial(3 * blocks.size(), 0.0);
+  auto work = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t k = tasks[t]; k < tasks[t + 1]; ++k) {
+        const RowBlock& blk = blocks[k];
+        const int64_t i = blk.tensor;
+        REGOPS_CPU_FLOATING(a[i].scalar_type(), op, [&] {
+          const T *ap = a[i].const_data_ptr<T>(), *bp = const_ptr<T>(b, i), *wp = const_ptr<T>(w, i);
+          if (blk.row_len == 0) {
+            dot_piece<T>(ap, bp, wp, blk.begin, blk.end, partial.data() + 3 * k);
+            return;
+          }
+          for (int64_t s = blk.begin, row = blk.first_row; s < blk.end; s += blk.row_len, ++row) {
+            dot_piece<T>(ap, bp, wp, s, s + blk.row_len, sums.data() + 3 * row);
+          }
+        });
+      }
+    }
+  };
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size()) - 1;
+  if (n_tasks > 1) {
+    at::parallel_for(0, n_tasks, 1, work);
+  } else {
+    work(0, n_tasks);
   }
-  at::Tensor out = at::empty({static_cast<int64_t>(spans.size()), 3}, a[0].options().dtype(f64 ? at::kDouble : at::kFloat));
+  for (int64_t k = 0; k < static_cast<int64_t>(blocks.size()); ++k) {
+    if (blocks[k].row_len != 0) continue;
+    for (int j = 0; j < 3; ++j) sums[3 * blocks[k].first_row + j] += partial[3 * k + j];
+  }
+  at::Tensor out = at::empty({total_rows, 3}, a[0].options().dtype(f64 ? at::kDouble : at::kFloat));
   if (f64) {
     std::copy(sums.begin(), sums.end(), out.mutable_data_ptr<double>());
   } else {

@@ -116,16 +116,33 @@ struct Tensors {
   int64_t row_base, row_len, param_id, elem_offset;
 };
 
+// Loads g[k] *= factor of its row, for the elements [b, b + len) of a tensor of rows of row_len elements: one
+// lookup per row, not a division per element.
+template <typename C, typename S>
+void scale_rows(C* __restrict__ g, const S* __restrict__ factors, int64_t row_base, int64_t row_len, int64_t b,
+                int64_t len) {
+  const int64_t rl = std::max<int64_t>(row_len, 1);
+  for (int64_t k = 0; k < len;) {
+    const int64_t r = (b + k) / rl, stop = std::min(len, (r + 1) * rl - b);
+    const C f = static_cast<C>(factors[row_base + r]);
+    for (; k < stop; ++k) g[k] = g[k] * f;
+  }
+}
+
+// The stages of regops.optim.reference.optim_step on the elements [begin, end) of one tensor. The block arrays and
+// the __restrict__ pointers into the block let the compiler vectorize each stage's loop.
 template <typename T>
-void step_piece(const Tensors<T>& a, const Scalars& sc, const Hyper& h, const Flags& f, int64_t begin, int64_t end) {
+REGOPS_CPU_CLONES void step_piece(const Tensors<T>& a, const Scalars& sc, const Hyper& h, const Flags& f,
+                                  int64_t begin, int64_t end) {
   using C = typename Acc<T>::type;
   alignas(64) C w0[kBlock], g[kBlock], w[kBlock], u[kBlock];
   alignas(64) float z[kBlock];
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t len = std::min(kBlock, end - b);
-    const T* wsrc = (a.restore ? a.restore : a.p) + b;
+    const T* wsrc = (a.restore ? a.restore : a.p) + b;  // may be the output itself: no __restrict__
+    const T* __restrict__ gsrc = a.g + b;
     for (int64_t k = 0; k < len; ++k) w0[k] = static_cast<C>(wsrc[k]);
-    for (int64_t k = 0; k < len; ++k) g[k] = static_cast<C>(a.g[b + k]);
+    for (int64_t k = 0; k < len; ++k) g[k] = static_cast<C>(gsrc[k]);
     if (f.has_scale) {
       const C gs = static_cast<C>(f.grad_scale);
       for (int64_t k = 0; k < len; ++k) g[k] = g[k] / gs;
@@ -133,23 +150,20 @@ void step_piece(const Tensors<T>& a, const Scalars& sc, const Hyper& h, const Fl
     if (f.maximize) {
       for (int64_t k = 0; k < len; ++k) g[k] = -g[k];
     }
-    if (a.row_scales_d || a.row_scales_f) {
-      for (int64_t k = 0; k < len; ++k) {
-        const int64_t r = a.row_base + (b + k) / std::max<int64_t>(a.row_len, 1);
-        g[k] = g[k] * (a.row_scales_d ? static_cast<C>(a.row_scales_d[r]) : static_cast<C>(a.row_scales_f[r]));
-      }
-    }
+    if (a.row_scales_d) scale_rows(g, a.row_scales_d, a.row_base, a.row_len, b, len);
+    if (a.row_scales_f) scale_rows(g, a.row_scales_f, a.row_base, a.row_len, b, len);
     if (f.clip) {
       const C c = static_cast<C>(h.clip);
       for (int64_t k = 0; k < len; ++k) g[k] = g[k] < -c ? -c : (g[k] > c ? c : g[k]);  // NaN stays NaN
     }
     if (a.ema) {
+      T* __restrict__ ema = a.ema + b;
       const C alpha = static_cast<C>(h.gf_alpha), rest = static_cast<C>(1.0 - h.gf_alpha);
       const C lamb = static_cast<C>(h.gf_lamb);
       for (int64_t k = 0; k < len; ++k) {
-        const C prev = sc.first ? g[k] : static_cast<C>(a.ema[b + k]);
+        const C prev = sc.first ? g[k] : static_cast<C>(ema[k]);
         const C e = prev * alpha + g[k] * rest;
-        a.ema[b + k] = static_cast<T>(e);
+        ema[k] = static_cast<T>(e);
         g[k] = g[k] + e * lamb;
       }
     }
@@ -158,66 +172,78 @@ void step_piece(const Tensors<T>& a, const Scalars& sc, const Hyper& h, const Fl
       for (int64_t k = 0; k < len; ++k) g[k] = g[k] + static_cast<C>(z[k] * sc.sigma);
     }
     const C wd = static_cast<C>(h.wd);
-    switch (f.decay) {
-      case Decay::kCoupled:
-        for (int64_t k = 0; k < len; ++k) g[k] = g[k] + w0[k] * wd;
-        break;
-      case Decay::kL2sp:
-        for (int64_t k = 0; k < len; ++k) g[k] = g[k] + (w0[k] - static_cast<C>(a.anchor[b + k])) * wd;
-        break;
-      case Decay::kEwc:
-        for (int64_t k = 0; k < len; ++k) {
-          g[k] = g[k] + (static_cast<C>(a.fisher[b + k]) * (w0[k] - static_cast<C>(a.anchor[b + k]))) * wd;
-        }
-        break;
-      default:
-        break;
+    if (f.decay == Decay::kCoupled) {
+      for (int64_t k = 0; k < len; ++k) g[k] = g[k] + w0[k] * wd;
+    } else if (f.decay == Decay::kL2sp) {
+      const T* __restrict__ anchor = a.anchor + b;
+      for (int64_t k = 0; k < len; ++k) g[k] = g[k] + (w0[k] - static_cast<C>(anchor[k])) * wd;
+    } else if (f.decay == Decay::kEwc) {
+      const T* __restrict__ anchor = a.anchor + b;
+      const T* __restrict__ fisher = a.fisher + b;
+      for (int64_t k = 0; k < len; ++k) {
+        g[k] = g[k] + (static_cast<C>(fisher[k]) * (w0[k] - static_cast<C>(anchor[k]))) * wd;
+      }
     }
     if (f.method == Method::kAdam) {
+      T* __restrict__ m_ptr = a.s1 + b;
+      T* __restrict__ v_ptr = a.s2 + b;
       const double weight = 1.0 - h.beta1;
       const C wt = static_cast<C>(weight), one_minus_wt = static_cast<C>(1.0 - weight);
       const C b2 = static_cast<C>(h.beta2), rest2 = static_cast<C>(1.0 - h.beta2);
-      const C bc2 = static_cast<C>(sc.bc2_sqrt), eps = static_cast<C>(h.eps);
-      const bool small = std::fabs(weight) < 0.5;
-      for (int64_t k = 0; k < len; ++k) {
-        const C m0 = static_cast<C>(a.s1[b + k]);
-        const C m = small ? m0 + (g[k] - m0) * wt : g[k] - (g[k] - m0) * one_minus_wt;
-        C v = static_cast<C>(a.s2[b + k]) * b2 + (rest2 * g[k]) * g[k];
-        a.s1[b + k] = static_cast<T>(m);
-        a.s2[b + k] = static_cast<T>(v);
-        if (a.s3) {
-          v = nan_max(static_cast<C>(a.s3[b + k]), v);
-          a.s3[b + k] = static_cast<T>(v);
+      if (std::fabs(weight) < 0.5) {  // torch.lerp's two formulas (reference.lerp)
+        for (int64_t k = 0; k < len; ++k) {
+          const C m0 = static_cast<C>(m_ptr[k]);
+          u[k] = m0 + (g[k] - m0) * wt;
         }
-        u[k] = m;
-        g[k] = std::sqrt(v) / bc2 + eps;  // the denominator
+      } else {
+        for (int64_t k = 0; k < len; ++k) {
+          const C m0 = static_cast<C>(m_ptr[k]);
+          u[k] = g[k] - (g[k] - m0) * one_minus_wt;
+        }
       }
+      for (int64_t k = 0; k < len; ++k) m_ptr[k] = static_cast<T>(u[k]);
+      for (int64_t k = 0; k < len; ++k) w[k] = static_cast<C>(v_ptr[k]) * b2 + (rest2 * g[k]) * g[k];
+      for (int64_t k = 0; k < len; ++k) v_ptr[k] = static_cast<T>(w[k]);
+      if (a.s3) {
+        T* __restrict__ vmax = a.s3 + b;
+        for (int64_t k = 0; k < len; ++k) w[k] = nan_max(static_cast<C>(vmax[k]), w[k]);
+        for (int64_t k = 0; k < len; ++k) vmax[k] = static_cast<T>(w[k]);
+      }
+      const C bc2 = static_cast<C>(sc.bc2_sqrt), eps = static_cast<C>(h.eps);
+      for (int64_t k = 0; k < len; ++k) g[k] = std::sqrt(w[k]) / bc2 + eps;  // g: the denominator from here
     } else {
       if (a.s1) {
+        T* __restrict__ buf_ptr = a.s1 + b;
         const C mom = static_cast<C>(h.beta1), rest = static_cast<C>(1.0 - h.beta2);
-        for (int64_t k = 0; k < len; ++k) {
-          const C buf = sc.first ? g[k] : static_cast<C>(a.s1[b + k]) * mom + g[k] * rest;
-          a.s1[b + k] = static_cast<T>(buf);
-          g[k] = f.method == Method::kNesterov ? g[k] + buf * mom : buf;
+        if (sc.first) {
+          for (int64_t k = 0; k < len; ++k) w[k] = g[k];
+        } else {
+          for (int64_t k = 0; k < len; ++k) w[k] = static_cast<C>(buf_ptr[k]) * mom + g[k] * rest;
+        }
+        for (int64_t k = 0; k < len; ++k) buf_ptr[k] = static_cast<T>(w[k]);
+        if (f.method == Method::kNesterov) {
+          for (int64_t k = 0; k < len; ++k) g[k] = g[k] + w[k] * mom;
+        } else {
+          for (int64_t k = 0; k < len; ++k) g[k] = w[k];
         }
       }
       for (int64_t k = 0; k < len; ++k) u[k] = g[k];
     }
     const C factor = static_cast<C>(sc.decay);
-    for (int64_t k = 0; k < len; ++k) w[k] = w0[k];
     if (f.decay == Decay::kDecoupled) {
-      for (int64_t k = 0; k < len; ++k) w[k] = w[k] * factor;
+      for (int64_t k = 0; k < len; ++k) w0[k] = w0[k] * factor;
     } else if (f.decay == Decay::kCautious) {
       for (int64_t k = 0; k < len; ++k) {
-        const bool same = u[k] == 0 || w[k] == 0 || ((u[k] > 0) == (w[k] > 0));
-        w[k] = same ? w[k] * factor : w[k];
+        const bool same = u[k] == 0 || w0[k] == 0 || ((u[k] > 0) == (w0[k] > 0));
+        w0[k] = same ? w0[k] * factor : w0[k];
       }
     }
+    T* __restrict__ out = a.p + b;
     const C neg_step = static_cast<C>(-sc.step_size);
     if (f.method == Method::kAdam) {
-      for (int64_t k = 0; k < len; ++k) a.p[b + k] = static_cast<T>(w[k] + (u[k] * neg_step) / g[k]);
+      for (int64_t k = 0; k < len; ++k) out[k] = static_cast<T>(w0[k] + (u[k] * neg_step) / g[k]);
     } else {
-      for (int64_t k = 0; k < len; ++k) a.p[b + k] = static_cast<T>(w[k] + u[k] * neg_step);
+      for (int64_t k = 0; k < len; ++k) out[k] = static_cast<T>(w0[k] + u[k] * neg_step);
     }
   }
 }

@@ -85,6 +85,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         defaults.update(fused=True)  # steps live on the parameters' device (torch's rule for fused optimizers)
         self._generator = generator
         self._hyper_cache: dict[tuple, tuple[tuple, torch.Tensor]] = {}
+        self._ready: dict[torch.Tensor, list[str]] = {}  # parameters whose state holds the step's buffers
         super().__init__(params, defaults)
         # copied into the state of the groups given; a group added later anchors at its parameters' values
         self.defaults.update(anchor=None, fisher=None)
@@ -112,6 +113,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._ready = {}
         for group in self.param_groups:
             for key, value in self._group_defaults().items():
                 group.setdefault(key, value)
@@ -124,17 +126,28 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _state_names(self, group: dict[str, Any]) -> list[str]:
         raise NotImplementedError
 
-    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def _buffer_names(self, group: dict[str, Any], names: list[str]) -> list[str]:
+        """Every per-parameter buffer of the group's step: one list object per distinct set (``_init_state``
+        recognises a prepared state by it)."""
+        key = (*names, "grokfast_ema") if group["grokfast"] is not None else tuple(names)
+        return self.__dict__.setdefault("_buffer_sets", {}).setdefault(key, list(key))
+
+    def _init_state(self, p: torch.Tensor, names: list[str]) -> dict[str, Any]:
+        """The state of ``p`` with every buffer in ``names``, contiguous (the kernels' layout); loaded states (torch's
+        keep the parameter's memory format) are made contiguous once."""
         state = self.state[p]
+        if self._ready.get(p) is names:  # checked since the state was last loaded, with the same buffers
+            return state
         if "step" not in state:
             # torch's SGD keeps no count: a loaded momentum buffer means the steps have begun
             started = "momentum_buffer" in state
             state["step"] = torch.full((), float(started), dtype=torch.float32, device=_device(p))
-        for name in self._state_names(group) + (["grokfast_ema"] if group["grokfast"] is not None else []):
+        for name in names:
             if name not in state:
                 state[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             elif not _local(state[name]).is_contiguous():
                 state[name] = state[name].contiguous()
+        self._ready[p] = names
         return state
 
     def _hyper(self, group: dict[str, Any], device: torch.device) -> torch.Tensor:
@@ -200,8 +213,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._device_step(group, params, device, grad_scale, found_inf, restore)
 
     def _device_step(self, group, params, device, grad_scale, found_inf, restore) -> None:
-        states = [self._init_state(p, group) for p in params]
         names = self._state_names(group)
+        buffers = self._buffer_names(group, names)
+        states = [self._init_state(p, buffers) for p in params]
         lists = [[s[name] for s in states] for name in names] + [[] for _ in range(3 - len(names))]
         decay = group["decay"]
         ema = [s["grokfast_ema"] for s in states] if group["grokfast"] is not None else []
@@ -209,7 +223,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         fishers = [s["fisher"] for s in states] if decay == "ewc" else []
         restored = [restore.get(p, p) for p in params] if restore else []
         sharded = is_dtensor(*params)
-        local = _dtensor().local if sharded else _dense
+        local = _dtensor().local if sharded else _dense  # parameters: a non-contiguous one is updated in a copy
+        buffer = _dtensor().local if sharded else _same  # states: contiguous already (_init_state)
         ps, gs = local(params), [g.contiguous() for g in local([p.grad for p in params])]
         seed, offsets = None, [0] * len(params)
         if group["grad_noise"] is not None and group["grad_noise"][0] > 0:
@@ -221,8 +236,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             row_scales = self._agc_scales(group, ps, gs, local(restored) if restored else ps, params, grad_scale)
         method = self.method if self.method == "adam" or not group.get("nesterov") else "nesterov"
         ops.step(
-            ps, gs, *(local(x) for x in lists), [s["step"] for s in states], local(ema), local(anchors),
-            local(fishers), local(restored), row_scales, self._hyper(group, device), self._ids_of(params), offsets,
+            ps, gs, *(buffer(x) for x in lists), [s["step"] for s in states], buffer(ema), buffer(anchors),
+            buffer(fishers), local(restored), row_scales, self._hyper(group, device), self._ids_of(params), offsets,
             method, decay if decay != "coupled" or group["weight_decay"] != 0 else "none", group["maximize"],
             group["clip_coord"] is not None, seed, grad_scale, found_inf,
         )  # fmt: skip
@@ -266,6 +281,10 @@ def _device(p: torch.Tensor) -> torch.device:
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
+
+
+def _same(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    return ts
 
 
 def _dense(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:

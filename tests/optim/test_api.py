@@ -199,3 +199,19 @@ def test_one_pass_whatever_the_number_of_tensors(n_tensors):
         opt.first_step()
         opt.second_step()
     assert count.calls < 40
+
+
+def test_optimizer_step_under_torch_compile_matches_eager():
+    m1, m2 = _model(), _model()
+    o1 = regops.optim.AdamW(m1.parameters(), lr=1e-2, grokfast=(0.9, 1.0))
+    o2 = regops.optim.AdamW(m2.parameters(), lr=1e-2, grokfast=(0.9, 1.0))
+    compiled = torch.compile(o2.step)
+    for _ in range(2):
+        for m, step in ((m1, o1.step), (m2, compiled)):
+            g = torch.Generator().manual_seed(1)
+            x, y = torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+            m.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            step()
+    for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -1,6 +1,7 @@
 """regops.optim under FSDP2 (``fully_shard``; gloo, 2 processes on CPU): every rank updates its shards and the global
 sums cost one all-reduce, so a SAM step (SGD and AdamW bases, ASAM), GSAM, and AdamW with adaptive clipping and
-gradient noise give the parameters of one process with the whole batch."""
+gradient noise give the parameters of one process with the whole batch. Under DDP the first backward may skip the
+gradient sync and the ranks still stay identical."""
 
 from __future__ import annotations
 
@@ -84,3 +85,31 @@ def _body(rank: int, world: int) -> None:
 
 def test_fsdp2_steps_equal_one_process():
     run(_body, 2, timeout=300.0)
+
+
+def _ddp_body(rank: int, world: int) -> None:
+    """DDP with the first backward under no_sync (each rank perturbs by its own gradient, SAM's m-sharpness): the
+    second gradients are averaged and the restore is exact, so the ranks stay identical."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    c = Checks(rank)
+    x, y = _data(world * LOCAL)
+    model = DistributedDataParallel(_mlp())
+    opt = regops.optim.SAM(model.parameters(), regops.optim.AdamW, rho=0.1, lr=1e-2)
+    mine = slice(rank * LOCAL, (rank + 1) * LOCAL)
+    for _ in range(2):
+        with model.no_sync():
+            F.cross_entropy(model(x[mine]), y[mine]).backward()
+        opt.first_step(zero_grad=True)
+        F.cross_entropy(model(x[mine]), y[mine]).backward()
+        opt.second_step(zero_grad=True)
+    for n_, p in model.named_parameters():
+        other = p.detach().clone()
+        dist.broadcast(other, src=0)
+        c.equal(f"ddp {n_}: ranks agree", p.detach(), other)
+    c.done()
+
+
+def test_ddp_sam_without_sync_in_the_first_pass_keeps_ranks_identical():
+    run(_ddp_body, 2, timeout=300.0)
