@@ -98,11 +98,9 @@ def sam_variants(n: int, device: torch.device) -> tuple[dict, int]:
     return variants, 10 * _numel(_params(n, device)) * 4
 
 
-def _extras_eager(params, ema):
+def _extras_eager(params, ema, adaptive_clip_grad):
     """The extras as their published per-tensor versions: timm's adaptive_clip_grad, a clamp per tensor, Grokfast's
     EMA filter (ironjr/grokfast gradfilter_ema)."""
-    from timm.utils.agc import adaptive_clip_grad
-
     adaptive_clip_grad(params, clip_factor=AGC)
     for p in params:
         p.grad.clamp_(-CLIP, CLIP)
@@ -114,6 +112,8 @@ def _extras_eager(params, ema):
 
 def adamw_variants(n: int, device: torch.device) -> tuple[dict, int]:
     """AdamW with adaptive clipping, coordinate clipping and Grokfast, and plain AdamW for reference."""
+    from timm.utils.agc import adaptive_clip_grad  # the peer (a missing one skips the eager variant)
+
     fused = device.type in ("cpu", "cuda")
     extras = dict(agc=AGC, clip_coord=CLIP, grokfast=GROKFAST)
     ours = regops.optim.AdamW(_params(n, device), lr=LR, weight_decay=WD, **extras)
@@ -127,7 +127,7 @@ def adamw_variants(n: int, device: torch.device) -> tuple[dict, int]:
     def eager():
         for p, g in zip(ps, grads, strict=True):  # Grokfast rebinds .grad: every step starts from these
             p.grad = g
-        _extras_eager(ps, ema)
+        _extras_eager(ps, ema, adaptive_clip_grad)
         torch_fused.step()
 
     variants = {
