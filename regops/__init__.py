@@ -6,7 +6,7 @@ the CUDA extension (those happen on the first op that needs them).
 
 from regops import dropout as _dropout_module
 from regops import grad_norms as _grad_norms_module
-from regops import hessian, merge, nn
+from regops import hessian, merge, nn, optim
 from regops import losses as _losses_module
 from regops import masks as _masks_module
 from regops import mix as _mix_module
@@ -32,6 +32,7 @@ __all__ = [
     "hessian",
     "merge",
     "nn",
+    "optim",
     "patch",
     "use_backend",
     *_dropout_module.__all__,

@@ -90,7 +90,8 @@ def _register_cuda_fake(op: str) -> None:
 
 
 def registered_ops() -> list[str]:
-    return sorted(_REGISTRY)
+    """Every op, declared with :func:`regops._core.ops.declare` or registered here."""
+    return sorted(set(_REGISTRY) | set(dispatch.registered_ops()))
 
 
 def extension() -> Any | None:
@@ -110,6 +111,12 @@ def extension_has(op: str) -> bool:
 
 
 def cpp_kernel(op: str) -> bool:
+    if op in dispatch.registered_ops():
+        return dispatch.why_not(op, "cpp", torch.device("cpu")) is None and not dispatch.declared(op).composite
+    return _cpp_kernel(op)
+
+
+def _cpp_kernel(op: str) -> bool:
     """Whether the loaded extension registers a C++ CPU kernel ``regops_cpu::<op>`` (looked up once per op)."""
     if extension() is None:
         return False
@@ -165,6 +172,12 @@ def _why_not(op: str, backend: str, device: torch.device) -> str | None:
 
 
 def choose(op: str, device: torch.device) -> str:
+    if op in dispatch.registered_ops():
+        return dispatch.choose(op, device)
+    return _choose(op, device)
+
+
+def _choose(op: str, device: torch.device) -> str:
     """The backend that runs ``op`` for tensors on ``device`` (raises if the forced one cannot)."""
     if op not in _REGISTRY:
         raise KeyError(f"regops: unknown op {op!r}")
@@ -203,6 +216,12 @@ def implementation(op: str, device: torch.device) -> Callable[..., Any]:
 
 
 def availability(op: str, device: torch.device) -> dict[str, str | None]:
+    if op in dispatch.registered_ops():
+        return dispatch.availability(op, device)
+    return _availability(op, device)
+
+
+def _availability(op: str, device: torch.device) -> dict[str, str | None]:
     """For each backend, ``None`` if it can run ``op`` on ``device`` or the reason it cannot."""
     return {b: _why_not(op, b, device) for b in BACKENDS}
 

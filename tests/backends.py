@@ -51,10 +51,12 @@ def extension_expected() -> str | None:
 
 
 def cpp_ops_in_sources() -> set[str]:
-    """The ops csrc/cpu_*.cpp register for the C++ CPU kernels (``m.impl("<op>", ...)`` in regops_cpu blocks)."""
+    """The ops csrc/<family>/cpu*.cpp register C++ CPU kernels for (``m.impl("<op>", ...)`` in their
+    ``TORCH_LIBRARY_IMPL(regops, CPU, m)`` blocks, and in the ``regops_cpu`` blocks of families not yet declared
+    with regops._core.ops)."""
     ops = set()
-    for path in CSRC.glob("cpu_*.cpp"):
+    for path in CSRC.glob("*/cpu*.cpp"):
         for block in re.split(r"(?=TORCH_LIBRARY)", path.read_text()):
-            if block.startswith("TORCH_LIBRARY_IMPL(regops_cpu,"):
+            if block.startswith(("TORCH_LIBRARY_IMPL(regops, CPU,", "TORCH_LIBRARY_IMPL(regops_cpu,")):
                 ops.update(re.findall(r'm\.impl\("(\w+)"', block))
     return ops

@@ -35,6 +35,7 @@ LIB = torch.library.Library("regops", "FRAGMENT")
 _is_compiling = torch.compiler.is_compiling
 _any_requires_grad = torch._C._any_requires_grad
 _BelowAutograd = torch._C._AutoDispatchBelowAutograd
+_BelowInplaceOrView = torch._C._AutoDispatchBelowADInplaceOrView
 _functorch_active = torch._C._are_functorch_transforms_active
 
 
@@ -66,13 +67,19 @@ class Op:
         self.layout_of_first = layout_of_first
         LIB.define(schema, tags=tags)
         self.overload = getattr(torch.ops.regops, self.name).default
-        self._tensor_args = [
-            i for i, a in enumerate(self.overload._schema.arguments) if "Tensor" in str(a.type) and not a.kwarg_only
-        ]
+        arguments = self.overload._schema.arguments
+        self._tensor_args = [i for i, a in enumerate(arguments) if "Tensor" in str(a.type) and not a.kwarg_only]
         # autograd.Function sees only top-level tensors: an op with a Tensor[] argument always goes through the
         # operator, whose registered autograd takes the lists apart.
-        self._via_operator = any(str(a.type).startswith("List[Tensor]") for a in self.overload._schema.arguments)
+        self._via_operator = any(str(a.type).startswith("List[Tensor]") for a in arguments)
+        # In-place ops (``Tensor(a!)`` / ``Tensor(a!)[]`` arguments) write their inputs: a contiguous copy would
+        # take the writes, and autograd must see the writes (version counters), as for torch's in-place ops.
+        self.mutated = [i for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write]
+        if self.mutated and contiguous:
+            raise ValueError(f"regops: {self.qualname} writes its inputs in place: declare it with contiguous=False")
         LIB.impl(self.name, self.run, "CompositeExplicitAutograd")
+        if self.mutated:
+            LIB.impl(self.name, self._bump_versions, "ADInplaceOrView")
         torch.library.register_fake(self.qualname, self._laid_out(fake) if layout_of_first else fake, lib=LIB)
         self._function: type[torch.autograd.Function] | None = None
         dispatch.add(self)
@@ -87,6 +94,21 @@ class Op:
             return self._function.apply(*args)
         with _BelowAutograd():
             return self.overload(*args)
+
+    def _bump_versions(self, *args: Any) -> Any:
+        """In-place ops: run the op below this key, then bump the version counters of the tensors it wrote, so that
+        autograd rejects a backward through values the op overwrote (torch's in-place ops do the same)."""
+        with _BelowInplaceOrView():
+            out = self.overload(*args)
+        written: list[torch.Tensor] = []
+        for i in self.mutated:
+            a = args[i] if i < len(args) else None
+            if isinstance(a, torch.Tensor):
+                written.append(a)
+            elif a:  # a Tensor(a!)[] list: tensors only, by the schema
+                written.extend(a)
+        torch._C._increment_version(written)
+        return out
 
     def run(self, *args: Any) -> Any:
         """The Python implementation: the backend :func:`regops._core.dispatch.choose` picks for the inputs."""
@@ -170,7 +192,10 @@ def declare(schema: str, **kwargs: Any) -> Op:
         triton_dtypes: the input dtypes the Triton kernel takes (default: all); other dtypes run the reference.
         gpu_reference: the reference is this op's GPU implementation where no kernel exists.
         composite: the reference is built from other regops ops (which dispatch themselves): it runs everywhere.
-        contiguous: the Python backends receive contiguous tensors (default).
+        contiguous: the Python backends receive contiguous tensors (default). In-place ops (a ``Tensor(a!)`` or
+            ``Tensor(a!)[]`` argument in the schema) must say ``contiguous=False``: their backends write the
+            tensors they are given. Their fake returns nothing, and every call bumps the version counters of the
+            tensors it writes, as torch's in-place ops do.
         layout_of_first: the first output (computed contiguous) is returned in the memory format of the first
             tensor argument, as torch's elementwise ops do (channels_last in, channels_last out); the C++ kernels
             do the same.
