@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import logging
-import pkgutil
 from pathlib import Path
 
 import torch
@@ -14,10 +14,19 @@ from benchmarks import harness
 
 
 def load_cases() -> None:
-    here = Path(__file__).resolve().parent
-    for info in pkgutil.iter_modules([str(here)]):
-        if info.name.startswith("bench_"):
-            importlib.import_module(f"benchmarks.{info.name}")
+    """Import every module of this folder that registers cases (``<family>.py``: it imports the harness's ``case``)."""
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        if _registers_cases(path):
+            importlib.import_module(f"benchmarks.{path.stem}")
+
+
+def _registers_cases(path: Path) -> bool:
+    return any(
+        isinstance(node, ast.ImportFrom)
+        and node.module == "benchmarks.harness"
+        and any(a.name == "case" for a in node.names)
+        for node in ast.parse(path.read_text()).body
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,7 +66,7 @@ def _forward_cases():
     regops' C++ kernel; ~4M float32 outputs each."""
     from regops.reference import dropout as rref
     from regops.reference import hessian as href
-    from regops.reference import mix as mref
+    from regops.mix import reference as mref
 
     cpu = torch.device("cpu")
     k, n = 4, 1 << 20

@@ -10,7 +10,6 @@ TORCH_LIBRARY(regops_cpu, m) {
   m.def(
       "hessian_probes(int seed, int offset, int first_probe, int num_probes, int numel, str distribution, "
       "ScalarType dtype, Device? device=None) -> Tensor");
-  m.def("mix_apply(Tensor x, Tensor w_self, Tensor w_other, Tensor partner, Tensor box) -> Tensor");
   m.def("hessian_probe_dot(Tensor[] vs, Tensor[] hvs, bool with_diag=True) -> (Tensor, Tensor, Tensor)");
 }
 

@@ -1,26 +1,19 @@
-"""Triton kernels of the losses family: the regularized cross-entropy, one program per row streaming the vocabulary,
-and the mixed / soft-target losses (moved here from the mix family; same online-softmax row pass).
+"""Triton kernels of the regularized cross-entropy: one program per row streaming the vocabulary.
 
-The math is :mod:`regops.reference.losses`'s. Forward: one pass over the row with an online (lane-wise) maximum
-keeps ``sum e^{z-m}``, ``sum e^{z-m} (z-m)`` (entropy, ``E_p z``), the row sums the smoothing term needs, the
-argmax and, for the statistics, the sums without the label column (EL2N) and the runner-up (margin); the lanes
-are merged once at the end. Backward: one pass writing ``d loss / d logits`` from the saved row numbers
-(``lse``, ``E_p z``, the decoupled coefficients, the argmax), computed in float32 (float64 for float64 logits)
-and rounded once. Grids are ``(rows,)``: within CUDA's limits for any row count (2**31 - 1), and there are no
-atomics, so results do not depend on scheduling. The option values travel in a small tensor of the compute
-dtype (float64 options for float64 logits; no recompilation when a value changes).
+The math is :mod:`regops.losses.reference`'s; the launchers are in :mod:`regops.losses.triton`. Forward: one pass
+over the row with an online (lane-wise) maximum keeps ``sum e^{z-m}``, ``sum e^{z-m} (z-m)`` (entropy, ``E_p z``),
+the row sums the smoothing term needs, the argmax and, for the statistics, the sums without the label column
+(EL2N) and the runner-up (margin); the lanes are merged once at the end. Backward: one pass writing
+``d loss / d logits`` from the saved row numbers (``lse``, ``E_p z``, the decoupled coefficients, the argmax),
+computed in float32 (float64 for float64 logits) and rounded once. Grids are ``(rows,)``: within CUDA's limits for
+any row count (2**31 - 1), and there are no atomics, so results do not depend on scheduling. The option values
+travel in a small tensor of the compute dtype (``opt_ptr``: the ops' ``options`` in order; float64 options for
+float64 logits; no recompilation when a value changes).
 """
 
-import torch
 import triton
 import triton.language as tl
 from regops.kernels.utils import cast_rne
-
-from regops._core.launch import launch
-from regops.reference import losses as ref
-
-# Indices into the options tensor.
-_SMOOTHING, _MAXSUP, _ZLOSS, _CONF, _DECOUPLED, _SOFTCAP, _SCALE = range(7)
 
 
 @triton.jit
@@ -285,477 +278,6 @@ def ce_bwd_kernel(
         tl.store(out_ptr + row * n_cols + cols, cast_rne(d, out_ptr.dtype.element_ty), mask=valid)
 
 
-def _block(n_cols: int, device: torch.device) -> int:
-    cap = 16384 if device.type == "cpu" else 4096
-    return min(cap, triton.next_power_of_2(max(n_cols, 16)))
-
-
-_OPTIONS_CACHE: dict = {}
-
-
-def _options(device, acc, smoothing, maxsup, z_loss, confidence, decoupled, softcap, scale):
-    """The option values as a device tensor (float64 for float64 logits: float scalars would be float32).
-
-    Cached per (device, dtype, values), so a training loop copies them once and a CUDA-graph capture after a
-    warm-up step finds them on the device (no copy inside the capture, no device-to-host sync ever).
-    """
-    values = (smoothing, maxsup, z_loss, confidence, decoupled, softcap or 1.0, scale)
-    key = (str(device), acc, values)
-    opts = _OPTIONS_CACHE.get(key)
-    if opts is None:
-        if len(_OPTIONS_CACHE) > 64:
-            _OPTIONS_CACHE.clear()
-        opts = _OPTIONS_CACHE[key] = torch.tensor(values, dtype=acc).to(device)
-    return opts
-
-
-def cross_entropy(
-    logits, index, tweight, row_weight, class_weight,
-    smoothing, maxsup, z_loss, confidence, decoupled, softcap, scale, want_stats, *, block=None,
-):  # fmt: skip
-    """regops.reference.losses.cross_entropy: ``(loss [N], stats [N, 9], argmax [N])``."""
-    n, k = logits.shape
-    acc = ref.compute_dtype(logits.dtype)
-    loss = torch.empty(n, dtype=acc, device=logits.device)
-    stats = torch.empty((n, ref.N_STATS), dtype=acc, device=logits.device)
-    argmax = torch.empty(n, dtype=torch.long, device=logits.device)
-    if n == 0:
-        return loss, stats, argmax
-    opts = _options(logits.device, acc, smoothing, maxsup, z_loss, confidence, decoupled, softcap, scale)
-    cw = class_weight if class_weight is not None else opts
-    launch(
-        ce_fwd_kernel, (n,),
-        logits, index, tweight.to(acc), row_weight.to(acc), cw, opts, loss, stats, argmax, k, index.shape[1],
-        device=logits.device, HAS_CW=class_weight is not None, SOFTCAP=bool(softcap), STATS=bool(want_stats),
-        DECOUPLED=bool(decoupled), BLOCK=block or _block(k, logits.device), num_warps=8,
-    )  # fmt: skip
-    return loss, stats, argmax
-
-
-def cross_entropy_backward(
-    grad, logits, index, tweight, row_weight, class_weight, stats, argmax,
-    smoothing, maxsup, z_loss, confidence, decoupled, softcap, scale, *, block=None,
-):  # fmt: skip
-    """regops.reference.losses.cross_entropy_backward."""
-    n, k = logits.shape
-    out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    if out.numel() == 0:
-        return out
-    acc = ref.compute_dtype(logits.dtype)
-    opts = _options(logits.device, acc, smoothing, maxsup, z_loss, confidence, decoupled, softcap, scale)
-    cw = class_weight if class_weight is not None else opts
-    launch(
-        ce_bwd_kernel, (n,),
-        grad.to(acc).contiguous(), logits, index, tweight.to(acc), row_weight.to(acc), cw, opts, stats, argmax,
-        out, k, index.shape[1],
-        device=logits.device, HAS_CW=class_weight is not None, SOFTCAP=bool(softcap), DECOUPLED=bool(decoupled),
-        BLOCK=block or _block(k, logits.device), num_warps=8,
-    )  # fmt: skip
-    return out
-
-
-def _linear_chunk(device: torch.device) -> int:
-    # On a GPU a block of logits of 2**26 elements (256 MiB in fp32) keeps the matmuls large; on CPU (the
-    # interpreter) the reference's size.
-    return 1 << 26 if device.type == "cuda" else 0
-
-
-def linear_cross_entropy(hidden, weight, bias, *args):
-    """regops.reference.losses.linear_cross_entropy with this module's cross-entropy kernel on each block."""
-    return ref.linear_cross_entropy(hidden, weight, bias, *args, ce=cross_entropy, chunk=_linear_chunk(hidden.device))
-
-
-def linear_cross_entropy_backward(grad, hidden, weight, bias, *args):
-    """regops.reference.losses.linear_cross_entropy_backward with this module's kernels on each block."""
-    return ref.linear_cross_entropy_backward(
-        grad, hidden, weight, bias, *args, ce_backward=cross_entropy_backward, chunk=_linear_chunk(hidden.device)
-    )
-
-
-# ----------------------------------------------------------------------------------------------- mixed / soft targets
-@triton.jit
-def _row_lse_sums(z_row, t_row, n_cols, WITH_T: tl.constexpr, BLOCK: tl.constexpr):
-    """One pass over a row: (lse(z), sum z, sum t, sum t z) with an online maximum (lane-wise, reduced at the end),
-    in float32 (float64 for float64 logits)."""
-    compute = tl.float64 if z_row.dtype.element_ty == tl.float64 else tl.float32
-    cols = tl.arange(0, BLOCK)
-    m = tl.full([BLOCK], float("-inf"), compute)
-    s = tl.zeros([BLOCK], compute)
-    zsum = tl.zeros([BLOCK], compute)
-    tsum = tl.zeros([BLOCK], compute)
-    tz = tl.zeros([BLOCK], compute)
-    for start in range(0, n_cols, BLOCK):
-        idx = start + cols
-        valid = idx < n_cols
-        z = tl.load(z_row + idx, mask=valid, other=float("-inf")).to(compute)
-        m_new = tl.maximum(m, z)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_safe) + tl.where(valid, tl.exp(z - m_safe), 0.0)
-        m = m_new
-        zsum += tl.where(valid, z, 0.0)
-        if WITH_T:
-            t = tl.load(t_row + idx, mask=valid, other=0).to(compute)
-            tsum += t
-            tz += t * tl.where(valid, z, 0.0)
-    m_row = tl.max(m, 0)
-    m_row_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
-    m_lane = tl.where(m == float("-inf"), m_row_safe, m)
-    total = tl.sum(s * tl.exp(m_lane - m_row_safe), 0)
-    lse = m_row_safe + tl.log(total)
-    return lse, tl.sum(zsum, 0), tl.sum(tsum, 0), tl.sum(tz, 0)
-
-
-@triton.jit(do_not_specialize=["n_cols"])
-def mix_ce_forward_kernel(z_ptr, a_ptr, b_ptr, lam_ptr, loss_ptr, lse_ptr, n_cols, opt_ptr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    compute = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
-    smoothing = tl.load(opt_ptr).to(compute)
-    z_row = z_ptr + row * n_cols
-    lse, zsum, _, _ = _row_lse_sums(z_row, z_row, n_cols, False, BLOCK)
-    lam = tl.load(lam_ptr + row).to(compute)
-    za = tl.load(z_row + tl.load(a_ptr + row)).to(compute)
-    zb = tl.load(z_row + tl.load(b_ptr + row)).to(compute)
-    picked = lam * za + (1.0 - lam) * zb
-    loss = lse - (1.0 - smoothing) * picked - smoothing * (zsum / n_cols)
-    tl.store(loss_ptr + row, loss)
-    tl.store(lse_ptr + row, lse)
-
-
-@triton.jit(do_not_specialize=["n_cols"])
-def mix_ce_backward_kernel(g_ptr, z_ptr, lse_ptr, a_ptr, b_ptr, lam_ptr, out_ptr, n_cols, opt_ptr, BLOCK: tl.constexpr):
-    # rows on the grid's x axis (up to 2**31 - 1), column blocks on y (<= 65535 blocks: V < 2**28)
-    row = tl.program_id(0).to(tl.int64)
-    idx = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    compute = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
-    smoothing = tl.load(opt_ptr).to(compute)
-    valid = idx < n_cols
-    z = tl.load(z_ptr + row * n_cols + idx, mask=valid, other=0).to(compute)
-    g = tl.load(g_ptr + row).to(compute)
-    lam = tl.load(lam_ptr + row).to(compute)
-    a = tl.load(a_ptr + row)
-    b = tl.load(b_ptr + row)
-    p = tl.exp(z - tl.load(lse_ptr + row).to(compute))
-    p = p - smoothing / n_cols
-    p = p * g
-    p = p + tl.where(idx == a, -(1.0 - smoothing) * lam * g, 0.0)
-    p = p + tl.where(idx == b, -(1.0 - smoothing) * (1.0 - lam) * g, 0.0)
-    tl.store(out_ptr + row * n_cols + idx, cast_rne(p, out_ptr.dtype.element_ty), mask=valid)
-
-
-def _acc(logits):
-    return ref.compute_dtype(logits.dtype)
-
-
-def _loss_block(n_cols: int, device: torch.device) -> int:
-    cap = 8192 if device.type == "cpu" else 4096
-    return min(cap, triton.next_power_of_2(max(n_cols, 16)))
-
-
-def _scalars(device, acc, *values):
-    return _options(device, acc, *values, *(0.0,) * (7 - len(values)))
-
-
-def mix_cross_entropy(logits, target_a, target_b, lam, smoothing, *, block=None):
-    """regops.reference.losses.mix_cross_entropy: (loss, lse) [B], float32 (float64 for float64 logits)."""
-    n, c = logits.shape
-    acc = _acc(logits)
-    loss = torch.empty(n, dtype=acc, device=logits.device)
-    lse = torch.empty(n, dtype=acc, device=logits.device)
-    block = block or _loss_block(c, logits.device)
-    opts = _scalars(logits.device, acc, smoothing)
-    launch(
-        mix_ce_forward_kernel, (n,), logits, target_a, target_b, lam.to(acc).contiguous(), loss, lse, c, opts,
-        device=logits.device, BLOCK=block,
-    )  # fmt: skip
-    return loss, lse
-
-
-def mix_cross_entropy_backward(grad, logits, lse, target_a, target_b, lam, smoothing, *, block=None):
-    """regops.reference.losses.mix_cross_entropy_backward."""
-    n, c = logits.shape
-    acc = _acc(logits)
-    out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    block = block or _loss_block(c, logits.device)
-    opts = _scalars(logits.device, acc, smoothing)
-    launch(
-        mix_ce_backward_kernel, (n, triton.cdiv(c, block)),
-        grad.to(acc).contiguous(), logits, lse, target_a, target_b, lam.to(acc).contiguous(), out, c, opts,
-        device=logits.device, BLOCK=block,
-    )  # fmt: skip
-    return out
-
-
-@triton.jit(do_not_specialize=["n_cols"])
-def soft_ce_forward_kernel(z_ptr, t_ptr, loss_ptr, stats_ptr, n_cols, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    lse, _, tsum, tz = _row_lse_sums(z_ptr + row * n_cols, t_ptr + row * n_cols, n_cols, True, BLOCK)
-    tl.store(loss_ptr + row, lse * tsum - tz)
-    tl.store(stats_ptr + row * 2, lse)
-    tl.store(stats_ptr + row * 2 + 1, tsum)
-
-
-@triton.jit(do_not_specialize=["n_cols"])
-def soft_ce_backward_kernel(g_ptr, z_ptr, stats_ptr, t_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    idx = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    compute = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
-    valid = idx < n_cols
-    z = tl.load(z_ptr + row * n_cols + idx, mask=valid, other=0).to(compute)
-    t = tl.load(t_ptr + row * n_cols + idx, mask=valid, other=0).to(compute)
-    lse = tl.load(stats_ptr + row * 2).to(compute)
-    tsum = tl.load(stats_ptr + row * 2 + 1).to(compute)
-    g = tl.load(g_ptr + row).to(compute)
-    p = tl.exp(z - lse)
-    p = (p * tsum - t) * g
-    tl.store(out_ptr + row * n_cols + idx, cast_rne(p, out_ptr.dtype.element_ty), mask=valid)
-
-
-def soft_target_cross_entropy(logits, target, *, block=None):
-    """regops.reference.losses.soft_target_cross_entropy: (loss [B], stats [B, 2] = (lse, sum t))."""
-    n, c = logits.shape
-    loss = torch.empty(n, dtype=_acc(logits), device=logits.device)
-    stats = torch.empty(n, 2, dtype=_acc(logits), device=logits.device)
-    block = block or _loss_block(c, logits.device)
-    launch(soft_ce_forward_kernel, (n,), logits, target, loss, stats, c, device=logits.device, BLOCK=block)
-    return loss, stats
-
-
-def soft_target_cross_entropy_backward(grad, logits, stats, target, *, block=None):
-    """regops.reference.losses.soft_target_cross_entropy_backward."""
-    n, c = logits.shape
-    out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    block = block or _loss_block(c, logits.device)
-    launch(
-        soft_ce_backward_kernel, (n, triton.cdiv(c, block)),
-        grad.to(_acc(logits)).contiguous(), logits, stats, target, out, c, device=logits.device, BLOCK=block,
-    )  # fmt: skip
-    return out
-
-
-@triton.jit
-def _bce_target(idx, a, b, lam, n_cols, smoothing, threshold, HAS_THRESHOLD: tl.constexpr):
-    """The mixed smoothed one-hot t for columns idx (regops.reference.losses.mixed_one_hot, float32 ops in order;
-    in lam's float64 for float64 logits, as regops.reference.losses._bce_targets)."""
-    off = smoothing / n_cols
-    on = 1.0 - smoothing + off
-    wo = 1.0 - lam
-    same = a == b
-    y2_at_a = tl.where(same, on, off)
-    base = off * lam + off * wo
-    at_a = on * lam + y2_at_a * wo
-    at_b = y2_at_a * lam + on * wo
-    t = tl.where(idx == a, at_a, tl.where(idx == b, at_b, base))
-    if HAS_THRESHOLD:
-        t = tl.where(t > threshold, 1.0, 0.0)
-    return t
-
-
-@triton.jit(do_not_specialize=["n_cols"])
-def mix_bce_forward_kernel(
-    z_ptr,
-    a_ptr,
-    b_ptr,
-    lam_ptr,
-    weight_ptr,
-    pos_weight_ptr,
-    loss_ptr,
-    n_cols,
-    opt_ptr,
-    HAS_THRESHOLD: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_POS_WEIGHT: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    compute = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
-    smoothing = tl.load(opt_ptr).to(compute)
-    threshold = tl.load(opt_ptr + 1).to(compute)
-    a = tl.load(a_ptr + row)
-    b = tl.load(b_ptr + row)
-    lam = tl.load(lam_ptr + row).to(compute)
-    acc = tl.zeros([BLOCK], compute)
-    for start in range(0, n_cols, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        valid = idx < n_cols
-        z = tl.load(z_ptr + row * n_cols + idx, mask=valid, other=0).to(compute)
-        t = _bce_target(idx, a, b, lam, n_cols, smoothing, threshold, HAS_THRESHOLD)
-        # log_sigmoid(z) = min(z, 0) - log(1 + exp(-|z|)); loss = (1 - t) z - lw log_sigmoid(z)
-        log_sig = tl.minimum(z, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(z)))
-        if HAS_POS_WEIGHT:
-            pw = tl.load(pos_weight_ptr + idx, mask=valid, other=1.0).to(compute)
-            log_sig = log_sig * ((pw - 1.0) * t + 1.0)
-        loss = (1.0 - t) * z - log_sig
-        if HAS_WEIGHT:
-            loss = loss * tl.load(weight_ptr + idx, mask=valid, other=0.0).to(compute)
-        acc += tl.where(valid, loss, 0.0)
-    tl.store(loss_ptr + row, tl.sum(acc, 0))
-
-
-@triton.jit(do_not_specialize=["n_cols"])
-def mix_bce_backward_kernel(
-    g_ptr,
-    z_ptr,
-    a_ptr,
-    b_ptr,
-    lam_ptr,
-    weight_ptr,
-    pos_weight_ptr,
-    out_ptr,
-    n_cols,
-    opt_ptr,
-    HAS_THRESHOLD: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_POS_WEIGHT: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    idx = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    compute = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
-    smoothing = tl.load(opt_ptr).to(compute)
-    threshold = tl.load(opt_ptr + 1).to(compute)
-    valid = idx < n_cols
-    z = tl.load(z_ptr + row * n_cols + idx, mask=valid, other=0).to(compute)
-    t = _bce_target(
-        idx,
-        tl.load(a_ptr + row),
-        tl.load(b_ptr + row),
-        tl.load(lam_ptr + row).to(compute),
-        n_cols,
-        smoothing,
-        threshold,
-        HAS_THRESHOLD,
-    )
-    sig_neg = 1.0 / (1.0 + tl.exp(z))  # sigmoid(-z)
-    if HAS_POS_WEIGHT:
-        pw = tl.load(pos_weight_ptr + idx, mask=valid, other=1.0).to(compute)
-        d = (1.0 - t) - (1.0 + (pw - 1.0) * t) * sig_neg
-    else:
-        d = (1.0 - t) - sig_neg
-    if HAS_WEIGHT:
-        d = d * tl.load(weight_ptr + idx, mask=valid, other=0.0).to(compute)
-    d = d * tl.load(g_ptr + row).to(compute)
-    tl.store(out_ptr + row * n_cols + idx, cast_rne(d, out_ptr.dtype.element_ty), mask=valid)
-
-
-def _bce_args(logits, weight, pos_weight, threshold):
-    acc = _acc(logits)
-    dummy = logits.new_empty(1, dtype=acc)
-    return (
-        weight.to(acc).contiguous() if weight is not None else dummy,
-        pos_weight.to(acc).contiguous() if pos_weight is not None else dummy,
-        float(threshold) if threshold is not None else 0.0,
-        {
-            "HAS_THRESHOLD": threshold is not None,
-            "HAS_WEIGHT": weight is not None,
-            "HAS_POS_WEIGHT": pos_weight is not None,
-        },
-    )
-
-
-def mix_binary_cross_entropy(logits, target_a, target_b, lam, smoothing, threshold, weight, pos_weight, *, block=None):
-    """regops.reference.losses.mix_binary_cross_entropy: per-row class sums, float32 [B]."""
-    n, c = logits.shape
-    acc = _acc(logits)
-    loss = torch.empty(n, dtype=acc, device=logits.device)
-    w, pw, thr, flags = _bce_args(logits, weight, pos_weight, threshold)
-    block = block or _loss_block(c, logits.device)
-    opts = _scalars(logits.device, acc, smoothing, thr)
-    launch(
-        mix_bce_forward_kernel, (n,), logits, target_a, target_b, _bce_lam(lam, acc), w, pw, loss, c, opts,
-        device=logits.device, BLOCK=block, **flags,
-    )  # fmt: skip
-    return loss
-
-
-def mix_binary_cross_entropy_backward(
-    grad, logits, target_a, target_b, lam, smoothing, threshold, weight, pos_weight, *, block=None
-):
-    """regops.reference.losses.mix_binary_cross_entropy_backward."""
-    n, c = logits.shape
-    acc = _acc(logits)
-    out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    w, pw, thr, flags = _bce_args(logits, weight, pos_weight, threshold)
-    block = block or _loss_block(c, logits.device)
-    opts = _scalars(logits.device, acc, smoothing, thr)
-    launch(
-        mix_bce_backward_kernel, (n, triton.cdiv(c, block)),
-        grad.to(acc).contiguous(), logits, target_a, target_b, _bce_lam(lam, acc), w, pw, out, c, opts,
-        device=logits.device, BLOCK=block, **flags,
-    )  # fmt: skip
-    return out
-
-
-def _bce_lam(lam, acc):
-    # float32 lambdas (timm's float32 targets) unless the logits are float64: then float64 targets
-    return lam.to(acc).contiguous()
-
-
-# ----------------------------------------------------------------------------------------------- compile specs
-
-_LOSS_FLOAT = ("*fp32", "*bf16", "*fp64")
-
-
-def _acc_ptr(t):
-    return "*fp64" if t == "*fp64" else "*fp32"
-
-
-_BCE_FLAGS = {"HAS_THRESHOLD": True, "HAS_WEIGHT": True, "HAS_POS_WEIGHT": True, "BLOCK": 1024}
-_MIX_LOSS_SPECS = (
-    [
-        (
-            mix_ce_forward_kernel,
-            {"z_ptr": t, "a_ptr": "*i64", "b_ptr": "*i64", "lam_ptr": _acc_ptr(t), "loss_ptr": _acc_ptr(t),
-             "lse_ptr": _acc_ptr(t), "n_cols": "i32", "opt_ptr": _acc_ptr(t)},
-            {"BLOCK": 4096},
-        )
-        for t in _LOSS_FLOAT
-    ]
-    + [
-        (
-            mix_ce_backward_kernel,
-            {"g_ptr": _acc_ptr(t), "z_ptr": t, "lse_ptr": _acc_ptr(t), "a_ptr": "*i64", "b_ptr": "*i64",
-             "lam_ptr": _acc_ptr(t), "out_ptr": t, "n_cols": "i32", "opt_ptr": _acc_ptr(t)},
-            {"BLOCK": 4096},
-        )
-        for t in _LOSS_FLOAT
-    ]
-    + [
-        (
-            soft_ce_forward_kernel,
-            {"z_ptr": t, "t_ptr": t, "loss_ptr": _acc_ptr(t), "stats_ptr": _acc_ptr(t), "n_cols": "i32"},
-            {"BLOCK": 4096},
-        )
-        for t in _LOSS_FLOAT
-    ]
-    + [
-        (
-            soft_ce_backward_kernel,
-            {"g_ptr": _acc_ptr(t), "z_ptr": t, "stats_ptr": _acc_ptr(t), "t_ptr": t, "out_ptr": t, "n_cols": "i32"},
-            {"BLOCK": 4096},
-        )
-        for t in _LOSS_FLOAT
-    ]
-    + [
-        (
-            mix_bce_forward_kernel,
-            {"z_ptr": t, "a_ptr": "*i64", "b_ptr": "*i64", "lam_ptr": _acc_ptr(t), "weight_ptr": _acc_ptr(t),
-             "pos_weight_ptr": _acc_ptr(t), "loss_ptr": _acc_ptr(t), "n_cols": "i32", "opt_ptr": _acc_ptr(t)},
-            _BCE_FLAGS,
-        )
-        for t in _LOSS_FLOAT
-    ]
-    + [
-        (
-            mix_bce_backward_kernel,
-            {"g_ptr": _acc_ptr(t), "z_ptr": t, "a_ptr": "*i64", "b_ptr": "*i64", "lam_ptr": _acc_ptr(t),
-             "weight_ptr": _acc_ptr(t), "pos_weight_ptr": _acc_ptr(t), "out_ptr": t, "n_cols": "i32",
-             "opt_ptr": _acc_ptr(t)},
-            _BCE_FLAGS,
-        )
-        for t in _LOSS_FLOAT
-    ]
-)  # fmt: skip
-
 _FLOATS = ("*fp32", "*bf16", "*fp16")  # (float64 logits: the same kernels with *fp64 pointers)
 _CE_FWD_SIG = {
     "idx_ptr": "*i64",
@@ -769,45 +291,33 @@ _CE_FWD_SIG = {
     "n_cols": "i32",
     "n_targets": "i32",
 }
-COMPILE_SPECS = (
-    [
-        (
-            ce_fwd_kernel,
-            {"x_ptr": t, **_CE_FWD_SIG},
-            {"HAS_CW": cw, "SOFTCAP": cap, "STATS": st, "DECOUPLED": dec, "BLOCK": 4096},
-        )
-        for t in _FLOATS
-        for cw, cap, st, dec in ((False, False, False, False), (True, True, True, True))
-    ]
-    + [
-        (
-            ce_bwd_kernel,
-            {
-                "g_ptr": "*fp32",
-                "x_ptr": t,
-                "idx_ptr": "*i64",
-                "tw_ptr": "*fp32",
-                "rw_ptr": "*fp32",
-                "cw_ptr": "*fp32",
-                "opt_ptr": "*fp32",
-                "stats_ptr": "*fp32",
-                "amax_ptr": "*i64",
-                "out_ptr": t,
-                "n_cols": "i32",
-                "n_targets": "i32",
-            },
-            {"HAS_CW": cw, "SOFTCAP": cap, "DECOUPLED": dec, "BLOCK": 4096},
-        )
-        for t in _FLOATS
-        for cw, cap, dec in ((False, False, False), (True, True, True))
-    ]
-    + _MIX_LOSS_SPECS
-)
-
-
-def linear_cross_entropy_with_grad(hidden, weight, bias, *args):
-    """regops.reference.losses.linear_cross_entropy_with_grad with this module's kernels on each block."""
-    return ref.linear_cross_entropy_with_grad(
-        hidden, weight, bias, *args, ce=cross_entropy, ce_backward=cross_entropy_backward,
-        chunk=_linear_chunk(hidden.device),
-    )  # fmt: skip
+COMPILE_SPECS = [
+    (
+        ce_fwd_kernel,
+        {"x_ptr": t, **_CE_FWD_SIG},
+        {"HAS_CW": cw, "SOFTCAP": cap, "STATS": st, "DECOUPLED": dec, "BLOCK": 4096},
+    )
+    for t in _FLOATS
+    for cw, cap, st, dec in ((False, False, False, False), (True, True, True, True))
+] + [
+    (
+        ce_bwd_kernel,
+        {
+            "g_ptr": "*fp32",
+            "x_ptr": t,
+            "idx_ptr": "*i64",
+            "tw_ptr": "*fp32",
+            "rw_ptr": "*fp32",
+            "cw_ptr": "*fp32",
+            "opt_ptr": "*fp32",
+            "stats_ptr": "*fp32",
+            "amax_ptr": "*i64",
+            "out_ptr": t,
+            "n_cols": "i32",
+            "n_targets": "i32",
+        },
+        {"HAS_CW": cw, "SOFTCAP": cap, "DECOUPLED": dec, "BLOCK": 4096},
+    )
+    for t in _FLOATS
+    for cw, cap, dec in ((False, False, False), (True, True, True))
+]

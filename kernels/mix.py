@@ -1,17 +1,13 @@
-"""Triton kernel for MixUp/CutMix: the mixing kernel (one launch for every mode and for its transpose).
+"""Triton kernel of the mixing op (MixUp/CutMix): one launch for every mode and for its transpose.
 
-The launcher takes and returns tensors (no autograd) with the signatures of :mod:`regops.reference.mix`, which
-defines the math; the kernel follows it operation by operation and is launched with FMA contraction off, so
-float32 results agree with the reference to the last bit under the interpreter and on a GPU. (The mixed-label
-losses moved to :mod:`regops.kernels.losses`.)
+The math is :mod:`regops.mix.reference`'s, operation by operation; the launchers in :mod:`regops.mix.triton` launch
+it with FMA contraction off, so float32 results agree with the reference to the last bit under the interpreter and
+on a GPU.
 """
 
-import torch
 import triton
 import triton.language as tl
 from regops.kernels.utils import cast_rne
-
-from regops._core.launch import launch
 
 
 # ----------------------------------------------------------------------------------------------- mixing
@@ -93,65 +89,6 @@ def mix_kernel(
         tl.store(y_ptr + b * per_sample + offs, y.to(tl.uint8), mask=valid)
     else:
         tl.store(y_ptr + b * per_sample + offs, cast_rne(y, y_ptr.dtype.element_ty), mask=valid)
-
-
-def _layout(x: torch.Tensor):
-    """(channels_last, inner, height, width) of x viewed as [B, M, H, W] in its memory order."""
-    if x.dim() == 2:
-        return False, 1, 1, x.shape[1]
-    height, width = x.shape[-2], x.shape[-1]
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return channels_last, (x.shape[1] if channels_last else 1), height, width
-
-
-def _block(per_sample: int, device: torch.device) -> int:
-    cap = 4096 if device.type == "cpu" else 2048
-    return min(cap, triton.next_power_of_2(max(per_sample, 16)))
-
-
-def _launch_mix(x, w_self, w_other, index, box, transpose: bool, block=None):
-    y = torch.empty_like(x)
-    if x.numel() == 0:
-        return y
-    batch = x.shape[0]
-    per_sample = x.numel() // batch
-    channels_last, inner, height, width = _layout(x)
-    block = block or _block(per_sample, x.device)
-    n_blocks = triton.cdiv(per_sample, block)
-    launch(
-        mix_kernel,
-        (batch * n_blocks,),
-        x,
-        y,
-        w_self.float().contiguous(),
-        w_other.float().contiguous(),
-        index.contiguous(),
-        box.contiguous(),
-        per_sample,
-        inner,
-        height,
-        width,
-        n_blocks,
-        device=x.device,
-        CHANNELS_LAST=channels_last,
-        TRANSPOSE=transpose,
-        BLOCK=block,
-        num_warps=4,
-        enable_fp_fusion=False,  # x*w + xp*w' stays three roundings: bit-identical to the reference on a GPU
-    )
-    return y
-
-
-def mix_apply(x, w_self, w_other, partner, box, *, block=None):
-    """regops.reference.mix.mix_apply on x (contiguous or channels_last)."""
-    return _launch_mix(x, w_self, w_other, partner, box, False, block)
-
-
-def mix_apply_backward(grad, w_self, w_other, partner, box, *, block=None):
-    """regops.reference.mix.mix_apply_backward (partner must be a permutation)."""
-    inverse = torch.empty_like(partner)
-    inverse[partner] = torch.arange(partner.numel(), device=partner.device, dtype=partner.dtype)
-    return _launch_mix(grad, w_self, w_other, inverse, box, True, block)
 
 
 # ----------------------------------------------------------------------------------------------- compile specs

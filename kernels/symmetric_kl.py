@@ -2,15 +2,12 @@
 
 Forward: pass 1 online max / sum-exp for both rows, pass 2 the loss and <p_a, d>, <p_b, d> (d = log p_a - log p_b);
 saves 4 floats per row. Backward: one pass writing both gradients. Nothing of size rows x V besides the inputs
-and the gradients is ever allocated.
+and the gradients is ever allocated. Launchers: :mod:`regops.losses.triton`.
 """
 
-import torch
 import triton
 import triton.language as tl
 from regops.kernels.utils import cast_rne
-
-from regops._core.launch import launch
 
 
 @triton.jit(do_not_specialize=["cols"])
@@ -80,41 +77,6 @@ def symmetric_kl_bwd_kernel(grad_ptr, a_ptr, b_ptr, stats_ptr, ga_ptr, gb_ptr, c
         gb = g * (pb * (pbd - d) + pb - pa)
         tl.store(ga_ptr + idx, cast_rne(ga, ga_ptr.dtype.element_ty), mask=ok)
         tl.store(gb_ptr + idx, cast_rne(gb, gb_ptr.dtype.element_ty), mask=ok)
-
-
-def _block(t: torch.Tensor, cols: int) -> int:
-    cap = 16384 if t.device.type == "cpu" else 4096
-    return min(max(triton.next_power_of_2(cols), 16), cap)
-
-
-def symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss [rows], stats [rows, 4])`` for ``[rows, V]`` contiguous logits; as the reference of the same name."""
-    rows, cols = a.shape
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    loss = torch.empty(rows, dtype=acc, device=a.device)
-    stats = torch.empty((rows, 4), dtype=acc, device=a.device)
-    if rows == 0:
-        return loss, stats
-    launch(
-        symmetric_kl_fwd_kernel, (rows,), a, b, loss, stats, cols, device=a.device, BLOCK=_block(a, cols), num_warps=8
-    )
-    return loss, stats
-
-
-def symmetric_kl_backward(
-    grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, stats: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of the per-row losses weighted by ``grad [rows]``."""
-    rows, cols = a.shape
-    ga = torch.empty_like(a, memory_format=torch.contiguous_format)
-    gb = torch.empty_like(b, memory_format=torch.contiguous_format)
-    if rows == 0 or cols == 0:
-        return ga.zero_(), gb.zero_()
-    launch(
-        symmetric_kl_bwd_kernel, (rows,), grad.contiguous(), a, b, stats, ga, gb, cols,
-        device=a.device, BLOCK=_block(a, cols), num_warps=8,
-    )  # fmt: skip
-    return ga, gb
 
 
 _DTYPES = ("*fp32", "*fp16", "*bf16", "*fp64")

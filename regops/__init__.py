@@ -38,7 +38,7 @@ __all__ = [
     *_dropout_module.__all__,
     *_mix_module.__all__,
     *_grad_norms_module.__all__,
-    *(name for name in _losses_module.__all__ if name not in _dropout_module.__all__),  # symmetric_kl: both
+    *_losses_module.__all__,
     *_valuation_module.__all__,
     *_masks_module.__all__,
     *_penalties_module.__all__,

@@ -64,15 +64,15 @@ MUTATIONS = [
         "kernels/losses.py",
         "            e_ny = tl.where(valid & (cols != y), e, 0.0)",
         "            e_ny = tl.where(valid & (cols != y + 1), e, 0.0)",
-        ("tests/test_losses.py", "-k", "kernel"),
+        ("tests/losses/test_ops.py", "-k", "kernel"),
     ),
     Mutation(
         "ignore-index",
         "cross_entropy: rows with label ignore_index + 1 ignored instead of ignore_index (off by one)",
-        "regops/losses/regularized.py",
+        "regops/losses/_targets.py",
         "entry_ignored = index == ignore_index",
         "entry_ignored = index == ignore_index + 1",
-        ("tests/test_losses.py",),
+        ("tests/losses/test_api.py", "tests/losses/test_semantics.py"),
     ),
     Mutation(
         "layer-norm-float32",
@@ -102,7 +102,7 @@ MUTATIONS = [
     Mutation(
         "stale-extension",
         "the C++ sources change after regops._C was built (an in-place build older than the checkout)",
-        "csrc/cpu_mix.cpp",
+        "csrc/mix/cpu.cpp",
         "#include <torch/library.h>\n",
         "#include <torch/library.h>\n// changed after the build\n",
         ("tests/test_extension_present.py",),

@@ -1,4 +1,4 @@
-"""Structured dropout family: drop path, shared/channel masks, nested, multi-sample, bitmask mode, symmetric KL."""
+"""Structured dropout family: drop path, shared/channel masks, nested, multi-sample, bitmask mode."""
 
 from __future__ import annotations
 
@@ -332,62 +332,3 @@ def test_bitmask_compile_fullgraph():
     y = f(x)
     y.sum().backward()
     assert torch.equal(x.grad != 0, y != 0)
-
-
-# ------------------------------------------------------------------------------------------------ symmetric KL
-def _skl_torch(a, b):
-    la, lb = a.log_softmax(-1), b.log_softmax(-1)
-    kl_ab = F.kl_div(lb, la, log_target=True, reduction="none").sum(-1)  # KL(p_a || p_b)
-    kl_ba = F.kl_div(la, lb, log_target=True, reduction="none").sum(-1)
-    return 0.5 * (kl_ab + kl_ba)
-
-
-@pytest.mark.ops("symmetric_kl", "symmetric_kl_backward")
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 1), (3, 1000), (2, 2, 20000)], ids=str)
-def test_symmetric_kl_kernel_matches_reference(kernel_target, dtype, shape):
-    _, device = kernel_target
-    a, b = make_tensor(shape, dtype, device, seed=1, low=-6, high=6), make_tensor(shape, dtype, device, seed=2)
-    cols = shape[-1]
-    a2, b2 = a.reshape(-1, cols), b.reshape(-1, cols)
-    loss, stats = torch.ops.regops.symmetric_kl(a2, b2)
-    loss_ref, stats_ref = _reference(torch.ops.regops.symmetric_kl, a2.cpu(), b2.cpu())
-    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype != torch.float64 else {"rtol": 1e-10, "atol": 1e-12}
-    torch.testing.assert_close(loss.cpu(), loss_ref, **tol)
-    g = make_tensor((a2.shape[0],), loss.dtype, device, seed=5)
-    ga, gb = torch.ops.regops.symmetric_kl_backward(g, a2, b2, stats)
-    ga_ref, gb_ref = _reference(torch.ops.regops.symmetric_kl_backward, g.cpu(), a2.cpu(), b2.cpu(), stats_ref)
-    gtol = {"rtol": 1e-2, "atol": 1e-4} if dtype in (torch.float16, torch.bfloat16) else tol
-    torch.testing.assert_close(ga.cpu(), ga_ref, **gtol)
-    torch.testing.assert_close(gb.cpu(), gb_ref, **gtol)
-
-
-def test_symmetric_kl_matches_torch_composition_with_grads():
-    a = make_tensor((4, 3, 50), torch.float64, requires_grad=True, seed=1, low=-5, high=5)
-    b = make_tensor((4, 3, 50), torch.float64, requires_grad=True, seed=2)
-    for reduction in ("mean", "sum", "none"):
-        ours = regops.symmetric_kl(a, b, reduction=reduction, class_dim=-1)
-        ref = _skl_torch(a, b)
-        ref = ref.mean() if reduction == "mean" else ref.sum() if reduction == "sum" else ref
-        torch.testing.assert_close(ours, ref)
-        g = torch.randn_like(ref)
-        torch.testing.assert_close(torch.autograd.grad(ours, (a, b), g), torch.autograd.grad(ref, (a, b), g))
-    assert torch.autograd.gradcheck(lambda x, y: regops.symmetric_kl(x, y, reduction="none"), (a[0], b[0]))
-    assert regops.symmetric_kl(a, a, class_dim=-1).abs().item() < 1e-12
-
-
-def test_symmetric_kl_memory_opcheck_compile_errors():
-    a, b = torch.randn(8, 5000, requires_grad=True), torch.randn(8, 5000, requires_grad=True)
-    loss, sizes = _saved(lambda: regops.symmetric_kl(a, b))
-    assert sum(s for s, _ in sizes) <= 2 * a.numel() * 4 + 8 * 4 * 4 + 64  # the logits themselves + stats
-    loss.backward()
-    torch.library.opcheck(torch.ops.regops.symmetric_kl, (a, b))
-    torch._dynamo.reset()
-    f = torch.compile(lambda x, y: regops.symmetric_kl(x * 1, y), fullgraph=True)
-    torch.testing.assert_close(f(a, b), _skl_torch(a, b).mean())
-    with pytest.raises(ValueError, match="same shape and dtype"):
-        regops.symmetric_kl(a, b[:, :10])
-    with pytest.raises(ValueError, match="reduction"):
-        regops.symmetric_kl(a, b, reduction="batchmean")
-    with pytest.raises(ValueError, match="V > 0"):
-        regops.symmetric_kl(torch.randn(2, 0), torch.randn(2, 0))

@@ -1,28 +1,18 @@
-// The mixing kernel's CUDA bindings (namespace regops_C; csrc/mix/cuda.cu holds the kernel).
+// CUDA bindings of the mixing op (regops::mix_apply) and its transpose (regops::mix_apply_backward) on the ops'
+// schema; csrc/mix/cuda.cu holds the kernel.
 #include <torch/library.h>
 
 #include "common/cuda_bindings.h"
 #include "mix/cuda.h"
 
+namespace regops {
 namespace {
 
-using regops::check_launch;
-using regops::dtype_of;
-
-at::Tensor mix_launch(const at::Tensor& x, const at::Tensor& w_self, const at::Tensor& w_other,
-                      const at::Tensor& index, const at::Tensor& box, bool transpose) {
-  TORCH_CHECK(x.is_cuda() && x.dim() >= 2, "regops_C::mix_apply: x must be a CUDA tensor [B, ...]");
+// y[b] = x[b] mixed with x[index[b]] (see csrc/mix/cuda.cu); transpose: index is the inverse partner permutation.
+// The output is channels_last for a channels_last 4-D x, contiguous otherwise.
+at::Tensor mix_binding(const at::Tensor& x, const at::Tensor& w_self, const at::Tensor& w_other,
+                       const at::Tensor& index, const at::Tensor& box, bool transpose, const char* op) {
   const int64_t batch = x.size(0);
-  TORCH_CHECK(w_self.scalar_type() == at::kFloat && w_other.scalar_type() == at::kFloat &&
-                  w_self.numel() == batch && w_other.numel() == batch,
-              "regops_C::mix_apply: w_self and w_other must be float32 [B]");
-  TORCH_CHECK(index.scalar_type() == at::kLong && index.numel() == batch,
-              "regops_C::mix_apply: index must be int64 [B]");
-  TORCH_CHECK(box.scalar_type() == at::kLong && box.numel() == 4 * batch,
-              "regops_C::mix_apply: box must be int64 [B, 4]");
-  TORCH_CHECK(w_self.device() == x.device() && w_other.device() == x.device() && index.device() == x.device() &&
-                  box.device() == x.device(),
-              "regops_C::mix_apply: all tensors must be on x's device");
   const c10::cuda::CUDAGuard guard(x.device());
   const bool channels_last =
       x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
@@ -31,39 +21,53 @@ at::Tensor mix_launch(const at::Tensor& x, const at::Tensor& w_self, const at::T
       at::empty_like(input, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const int64_t height = x.dim() == 2 ? 1 : x.size(-2);
   const int64_t width = x.dim() == 2 ? x.size(1) : x.size(-1);
-  const regops::DType dtype =
-      input.scalar_type() == at::kByte ? regops::DType::UInt8 : dtype_of(input, "mix_apply");
-  const at::Tensor ws = w_self.contiguous(), wo = w_other.contiguous(), idx = index.contiguous(),
-                   bx = box.contiguous();
-  check_launch(regops::mix_launch(input.const_data_ptr(), y.mutable_data_ptr(), batch,
-                                  batch ? input.numel() / batch : 0, channels_last ? x.size(1) : 1, height, width,
-                                  channels_last, transpose, ws.const_data_ptr<float>(), wo.const_data_ptr<float>(),
-                                  idx.const_data_ptr<int64_t>(), bx.const_data_ptr<int64_t>(), dtype,
-                                  c10::cuda::getCurrentCUDAStream()),
-               "mix_apply");
+  const DType dtype = input.scalar_type() == at::kByte ? DType::UInt8 : dtype_of(input, op);
+  const at::Tensor ws = w_self.to(at::kFloat).contiguous(), wo = w_other.to(at::kFloat).contiguous();
+  const at::Tensor idx = index.contiguous(), bx = box.contiguous();
+  check_launch(mix_launch(input.const_data_ptr(), y.mutable_data_ptr(), batch, batch ? input.numel() / batch : 0,
+                          channels_last ? x.size(1) : 1, height, width, channels_last, transpose,
+                          ws.const_data_ptr<float>(), wo.const_data_ptr<float>(), idx.const_data_ptr<int64_t>(),
+                          bx.const_data_ptr<int64_t>(), dtype, c10::cuda::getCurrentCUDAStream()),
+               op);
   return y;
 }
 
-// y[b] = x[b] mixed with x[partner[b]] (see csrc/mix.cu).
-at::Tensor mix_apply(const at::Tensor& x, const at::Tensor& w_self, const at::Tensor& w_other,
-                     const at::Tensor& partner, const at::Tensor& box) {
-  return mix_launch(x, w_self, w_other, partner, box, false);
+void check_args(const at::Tensor& x, const at::Tensor& w_self, const at::Tensor& w_other, const at::Tensor& partner,
+                const at::Tensor& box, const char* op) {
+  TORCH_CHECK(x.is_cuda() && x.dim() >= 2, "regops::", op, ": x must be a CUDA tensor [B, ...]");
+  const int64_t batch = x.size(0);
+  TORCH_CHECK(w_self.numel() == batch && w_other.numel() == batch, "regops::", op, ": w_self and w_other must be [B]");
+  TORCH_CHECK(partner.scalar_type() == at::kLong && partner.numel() == batch, "regops::", op,
+              ": partner must be int64 [B]");
+  TORCH_CHECK(box.scalar_type() == at::kLong && box.numel() == 4 * batch, "regops::", op,
+              ": box must be int64 [B, 4]");
+  TORCH_CHECK(w_self.device() == x.device() && w_other.device() == x.device() && partner.device() == x.device() &&
+                  box.device() == x.device(),
+              "regops::", op, ": all tensors must be on x's device");
 }
 
-// The transposed mix (gradient w.r.t. x); `inverse` is the inverse of the partner permutation.
+at::Tensor mix_apply(const at::Tensor& x, const at::Tensor& w_self, const at::Tensor& w_other,
+                     const at::Tensor& partner, const at::Tensor& box) {
+  check_args(x, w_self, w_other, partner, box, "mix_apply");
+  return mix_binding(x, w_self, w_other, partner, box, false, "mix_apply");
+}
+
+// The transposed mix reads, for each sample, the sample that took it as a partner: the inverse permutation,
+// computed on the device (no host sync).
 at::Tensor mix_apply_backward(const at::Tensor& grad, const at::Tensor& w_self, const at::Tensor& w_other,
-                              const at::Tensor& inverse, const at::Tensor& box) {
-  return mix_launch(grad, w_self, w_other, inverse, box, true);
+                              const at::Tensor& partner, const at::Tensor& box) {
+  check_args(grad, w_self, w_other, partner, box, "mix_apply_backward");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const at::Tensor p = partner.contiguous();
+  at::Tensor inverse = at::empty_like(p);
+  inverse.index_put_({p}, at::arange(p.numel(), p.options()));
+  return mix_binding(grad, w_self, w_other, inverse, box, true, "mix_apply_backward");
 }
 
 }  // namespace
+}  // namespace regops
 
-TORCH_LIBRARY(regops_C, m) {
-  m.def("mix_apply(Tensor x, Tensor w_self, Tensor w_other, Tensor partner, Tensor box) -> Tensor");
-  m.def("mix_apply_backward(Tensor grad, Tensor w_self, Tensor w_other, Tensor inverse, Tensor box) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(regops_C, CUDA, m) {
-  m.impl("mix_apply", &mix_apply);
-  m.impl("mix_apply_backward", &mix_apply_backward);
+TORCH_LIBRARY_IMPL(regops, CUDA, m) {
+  m.impl("mix_apply", &regops::mix_apply);
+  m.impl("mix_apply_backward", &regops::mix_apply_backward);
 }

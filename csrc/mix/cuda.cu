@@ -1,5 +1,5 @@
 // MixUp / CutMix mixing kernel: every sample blended with (or boxed from) its partner in one launch, for every
-// mode. The math is regops/reference/mix.py::mix_apply, operation by operation, with round-to-nearest multiplies
+// mode. The math is regops/mix/reference.py::mix_apply, operation by operation, with round-to-nearest multiplies
 // and adds (no FMA contraction) so the results equal the reference bit for bit:
 //
 //   own   = (h, w) in box[b] ? 0 : x[b] * w_self[b]

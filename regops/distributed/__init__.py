@@ -4,7 +4,7 @@ Masks are a function of (seed, offset, logical element index), so a sharded tens
 elements of the single-process mask it holds: ``regops.dropout(dtensor)`` drops the same elements whatever the
 layout (1, 2 or 8 ways, any dim, uneven shards), and ``.full_tensor()`` equals the single-process result for
 the same seed. The public functions of :mod:`regops.dropout` and :mod:`regops.mix` forward DTensor inputs to
-:mod:`regops.distributed.dropout` and :mod:`regops.distributed.mix`; the op that runs on a shard is
+:mod:`regops.dropout.dtensor` and :mod:`regops.mix.dtensor`; the op that runs on a shard is
 ``regops::global_mask_apply`` (:mod:`regops.distributed._ops`, reference in
 :mod:`regops.reference.distributed`, Triton kernel in :mod:`regops.kernels.distributed`).
 

@@ -4,18 +4,17 @@
   decoupled targets, sparse teacher targets, class/token weights, softcap, and per-row statistics;
 * :func:`linear_cross_entropy` -- the same on ``hidden @ weight.T`` without materialising the logits;
 * :func:`mix_cross_entropy`, :func:`soft_target_cross_entropy`, :func:`mix_binary_cross_entropy` -- MixUp /
-  CutMix losses from index labels and timm's soft-target losses (:mod:`regops.losses.mixed`);
-* :func:`symmetric_kl` -- R-Drop's two-view consistency loss (:mod:`regops.losses.consistency`);
+  CutMix losses from the index labels of a :class:`regops.MixedBatch` and timm's soft-target losses;
+* :func:`symmetric_kl` -- R-Drop's two-view consistency loss;
 * :func:`causal_lm_loss` -- the loss for Hugging Face causal LMs (``model.loss_function = ...``).
 
-Kernels: :mod:`regops.kernels.losses` (and :mod:`regops.kernels.symmetric_kl`); references:
-:mod:`regops.reference.losses`.
+Modules: :mod:`regops.losses.nn`. Ops: :mod:`regops.losses.ops`; references: :mod:`regops.losses.reference`,
+:mod:`regops.losses.reference_mixed`; Triton: :mod:`regops.losses.triton` (kernels in ``regops.kernels.losses``,
+``losses_mixed``, ``symmetric_kl``).
 """
 
-from regops.losses import consistency, hf, mixed, regularized
-from regops.losses.consistency import *  # noqa: F403
-from regops.losses.hf import *  # noqa: F403
-from regops.losses.mixed import *  # noqa: F403
-from regops.losses.regularized import *  # noqa: F403
+from regops.losses.api import *  # noqa: F403
+from regops.losses.api import __all__ as _api_all
+from regops.losses.nn import MixCrossEntropy, SoftTargetCrossEntropy
 
-__all__ = [*regularized.__all__, *mixed.__all__, *consistency.__all__, *hf.__all__]
+__all__ = [*_api_all, "MixCrossEntropy", "SoftTargetCrossEntropy"]

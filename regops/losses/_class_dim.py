@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from regops.reference import losses as _ref
+from regops._core.dtypes import acc_dtype
 
 
 def check_class_dim(class_dim: Any, nd: int) -> int:
@@ -61,7 +61,7 @@ def check_weight_dtype(weight: Any, name: str, dtype: torch.dtype) -> None:
     """Class weights in the logits' dtype or in the loss's compute dtype (float32 for 16-bit logits, which is what
     autocast gives torch's loss). Anything else raises, as ``F.cross_entropy`` does: a float64 weight with float32
     logits would silently lose its precision, a float32 weight with float64 logits does not give float64 math."""
-    if not isinstance(weight, torch.Tensor) or weight.dtype in (dtype, _ref.compute_dtype(dtype)):
+    if not isinstance(weight, torch.Tensor) or weight.dtype in (dtype, acc_dtype(dtype)):
         return
     raise TypeError(
         f"regops: {name} is {weight.dtype} but the logits are {dtype} (torch.nn.functional.cross_entropy raises here "

@@ -1,11 +1,10 @@
-"""MixUp / CutMix losses from index labels and soft-target losses (moved here from :mod:`regops.mix`, which
-keeps the mixing; every name stays importable from ``regops`` and ``regops.mix``).
+"""MixUp / CutMix losses from index labels and timm's soft-target losses, fused: no ``B x C`` target is built.
 
-* ``regops::mix_cross_entropy`` computes ``lam CE_s(y_a) + (1 - lam) CE_s(y_b)`` reading the logits once forward
-  and once backward with ``O(B)`` extra memory (for more options -- MaxSup, z-loss, decoupled mixup, statistics --
-  use :func:`regops.cross_entropy` with ``mix=``);
-* ``soft_target_cross_entropy`` (timm's ``SoftTargetCrossEntropy``) and ``mix_binary_cross_entropy`` (timm's
-  ``BinaryCrossEntropy`` on ``Mixup``'s targets) likewise.
+* :func:`mix_cross_entropy` computes ``lam CE_s(y_a) + (1 - lam) CE_s(y_b)`` reading the logits once forward and
+  once backward with ``O(B)`` extra memory (for more options -- MaxSup, z-loss, decoupled mixup, statistics -- use
+  :func:`regops.cross_entropy` with ``mix=``);
+* :func:`soft_target_cross_entropy` (timm's ``SoftTargetCrossEntropy``) and :func:`mix_binary_cross_entropy`
+  (timm's ``BinaryCrossEntropy`` on ``Mixup``'s targets) likewise.
 
 Float64 logits get float64 math everywhere: targets, lambdas (the float64 draws), class and positive weights,
 and the gradient with respect to soft targets.
@@ -17,217 +16,19 @@ from typing import Any
 
 import torch
 
-from regops import _backend
-from regops._core import validate as _validate
-from regops.mix import MixedBatch, _check_number, _check_smoothing
-from regops.reference import losses as _ref
+from regops._core import validate
+from regops._core.dtypes import acc_dtype
+from regops.losses import ops
+from regops.mix import MixedBatch
+from regops.mix._params import check_number, check_smoothing
 
-__all__ = [
-    "MixCrossEntropy",
-    "SoftTargetCrossEntropy",
-    "mix_binary_cross_entropy",
-    "mix_cross_entropy",
-    "soft_target_cross_entropy",
-]
+__all__ = ["mix_binary_cross_entropy", "mix_cross_entropy", "soft_target_cross_entropy"]
 
-_backend.register("mix_cross_entropy", torch=_ref.mix_cross_entropy, triton="regops.kernels.losses:mix_cross_entropy")
-_backend.register(
-    "mix_cross_entropy_backward",
-    torch=_ref.mix_cross_entropy_backward,
-    triton="regops.kernels.losses:mix_cross_entropy_backward",
-)
-_backend.register(
-    "soft_target_cross_entropy",
-    torch=_ref.soft_target_cross_entropy,
-    triton="regops.kernels.losses:soft_target_cross_entropy",
-)
-_backend.register(
-    "soft_target_cross_entropy_backward",
-    torch=_ref.soft_target_cross_entropy_backward,
-    triton="regops.kernels.losses:soft_target_cross_entropy_backward",
-)
-_backend.register(
-    "mix_binary_cross_entropy",
-    torch=_ref.mix_binary_cross_entropy,
-    triton="regops.kernels.losses:mix_binary_cross_entropy",
-)
-_backend.register(
-    "mix_binary_cross_entropy_backward",
-    torch=_ref.mix_binary_cross_entropy_backward,
-    triton="regops.kernels.losses:mix_binary_cross_entropy_backward",
-)
-
-
-# ============================================================================================== ops
-@torch.library.custom_op("regops::mix_cross_entropy", mutates_args=())
-def _mce_op(
-    logits: torch.Tensor, target_a: torch.Tensor, target_b: torch.Tensor, lam: torch.Tensor, smoothing: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    fn = _backend.implementation("mix_cross_entropy", logits.device)
-    return fn(logits.contiguous(), target_a, target_b, lam, smoothing)
-
-
-@_mce_op.register_fake
-def _(logits, target_a, target_b, lam, smoothing):
-    n, acc = logits.shape[0], _ref.loss_dtype(logits)
-    return logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc)
-
-
-@torch.library.custom_op("regops::mix_cross_entropy_backward", mutates_args=())
-def _mce_backward_op(
-    grad: torch.Tensor,
-    logits: torch.Tensor,
-    lse: torch.Tensor,
-    target_a: torch.Tensor,
-    target_b: torch.Tensor,
-    lam: torch.Tensor,
-    smoothing: float,
-) -> torch.Tensor:
-    fn = _backend.implementation("mix_cross_entropy_backward", logits.device)
-    return fn(grad.contiguous(), logits.contiguous(), lse, target_a, target_b, lam, smoothing)
-
-
-@_mce_backward_op.register_fake
-def _(grad, logits, lse, target_a, target_b, lam, smoothing):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-def _mce_setup(ctx, inputs, output) -> None:
-    logits, target_a, target_b, lam, smoothing = inputs
-    ctx.smoothing = smoothing
-    ctx.save_for_backward(logits, output[1], target_a, target_b, lam)
-
-
-def _mce_bwd(ctx, grad_loss, grad_lse):
-    logits, lse, target_a, target_b, lam = ctx.saved_tensors
-    g = _mce_backward_op(grad_loss, logits, lse, target_a, target_b, lam, ctx.smoothing)
-    return g, None, None, None, None
-
-
-_mce_op.register_autograd(_mce_bwd, setup_context=_mce_setup)
-
-
-@torch.library.custom_op("regops::soft_target_cross_entropy", mutates_args=())
-def _stce_op(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    fn = _backend.implementation("soft_target_cross_entropy", logits.device)
-    return fn(logits.contiguous(), target.contiguous())
-
-
-@_stce_op.register_fake
-def _(logits, target):
-    n, acc = logits.shape[0], _ref.loss_dtype(logits)
-    return logits.new_empty(n, dtype=acc), logits.new_empty((n, 2), dtype=acc)
-
-
-@torch.library.custom_op("regops::soft_target_cross_entropy_backward", mutates_args=())
-def _stce_backward_op(
-    grad: torch.Tensor, logits: torch.Tensor, stats: torch.Tensor, target: torch.Tensor
-) -> torch.Tensor:
-    fn = _backend.implementation("soft_target_cross_entropy_backward", logits.device)
-    return fn(grad.contiguous(), logits.contiguous(), stats, target.contiguous())
-
-
-@_stce_backward_op.register_fake
-def _(grad, logits, stats, target):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-def _stce_setup(ctx, inputs, output) -> None:
-    logits, target = inputs
-    ctx.save_for_backward(logits, output[1], target)
-
-
-def _stce_bwd(ctx, grad_loss, grad_stats):
-    logits, stats, target = ctx.saved_tensors
-    grad_logits = grad_target = None
-    if ctx.needs_input_grad[0]:
-        grad_logits = _stce_backward_op(grad_loss, logits, stats, target)
-    if ctx.needs_input_grad[1]:  # d/dt of -sum t log_softmax(z) = lse(z) - z
-        grad_target = ((stats[:, :1] - logits.to(stats.dtype)) * grad_loss.unsqueeze(1)).to(target.dtype)
-    return grad_logits, grad_target
-
-
-_stce_op.register_autograd(_stce_bwd, setup_context=_stce_setup)
-
-
-@torch.library.custom_op("regops::mix_binary_cross_entropy", mutates_args=())
-def _mbce_op(
-    logits: torch.Tensor,
-    target_a: torch.Tensor,
-    target_b: torch.Tensor,
-    lam: torch.Tensor,
-    smoothing: float,
-    threshold: float | None,
-    weight: torch.Tensor | None,
-    pos_weight: torch.Tensor | None,
-) -> torch.Tensor:
-    fn = _backend.implementation("mix_binary_cross_entropy", logits.device)
-    return fn(logits.contiguous(), target_a, target_b, lam, smoothing, threshold, weight, pos_weight)
-
-
-@_mbce_op.register_fake
-def _(logits, target_a, target_b, lam, smoothing, threshold, weight, pos_weight):
-    return logits.new_empty(logits.shape[0], dtype=_ref.loss_dtype(logits))
-
-
-@torch.library.custom_op("regops::mix_binary_cross_entropy_backward", mutates_args=())
-def _mbce_backward_op(
-    grad: torch.Tensor,
-    logits: torch.Tensor,
-    target_a: torch.Tensor,
-    target_b: torch.Tensor,
-    lam: torch.Tensor,
-    smoothing: float,
-    threshold: float | None,
-    weight: torch.Tensor | None,
-    pos_weight: torch.Tensor | None,
-) -> torch.Tensor:
-    fn = _backend.implementation("mix_binary_cross_entropy_backward", logits.device)
-    return fn(
-        grad.contiguous(),
-        logits.contiguous(),
-        target_a,
-        target_b,
-        lam,
-        smoothing,
-        threshold,
-        weight,
-        pos_weight,
-    )
-
-
-@_mbce_backward_op.register_fake
-def _(grad, logits, target_a, target_b, lam, smoothing, threshold, weight, pos_weight):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-def _mbce_setup(ctx, inputs, output) -> None:
-    logits, target_a, target_b, lam, smoothing, threshold, weight, pos_weight = inputs
-    ctx.smoothing, ctx.threshold = smoothing, threshold
-    ctx.has_weight, ctx.has_pos_weight = weight is not None, pos_weight is not None
-    saved = [logits, target_a, target_b, lam]
-    saved += [weight] if weight is not None else []
-    saved += [pos_weight] if pos_weight is not None else []
-    ctx.save_for_backward(*saved)
-
-
-def _mbce_bwd(ctx, grad):
-    logits, target_a, target_b, lam, *rest = ctx.saved_tensors
-    weight = rest.pop(0) if ctx.has_weight else None
-    pos_weight = rest.pop(0) if ctx.has_pos_weight else None
-    g = _mbce_backward_op(grad, logits, target_a, target_b, lam, ctx.smoothing, ctx.threshold, weight, pos_weight)
-    return g, None, None, None, None, None, None, None
-
-
-_mbce_op.register_autograd(_mbce_bwd, setup_context=_mbce_setup)
-
-
-# ============================================================================================== API
 _REDUCTIONS = ("mean", "sum", "none")
 
 
 def _check_logits(logits: Any, batch: int | None = None) -> torch.Tensor:
-    logits = _validate.floating(logits, "logits")
+    logits = validate.floating(logits, "logits")
     if logits.dim() != 2:
         raise ValueError(f"regops: logits must be [B, C], got shape {tuple(logits.shape)}")
     if batch is not None and logits.shape[0] != batch:
@@ -260,7 +61,7 @@ def _check_mix_targets(logits: torch.Tensor, mix: MixedBatch) -> None:
         low, high = torch.aminmax(mix.target_a)
         if int(low) < 0 or int(high) >= n_classes:
             raise ValueError(f"regops: labels outside [0, {n_classes}): min {int(low)}, max {int(high)}")
-    _validate.same_device("logits", logits, "mix.target_a", mix.target_a)
+    validate.same_device("logits", logits, "mix.target_a", mix.target_a)
 
 
 def mix_cross_entropy(
@@ -291,10 +92,10 @@ def mix_cross_entropy(
     _check_mix_targets(logits, mix)
     if logits.shape[0] != mix.target_a.shape[0]:
         raise ValueError(f"regops: logits have {logits.shape[0]} rows but mix has {mix.target_a.shape[0]} samples")
-    s = mix.label_smoothing if label_smoothing is None else _check_smoothing(label_smoothing)
+    s = mix.label_smoothing if label_smoothing is None else check_smoothing(label_smoothing)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"regops: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    rows, _ = _mce_op(logits, mix.target_a, mix.target_b, _lam(mix, logits), float(s))
+    rows, _ = ops.mix_cross_entropy(logits, mix.target_a, mix.target_b, _lam(mix, logits), float(s))
     return _reduce(rows, reduction)
 
 
@@ -316,15 +117,15 @@ def soft_target_cross_entropy(
         >>> regops.soft_target_cross_entropy(model(x), soft).backward()
     """
     logits = _check_logits(logits)
-    soft_targets = _validate.floating(soft_targets, "soft_targets")
+    soft_targets = validate.floating(soft_targets, "soft_targets")
     if soft_targets.shape != logits.shape:
         raise ValueError(
             f"regops: soft_targets must have the logits' shape {tuple(logits.shape)}, got {tuple(soft_targets.shape)}"
         )
-    _validate.same_device("logits", logits, "soft_targets", soft_targets)
+    validate.same_device("logits", logits, "soft_targets", soft_targets)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"regops: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    rows, _ = _stce_op(logits, soft_targets)
+    rows, _ = ops.soft_target_cross_entropy(logits, soft_targets)
     return _reduce(rows, reduction)
 
 
@@ -363,25 +164,25 @@ def mix_binary_cross_entropy(
     batch, n_classes = logits.shape
     if batch != mix.target_a.shape[0]:
         raise ValueError(f"regops: logits have {batch} rows but mix has {mix.target_a.shape[0]} samples")
-    s = mix.label_smoothing if label_smoothing is None else _check_smoothing(label_smoothing)
+    s = mix.label_smoothing if label_smoothing is None else check_smoothing(label_smoothing)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"regops: reduction must be 'mean' or 'sum' for the fused BCE, got {reduction!r}")
-    threshold = None if target_threshold is None else _check_number(target_threshold, "target_threshold")
+    threshold = None if target_threshold is None else check_number(target_threshold, "target_threshold")
 
-    acc = _ref.loss_dtype(logits)  # float64 weights stay float64 for float64 logits
+    acc = acc_dtype(logits)  # float64 weights stay float64 for float64 logits
 
     def per_class(t: Any, name: str) -> torch.Tensor | None:
         if t is None:
             return None
         if not isinstance(t, torch.Tensor):  # a Python number: straight to the compute dtype, never via float32
-            t = torch.tensor(float(_check_number(t, name)), dtype=acc, device=logits.device)
-        t = _validate.floating(t, name)
+            t = torch.tensor(float(check_number(t, name)), dtype=acc, device=logits.device)
+        t = validate.floating(t, name)
         t = t.to(logits.device).to(acc).expand(n_classes).contiguous() if t.numel() == 1 else t.to(acc)
         if t.shape != (n_classes,):
             raise ValueError(f"regops: {name} must be a number or a [C={n_classes}] tensor, got {tuple(t.shape)}")
         return t
 
-    rows = _mbce_op(
+    rows = ops.mix_binary_cross_entropy(
         logits,
         mix.target_a,
         mix.target_b,
@@ -394,21 +195,3 @@ def mix_binary_cross_entropy(
     if sum_classes:
         return rows.mean() if reduction == "mean" else rows.sum()
     return _reduce(rows, reduction, denominator=max(batch * n_classes, 1))
-
-
-class MixCrossEntropy(torch.nn.Module):
-    """Module form of :func:`mix_cross_entropy`: ``MixCrossEntropy(label_smoothing)(logits, mix)``."""
-
-    def __init__(self, label_smoothing: float | None = None, reduction: str = "mean") -> None:
-        super().__init__()
-        self.label_smoothing, self.reduction = label_smoothing, reduction
-
-    def forward(self, logits: torch.Tensor, mix: MixedBatch) -> torch.Tensor:
-        return mix_cross_entropy(logits, mix, self.label_smoothing, self.reduction)
-
-
-class SoftTargetCrossEntropy(torch.nn.Module):
-    """Drop-in for ``timm.loss.SoftTargetCrossEntropy`` backed by :func:`soft_target_cross_entropy`."""
-
-    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return soft_target_cross_entropy(x, target)

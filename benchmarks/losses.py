@@ -10,7 +10,10 @@ Cross-Entropy's Gemma-2-2B head, hidden 2304, V = 256000, 8192 tokens):
   the eager composition ``CE(ls) + z * lse^2`` and its ``torch.compile``, Liger's cross-entropy;
 * ``cross_entropy regularizers fwd+bwd``: what each regularizer (and the statistics) adds to plain fused CE;
 * ``linear_cross_entropy fwd+bwd``: regops vs ``F.linear`` + ``F.cross_entropy`` (and compiled), Liger's fused
-  linear CE, Cut Cross-Entropy.
+  linear CE, Cut Cross-Entropy;
+* ``mix_cross_entropy fwd+bwd``: regops from index labels vs timm's dense targets + SoftTargetCrossEntropy vs
+  eager ``lam * F.cross_entropy(z, a) + (1 - lam) * F.cross_entropy(z, b)`` (B=256, C=21843 on CPU);
+* ``soft_target_cross_entropy fwd+bwd`` and ``mix_binary_cross_entropy fwd+bwd`` against timm.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ LCE_SIZES = {  # (device type, quick) -> [(rows, hidden, V, dtype)]
         (8192, 2304, 256000, torch.bfloat16),  # Cut Cross-Entropy's Gemma-2-2B setup
     ],
     ("cuda", True): [(2048, 1024, 32000, torch.bfloat16)],
+}
+MIX_LOGITS = {  # (device type, quick) -> [(B, C)]: the MixUp / CutMix losses (CPU bar: B=256, C=21843)
+    ("cpu", False): [(256, 21843)],
+    ("cpu", True): [(64, 2048)],
+    ("cuda", False): [(1024, 21843)],
+    ("cuda", True): [(256, 4096)],
 }
 SMOOTHING, Z_LOSS = 0.1, 1e-4
 
@@ -180,14 +189,126 @@ def _lce_case(shape, device) -> Setup:
     )  # fmt: skip
 
 
+def _try_import(name: str):
+    """The peer module, or None when it is not installed (its variants are then rows that say so)."""
+    try:
+        return __import__(name, fromlist=["_"])
+    except ModuleNotFoundError:
+        return None
+
+
+def _not_installed(name: str) -> str:
+    return f"peer {name!r} is not installed"
+
+
+timm_mixup = _try_import("timm.data.mixup")
+timm_loss = _try_import("timm.loss")
+
+
+def _mix_label(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+# ------------------------------------------------------------------------------------------------ MixUp / CutMix losses
+def _mixed_logits(shape, device):
+    gen = torch.Generator().manual_seed(1)
+    batch, classes = shape
+    z = torch.randn(shape, generator=gen).to(device).requires_grad_()
+    y = torch.randint(0, classes, (batch,), generator=gen).to(device)
+    torch.manual_seed(2)
+    _, mix = regops.mix_batch(torch.zeros(batch, 1, 4, 4, device=device), y, mixup_alpha=0.8, cutmix_alpha=1.0)
+    return z, y, mix
+
+
+def _grad_of(loss_fn, z):
+    return lambda: torch.autograd.grad(loss_fn(), z)
+
+
+def _mce_case(shape, device) -> Setup:
+    z, y, mix = _mixed_logits(shape, device)
+    s = 0.1
+    lam = mix.lam
+
+    def ours():
+        return regops.mix_cross_entropy(z, mix, label_smoothing=s)
+
+    def eager():
+        a = F.cross_entropy(z, mix.target_a, reduction="none", label_smoothing=s)
+        b = F.cross_entropy(z, mix.target_b, reduction="none", label_smoothing=s)
+        return (lam * a + (1 - lam) * b).mean()
+
+    eager_c = compiled(eager)
+    variants = {"regops": _grad_of(ours, z), "eager": _grad_of(eager, z), "compile": _grad_of(eager_c, z)}
+    forward = {"regops": ours, "eager": eager}
+    skipped = {"timm": _not_installed("timm")} if timm_mixup is None else {}
+    if timm_mixup is not None:
+        crit = timm_loss.SoftTargetCrossEntropy()
+
+        def timm_fn():
+            return crit(z, timm_mixup.mixup_target(y, shape[1], lam.view(-1, 1), s))
+
+        variants["timm"] = _grad_of(timm_fn, z)
+        forward["timm"] = timm_fn
+    nbytes = 3 * z.numel() * z.element_size()  # read forward, read + write backward
+    return Setup(variants, bytes=nbytes, forward=forward, note="fwd+bwd, smoothing 0.1", skipped=skipped)
+
+
+def _stce_case(shape, device) -> Setup:
+    z, y, mix = _mixed_logits(shape, device)
+    soft = regops.mixed_targets(mix, shape[1], 0.1)
+
+    def ours():
+        return regops.soft_target_cross_entropy(z, soft)
+
+    def eager():
+        return torch.sum(-soft * F.log_softmax(z, dim=-1), dim=-1).mean()
+
+    eager_c = compiled(eager)
+    variants = {"regops": _grad_of(ours, z), "eager": _grad_of(eager, z), "compile": _grad_of(eager_c, z)}
+    skipped = {"timm": _not_installed("timm")} if timm_loss is None else {}
+    if timm_loss is not None:
+        variants["timm"] = _grad_of(lambda: timm_loss.SoftTargetCrossEntropy()(z, soft), z)
+    return Setup(
+        variants, bytes=5 * z.numel() * z.element_size(), forward={"regops": ours, "eager": eager}, skipped=skipped
+    )
+
+
+def _bce_case(shape, device) -> Setup:
+    z, y, mix = _mixed_logits(shape, device)
+
+    def ours():
+        return regops.mix_binary_cross_entropy(z, mix, 0.1, target_threshold=0.2)
+
+    def eager():
+        dense = regops.mixed_targets(mix, shape[1], 0.1)
+        return F.binary_cross_entropy_with_logits(z, dense.gt(0.2).float())
+
+    eager_c = compiled(eager)
+    variants = {"regops": _grad_of(ours, z), "eager": _grad_of(eager, z), "compile": _grad_of(eager_c, z)}
+    skipped = {"timm": _not_installed("timm")} if timm_mixup is None else {}
+    if timm_mixup is not None:
+        crit = timm_loss.BinaryCrossEntropy(target_threshold=0.2)
+
+        def timm_fn():
+            return crit(z, timm_mixup.mixup_target(y, shape[1], mix.lam.view(-1, 1), 0.1))
+
+        variants["timm"] = _grad_of(timm_fn, z)
+    return Setup(
+        variants, bytes=3 * z.numel() * z.element_size(), forward={"regops": ours, "eager": eager}, skipped=skipped
+    )
+
+
 _register("cross_entropy ls+z fwd+bwd", _ce_case, CE_SIZES, _ce_label)
 _register("cross_entropy regularizers fwd+bwd", _regularizers_case, CE_SIZES, _ce_label)
 _register("linear_cross_entropy fwd+bwd", _lce_case, LCE_SIZES, _lce_label)
+_register("mix_cross_entropy fwd+bwd", _mce_case, MIX_LOGITS, _mix_label)
+_register("soft_target_cross_entropy fwd+bwd", _stce_case, MIX_LOGITS, _mix_label)
+_register("mix_binary_cross_entropy fwd+bwd", _bce_case, MIX_LOGITS, _mix_label)
 
 
 # ------------------------------------------------------------------------------------------------ the CPU bars
 def check_bars(rounds: int = 5, threads: int | None = None) -> dict:
-    """``python -m benchmarks.bench_losses [--rounds N] [--threads T]``: the two CPU bars, regops and its baseline
+    """``python -m benchmarks.losses [--rounds N] [--threads T]``: the two CPU bars, regops and its baseline
     timed interleaved (a shared machine's load hits both sides alike), median and minimum over ``rounds`` with
     every round kept, and the profiler's CPU allocation peak; appended to
     ``benchmarks/results/<device>/losses-bars.json``."""

@@ -15,6 +15,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from regops.distributed import _dtensor
+from regops.mix import ops
 
 
 def sync_draws(x: DTensor, *draws: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -22,14 +23,15 @@ def sync_draws(x: DTensor, *draws: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(_dtensor.sync(t, x.device_mesh) for t in draws)
 
 
-def mix_apply(x: DTensor, apply) -> DTensor:
-    """``apply(local)`` (the single-process mixing op with its parameters bound) on ``x``'s shard, with the batch
-    dim (and the box dims) whole."""
+def mix_apply(
+    x: DTensor, w_self: torch.Tensor, w_other: torch.Tensor, partner: torch.Tensor, box: torch.Tensor
+) -> DTensor:
+    """``regops::mix_apply`` on ``x``'s shard, with the batch dim (and the box dims) whole."""
     _dtensor.check(x)
     whole = {0} | ({x.dim() - 2, x.dim() - 1} if x.dim() >= 3 else set())
     mid = _dtensor.gather_dims(x, whole)
     xm = x.redistribute(x.device_mesh, mid) if mid != list(x.placements) else x
-    local = apply(xm.to_local())
+    local = ops.mix_apply(xm.to_local(), w_self, w_other, partner, box)
     fmt = torch.channels_last if (local.dim() == 4 and not local.is_contiguous()) else torch.contiguous_format
     stride = torch.empty(tuple(x.shape), device="meta").contiguous(memory_format=fmt).stride()
     y = DTensor.from_local(local, x.device_mesh, mid, shape=x.shape, stride=stride)

@@ -1,19 +1,15 @@
-"""MixUp / CutMix: regops against timm (Mixup, mixup_target + SoftTargetCrossEntropy / BinaryCrossEntropy),
-torchvision v2 (MixUp, CutMix), a vectorised eager-PyTorch version with the same draws, and its torch.compile.
+"""MixUp / CutMix: regops against timm (Mixup), torchvision v2 (MixUp, CutMix), a vectorised eager-PyTorch version
+with the same draws, and its torch.compile. (The MixUp / CutMix losses are cases of benchmarks/losses.py.)
 
-Cases (CPU sizes are the issue's bar: Mixup elem at 128 x 3 x 224 x 224, mix_cross_entropy at B=256, C=21843):
+Cases (CPU sizes are the issue's bar: Mixup elem at 128 x 3 x 224 x 224):
 * ``mixup <mode>``: the whole ``x, target = mixup(x, target)`` call (draws + mixing + dense targets).
 * ``mix kernel``: only the mixing of a fixed set of per-sample parameters (regops op vs eager vs compile).
 * ``v2 MixUp`` / ``v2 CutMix``: regops.MixUp / regops.CutMix against torchvision.transforms.v2.
-* ``mix_cross_entropy fwd+bwd``: regops from index labels vs timm's dense targets + SoftTargetCrossEntropy vs
-  eager ``lam * F.cross_entropy(z, a) + (1 - lam) * F.cross_entropy(z, b)``.
-* ``soft_target_cross_entropy fwd+bwd`` and ``mix_binary_cross_entropy fwd+bwd`` against timm.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 import regops
 from benchmarks.harness import Setup, case, compiled
@@ -23,12 +19,6 @@ IMAGES = {  # (device type, quick) -> (B, C, H, W)
     ("cpu", True): (16, 3, 64, 64),
     ("cuda", False): (256, 3, 224, 224),
     ("cuda", True): (64, 3, 128, 128),
-}
-LOGITS = {  # (device type, quick) -> (B, C)
-    ("cpu", False): (256, 21843),
-    ("cpu", True): (64, 2048),
-    ("cuda", False): (1024, 21843),
-    ("cuda", True): (256, 4096),
 }
 
 
@@ -45,7 +35,6 @@ def _not_installed(name: str) -> str:
 
 
 timm_mixup = _try_import("timm.data.mixup")
-timm_loss = _try_import("timm.loss")
 tv2 = _try_import("torchvision.transforms.v2")
 
 
@@ -147,100 +136,8 @@ def _v2_case(cls: str):
     return make
 
 
-# ------------------------------------------------------------------------------------------------ losses
-def _logits(shape, device):
-    gen = torch.Generator().manual_seed(1)
-    batch, classes = shape
-    z = torch.randn(shape, generator=gen).to(device).requires_grad_()
-    y = torch.randint(0, classes, (batch,), generator=gen).to(device)
-    torch.manual_seed(2)
-    _, mix = regops.mix_batch(torch.zeros(batch, 1, 4, 4, device=device), y, mixup_alpha=0.8, cutmix_alpha=1.0)
-    return z, y, mix
-
-
-def _grad_of(loss_fn, z):
-    return lambda: torch.autograd.grad(loss_fn(), z)
-
-
-def _mce_case(shape, device) -> Setup:
-    z, y, mix = _logits(shape, device)
-    s = 0.1
-    lam = mix.lam
-
-    def ours():
-        return regops.mix_cross_entropy(z, mix, label_smoothing=s)
-
-    def eager():
-        a = F.cross_entropy(z, mix.target_a, reduction="none", label_smoothing=s)
-        b = F.cross_entropy(z, mix.target_b, reduction="none", label_smoothing=s)
-        return (lam * a + (1 - lam) * b).mean()
-
-    eager_c = compiled(eager)
-    variants = {"regops": _grad_of(ours, z), "eager": _grad_of(eager, z), "compile": _grad_of(eager_c, z)}
-    forward = {"regops": ours, "eager": eager}
-    skipped = {"timm": _not_installed("timm")} if timm_mixup is None else {}
-    if timm_mixup is not None:
-        crit = timm_loss.SoftTargetCrossEntropy()
-
-        def timm_fn():
-            return crit(z, timm_mixup.mixup_target(y, shape[1], lam.view(-1, 1), s))
-
-        variants["timm"] = _grad_of(timm_fn, z)
-        forward["timm"] = timm_fn
-    nbytes = 3 * z.numel() * z.element_size()  # read forward, read + write backward
-    return Setup(variants, bytes=nbytes, forward=forward, note="fwd+bwd, smoothing 0.1", skipped=skipped)
-
-
-def _stce_case(shape, device) -> Setup:
-    z, y, mix = _logits(shape, device)
-    soft = regops.mixed_targets(mix, shape[1], 0.1)
-
-    def ours():
-        return regops.soft_target_cross_entropy(z, soft)
-
-    def eager():
-        return torch.sum(-soft * F.log_softmax(z, dim=-1), dim=-1).mean()
-
-    eager_c = compiled(eager)
-    variants = {"regops": _grad_of(ours, z), "eager": _grad_of(eager, z), "compile": _grad_of(eager_c, z)}
-    skipped = {"timm": _not_installed("timm")} if timm_loss is None else {}
-    if timm_loss is not None:
-        variants["timm"] = _grad_of(lambda: timm_loss.SoftTargetCrossEntropy()(z, soft), z)
-    return Setup(
-        variants, bytes=5 * z.numel() * z.element_size(), forward={"regops": ours, "eager": eager}, skipped=skipped
-    )
-
-
-def _bce_case(shape, device) -> Setup:
-    z, y, mix = _logits(shape, device)
-
-    def ours():
-        return regops.mix_binary_cross_entropy(z, mix, 0.1, target_threshold=0.2)
-
-    def eager():
-        dense = regops.mixed_targets(mix, shape[1], 0.1)
-        return F.binary_cross_entropy_with_logits(z, dense.gt(0.2).float())
-
-    eager_c = compiled(eager)
-    variants = {"regops": _grad_of(ours, z), "eager": _grad_of(eager, z), "compile": _grad_of(eager_c, z)}
-    skipped = {"timm": _not_installed("timm")} if timm_mixup is None else {}
-    if timm_mixup is not None:
-        crit = timm_loss.BinaryCrossEntropy(target_threshold=0.2)
-
-        def timm_fn():
-            return crit(z, timm_mixup.mixup_target(y, shape[1], mix.lam.view(-1, 1), 0.1))
-
-        variants["timm"] = _grad_of(timm_fn, z)
-    return Setup(
-        variants, bytes=3 * z.numel() * z.element_size(), forward={"regops": ours, "eager": eager}, skipped=skipped
-    )
-
-
 for _mode in ("elem", "pair", "batch"):
     _register(f"mixup {_mode}", _mixup_case(_mode), IMAGES)
 _register("mix kernel", _kernel_case, IMAGES)
 _register("v2 MixUp", _v2_case("MixUp"), IMAGES)
 _register("v2 CutMix", _v2_case("CutMix"), IMAGES)
-_register("mix_cross_entropy fwd+bwd", _mce_case, LOGITS)
-_register("soft_target_cross_entropy fwd+bwd", _stce_case, LOGITS)
-_register("mix_binary_cross_entropy fwd+bwd", _bce_case, LOGITS)

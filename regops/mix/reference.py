@@ -1,7 +1,5 @@
 """Reference MixUp/CutMix mixing and mixed targets (CPU path, test oracle, benchmark baseline).
 
-The mixed-label losses moved to :mod:`regops.reference.losses` (still importable from here).
-
 Everything the kernels compute is defined here in plain PyTorch, and the CPU path runs these functions.
 They are written to be fast on a CPU as well as clear: work is done in row (or sample) chunks that stay in cache,
 with per-sample scalars broadcast, so no function allocates more than one output of the input's size.
@@ -16,12 +14,15 @@ dims; a 2-D ``[B, D]`` batch is read as ``[B, 1, 1, D]``) and per-sample ``w_sel
 
 computed in float32 (float64 for float64 input) and rounded once to x's dtype (uint8: rounded half to even and
 clamped to [0, 255]). The two products and the sum are separately rounded float32 operations, which is what
-timm's ``x * lam + x_flip * (1 - lam)`` computes for float32 images.
+timm's ``x * lam + x_flip * (1 - lam)`` computes for float32 images. The weights are read as float32 values.
+The output is contiguous, or channels_last for a channels_last 4-D ``x`` (:func:`memory_format`).
 """
 
 from __future__ import annotations
 
 import torch
+
+from regops._core.dtypes import acc_dtype
 
 # Samples of at least this many elements are mixed one at a time (memory read about once, no batch-sized
 # temporaries); smaller ones in chunks of about this many elements, with per-sample weights broadcast.
@@ -38,8 +39,11 @@ def as_nchw(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-2], x.shape[-1])
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout the mixing op returns for ``x``: channels_last for a channels_last 4-D batch, else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _to_output(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -72,7 +76,7 @@ def mix_apply(
     x4, out4 = as_nchw(x), as_nchw(out)
     batch = x4.shape[0]
     per_sample = x4[0].numel()
-    ws_all, wo_all = w_self.tolist(), w_other.tolist()
+    ws_all, wo_all = w_self.float().tolist(), w_other.float().tolist()
     partners, boxes = partner.tolist(), box.tolist()
     step = max(1, _CHUNK // per_sample)
     for start in range(0, batch, step):
@@ -90,7 +94,7 @@ def mix_apply(
 
 def _mix_one(x4: torch.Tensor, out4: torch.Tensor, i: int, j: int, ws: float, wo: float) -> None:
     """``out[i] = x[i] * ws (+ x[j] * wo when wo != 0)`` for one large sample: two or three whole-sample ops."""
-    ctype = compute_dtype(x4.dtype)
+    ctype = acc_dtype(x4)
     if x4.dtype == ctype:  # write straight into the output
         if ws == 1.0:
             out4[i].copy_(x4[i])  # x * 1 == x exactly
@@ -109,7 +113,7 @@ def _mix_rows(
     x4: torch.Tensor, out4: torch.Tensor, rows: slice, partner: torch.Tensor, ws: list[float], wo: list[float]
 ) -> None:
     """``out[rows] = x[rows] * ws (+ x[partner] * wo where wo != 0)``: products and sum each rounded (timm's order)."""
-    ctype = compute_dtype(x4.dtype)
+    ctype = acc_dtype(x4)
     shape = (-1, 1, 1, 1)
     ws_t = torch.tensor(ws, dtype=torch.float32, device=x4.device).to(ctype).view(shape)
     direct = x4.dtype == ctype  # float32 / float64: write straight into the output
@@ -133,12 +137,13 @@ def mix_apply_backward(
     gx[b] += grad[b] * w_self[b]   outside box[b]
     gx[partner[b]] += grad[b] * (1 inside box[b], w_other[b] outside)
     """
+    grad = grad.contiguous(memory_format=memory_format(grad))
     g4 = as_nchw(grad)
     _, _, height, width = g4.shape
-    ctype = compute_dtype(grad.dtype)
+    ctype = acc_dtype(grad)
     inside = box_mask(box, height, width)
-    ws = w_self.to(ctype).view(-1, 1, 1, 1)
-    wo = w_other.to(ctype).view(-1, 1, 1, 1)
+    ws = w_self.float().to(ctype).view(-1, 1, 1, 1)
+    wo = w_other.float().to(ctype).view(-1, 1, 1, 1)
     g = g4.to(ctype)
     own = torch.where(inside, 0.0, g * ws)
     other = torch.where(inside, g, torch.where(wo != 0, g * wo, 0.0))
@@ -180,16 +185,3 @@ def mixed_one_hot(
     out.scatter_(1, target_b.view(-1, 1), at_b.view(-1, 1))
     out.scatter_(1, target_a.view(-1, 1), at_a.view(-1, 1))
     return out
-
-
-# ------------------------------------------------------------------------------------------------ losses
-# The mixed-label losses live with the other row-softmax losses; these names stay importable from here.
-from regops.reference.losses import (  # noqa: E402, F401
-    loss_dtype,
-    mix_binary_cross_entropy,
-    mix_binary_cross_entropy_backward,
-    mix_cross_entropy,
-    mix_cross_entropy_backward,
-    soft_target_cross_entropy,
-    soft_target_cross_entropy_backward,
-)

@@ -1,6 +1,7 @@
-"""Reference row-softmax losses: the regularized cross-entropy and its linear (LM-head) form.
+"""Reference row-softmax losses: the regularized cross-entropy, its linear (LM-head) form and R-Drop's symmetric KL.
 
-CPU path, test oracle and benchmark baseline of :mod:`regops.losses`. Every function works on row blocks of at
+CPU path, test oracle and benchmark baseline of :mod:`regops.losses` (the mixed / soft-target losses:
+:mod:`regops.losses.reference_mixed`). Every function works on row blocks of at
 most ``_CHUNK`` elements with a handful of fused torch row ops, so the memory it needs beyond its inputs and
 outputs is a few blocks (``O(rows)`` per-row numbers otherwise), and nothing of size ``rows x V`` is built but
 the gradient the backward returns.
@@ -20,6 +21,7 @@ pair: ``lam, 1 - lam``; a top-k teacher: its probabilities), class weights ``w``
                 + eta D )                                         decoupled mixup (pairs only)
     D     = lam (log(p_a + r) - log p_a) + (1 - lam) (log(p_b + r) - log p_b),  r = sum_{k not in {a, b}} p_k
 
+(``a, m, l, b, eta``, the cap and the scale: :class:`~regops.losses._options.LossOptions`, the ops' ``options``)
 and the op returns ``row_weight * row`` per row (``row_weight``: per-token weights, 0 for ignored rows).
 Its gradient with respect to ``z`` is::
 
@@ -38,9 +40,9 @@ needs: ``E_p z``, the decoupled coefficient and ``sigma_a``, ``sigma_b``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from regops._core.dtypes import acc_dtype
+from regops.losses._options import LossOptions
 
 # Elements per row block: a few blocks of float32 temporaries stay well under the 64 MiB the CPU bar allows.
 _CHUNK = 1 << 22
@@ -51,11 +53,6 @@ _LINEAR_CHUNK = 1 << 24
 STAT_NAMES = ("lse", "entropy", "el2n", "max_prob", "margin", "mean_z", "dec_coef", "sigma_a", "sigma_b")
 LSE, ENTROPY, EL2N, MAX_PROB, MARGIN, MEAN_Z, DEC_COEF, SIGMA_A, SIGMA_B = range(len(STAT_NAMES))
 N_STATS = len(STAT_NAMES)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Losses and statistics are float32, float64 for float64 logits."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def row_chunks(n_rows: int, n_cols: int, chunk: int = 0):
@@ -89,13 +86,7 @@ def cross_entropy(
     tweight: torch.Tensor,
     row_weight: torch.Tensor,
     class_weight: torch.Tensor | None,
-    smoothing: float,
-    maxsup: float,
-    z_loss: float,
-    confidence: float,
-    decoupled: float,
-    softcap: float,
-    scale: float,
+    options: list[float],
     want_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row regularized cross-entropy (see the module docstring).
@@ -103,13 +94,16 @@ def cross_entropy(
     Args:
         logits: ``[N, V]`` float. index: int64 ``[N, J]`` target classes (in range; ignored rows point at 0).
         tweight: ``[N, J]`` target weights. row_weight: ``[N]`` (0 for ignored rows).
-        class_weight: ``[V]`` or None. want_stats: also fill entropy, EL2N, max probability and margin.
+        class_weight: ``[V]`` or None. options: :meth:`LossOptions.values`.
+        want_stats: also fill entropy, EL2N, max probability and margin.
 
     Returns:
         ``(loss [N], stats [N, N_STATS], argmax int64 [N])``, loss and stats float32 (float64 for float64).
     """
+    o = LossOptions.of(options)
+    smoothing, maxsup, z_loss, confidence, decoupled = o.smoothing, o.maxsup, o.z_loss, o.confidence, o.decoupled
     n, k = logits.shape
-    acc = compute_dtype(logits.dtype)
+    acc = acc_dtype(logits)
     dev = logits.device
     loss = torch.zeros(n, dtype=acc, device=dev)
     stats = torch.zeros(n, N_STATS, dtype=acc, device=dev)
@@ -124,7 +118,7 @@ def cross_entropy(
     ws_lp = torch.empty((min(step, n), k), dtype=acc, device=dev)
     ws_p = torch.empty_like(ws_lp) if need_p else None
     for rows in row_chunks(n, k):
-        z = transform(logits[rows].to(acc), scale, softcap)
+        z = transform(logits[rows].to(acc), o.scale, o.softcap)
         idx = index[rows]
         omega, _, c_row = _row_weights(idx, tweight[rows], cw, acc)
         lp = torch.ops.aten._log_softmax.out(z, 1, False, out=ws_lp[: z.shape[0]])
@@ -177,7 +171,7 @@ def cross_entropy(
     return loss, stats, argmax
 
 
-def _softmax_into(out_rows: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def softmax_into(out_rows: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """softmax(z, 1), written into ``out_rows`` when it has z's dtype (no extra pass), else a new tensor."""
     if out_rows.dtype == z.dtype and out_rows.is_contiguous():
         return torch.ops.aten._softmax.out(z, 1, False, out=out_rows)
@@ -192,20 +186,17 @@ def cross_entropy_grad_z(
     cw: torch.Tensor | None,
     stats: torch.Tensor,
     argmax: torch.Tensor,
-    smoothing: float,
-    maxsup: float,
-    z_loss: float,
-    confidence: float,
-    decoupled: float,
+    o: LossOptions,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``g[:, None] * d(row)/dz`` for one block of transformed logits ``z`` (compute dtype), written into ``out``
     (a block of the gradient, reused for the softmax when the dtypes agree)."""
+    smoothing, maxsup, z_loss, confidence, decoupled = o.smoothing, o.maxsup, o.z_loss, o.confidence, o.decoupled
     r, k = z.shape
     acc = z.dtype
     omega, c_sp, c_row = _row_weights(index, tweight, cw, acc)
     lse = stats[:, LSE]
-    p = _softmax_into(out, z) if out is not None else torch.softmax(z, dim=1)
+    p = softmax_into(out, z) if out is not None else torch.softmax(z, dim=1)
     # dense part: p * (A + B z) + const (+ outer(coef_w, w) with class weights), all times g
     a_coef = (1.0 - smoothing) * c_sp
     if smoothing:
@@ -256,17 +247,13 @@ def cross_entropy_backward(
     class_weight: torch.Tensor | None,
     stats: torch.Tensor,
     argmax: torch.Tensor,
-    smoothing: float,
-    maxsup: float,
-    z_loss: float,
-    confidence: float,
-    decoupled: float,
-    softcap: float,
-    scale: float,
+    options: list[float],
 ) -> torch.Tensor:
     """Gradient of ``sum_i grad[i] * loss[i]`` with respect to ``logits`` (logits' dtype)."""
+    o = LossOptions.of(options)
+    softcap, scale = o.softcap, o.scale
     n, k = logits.shape
-    acc = compute_dtype(logits.dtype)
+    acc = acc_dtype(logits)
     out = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if out.numel() == 0:
         return out
@@ -277,8 +264,8 @@ def cross_entropy_backward(
         x = logits[rows].to(acc)
         z = transform(x, scale, softcap)
         dz = cross_entropy_grad_z(
-            g_all[rows], z, index[rows], tweight[rows], cw, stats[rows], argmax[rows],
-            smoothing, maxsup, z_loss, confidence, decoupled, out=out[rows] if direct else None,
+            g_all[rows], z, index[rows], tweight[rows], cw, stats[rows], argmax[rows], o,
+            out=out[rows] if direct else None,
         )  # fmt: skip
         if softcap:
             dz.mul_(1.0 - (z / softcap).square_()).mul_(scale)
@@ -305,13 +292,7 @@ def linear_cross_entropy(
     tweight: torch.Tensor,
     row_weight: torch.Tensor,
     class_weight: torch.Tensor | None,
-    smoothing: float,
-    maxsup: float,
-    z_loss: float,
-    confidence: float,
-    decoupled: float,
-    softcap: float,
-    scale: float,
+    options: list[float],
     want_stats: bool,
     *,
     ce=None,
@@ -321,7 +302,7 @@ def linear_cross_entropy(
     (``[N, H] x [V, H]``), over row blocks of ``chunk / V`` rows (default ``_LINEAR_CHUNK``): one ``[rows, V]``
     block of logits at a time."""
     n, v = hidden.shape[0], weight.shape[0]
-    acc = compute_dtype(hidden.dtype)
+    acc = acc_dtype(hidden)
     loss = torch.zeros(n, dtype=acc, device=hidden.device)
     stats = torch.zeros(n, N_STATS, dtype=acc, device=hidden.device)
     argmax = torch.zeros(n, dtype=torch.long, device=hidden.device)
@@ -329,9 +310,8 @@ def linear_cross_entropy(
     for rows in row_chunks(n, v, chunk or _LINEAR_CHUNK):
         z = _logits_block(hidden, weight, bias, rows, hidden.dtype)
         loss[rows], stats[rows], argmax[rows] = ce(
-            z, index[rows], tweight[rows], row_weight[rows], class_weight,
-            smoothing, maxsup, z_loss, confidence, decoupled, softcap, scale, want_stats,
-        )  # fmt: skip
+            z, index[rows], tweight[rows], row_weight[rows], class_weight, options, want_stats
+        )
     return loss, stats, argmax
 
 
@@ -346,13 +326,7 @@ def linear_cross_entropy_backward(
     class_weight: torch.Tensor | None,
     stats: torch.Tensor,
     argmax: torch.Tensor,
-    smoothing: float,
-    maxsup: float,
-    z_loss: float,
-    confidence: float,
-    decoupled: float,
-    softcap: float,
-    scale: float,
+    options: list[float],
     *,
     ce_backward=None,
     chunk: int = 0,
@@ -363,7 +337,7 @@ def linear_cross_entropy_backward(
     ``d weight`` and ``d bias`` accumulate in float32 (float64 for float64) and are rounded once at the end.
     """
     n, v = hidden.shape[0], weight.shape[0]
-    acc = compute_dtype(hidden.dtype)
+    acc = acc_dtype(hidden)
     d_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
     d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     d_bias = torch.zeros(v, dtype=acc, device=weight.device)
@@ -373,7 +347,7 @@ def linear_cross_entropy_backward(
         z = _logits_block(hidden, weight, bias, rows, hidden.dtype)
         gz = ce_backward(
             grad[rows], z, index[rows], tweight[rows], row_weight[rows], class_weight, stats[rows], argmax[rows],
-            smoothing, maxsup, z_loss, confidence, decoupled, softcap, scale,
+            options,
         )  # fmt: skip
         torch.mm(gz, w_mm, out=d_hidden[rows])
         h = hidden[rows]
@@ -387,197 +361,53 @@ def linear_cross_entropy_backward(
     return d_hidden, d_weight.to(weight.dtype), d_bias.to(bias.dtype if bias is not None else weight.dtype)
 
 
-# ------------------------------------------------------------------------------------------------ mixed / soft targets
-# MixUp / CutMix losses from index labels (lam, y_a, y_b) and dense soft targets. Float64 logits: float64 math
-# throughout (targets, lambdas, weights); otherwise float32.
-def loss_dtype(logits: torch.Tensor) -> torch.dtype:
-    """Per-row losses and statistics are float32 (float64 for float64 logits)."""
-    return compute_dtype(logits.dtype)
-
-
-def mix_cross_entropy(
-    logits: torch.Tensor, target_a: torch.Tensor, target_b: torch.Tensor, lam: torch.Tensor, smoothing: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Per-row ``lam * CE_s(z, a) + (1 - lam) * CE_s(z, b)`` and the row log-sum-exp (float32 ``[B]``; float64
-    for float64 logits).
-
-    .. math:: \ell_b = \mathrm{lse}(z_b) - (1-s)\,(\lambda_b z_{b,a} + (1-\lambda_b) z_{b,b'}) - s\,\bar z_b
-
-    (``CE_s``: cross-entropy against the one-hot smoothed to ``1 - s + s/C`` / ``s/C``; ``\bar z``: the row mean.)
-    Computed from ``log_softmax`` over row blocks of at most ``_CHUNK`` elements.
-    """
-    n, c = logits.shape
-    acc = compute_dtype(logits.dtype)
-    loss = torch.empty(n, dtype=acc, device=logits.device)
-    lse = torch.empty(n, dtype=acc, device=logits.device)
-    lam = lam.to(acc)
-    for rows in row_chunks(n, c):
-        z = logits[rows].to(acc)
-        logp = torch.log_softmax(z, dim=1)
-        a, b = target_a[rows].view(-1, 1), target_b[rows].view(-1, 1)
-        lpa, lpb = logp.gather(1, a).squeeze(1), logp.gather(1, b).squeeze(1)
-        lr = lam[rows]
-        row = (lr * lpa + (1.0 - lr) * lpb) * -(1.0 - smoothing)
-        if smoothing:
-            row -= smoothing * logp.mean(dim=1)
-        loss[rows] = row
-        lse[rows] = z.gather(1, a).squeeze(1) - lpa
-    return loss, lse
-
-
-def mix_cross_entropy_backward(
-    grad: torch.Tensor,
-    logits: torch.Tensor,
-    lse: torch.Tensor,
-    target_a: torch.Tensor,
-    target_b: torch.Tensor,
-    lam: torch.Tensor,
-    smoothing: float,
-) -> torch.Tensor:
-    """``grad[b] * (softmax(z_b) - s/C - (1-s) (lam_b e_a + (1-lam_b) e_b))`` in logits' dtype.
-
-    (``softmax(z_b) = exp(z_b - lse_b)``; the CPU path recomputes it with ``softmax`` straight into the output.)
-    """
-    n, c = logits.shape
-    acc = compute_dtype(logits.dtype)
-    out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    g = grad.to(acc)
-    lam = lam.to(acc)
-    for rows in row_chunks(n, c):
-        p = _softmax_into(out[rows], logits[rows].to(acc))
-        gr = g[rows]
-        if smoothing:  # p * g - (s / C) g in one pass
-            torch.addcmul((-(smoothing / c) * gr).view(-1, 1), p, gr.view(-1, 1), out=p)
+def linear_cross_entropy_with_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    index: torch.Tensor,
+    tweight: torch.Tensor,
+    row_weight: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    options: list[float],
+    want_stats: bool,
+    *,
+    ce=None,
+    ce_backward=None,
+    chunk: int = 0,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`linear_cross_entropy` plus, in the same sweep, the gradients of ``sum_i loss_i`` (upstream gradient
+    1 per row): ``(loss, stats, argmax, d hidden, d weight, d bias)``. Three matmuls per block instead of the
+    four of forward + recomputing backward; exact whenever the upstream gradient is the same for every row
+    (``"mean"`` / ``"sum"``): then ``d weight`` scales by it, and ``d hidden`` row by row in any case."""
+    n, v = hidden.shape[0], weight.shape[0]
+    acc = acc_dtype(hidden)
+    ce, ce_backward = ce or cross_entropy, ce_backward or cross_entropy_backward
+    loss = torch.zeros(n, dtype=acc, device=hidden.device)
+    stats = torch.zeros(n, N_STATS, dtype=acc, device=hidden.device)
+    argmax = torch.zeros(n, dtype=torch.long, device=hidden.device)
+    d_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    d_bias = torch.zeros(v, dtype=acc, device=weight.device)
+    ones = torch.ones(n, dtype=acc, device=hidden.device)
+    for rows in row_chunks(n, v, chunk or _LINEAR_CHUNK):
+        z = _logits_block(hidden, weight, bias, rows, hidden.dtype)
+        idx, tw, rw = index[rows], tweight[rows], row_weight[rows]
+        loss[rows], stats[rows], argmax[rows] = ce(z, idx, tw, rw, class_weight, options, want_stats)
+        gz = ce_backward(ones[rows], z, idx, tw, rw, class_weight, stats[rows], argmax[rows], options)
+        del z
+        torch.mm(gz, weight, out=d_hidden[rows])
+        h = hidden[rows]
+        if acc == gz.dtype:
+            d_weight.addmm_(gz.t(), h)
         else:
-            p.mul_(gr.view(-1, 1))
-        lr = lam[rows]
-        p.scatter_add_(1, target_a[rows].view(-1, 1), (-(1.0 - smoothing) * lr * gr).view(-1, 1))
-        p.scatter_add_(1, target_b[rows].view(-1, 1), (-(1.0 - smoothing) * (1.0 - lr) * gr).view(-1, 1))
-        if p.data_ptr() != out[rows].data_ptr():
-            out[rows] = p
-    return out
+            d_weight.add_((gz.t() @ h).to(acc))
+        if bias is not None:
+            d_bias += gz.sum(0, dtype=acc)
+        del gz
+    return loss, stats, argmax, d_hidden, d_weight.to(weight.dtype), d_bias.to(weight.dtype)
 
 
-def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Per-row ``-sum_c t_c log_softmax(z)_c = lse(z) sum_c t_c - sum_c t_c z_c`` and the row statistics the
-    backward needs, ``[B, 2] = (lse(z), sum_c t_c)`` (float32; float64 for float64 logits)."""
-    n, c = logits.shape
-    acc = compute_dtype(logits.dtype)
-    loss = torch.empty(n, dtype=acc, device=logits.device)
-    stats = torch.empty(n, 2, dtype=acc, device=logits.device)
-    for rows in row_chunks(n, c):
-        z = logits[rows].to(acc)
-        t = target[rows].to(acc)
-        first = z[:, :1]
-        lse_r = (first - torch.log_softmax(z, dim=1)[:, :1]).squeeze(1)  # one fused row op, no logsumexp temps
-        t_sum = t.sum(dim=1)
-        dot = torch.bmm(t.unsqueeze(1), z.unsqueeze(2)).view(-1)  # row dot products, no B x C temporary
-        loss[rows] = lse_r * t_sum - dot
-        stats[rows, 0] = lse_r
-        stats[rows, 1] = t_sum
-    return loss, stats
-
-
-def soft_target_cross_entropy_backward(
-    grad: torch.Tensor, logits: torch.Tensor, stats: torch.Tensor, target: torch.Tensor
-) -> torch.Tensor:
-    """Gradient w.r.t. the logits: ``grad[b] * (softmax(z_b) * sum_c t_bc - t_b)`` in logits' dtype."""
-    n, c = logits.shape
-    acc = compute_dtype(logits.dtype)
-    out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    g = grad.to(acc)
-    for rows in row_chunks(n, c):
-        t = target[rows].to(acc)
-        p = _softmax_into(out[rows], logits[rows].to(acc))
-        p.mul_(stats[rows, 1].view(-1, 1)).sub_(t).mul_(g[rows].view(-1, 1))
-        if p.data_ptr() != out[rows].data_ptr():
-            out[rows] = p
-    return out
-
-
-def _bce_targets(
-    rows: slice,
-    n_cols: int,
-    target_a: torch.Tensor,
-    target_b: torch.Tensor,
-    lam: torch.Tensor,
-    smoothing: float,
-    threshold: float | None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """The mixed smoothed one-hot targets of ``rows``: float32 as timm's dense targets; float64 (from the float64
-    lambdas) for float64 logits."""
-    if dtype == torch.float64:
-        off = smoothing / n_cols
-        on = 1.0 - smoothing + off
-        lam_r = lam[rows].double().view(-1, 1)
-        shape = (lam_r.shape[0], n_cols)
-        ya = torch.full(shape, off, dtype=dtype, device=lam.device).scatter_(1, target_a[rows].view(-1, 1), on)
-        yb = torch.full(shape, off, dtype=dtype, device=lam.device).scatter_(1, target_b[rows].view(-1, 1), on)
-        t = ya * lam_r + yb * (1.0 - lam_r)
-    else:
-        from regops.reference.mix import mixed_one_hot
-
-        lam_r = lam[rows].float()
-        t = mixed_one_hot(target_a[rows], target_b[rows], lam_r, 1.0 - lam_r, n_cols, smoothing)
-    if threshold is not None:
-        t = t.gt(threshold).to(t.dtype)
-    return t
-
-
-def mix_binary_cross_entropy(
-    logits: torch.Tensor,
-    target_a: torch.Tensor,
-    target_b: torch.Tensor,
-    lam: torch.Tensor,
-    smoothing: float,
-    threshold: float | None,
-    weight: torch.Tensor | None,
-    pos_weight: torch.Tensor | None,
-) -> torch.Tensor:
-    """Per-row sums over classes of ``binary_cross_entropy_with_logits(z, t, weight, pos_weight)`` (float32 ``[B]``),
-    ``t`` = the mixed smoothed one-hot of :func:`mixed_one_hot` (``w_self = lam``), optionally thresholded."""
-    n, c = logits.shape
-    acc = compute_dtype(logits.dtype)
-    loss = torch.empty(n, dtype=acc, device=logits.device)
-    w = None if weight is None else weight.to(acc)
-    pw = None if pos_weight is None else pos_weight.to(acc)
-    for rows in row_chunks(n, c):
-        t = _bce_targets(rows, c, target_a, target_b, lam, smoothing, threshold, acc)
-        z = logits[rows].to(acc)
-        loss[rows] = F.binary_cross_entropy_with_logits(z, t, w, pos_weight=pw, reduction="none").sum(dim=1)
-    return loss
-
-
-def mix_binary_cross_entropy_backward(
-    grad: torch.Tensor,
-    logits: torch.Tensor,
-    target_a: torch.Tensor,
-    target_b: torch.Tensor,
-    lam: torch.Tensor,
-    smoothing: float,
-    threshold: float | None,
-    weight: torch.Tensor | None,
-    pos_weight: torch.Tensor | None,
-) -> torch.Tensor:
-    """``grad[b] * w_c * ((1 - t) - (1 + (pw_c - 1) t) * sigmoid(-z))`` in logits' dtype."""
-    n, c = logits.shape
-    acc = compute_dtype(logits.dtype)
-    out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    g = grad.to(acc)
-    for rows in row_chunks(n, c):
-        t = _bce_targets(rows, c, target_a, target_b, lam, smoothing, threshold, acc)
-        z = logits[rows].to(acc)
-        lw = 1.0 if pos_weight is None else 1.0 + (pos_weight.to(acc) - 1.0) * t
-        d = (1.0 - t) - lw * torch.sigmoid(-z)
-        if weight is not None:
-            d = d * weight.to(acc)
-        out[rows] = d * g[rows].view(-1, 1)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ two views
-# R-Drop's symmetric KL (defined with the dropout family's reference, where it was first written).
 # ------------------------------------------------------------------------------------------------ symmetric KL
 def symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Per-row :math:`\tfrac12(KL(p_a\|p_b) + KL(p_b\|p_a)) = \tfrac12\sum_v (p_a - p_b)(\log p_a - \log p_b)`.
@@ -609,59 +439,3 @@ def symmetric_kl_backward(
     ga = g * (pa * (d - pad) + pa - pb)
     gb = g * (pb * (pbd - d) + pb - pa)
     return ga.to(a.dtype), gb.to(b.dtype)
-
-
-
-
-def linear_cross_entropy_with_grad(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    index: torch.Tensor,
-    tweight: torch.Tensor,
-    row_weight: torch.Tensor,
-    class_weight: torch.Tensor | None,
-    smoothing: float,
-    maxsup: float,
-    z_loss: float,
-    confidence: float,
-    decoupled: float,
-    softcap: float,
-    scale: float,
-    want_stats: bool,
-    *,
-    ce=None,
-    ce_backward=None,
-    chunk: int = 0,
-) -> tuple[torch.Tensor, ...]:
-    """:func:`linear_cross_entropy` plus, in the same sweep, the gradients of ``sum_i loss_i`` (upstream gradient
-    1 per row): ``(loss, stats, argmax, d hidden, d weight, d bias)``. Three matmuls per block instead of the
-    four of forward + recomputing backward; exact whenever the upstream gradient is the same for every row
-    (``"mean"`` / ``"sum"``): then ``d weight`` scales by it, and ``d hidden`` row by row in any case."""
-    n, v = hidden.shape[0], weight.shape[0]
-    acc = compute_dtype(hidden.dtype)
-    ce, ce_backward = ce or cross_entropy, ce_backward or cross_entropy_backward
-    loss = torch.zeros(n, dtype=acc, device=hidden.device)
-    stats = torch.zeros(n, N_STATS, dtype=acc, device=hidden.device)
-    argmax = torch.zeros(n, dtype=torch.long, device=hidden.device)
-    d_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-    d_bias = torch.zeros(v, dtype=acc, device=weight.device)
-    ones = torch.ones(n, dtype=acc, device=hidden.device)
-    opts = (smoothing, maxsup, z_loss, confidence, decoupled, softcap, scale)
-    for rows in row_chunks(n, v, chunk or _LINEAR_CHUNK):
-        z = _logits_block(hidden, weight, bias, rows, hidden.dtype)
-        idx, tw, rw = index[rows], tweight[rows], row_weight[rows]
-        loss[rows], stats[rows], argmax[rows] = ce(z, idx, tw, rw, class_weight, *opts, want_stats)
-        gz = ce_backward(ones[rows], z, idx, tw, rw, class_weight, stats[rows], argmax[rows], *opts)
-        del z
-        torch.mm(gz, weight, out=d_hidden[rows])
-        h = hidden[rows]
-        if acc == gz.dtype:
-            d_weight.addmm_(gz.t(), h)
-        else:
-            d_weight.add_((gz.t() @ h).to(acc))
-        if bias is not None:
-            d_bias += gz.sum(0, dtype=acc)
-        del gz
-    return loss, stats, argmax, d_hidden, d_weight.to(weight.dtype), d_bias.to(weight.dtype)

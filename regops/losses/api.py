@@ -1,0 +1,355 @@
+"""The losses family's public functions: the regularized cross-entropy and its linear (LM-head) form, the loss for
+Hugging Face causal LMs, R-Drop's symmetric KL, and (from :mod:`regops.losses.mixed`) the MixUp / CutMix losses.
+
+``regops::cross_entropy`` computes, per row of ``[N, V]`` logits, cross-entropy against sparse targets (one
+label, a mixed pair or a top-k teacher) with label smoothing, MaxSup, z-loss, a confidence penalty and the
+decoupled-mixup term, plus per-row statistics, in one pass over the row (math: :mod:`regops.losses.reference`).
+``regops::linear_cross_entropy`` does the same for ``hidden @ weight.T (+ bias)`` without ever holding more
+than one block of logits; its backward recomputes each block. Everything that depends on the data stays on
+the device (no ``.item()``, no ``nonzero``): the ops are CUDA-graph capturable and trace under
+``torch.compile(fullgraph=True)``. Results do not depend on the launch: no atomics anywhere (deterministic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from regops._core import validate
+from regops._core.dtypes import acc_dtype
+from regops.losses import ops
+from regops.losses import reference as ref
+from regops.losses._class_dim import check_class_dim, check_weight_dtype, classes_last
+from regops.losses._targets import (
+    REDUCTIONS,
+    loss_options,
+    no_grad_needed,
+    prepare,
+    reduce_rows,
+)
+from regops.losses.mixed import mix_binary_cross_entropy, mix_cross_entropy, soft_target_cross_entropy
+from regops.mix import MixedBatch
+
+__all__ = [
+    "LossStats",
+    "causal_lm_loss",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "mix_binary_cross_entropy",
+    "mix_cross_entropy",
+    "soft_target_cross_entropy",
+    "symmetric_kl",
+]
+
+
+# ------------------------------------------------------------------------------------------------ cross-entropy
+class LossStats(NamedTuple):
+    """Per-row statistics of :func:`cross_entropy` (shape: the logits' leading shape; float32, float64 for
+    float64 logits; computed in the loss's own pass, no gradient).
+
+    ``loss``: the unreduced row loss; ``lse``: log-sum-exp of the (scaled, capped) logits; ``entropy``:
+    ``H(softmax)``; ``el2n``: ``||softmax - onehot(y)||_2`` ("Deep Learning on a Data Diet"); ``max_prob``;
+    ``argmax`` (int64); ``margin``: ``z_y - max_{c != y} z_c`` (``+inf`` for one class). ``y`` is the label
+    (the first of a mixed pair, the first teacher index). Ignored rows: loss 0, el2n and margin 0.
+    """
+
+    loss: torch.Tensor
+    lse: torch.Tensor
+    entropy: torch.Tensor
+    el2n: torch.Tensor
+    max_prob: torch.Tensor
+    argmax: torch.Tensor
+    margin: torch.Tensor
+
+
+def _stats(rows: torch.Tensor, stats: torch.Tensor, argmax: torch.Tensor, lead: torch.Size, valid) -> LossStats:
+    def col(i):
+        return stats[:, i].reshape(lead)
+
+    el2n = torch.where(valid, stats[:, ref.EL2N], 0.0).reshape(lead)
+    margin = torch.where(valid, stats[:, ref.MARGIN], 0.0).reshape(lead)
+    return LossStats(
+        rows.detach().reshape(lead), col(ref.LSE), col(ref.ENTROPY), el2n, col(ref.MAX_PROB),
+        argmax.reshape(lead), margin,
+    )  # fmt: skip
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    weight: torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float | None = None,
+    maxsup: float = 0.0,
+    z_loss: float = 0.0,
+    confidence_penalty: float = 0.0,
+    mix: MixedBatch | None = None,
+    decoupled: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_stats: bool = False,
+    class_dim: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, LossStats]:
+    r"""Cross-entropy with its regularizers, fused: one pass over each row forward, one backward.
+
+    A drop-in for ``F.cross_entropy``: the same shapes mean the same thing. Logits ``[N, C]``, ``[C]``
+    (unbatched) or ``[N, C, d1, ...]`` (classes in dim 1, targets ``[N, d1, ...]``); classes-last logits (a
+    language model's ``[B, T, V]`` with targets ``[B, T]``) take ``class_dim=-1``, and such a call without it
+    raises instead of reading ``T`` as the classes.
+
+    For a row with logits ``z`` (``K`` classes), label ``y``, ``lse = logsumexp(z)``:
+
+    * cross-entropy ``lse - z_y``; label smoothing ``a``: ``(1-a)(lse - z_y) + a(lse - mean_k z_k)`` (torch's);
+    * MaxSup ``m``: ``+ m (z_max - mean_k z_k)``; z-loss ``l``: ``+ l lse^2``; confidence penalty ``b``:
+      ``- b H(softmax(z))``;
+    * ``mix`` (a :class:`~regops.MixedBatch`): ``lam CE(y_a) + (1 - lam) CE(y_b)`` with the smoothing folded in;
+      ``decoupled`` ``eta`` (needs ``mix``): ``+ eta [-lam log(e^{z_a} / (e^{z_a} + R)) - (1-lam)
+      log(e^{z_b} / (e^{z_b} + R))]``, ``R = sum_{c not in {a, b}} e^{z_c}``;
+    * ``target=(indices [..., k], probs [..., k])``: sparse (top-k teacher) targets,
+      ``sum_j probs_j (lse - z_{indices_j})`` (distillation without a ``V``-wide target);
+    * ``logit_scale`` ``s`` and ``softcap`` ``c``: the loss sees ``c tanh(s x / c)`` (``s x`` without a cap);
+    * ``weight`` ``[V]`` (class weights, torch's definition, also inside the smoothing term) and ``token_weight``
+      (per row): a row's loss is ``token_weight (sum_j t_j w_{i_j} CE_j ... )`` and its regularizers are weighted
+      by ``token_weight sum_j t_j w_{i_j}``; ``"mean"`` divides by the sum of those weights over kept rows (the
+      count of non-ignored rows without weights; torch's ``sum w_y`` with class weights).
+
+    Rows whose label is ``ignore_index`` contribute nothing and count nothing; a batch with every row ignored
+    gives 0 (torch: NaN) and zero gradients. Labels outside ``[0, V)`` raise a ValueError on CPU; on a GPU
+    (no host sync allowed) those rows give NaN. Gradients flow to ``logits`` only.
+
+    Numerics: statistics and losses are float32 (float64 for float64 logits) whatever the logits' dtype, the
+    gradient is formed in that precision and rounded once to the logits' dtype. Memory beyond the logits and
+    their gradient: ``O(rows)``. No host synchronisation, no atomics (deterministic, CUDA-graph capturable).
+
+    Args:
+        logits: ``[N, C]``, ``[C]`` or ``[N, C, d1, ...]`` (``class_dim=None``), or any shape with the classes in
+            ``class_dim``; float32/16, bfloat16 or float64.
+        target: int labels shaped like the logits without their class dim, or ``(indices, probabilities)`` with
+            ``k`` more in a last dim; ``None`` with ``mix``.
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (the target's shape).
+        return_stats: also return :class:`LossStats` computed in the same pass.
+        class_dim: where the classes are; ``None`` for ``F.cross_entropy``'s rule (dim 1, or dim 0 of a 1-D
+            input), ``-1`` for classes-last logits such as ``[B, T, V]``.
+
+    Returns:
+        the loss (float32; float64 for float64 logits), and with ``return_stats`` a ``(loss, LossStats)`` pair.
+
+    Example::
+
+        >>> loss = regops.cross_entropy(logits, labels, label_smoothing=0.1, z_loss=1e-4)
+        >>> loss, st = regops.cross_entropy(logits, labels, maxsup=0.1, return_stats=True)
+        >>> hard = st.el2n > 0.5                         # data-pruning scores from the same pass
+        >>> loss = regops.cross_entropy(lm_logits, labels, class_dim=-1)   # [B, T, V] logits, [B, T] labels
+    """
+    logits = validate.floating(logits, "logits")
+    if logits.dim() == 0:
+        raise ValueError("regops: logits must have a class dim ([C], [N, C] or [N, C, d1, ...]), got a 0-d tensor")
+    logits = classes_last(logits, target, class_dim)
+    if logits.shape[-1] == 0:
+        raise ValueError(f"regops: logits need V >= 1 classes, got shape {tuple(logits.shape)} (classes last)")
+    options = loss_options(
+        label_smoothing, maxsup, z_loss, confidence_penalty, decoupled, softcap, logit_scale, reduction, mix
+    )
+    no_grad_needed(weight=weight, token_weight=token_weight, target=target)
+    check_weight_dtype(weight, "weight", logits.dtype)
+    lead, n_classes = logits.shape[:-1], logits.shape[-1]
+    acc = acc_dtype(logits)
+    tg = prepare(
+        lead, n_classes, logits.device, acc, target, mix, ignore_index, weight, token_weight, options.decoupled
+    )
+    rows, stats, argmax = ops.cross_entropy(
+        logits.reshape(-1, n_classes), tg.index, tg.tweight, tg.row_weight, tg.class_weight, options.values(),
+        bool(return_stats),
+    )  # fmt: skip
+    loss = reduce_rows(rows, reduction, tg.denominator, lead)
+    if not return_stats:
+        return loss
+    return loss, _stats(rows, stats, argmax, lead, tg.row_weight != 0)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    class_weight: torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float | None = None,
+    maxsup: float = 0.0,
+    z_loss: float = 0.0,
+    confidence_penalty: float = 0.0,
+    mix: MixedBatch | None = None,
+    decoupled: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, LossStats]:
+    r""":func:`cross_entropy` of ``hidden @ weight.T + bias`` without ever materialising the ``[rows, V]`` logits.
+
+    The logits this form stands for are classes-last by construction (``[..., V]`` from ``hidden`` ``[..., H]``),
+    so targets are shaped like ``hidden`` without its last dim (``[B, T]`` for ``[B, T, H]``): the form to use
+    for language-model heads.
+
+    The rows are processed in blocks (one block of logits exists at a time, 64 MiB in float32 on CPU). With
+    ``reduction="mean"`` or ``"sum"`` and gradients needed, the forward sweep also forms each block's gradient
+    and multiplies it into ``d hidden`` and ``d weight`` (accumulated in float32, float64 for float64), which the
+    backward scales by the upstream gradient (every row shares it: exact). With ``reduction="none"`` the
+    backward recomputes each block's logits instead, so the result is exact for any upstream gradient. Same
+    options and statistics as :func:`cross_entropy` (the class weights are ``class_weight`` here, since ``weight``
+    is the classifier's).
+
+    Args:
+        hidden: ``[..., H]``; weight: ``[V, H]`` (an LM head: ``lm_head.weight``); bias: ``[V]`` or None.
+        target: int ``[...]`` labels (or sparse targets, or ``mix``). Same dtype for hidden, weight and bias.
+
+    Example::
+
+        >>> h = model.transformer(input_ids)[0][:, :-1]                      # [B, T-1, H]
+        >>> loss = regops.linear_cross_entropy(h, model.lm_head.weight, input_ids[:, 1:], z_loss=1e-4)
+    """
+    hidden = validate.floating(hidden, "hidden")
+    weight = validate.floating(weight, "weight")
+    if hidden.dim() == 0 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(
+            f"regops: expected hidden [..., H] and weight [V, H] (V >= 1), got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        raise TypeError(f"regops: hidden, weight and bias must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    validate.same_device("hidden", hidden, "weight", weight)
+    if bias is not None:
+        bias = validate.floating(bias, "bias")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"regops: bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
+    options = loss_options(
+        label_smoothing, maxsup, z_loss, confidence_penalty, decoupled, softcap, logit_scale, reduction, mix
+    )
+    no_grad_needed(class_weight=class_weight, token_weight=token_weight, target=target)
+    check_weight_dtype(class_weight, "class_weight", hidden.dtype)
+    lead, n_classes = hidden.shape[:-1], weight.shape[0]
+    acc = acc_dtype(hidden)
+    tg = prepare(
+        lead, n_classes, hidden.device, acc, target, mix, ignore_index, class_weight, token_weight, options.decoupled
+    )
+    args = (hidden.reshape(-1, hidden.shape[-1]), weight, bias, tg.index, tg.tweight, tg.row_weight, tg.class_weight)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if reduction != "none" and wants_grad and tg.index.shape[0] > 0:
+        # One sweep computes the loss and the gradients of the row sum (3 matmuls per block, not 4): exact, since
+        # a "mean" / "sum" gives every row the same upstream gradient. reduction="none" recomputes in backward.
+        rows, stats, argmax, *_ = ops.linear_cross_entropy_with_grad(*args, options.values(), bool(return_stats))
+    else:
+        rows, stats, argmax = ops.linear_cross_entropy(*args, options.values(), bool(return_stats))
+    loss = reduce_rows(rows, reduction, tg.denominator, lead)
+    if not return_stats:
+        return loss
+    return loss, _stats(rows, stats, argmax, lead, tg.row_weight != 0)
+
+
+# ------------------------------------------------------------------------------------------------ symmetric KL
+def symmetric_kl(
+    logits_a: torch.Tensor, logits_b: torch.Tensor, *, reduction: str = "mean", class_dim: int | None = None
+) -> torch.Tensor:
+    r"""R-Drop consistency loss: :math:`\tfrac12\,[KL(p_a\|p_b) + KL(p_b\|p_a)]` over the class dimension.
+
+    .. math:: \ell = \tfrac12 \sum_v (p_{a,v} - p_{b,v})(\log p_{a,v} - \log p_{b,v}),
+              \quad p = \mathrm{softmax}(\text{logits})
+
+    Fused: the forward streams the vocabulary twice per row and keeps 4 floats per row; the backward writes the
+    two gradients in one pass. No ``[rows, V]`` intermediate (softmax, log-softmax) is ever allocated. Logits
+    must be finite. Twice differentiable (Hessian estimates of models using it work): under
+    ``create_graph=True`` the backward runs as torch ops that autograd differentiates again.
+
+    Args:
+        logits_a, logits_b: same shape and floating dtype (computed in float32, float64 for float64): ``[C]`` or
+            ``[N, C]``, or with more dims the classes in ``class_dim``.
+        reduction: ``"mean"`` over rows (= R-Drop's batch mean; default), ``"sum"``, or ``"none"`` (the logits'
+            shape without the class dim).
+        class_dim: required for 3-D and larger logits, which have no single reading: ``-1`` for classes-last
+            logits (``[B, T, V]`` from a language model), ``1`` for ``F.cross_entropy``'s ``[N, C, d1, ...]``.
+
+    Returns:
+        float32 (float64 for float64) loss.
+
+    Example::
+
+        >>> loss = F.cross_entropy(la, y) + F.cross_entropy(lb, y) + alpha * regops.symmetric_kl(la, lb)
+        >>> reg = regops.symmetric_kl(lm_logits_a, lm_logits_b, class_dim=-1)   # [B, T, V]
+    """
+    validate.floating(logits_a, "logits_a")
+    validate.floating(logits_b, "logits_b")
+    if logits_a.shape != logits_b.shape or logits_a.dtype != logits_b.dtype:
+        raise ValueError(
+            f"regops: logits_a and logits_b must have the same shape and dtype, got {tuple(logits_a.shape)} "
+            f"{logits_a.dtype} and {tuple(logits_b.shape)} {logits_b.dtype}"
+        )
+    validate.same_device("logits_a", logits_a, "logits_b", logits_b)
+    nd = logits_a.dim()
+    if class_dim is None and nd > 2:
+        raise ValueError(
+            f"regops: symmetric_kl of {nd}-D logits {tuple(logits_a.shape)} needs class_dim: -1 for classes-last "
+            "logits ([B, T, V], a language model's), 1 for [N, C, d1, ...] (F.cross_entropy's layout)"
+        )
+    if class_dim is not None:
+        class_dim = check_class_dim(class_dim, nd)
+        logits_a, logits_b = logits_a.movedim(class_dim, -1), logits_b.movedim(class_dim, -1)
+    if logits_a.dim() == 0 or logits_a.shape[-1] == 0:
+        raise ValueError(f"regops: logits must have shape [..., V] with V > 0, got {tuple(logits_a.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"regops: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    cols = logits_a.shape[-1]
+    loss, _ = ops.symmetric_kl(logits_a.reshape(-1, cols), logits_b.reshape(-1, cols))
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss.reshape(logits_a.shape[:-1])
+
+
+# ------------------------------------------------------------------------------------------------ Hugging Face
+def causal_lm_loss(**options: Any) -> Callable[..., torch.Tensor]:
+    """A drop-in for transformers' ``ForCausalLMLoss`` backed by :func:`regops.cross_entropy` with ``options``.
+
+    Transformers models compute their loss through ``model.loss_function`` (default: ``ForCausalLMLoss``: shift
+    the labels, ``F.cross_entropy`` on upcast float32 logits, ``"sum" / num_items_in_batch`` under gradient
+    accumulation). The function returned has that signature and calls :func:`regops.cross_entropy` instead: no
+    float32 copy of the logits, the regularizers and statistics available, same reduction rules, no global patching.
+
+    Example::
+
+        >>> model.loss_function = regops.causal_lm_loss(label_smoothing=0.1, z_loss=1e-4)
+        >>> model(input_ids, labels=input_ids).loss.backward()
+    """
+    for key in ("reduction", "ignore_index", "return_stats", "mix", "target"):
+        if key in options:
+            raise ValueError(f"regops: causal_lm_loss sets {key} itself (as transformers' loss does)")
+
+    def loss(
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        vocab_size: int,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        ignore_index: int = -100,
+        shift_labels: torch.Tensor | None = None,
+        **_: Any,
+    ) -> torch.Tensor:
+        if shift_labels is None:  # tokens < n predict n
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        rows = logits.reshape(-1, vocab_size)
+        target = shift_labels.reshape(-1).to(rows.device)
+        if num_items_in_batch is None:
+            return cross_entropy(rows, target, ignore_index=ignore_index, **options)
+        total = cross_entropy(rows, target, ignore_index=ignore_index, reduction="sum", **options)
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
+
+    return loss

@@ -1,0 +1,322 @@
+"""The per-sample mixing parameters: the draws behind them, their application (one ``regops::mix_apply``), and the
+checks the mix family's entry points share.
+
+Every random number (Beta lambdas, switch / apply coins, box centres and sizes, random partners) is drawn with
+torch on the input's device (honouring ``torch.manual_seed`` or a ``generator``), then turned into per-sample
+parameters (:class:`MixParams`: lambda, partner index, box) by vectorised code that follows timm's ``Mixup`` rule by
+rule. Nothing goes to the host, nothing loops over the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from regops._core import validate
+from regops.mix import ops
+
+MODES = ("batch", "pair", "elem")
+PARTNERS = ("flip", "roll", "random")
+IMAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8)
+
+
+@dataclass(frozen=True)
+class MixParams:
+    """Per-sample mixing parameters: what the kernel needs, nothing random left.
+
+    Attributes:
+        lam: float64 ``[B]``, the weight of sample ``b``'s own label (after CutMix area correction); 1 = unmixed.
+        partner: int64 ``[B]``, a permutation: sample ``b`` is mixed with ``partner[b]``.
+        box: int64 ``[B, 4]``, ``(y0, y1, x0, x1)`` half-open on the last two dims, pasted from the partner
+            (all zeros for MixUp samples and unmixed samples).
+        use_cutmix: bool ``[B]``, the sample is a CutMix sample (image weights 1 / 0 outside its box).
+    """
+
+    lam: torch.Tensor
+    partner: torch.Tensor
+    box: torch.Tensor
+    use_cutmix: torch.Tensor
+
+    @property
+    def image_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``(w_self, w_other)``: ``lam``, ``1 - lam`` for MixUp samples, ``1``, ``0`` for CutMix samples."""
+        w_self = torch.where(self.use_cutmix, 1.0, self.lam).float()
+        w_other = torch.where(self.use_cutmix, 0.0, 1.0 - self.lam).float()
+        return w_self, w_other
+
+    @property
+    def label_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``(lam, 1 - lam)``, each rounded once from float64 (as timm's float32 target arithmetic)."""
+        return self.lam.float(), (1.0 - self.lam).float()
+
+
+@dataclass(frozen=True)
+class Config:
+    mixup_alpha: float
+    cutmix_alpha: float
+    cutmix_minmax: tuple[float, float] | None
+    prob: float
+    switch_prob: float
+    mode: str
+    correct_lam: bool
+    partner: str
+    enabled: bool = True
+
+
+def check_number(value: Any, name: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"regops: {name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"regops: {name} must not be NaN")
+    return value
+
+
+def make_config(
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    cutmix_minmax: Sequence[float] | None,
+    prob: float,
+    switch_prob: float,
+    mode: str,
+    correct_lam: bool,
+    partner: str,
+) -> Config:
+    mixup_alpha = check_number(mixup_alpha, "mixup_alpha")
+    cutmix_alpha = check_number(cutmix_alpha, "cutmix_alpha")
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"regops: alphas must be >= 0 (0 disables), got {mixup_alpha=}, {cutmix_alpha=}")
+    minmax = None
+    if cutmix_minmax is not None:
+        if not isinstance(cutmix_minmax, Sequence) or len(cutmix_minmax) != 2:
+            raise ValueError(f"regops: cutmix_minmax must be a pair (min, max), got {cutmix_minmax!r}")
+        lo, hi = (check_number(v, "cutmix_minmax") for v in cutmix_minmax)
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"regops: cutmix_minmax must satisfy 0 <= min < max <= 1, got ({lo}, {hi})")
+        minmax = (lo, hi)
+        cutmix_alpha = 1.0  # as timm: min/max boxes force CutMix on (alpha 1 keeps the switch logic simple)
+    if mixup_alpha == 0 and cutmix_alpha == 0:
+        raise ValueError(
+            "regops: nothing to mix: mixup_alpha and cutmix_alpha are both 0 (and no cutmix_minmax); "
+            "enable one of them (alpha > 0), or set mixup_enabled = False to pass batches through"
+        )
+    if mode not in MODES:
+        raise ValueError(f"regops: mode must be one of {MODES}, got {mode!r}")
+    if partner not in PARTNERS:
+        raise ValueError(f"regops: partner must be one of {PARTNERS}, got {partner!r}")
+    if mode == "pair" and partner == "roll":
+        raise ValueError("regops: mode='pair' mixes samples in pairs; use partner='flip' or 'random', not 'roll'")
+    return Config(
+        mixup_alpha,
+        cutmix_alpha,
+        minmax,
+        validate.probability(prob, "prob"),
+        validate.probability(switch_prob, "switch_prob"),
+        mode,
+        bool(correct_lam),
+        partner,
+    )
+
+
+def partners(kind: str, mode: str, batch: int, device, generator) -> torch.Tensor:
+    idx = torch.arange(batch, device=device)
+    if kind == "flip":
+        return batch - 1 - idx
+    if kind == "roll":  # torchvision's roll(1, 0): sample b is mixed with sample b - 1
+        return (idx - 1) % batch
+    perm = torch.randperm(batch, device=device, generator=generator)
+    if mode != "pair":
+        return perm
+    # A random perfect matching: perm[2k] <-> perm[2k + 1] (the last sample of an odd batch stays alone).
+    partner = idx.clone()
+    even = perm[: batch // 2 * 2].view(-1, 2)
+    partner[even[:, 0]] = even[:, 1]
+    partner[even[:, 1]] = even[:, 0]
+    return partner
+
+
+def _beta(alpha: float, n: int, device, generator) -> torch.Tensor:
+    conc = torch.full((n, 2), alpha, dtype=torch.float64, device=device)
+    return torch._sample_dirichlet(conc, generator=generator)[:, 0]
+
+
+def _uniform(n: int, device, generator) -> torch.Tensor:
+    return torch.rand(n, dtype=torch.float64, device=device, generator=generator)
+
+
+@dataclass
+class Draws:
+    """The raw random numbers of one call (float64 ``[n]``), in the units timm's NumPy draws use."""
+
+    apply: torch.Tensor  # U[0,1): mix iff < prob
+    switch: torch.Tensor  # U[0,1): CutMix iff < switch_prob (when both are enabled)
+    lam_mixup: torch.Tensor | None  # Beta(mixup_alpha)
+    lam_cutmix: torch.Tensor | None  # Beta(cutmix_alpha)
+    u_y: torch.Tensor  # box position (centre for alpha boxes, corner for min/max boxes)
+    u_x: torch.Tensor
+    u_h: torch.Tensor  # box size (min/max boxes only)
+    u_w: torch.Tensor
+
+
+def draw(cfg: Config, n: int, device, generator) -> Draws:
+    u = lambda: _uniform(n, device, generator)  # noqa: E731
+    return Draws(
+        apply=u(),
+        switch=u(),
+        lam_mixup=_beta(cfg.mixup_alpha, n, device, generator) if cfg.mixup_alpha > 0 else None,
+        lam_cutmix=_beta(cfg.cutmix_alpha, n, device, generator) if cfg.cutmix_alpha > 0 else None,
+        u_y=u(),
+        u_x=u(),
+        u_h=u(),
+        u_w=u(),
+    )
+
+
+def _floor_index(u: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
+    """A uniform integer in ``[0, n)`` from ``u`` in ``[0, 1)`` (``numpy.random.randint(0, n)``)."""
+    return torch.floor(u * n).long()
+
+
+def _params_from_draws(cfg: Config, draws: Draws, height: int, width: int) -> tuple[torch.Tensor, ...]:
+    """timm's rules, vectorised: ``(lam float64, use_cutmix bool, box int64 [n, 4])`` for each draw.
+
+    Per-element and pair modes keep lambdas in float32 (timm stores them in a float32 array and computes the box
+    size in float32); batch mode keeps float64 (timm's Python float).
+    """
+    if cfg.mixup_alpha > 0 and cfg.cutmix_alpha > 0:
+        use_cutmix = draws.switch < cfg.switch_prob
+        lam = torch.where(use_cutmix, draws.lam_cutmix, draws.lam_mixup)
+    elif cfg.mixup_alpha > 0:
+        use_cutmix = torch.zeros_like(draws.apply, dtype=torch.bool)
+        lam = draws.lam_mixup
+    else:
+        use_cutmix = torch.ones_like(draws.apply, dtype=torch.bool)
+        lam = draws.lam_cutmix
+    per_sample = cfg.mode != "batch"
+    if per_sample:
+        lam = lam.float().double()
+    applied = (draws.apply < cfg.prob) & cfg.enabled
+    lam = torch.where(applied, lam, 1.0)
+    cut = use_cutmix & (lam != 1.0)
+    if cfg.cutmix_minmax is not None:
+        lo_h, hi_h = int(height * cfg.cutmix_minmax[0]), int(height * cfg.cutmix_minmax[1])
+        lo_w, hi_w = int(width * cfg.cutmix_minmax[0]), int(width * cfg.cutmix_minmax[1])
+        if lo_h >= hi_h or lo_w >= hi_w:
+            raise ValueError(
+                f"regops: cutmix_minmax={cfg.cutmix_minmax} gives an empty box-size range on a {height}x{width} "
+                f"image (int(size * min) must be < int(size * max))"
+            )
+        cut_h = lo_h + _floor_index(draws.u_h, hi_h - lo_h)
+        cut_w = lo_w + _floor_index(draws.u_w, hi_w - lo_w)
+        y0 = _floor_index(draws.u_y, height - cut_h + 1)
+        x0 = _floor_index(draws.u_x, width - cut_w + 1)
+        y1, x1 = y0 + cut_h, x0 + cut_w
+    else:
+        ctype = torch.float32 if per_sample else torch.float64
+        ratio = torch.sqrt(1.0 - lam.to(ctype))
+        cut_h = torch.floor(ratio * height).long()
+        cut_w = torch.floor(ratio * width).long()
+        cy = _floor_index(draws.u_y, height)
+        cx = _floor_index(draws.u_x, width)
+        y0 = (cy - cut_h // 2).clamp(0, height)
+        y1 = (cy + (cut_h + 1) // 2).clamp(0, height)
+        x0 = (cx - cut_w // 2).clamp(0, width)
+        x1 = (cx + (cut_w + 1) // 2).clamp(0, width)
+    box = torch.stack([y0, y1, x0, x1], dim=1)
+    box = torch.where(cut.unsqueeze(1), box, 0)
+    if cfg.correct_lam or cfg.cutmix_minmax is not None:
+        area = ((box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])).double()
+        corrected = 1.0 - area / float(height * width)
+        if per_sample:
+            corrected = corrected.float().double()
+        lam = torch.where(cut, corrected, lam)
+    return lam, cut, box
+
+
+def spatial(x: torch.Tensor) -> tuple[int, int]:
+    return (1, x.shape[1]) if x.dim() == 2 else (x.shape[-2], x.shape[-1])
+
+
+def sample_params(cfg: Config, x: torch.Tensor, generator: torch.Generator | None) -> MixParams:
+    batch = x.shape[0]
+    height, width = spatial(x)
+    device = x.device
+    if cfg.cutmix_alpha > 0 and x.dim() < 3:
+        raise ValueError(f"regops: CutMix needs inputs with >= 3 dims [B, ..., H, W], got shape {tuple(x.shape)}")
+    partner = partners(cfg.partner, cfg.mode, batch, device, generator)
+    n = 1 if cfg.mode == "batch" else batch
+    lam, cut, box = _params_from_draws(cfg, draw(cfg, n, device, generator), height, width)
+    if validate.is_dtensor(x):
+        from regops.mix import dtensor  # imports torch.distributed.tensor: only for DTensor inputs
+
+        partner, lam, cut, box = dtensor.sync_draws(x, partner, lam, cut, box)
+    if cfg.mode == "batch":
+        rep = torch.zeros(batch, dtype=torch.long, device=device)
+    elif cfg.mode == "pair":
+        rep = torch.minimum(torch.arange(batch, device=device), partner)  # both partners share one draw
+    else:
+        rep = torch.arange(batch, device=device)
+    alone = partner == torch.arange(batch, device=device)  # the middle sample of an odd batch under 'flip'
+    lam = torch.where(alone, 1.0, lam[rep])
+    cut = cut[rep] & ~alone
+    box = torch.where(cut.unsqueeze(1), box[rep], 0)
+    return MixParams(lam=lam, partner=partner, box=box, use_cutmix=cut)
+
+
+def apply_params(x: torch.Tensor, params: MixParams) -> torch.Tensor:
+    """``x`` mixed by ``params``: one ``regops::mix_apply`` (on the shard, for a DTensor)."""
+    w_self, w_other = params.image_weights
+    if validate.is_dtensor(x):
+        from regops.mix import dtensor  # imports torch.distributed.tensor: only for DTensor inputs
+
+        return dtensor.mix_apply(x, w_self, w_other, params.partner, params.box)
+    return ops.mix_apply(x, w_self, w_other, params.partner, params.box)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def check_images(x: Any, name: str = "x") -> torch.Tensor:
+    x = validate.tensor(x, name)
+    if x.dtype not in IMAGE_DTYPES:
+        raise TypeError(f"regops: {name} must be float32/16, bfloat16, float64 or uint8, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"regops: {name} must be a batch [B, ...] with >= 2 dims, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_labels(target: Any, batch: int, num_classes: int | None, device, name: str = "target") -> torch.Tensor:
+    target = validate.tensor(target, name)
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"regops: {name} must hold integer class indices, got dtype {target.dtype}")
+    if target.dim() != 1 or target.shape[0] != batch:
+        raise ValueError(
+            f"regops: {name} must have shape [{batch}] (one class index per sample), got {tuple(target.shape)}"
+        )
+    if target.device != device:
+        raise ValueError(f"regops: {name} is on {target.device} but the batch is on {device}")
+    if target.numel() and num_classes is not None and not torch.compiler.is_compiling():
+        low, high = torch.aminmax(target)
+        low, high = int(low), int(high)
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"regops: {name} holds labels outside [0, num_classes={num_classes}): min {low}, max {high}"
+            )
+    return target.long()
+
+
+def check_num_classes(num_classes: Any) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"regops: num_classes must be a positive int, got {num_classes!r}")
+    return num_classes
+
+
+def check_smoothing(value: Any, name: str = "label_smoothing") -> float:
+    value = check_number(value, name)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"regops: {name} must be in [0, 1], got {value}")
+    return value
