@@ -2,7 +2,7 @@
 the eager composition of the regularizers, and Liger-Kernel / Cut Cross-Entropy where they run (their kernels are
 Triton for CUDA: on a CPU their rows say so; a missing install is reported by its row too).
 
-Cases (CPU sizes are the issue's bar: 4096 x 32000 fp32 with label smoothing + z-loss; linear CE at 8192 rows,
+Cases (CPU sizes are the CPU bars': 4096 x 32000 fp32 with label smoothing + z-loss; linear CE at 8192 rows,
 hidden 512, V = 32000; GPU sizes: 8192 x 32000 and 4096 x 128256 bf16, linear CE at hidden 2048 and Cut
 Cross-Entropy's Gemma-2-2B head, hidden 2304, V = 256000, 8192 tokens):
 

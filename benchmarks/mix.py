@@ -1,7 +1,7 @@
 """MixUp / CutMix: regops against timm (Mixup), torchvision v2 (MixUp, CutMix), a vectorised eager-PyTorch version
 with the same draws, and its torch.compile. (The MixUp / CutMix losses are cases of benchmarks/losses.py.)
 
-Cases (CPU sizes are the issue's bar: Mixup elem at 128 x 3 x 224 x 224):
+Cases (CPU sizes are the CPU bar's: Mixup elem at 128 x 3 x 224 x 224):
 * ``mixup <mode>``: the whole ``x, target = mixup(x, target)`` call (draws + mixing + dense targets).
 * ``mix kernel``: only the mixing of a fixed set of per-sample parameters (regops op vs eager vs compile).
 * ``v2 MixUp`` / ``v2 CutMix``: regops.MixUp / regops.CutMix against torchvision.transforms.v2.

@@ -9,7 +9,8 @@ F64 = torch.float64
 
 
 def eager_rows(x, index, t, *, row_w=None, cw=None, a=0.0, m=0.0, l=0.0, b=0.0, eta=0.0, cap=None, s=1.0):
-    """The issue's formulas, written densely in float64 with autograd (independent of regops' code)."""
+    """The regularized cross-entropy of regops.losses.reference's docstring, written densely in float64 with autograd
+    (independent of regops' code)."""
     z = x * s
     if cap:
         z = cap * torch.tanh(z / cap)

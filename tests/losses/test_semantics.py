@@ -137,7 +137,7 @@ def test_mix_binary_cross_entropy_equals_timm(kw, timm_loss):
 
 @pytest.mark.ops("cross_entropy", "cross_entropy_backward")
 def test_cross_entropy_reads_classes_in_dim_1_as_torch_does(kernel_target):
-    """[N, C, L] logits with C == L: regops used to read them classes-last (a different loss than torch's)."""
+    """[N, C, L] logits with C == L: classes in dim 1, as torch reads them (classes last is a different loss)."""
     _, device = kernel_target
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 4, dtype=torch.float32, generator=g).to(device).requires_grad_()
@@ -192,7 +192,7 @@ def test_symmetric_kl_of_3d_logits_needs_a_class_dim():
 
 @pytest.mark.ops("mix_binary_cross_entropy", "mix_binary_cross_entropy_backward")
 def test_mix_binary_cross_entropy_keeps_float64_weights(kernel_target):
-    """A Python-number pos_weight was made a float32 tensor first: 1.6e-9 off in float64."""
+    """A Python-number pos_weight goes to float64 directly (through a float32 tensor it would be 1.6e-9 off)."""
     _, device = kernel_target
     g = torch.Generator().manual_seed(0)
     b, c = 6, 5
