@@ -89,10 +89,12 @@ def test_mix_kernel_matches_reference(kernel_target, dtype, layout):
 @pytest.mark.parametrize("dtype", (*DTYPES, torch.uint8))
 def test_random_weights_partners_and_boxes_bits_match_reference(kernel_target, dtype):
     """Forward and transposed mix on every layout, with unused partners, w_self = 1 and empty and full boxes."""
-    _, device = kernel_target
+    backend, device = kernel_target
     gen = torch.Generator().manual_seed(5)
     cases = [((5, 7), False), ((3, 2, 5, 6), False), ((2, 5, 4), False), ((1, 1, 1, 1), False)]
-    cases += [((6, 3, 40, 41), False), ((300, 3, 5, 7), False), ((4, 3, 9, 11), True), ((3, 5, 6, 7), True)]
+    cases += [((6, 3, 40, 41), False), ((4, 3, 9, 11), True), ((3, 5, 6, 7), True)]
+    if not (backend == "triton" and device.type == "cpu"):  # 300 programs: slow under the interpreter
+        cases.append(((300, 3, 5, 7), False))  # many samples per parallel chunk
     for shape, channels_last in cases:
         args = _mix_args(shape, dtype, gen, channels_last)
         got, want = ops.mix_apply(*_on(device, args)), R.mix_apply(*args)
