@@ -27,12 +27,10 @@ __all__ = ["mix_binary_cross_entropy", "mix_cross_entropy", "soft_target_cross_e
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check_logits(logits: Any, batch: int | None = None) -> torch.Tensor:
+def _check_logits(logits: Any) -> torch.Tensor:
     logits = validate.floating(logits, "logits")
     if logits.dim() != 2:
         raise ValueError(f"regops: logits must be [B, C], got shape {tuple(logits.shape)}")
-    if batch is not None and logits.shape[0] != batch:
-        raise ValueError(f"regops: logits have {logits.shape[0]} rows but the mixed batch has {batch} samples")
     return logits
 
 
