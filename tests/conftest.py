@@ -7,6 +7,7 @@ any kernel module is imported, so it is set here, at collection time.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -19,6 +20,9 @@ settings.load_profile("regops")
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A fresh compile cache per run: inductor's on-disk cache does not key on a custom op's schema, so code compiled
+# for another checkout (or an earlier version of an op) could be replayed against this one.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="regops-inductor-"))
 
 import regops  # noqa: E402
 from regops import _backend  # noqa: E402

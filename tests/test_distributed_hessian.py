@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from dist_harness import Checks, run
 from test_distributed_grad_norms import _data, _mlp, _sharded
 from torch import nn
 
 import regops
+from tests.dist_harness import Checks, run
 
 LOCAL = 4
 PROBES = 6

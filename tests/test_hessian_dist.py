@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import tempfile
 
-import dist_workers
 import pytest
 import torch
 from torch import nn
 
 import regops
+from tests import dist_workers
 
 WORLD = 2
 

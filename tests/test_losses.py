@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from regops._core import launch
 
 import regops
+from regops._core import launch
 from regops.losses import regularized as CE
 from regops.reference import losses as R
 
