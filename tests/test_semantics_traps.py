@@ -182,6 +182,7 @@ def test_tracin_dense_and_top_k_in_dataset_order_with_shuffling_loaders():
 
 
 # ---------------------------------------------------------------------------------------------- class dim
+@pytest.mark.ops("cross_entropy", "cross_entropy_backward")
 def test_cross_entropy_reads_classes_in_dim_1_as_torch_does(kernel_target):
     """[N, C, L] logits with C == L: regops used to read them classes-last (a different loss than torch's)."""
     _, device = kernel_target
@@ -253,6 +254,7 @@ def test_data_scores_find_the_class_dim_from_the_targets():
 
 
 # ---------------------------------------------------------------------------------------------- float64 losses
+@pytest.mark.ops("mix_binary_cross_entropy", "mix_binary_cross_entropy_backward")
 def test_mix_binary_cross_entropy_keeps_float64_weights(kernel_target):
     """A Python-number pos_weight was made a float32 tensor first: 1.6e-9 off in float64."""
     _, device = kernel_target
