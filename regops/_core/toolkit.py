@@ -20,11 +20,11 @@ NVCC_FLAGS = ["-O3"]
 
 
 def extension_sources(csrc: str, cuda: bool) -> list[str]:
-    """The files compiled into regops._C: the module (csrc/module.cpp) and every family's CPU kernels
-    (csrc/<family>/cpu*.cpp) always; with ``cuda`` also the CUDA kernels and their bindings
-    (csrc/<family>/cuda*.cu, csrc/<family>/cuda*.cpp)."""
+    """The files compiled into regops._C: the module (csrc/module.cpp), every family's CPU kernels
+    (csrc/<family>/cpu*.cpp) and C++ derivatives (csrc/<family>/autograd*.cpp) always; with ``cuda`` also the CUDA
+    kernels and their bindings (csrc/<family>/cuda*.cu, csrc/<family>/cuda*.cpp)."""
     families = lambda pattern: sorted(glob.glob(os.path.join(csrc, "*", pattern)))
-    cpu = [os.path.join(csrc, "module.cpp"), *families("cpu*.cpp")]
+    cpu = [os.path.join(csrc, "module.cpp"), *families("cpu*.cpp"), *families("autograd*.cpp")]
     if not cuda:
         return cpu
     return cpu + families("cuda*.cpp") + families("cuda*.cu")
