@@ -22,12 +22,13 @@ NVCC_FLAGS = ["-O3"]
 def extension_sources(csrc: str, cuda: bool) -> list[str]:
     """The files compiled into regops._C: the module (csrc/module.cpp), every family's CPU kernels
     (csrc/<family>/cpu*.cpp) and C++ derivatives (csrc/<family>/autograd*.cpp) always; with ``cuda`` also the CUDA
-    kernels and their bindings (csrc/<family>/cuda*.cu, csrc/<family>/cuda*.cpp)."""
+    kernels (csrc/<family>/*.cu) and their bindings (csrc/<family>/cuda*.cpp). Object files are named after the
+    sources' stems, so a family's .cu and .cpp files never share one."""
     families = lambda pattern: sorted(glob.glob(os.path.join(csrc, "*", pattern)))
     cpu = [os.path.join(csrc, "module.cpp"), *families("cpu*.cpp"), *families("autograd*.cpp")]
     if not cuda:
         return cpu
-    return cpu + families("cuda*.cpp") + families("cuda*.cu")
+    return cpu + families("cuda*.cpp") + families("*.cu")
 
 
 SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
