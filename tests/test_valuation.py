@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from regops._core import launch as _launch
 from torch import nn
-from zoo import ZOO, per_example_loop_grads
 
 import regops
+from regops._core import launch as _launch
 from regops.reference import valuation as ref
 from regops.valuation import cross_gram_dots, sq_grad_sum
+from tests.zoo import ZOO, per_example_loop_grads
 
 
 # ---------------------------------------------------------------------------------------------- models
