@@ -14,9 +14,11 @@ from benchmarks import harness
 
 
 def load_cases() -> None:
+    """Import every module of benchmarks/: a family's module registers its cases with
+    :func:`benchmarks.harness.case` when imported (the harness and the paired scripts register none)."""
     here = Path(__file__).resolve().parent
     for info in pkgutil.iter_modules([str(here)]):
-        if info.name.startswith("bench_"):
+        if info.name != "__main__":
             importlib.import_module(f"benchmarks.{info.name}")
 
 
