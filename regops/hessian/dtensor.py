@@ -13,6 +13,7 @@ batch sizes, the mean over the concatenated batch), so ``H = mean_r H_r``. Then:
   not linear in ``H``): one all-reduce of ``H v`` per batch of probes.
 
 Every rank returns the same estimate; diagonal values are DTensors laid out like the parameters.
+:func:`regops.hessian.trace` and :func:`regops.hessian.diagonal` forward DTensor parameters here.
 """
 
 from __future__ import annotations
