@@ -115,10 +115,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hessian_probe_dot(at::TensorList 
 // offset + first_probe * S / per + t, t = 0 .. K * S / per - 1, in order (per = 128 elements per counter for
 // Rademacher, 4 for Gaussian), so the output is one flat run of counters split into blocks.
 // The Gaussian transform repeats the reference's float32 operations one by one in the same order (no FMA: the
-// build uses -ffp-contract=off), so it gives the same bits.
+// build uses -ffp-contract=off), or operations that give the same bits for every input (each says why), so it
+// gives the reference's bits.
 
 constexpr float kLn2 = 0x1.62e43p-1f;         // float32(ln 2)
-constexpr float kSqrt2 = 0x1.6a09e6p+0f;      // float32(sqrt 2)
+constexpr int32_t kSqrt2Bits = 0x3FB504F3;    // float32(sqrt 2), as its bits
 constexpr float kTwoPi = 0x1.921fb6p+2f;      // float32(2 pi)
 constexpr float kTwoPowM24 = 0x1p-24f;
 
@@ -132,7 +133,8 @@ const float kSinCoeffs[7] = {static_cast<float>(-1.0 / 1307674368000.0), static_
                              static_cast<float>(-1.0 / 6.0)};
 
 // ln(k 2^-24) for k in [1, 2^24] (regops.hessian.reference.log_unit). Branch-free so that the block loop
-// vectorizes; each operation is the reference's, in its order.
+// vectorizes on every ISA (a select of floating-point results is a branch to GCC unless the CPU has masked
+// vector operations); each floating-point operation is the reference's, in its order.
 inline float log_unit(uint32_t k) {
   const float u = static_cast<float>(static_cast<int32_t>(k)) * kTwoPowM24;
   int32_t bits;
@@ -140,9 +142,10 @@ inline float log_unit(uint32_t k) {
   const int32_t mbits = (bits & 0x7FFFFF) | 0x3F800000;
   float m;
   std::memcpy(&m, &mbits, 4);
-  const bool big = m > kSqrt2;
-  m = big ? m * 0.5f : m;
-  const float ef = static_cast<float>((bits >> 23) - 127 + (big ? 1 : 0));
+  const int32_t big = mbits > kSqrt2Bits;  // m > sqrt 2: positive floats order as their bits
+  const int32_t halved = mbits - (big << 23);  // m / 2 (exact, m is normal), in integers
+  std::memcpy(&m, &halved, 4);
+  const float ef = static_cast<float>((bits >> 23) - 127 + big);
   const float s = (m - 1.0f) / (m + 1.0f);
   const float s2 = s * s;
   float p = s2 * kLogCoeffs[0] + kLogCoeffs[1];
@@ -162,20 +165,26 @@ inline float sin_poly(float x) {
 constexpr int64_t kPairs = kBlockElems / 2;
 
 // Box-Muller on the word pairs (2i, 2i + 1) of a block (regops.hessian.reference.box_muller): z[2i], z[2i + 1].
-// Split into loops over the pairs (radius, then the two angles) that the compiler vectorizes. The radius is
-// sqrt(-2 ln u1) in double rounded to float, as the reference computes it: the build's -fno-math-errno makes the
-// sqrt one IEEE square-root instruction (correctly rounded, the same bits as libm's) that vectorizes with the loop.
+// Two loops over the pairs that the compiler vectorizes whole on every ISA clone: the radius and the reduced
+// angles (one loop reading both words of a pair: a loop reading every other word leaves its last vector's worth
+// of pairs to a scalar epilogue), then the two sines. The radius is sqrt(-2 ln u1) in double rounded to float, as
+// the reference computes it: the build's -fno-math-errno makes the sqrt one IEEE square-root instruction
+// (correctly rounded: libm's bits). The angle's branches are selects of integers and exact constants.
 REGOPS_CPU_CLONES void gaussian_pairs(const uint32_t* __restrict__ words, float* __restrict__ z) {
   alignas(64) float r[kPairs], bc[kPairs], bs[kPairs];
   for (int64_t i = 0; i < kPairs; ++i) {
     r[i] = static_cast<float>(std::sqrt(static_cast<double>(log_unit((words[2 * i] >> 8) + 1)) * -2.0));
-  }
-  for (int64_t i = 0; i < kPairs; ++i) {
-    const float u = static_cast<float>(static_cast<int32_t>(words[2 * i + 1] >> 8)) * kTwoPowM24;
-    const float t = u >= 0.5f ? u - 1.0f : u;
+    const int32_t k = static_cast<int32_t>(words[2 * i + 1] >> 8);
+    const float u = static_cast<float>(k) * kTwoPowM24;
+    const int32_t upper = k >> 23;                               // u >= 1/2
+    const float t = u - static_cast<float>(upper);               // in [-1/2, 1/2), exact, never -0
     const float a = std::fabs(t);
+    const int32_t inner = (k <= (1 << 22)) | (k >= (3 << 22));  // |t| <= 1/4
     bc[i] = (0.25f - a) * kTwoPi;
-    bs[i] = (a <= 0.25f ? t : (t > 0.0f ? 0.5f - t : -0.5f - t)) * kTwoPi;
+    // |t| <= 1/4: t; else sign(t)/2 - t. Both are h - s t: h = 0, s = -1 (0 - (-t) is t exactly, t being never
+    // -0), or h = sign(t)/2, s = 1 (the reference's subtraction). h and s t are exact.
+    const float h = static_cast<float>(1 - inner) * (0.5f - static_cast<float>(upper));
+    bs[i] = (h - t * (1.0f - 2.0f * static_cast<float>(inner))) * kTwoPi;
   }
   for (int64_t i = 0; i < kPairs; ++i) {
     z[2 * i] = r[i] * sin_poly(bc[i]);
