@@ -14,10 +14,11 @@ from benchmarks import harness
 
 
 def load_cases() -> None:
-    """Import every module of the suite: the family modules register their cases when imported."""
+    """Import every module of benchmarks/: a family's module registers its cases with
+    :func:`benchmarks.harness.case` when imported (the harness and the paired scripts register none)."""
     here = Path(__file__).resolve().parent
     for info in pkgutil.iter_modules([str(here)]):
-        if info.name not in ("harness", "__main__"):
+        if info.name != "__main__":
             importlib.import_module(f"benchmarks.{info.name}")
 
 

@@ -7,11 +7,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(regops_cpu, m) {
-  m.def(
-      "hessian_probes(int seed, int offset, int first_probe, int num_probes, int numel, str distribution, "
-      "ScalarType dtype, Device? device=None) -> Tensor");
   m.def("mix_apply(Tensor x, Tensor w_self, Tensor w_other, Tensor partner, Tensor box) -> Tensor");
-  m.def("hessian_probe_dot(Tensor[] vs, Tensor[] hvs, bool with_diag=True) -> (Tensor, Tensor, Tensor)");
 }
 
 // A Python module with no functions: importing regops._C loads the library and runs the registrations.

@@ -25,8 +25,7 @@ if not HAS_CUDA:
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="regops-inductor-"))
 
 import regops  # noqa: E402
-from regops import _backend  # noqa: E402
-from tests.backends import KERNEL_BACKENDS, kernel_targets  # noqa: E402
+from tests.backends import KERNEL_BACKENDS, kernel_targets, known_ops  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,7 +47,7 @@ def pytest_generate_tests(metafunc):
     marker = metafunc.definition.get_closest_marker("ops")
     if marker is None or not marker.args:
         raise pytest.UsageError(f"{metafunc.definition.nodeid}: kernel_target needs @pytest.mark.ops(<op names>)")
-    unknown = sorted(set(marker.args) - set(_backend.registered_ops()))
+    unknown = sorted(set(marker.args) - known_ops())
     if unknown:
         raise pytest.UsageError(f"{metafunc.definition.nodeid}: unknown ops {unknown}")
     backends = tuple(marker.kwargs.get("backends", KERNEL_BACKENDS))

@@ -5,10 +5,10 @@
   arithmetic as a GPU does.
 * Seeds in device memory: the kernels read (key, offset) from the seed tensor at run time, so rewriting it in
   place -- what a CUDA-graph replay does -- draws a fresh mask from the same launch arguments.
-* Grids for huge shapes (2**32 dropout elements, 10**9 probe parameters, T = 65536), computed on meta tensors by
+* Grids for huge shapes (2**32 dropout elements, T = 65536), computed on meta tensors by
   :func:`regops._core.launch.recording` without launching, stay within CUDA's limits.
-* The Hessian accumulation: deterministic sums, no host-to-device copy on a repeated step, a clear error when
-  new tensors meet CUDA-graph capture.
+
+(The hessian family's: tests/hessian/test_ops_scale.py.)
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 import regops
 from regops._core import rng as _rng
 from regops.dropout import reference as ref
-from regops.reference import hessian as ref_h
 from regops.testing import prob
 from regops.testing import seed as S
 
@@ -27,7 +26,6 @@ pytest.importorskip("triton")
 
 from regops.kernels import dropout_fused as kf  # noqa: E402
 from regops.kernels import grad_norms as kg  # noqa: E402
-from regops.kernels import hessian as kh  # noqa: E402
 
 from regops._core.launch import MAX_GRID, recording  # noqa: E402
 from regops.dropout import triton as T  # noqa: E402
@@ -157,8 +155,6 @@ def test_kernels_read_the_seed_from_memory_at_run_time():
     seed.copy_(torch.tensor([5, 6]))
     got = T.bias_dropout_add(rows, None, rows, P_T, seed)
     assert torch.equal(got, ref.bias_dropout_add(rows, None, rows, P_T, S(5, 6)))
-    probes = kh.probes(seed, None, 0, 2, 100, "rademacher", torch.float32, "cpu")
-    assert torch.equal(probes, ref_h.probes(5, 6, 0, 2, 100, "rademacher", torch.float32))
 
 
 def test_three_backends_share_the_stream_constant():
@@ -241,20 +237,6 @@ def test_dropout_grids_for_2_pow_32_elements():
     assert flat == [(n // 2048,)]  # 2**21 blocks of 2048 elements on x
 
 
-def test_probe_grids_for_a_billion_parameters():
-    with recording() as launches:
-        kh.probes(KEY, 5, 0, 16, 10**9, "gaussian", torch.bfloat16, "meta")
-        kh.probes(KEY, 5, 0, 70_000, 1000, "rademacher", torch.float32, "meta")  # probes past grid y: chunked
-        sizes = [2**24] * 59 + [10**9 - 59 * 2**24]
-        vs = [torch.empty(4, n, dtype=torch.bfloat16, device="meta") for n in sizes]
-        kh.probe_dot(vs, vs, True)
-    _within_limits(launches)
-    probe_grids = [launch.grid for launch in launches if launch.kernel == "probes_kernel"]
-    assert probe_grids[0] == (triton_cdiv(ref_h.row_stride(10**9, "gaussian"), 1024), 16)
-    assert sum(g[1] for g in probe_grids[1:]) == 70_000
-    assert any(launch.kernel == "segment_sum_kernel" for launch in launches)
-
-
 def test_grad_norm_grids_for_long_sequences():
     with recording() as launches:
         a = torch.empty(2, 65536, 64, dtype=torch.bfloat16, device="meta")
@@ -267,28 +249,6 @@ def test_grad_norm_grids_for_long_sequences():
     _within_limits(launches)
     assert launches[0].grid == (1024**2, 2)
     assert sum(launch.grid[1] for launch in launches if launch.grid[0] == 1) == 70_000
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-# ------------------------------------------------------------------------------------------------ accumulation
-@needs_interpreter
-def test_probe_dot_is_deterministic_and_reuses_its_tables(monkeypatch):
-    vs = [_x((3, 5000), seed=1), _x((3, 7), seed=2)]
-    hs = [_x((3, 5000), seed=3), _x((3, 7), seed=4)]
-    first = kh.probe_dot(vs, hs, True, block=1024)
-    # a step under CUDA-graph capture: the tables for these tensors exist, so nothing is copied and it runs
-    monkeypatch.setattr(kh, "_capturing", lambda device: True)
-    again = kh.probe_dot(vs, hs, True, block=1024)
-    for a, b in zip(first, again, strict=True):
-        assert torch.equal(a, b)  # fixed summation order: bitwise the same
-    expected = ref_h.probe_dot(vs, hs, True)
-    for a, b in zip(first, expected, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
-    with pytest.raises(RuntimeError, match="CUDA-graph capture"):
-        kh.probe_dot([v.clone() for v in vs], hs, True, block=1024)  # new tensors under capture
 
 
 def test_sm_count_is_per_device(monkeypatch):

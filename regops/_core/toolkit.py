@@ -14,7 +14,9 @@ import subprocess
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 # Host compiler flags of the extension. No floating-point contraction: the CPU kernels must round exactly as the
 # reference does (an a*b+c fused into one FMA rounds once, the reference twice), on every ISA clone. No errno from
-# math functions: a loop calling sqrt vectorizes only when sqrt need not set errno (the roots are the same).
+# math functions (no kernel reads it; the values are the same): with it, a sqrt is a libm call on every element
+# (to set errno on a negative input) and its loop cannot vectorize. GCC takes this only for a whole translation
+# unit (the builtins' declarations are fixed at start-up: `#pragma GCC optimize` does not change them).
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
 NVCC_FLAGS = ["-O3"]
 
