@@ -35,7 +35,8 @@ BASE_REQUIRES = ["torch>=2.6", "numpy", "tqdm"]
 
 def _load(name: str):
     """A module of the regops source tree, loaded by path: regops itself is not importable during its build."""
-    spec = importlib.util.spec_from_file_location(f"_regops_setup_{name}", os.path.join(HERE, "regops", "_core", f"{name}.py"))
+    path = os.path.join(HERE, "regops", "_core", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_regops_setup_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import regops
 from benchmarks.harness import Setup, case, compiled
 from regops.distributed._ops import global_mask_apply
+from regops.dropout.reference import dropout_scale
 from regops.reference import distributed as G
-from regops.reference.dropout import dropout_scale
 
 P = 0.1
 SHAPES = {  # (device type, quick) -> [(global rows, global cols, dtype)]; the shard holds half of the columns

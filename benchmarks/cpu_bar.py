@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import regops
 from benchmarks import harness
+from regops._core import dispatch, extension
 
 P = 0.1
 
@@ -64,13 +65,12 @@ def _backward_cases(rows: int, cols: int):
 def _forward_cases():
     """name -> {variant: callable}: the torch ops a user writes for it ("eager"), their compile, the reference and
     regops' C++ kernel; ~4M float32 outputs each."""
-    from regops.reference import dropout as rref
-    from regops.reference import hessian as href
+    from regops.dropout import reference as rref
+    from regops.hessian import ops as hops
+    from regops.hessian import reference as href
     from regops.mix import reference as mref
 
-    cpu = torch.device("cpu")
     k, n = 4, 1 << 20
-    probes = torch.ops.regops.hessian_probes
     seed = torch.tensor([7, 11])
     x = torch.randn(32, 3, 208, 208)
     b = x.shape[0]
@@ -108,19 +108,19 @@ def _forward_cases():
     return {
         "nested_dropout": with_compile(
             eager_nested,
-            reference=lambda: rref.nested_dropout(h, 0.01, 1, 7, 11),
+            reference=lambda: rref.nested_dropout(h, torch.tensor(0.01, dtype=torch.float64), 1, seed),
             regops=lambda: regops.nested_dropout(h, 0.01, dim=1),
         ),
         "probes gaussian": with_compile(
             eager_gaussian,
-            reference=lambda: href.probes(7, 11, 0, k, n, "gaussian", torch.float32, cpu),
-            regops=lambda: probes(seed, 0, k, n, "gaussian", torch.float32, cpu),
+            reference=lambda: href.probes(seed, 0, k, n, "gaussian", torch.float32),
+            regops=lambda: hops.hessian_probes(seed, 0, k, n, "gaussian", torch.float32),
         ),
         "probes rademacher": with_compile(
             eager_rademacher,
             **{"eager bernoulli": eager_rademacher_bernoulli},
-            reference=lambda: href.probes(7, 11, 0, k, n, "rademacher", torch.float32, cpu),
-            regops=lambda: probes(seed, 0, k, n, "rademacher", torch.float32, cpu),
+            reference=lambda: href.probes(seed, 0, k, n, "rademacher", torch.float32),
+            regops=lambda: hops.hessian_probes(seed, 0, k, n, "rademacher", torch.float32),
         ),
         "mix_apply mixup": with_compile(
             eager_mixup,
@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--only", nargs="+", default=None, help="run only the cases whose name contains one of these")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to cpu_bar.json")
     args = parser.parse_args(argv)
-    backend = regops._backend.choose("dropout", torch.device("cpu"))
-    print(f"regops._C: {regops._backend.extension_status()}; dropout on CPU runs the {backend!r} backend")
+    backend = dispatch.choose("dropout", torch.device("cpu"))
+    print(f"regops._C: {extension.status()}; dropout on CPU runs the {backend!r} backend")
     leaves, cases = _backward_cases(4096, 1024)
     forward = _forward_cases()
     rows: list[dict] = []

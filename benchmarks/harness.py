@@ -53,6 +53,11 @@ class Setup:
     # Variants that cannot run on this device, with the reason (a peer whose kernels need a GPU, ...): reported as
     # rows that say so instead of vanishing from the table.
     skipped: dict[str, str] = field(default_factory=dict)
+    # Calls each variant makes per timed run (host-overhead cases loop over tiny calls): times are per call.
+    calls: int = 1
+    # "wall" (default), or "thread": the calling thread's CPU time, what host overhead is made of; unlike wall time
+    # it does not count the time other processes hold the core.
+    clock: str = "wall"
 
 
 @dataclass
@@ -101,9 +106,10 @@ class Timing:
         return cls(statistics.median(seconds), min(seconds), len(seconds))
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device, *, quick: bool = False) -> Timing:
-    """Median and minimum seconds per call after warm-up (CUDA events on GPU, perf_counter on CPU): at least 3
-    rounds, then as many as fit in the time budget (at most 200)."""
+def time_fn(fn: Callable[[], Any], device: torch.device, *, quick: bool = False, clock: str = "wall") -> Timing:
+    """Median and minimum seconds per call after warm-up (CUDA events on GPU, perf_counter on CPU; with
+    ``clock="thread"`` the calling thread's CPU time on any device): at least 3 rounds, then as many as fit in the
+    time budget (at most 200)."""
     warmup = 2 if quick else 5
     for _ in range(warmup):
         fn()
@@ -112,7 +118,11 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, quick: bool = False)
     times: list[float] = []
     start_all = time.perf_counter()
     while len(times) < 3 or (time.perf_counter() - start_all < budget and len(times) < 200):
-        if device.type == "cuda":
+        if clock == "thread":
+            t0 = time.thread_time()
+            fn()
+            times.append(time.thread_time() - t0)
+        elif device.type == "cuda":
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
             fn()
@@ -211,9 +221,9 @@ def device_slug(device: torch.device) -> str:
 
 
 def _git_revision() -> str | None:
-    from regops import _cuda_toolkit
+    from regops._core import toolkit
 
-    return _cuda_toolkit.git_revision(str(RESULTS_DIR.parents[1]))
+    return toolkit.git_revision(str(RESULTS_DIR.parents[1]))
 
 
 def _command() -> list[str]:
@@ -349,14 +359,14 @@ def run_case(c: Case, device: torch.device, copy_bps: float, quick: bool) -> lis
     for variant, fn in setup.variants.items():
         row: dict[str, Any] = {"family": c.family, "case": c.name, "params": c.params, "variant": variant}
         try:
-            timing = time_fn(fn, device, quick=quick)
+            timing = time_fn(fn, device, quick=quick, clock=setup.clock)
         except (PeerMissing, PeerRefused) as exc:
             row.update(error=f"skipped: {exc}"[:300])
             rows.append(row)
             continue
-        seconds = timing.median
+        seconds = timing.median / setup.calls
         row["ms"] = seconds * 1e3
-        row["ms_min"] = timing.min * 1e3
+        row["ms_min"] = timing.min / setup.calls * 1e3
         row["rounds"] = timing.rounds
         row["GB/s"] = setup.bytes / seconds / 1e9
         row["%copy"] = 100.0 * setup.bytes / seconds / copy_bps

@@ -2,27 +2,17 @@
 accumulation of ``v . Hv`` (per parameter and probe) and ``v * Hv`` (diagonal) in one launch.
 
 Both work on the parameters flattened and concatenated into ``[K, N]`` (``K`` probes, ``N`` numbers): one
-launch covers every parameter tensor. The probe stream is specified in :mod:`regops.reference.hessian`; the
+launch covers every parameter tensor. The probe stream is specified in :mod:`regops.hessian.reference`; the
 kernels reproduce it bit for bit (the Gaussian transform uses only correctly rounded operations, and the
-launch disables FMA contraction so a GPU rounds like the reference).
-
-At scale: the probe grid puts the ``N / BLOCK`` column blocks on x (10**9 parameters: ~10**6 blocks) and the
-probes on y, in launches of at most 65535 probes. The accumulation is graph-safe and deterministic: its index
-tables are built once per set of tensors (cached on the device; a cache miss under CUDA-graph capture is a
-clear error: run one step before capturing), and the per-parameter dots are summed block by block in a fixed
-order by a second kernel (no atomics, no ``index_add_``).
+launch disables FMA contraction so a GPU rounds like the reference). Launchers: :mod:`regops.hessian.triton`.
 """
 
-from collections import OrderedDict
-
-import torch
 import triton
 import triton.language as tl
-from regops.kernels.philox import counter_words, load_seed, seed_tensor
+from regops.kernels.philox import counter_words, load_seed
 from regops.kernels.utils import cast_rne
 
-from regops._core.launch import MAX_GRID, launch
-from regops.reference import hessian as ref
+from regops.hessian import reference as ref
 
 LN2 = tl.constexpr(ref.LN2)
 SQRT2 = tl.constexpr(ref.SQRT2)
@@ -34,7 +24,7 @@ S0, S1, S2, S3, S4, S5, S6 = (tl.constexpr(c) for c in ref.SIN_COEFFS)
 
 @triton.jit
 def _log_unit(w):
-    """ln(((w >> 8) + 1) 2^-24) for uint32 words, float32 (see regops.reference.hessian.log_unit)."""
+    """ln(((w >> 8) + 1) 2^-24) for uint32 words, float32 (see regops.hessian.reference.log_unit)."""
     k = ((w >> 8) + 1).to(tl.int32)
     u = k.to(tl.float32) * TWO_POW_M24
     bits = u.to(tl.int32, bitcast=True)
@@ -102,53 +92,6 @@ def probes_kernel(out_ptr, first_probe, numel, seed_ptr, row_counters, GAUSSIAN:
     tl.store(out_ptr + k * numel + cols, cast_rne(values, out_ptr.dtype.element_ty), mask=cols < numel)
 
 
-def _probe_block(numel: int, device: torch.device) -> int:
-    # The interpreter pays per program instance; a GPU wants a few elements per thread.
-    want = 8192 if device.type == "cpu" else 1024
-    return max(128, min(want, triton.next_power_of_2(numel)))
-
-
-def probes(
-    seed: int | torch.Tensor,
-    offset: int | None,
-    first_probe: int,
-    num_probes: int,
-    numel: int,
-    distribution: str,
-    dtype: torch.dtype,
-    device: torch.device | str | None = None,
-    *,
-    block: int | None = None,
-) -> torch.Tensor:
-    """Probe rows as ``[num_probes, row_stride(numel)]`` (first ``numel`` columns are the probes);
-    bit-identical to :func:`regops.reference.hessian.probes`. ``seed``: the int64 ``[2]`` seed tensor (then
-    ``offset`` is None) or the int key with its ``offset``."""
-    device = torch.device(device if device is not None else "cpu")
-    stride = ref.row_stride(numel, distribution)
-    out = torch.empty(num_probes, stride, dtype=dtype, device=device)
-    if out.numel() == 0:
-        return out
-    seed_t = seed_tensor(seed, offset, device)
-    block = block or _probe_block(stride, device)
-    for k0 in range(0, num_probes, MAX_GRID[1]):
-        rows = out[k0 : k0 + MAX_GRID[1]]
-        launch(
-            probes_kernel,
-            (triton.cdiv(stride, block), rows.shape[0]),
-            rows,
-            first_probe + k0,
-            stride,
-            seed_t,
-            stride // ref.ELEMENTS_PER_COUNTER[distribution],
-            device=device,
-            GAUSSIAN=distribution == "gaussian",
-            BLOCK=block,
-            num_warps=4,
-            enable_fp_fusion=False,
-        )
-    return out
-
-
 @triton.jit(do_not_specialize=["num_probes", "num_blocks"])
 def probe_dot_kernel(
     v_ptrs,
@@ -202,18 +145,6 @@ def probe_dot_kernel(
         tl.store(diag_sq_ptr + out, diag_sq, mask=mask)
 
 
-def _dot_block(device: torch.device) -> int:
-    return 4096 if device.type == "cpu" else 1024
-
-
-_TL_DTYPES = {
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-    torch.bfloat16: tl.bfloat16,
-    torch.float16: tl.float16,
-}
-
-
 @triton.jit(do_not_specialize=["num_probes", "num_blocks", "num_tensors"])
 def segment_sum_kernel(
     partial_ptr, first_block_ptr, dots_ptr, num_probes, num_blocks, num_tensors, BLOCK: tl.constexpr
@@ -233,112 +164,6 @@ def segment_sum_kernel(
         tl.store(dots_ptr + out_off, tl.sum(acc, axis=0))
         row_off += num_blocks
         out_off += num_tensors
-
-
-# Device index tables of probe_dot, keyed by everything they encode (addresses, row strides, sizes, block): a
-# hit is correct by construction. Kept so that a step replayed under a CUDA graph copies nothing host-to-device.
-_TABLES: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
-_TABLES_MAX = 64
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _index_tables(v2: list[torch.Tensor], h2: list[torch.Tensor], block: int, device: torch.device):
-    key = (
-        str(device),
-        block,
-        tuple((v.data_ptr(), v.stride(0), v.shape[1]) for v in v2),
-        tuple((h.data_ptr(), h.stride(0)) for h in h2),
-    )
-    hit = _TABLES.get(key)
-    if hit is not None:
-        _TABLES.move_to_end(key)
-        return hit
-    if _capturing(device):
-        raise RuntimeError(
-            "regops: hessian_probe_dot met new tensors during CUDA-graph capture; its index tables are copied to "
-            "the GPU once per set of tensors, which capture forbids. Run the same step once before capturing "
-            "(the usual warm-up), so that the capture finds them built."
-        )
-    tensors, starts, ends, cols, first_block = [], [], [], [], [0]
-    offset = 0
-    for p, v in enumerate(v2):
-        n = v.shape[1]
-        for s in range(0, n, block):
-            tensors.append(p)
-            starts.append(s)
-            ends.append(min(s + block, n))
-            cols.append(offset + s)
-        offset += n
-        first_block.append(len(starts))
-    per_tensor = [[t.data_ptr() for t in v2], [t.data_ptr() for t in h2], [t.stride(0) for t in v2]]
-    per_tensor.append([t.stride(0) for t in h2])
-    lists = [*per_tensor, tensors, starts, ends, cols, first_block]
-    flat = torch.tensor([x for xs in lists for x in xs], dtype=torch.int64).to(device)  # one copy
-    tables = tuple(flat.split([len(xs) for xs in lists]))
-    _TABLES[key] = tables
-    if len(_TABLES) > _TABLES_MAX:
-        _TABLES.popitem(last=False)
-    return tables
-
-
-def probe_dot(
-    vs: list[torch.Tensor], hvs: list[torch.Tensor], with_diag: bool = True, *, block: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused per-parameter ``v . Hv``, ``sum_k v * Hv`` and ``sum_k (v * Hv)^2`` in one launch over every
-    parameter tensor (read in place through address tables); matches
-    :func:`regops.reference.hessian.probe_dot` to float rounding (the sums are reordered, the same way on
-    every run)."""
-    dtype = vs[0].dtype
-    device = vs[0].device
-    k = vs[0].shape[0]
-    acc = ref.accumulate_dtype(dtype)
-    block = block or _dot_block(device)
-    # rows of each tensor: [K, n_p] with unit column stride (views of a probe buffer keep their row stride)
-    v2 = [_rows(v.to(dtype), k) for v in vs]
-    h2 = [_rows(h.to(dtype), k) for h in hvs]
-    numel = sum(v.shape[1] for v in v2)
-    num_blocks = sum(triton.cdiv(v.shape[1], block) for v in v2)
-    partial = torch.empty(k, num_blocks, dtype=acc, device=device)
-    diag = torch.empty(numel if with_diag else 0, dtype=acc, device=device)
-    diag_sq = torch.empty_like(diag)
-    dots = torch.empty(k, len(v2), dtype=acc, device=device)
-    if num_blocks == 0 or k == 0:
-        return dots.zero_(), diag.zero_(), diag_sq.zero_()
-    v_ptrs, hv_ptrs, v_strides, hv_strides, tensors, starts, ends, cols, first_block = _index_tables(
-        v2, h2, block, device
-    )
-    launch(
-        probe_dot_kernel,
-        (num_blocks,),
-        v_ptrs,
-        hv_ptrs,
-        v_strides,
-        hv_strides,
-        tensors,
-        starts,
-        ends,
-        cols,
-        partial,
-        diag,
-        diag_sq,
-        k,
-        num_blocks,
-        device=device,
-        DTYPE=_TL_DTYPES[dtype],
-        WITH_DIAG=with_diag,
-        BLOCK=block,
-        num_warps=4,
-    )
-    launch(segment_sum_kernel, (len(v2),), partial, first_block, dots, k, num_blocks, len(v2), device=device, BLOCK=256)
-    return dots, diag, diag_sq
-
-
-def _rows(t: torch.Tensor, k: int) -> torch.Tensor:
-    rows = t.reshape(k, -1)
-    return rows if rows.stride(1) == 1 or rows.shape[1] <= 1 else rows.contiguous()
 
 
 _OUT = ("*fp32", "*fp64", "*bf16", "*fp16")

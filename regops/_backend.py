@@ -123,11 +123,8 @@ def _cpp_kernel(op: str) -> bool:
         return False
     found = _CPP_KERNELS
     if op not in found:
-        name = f"{CPP_NAMESPACE}::{op}"
-        # An op with no tensor argument (hessian_probes) has nothing to dispatch on: its kernel is registered as
-        # CompositeExplicitAutograd and checks that the device is the CPU.
-        found[op] = hasattr(getattr(torch.ops, CPP_NAMESPACE), op) and any(
-            torch._C._dispatch_has_kernel_for_dispatch_key(name, key) for key in ("CPU", "CompositeExplicitAutograd")
+        found[op] = hasattr(getattr(torch.ops, CPP_NAMESPACE), op) and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"{CPP_NAMESPACE}::{op}", "CPU"
         )
     return found[op]
 

@@ -75,3 +75,13 @@ def make_tensor(
 
 ODD_SIZES = (1, 63, 1000, 4097)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def seed(key: int, offset: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The int64 ``[2]`` seed tensor (Philox key, first counter) the ops take, from host ints."""
+    return torch.tensor([key, offset], dtype=torch.int64, device=device)
+
+
+def prob(p: float) -> torch.Tensor:
+    """A probability as the ops take it: a 0-dim float64 tensor."""
+    return torch.tensor(p, dtype=torch.float64)

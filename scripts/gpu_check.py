@@ -26,8 +26,9 @@ import torch
 
 import regops
 from regops import _backend
+from regops._core import dispatch
 from regops._core import rng as _rng
-from regops.reference import hessian as ref_h
+from regops.hessian import reference as ref_h
 
 KEY = -1234567890123
 OFFSETS = (12345, 2**31 - 2000, 2**32 - 3)
@@ -39,7 +40,8 @@ class Checker:
         self.device, self.small, self.results = device, small, []
 
     def backends(self, op: str) -> list[str]:
-        return [b for b in ("triton", "cuda") if _backend._why_not(op, b, self.device) is None]
+        why_not = dispatch.why_not if op in dispatch.registered_ops() else _backend._why_not
+        return [b for b in ("triton", "cuda") if why_not(op, b, self.device) is None]
 
     def run(self, name: str, op: str, fn: Callable[[str], None]) -> None:
         backends = self.backends(op)
@@ -217,8 +219,8 @@ def check_hessian(c: Checker) -> None:
                     name,
                     "hessian_probes",
                     lambda b, s=s, numel=numel, dtype=dtype, dist=dist, name=name: same(
-                        torch.ops.regops.hessian_probes(s, 3, 5, numel, dist, dtype, c.device),
-                        reference(torch.ops.regops.hessian_probes, s, 3, 5, numel, dist, dtype, torch.device("cpu")),
+                        torch.ops.regops.hessian_probes(s, 3, 5, numel, dist, dtype),
+                        reference(torch.ops.regops.hessian_probes, s, 3, 5, numel, dist, dtype),
                         name,
                     ),
                 )
@@ -227,12 +229,12 @@ def check_hessian(c: Checker) -> None:
         for dist in ("rademacher", "gaussian"):
 
             def big(b, dist=dist):
-                got = torch.ops.regops.hessian_probes(seed(5, c.device), 0, 2, numel, dist, torch.float32, c.device)
+                got = torch.ops.regops.hessian_probes(seed(5, c.device), 0, 2, numel, dist, torch.float32)
                 stride, epc = got.shape[1], ref_h.ELEMENTS_PER_COUNTER[dist]
                 rc = stride // epc
                 for k in range(2):
                     for c0 in (0, stride - 4096):
-                        want = ref_h.probes(KEY, 5 + k * rc + c0 // epc, 0, 1, 4096, dist, torch.float32)
+                        want = ref_h.probes(seed(5 + k * rc + c0 // epc, "cpu"), 0, 1, 4096, dist, torch.float32)
                         same(got[k, c0 : c0 + 4096], want[0, :4096], f"row {k} columns {c0}..")
 
             c.run(f"probes {dist} of 2**27 parameters", "hessian_probes", big)

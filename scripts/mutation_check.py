@@ -89,7 +89,7 @@ MUTATIONS = [
         "kernels/hessian.py",
         "        prod = v * hv\n",
         "        prod = tl.where(tl.arange(0, BLOCK) == 0, 0.0, v * hv)\n",
-        ("tests/test_hessian.py", "-k", "probe_dot"),
+        ("tests/hessian/test_ops.py", "-k", "probe_dot"),
     ),
     Mutation(
         "bias-norm-bf16",

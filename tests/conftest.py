@@ -7,6 +7,7 @@ any kernel module is imported, so it is set here, at collection time.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -19,10 +20,12 @@ settings.load_profile("regops")
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A fresh compile cache per run: inductor's on-disk cache does not key on a custom op's schema, so code compiled
+# for another checkout (or an earlier version of an op) could be replayed against this one.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="regops-inductor-"))
 
 import regops  # noqa: E402
-from regops import _backend  # noqa: E402
-from tests.backends import KERNEL_BACKENDS, kernel_targets  # noqa: E402
+from tests.backends import KERNEL_BACKENDS, kernel_targets, known_ops  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,7 +47,7 @@ def pytest_generate_tests(metafunc):
     marker = metafunc.definition.get_closest_marker("ops")
     if marker is None or not marker.args:
         raise pytest.UsageError(f"{metafunc.definition.nodeid}: kernel_target needs @pytest.mark.ops(<op names>)")
-    unknown = sorted(set(marker.args) - set(_backend.registered_ops()))
+    unknown = sorted(set(marker.args) - known_ops())
     if unknown:
         raise pytest.UsageError(f"{metafunc.definition.nodeid}: unknown ops {unknown}")
     backends = tuple(marker.kwargs.get("backends", KERNEL_BACKENDS))

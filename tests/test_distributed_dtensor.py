@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from dist_harness import Checks, run
 
 import regops
+from tests.dist_harness import Checks, run
 
 P = 0.3
 SEED = 100

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from dist_harness import Checks, run
 from torch import nn
 
 import regops
+from tests.dist_harness import Checks, run
 
 LOCAL = 4
 RTOL = 1e-6

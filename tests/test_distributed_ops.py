@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import regops
+from regops._core.dtypes import acc_dtype
 from regops.distributed import is_dtensor
 from regops.distributed._ops import global_mask_apply
+from regops.dropout import reference as R
 from regops.reference import distributed as G
-from regops.reference import dropout as R
-from regops.testing import make_tensor
+from regops.testing import make_tensor, prob
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 P = 0.3
@@ -53,12 +54,12 @@ def _family_cases(x, res, bias):
     full = G.contiguous_strides(x.shape)
     mask_shape = [x.shape[0], 1, x.shape[2]]
     shared = [0 if m == 1 else s for m, s in zip(mask_shape, G.contiguous_strides(mask_shape), strict=True)]
-    unit = R.dropout(torch.ones(mask_shape, dtype=R.compute_dtype(x.dtype)), P, KEY, OFFSET)
-    path = R.dropout(torch.ones(x.shape[0], dtype=R.compute_dtype(x.dtype)), P, KEY, OFFSET)
+    unit = R.dropout(torch.ones(mask_shape, dtype=acc_dtype(x)), prob(P), SEED)
+    path = R.dropout(torch.ones(x.shape[0], dtype=acc_dtype(x)), prob(P), SEED)
     step = R.multi_sample_counters(x.numel())
     factor = R.float_round(scale / 3)
     return [
-        ("dropout", R.dropout(x, P, KEY, OFFSET), dict(scale=scale, mode=G.MODE_WHERE), full),
+        ("dropout", R.dropout(x, prob(P), SEED), dict(scale=scale, mode=G.MODE_WHERE), full),
         ("shared", (x.to(unit.dtype) * unit).to(x.dtype), dict(scale=scale, mode=G.MODE_MUL), shared),
         (
             "drop_path_add",
@@ -68,13 +69,13 @@ def _family_cases(x, res, bias):
         ),
         (
             "multi_sample",
-            R.multi_sample_mean_dropout(x, P, 3, KEY, OFFSET),
+            R.multi_sample_dropout_mean(x, prob(P), 3, SEED),
             dict(scale=factor, mode=G.MODE_MULTI, num_samples=3, step=step),
             full,
         ),
         (
             "bias_dropout_add",
-            R.bias_dropout_add(x, bias, res, P, KEY, OFFSET),
+            R.bias_dropout_add(x, bias, res, prob(P), SEED),
             dict(scale=scale, mode=G.MODE_WHERE, residual=res, bias=bias),
             _row_strides(x.shape),
         ),

@@ -5,10 +5,10 @@
   arithmetic as a GPU does.
 * Seeds in device memory: the kernels read (key, offset) from the seed tensor at run time, so rewriting it in
   place -- what a CUDA-graph replay does -- draws a fresh mask from the same launch arguments.
-* Grids for huge shapes (2**32 dropout elements, 10**9 probe parameters, T = 65536), computed on meta tensors by
+* Grids for huge shapes (2**32 dropout elements, T = 65536), computed on meta tensors by
   :func:`regops._core.launch.recording` without launching, stay within CUDA's limits.
-* The Hessian accumulation: deterministic sums, no host-to-device copy on a repeated step, a clear error when
-  new tensors meet CUDA-graph capture.
+
+(The hessian family's: tests/hessian/test_ops_scale.py.)
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ import torch
 
 import regops
 from regops._core import rng as _rng
-from regops.reference import dropout as ref
-from regops.reference import hessian as ref_h
+from regops.dropout import reference as ref
+from regops.testing import prob
+from regops.testing import seed as S
 
 pytest.importorskip("triton")
 
-from regops.kernels import dropout as kd  # noqa: E402
 from regops.kernels import dropout_fused as kf  # noqa: E402
 from regops.kernels import grad_norms as kg  # noqa: E402
-from regops.kernels import hessian as kh  # noqa: E402
 
 from regops._core.launch import MAX_GRID, recording  # noqa: E402
+from regops.dropout import triton as T  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter on CPU tensors")
 OFFSETS = [2**31 - 2000, 2**32 - 3]
@@ -47,14 +47,14 @@ def _x(shape, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("offset", OFFSETS)
 def test_flat_mask_kernels_at_large_offsets(offset):
     x = _x(40_000)  # 10,000 counters: offset + i/4 crosses 2**31 (first offset) or 2**32 (second)
-    assert torch.equal(kd.dropout(x, P, KEY, offset), ref.dropout(x, P, KEY, offset))
-    y, bits = kd.dropout_bitmask(x, P, KEY, offset)
-    y_ref, bits_ref = ref.dropout_bitmask(x, P, KEY, offset)
+    assert torch.equal(T.dropout(x, P_T, S(KEY, offset)), ref.dropout(x, P_T, S(KEY, offset)))
+    y, bits = T.dropout_bitmask(x, P_T, S(KEY, offset))
+    y_ref, bits_ref = ref.dropout_bitmask(x, P_T, S(KEY, offset))
     assert torch.equal(y, y_ref) and torch.equal(bits, bits_ref)
-    assert torch.equal(kd.apply_bitmask(x, bits, 2.0), ref.apply_bitmask(x, bits, 2.0))
+    assert torch.equal(T.apply_bitmask(x, bits, prob(0.5)), ref.apply_bitmask(x, bits, prob(0.5)))
     # multi-sample: sample k starts at offset + k * step; 5 * step passes 2**31 from 2**31 - 2000
-    got = kd.multi_sample_mean_dropout(x[:4096], P, 5, KEY, offset)
-    assert torch.equal(got, ref.multi_sample_mean_dropout(x[:4096], P, 5, KEY, offset))
+    got = T.multi_sample_dropout_mean(x[:4096], P_T, 5, S(KEY, offset))
+    assert torch.equal(got, ref.multi_sample_dropout_mean(x[:4096], P_T, 5, S(KEY, offset)))
 
 
 @needs_interpreter
@@ -76,25 +76,26 @@ def test_structured_masks_at_large_offsets(offset):
 @pytest.mark.parametrize("offset", OFFSETS)
 def test_fused_masks_at_large_offsets(offset):
     x, r, b = _x((300, 37)), _x((300, 37), seed=1), _x(37, seed=2)
-    assert torch.equal(kf.bias_dropout_add(x, b, r, P, KEY, offset), ref.bias_dropout_add(x, b, r, P, KEY, offset))
-    dx, db = kf.bias_dropout_add_backward(r, True, P, KEY, offset)
-    dx_ref, db_ref = ref.bias_dropout_add_backward(r, True, P, KEY, offset)
+    got = T.bias_dropout_add(x, b, r, P_T, S(KEY, offset))
+    assert torch.equal(got, ref.bias_dropout_add(x, b, r, P_T, S(KEY, offset)))
+    dx, db = T.bias_dropout_add_backward(r, True, P_T, S(KEY, offset))
+    dx_ref, db_ref = ref.bias_dropout_add_backward(r, True, P_T, S(KEY, offset))
     assert torch.equal(dx, dx_ref)
     torch.testing.assert_close(db, db_ref.to(db.dtype), rtol=1e-5, atol=1e-5)
 
 
 def _layer_norm_vs_reference(x, r, w, b, rms, offset):
-    out = kf.dropout_add_layer_norm(x, r, w, b, P, 1e-5, rms, False, KEY, offset)
-    want = ref.dropout_add_layer_norm(x, r, w, b, P, 1e-5, rms, False, KEY, offset)
+    out = T.dropout_add_layer_norm(x, r, w, b, P_T, 1e-5, rms, False, S(KEY, offset))
+    want = ref.dropout_add_layer_norm(x, r, w, b, P_T, 1e-5, rms, False, S(KEY, offset))
     assert torch.equal(out[1], want[1]), "the pre-norm sum (dropout mask) differs"
     for got, exp in zip(out, want, strict=True):
         torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
     dy, ds = _x(x.shape, seed=7), _x(x.shape, seed=8)
-    got = kf.dropout_add_layer_norm_backward(
-        dy, ds, out[1], out[2], out[3], w, True, P, rms, KEY, offset, x.dtype, x.dtype
+    got = T.dropout_add_layer_norm_backward(
+        dy, ds, out[1], out[2], out[3], w, True, P_T, rms, S(KEY, offset), x.dtype, x.dtype
     )
     exp = ref.dropout_add_layer_norm_backward(
-        dy, ds, out[1], out[2], out[3], w, True, P, rms, KEY, offset, x.dtype, x.dtype
+        dy, ds, out[1], out[2], out[3], w, True, P_T, rms, S(KEY, offset), x.dtype, x.dtype
     )
     for g, e in zip(got, exp, strict=True):
         torch.testing.assert_close(g, e.to(g.dtype), rtol=1e-5, atol=1e-4)
@@ -121,16 +122,16 @@ def test_looped_layer_norm_matches_whole_row(dtype, monkeypatch):
     """The chunked statistics (Chan's merge of per-chunk mean and M2) agree with the whole-row kernel."""
     x, r, w, b = _x((3, 1000), dtype), _x((3, 1000), dtype, 1), _x(1000, dtype, 2), _x(1000, dtype, 3)
     x = x * 4 + 100  # a large mean: a naive sum-of-squares variance would lose digits
-    whole = kf.dropout_add_layer_norm(x, r, w, b, P, 1e-5, False, True, KEY, 7)
+    whole = T.dropout_add_layer_norm(x, r, w, b, P_T, 1e-5, False, True, S(KEY, 7))
     dy = _x((3, 1000), dtype, 4)
-    bwd_whole = kf.dropout_add_layer_norm_backward(
-        dy, None, whole[1], whole[2], whole[3], w, True, P, False, KEY, 7, dtype, dtype
+    bwd_whole = T.dropout_add_layer_norm_backward(
+        dy, None, whole[1], whole[2], whole[3], w, True, P_T, False, S(KEY, 7), dtype, dtype
     )
     monkeypatch.setattr(kf, "WHOLE_ROW_MAX_COLS", 128)
     monkeypatch.setattr(kf, "LOOP_BLOCK_C", 256)
-    looped = kf.dropout_add_layer_norm(x, r, w, b, P, 1e-5, False, True, KEY, 7)
-    bwd_looped = kf.dropout_add_layer_norm_backward(
-        dy, None, looped[1], looped[2], looped[3], w, True, P, False, KEY, 7, dtype, dtype
+    looped = T.dropout_add_layer_norm(x, r, w, b, P_T, 1e-5, False, True, S(KEY, 7))
+    bwd_looped = T.dropout_add_layer_norm_backward(
+        dy, None, looped[1], looped[2], looped[3], w, True, P_T, False, S(KEY, 7), dtype, dtype
     )
     assert torch.equal(whole[1], looped[1])
     tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
@@ -144,17 +145,16 @@ def test_kernels_read_the_seed_from_memory_at_run_time():
     """What a CUDA-graph replay does: the same launch arguments (the same seed tensor), new contents."""
     x = _x(5000)
     seed = torch.tensor([KEY, 11])
-    first = kd.dropout(x, P, seed)
+    first = T.dropout(x, P_T, seed)
     seed.copy_(torch.tensor([KEY + 1, 2**40]))  # in place, as the captured RNG kernel rewrites it
-    second = kd.dropout(x, P, seed)
+    second = T.dropout(x, P_T, seed)
     assert not torch.equal(first, second)
-    assert torch.equal(first, ref.dropout(x, P, KEY, 11))
-    assert torch.equal(second, ref.dropout(x, P, KEY + 1, 2**40))
+    assert torch.equal(first, ref.dropout(x, P_T, S(KEY, 11)))
+    assert torch.equal(second, ref.dropout(x, P_T, S(KEY + 1, 2**40)))
     rows = _x((7, 33))
     seed.copy_(torch.tensor([5, 6]))
-    assert torch.equal(kf.bias_dropout_add(rows, None, rows, P, seed), ref.bias_dropout_add(rows, None, rows, P, 5, 6))
-    probes = kh.probes(seed, None, 0, 2, 100, "rademacher", torch.float32, "cpu")
-    assert torch.equal(probes, ref_h.probes(5, 6, 0, 2, 100, "rademacher", torch.float32))
+    got = T.bias_dropout_add(rows, None, rows, P_T, seed)
+    assert torch.equal(got, ref.bias_dropout_add(rows, None, rows, P_T, S(5, 6)))
 
 
 def test_three_backends_share_the_stream_constant():
@@ -168,7 +168,7 @@ def test_three_backends_share_the_stream_constant():
 
     from regops._core.philox import STREAM_C3
 
-    cuh = (Path(__file__).resolve().parents[1] / "csrc" / "philox.cuh").read_text()
+    cuh = (Path(__file__).resolve().parents[1] / "csrc" / "common" / "philox.cuh").read_text()
     (value,) = re.findall(r"kStreamC3 = (0x[0-9A-Fa-f]+)u", cuh)
     assert int(value, 16) == STREAM_C3 == kp.STREAM_C3.value and STREAM_C3 >> 31 == 1
 
@@ -176,13 +176,6 @@ def test_three_backends_share_the_stream_constant():
 def test_seeds_are_drawn_on_the_tensor_device_and_passed_as_tensors():
     seed = _rng.philox_seed(torch.device("meta"), 1000)
     assert seed.device.type == "meta" and seed.shape == (2,) and seed.dtype == torch.int64
-    cpu_seed = torch.tensor([3, 4])
-    with regops.use_backend("torch"):
-        assert _rng.seed_args(cpu_seed, "dropout", torch.device("cpu")) == (3, 4)
-    if regops._backend.triton_interpreted():
-        with regops.use_backend("triton"):
-            key, offset = _rng.seed_args(cpu_seed, "dropout", torch.device("cpu"))
-            assert key is cpu_seed and offset is None  # the kernel reads the tensor itself
     g = torch.Generator().manual_seed(0)
     a = _rng.philox_seed(torch.device("cpu"), 10, g)
     g.manual_seed(0)
@@ -208,7 +201,7 @@ def test_cuda_graph_replays_draw_fresh_masks(backend):
             graph.replay()
             torch.cuda.synchronize()
             key, offset = seed.tolist()
-            assert torch.equal(y.cpu(), ref.dropout(x.cpu(), P, key, offset))
+            assert torch.equal(y.cpu(), ref.dropout(x.cpu(), P_T, S(key, offset)))
             outs.append(y.clone())
     assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
 
@@ -224,37 +217,24 @@ def test_dropout_grids_for_2_pow_32_elements():
     n = 2**32
     x = torch.empty(n, dtype=torch.bfloat16, device="meta")
     with recording() as launches:
-        kd.dropout(x, P, KEY, 5)
-        _, bits = kd.dropout_bitmask(x, P, KEY, 5)
-        kd.apply_bitmask(x, bits, 2.0)
-        kd.multi_sample_mean_dropout(x, P, 4, KEY, 5)
-        kd.scale_rows_add(x.view(2**16, -1), torch.empty(2**16, device="meta"), x.view(2**16, -1))
+        T.dropout(x, P_T, S(KEY, 5))
+        _, bits = T.dropout_bitmask(x, P_T, S(KEY, 5))
+        T.apply_bitmask(x, bits, prob(0.5))
+        T.multi_sample_dropout_mean(x, P_T, 4, S(KEY, 5))
+        T.scale_rows_add(x.view(2**16, -1), torch.empty(2**16, device="meta"), x.view(2**16, -1))
         rows = x.view(-1, 4096)
-        kf.bias_dropout_add(rows, rows[0], rows, P, KEY, 5)
-        kf.bias_dropout_add_backward(rows, True, P, KEY, 5)
+        T.bias_dropout_add(rows, rows[0], rows, P_T, S(KEY, 5))
+        T.bias_dropout_add_backward(rows, True, P_T, S(KEY, 5))
         for cols in (4096, 65536, 1000):
             xs = torch.empty(n // cols, cols, dtype=torch.bfloat16, device="meta")
-            y, s, mean, rstd = kf.dropout_add_layer_norm(xs, xs, xs[0], xs[0], P, 1e-5, False, True, KEY, 5)
-            kf.dropout_add_layer_norm_backward(y, s, s, mean, rstd, xs[0], True, P, False, KEY, 5, xs.dtype, xs.dtype)
+            y, s, mean, rstd = T.dropout_add_layer_norm(xs, xs, xs[0], xs[0], P_T, 1e-5, False, True, S(KEY, 5))
+            bwd = (y, s, s, mean, rstd, xs[0], True, P_T, False, S(KEY, 5), xs.dtype, xs.dtype)
+            T.dropout_add_layer_norm_backward(*bwd)
     _within_limits(launches)
     names = {launch.kernel for launch in launches}
     assert {"dropout_kernel", "dropout_add_layer_norm_fwd_looped_kernel", "multi_sample_mean_kernel"} <= names
     flat = [launch.grid for launch in launches if launch.kernel == "dropout_kernel"]
     assert flat == [(n // 2048,)]  # 2**21 blocks of 2048 elements on x
-
-
-def test_probe_grids_for_a_billion_parameters():
-    with recording() as launches:
-        kh.probes(KEY, 5, 0, 16, 10**9, "gaussian", torch.bfloat16, "meta")
-        kh.probes(KEY, 5, 0, 70_000, 1000, "rademacher", torch.float32, "meta")  # probes past grid y: chunked
-        sizes = [2**24] * 59 + [10**9 - 59 * 2**24]
-        vs = [torch.empty(4, n, dtype=torch.bfloat16, device="meta") for n in sizes]
-        kh.probe_dot(vs, vs, True)
-    _within_limits(launches)
-    probe_grids = [launch.grid for launch in launches if launch.kernel == "probes_kernel"]
-    assert probe_grids[0] == (triton_cdiv(ref_h.row_stride(10**9, "gaussian"), 1024), 16)
-    assert sum(g[1] for g in probe_grids[1:]) == 70_000
-    assert any(launch.kernel == "segment_sum_kernel" for launch in launches)
 
 
 def test_grad_norm_grids_for_long_sequences():
@@ -269,28 +249,6 @@ def test_grad_norm_grids_for_long_sequences():
     _within_limits(launches)
     assert launches[0].grid == (1024**2, 2)
     assert sum(launch.grid[1] for launch in launches if launch.grid[0] == 1) == 70_000
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-# ------------------------------------------------------------------------------------------------ accumulation
-@needs_interpreter
-def test_probe_dot_is_deterministic_and_reuses_its_tables(monkeypatch):
-    vs = [_x((3, 5000), seed=1), _x((3, 7), seed=2)]
-    hs = [_x((3, 5000), seed=3), _x((3, 7), seed=4)]
-    first = kh.probe_dot(vs, hs, True, block=1024)
-    # a step under CUDA-graph capture: the tables for these tensors exist, so nothing is copied and it runs
-    monkeypatch.setattr(kh, "_capturing", lambda device: True)
-    again = kh.probe_dot(vs, hs, True, block=1024)
-    for a, b in zip(first, again, strict=True):
-        assert torch.equal(a, b)  # fixed summation order: bitwise the same
-    expected = ref_h.probe_dot(vs, hs, True)
-    for a, b in zip(first, expected, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
-    with pytest.raises(RuntimeError, match="CUDA-graph capture"):
-        kh.probe_dot([v.clone() for v in vs], hs, True, block=1024)  # new tensors under capture
 
 
 def test_sm_count_is_per_device(monkeypatch):

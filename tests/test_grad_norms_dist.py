@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dist_workers
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import regops
+from tests import dist_workers
 
 WORLD = 2
 LOCAL_BATCH = 4

@@ -1,7 +1,7 @@
 """The calls a new user makes with the README open give the exact answer or a clear error, never a plausible
 wrong number: loss_reduction in data valuation, dataset order through shuffling loaders, the class dim of data
 scores, and the errors that must name the argument and the fix. (The Hessian traps live in
-tests/test_semantics_traps_hessian.py; the losses' class-dim and float64 traps in tests/losses/test_semantics.py.)"""
+tests/hessian/test_semantics_traps.py; the losses' class-dim and float64 traps in tests/losses/test_semantics.py.)"""
 
 from __future__ import annotations
 

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from regops._core import launch as _launch
 from torch import nn
-from zoo import ZOO, per_example_loop_grads
 
 import regops
+from regops._core import launch as _launch
 from regops.reference import valuation as ref
 from regops.valuation import cross_gram_dots, sq_grad_sum
+from tests.zoo import ZOO, per_example_loop_grads
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -200,7 +200,7 @@ def test_zoo_dots_in_eval_mode_are_float64_exact(name):
     def loss(out, y):
         return entry.loss(out if isinstance(out, torch.Tensor) else out.logits, y)
 
-    got = regops.per_sample_grad_dots(model, loss, (inputs, target), (inputs2, target2))
+    got = regops.per_sample_grad_dots(model, loss, (inputs, target), (inputs2, target2), loss_reduction="sum")
 
     def flat(gs):
         return torch.stack([torch.cat([v.flatten() for v in g.values()]) for g in gs])

@@ -289,6 +289,18 @@ at::Tensor scale_rows_add(const at::Tensor& x, const at::Tensor& scales, const s
   return in_layout_of(x, scale_rows_add_kernel(x, scales, residual));
 }
 
+// Stochastic depth: one dropout draw per sample (the mask of dropout(ones(B))), applied by scale_rows_add.
+at::Tensor drop_path(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& p,
+                     bool scale_by_keep, const at::Tensor& seed) {
+  TORCH_CHECK(x.dim() >= 1, "regops::drop_path: x needs a batch dimension");
+  const HostSeed s = host_seed(seed, "drop_path");
+  const at::ScalarType cd = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor scales = dropout_kernel(at::ones({x.size(0)}, x.options().dtype(cd)), probability(p, "drop_path"),
+                                     s.key, s.offset);
+  if (!scale_by_keep) scales = scales.ne(0).to(cd);
+  return in_layout_of(x, scale_rows_add_kernel(x, scales, residual));
+}
+
 at::Tensor nested_dropout(const at::Tensor& x, const at::Tensor& p, int64_t dim, const at::Tensor& seed) {
   const HostSeed s = host_seed(seed, "nested_dropout");
   return in_layout_of(x, nested_dropout_kernel(x, probability(p, "nested_dropout"), dim, s.key, s.offset));
@@ -305,4 +317,5 @@ TORCH_LIBRARY_IMPL(regops, CPU, m) {
   m.impl("multi_sample_dropout_mean", &regops::cpu::multi_sample_dropout_mean);
   m.impl("scale_rows_add", &regops::cpu::scale_rows_add);
   m.impl("nested_dropout", &regops::cpu::nested_dropout);
+  m.impl("drop_path", &regops::cpu::drop_path);
 }

@@ -10,7 +10,7 @@ namespace regops {
 cudaError_t dropout_launch(const void* x, void* y, int64_t n, DType dtype, int32_t threshold, float scale,
                            const int64_t* seed, cudaStream_t stream);
 
-// y = residual + where(keep, (x + bias) * scale, 0) over [rows, cols] (csrc/dropout/cuda_fused.cu); bias may be
+// y = residual + where(keep, (x + bias) * scale, 0) over [rows, cols] (csrc/dropout/kernels_fused.cu); bias may be
 // null. Row layout: element (r, c) takes word c % 4 of counter offset + r * ceil(cols / 4) + c / 4.
 cudaError_t bias_dropout_add_launch(const void* x, const void* bias, const void* residual, void* y, int64_t rows,
                                     int64_t cols, DType dtype, int32_t threshold, float scale, const int64_t* seed,

@@ -1,8 +1,5 @@
-// C++ CPU kernel of the fused Hutchinson accumulation (namespace regops_cpu, signature of
-// regops.reference.hessian.probe_dot): per parameter p and probe k, dots[k, p] = <v_p[k], hv_p[k]>; per coordinate,
-// diag = sum_k v[k] * hv[k] and diag_sq = sum_k (v[k] * hv[k])^2, over the parameters flattened and concatenated.
-// One pass over v and hv. Coordinates are split into chunks fixed by the shape; each chunk's per-probe dot
-// products are kept apart (in double) and added in chunk order, so the result does not depend on the thread count.
+// C++ CPU kernels of the hessian family's ops (schemas in regops/hessian/ops.py, references in
+// regops/hessian/reference.py): the Philox probes and the fused Hutchinson accumulation.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -18,6 +15,11 @@ namespace regops {
 namespace cpu {
 namespace {
 
+// ---------------------------------------------------------------------------------------------- probe_dot
+// Per parameter p and probe k, dots[k, p] = <v_p[k], hv_p[k]>; per coordinate, diag = sum_k v[k] * hv[k] and
+// diag_sq = sum_k (v[k] * hv[k])^2, over the parameters flattened and concatenated. One pass over v and hv.
+// Coordinates are split into chunks fixed by the shape; each chunk's per-probe dot products are kept apart (in
+// double) and added in chunk order, so the result does not depend on the thread count.
 constexpr int64_t kChunk = 4096;  // coordinates per parallel chunk
 
 template <typename T, typename C>
@@ -62,19 +64,20 @@ void probe_dot_param(const T* __restrict__ v, const T* __restrict__ hv, int64_t 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> probe_dot(at::TensorList vs, at::TensorList hvs, bool with_diag) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hessian_probe_dot(at::TensorList vs, at::TensorList hvs,
+                                                                 bool with_diag) {
   const char* op = "hessian_probe_dot";
-  TORCH_CHECK(!vs.empty() && vs.size() == hvs.size(), "regops_cpu::hessian_probe_dot: vs and hvs must be non-empty "
+  TORCH_CHECK(!vs.empty() && vs.size() == hvs.size(), "regops::hessian_probe_dot: vs and hvs must be non-empty "
               "lists of the same length");
   const at::ScalarType dtype = vs[0].scalar_type();
   const at::ScalarType acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t k = vs[0].dim() ? vs[0].size(0) : 0, params = static_cast<int64_t>(vs.size());
   int64_t total = 0;
   for (int64_t p = 0; p < params; ++p) {
-    TORCH_CHECK(vs[p].device().is_cpu() && hvs[p].device().is_cpu(), "regops_cpu::", op, ": CPU tensors expected");
+    TORCH_CHECK(vs[p].device().is_cpu() && hvs[p].device().is_cpu(), "regops::", op, ": CPU tensors expected");
     TORCH_CHECK(vs[p].sizes() == hvs[p].sizes() && vs[p].dim() >= 1 && vs[p].size(0) == k,
-                "regops_cpu::", op, ": v and hv of parameter ", p, " must have the same shape [K, ...], K = ", k);
-    TORCH_CHECK(vs[p].scalar_type() == dtype && hvs[p].scalar_type() == dtype, "regops_cpu::", op,
+                "regops::", op, ": v and hv of parameter ", p, " must have the same shape [K, ...], K = ", k);
+    TORCH_CHECK(vs[p].scalar_type() == dtype && hvs[p].scalar_type() == dtype, "regops::", op,
                 ": all probes and products must have one dtype");
     total += k ? vs[p].numel() / k : 0;
   }
@@ -108,14 +111,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> probe_dot(at::TensorList vs, at::
 }
 
 // ---------------------------------------------------------------------------------------------- probes
-// regops.reference.hessian.probes: the probe rows [K, S] of one call are the counters
+// regops.hessian.reference.probes: the probe rows [K, S] of one call are the counters
 // offset + first_probe * S / per + t, t = 0 .. K * S / per - 1, in order (per = 128 elements per counter for
 // Rademacher, 4 for Gaussian), so the output is one flat run of counters split into blocks.
 // The Gaussian transform repeats the reference's float32 operations one by one in the same order (no FMA: the
-// build uses -ffp-contract=off), so it gives the same bits.
+// build uses -ffp-contract=off), or operations that give the same bits for every input (each says why), so it
+// gives the reference's bits.
 
 constexpr float kLn2 = 0x1.62e43p-1f;         // float32(ln 2)
-constexpr float kSqrt2 = 0x1.6a09e6p+0f;      // float32(sqrt 2)
+constexpr int32_t kSqrt2Bits = 0x3FB504F3;    // float32(sqrt 2), as its bits
 constexpr float kTwoPi = 0x1.921fb6p+2f;      // float32(2 pi)
 constexpr float kTwoPowM24 = 0x1p-24f;
 
@@ -128,8 +132,9 @@ const float kSinCoeffs[7] = {static_cast<float>(-1.0 / 1307674368000.0), static_
                              static_cast<float>(-1.0 / 5040.0),          static_cast<float>(1.0 / 120.0),
                              static_cast<float>(-1.0 / 6.0)};
 
-// ln(k 2^-24) for k in [1, 2^24] (regops.reference.hessian.log_unit). Branch-free so that the block loop
-// vectorizes; each operation is the reference's, in its order.
+// ln(k 2^-24) for k in [1, 2^24] (regops.hessian.reference.log_unit). Branch-free so that the block loop
+// vectorizes on every ISA (a select of floating-point results is a branch to GCC unless the CPU has masked
+// vector operations); each floating-point operation is the reference's, in its order.
 inline float log_unit(uint32_t k) {
   const float u = static_cast<float>(static_cast<int32_t>(k)) * kTwoPowM24;
   int32_t bits;
@@ -137,9 +142,10 @@ inline float log_unit(uint32_t k) {
   const int32_t mbits = (bits & 0x7FFFFF) | 0x3F800000;
   float m;
   std::memcpy(&m, &mbits, 4);
-  const bool big = m > kSqrt2;
-  m = big ? m * 0.5f : m;
-  const float ef = static_cast<float>((bits >> 23) - 127 + (big ? 1 : 0));
+  const int32_t big = mbits > kSqrt2Bits;  // m > sqrt 2: positive floats order as their bits
+  const int32_t halved = mbits - (big << 23);  // m / 2 (exact, m is normal), in integers
+  std::memcpy(&m, &halved, 4);
+  const float ef = static_cast<float>((bits >> 23) - 127 + big);
   const float s = (m - 1.0f) / (m + 1.0f);
   const float s2 = s * s;
   float p = s2 * kLogCoeffs[0] + kLogCoeffs[1];
@@ -158,19 +164,27 @@ inline float sin_poly(float x) {
 
 constexpr int64_t kPairs = kBlockElems / 2;
 
-// Box-Muller on the word pairs (2i, 2i + 1) of a block (regops.reference.hessian.box_muller): z[2i], z[2i + 1].
-// Split into loops over the pairs (radius, then the two angles) that the compiler vectorizes.
+// Box-Muller on the word pairs (2i, 2i + 1) of a block (regops.hessian.reference.box_muller): z[2i], z[2i + 1].
+// Two loops over the pairs that the compiler vectorizes whole on every ISA clone: the radius and the reduced
+// angles (one loop reading both words of a pair: a loop reading every other word leaves its last vector's worth
+// of pairs to a scalar epilogue), then the two sines. The radius is sqrt(-2 ln u1) in double rounded to float, as
+// the reference computes it: the build's -fno-math-errno makes the sqrt one IEEE square-root instruction
+// (correctly rounded: libm's bits). The angle's branches are selects of integers and exact constants.
 REGOPS_CPU_CLONES void gaussian_pairs(const uint32_t* __restrict__ words, float* __restrict__ z) {
   alignas(64) float r[kPairs], bc[kPairs], bs[kPairs];
   for (int64_t i = 0; i < kPairs; ++i) {
     r[i] = static_cast<float>(std::sqrt(static_cast<double>(log_unit((words[2 * i] >> 8) + 1)) * -2.0));
-  }
-  for (int64_t i = 0; i < kPairs; ++i) {
-    const float u = static_cast<float>(static_cast<int32_t>(words[2 * i + 1] >> 8)) * kTwoPowM24;
-    const float t = u >= 0.5f ? u - 1.0f : u;
+    const int32_t k = static_cast<int32_t>(words[2 * i + 1] >> 8);
+    const float u = static_cast<float>(k) * kTwoPowM24;
+    const int32_t upper = k >> 23;                               // u >= 1/2
+    const float t = u - static_cast<float>(upper);               // in [-1/2, 1/2), exact, never -0
     const float a = std::fabs(t);
+    const int32_t inner = (k <= (1 << 22)) | (k >= (3 << 22));  // |t| <= 1/4
     bc[i] = (0.25f - a) * kTwoPi;
-    bs[i] = (a <= 0.25f ? t : (t > 0.0f ? 0.5f - t : -0.5f - t)) * kTwoPi;
+    // |t| <= 1/4: t; else sign(t)/2 - t. Both are h - s t: h = 0, s = -1 (0 - (-t) is t exactly, t being never
+    // -0), or h = sign(t)/2, s = 1 (the reference's subtraction). h and s t are exact.
+    const float h = static_cast<float>(1 - inner) * (0.5f - static_cast<float>(upper));
+    bs[i] = (h - t * (1.0f - 2.0f * static_cast<float>(inner))) * kTwoPi;
   }
   for (int64_t i = 0; i < kPairs; ++i) {
     z[2 * i] = r[i] * sin_poly(bc[i]);
@@ -205,19 +219,19 @@ void rademacher_block(const uint32_t* __restrict__ words, T* __restrict__ out, i
   for (int64_t i = 8 * whole; i < len; ++i) out[i] = table.v[(words[i >> 5] >> (8 * ((i >> 3) & 3))) & 0xFF][i & 7];
 }
 
-at::Tensor probes(int64_t seed, int64_t offset, int64_t first_probe, int64_t num_probes, int64_t numel,
-                  c10::string_view distribution, at::ScalarType dtype, std::optional<at::Device> device) {
+at::Tensor hessian_probes(const at::Tensor& seed, int64_t first_probe, int64_t num_probes, int64_t numel,
+                          c10::string_view distribution, at::ScalarType dtype) {
   const char* op = "hessian_probes";
-  TORCH_CHECK(!device.has_value() || device->is_cpu(), "regops_cpu::", op, ": device must be the CPU, got ", *device);
+  const HostSeed sd = host_seed(seed, op);
   const bool gaussian = distribution == "gaussian";
-  TORCH_CHECK(gaussian || distribution == "rademacher", "regops_cpu::", op,
+  TORCH_CHECK(gaussian || distribution == "rademacher", "regops::", op,
               ": distribution must be one of ('rademacher', 'gaussian'), got '", std::string(distribution), "'");
-  TORCH_CHECK(num_probes >= 0 && numel >= 0, "regops_cpu::", op, ": num_probes and numel must be >= 0");
+  TORCH_CHECK(num_probes >= 0 && numel >= 0, "regops::", op, ": num_probes and numel must be >= 0");
   const int64_t per = gaussian ? 4 : 128;
   const int64_t stride = (numel + per - 1) / per * per, row_counters = stride / per;
   const int64_t n = num_probes * stride;
   // The reference computes counters in int64 and Philox takes them mod 2^64: the same here in uint64.
-  const uint64_t first = static_cast<uint64_t>(offset) +
+  const uint64_t first = static_cast<uint64_t>(sd.offset) +
                          static_cast<uint64_t>(first_probe) * static_cast<uint64_t>(row_counters);
   at::Tensor out = at::empty({num_probes, stride}, at::TensorOptions().dtype(dtype).device(at::kCPU));
   REGOPS_CPU_FLOATING(dtype, op, [&] {
@@ -229,7 +243,7 @@ at::Tensor probes(int64_t seed, int64_t offset, int64_t first_probe, int64_t num
     at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
       alignas(64) uint32_t words[kBlockElems];
       for (int64_t b = begin; b < end; ++b) {
-        philox_block(static_cast<uint64_t>(seed), first + static_cast<uint64_t>(b * kBlockCounters), words);
+        philox_block(static_cast<uint64_t>(sd.key), first + static_cast<uint64_t>(b * kBlockCounters), words);
         const int64_t start = b * block_elems, len = std::min(block_elems, n - start);
         if (gaussian) {
           gaussian_block<T>(words, yp + start, len);
@@ -246,8 +260,8 @@ at::Tensor probes(int64_t seed, int64_t offset, int64_t first_probe, int64_t num
 }  // namespace cpu
 }  // namespace regops
 
-TORCH_LIBRARY_IMPL(regops_cpu, CPU, m) { m.impl("hessian_probe_dot", &regops::cpu::probe_dot); }
-
-// No tensor argument to dispatch on: the kernel is registered for every backend key and checks the device itself
-// (regops/_backend.py calls it only for CPU devices).
-TORCH_LIBRARY_IMPL(regops_cpu, CompositeExplicitAutograd, m) { m.impl("hessian_probes", &regops::cpu::probes); }
+// hessian_probes has no floating tensor input: the dispatcher picks this kernel by its seed tensor's device.
+TORCH_LIBRARY_IMPL(regops, CPU, m) {
+  m.impl("hessian_probes", &regops::cpu::hessian_probes);
+  m.impl("hessian_probe_dot", &regops::cpu::hessian_probe_dot);
+}

@@ -52,6 +52,10 @@ class Declared(Protocol):
 
     def reference(self, *args: Any) -> Any: ...
 
+    def run(self, *args: Any) -> Any: ...
+
+    def autograd_kernel(self, *args: Any) -> Any: ...
+
 
 _OPS: dict[str, Declared] = {}
 _forced: list[str | None] = []  # the use_backend stack (process-wide: it changes the dispatcher's registrations)
@@ -124,6 +128,9 @@ def _reshadow() -> None:
             if _has_native(op, key):
                 lib = lib or torch.library.Library("regops", "IMPL")
                 lib.impl(op.name, op.run, key)
+        if _native_autograd(op):  # the Python formula, which the forced backends are tested with
+            lib = lib or torch.library.Library("regops", "IMPL")
+            lib.impl(op.name, op.autograd_kernel, "Autograd")
     if lib is not None:
         _shadow.append(lib)
 
@@ -137,6 +144,24 @@ def _has_native(op: Declared, key: str) -> bool:
         assert not _shadow, "C++ kernels are looked up before any forced registration"
         found = _native[(op.name, key)] = torch._C._dispatch_has_kernel_for_dispatch_key(op.qualname, key)
     return found
+
+
+def _native_autograd(op: Declared) -> bool:
+    """Whether the extension registers the op's derivative in C++ (looked up once): the dispatcher lists each
+    kernel with how it can be called, and a C++ kernel is the only kind callable unboxed."""
+    if not extension.loaded():
+        return False
+    found = _native.get((op.name, "Autograd"))
+    if found is None:
+        lines = torch._C._dispatch_dump(op.qualname).splitlines()
+        found = any(line.startswith("Autograd") and "unboxed" in line for line in lines)
+        _native[(op.name, "Autograd")] = found
+    return found
+
+
+def native_autograd(op: Declared) -> bool:
+    """Whether calls of ``op`` with gradients should go through the dispatcher to a C++ derivative."""
+    return not _shadow and _native_autograd(op)
 
 
 def _on_extension_loaded() -> None:
@@ -156,7 +181,7 @@ def triton_importable() -> bool:
 def why_not(name: str, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
     """``None`` if ``backend`` can run op ``name`` on ``device`` (for inputs of ``dtype``), else the reason."""
     op = declared(name)
-    if op.composite and backend in BACKENDS:
+    if op.composite and backend in ("torch", "triton"):
         return None  # built from other regops ops: each of those dispatches itself
     if backend == "torch":
         return None
@@ -189,9 +214,12 @@ def why_not(name: str, backend: str, device: torch.device, dtype: torch.dtype | 
 
 def choose(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The backend that runs op ``name`` for tensors on ``device`` (raises if the forced one cannot)."""
-    if declared(name).composite:
-        return "torch"
     forced = requested_backend()
+    if declared(name).composite:  # its own C++ kernel where the extension has one, else the composition
+        native = {"cpu": "cpp", "cuda": "cuda"}.get(device.type)
+        if native is not None and forced in (None, native) and why_not(name, native, device, dtype) is None:
+            return native
+        return "torch"
     if forced is not None:
         reason = why_not(name, forced, device, dtype)
         if reason is not None:

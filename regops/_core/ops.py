@@ -91,6 +91,15 @@ class Op:
         if _is_compiling() or _functorch_active() or self._via_operator:  # the operator's autograd serves these
             return self.overload(*args)
         if self._function is not None and torch.is_grad_enabled() and _any_requires_grad(*args):
+            if dispatch.native_autograd(self):  # the extension's C++ derivative: no Python on the way
+                return self.overload(*args)
+            return self._function.apply(*args)
+        with _BelowAutograd():
+            return self.overload(*args)
+
+    def autograd_kernel(self, *args: Any) -> Any:
+        """The Python derivative as the operator's ``Autograd`` kernel (what a forced Python backend runs)."""
+        if torch.is_grad_enabled() and _any_requires_grad(*args):
             return self._function.apply(*args)
         with _BelowAutograd():
             return self.overload(*args)
@@ -112,11 +121,8 @@ class Op:
 
     def run(self, *args: Any) -> Any:
         """The Python implementation: the backend :func:`regops._core.dispatch.choose` picks for the inputs."""
-        if self.composite:  # built from other regops ops, each of which dispatches itself
-            backend = "torch"
-        else:
-            first = self._first_tensor(args)
-            backend = dispatch.choose(self.name, first.device, first.dtype if first.is_floating_point() else None)
+        first = self._first_tensor(args)
+        backend = dispatch.choose(self.name, first.device, first.dtype if first.is_floating_point() else None)
         if backend in dispatch.NATIVE_KEYS:
             # The extension was loaded by this very call: its kernel now holds the dispatch key.
             if not dispatch.native_registered(self.name, backend):

@@ -14,20 +14,23 @@ import subprocess
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 # Host compiler flags of the extension. No floating-point contraction: the CPU kernels must round exactly as the
 # reference does (an a*b+c fused into one FMA rounds once, the reference twice), on every ISA clone. No errno from
-# math functions: a loop calling sqrt vectorizes only when sqrt need not set errno (the roots are the same).
+# math functions (no kernel reads it; the values are the same): with it, a sqrt is a libm call on every element
+# (to set errno on a negative input) and its loop cannot vectorize. GCC takes this only for a whole translation
+# unit (the builtins' declarations are fixed at start-up: `#pragma GCC optimize` does not change them).
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
 NVCC_FLAGS = ["-O3"]
 
 
 def extension_sources(csrc: str, cuda: bool) -> list[str]:
-    """The files compiled into regops._C: the module (csrc/module.cpp) and every family's CPU kernels
-    (csrc/<family>/cpu*.cpp) always; with ``cuda`` also the CUDA kernels and their bindings
-    (csrc/<family>/cuda*.cu, csrc/<family>/cuda*.cpp)."""
+    """The files compiled into regops._C: the module (csrc/module.cpp), every family's CPU kernels
+    (csrc/<family>/cpu*.cpp) and C++ derivatives (csrc/<family>/autograd*.cpp) always; with ``cuda`` also the CUDA
+    kernels (csrc/<family>/*.cu) and their bindings (csrc/<family>/cuda*.cpp). Object files are named after the
+    sources' stems, so a family's .cu and .cpp files never share one."""
     families = lambda pattern: sorted(glob.glob(os.path.join(csrc, "*", pattern)))
-    cpu = [os.path.join(csrc, "module.cpp"), *families("cpu*.cpp")]
+    cpu = [os.path.join(csrc, "module.cpp"), *families("cpu*.cpp"), *families("autograd*.cpp")]
     if not cuda:
         return cpu
-    return cpu + families("cuda*.cpp") + families("cuda*.cu")
+    return cpu + families("cuda*.cpp") + families("*.cu")
 
 
 SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")

@@ -22,30 +22,13 @@ differences for models with no double backward (see ``_hvp``). Frozen params are
 params of different dtypes keep their own precision, and dropout in train mode is held at one fixed mask per
 batch for every probe and engine.
 
-Layout: :mod:`regops.reference.hessian` (reference probes and accumulation), :mod:`regops.kernels.hessian`
-(Triton), ``_probes`` (torch.library ops), ``_hvp`` (Hessian-vector products), ``_estimators``, ``_head``,
-``_penalty``, ``_ggn``, ``_linop``, ``_context`` (SDPA backend, loss rewrites, fixed RNG), ``_inputs`` (params
-and call forms).
+Layout: ``api`` (the public functions), ``ops`` (the two operators: ``regops::hessian_probes`` and the fused
+accumulation ``regops::hessian_probe_dot``), ``reference`` (their pure-PyTorch references), ``triton`` (their
+launchers; kernels in :mod:`regops.kernels.hessian`), ``dtensor`` (FSDP2), and the engines: ``_probes`` (the
+parameters as one probe buffer), ``_hvp`` (Hessian-vector products), ``_hutchinson``, ``_sketch`` (Hutch++,
+XTrace), ``_results``, ``_ggn``, ``_linop``, ``_context`` (SDPA backend, loss rewrites, fixed RNG), ``_inputs``
+(params and call forms).
 """
 
-from regops.hessian._context import twice_differentiable
-from regops.hessian._estimators import DiagonalEstimate, TraceEstimate, diagonal, probes, trace
-from regops.hessian._ggn import ggn_diagonal, ggn_trace
-from regops.hessian._head import linear_head_diagonal, linear_head_trace
-from regops.hessian._linop import HessianLinearOperator
-from regops.hessian._penalty import trace_penalty
-
-__all__ = [
-    "DiagonalEstimate",
-    "HessianLinearOperator",
-    "TraceEstimate",
-    "diagonal",
-    "ggn_diagonal",
-    "ggn_trace",
-    "linear_head_diagonal",
-    "linear_head_trace",
-    "probes",
-    "trace",
-    "trace_penalty",
-    "twice_differentiable",
-]
+from regops.hessian.api import *  # noqa: F403
+from regops.hessian.api import __all__ as __all__

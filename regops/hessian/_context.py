@@ -15,9 +15,9 @@ backward has a forward-mode derivative, and dropout masks that stay fixed across
   ``hardsigmoid_backward``) as ``relu6(x + 3) / 6``, the same formula as torch's kernel (bit-identical in float32
   and float64, the same first-derivative mask at the kinks), and ``F.rrelu`` in eval mode (no forward-mode or
   vmap rule) as the ``leaky_relu`` with slope ``(lower + upper) / 2`` it computes. A sweep over ``torch.nn``'s
-  activations, Hugging Face's ``ACT2FN`` and timm's activation layers (tests/test_semantics_traps.py) checks every
-  engine against the exact Hessian; ``rrelu`` in train mode (random slopes) keeps torch's kernel, which has a
-  double backward (forward-over-reverse falls back to it, with a warning).
+  activations, Hugging Face's ``ACT2FN`` and timm's activation layers (tests/hessian/test_semantics_traps.py)
+  checks every engine against the exact Hessian; ``rrelu`` in train mode (random slopes) keeps torch's kernel,
+  which has a double backward (forward-over-reverse falls back to it, with a warning).
 * :class:`FixedRNG`: the state of torch's default generators (CPU, and the CUDA device of the parameters) at
   the first forward of a batch, replayed before every later forward of that batch. Dropout (torch's and
   regops' own, which seeds from the same generators) then draws the same mask for every probe, every engine

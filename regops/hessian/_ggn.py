@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regops._core.dtypes import acc_dtype
+
 LOSSES = ("cross_entropy", "mse")
 REDUCTIONS = ("mean", "sum")
 METHODS = ("exact", "mc")
@@ -205,7 +207,7 @@ def ggn_diagonal(
     """
     _check(model, inputs, targets, loss, reduction, method)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    acc = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
+    acc = acc_dtype(*params.values())
     if method == "mc":
         out = _output_check(model(inputs), loss, targets)
         s = _mc_signal(out, loss, generator)

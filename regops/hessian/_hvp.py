@@ -20,7 +20,7 @@ Four engines compute ``[H v_1, ..., H v_K]`` for one loss:
   perturbing ``params`` in place, restored bit for bit (a copy is put back) before the engine returns.
 
 ``"auto"`` picks forward-over-reverse when the loss is functional (the fastest engine per probe in
-benchmarks/bench_hessian.py on CPU with one and two threads, and the one that fuses best on a GPU); for a
+benchmarks/hessian.py on CPU with one and two threads, and the one that fuses best on a GPU); for a
 closure it picks batched double backward, or the loop on a CPU limited to one thread (batching then buys no
 parallelism and vmap costs a little).
 

@@ -14,6 +14,9 @@ from regops._loader import ReplayLoader
 from regops.hessian._hvp import HessianOperator, takes_params
 from regops.hessian._probes import ParamLayout
 
+# Probes per batched Hessian-vector product unless the caller says otherwise.
+DEFAULT_PROBE_BATCH = 16
+
 
 @dataclass
 class _Params:

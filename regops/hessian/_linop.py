@@ -8,9 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from regops.hessian._estimators import DEFAULT_PROBE_BATCH
 from regops.hessian._hvp import HVP_METHODS
-from regops.hessian._inputs import _operator, _resolve
+from regops.hessian._inputs import DEFAULT_PROBE_BATCH, _operator, _resolve
 
 
 class HessianLinearOperator:

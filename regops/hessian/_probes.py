@@ -1,10 +1,5 @@
-"""Probes from the Philox stream and the fused Hutchinson accumulation, as torch.library operators.
-
-``regops::hessian_probes`` draws probe rows for all parameters at once (one kernel launch on a GPU) into a
-``[K, N]`` buffer, ``N`` = the parameters' numels concatenated; :class:`ParamLayout` gives per-parameter views.
-``regops::hessian_probe_dot`` reduces ``v`` and ``Hv`` in one pass to the per-parameter, per-probe ``v . Hv``
-(traces) and the per-coordinate sums of ``v * Hv`` and its square (diagonal and its standard error).
-"""
+"""Parameters as one ``[K, N]`` probe buffer: the layout, the seed of a block of probes, the probe rows, and the
+fused accumulation over parameters of several dtypes (both through :mod:`regops.hessian.ops`)."""
 
 from __future__ import annotations
 
@@ -14,87 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from regops import _backend
-from regops._core import rng as _rng
-from regops.reference import hessian as _ref
-
-_backend.register("hessian_probes", torch=_ref.probes, triton="regops.kernels.hessian:probes")
-_backend.register("hessian_probe_dot", torch=_ref.probe_dot, triton="regops.kernels.hessian:probe_dot")
-
-
-@torch.library.custom_op("regops::hessian_probes", mutates_args=())
-def _probes_op(
-    seed: torch.Tensor,
-    first_probe: int,
-    num_probes: int,
-    numel: int,
-    distribution: str,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> torch.Tensor:
-    key, offset = _backend.seed_args(seed, "hessian_probes", torch.device(device))
-    impl = _backend.implementation("hessian_probes", torch.device(device))
-    return impl(key, offset, first_probe, num_probes, numel, distribution, dtype, device)
-
-
-@_probes_op.register_fake
-def _(seed, first_probe, num_probes, numel, distribution, dtype, device):
-    return torch.empty(num_probes, _ref.row_stride(numel, distribution), dtype=dtype, device=device)
-
-
-@torch.library.custom_op("regops::hessian_probe_dot", mutates_args=())
-def _probe_dot_op(
-    vs: list[torch.Tensor], hvs: list[torch.Tensor], with_diag: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _backend.implementation("hessian_probe_dot", vs[0].device)
-    dots, diag, diag_sq = impl(list(vs), list(hvs), with_diag)
-    return dots, diag, diag_sq
-
-
-@_probe_dot_op.register_fake
-def _(vs, hvs, with_diag):
-    acc = _ref.accumulate_dtype(vs[0].dtype)
-    k = vs[0].shape[0]
-    n = sum(v.numel() // k for v in vs) if k else 0
-    return (
-        vs[0].new_empty(k, len(vs), dtype=acc),
-        vs[0].new_empty(n if with_diag else 0, dtype=acc),
-        vs[0].new_empty(n if with_diag else 0, dtype=acc),
-    )
-
-
-def _dot_setup(ctx, inputs, output) -> None:
-    vs, hvs, with_diag = inputs
-    ctx.with_diag = with_diag
-    ctx.save_for_backward(*vs, *hvs)
-
-
-def _dot_backward(ctx, g_dots, g_diag, g_sq):
-    saved = ctx.saved_tensors
-    p = len(saved) // 2
-    vs, hvs = saved[:p], saved[p:]
-    acc = _ref.accumulate_dtype(vs[0].dtype)
-    k = vs[0].shape[0]
-    grads_v, grads_hv = [], []
-    offset = 0
-    for i, (v, hv) in enumerate(zip(vs, hvs, strict=True)):
-        vf, hf = v.reshape(k, -1).to(acc), hv.reshape(k, -1).to(acc)
-        n = vf.shape[1]
-        # d(outputs)/d(v_kj hv_kj) = g_dots[k, i] + g_diag[j] + 2 (v_kj hv_kj) g_sq[j]
-        upstream = torch.zeros_like(vf)
-        if g_dots is not None:
-            upstream = upstream + g_dots[:, i : i + 1].to(acc)
-        if ctx.with_diag and g_diag is not None:
-            upstream = upstream + g_diag[offset : offset + n].to(acc)
-        if ctx.with_diag and g_sq is not None:
-            upstream = upstream + 2.0 * vf * hf * g_sq[offset : offset + n].to(acc)
-        offset += n
-        grads_v.append((upstream * hf).reshape(v.shape).to(v.dtype))
-        grads_hv.append((upstream * vf).reshape(hv.shape).to(hv.dtype))
-    return grads_v, grads_hv, None
-
-
-_probe_dot_op.register_autograd(_dot_backward, setup_context=_dot_setup)
+from regops._core import rng
+from regops._core.dtypes import acc_dtype
+from regops.hessian import ops
+from regops.hessian import reference as ref
 
 
 @dataclass(frozen=True)
@@ -137,10 +55,13 @@ class ParamLayout:
         return torch.cat([t.reshape(k, -1).to(self.dtype) for t in tensors], dim=1)
 
 
-def draw_seed(layout: ParamLayout, num_probes: int, distribution: str, generator: torch.Generator | None):
-    """Key and first counter for ``num_probes`` probe rows over ``layout`` (advances the generator)."""
-    words = _ref.stream_words(num_probes, layout.numel, distribution)
-    return _rng.philox_seed(layout.device, words, generator)
+def draw_seed(
+    layout: ParamLayout, num_probes: int, distribution: str, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Key and first counter (int64 ``[2]`` on the layout's device) for ``num_probes`` probe rows over ``layout``
+    (advances the generator)."""
+    words = ref.stream_words(num_probes, layout.numel, distribution)
+    return rng.philox_seed(layout.device, words, generator)
 
 
 def probe_rows(
@@ -148,7 +69,7 @@ def probe_rows(
 ) -> torch.Tensor:
     """Probe rows ``first_probe ..`` in the layout's common dtype: ``[num_probes, S >= N]``, the first ``N``
     columns are the probes (the rest is row padding; :meth:`ParamLayout.split` takes views)."""
-    return _probes_op(seed, first_probe, num_probes, layout.numel, distribution, layout.dtype, layout.device)
+    return ops.hessian_probes(seed, first_probe, num_probes, layout.numel, distribution, layout.dtype)
 
 
 def probe_dot(
@@ -165,14 +86,14 @@ def probe_dot(
     for i, v in enumerate(vs):
         groups.setdefault(v.dtype, []).append(i)
     if len(groups) == 1:
-        return _probe_dot_op(list(vs), [h.to(vs[0].dtype) for h in hvs], with_diag)
-    acc = functools.reduce(torch.promote_types, (_ref.accumulate_dtype(d) for d in groups))
+        return ops.hessian_probe_dot(list(vs), [h.to(vs[0].dtype) for h in hvs], with_diag)
+    acc = acc_dtype(*groups)
     k = vs[0].shape[0]
     dots = vs[0].new_zeros(k, len(vs), dtype=acc)
     diag_parts: list[torch.Tensor | None] = [None] * len(vs)
     sq_parts: list[torch.Tensor | None] = [None] * len(vs)
     for dtype, idx in groups.items():
-        d, g, g2 = _probe_dot_op([vs[i] for i in idx], [hvs[i].to(dtype) for i in idx], with_diag)
+        d, g, g2 = ops.hessian_probe_dot([vs[i] for i in idx], [hvs[i].to(dtype) for i in idx], with_diag)
         dots[:, idx] = d.to(acc)
         if with_diag:
             sizes = [vs[i].numel() // k if k else 0 for i in idx]

@@ -10,6 +10,7 @@ import torch
 from regops.hessian import _probes
 from regops.hessian._hvp import HessianOperator
 from regops.hessian._probes import ParamLayout
+from regops.hessian._results import mean_stderr
 
 Estimate = tuple[float, float, torch.Tensor]
 
@@ -17,16 +18,6 @@ Estimate = tuple[float, float, torch.Tensor]
 def probe_cap(layout: ParamLayout) -> int:
     """The most products a sketch can use on ``N`` parameters: ``N`` to span the space, ``N`` more on the basis."""
     return 2 * layout.numel
-
-
-def mean_stderr(samples: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error over dim 0 (float64)."""
-    s = samples.double()
-    n = s.shape[0]
-    mean = s.mean(0)
-    if n < 2:
-        return mean.item(), math.inf
-    return mean.item(), (s.std(0, correction=1) / math.sqrt(n)).item()
 
 
 def hutchpp(op: HessianOperator, layout: ParamLayout, m: int, distribution: str, generator) -> Estimate:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from dist_harness import Checks, run
 from torch import nn
 
 import regops
+from tests.dist_harness import Checks, run
 
 LOCAL = 4
 TOL = dict(rtol=1e-10, atol=1e-12)

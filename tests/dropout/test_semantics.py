@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import regops
+from regops.dropout.reference import dropout_scale
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 SETTINGS = settings(
@@ -348,7 +349,9 @@ def test_multi_sample_dropout_matches_the_mean_of_torch_dropouts(case, k):
     m = regops.multi_sample_dropout(torch.ones(shape), p, k, training, generator=gen)  # mean of the K masks
     cd = compute_dtype(dtype)
     full = m.max() if m.numel() else 0  # count = K where no sample dropped (m is count * scale / K)
-    some_dropped = m.to(cd) < (regops.reference.dropout.dropout_scale(p) if training and p > 0 else 1.0) * (1 - 1e-6)
+    some_dropped = m.to(cd) < (dropout_scale(p) if training and p > 0 else 1.0) * (1 - 1e-6)
+    if training and p == 1.0:  # the scale is 0: every sample dropped every element
+        some_dropped = torch.ones_like(some_dropped)
     expected = x.to(cd) * m.to(cd)
     expected = torch.where(some_dropped & ~torch.isfinite(x.to(cd)), math.nan, expected).to(dtype)
     same(y, expected)

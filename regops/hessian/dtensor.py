@@ -13,12 +13,12 @@ batch sizes, the mean over the concatenated batch), so ``H = mean_r H_r``. Then:
   not linear in ``H``): one all-reduce of ``H v`` per batch of probes.
 
 Every rank returns the same estimate; diagonal values are DTensors laid out like the parameters.
+:func:`regops.hessian.trace` and :func:`regops.hessian.diagonal` forward DTensor parameters here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,11 +28,12 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from regops._core.dtypes import acc_dtype
 from regops.distributed import _dtensor
 from regops.hessian import _probes
-from regops.hessian._estimators import DiagonalEstimate, TraceEstimate, _group, _mean_stderr
 from regops.hessian._hvp import HessianOperator
 from regops.hessian._probes import ParamLayout
+from regops.hessian._results import DiagonalEstimate, TraceEstimate, diagonal_stats, groups_of, mean_stderr
 
 
 def _fsdp_state_type():
@@ -125,7 +126,7 @@ def _estimate(
     seed = _dtensor.sync(_probes.draw_seed(layout, num_probes, distribution, generator), anchor.device_mesh)
     op = HessianOperator(problem.batches, full, layout, problem.pack, hvp, probe_batch, problem.single)
     world = dist.get_world_size()
-    acc = torch.float64 if layout.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(layout.dtype)
     dots = torch.zeros(num_probes, len(layout.sizes), dtype=acc, device=layout.device)
     diag = torch.zeros(layout.numel if with_diag else 0, dtype=acc, device=layout.device)
     diag_sq = torch.zeros_like(diag)
@@ -166,12 +167,12 @@ def trace(
     _check(model, problem, method, tol, distributed)
     dots, _, _, _ = _estimate(model, problem, num_probes, distribution, probe_batch, generator, hvp, False)
     if by is None:
-        mean, err = _mean_stderr(dots.sum(1))
+        mean, err = mean_stderr(dots.sum(1))
         return TraceEstimate(mean, err, num_probes, "hutchinson", dots.sum(1))
     out = {}
-    for key, idx in _group(problem.names, by).items():
+    for key, idx in groups_of(problem.names, by).items():
         samples = dots[:, idx].sum(1)
-        mean, err = _mean_stderr(samples)
+        mean, err = mean_stderr(samples)
         out[key] = TraceEstimate(mean, err, num_probes, "hutchinson", samples)
     return out
 
@@ -202,17 +203,13 @@ def diagonal(
     _check(model, problem, "hutchinson", tol, distributed)
     dots, diag, diag_sq, layout = _estimate(model, problem, num_probes, distribution, probe_batch, generator, hvp, True)
     m = num_probes
-    mean = diag.double() / m
-    if m > 1:
-        err = ((diag_sq.double() / m - mean * mean).clamp_min(0) * (m / (m - 1)) / m).sqrt()
-    else:
-        err = torch.full_like(mean, math.inf)
+    mean, err = diagonal_stats(diag, diag_sq, m)
     values = [v[0] for v in layout.split(mean[None].to(layout.dtype))]
     errors = [e[0] for e in layout.split(err[None].to(layout.dtype))]
     values = [_like(v, p) for v, p in zip(values, problem.params, strict=True)]
     errors = [_like(e, p) for e, p in zip(errors, problem.params, strict=True)]
     samples = dots.sum(1)
-    t_mean, t_err = _mean_stderr(samples)
+    t_mean, t_err = mean_stderr(samples)
     tr = TraceEstimate(t_mean, t_err, m, "hutchinson", samples)
     if problem.keyed:
         return DiagonalEstimate(

@@ -1,5 +1,6 @@
-"""Hessian estimates: probes (reference vs Triton, bit for bit), the fused accumulation, estimators against the
-exact Hessian of small networks, Hutch++/XTrace, the closed-form head, the training penalty, bad inputs.
+"""The hessian family's public functions: estimators against the exact Hessian of small networks (every call
+form, engine and grouping; early stopping; DataLoaders), Hutch++/XTrace, the vmap fallbacks, the closed-form
+head, the training penalty, the Gauss-Newton curvature, and clear errors for bad input.
 
 Every random draw is seeded, so every statistical assertion is deterministic.
 """
@@ -15,8 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import regops
-from regops.hessian import _probes
-from regops.reference import hessian as ref
 
 DIST = ("rademacher", "gaussian")
 
@@ -77,148 +76,6 @@ def quadratic(n: int = 120, top=(100.0, 60.0, 30.0, 15.0), tail: float = 0.1, se
     a = (u * lam) @ u.T
     x = torch.randn(n, dtype=torch.float64, generator=g).requires_grad_()
     return (lambda p: 0.5 * p @ a @ p), x, a, lam.sum().item()
-
-
-# ---------------------------------------------------------------------------------------------- probes
-@pytest.mark.ops("hessian_probes", backends=("triton",))
-@pytest.mark.parametrize("distribution", DIST)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_probe_kernel_bit_identical_to_reference(kernel_target, distribution, dtype):
-    _, device = kernel_target
-    from regops.kernels import hessian as kern
-
-    for numel in (1, 63, 1000, 4097):
-        expected = ref.probes(-1234567890123, 99, 5, 3, numel, distribution, dtype)
-        got = kern.probes(-1234567890123, 99, 5, 3, numel, distribution, dtype, device, block=2048)
-        assert torch.equal(got.cpu(), expected), (numel, (got.cpu().float() - expected.float()).abs().max())
-
-
-@pytest.mark.ops("hessian_probes", backends=("triton",))
-@pytest.mark.parametrize("distribution", DIST)
-def test_probe_rows_do_not_depend_on_tiling_or_chunking(kernel_target, distribution):
-    _, device = kernel_target
-    from regops.kernels import hessian as kern
-
-    whole = ref.probes(7, 3, 0, 6, 1000, distribution, torch.float32)
-    parts = torch.cat([ref.probes(7, 3, s, 2, 1000, distribution, torch.float32) for s in (0, 2, 4)])
-    assert torch.equal(whole, parts)
-    for block in (128, 512, 4096):
-        got = kern.probes(7, 3, 0, 6, 1000, distribution, torch.float32, device, block=block)
-        assert torch.equal(got.cpu(), whole), block
-
-
-@pytest.mark.ops("hessian_probes")
-def test_probe_op_through_backend_and_public_probes(kernel_target):
-    _, device = kernel_target
-    w = torch.zeros(7, 9, device=device, requires_grad=True)
-    b = torch.zeros(5, device=device, requires_grad=True)
-    for distribution in DIST:
-        got = regops.hessian.probes([w, b], 4, distribution=distribution, generator=gen(3))
-        with regops.use_backend("torch"):
-            expected = regops.hessian.probes([w.cpu(), b.cpu()], 4, distribution=distribution, generator=gen(3))
-        for g_, e_ in zip(got, expected, strict=True):
-            assert torch.equal(g_.cpu(), e_)
-        assert got[0].shape == (4, 7, 9) and got[1].shape == (4, 5)
-
-
-def test_probe_statistics():
-    (r,) = regops.hessian.probes([torch.zeros(200_000)], 1, generator=gen(0))
-    assert set(r.unique().tolist()) == {-1.0, 1.0}
-    assert abs(r.mean().item()) < 5 / math.sqrt(r.numel())
-    (z,) = regops.hessian.probes([torch.zeros(200_000)], 1, distribution="gaussian", generator=gen(0))
-    z = z.double().flatten()
-    n = z.numel()
-    assert abs(z.mean().item()) < 5 / math.sqrt(n)
-    assert abs(z.var().item() - 1.0) < 5 * math.sqrt(2 / n)  # unit variance: E[v v^T] = I
-    assert abs((z**4).mean().item() - 3.0) < 5 * math.sqrt(96 / n)
-    # Kolmogorov-Smirnov distance to N(0, 1)
-    zs, _ = z.sort()
-    cdf = 0.5 * (1 + torch.erf(zs / math.sqrt(2)))
-    ecdf = torch.arange(1, n + 1, dtype=torch.float64) / n
-    assert (cdf - ecdf).abs().max().item() < 1.7 / math.sqrt(n)
-    # neighbours (the cos and sin halves of one Box-Muller pair) are uncorrelated
-    assert abs((z[0::2] * z[1::2]).mean().item()) < 5 / math.sqrt(n / 2)
-
-
-def test_gaussian_transform_accuracy():
-    k = torch.arange(1, (1 << 24) + 1, 97)
-    exact = torch.log(k.double() * 2.0**-24)
-    assert ((ref.log_unit(k).double() - exact).abs() <= 4e-7 * exact.abs().clamp_min(1)).all()
-    k0 = k - 1
-    c, s = ref.cos_sin_two_pi(k0)
-    x = 2 * math.pi * k0.double() * 2.0**-24
-    assert (c.double() - torch.cos(x)).abs().max() < 3e-7
-    assert (s.double() - torch.sin(x)).abs().max() < 3e-7
-
-
-def test_probes_reproducible_from_generator():
-    w = torch.zeros(50)
-    a = regops.hessian.probes([w], 3, generator=gen(11))
-    b = regops.hessian.probes([w], 3, generator=gen(11))
-    c = regops.hessian.probes([w], 3, generator=gen(12))
-    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
-    torch.manual_seed(5)
-    d = regops.hessian.probes([w], 3)
-    torch.manual_seed(5)
-    assert torch.equal(d[0], regops.hessian.probes([w], 3)[0])
-
-
-# ---------------------------------------------------------------------------------------------- fused accumulation
-@pytest.mark.ops("hessian_probe_dot", backends=("triton",))
-@pytest.mark.parametrize("with_diag", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_probe_dot_kernel_matches_reference(kernel_target, dtype, with_diag):
-    _, device = kernel_target
-    from regops.kernels import hessian as kern
-
-    shapes = [(1,), (7, 9), (1000,), (4097,)]
-    g = gen(0)
-    k = 3
-    # probes as views of one [K, N] buffer (row stride N), products as separate contiguous tensors
-    flat = torch.randn(k, sum(math.prod(s) for s in shapes), generator=g).to(dtype)
-    vs = [c.reshape(k, *s) for c, s in zip(flat.split([math.prod(s) for s in shapes], 1), shapes, strict=True)]
-    hvs = [torch.randn(k, *s, generator=g).to(dtype) for s in shapes]
-    expected = ref.probe_dot(vs, hvs, with_diag)
-    got = kern.probe_dot([v.to(device) for v in vs], [h.to(device) for h in hvs], with_diag, block=1024)
-    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-4}
-    for a, b in zip(got, expected, strict=True):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        torch.testing.assert_close(a.cpu(), b, **tol)
-
-
-def test_probe_dot_reference_definition():
-    v = torch.tensor([[1.0, -1.0, 1.0], [-1.0, -1.0, 1.0]], dtype=torch.float64)
-    hv = torch.tensor([[2.0, 3.0, 4.0], [5.0, 6.0, 7.0]], dtype=torch.float64)
-    dots, diag, diag_sq = ref.probe_dot([v[:, :2], v[:, 2:]], [hv[:, :2], hv[:, 2:]])
-    assert dots.tolist() == [[-1.0, 4.0], [-11.0, 7.0]]
-    assert diag.tolist() == [-3.0, -9.0, 11.0]
-    assert diag_sq.tolist() == [29.0, 45.0, 65.0]
-
-
-def test_ops_opcheck_gradcheck_and_compile():
-    layout = _probes.ParamLayout.of(["a", "b"], [torch.zeros(3, 4), torch.zeros(5)])
-    seed = torch.tensor([123, 4], dtype=torch.int64)
-    for distribution in DIST:
-        torch.library.opcheck(
-            _probes._probes_op, (seed, 2, 3, layout.numel, distribution, torch.float32, torch.device("cpu"))
-        )
-    vs = [torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True), torch.randn(3, 5, dtype=torch.float64)]
-    hvs = [torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True) for _ in range(1)]
-    hvs.append(torch.randn(3, 5, dtype=torch.float64, requires_grad=True))
-    for with_diag in (True, False):
-        torch.library.opcheck(_probes._probe_dot_op, (vs, hvs, with_diag))
-    assert torch.autograd.gradcheck(
-        lambda a, b, c: _probes._probe_dot_op([a, vs[1]], [b, c], True), (vs[0], hvs[0], hvs[1])
-    )
-
-    def f(s, h0, h1):
-        p = _probes._probes_op(s, 0, 3, 17, "rademacher", torch.float64, torch.device("cpu"))
-        dots, diag, _ = _probes._probe_dot_op([p[:, :12], p[:, 12:17]], [h0, h1], True)
-        return dots.sum() + diag.sum()
-
-    h0, h1 = torch.randn(3, 12, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(seed, h0, h1), f(seed, h0, h1))
 
 
 # ---------------------------------------------------------------------------------------------- trace vs exact
@@ -555,25 +412,6 @@ def test_bad_inputs_give_clear_errors():
         regops.hessian.trace(f, [w], distributed=True)
     with pytest.raises(ValueError, match="must agree on d"):
         regops.hessian.linear_head_diagonal(torch.randn(4, 3), torch.randn(2, 5))
-
-
-@pytest.mark.ops("hessian_probes", "hessian_probe_dot")
-def test_estimators_on_the_triton_backend_match_the_reference(kernel_target):
-    _, device = kernel_target
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(device)
-    x, y = torch.randn(8, 4, device=device), torch.randint(0, 3, (8,), device=device)
-    crit = nn.CrossEntropyLoss()
-    for distribution in DIST:
-        got = regops.hessian.diagonal(model, crit, x, y, num_probes=6, distribution=distribution, generator=gen(1))
-        with regops.use_backend("torch"):
-            exp = regops.hessian.diagonal(
-                model.cpu(), crit, x.cpu(), y.cpu(), num_probes=6, distribution=distribution, generator=gen(1)
-            )
-            model.to(device)
-        assert got.trace.value == pytest.approx(exp.trace.value, rel=1e-5)
-        for name in exp.value:
-            torch.testing.assert_close(got.value[name].cpu(), exp.value[name], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- Gauss-Newton

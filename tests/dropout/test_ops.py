@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import regops
 from regops._core.philox import keep_mask, random_words
-from regops.reference.dropout import dropout_scale
+from regops.dropout.reference import dropout_scale
 from regops.testing import ODD_SIZES, make_tensor
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -85,14 +85,16 @@ def test_kernel_keep_threshold_is_exact_at_the_boundary(kernel_target):
 
 
 @pytest.mark.parametrize("block", [256, 1024, 4096])
-def test_triton_result_independent_of_tiling(block):
+def test_triton_result_independent_of_tiling(block, monkeypatch):
     pytest.importorskip("triton")
-    from regops.kernels.dropout import dropout as triton_dropout
+    from regops.dropout import triton as T
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = make_tensor((5000,), torch.float16, device)
-    expected = triton_dropout(x, 0.4, 99, 12345, block=8192)
-    assert torch.equal(triton_dropout(x, 0.4, 99, 12345, block=block), expected)
+    seed = torch.tensor([99, 12345], device=device)
+    expected = T.dropout(x, _p(0.4), seed)
+    monkeypatch.setattr(T, "_block", lambda t: block)
+    assert torch.equal(T.dropout(x, _p(0.4), seed), expected)
 
 
 @pytest.mark.cuda

@@ -1,82 +1,56 @@
-"""Stochastic trace and diagonal estimators of the loss Hessian: Hutchinson, Hutch++, XTrace."""
+"""The hessian family's public functions: stochastic trace and diagonal estimates of a loss Hessian (Hutchinson,
+Hutch++, XTrace), the Philox probes they use, a differentiable trace penalty, the exact curvature of a softmax
+cross-entropy head; with the exact Gauss-Newton curvature (:mod:`regops.hessian._ggn`), the Hessian as a linear
+operator (:mod:`regops.hessian._linop`) and the twice-differentiable context (:mod:`regops.hessian._context`).
+
+Each validates its arguments and runs the estimator engines: probes and their fused accumulation are the
+operators of :mod:`regops.hessian.ops`; FSDP2-sharded parameters go to :mod:`regops.hessian.dtensor`.
+"""
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from regops.distributed import _hook as _dtensor
-from regops.hessian import _probes, _sketch
-from regops.hessian._hvp import HVP_METHODS, HessianOperator
-from regops.hessian._inputs import _operator, _resolve, _user_probes
+from regops._core import validate
+from regops._core.dtypes import acc_dtype
+from regops._core.validate import is_dtensor
+from regops.hessian import _hutchinson, _probes, _sketch
+from regops.hessian import reference as ref
+from regops.hessian._context import twice_differentiable
+from regops.hessian._ggn import ggn_diagonal, ggn_trace
+from regops.hessian._hvp import HVP_METHODS, NOT_A_FUNCTION_OF_PARAMS, LossHVP, check_loss
+from regops.hessian._inputs import DEFAULT_PROBE_BATCH, _check_params, _operator, _resolve, _user_probes
+from regops.hessian._linop import HessianLinearOperator
 from regops.hessian._probes import ParamLayout
-from regops.hessian._sketch import mean_stderr as _mean_stderr
-from regops.reference.hessian import DISTRIBUTIONS, check_distribution
+from regops.hessian._results import DiagonalEstimate, TraceEstimate, diagonal_stats, groups_of, mean_stderr
+
+__all__ = [
+    "DiagonalEstimate",
+    "HessianLinearOperator",
+    "TraceEstimate",
+    "diagonal",
+    "ggn_diagonal",
+    "ggn_trace",
+    "linear_head_diagonal",
+    "linear_head_trace",
+    "probes",
+    "trace",
+    "trace_penalty",
+    "twice_differentiable",
+]
 
 METHODS = ("hutchinson", "hutch++", "xtrace")
-DEFAULT_PROBE_BATCH = 16
 
 
-# ---------------------------------------------------------------------------------------------- results
-@dataclass
-class TraceEstimate:
-    """An estimate of ``tr(H)``.
+def _dtensor():
+    """The FSDP2 path (imported on first use: importing it imports torch.distributed.tensor)."""
+    from regops.hessian import dtensor
 
-    Attributes:
-        value: the estimate.
-        stderr: its standard error (sample standard deviation of the per-probe terms / sqrt(count)); for
-            Hutch++ that of the residual Hutchinson part (the sketched part is exact given its subspace).
-        num_matvecs: Hessian-vector products used.
-        method: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
-        samples: the per-probe terms whose mean is the estimate (Hutchinson: ``v_k^T H v_k``; Hutch++: the
-            residual terms, to which the sketched trace is added; XTrace: the exchangeable leave-one-out terms).
-        engine: the Hessian-vector product engine that computed it, after any fallback (``"double_backward"``,
-            ``"forward_over_reverse"``, ``"loop"`` or ``"finite_difference"``; empty when unknown).
-        probe_cap: the most products the method can use for the ``N`` trainable parameters (Hutch++ and XTrace:
-            ``2 N``, where the sketch spans the whole space); ``None`` for Hutchinson. ``num_matvecs`` is what ran.
-        fd_error: with finite differences, their estimated relative error on ``H v`` (``|D(2h) - D(h)| / 3 |D(h)|``
-            on the first probe of each batch, ``D`` the central difference; the largest over batches): for a loss
-            smooth at the scale of ``h`` the error of the products is about this large, whatever the stderr says.
-            Near kinks (ReLU, hard activations) a step that crosses one changes ``D`` by O(1): a large value flags
-            it, though it can then over- or understate the error. ``None`` when an exact engine ran.
-    """
-
-    value: float
-    stderr: float
-    num_matvecs: int
-    method: str = "hutchinson"
-    samples: torch.Tensor = field(default_factory=lambda: torch.empty(0), repr=False)
-    engine: str = ""
-    probe_cap: int | None = None
-    fd_error: float | None = None
-
-    @property
-    def relative_stderr(self) -> float:
-        return self.stderr / abs(self.value) if self.value != 0 else math.inf
-
-    def __float__(self) -> float:
-        return float(self.value)
-
-
-@dataclass
-class DiagonalEstimate:
-    """Hutchinson estimate of ``diag(H)``, one tensor per parameter (shape and dtype of the parameter).
-
-    ``value`` and ``stderr`` are tuples in the order of ``params``, ``None`` at frozen entries (dicts keyed by
-    the names of the trainable params when ``params`` was a dict or a model was given); ``stderr`` is per
-    coordinate. ``trace`` is the Hutchinson trace from the same probes.
-    """
-
-    value: tuple[torch.Tensor | None, ...] | dict[str, torch.Tensor]
-    stderr: tuple[torch.Tensor | None, ...] | dict[str, torch.Tensor]
-    num_matvecs: int
-    trace: TraceEstimate
+    return dtensor
 
 
 def _check_common(num_probes, method, distribution, probe_batch, tol, hvp) -> int:
@@ -86,8 +60,8 @@ def _check_common(num_probes, method, distribution, probe_batch, tol, hvp) -> in
         raise ValueError(f"regops: num_probes must be >= 1, got {num_probes}")
     if method not in METHODS:
         raise ValueError(f"regops: method must be one of {METHODS}, got {method!r}")
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"regops: distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    if distribution not in ref.DISTRIBUTIONS:
+        raise ValueError(f"regops: distribution must be one of {ref.DISTRIBUTIONS}, got {distribution!r}")
     if hvp not in HVP_METHODS:
         raise ValueError(f"regops: hvp must be one of {HVP_METHODS}, got {hvp!r}")
     if probe_batch is None:
@@ -99,173 +73,6 @@ def _check_common(num_probes, method, distribution, probe_batch, tol, hvp) -> in
     if tol is not None and (not isinstance(tol, (int, float)) or not tol > 0):
         raise ValueError(f"regops: tol must be a positive number (relative standard error) or None, got {tol!r}")
     return probe_batch
-
-
-# ---------------------------------------------------------------------------------------------- distributed
-@dataclass
-class _Dist:
-    group: Any = None
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def of(cls, distributed: bool, group: Any) -> _Dist:
-        if not distributed:
-            return cls()
-        import torch.distributed as dist
-
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("regops: distributed=True needs an initialised torch.distributed process group")
-        return cls(group, dist.get_rank(group), dist.get_world_size(group))
-
-    def share(self, start: int, stop: int) -> tuple[int, int]:
-        """This rank's contiguous part of probes ``[start, stop)``."""
-        n = stop - start
-        return start + n * self.rank // self.world, start + n * (self.rank + 1) // self.world
-
-    def broadcast_seed(self, seed: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
-            return seed
-        import torch.distributed as dist
-
-        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
-        dist.broadcast(seed, src=src, group=self.group)  # seeds live on the CPU: gloo, or NCCL via a copy
-        return seed
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(t, group=self.group)
-        return t
-
-
-def _broadcast_seed(dist_: _Dist, seed: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if dist_.world == 1:
-        return seed
-    import torch.distributed as dist
-
-    backend = dist.get_backend(dist_.group)
-    if backend == "nccl":
-        moved = dist_.broadcast_seed(seed.to(device))
-        return moved.cpu()
-    return dist_.broadcast_seed(seed)
-
-
-# ---------------------------------------------------------------------------------------------- Hutchinson
-@dataclass
-class _HutchinsonState:
-    dots: torch.Tensor  # [m, P] per probe, per parameter v^T H v (rows of probes not run yet are zero)
-    diag: torch.Tensor  # [N] sum over probes of v * Hv
-    diag_sq: torch.Tensor  # [N] sum over probes of (v * Hv)^2
-    count: int  # probes done
-
-
-def _hutchinson(
-    op: HessianOperator,
-    layout: ParamLayout,
-    num_probes: int,
-    distribution: str,
-    generator: torch.Generator | None,
-    tol: float | None,
-    stop_metric: Callable[[_HutchinsonState], float],
-    dist_: _Dist,
-    progress: bool,
-    desc: str,
-    with_diag: bool,
-    supplied: torch.Tensor | None = None,
-) -> _HutchinsonState:
-    from tqdm.auto import tqdm
-
-    if supplied is None:
-        seed = _broadcast_seed(dist_, _probes.draw_seed(layout, num_probes, distribution, generator), layout.device)
-
-    def rows(start: int, k: int) -> tuple[torch.Tensor, ...]:
-        if supplied is not None:
-            return layout.split(supplied[start : start + k])
-        return layout.split(_probes.probe_rows(seed, start, k, layout, distribution))
-
-    acc = torch.float64 if layout.dtype == torch.float64 else torch.float32
-    dev = layout.device
-    state = _HutchinsonState(
-        torch.zeros(num_probes, len(layout.sizes), dtype=acc, device=dev),
-        torch.zeros(layout.numel, dtype=acc, device=dev),
-        torch.zeros(layout.numel, dtype=acc, device=dev),
-        0,
-    )
-    # Without tol one round covers every probe (one all-reduce); with tol, rounds of probe_batch per rank.
-    round_size = num_probes if tol is None else op.probe_batch * dist_.world
-    bar = tqdm(total=num_probes, desc=desc, unit="probe", disable=not progress or dist_.rank != 0, leave=False)
-    try:
-        for round_start in range(0, num_probes, round_size):
-            round_stop = min(num_probes, round_start + round_size)
-            lo, hi = dist_.share(round_start, round_stop)
-            diag = torch.zeros_like(state.diag)
-            diag_sq = torch.zeros_like(state.diag_sq)
-            for start in range(lo, hi, op.probe_batch):
-                k = min(op.probe_batch, hi - start)
-                vs = rows(start, k)
-                dots, d, dsq = _probes.probe_dot(vs, op.apply(vs), with_diag)
-                state.dots[start : start + k] = dots
-                if with_diag:
-                    diag += d
-                    diag_sq += dsq
-                if dist_.world == 1:
-                    bar.update(k)
-            if dist_.world > 1:
-                parts = [state.dots[round_start:round_stop].reshape(-1)] + ([diag, diag_sq] if with_diag else [])
-                packed = dist_.all_reduce(torch.cat(parts))
-                n_dots = (round_stop - round_start) * len(layout.sizes)
-                state.dots[round_start:round_stop] = packed[:n_dots].view(round_stop - round_start, -1)
-                if with_diag:
-                    diag, diag_sq = packed[n_dots : n_dots + layout.numel], packed[n_dots + layout.numel :]
-                bar.update(round_stop - round_start)
-            state.diag += diag
-            state.diag_sq += diag_sq
-            state.count = round_stop
-            if tol is not None or progress:
-                metric = stop_metric(state)
-                bar.set_postfix(rel_stderr=f"{metric:.3g}")
-                if tol is not None and state.count >= 2 and metric < tol:
-                    break
-    finally:
-        bar.close()
-    state.dots = state.dots[: state.count]
-    return state
-
-
-def _trace_rel_stderr(state: _HutchinsonState) -> float:
-    mean, err = _mean_stderr(state.dots[: state.count].sum(1))
-    return err / abs(mean) if mean != 0 else math.inf
-
-
-def _diag_rel_stderr(state: _HutchinsonState) -> float:
-    m = state.count
-    if m < 2:
-        return math.inf
-    mean = state.diag.double() / m
-    var = (state.diag_sq.double() / m - mean * mean).clamp_min(0) * m / (m - 1)
-    norm = mean.norm().item()
-    return math.sqrt(var.sum().item() / m) / norm if norm > 0 else math.inf
-
-
-def _warn_tol(tol: float | None, metric: float, count: int, what: str) -> None:
-    if tol is not None and not metric < tol:
-        warnings.warn(
-            f"regops: tol={tol:g} not reached: the {what} has a relative standard error of {metric:.3g} after all "
-            f"{count} probes; pass a larger num_probes (the error falls as 1/sqrt(probes): about "
-            f"{math.ceil(count * (metric / tol) ** 2) if math.isfinite(metric) else 'many more'} probes for this tol)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-
-def _group(names: Sequence[str], by: str) -> dict[str, list[int]]:
-    groups: dict[str, list[int]] = {}
-    for i, name in enumerate(names):
-        key = name if by == "param" else (name.rsplit(".", 1)[0] if "." in name else "")
-        groups.setdefault(key, []).append(i)
-    return groups
 
 
 def _check_fsdp_options(supplied: torch.Tensor | None, fd_eps: float | None) -> None:
@@ -322,7 +129,7 @@ def trace(
             take any ``num_probes`` and spend at most ``2 N`` products on ``N`` parameters (a sketch of ``N``
             probes spans everything: the trace is then exact); ``probe_cap`` in the result records the cap.
         distribution: ``"rademacher"`` (lowest variance for Hutchinson) or ``"gaussian"``; probes come from the
-            Philox stream (:mod:`regops.reference.hessian`), reproducible from ``generator``'s state.
+            Philox stream (:mod:`regops.hessian.reference`), reproducible from ``generator``'s state.
         probe_batch: probes per batched Hessian-vector product (memory ~ ``probe_batch`` x one backward);
             default ``min(num_probes, 16)``, and 1 for ``hvp="finite_difference"`` (each probe is regenerated from
             the seed when its two gradients are computed).
@@ -372,10 +179,10 @@ def trace(
         raise ValueError(f"regops: by must be None, 'param' or 'module', got {by!r}")
     if method != "hutchinson" and (by is not None or distributed or tol is not None):
         raise ValueError(f"regops: by, tol and distributed need method='hutchinson' (got method={method!r})")
-    if _dtensor.is_dtensor(*problem.params):  # FSDP2: see regops.distributed.hessian
+    if is_dtensor(*problem.params):  # FSDP2
         _check_fsdp_options(supplied, fd_eps)
         args = (loss_fn, problem, num_probes, method, distribution, probe_batch, tol, generator, by, hvp, distributed)
-        return _dtensor.forward("hessian", "trace", *args)
+        return _dtensor().trace(*args)
     op = _operator(problem, hvp, probe_batch, fd_eps)
     layout = problem.layout
     if method in ("hutch++", "xtrace"):
@@ -383,15 +190,15 @@ def trace(
         value, err, samples = sketch(op, layout, num_probes, distribution, generator)
         cap = _sketch.probe_cap(layout)
         return TraceEstimate(value, err, op.num_matvecs, method, samples, op.engine, cap, op.fd_error)
-    dist_ = _Dist.of(distributed, group)
-    state = _hutchinson(
+    dist_ = _hutchinson.Dist.of(distributed, group)
+    state = _hutchinson.run(
         op,
         layout,
         num_probes,
         distribution,
         generator,
         tol,
-        _trace_rel_stderr,
+        _hutchinson.trace_rel_stderr,
         dist_,
         progress,
         "hessian trace",
@@ -399,15 +206,15 @@ def trace(
         supplied,
     )
     matvecs = state.count
-    _warn_tol(tol, _trace_rel_stderr(state), state.count, "trace")
+    _hutchinson.warn_tol(tol, _hutchinson.trace_rel_stderr(state), state.count, "trace")
     if by is None:
         samples = state.dots.sum(1)
-        mean, err = _mean_stderr(samples)
+        mean, err = mean_stderr(samples)
         return TraceEstimate(mean, err, matvecs, "hutchinson", samples, op.engine, None, op.fd_error)
     out = {}
-    for key, idx in _group(problem.names, by).items():
+    for key, idx in groups_of(problem.names, by).items():
         samples = state.dots[:, idx].sum(1)
-        mean, err = _mean_stderr(samples)
+        mean, err = mean_stderr(samples)
         out[key] = TraceEstimate(mean, err, matvecs, "hutchinson", samples, op.engine, None, op.fd_error)
     return out
 
@@ -459,21 +266,21 @@ def diagonal(
         supplied = _user_probes(probes, problem)
         num_probes = supplied.shape[0]
     probe_batch = _check_common(num_probes, "hutchinson", distribution, probe_batch, tol, hvp)
-    if _dtensor.is_dtensor(*problem.params):  # FSDP2: see regops.distributed.hessian
+    if is_dtensor(*problem.params):  # FSDP2
         _check_fsdp_options(supplied, fd_eps)
         args = (loss_fn, problem, num_probes, distribution, probe_batch, tol, generator, hvp, distributed)
-        return _dtensor.forward("hessian", "diagonal", *args)
+        return _dtensor().diagonal(*args)
     op = _operator(problem, hvp, probe_batch, fd_eps)
     layout = problem.layout
-    dist_ = _Dist.of(distributed, group)
-    state = _hutchinson(
+    dist_ = _hutchinson.Dist.of(distributed, group)
+    state = _hutchinson.run(
         op,
         layout,
         num_probes,
         distribution,
         generator,
         tol,
-        _diag_rel_stderr,
+        _hutchinson.diag_rel_stderr,
         dist_,
         progress,
         "hessian diagonal",
@@ -481,19 +288,14 @@ def diagonal(
         supplied,
     )
     m = state.count
-    _warn_tol(tol, _diag_rel_stderr(state), m, "diagonal")
-    mean = state.diag.double() / m
-    if m > 1:
-        var = (state.diag_sq.double() / m - mean * mean).clamp_min(0) * (m / (m - 1))
-        err = (var / m).sqrt()
-    else:
-        err = torch.full_like(mean, math.inf)
+    _hutchinson.warn_tol(tol, _hutchinson.diag_rel_stderr(state), m, "diagonal")
+    mean, err = diagonal_stats(state.diag, state.diag_sq, m)
     values = layout.split(mean[None].to(layout.dtype))
     errors = layout.split(err[None].to(layout.dtype))
     values = tuple(v[0] for v in values)
     errors = tuple(e[0] for e in errors)
     samples = state.dots.sum(1)
-    t_mean, t_err = _mean_stderr(samples)
+    t_mean, t_err = mean_stderr(samples)
     tr = TraceEstimate(t_mean, t_err, m, "hutchinson", samples, op.engine, None, op.fd_error)
     return DiagonalEstimate(problem.per_param(values), problem.per_param(errors), m, tr)
 
@@ -520,7 +322,7 @@ def probes(
     """
     if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
         raise ValueError(f"regops: num_probes must be an int >= 1, got {num_probes!r}")
-    check_distribution(distribution)
+    ref.check_distribution(distribution)
     if isinstance(params, nn.Module):  # as the estimators: the parameters that require grad
         params = [p for p in params.parameters() if p.requires_grad]
     if isinstance(params, torch.Tensor):
@@ -531,3 +333,176 @@ def probes(
     layout = ParamLayout.of([str(i) for i in range(len(params))], params)
     seed = _probes.draw_seed(layout, num_probes, distribution, generator)
     return layout.split(_probes.probe_rows(seed, 0, num_probes, layout, distribution))
+
+
+def trace_penalty(
+    loss: torch.Tensor,
+    params: Any,
+    num_probes: int = 1,
+    *,
+    distribution: str = "rademacher",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""Differentiable Hutchinson estimate of ``tr(H)`` of ``loss`` w.r.t. ``params``, to add to a training loss.
+
+    .. math:: P = \frac{1}{K} \sum_{k=1}^{K} v_k^\top \nabla^2 L\, v_k,\qquad \mathbb{E}[P] = \operatorname{tr}(H)
+
+    The Hessian-vector products are built with ``create_graph=True`` and batched over the ``K`` probes, so
+    ``P.backward()`` gives an unbiased estimate of ``grad tr(H)`` (a third derivative, through the fused
+    ``regops::hessian_probe_dot``). Cost per step: about one extra forward+backward of the backward graph per
+    probe batch. Probes are Philox probes from ``generator``. The loss is the one you computed, so dropout keeps
+    that forward's mask; in an attention model compute it under :func:`regops.hessian.twice_differentiable`
+    (the fused attention kernels have no double backward).
+
+    Args:
+        loss: the scalar loss, computed with a graph from ``params``.
+        params: the tensors the curvature is taken with respect to: a module or ``model.parameters()`` (frozen
+            parameters left out, as in every estimator), or a tensor, list, tuple or dict of tensors that all
+            require grad (one that does not raises: a penalty has no gradient to give it). A loss that reaches
+            none of them raises.
+        num_probes: probes ``K`` (1 is the usual per-step choice).
+
+    Returns:
+        A 0-dim tensor with a graph to ``params``.
+
+    Example::
+
+        >>> loss = F.cross_entropy(model(x), y)
+        >>> (loss + 1e-3 * regops.hessian.trace_penalty(loss, model)).backward()
+    """
+    if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
+        raise ValueError(f"regops: num_probes must be an int >= 1, got {num_probes!r}")
+    ref.check_distribution(distribution)
+    loss = check_loss(loss)
+    _check_listed(params)
+    spec = _check_params(params)
+    if not loss.requires_grad:
+        raise ValueError(NOT_A_FUNCTION_OF_PARAMS)
+    layout = ParamLayout.of(spec.names, spec.tensors)
+    seed = _probes.draw_seed(layout, num_probes, distribution, generator)
+    vs = layout.split(_probes.probe_rows(seed, 0, num_probes, layout, distribution))
+    engine = LossHVP(lambda: loss, spec.tensors, None, "double_backward", create_graph=True)
+    try:
+        hvs = engine(vs)
+    except RuntimeError as exc:
+        if "scaled_dot_product" in str(exc) or "attention" in str(exc):
+            raise RuntimeError(
+                f"regops: the loss's graph has no double backward ({str(exc).splitlines()[0][:160]}); compute the "
+                "loss under `with regops.hessian.twice_differentiable():` (attention on its math backend)"
+            ) from exc
+        raise
+    dots, _, _ = _probes.probe_dot(vs, hvs, with_diag=False)
+    return dots.sum(1).mean().to(loss.dtype)
+
+
+def _check_listed(params: Any) -> None:
+    """Tensors listed one by one are the ones the penalty is meant for: a frozen one among them is a mistake
+    (a module or ``model.parameters()`` leaves its frozen parameters out instead)."""
+    if isinstance(params, torch.Tensor):
+        named = [("params", params)]
+    elif isinstance(params, Mapping):
+        named = [(f"params[{k!r}]", v) for k, v in params.items()]
+    elif isinstance(params, (list, tuple)) and not isinstance(params, nn.Module):
+        named = [(f"params[{i}]", v) for i, v in enumerate(params)]
+    else:
+        return
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and not t.requires_grad:
+            raise ValueError(
+                f"regops: {name} (shape {tuple(t.shape)}) does not require grad: trace_penalty differentiates the "
+                "trace with respect to the tensors it is given, and this one would be silently left out. Call "
+                "requires_grad_() on it, leave it out of params, or pass the module (or model.parameters()) to "
+                "skip frozen parameters"
+            )
+
+
+def linear_head_diagonal(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    targets: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""Exact diagonal of the Hessian of ``cross_entropy(features @ weight.T + bias, targets)`` w.r.t. the head.
+
+    The Hessian of softmax cross-entropy w.r.t. the logits is ``diag(p_i) - p_i p_i^T`` (independent of the
+    targets, label smoothing included), and the logits are linear in ``(W, b)``, so (``w_i`` = 1/B for a mean)
+
+    .. math:: \operatorname{diag}(H_W) = (P \odot (1-P))^\top \operatorname{diag}(w)\,(F \odot F),\qquad
+              \operatorname{diag}(H_b) = \textstyle\sum_i w_i\, p_i \odot (1-p_i)
+
+    one matrix product, no probes and no double backward. The result is differentiable (e.g. to align head
+    Hessians across domains, as the Hessian-alignment penalty does) and gradients flow into ``features``,
+    ``weight`` and ``bias``.
+
+    Args:
+        features: ``[*, d]`` head inputs (leading dimensions are examples), floating point.
+        weight: ``[C, d]``; bias: ``[C]`` or ``None``.
+        targets: ``[*]`` class indices; only needed to drop examples equal to ``ignore_index``.
+        reduction: ``"mean"`` (over the kept examples, as ``F.cross_entropy``) or ``"sum"``.
+
+    Returns:
+        ``(diag_W [C, d], diag_b [C] or None)`` in float32 (float64 for float64 inputs).
+
+    Example::
+
+        >>> feats = backbone(x)                         # [B, d]
+        >>> dW, db = regops.hessian.linear_head_diagonal(feats, head.weight, head.bias)
+        >>> head_trace = dW.sum() + db.sum()
+    """
+    validate.floating(features, "features")
+    validate.floating(weight, "weight")
+    if weight.dim() != 2 or features.dim() < 1 or features.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"regops: features [*, d] and weight [C, d] must agree on d, got shapes {tuple(features.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    if bias is not None:
+        validate.floating(bias, "bias")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"regops: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"regops: reduction must be 'mean' or 'sum', got {reduction!r}")
+    feats = features.reshape(-1, features.shape[-1])
+    logits = torch.nn.functional.linear(feats, weight, bias)
+    keep = torch.ones(feats.shape[0], dtype=feats.dtype, device=feats.device)
+    if targets is not None:
+        validate.tensor(targets, "targets")
+        if targets.numel() != feats.shape[0]:
+            raise ValueError(
+                f"regops: targets must have one class index per example ({feats.shape[0]}), got shape "
+                f"{tuple(targets.shape)}"
+            )
+        keep = (targets.reshape(-1) != ignore_index).to(feats.dtype)
+    weights = keep / keep.sum().clamp_min(1) if reduction == "mean" else keep
+    # The Hessian of softmax cross-entropy w.r.t. the logits is diag(p) - p p^T: its diagonal is p (1 - p).
+    acc = acc_dtype(feats, logits)
+    p = torch.softmax(logits.to(acc), dim=-1)
+    curv = p * (1.0 - p) * weights.to(acc)[:, None]
+    h = feats.to(acc)
+    return curv.T @ (h * h), (curv.sum(0) if bias is not None else None)
+
+
+def linear_head_trace(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    targets: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Exact trace of the head Hessian (the sum of :func:`linear_head_diagonal`), a 0-dim tensor.
+
+    Since ``sum_d h_d^2`` factors out, this is ``sum_i w_i (||h_i||^2 + [bias]) (1 - ||p_i||^2)``.
+
+    Example::
+
+        >>> regops.hessian.linear_head_trace(feats, head.weight, head.bias)
+    """
+    diag_w, diag_b = linear_head_diagonal(
+        features, weight, bias, targets=targets, reduction=reduction, ignore_index=ignore_index
+    )
+    return diag_w.sum() + (diag_b.sum() if diag_b is not None else 0.0)

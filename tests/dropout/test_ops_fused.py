@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import regops
 from regops._core.philox import keep_mask
-from regops.reference.dropout import dropout_scale, row_keep_mask
+from regops.dropout.reference import dropout_scale, row_keep_mask
 from regops.testing import assert_close, assert_close_lowp, make_tensor
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -211,13 +211,14 @@ def test_dropout_add_layer_norm_kernel_matches_reference(kernel_target, dtype, s
             for name, a, e, x64 in zip(("y", "s", "mean", "rstd"), out, ref, exact, strict=True):
                 _assert_derived(name, a, e, x64, n=cols)
             ds = make_tensor(shape, out[1].dtype, device, seed=6)
-            bwd = (dy, ds, out[1], out[2], out[3], args[2], has_b, _p(p), rms, SEED, dtype, res.dtype, has_r)
+            res_dtype = res.dtype if has_r else None
+            bwd = (dy, ds, out[1], out[2], out[3], args[2], has_b, _p(p), rms, SEED, dtype, res_dtype)
             got = torch.ops.regops.dropout_add_layer_norm_backward(*bwd)
             cpu_bwd = [t.cpu() if isinstance(t, torch.Tensor) else t for t in bwd]
             want = _reference(torch.ops.regops.dropout_add_layer_norm_backward, *cpu_bwd)
             exact_bwd = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in cpu_bwd]
             exact_bwd[3:5] = exact[2:4]  # float64 statistics of the float64 forward
-            exact_bwd[10] = exact_bwd[11] = torch.float64
+            exact_bwd[10], exact_bwd[11] = torch.float64, (torch.float64 if has_r else None)
             exact_grads = _reference(torch.ops.regops.dropout_add_layer_norm_backward, *exact_bwd)
             for name, a, e, x64 in zip(("dx", "dres", "dw", "db"), got, want, exact_grads, strict=True):
                 _assert_derived(name, a, e, x64, n=max(cols, x.numel() // cols))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import regops
 from regops._core.philox import keep_mask
-from regops.reference.dropout import dropout_scale, multi_sample_counters, pack_bits, unpack_bits
+from regops.dropout.reference import dropout_scale, multi_sample_counters, pack_bits, unpack_bits
 from regops.testing import assert_close, make_tensor
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -266,7 +266,7 @@ def test_multi_sample_module_linear_and_generic_heads():
     torch.manual_seed(2)
     loss = msd.loss(feats, target, F.cross_entropy)
     torch.manual_seed(2)
-    from regops.dropout.structured import multi_sample_seeds
+    from regops.dropout.api import multi_sample_seeds
 
     _, seeds = multi_sample_seeds(feats, 4)
     manual = torch.stack([F.cross_entropy(head(torch.ops.regops.dropout(feats, _p(0.5), s)), target) for s in seeds])

@@ -272,7 +272,7 @@ def test_patch_keeps_hooks_state_and_handles():
     assert len(handle) == 2 and isinstance(model[1], regops.nn.Dropout)
     assert model[1].note == "kept" and "counter" in dict(model[1].named_buffers()) and not model[1].training
     model(torch.randn(2, 4))
-    assert [c[0] for c in calls] == ["pre", "fwd", "kw"] and calls[0][1] == "regops.nn"
+    assert [c[0] for c in calls] == ["pre", "fwd", "kw"] and calls[0][1] == "regops.dropout.nn"
     h_fwd.remove()  # a handle taken before the swap still removes the hook from the replacement
     calls.clear()
     model(torch.randn(2, 4))

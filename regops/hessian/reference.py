@@ -1,5 +1,7 @@
-"""Pure-PyTorch references for the hessian family: Philox probes, the fused probe accumulation, the closed-form
-softmax cross-entropy head.
+"""The hessian family's references: the Philox probes and the fused probe accumulation in pure PyTorch, any device.
+
+Each op's reference takes the op's arguments (the int64 ``[2]`` seed tensor: Philox key and first counter) and
+returns its results; the C++ and Triton kernels match the probes bit for bit and the accumulation within rounding.
 
 Probe stream. A call draws probes ``g = first_probe, ..., first_probe + K - 1`` over the parameters flattened and
 concatenated into ``N`` numbers. Probe ``g``, position ``j`` has the logical index ``i = g * S + j``, where the row
@@ -27,6 +29,7 @@ import math
 import numpy as np
 import torch
 
+from regops._core.dtypes import acc_dtype
 from regops._core.philox import counter_words
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -113,37 +116,32 @@ def box_muller(wa: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.
 _SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def _sign_table(dtype: torch.dtype, device) -> torch.Tensor:
+def _sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``table[byte, j] = -1 if bit j of byte is set else +1``, shape ``[256, 8]``."""
-    key = (dtype, torch.device(device) if device is not None else torch.device("cpu"))
+    key = (dtype, device)
     if key not in _SIGN_TABLES:
         bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
-        _SIGN_TABLES[key] = (1 - 2 * bits).to(dtype=dtype, device=key[1])
+        _SIGN_TABLES[key] = (1 - 2 * bits).to(dtype=dtype, device=device)
     return _SIGN_TABLES[key]
 
 
 def probes(
-    seed: int,
-    offset: int,
-    first_probe: int,
-    num_probes: int,
-    numel: int,
-    distribution: str,
-    dtype: torch.dtype,
-    device: torch.device | str | None = None,
+    seed: torch.Tensor, first_probe: int, num_probes: int, numel: int, distribution: str, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Probe rows ``first_probe .. first_probe + num_probes - 1``: a contiguous ``[num_probes, S]`` tensor whose
-    first ``numel`` columns are the probes; ``S = row_stride(numel, distribution)`` (the padding columns hold
-    the stream's next values, so the rows need no trimming copy).
+    """Probe rows ``first_probe .. first_probe + num_probes - 1`` on the seed's device: a contiguous
+    ``[num_probes, S]`` tensor whose first ``numel`` columns are the probes; ``S = row_stride(numel, distribution)``
+    (the padding columns hold the stream's next values, so the rows need no trimming copy).
 
     Values are generated in float32 and rounded to ``dtype`` (Rademacher values are exact in every dtype).
     """
+    key, offset = seed.tolist()
+    device = seed.device
     stride = row_stride(numel, distribution)
     rows = first_probe + torch.arange(num_probes, dtype=torch.int64, device=device)
     per_counter = ELEMENTS_PER_COUNTER[distribution]
     n_counters = stride // per_counter
     counters = offset + rows[:, None] * n_counters + torch.arange(n_counters, dtype=torch.int64, device=device)
-    words = counter_words(seed, counters)  # [K, n_counters, 4]
+    words = counter_words(key, counters)  # [K, n_counters, 4]
     if distribution == "rademacher":
         # Element 128 c + 32 w + 8 b + j is bit 8 b + j of word w: bit j of byte b (little-endian bytes of the
         # word), looked up in a 256 x 8 table of signs -- one gather writes the probes.
@@ -154,10 +152,6 @@ def probes(
         z2, z3 = box_muller(words[..., 2], words[..., 3])
         out = torch.stack((z0, z1, z2, z3), dim=-1).reshape(num_probes, stride)
     return out.to(dtype)
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def probe_dot(
@@ -174,7 +168,7 @@ def probe_dot(
         ``diag [N] = sum_k v[k] * hv[k]`` and ``diag_sq [N] = sum_k (v[k] * hv[k])^2`` over the parameters
         flattened and concatenated, accumulated in float32 (float64 for float64 inputs).
     """
-    acc = accumulate_dtype(vs[0].dtype)
+    acc = acc_dtype(vs[0])
     k = vs[0].shape[0]
     dots, diag, diag_sq = [], [], []
     for v, hv in zip(vs, hvs, strict=True):
@@ -190,28 +184,3 @@ def probe_dot(
         torch.cat(diag) if with_diag else empty,
         torch.cat(diag_sq) if with_diag else empty.clone(),
     )
-
-
-def softmax_ce_linear_head_diagonal(
-    features: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Exact Hessian diagonal of ``sum_i w_i CE(W h_i + b, y_i)`` with respect to ``W`` and ``b``.
-
-    The Hessian of softmax cross-entropy w.r.t. the logits is ``diag(p_i) - p_i p_i^T`` whatever the target
-    distribution, and ``z_i = W h_i + b`` is linear, so ``H_W = sum_i w_i (diag p_i - p_i p_i^T) (x) h_i h_i^T`` and
-
-    .. math:: \operatorname{diag}(H_W) = (P \odot (1 - P))^\top \operatorname{diag}(w) (H \odot H),
-              \qquad \operatorname{diag}(H_b) = \sum_i w_i\, p_i \odot (1 - p_i)
-
-    Args:
-        features: ``[B, d]`` head inputs ``h_i``; logits: ``[B, C]``; weights: ``[B]`` per-example loss weights
-            (``1/B`` for a mean, 0 for ignored examples).
-
-    Returns:
-        ``(diag_W [C, d], diag_b [C])`` in float32 (float64 for float64 inputs).
-    """
-    acc = torch.promote_types(accumulate_dtype(features.dtype), accumulate_dtype(logits.dtype))
-    p = torch.softmax(logits.to(acc), dim=-1)
-    curv = p * (1.0 - p) * weights.to(acc)[:, None]
-    h = features.to(acc)
-    return curv.T @ (h * h), curv.sum(0)

@@ -174,7 +174,7 @@ def _register_probes(quick: bool) -> None:
             v = torch.randint(0, 2, (k, numel), device=device, dtype=torch.float32) * 2 - 1
             sizes = [numel // 4, numel // 4, numel // 2]
             vs, hvs = list(v.split(sizes, 1)), list(hv.split(sizes, 1))
-            from regops.hessian import _probes as P
+            from regops.hessian import ops
 
             def rademacher():  # what a user writes: the draw in the target dtype, then the affine map
                 return torch.randint(0, 2, (k, numel), device=device, dtype=torch.float32) * 2 - 1
@@ -199,7 +199,7 @@ def _register_probes(quick: bool) -> None:
                 "compile bernoulli": compiled(rademacher_bernoulli),
                 "eager gaussian": gaussian,
                 "compile gaussian": compiled(gaussian),
-                "regops probe_dot": lambda: P._probe_dot_op(vs, hvs, True),
+                "regops probe_dot": lambda: ops.hessian_probe_dot(vs, hvs, True),
                 "eager probe_dot": lambda: probe_dot(v, hv),
                 "compile probe_dot": lambda: compiled_dot(v, hv),
             }
