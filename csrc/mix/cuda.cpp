@@ -1,5 +1,5 @@
 // CUDA bindings of the mixing op (regops::mix_apply) and its transpose (regops::mix_apply_backward) on the ops'
-// schema; csrc/mix/cuda.cu holds the kernel.
+// schema; csrc/mix/kernels.cu holds the kernel.
 #include <torch/library.h>
 
 #include "common/cuda_bindings.h"
@@ -8,7 +8,7 @@
 namespace regops {
 namespace {
 
-// y[b] = x[b] mixed with x[index[b]] (see csrc/mix/cuda.cu); transpose: index is the inverse partner permutation.
+// y[b] = x[b] mixed with x[index[b]] (see csrc/mix/kernels.cu); transpose: index is the inverse partner permutation.
 // The output is channels_last for a channels_last 4-D x, contiguous otherwise.
 at::Tensor mix_binding(const at::Tensor& x, const at::Tensor& w_self, const at::Tensor& w_other,
                        const at::Tensor& index, const at::Tensor& box, bool transpose, const char* op) {

@@ -1,4 +1,4 @@
-// Host launcher of the mixing kernel (csrc/mix/cuda.cu); bound to regops::mix_apply and regops::mix_apply_backward
+// Host launcher of the mixing kernel (csrc/mix/kernels.cu); bound to regops::mix_apply and regops::mix_apply_backward
 // in csrc/mix/cuda.cpp.
 #pragma once
 #include "common/cuda_launch.h"

@@ -39,7 +39,7 @@ import torch
 
 from regops._core.dtypes import acc_dtype
 from regops._core.philox import counter_words
-from regops.reference.hessian import box_muller
+from regops.hessian.reference import box_muller
 
 # hyper: one float64 vector per call, read on the device by the kernels (no recompilation per value).
 H_LR, H_BETA1, H_BETA2, H_EPS, H_WD, H_GF_ALPHA, H_GF_LAMB, H_NOISE_ETA, H_NOISE_GAMMA, H_CLIP = range(10)

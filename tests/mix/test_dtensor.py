@@ -6,7 +6,7 @@ mixup match."""
 from __future__ import annotations
 
 import torch
-from dist_harness import Checks, run
+from tests.dist_harness import Checks, run
 
 import regops
 

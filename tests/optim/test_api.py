@@ -73,7 +73,7 @@ def test_ewc_with_a_fisher_dict_by_parameter_name():
     model = _model()
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g))]
-    fisher = regops.empirical_fisher_diagonal(model, F.cross_entropy, batches)
+    fisher = regops.empirical_fisher_diagonal(model, F.cross_entropy, batches, loss_reduction="mean")
     opt = regops.optim.AdamW(model.named_parameters(), lr=1e-2, weight_decay=0.5, decay="ewc", fisher=fisher)
     for (name, p), state in zip(model.named_parameters(), (opt.state[p] for p in model.parameters()), strict=True):
         assert torch.equal(state["fisher"], fisher[name]) and torch.equal(state["anchor"], p.detach())
