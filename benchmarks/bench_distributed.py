@@ -10,9 +10,8 @@ import torch.nn.functional as F
 
 import regops
 from benchmarks.harness import Setup, case, compiled
-from regops.distributed._ops import global_mask_apply
-from regops.dropout.reference import dropout_scale
-from regops.reference import distributed as G
+from regops.dropout.ops import global_mask_apply
+from regops.dropout.reference import MODE_WHERE, dropout_scale
 
 P = 0.1
 SHAPES = {  # (device type, quick) -> [(global rows, global cols, dtype)]; the shard holds half of the columns
@@ -31,7 +30,7 @@ def _setup(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Se
     seed = torch.tensor([1234, 0])
 
     def shard(t):
-        return global_mask_apply(t, None, None, P, dropout_scale(P), G.MODE_WHERE, 1, 0, layout, seed)
+        return global_mask_apply(t, None, None, P, dropout_scale(P), MODE_WHERE, 1, 0, layout, seed)
 
     eager = lambda t: F.dropout(t, P)  # noqa: E731
     fns = {"regops": shard, "dropout": lambda t: regops.dropout(t, P), "eager": eager, "compile": compiled(eager)}

@@ -5,13 +5,11 @@ elements of the single-process mask it holds: ``regops.dropout(dtensor)`` drops 
 layout (1, 2 or 8 ways, any dim, uneven shards), and ``.full_tensor()`` equals the single-process result for
 the same seed. The public functions of :mod:`regops.dropout` and :mod:`regops.mix` forward DTensor inputs to
 :mod:`regops.dropout.dtensor` and :mod:`regops.mix.dtensor`; the op that runs on a shard is
-``regops::global_mask_apply`` (:mod:`regops.distributed._ops`, reference in
-:mod:`regops.reference.distributed`, Triton kernel in :mod:`regops.kernels.distributed`).
+``regops::global_mask_apply`` (:mod:`regops.dropout.ops`).
 
 Importing this package does not import ``torch.distributed.tensor``; the submodules that need it do.
 """
 
-from regops.distributed import _ops  # noqa: F401  (registers regops::global_mask_apply)
 from regops.distributed._hook import is_dtensor
 
 __all__ = ["is_dtensor"]

@@ -17,9 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Shard
 
-from regops.distributed import _dtensor
-from regops.distributed._dtensor import box
-from regops.reference.distributed import contiguous_strides
+from regops._core import dtensor as _dtensor
+from regops._core.dtensor import box, contiguous_strides
 
 
 def average_into(full: torch.Tensor, p: DTensor) -> DTensor:

@@ -5,8 +5,9 @@ The public functions of :mod:`regops.dropout.api` forward DTensor inputs here (o
 1. draws the call's seed from the generator exactly as the single-process function does (the word count of
    the *global* call, so the generator advances identically on every rank), then broadcasts the mesh's first
    rank's seed (16 bytes) so ranks whose generators disagree still draw one mask;
-2. computes the word strides of the single-process mask (:mod:`regops.reference.distributed`) and this shard's
-   layout from its box in the global tensor (``Shard(d)`` on any dim, ``Replicate()``, uneven shards);
+2. computes the word strides of the single-process mask (see ``global_mask_apply`` in
+   :mod:`regops.dropout.reference`) and this shard's layout from its box in the global tensor (``Shard(d)`` on
+   any dim, ``Replicate()``, uneven shards);
 3. runs ``regops::global_mask_apply`` on the local shard and wraps the result as a DTensor with ``x``'s
    placements.
 
@@ -19,12 +20,10 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
+from regops._core import dtensor as _dtensor
 from regops._core.dtypes import acc_dtype
-from regops.distributed import _dtensor
-from regops.distributed._ops import global_mask_apply
 from regops.dropout import ops
 from regops.dropout import reference as _ref
-from regops.reference import distributed as _gref
 
 
 def _numel(shape) -> int:
@@ -36,7 +35,9 @@ def _numel(shape) -> int:
 
 def _masked(x, strides, p, scale, mode, seed, *, num_samples=1, step=0, residual=None) -> DTensor:
     res = _dtensor.local_like(residual, x, "residual")
-    y = global_mask_apply(x.to_local(), res, None, p, scale, mode, num_samples, step, _dtensor.layout(x, strides), seed)
+    y = ops.global_mask_apply(
+        x.to_local(), res, None, p, scale, mode, num_samples, step, _dtensor.layout(x, strides), seed
+    )
     return _dtensor.to_dtensor(y, x)
 
 
@@ -48,15 +49,15 @@ def dropout(x: DTensor, p: float, inplace: bool, mask_mode: str, generator) -> D
             "(same output, the mask is regenerated from the seed)"
         )
     seed = _dtensor.seed(x, x.numel(), generator)
-    y = _masked(x, _gref.contiguous_strides(x.shape), p, _ref.dropout_scale(p), _gref.MODE_MUL, seed)
+    y = _masked(x, _dtensor.contiguous_strides(x.shape), p, _ref.dropout_scale(p), _ref.MODE_MUL, seed)
     return x.copy_(y) if inplace else y
 
 
 def shared(x: DTensor, p: float, mask_shape: list[int], inplace: bool, generator) -> DTensor:
     """Masks shared along dims (shared_dropout, dropout1d/2d/3d): one draw per element of ``mask_shape``."""
     seed = _dtensor.seed(x, _numel(mask_shape), generator)
-    strides = [0 if m == 1 else s for m, s in zip(mask_shape, _gref.contiguous_strides(mask_shape), strict=True)]
-    y = _masked(x, strides, p, _ref.dropout_scale(p), _gref.MODE_MUL, seed)
+    strides = [0 if m == 1 else s for m, s in zip(mask_shape, _dtensor.contiguous_strides(mask_shape), strict=True)]
+    y = _masked(x, strides, p, _ref.dropout_scale(p), _ref.MODE_MUL, seed)
     return x.copy_(y) if inplace else y
 
 
@@ -68,7 +69,7 @@ def drop_path(x: DTensor, residual, p: float, scale_by_keep: bool, generator) ->
         seed = torch.zeros(2, dtype=torch.int64)  # drop_path_add with p = 0 draws nothing, as the single-process op
     strides = [1] + [0] * (x.dim() - 1)
     scale = _ref.dropout_scale(p) if scale_by_keep else 1.0
-    return _masked(x, strides, p, scale, _gref.MODE_MUL, seed, residual=residual)
+    return _masked(x, strides, p, scale, _ref.MODE_MUL, seed, residual=residual)
 
 
 def multi_sample_dropout(x: DTensor, p: float, num_samples: int, generator) -> DTensor:
@@ -77,7 +78,7 @@ def multi_sample_dropout(x: DTensor, p: float, num_samples: int, generator) -> D
     seed = _dtensor.seed(x, num_samples * 4 * step, generator)
     factor = _ref.float_round(_ref.dropout_scale(p) / num_samples)
     return _masked(
-        x, _gref.contiguous_strides(x.shape), p, factor, _gref.MODE_MULTI, seed, num_samples=num_samples, step=step
+        x, _dtensor.contiguous_strides(x.shape), p, factor, _ref.MODE_MULTI, seed, num_samples=num_samples, step=step
     )
 
 
@@ -101,7 +102,7 @@ def nested_dropout(x: DTensor, p: float, dim: int, generator) -> DTensor:
 def _row_strides(shape) -> list[int]:
     """Word strides of the row layout: rows of ``4 * ceil(H / 4)`` words."""
     padded = [*shape[:-1], 4 * _ref.row_counters(shape[-1])]
-    return [*_gref.contiguous_strides(padded)[:-1], 1]
+    return [*_dtensor.contiguous_strides(padded)[:-1], 1]
 
 
 def _row_seed(x: DTensor, p: float, generator) -> torch.Tensor:
@@ -117,13 +118,13 @@ def bias_dropout_add(x: DTensor, bias, residual, p: float, generator) -> DTensor
     seed = _row_seed(x, p, generator)
     res = _dtensor.local_like(residual, x, "residual")
     b = _dtensor.local_columns(bias, x, "bias")
-    y = global_mask_apply(
+    y = ops.global_mask_apply(
         x.to_local(),
         res,
         b,
         p,
         _ref.dropout_scale(p),
-        _gref.MODE_MUL,
+        _ref.MODE_MUL,
         1,
         0,
         _dtensor.layout(x, _row_strides(x.shape)),
@@ -158,13 +159,13 @@ def dropout_add_layer_norm(
     seed = _row_seed(x, p, generator)
     rows_placements = _dtensor.gather_dims(x, {x.dim() - 1})
     xg = x.redistribute(x.device_mesh, rows_placements) if rows_placements != list(x.placements) else x
-    s = global_mask_apply(
+    s = ops.global_mask_apply(
         xg.to_local(),
         _dtensor.local_like(residual, xg, "residual"),
         None,
         p,
         _ref.dropout_scale(p),
-        _gref.MODE_MUL,
+        _ref.MODE_MUL,
         1,
         0,
         _dtensor.layout(xg, _row_strides(x.shape)),

@@ -330,3 +330,40 @@ __all__ = [
     "shared_dropout",
     "unit_mask",
 ]
+
+
+# ------------------------------------------------------------------------------------------ global_mask_apply
+def _global_fake(x, residual, bias, p, scale, mode, num_samples, step, layout, seed, out_dtype=None):
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype)
+
+
+global_mask_apply = declare(
+    "global_mask_apply(Tensor x, Tensor? residual, Tensor? bias, float p, float scale, int mode, int num_samples, "
+    "int step, int[] layout, Tensor seed, ScalarType? out_dtype=None) -> Tensor",
+    reference=ref.global_mask_apply,
+    triton=TRITON + "global_mask_apply",
+    fake=_global_fake,
+)
+
+
+def _global_setup_context(ctx, inputs, output) -> None:
+    x, residual, bias, p, scale, mode, num_samples, step, layout, seed = inputs[:10]  # out_dtype may be left out
+    ctx.params = (p, scale, mode, num_samples, step, layout)
+    ctx.dtypes = (x.dtype, None if residual is None else residual.dtype, None if bias is None else bias.dtype)
+    ctx.save_for_backward(seed)
+
+
+def _global_backward(ctx, grad: torch.Tensor):
+    """One shard of a sharded dropout-family op (:mod:`regops.dropout.dtensor`): the Jacobian is the diagonal mask,
+    so ``dx`` is the same op on the gradient, ``dresidual = grad``, and the bias gradient sums ``dx``'s columns in
+    float32/float64 before rounding, as the single-process ops. Autograd saves the seed: nothing of x's size."""
+    (seed,) = ctx.saved_tensors
+    x_dtype, res_dtype, bias_dtype = ctx.dtypes
+    has_bias = bias_dtype is not None
+    dx = global_mask_apply(grad, None, None, *ctx.params, seed, acc_dtype(x_dtype) if has_bias else None)
+    dbias = dx.reshape(-1, dx.shape[-1]).sum(0).to(bias_dtype) if has_bias else None
+    dres = grad.to(res_dtype) if res_dtype is not None else None
+    return dx.to(x_dtype), dres, dbias, None, None, None, None, None, None, None, None
+
+
+global_mask_apply.register_autograd(_global_backward, setup_context=_global_setup_context)

@@ -13,6 +13,10 @@ from regops._core.launch import launch, sm_count
 from regops._core.philox import keep_threshold
 from regops._core.validate import probability_value
 from regops.dropout.reference import (
+    MODE_MUL,
+    MODE_MULTI,
+    MODE_WHERE,
+    MODES,
     dropout_scale,
     float_round,
     multi_sample_counters,
@@ -21,6 +25,7 @@ from regops.dropout.reference import (
 )
 from regops.kernels import dropout as K
 from regops.kernels import dropout_fused as F
+from regops.kernels import dropout_global as G
 
 
 def _block(x: torch.Tensor) -> int:
@@ -195,8 +200,11 @@ def dropout_add_layer_norm_backward(
     dres = torch.empty(s.shape, dtype=res_dtype, device=s.device) if res_dtype is not None else None
     if s.numel() == 0:
         zeros = s.new_zeros(cols, dtype=acc)
-        return dx, (dres if dres is not None else none), (zeros if weight is not None else none), (
-            zeros.clone() if has_bias else none
+        return (
+            dx,
+            (dres if dres is not None else none),
+            (zeros if weight is not None else none),
+            (zeros.clone() if has_bias else none),
         )
     p = probability_value(p)
     cfg = F.norm_config(cols, s.device.type)
@@ -223,3 +231,94 @@ def dropout_add_layer_norm_backward(
         dw.sum(0) if dw is not None else none,
         db.sum(0) if db is not None else none,
     )
+
+
+# ------------------------------------------------------------------------------------------ global masks
+assert (MODE_WHERE, MODE_MUL, MODE_MULTI) == (0, 1, 2)  # the kernel's MODE constants
+
+
+def collapse(local_shape, strides) -> list[tuple[int, int]]:
+    """``(size, word_stride)`` pairs, innermost first, with size-1 dims dropped and word-contiguous dims merged."""
+    dims: list[tuple[int, int]] = []
+    for size, stride in zip(reversed(list(local_shape)), reversed(list(strides)), strict=True):
+        size = int(size)
+        if size == 1:
+            continue
+        if dims and stride == dims[-1][1] * dims[-1][0]:
+            dims[-1] = (dims[-1][0] * size, dims[-1][1])
+        else:
+            dims.append((size, int(stride)))
+    return dims or [(1, 0)]
+
+
+def aligned_words(base: int, dims: list[tuple[int, int]]) -> bool:
+    """Whether every group of four consecutive local elements (from a multiple of 4) holds the four words of one
+    Philox counter: the innermost dim has word stride 1 and a multiple of 4 elements, and every row starts on a
+    multiple of 4. Then one Philox evaluation serves four elements."""
+    size, stride = dims[0]
+    return stride == 1 and size % 4 == 0 and base % 4 == 0 and all(w % 4 == 0 for _, w in dims[1:])
+
+
+def _default_block(x: torch.Tensor) -> int:
+    return 4096 if x.device.type == "cpu" else 1024
+
+
+def global_mask_apply(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    p: float,
+    scale: float,
+    mode: int,
+    num_samples: int,
+    step: int,
+    layout: list[int],
+    seed: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
+    *,
+    block: int | None = None,
+) -> torch.Tensor:
+    """As :func:`regops.dropout.reference.global_mask_apply` (contiguous inputs), bit for bit."""
+    if mode not in MODES:
+        raise ValueError(f"regops: unknown mask mode {mode}")
+    y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+    n = x.numel()
+    if n == 0:
+        return y
+    dims = collapse(x.shape, layout[1:])
+    if len(dims) > G.MAX_DIMS:
+        raise ValueError(
+            f"regops: a shard with more than {G.MAX_DIMS} non-mergeable dims is not supported, got {tuple(x.shape)}"
+        )
+    aligned = aligned_words(layout[0], dims)
+    dims += [(1, 0)] * (G.MAX_DIMS - len(dims))
+    flat = [v for pair in dims for v in pair]
+    block = block or _default_block(x)
+    cols = x.shape[-1] if x.dim() else 1
+    launch(
+        G.global_mask_kernel,
+        (triton.cdiv(n, block),),
+        x,
+        residual if residual is not None else x,
+        bias if bias is not None else x,
+        y,
+        n,
+        max(cols, 1),
+        layout[0],
+        *flat,
+        keep_threshold(p),
+        scale,
+        _seed(seed, x.device),
+        num_samples,
+        step,
+        device=x.device,
+        NDIM=len([d for d in dims if d != (1, 0)]) or 1,
+        MODE=mode,
+        HAS_RESIDUAL=residual is not None,
+        HAS_BIAS=bias is not None,
+        ALIGNED=aligned,
+        BLOCK=block,
+        num_warps=4,
+        enable_fp_fusion=False,  # t*s+r stays two roundings, bit-identical to the reference
+    )
+    return y

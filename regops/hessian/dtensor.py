@@ -28,8 +28,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from regops._core import dtensor as _dtensor
 from regops._core.dtypes import acc_dtype
-from regops.distributed import _dtensor
 from regops.hessian import _probes
 from regops.hessian._hvp import HessianOperator
 from regops.hessian._probes import ParamLayout

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
-from regops.distributed import _dtensor
+from regops._core import dtensor as _dtensor
 from regops.mix import ops
 
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from regops.distributed import _dtensor
+from regops._core import dtensor as _dtensor
 
 
 def local(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -6,9 +6,9 @@ mixup match."""
 from __future__ import annotations
 
 import torch
-from tests.dist_harness import Checks, run
 
 import regops
+from tests.dist_harness import Checks, run
 
 SEED = 100
 

@@ -11,7 +11,15 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from regops._core import rng as _rng
-from regops.reference.distributed import contiguous_strides
+
+
+def contiguous_strides(shape) -> list[int]:
+    """Row-major strides (in elements) of ``shape``."""
+    strides, acc = [], 1
+    for s in reversed(list(shape)):
+        strides.append(acc)
+        acc *= int(s)
+    return strides[::-1]
 
 
 def check(x: DTensor, name: str = "x") -> None:
@@ -32,7 +40,7 @@ def box(x: DTensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 def layout(x: DTensor, word_strides: Sequence[int]) -> list[int]:
-    """``[base, *word_strides]`` of this rank's shard (see :mod:`regops.reference.distributed`)."""
+    """``[base, *word_strides]`` of this rank's shard (see ``global_mask_apply`` in :mod:`regops.dropout.reference`)."""
     _, offset = box(x)
     return [sum(o * w for o, w in zip(offset, word_strides, strict=True)), *word_strides]
 
