@@ -14,9 +14,10 @@ from benchmarks import harness
 
 
 def load_cases() -> None:
+    """Import every module of the folder but the harness: the case files (``<family>.py``) register their cases."""
     here = Path(__file__).resolve().parent
     for info in pkgutil.iter_modules([str(here)]):
-        if info.name.startswith("bench_"):
+        if info.name not in ("__main__", "harness"):
             importlib.import_module(f"benchmarks.{info.name}")
 
 

@@ -1,6 +1,6 @@
 """One harness for every benchmark case.
 
-A case file ``bench_<family>.py`` registers cases with :func:`case`. A case's ``make(device, quick)`` returns a
+A case file ``<family>.py`` registers cases with :func:`case`. A case's ``make(device, quick)`` returns a
 :class:`Setup`: the variants to time (``"regops"``, ``"eager"``, ``"compile"``, peers such as ``"timm"``), the
 minimal bytes one call must move (and flops where that matters), and optionally forward-only callables whose
 bytes saved for backward are measured. The harness reports per variant: median and minimum time over the stated

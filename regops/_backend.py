@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from regops._core import dispatch
 from regops._core import extension as _extension
 from regops._core.dispatch import (  # noqa: F401
     BACKENDS,

@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from dist_harness import Checks, run
-from test_distributed_grad_norms import _data, _mlp, _sharded
+from dist_harness import data as _data
+from dist_harness import mlp as _mlp
+from dist_harness import sharded as _sharded
 from torch import nn
 
 import regops

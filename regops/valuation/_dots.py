@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from regops.valuation import forms as _forms
-from regops.valuation.capture import Captured, capture, check_reduction
+from regops.per_example import _forms
+from regops.per_example._recorder import check_reduction
+from regops.valuation._capture import Captured, capture
 
 BLOCKS = (None, "param", "module")
 

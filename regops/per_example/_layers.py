@@ -1,5 +1,5 @@
-"""Per-layer rules: how each supported layer type turns (its saved input, its output gradient) into
-per-example squared norms, per-example gradients and weighted gradient sums."""
+"""The built-in rules: Linear (and Hugging Face's Conv1D), Conv1d/2d/3d, Embedding, LayerNorm, RMSNorm, GroupNorm,
+BatchNorm in eval mode, a parameter combined elementwise with a batched tensor, and the torch.func fallback."""
 
 from __future__ import annotations
 
@@ -10,117 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regops.grad_norms.ops import embedding_gram_sq_norms, gram_sq_norms, instantiate_sq_norms
-from regops.reference import grad_norms as _ref
-
-
-# ----------------------------------------------------------------------------------------------- layers
-def _sq(x: torch.Tensor) -> torch.Tensor:
-    """Per-example squared norm of ``[B, ...]``, accumulated in float32 (float64 stays float64)."""
-    if x.dim() <= 1:
-        return _f32(x).square()
-    # One reduction kernel that upcasts as it reads: no temporary as large as x (x.square() would make one).
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=dtype).square()
-
-
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def _sum_f32(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``x.sum(dim)`` accumulated and returned in float32 (float64 stays float64): a bias gradient summed over tokens
-    in bf16 would be rounded to bf16 before its norm is taken."""
-    return x.sum(dim, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-
-
-def _wsum(w: torch.Tensor, per_example: torch.Tensor) -> torch.Tensor:
-    """``sum_n w_n x_n`` of ``[B, ...]`` per-example tensors."""
-    return torch.tensordot(w.to(per_example.dtype), per_example, dims=([0], [0]))
-
-
-class LayerRule:
-    """How one layer type turns (its saved input, its output gradient) into per-example quantities.
-
-    A rule is a stateless object registered for a module type with :func:`register_rule`. The recorder calls:
-
-    * :meth:`capture` in the module's forward hook: returns what the rule needs later (``saved``; usually the
-      input tensor, kept by reference: autograd saves it anyway);
-    * in the backward, with ``g`` the gradient of the module's output as autograd delivers it (for
-      ``loss_reduction="mean"`` it carries ``1/B``; the caller rescales), batch in dim 0:
-      :meth:`sq_norms` (``{local param name: [B]}`` squared norms, the fast path),
-      :meth:`per_example_grads` (``{local param name: [B, *param.shape]}``; used for shared parameters and
-      as the fallback of the two others) and :meth:`weighted_grads` (``sum_n w_n grad_n``, Book-Keeping
-      clipping and data scores);
-    * :meth:`cost_form` to pick ``"ghost"`` or ``"instantiate"`` for ``forms="auto"``;
-    * optionally :meth:`factors`, for parameters shared by several calls.
-
-    Local parameter names are the module's own (``"weight"``, ``"bias"``). Only :meth:`per_example_grads`
-    must be written; the defaults derive the others from it. Rules return float32 (float64 for float64
-    inputs) and must not modify their inputs.
-    """
-
-    name = "layer"
-
-    def capture(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], label: str) -> Any:
-        """What the backward needs from one forward call (default: the first positional tensor)."""
-        x = args[0] if args else None
-        if not isinstance(x, torch.Tensor) or x.dim() < self.min_dim(module):
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(
-                f"regops: {type(module).__name__} {label!r} got an input of shape {shape} with no batch "
-                f"dimension; per-example gradient norms need inputs of at least {self.min_dim(module)} dims "
-                "whose dim 0 is the batch"
-            )
-        return x
-
-    def min_dim(self, module: nn.Module) -> int:
-        """Fewest input dims with a batch dim (a Linear's ``[B, d]``: 2)."""
-        return 2
-
-    def sq_norms(self, module: nn.Module, saved: Any, g: torch.Tensor, form: str) -> dict[str, torch.Tensor]:
-        """``{local name: [B]}`` squared per-example gradient norms by ``form``."""
-        return {k: _sq(v) for k, v in self.per_example_grads(module, saved, g).items()}
-
-    def per_example_grads(self, module: nn.Module, saved: Any, g: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{local name: [B, *param.shape]}`` per-example gradients."""
-        raise NotImplementedError
-
-    def weighted_grads(
-        self, module: nn.Module, saved: Any, g: torch.Tensor, w: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """``{local name: sum_n w_n * grad_n}`` for ``w`` ``[B]`` (Book-Keeping)."""
-        return {k: _wsum(w, v) for k, v in self.per_example_grads(module, saved, g).items()}
-
-    def cost_form(self, module: nn.Module, saved: Any) -> str:
-        """``"ghost"`` or ``"instantiate"``: the cheaper form for this call."""
-        return "instantiate"
-
-    # -- data valuation (regops.valuation): inner products between two calls' per-example gradients and the
-    # summed squared per-example gradients (empirical Fisher diagonal). Defaults derive from per_example_grads.
-    def grad_dots(
-        self, module: nn.Module, saved: Any, g: torch.Tensor, saved2: Any, g2: torch.Tensor, form: str
-    ) -> dict[str, torch.Tensor]:
-        """``{local name: [B, B2]}`` inner products ``<grad_i, grad2_j>`` of two recorded calls' examples."""
-        from regops.valuation import forms
-
-        return forms.dense_dots(self.per_example_grads(module, saved, g), self.per_example_grads(module, saved2, g2))
-
-    def sq_grad_sum(self, module: nn.Module, saved: Any, g: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{local name: sum_n grad_n ** 2}`` (``param.shape``), the empirical Fisher diagonal's sum."""
-        from regops.valuation import forms
-
-        return forms.default_sq_grad_sum(self, module, saved, g)
-
-    def dots_form(self, module: nn.Module, saved: Any, saved2: Any) -> str:
-        """``"ghost"`` or ``"instantiate"``: the cheaper form of :meth:`grad_dots` for this pair of calls."""
-        return "instantiate"
-
-    def factors(self, module: nn.Module, saved: Any, g: torch.Tensor) -> dict[str, Factors]:
-        """Optional: ``{local name: Factors}`` for the parameters whose per-example gradient is ``U_n^T V_n``.
-        Lets a parameter used by several calls (tied weights) get exact norms without per-example gradients;
-        parameters left out fall back to :meth:`per_example_grads`."""
-        return {}
+from regops.per_example import _forms
+from regops.per_example import reference as _ref
+from regops.per_example._rules import (
+    Factors,
+    LayerRule,
+    OneHot,
+    _common,
+    _f32,
+    _requires,
+    _sq,
+    _sum_f32,
+    register_rule,
+)
+from regops.per_example.ops import grad_norms_embedding_gram, grad_norms_gram, grad_norms_instantiate
 
 
 def _choose(t: int, p: int, d: int) -> str:
@@ -133,60 +36,8 @@ def _weight_sq(a: torch.Tensor, g: torch.Tensor, form: str) -> torch.Tensor:
     if a.shape[1] == 1:  # rank one: ||a||^2 ||g||^2, O(B (d + p))
         return _sq(a) * _sq(g)
     if form == "ghost":
-        return gram_sq_norms(a, g)
-    return instantiate_sq_norms(a, g)
-
-
-def _common(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``a`` and ``g`` in one dtype: theirs if they agree, else float32 (float64 if either is float64).
-    Autocast hands a layer an fp32 input and a bf16 output gradient; matmuls need one dtype."""
-    if a.dtype == g.dtype:
-        return a, g
-    dtype = torch.float64 if torch.float64 in (a.dtype, g.dtype) else torch.float32
-    return a.to(dtype), g.to(dtype)
-
-
-def _requires(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and t.requires_grad
-
-
-class Factors:
-    """A per-example gradient in factored form ``grad_n = U_n^T V_n`` (``U`` ``[B, T, p]``, ``V`` ``[B, T, d]``;
-    either may be a :class:`OneHot`). Two uses of one parameter (tied weights) meet through
-    ``<U_n^T V_n, U'_n^T V'_n> = sum((U_n U'_n^T) * (V_n V'_n^T))`` without building either gradient."""
-
-    def __init__(self, u: Any, v: Any) -> None:
-        self.u, self.v = u, v
-
-
-class OneHot:
-    """The one-hot rows of token ids ``[B, T]`` over ``num`` classes (``pad``: ids with a zero row; -1: none)."""
-
-    def __init__(self, ids: torch.Tensor, num: int, pad: int = -1) -> None:
-        self.ids, self.num, self.pad = ids, num, pad
-
-
-def _gram(x: Any, y: Any, dtype: torch.dtype) -> torch.Tensor:
-    """``X_n Y_n^T`` per example, ``[B, T_x, T_y]``, for dense or one-hot factors."""
-    if isinstance(x, OneHot) and isinstance(y, OneHot):
-        out = (x.ids[:, :, None] == y.ids[:, None, :]).to(dtype)
-        if x.pad >= 0:
-            out = out * (x.ids != x.pad).to(dtype)[:, :, None]
-        return out
-    if isinstance(x, OneHot):
-        return _gram(y, x, dtype).transpose(1, 2)
-    if isinstance(y, OneHot):  # X_n[s, ids_t]
-        idx = y.ids.clamp(0, x.shape[-1] - 1)[:, None, :].expand(x.shape[0], x.shape[1], y.ids.shape[1])
-        out = x.to(dtype).gather(2, idx)
-        if y.pad >= 0:
-            out = out * (y.ids != y.pad).to(dtype)[:, None, :]
-        return out
-    return torch.bmm(x.to(dtype), y.to(dtype).transpose(1, 2))
-
-
-def factors_inner(f1: Factors, f2: Factors, dtype: torch.dtype) -> torch.Tensor:
-    """``[B]`` inner products ``<grad_n, grad'_n>`` of two factored per-example gradients of one parameter."""
-    return (_gram(f1.u, f2.u, dtype) * _gram(f1.v, f2.v, dtype)).sum((1, 2))
+        return grad_norms_gram(a, g)
+    return grad_norms_instantiate(a, g)
 
 
 class LinearRule(LayerRule):
@@ -240,21 +91,15 @@ class LinearRule(LayerRule):
             out["bias"] = torch.tensordot(w.to(g_sum.dtype), g_sum, dims=([0], [0]))
         return out
 
-    # -- data valuation (regops.valuation.forms)
+    # -- data valuation (regops.per_example._forms)
     def grad_dots(self, module, x, g, x2, g2, form):
-        from regops.valuation import forms
-
-        return forms.linear_grad_dots(module, x, g, x2, g2, form)
+        return _forms.linear_grad_dots(module, x, g, x2, g2, form)
 
     def sq_grad_sum(self, module, x, g):
-        from regops.valuation import forms
-
-        return forms.linear_sq_grad_sum(module, x, g, self.transposed)
+        return _forms.linear_sq_grad_sum(module, x, g, self.transposed)
 
     def dots_form(self, module, x, x2):
-        from regops.valuation import forms
-
-        return forms.linear_dots_form(module, x, x2)
+        return _forms.linear_dots_form(module, x, x2)
 
     def factors(self, module, x, g) -> dict[str, Factors]:
         """The weight's per-example gradient as ``U^T V`` (``G^T A``, or ``A^T G`` when transposed)."""
@@ -262,26 +107,6 @@ class LinearRule(LayerRule):
             return {}
         a, gg = self._ag(module, x, g)
         return {"weight": Factors(a, gg) if self.transposed else Factors(gg, a)}
-
-
-def _conv_patches(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
-    """Unfold ``x`` ``[B, C, *S]`` to ``[B, groups, C/groups * prod(k), T]`` (T = output positions)."""
-    nd = len(module.kernel_size)
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    pad = module._reversed_padding_repeated_twice
-    if any(pad):
-        x = F.pad(x, pad, mode=mode)
-    for i in range(nd):
-        k, s, dil = module.kernel_size[i], module.stride[i], module.dilation[i]
-        x = x.unfold(2 + i, dil * (k - 1) + 1, s)
-        if dil > 1:
-            x = x[..., ::dil]
-    b, c = x.shape[:2]
-    # x: [B, C, *S_out, *k] -> [B, C, *k, *S_out]
-    perm = [0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd)]
-    x = x.permute(perm)
-    t = math.prod(x.shape[2 + nd :])
-    return x.reshape(b, module.groups, (c // module.groups) * math.prod(module.kernel_size), t)
 
 
 class ConvRule(LayerRule):
@@ -296,7 +121,7 @@ class ConvRule(LayerRule):
 
     def cost_form(self, module, x):
         nd = len(module.kernel_size)
-        t = _conv_out_positions(module, x.shape[2:])
+        t = _forms.conv_out_positions(module, x.shape[2:])
         d = (module.in_channels // module.groups) * math.prod(module.kernel_size)
         del nd
         return _choose(t, module.out_channels // module.groups, d)
@@ -304,7 +129,7 @@ class ConvRule(LayerRule):
     def sq_norms(self, module, x, g, form):
         out = {}
         if module.weight.requires_grad:
-            a = _conv_patches(module, x)  # [B, G, D, T]
+            a = _forms.conv_patches(module, x)  # [B, G, D, T]
             gg = self._g(module, g)  # [B, G, O, T]
             b, groups = a.shape[:2]
             a2 = a.reshape(b * groups, a.shape[2], a.shape[3]).transpose(1, 2)
@@ -317,7 +142,7 @@ class ConvRule(LayerRule):
     def per_example_grads(self, module, x, g):
         out = {}
         if module.weight.requires_grad:
-            a = _conv_patches(module, x)
+            a = _forms.conv_patches(module, x)
             gg = self._g(module, g)
             grad = torch.einsum("bgot,bgdt->bgod", gg, a.to(gg.dtype))
             out["weight"] = grad.reshape(g.shape[0], *module.weight.shape)
@@ -350,32 +175,15 @@ class ConvRule(LayerRule):
             out["bias"] = gw.transpose(0, 1).reshape(gw.shape[1], -1).sum(1)
         return out
 
-    # -- data valuation (regops.valuation.forms)
+    # -- data valuation (regops.per_example._forms)
     def grad_dots(self, module, x, g, x2, g2, form):
-        from regops.valuation import forms
-
-        return forms.conv_grad_dots(module, x, g, x2, g2, form)
+        return _forms.conv_grad_dots(module, x, g, x2, g2, form)
 
     def sq_grad_sum(self, module, x, g):
-        from regops.valuation import forms
-
-        return forms.conv_sq_grad_sum(module, x, g)
+        return _forms.conv_sq_grad_sum(module, x, g)
 
     def dots_form(self, module, x, x2):
-        from regops.valuation import forms
-
-        return forms.conv_dots_form(module, x, x2)
-
-
-def _conv_out_positions(module, spatial) -> int:
-    pad = module._reversed_padding_repeated_twice
-    t = 1
-    for i, size in enumerate(spatial):
-        j = len(spatial) - 1 - i  # the reversed padding list starts with the last dim
-        total = size + pad[2 * j] + pad[2 * j + 1]
-        k_eff = module.dilation[i] * (module.kernel_size[i] - 1) + 1
-        t *= max(0, (total - k_eff) // module.stride[i] + 1)
-    return t
+        return _forms.conv_dots_form(module, x, x2)
 
 
 class EmbeddingRule(LayerRule):
@@ -411,7 +219,7 @@ class EmbeddingRule(LayerRule):
     def sq_norms(self, module, ids, g, form):
         i2, g2 = self._ig(ids, g)
         if form == "ghost":
-            return {"weight": embedding_gram_sq_norms(i2, g2, self._pad(module))}
+            return {"weight": grad_norms_embedding_gram(i2, g2, self._pad(module))}
         return {"weight": _ref.embedding_sq_norms(i2, g2, self._pad(module))}
 
     def _rows(self, module, ids, g):
@@ -440,16 +248,12 @@ class EmbeddingRule(LayerRule):
         grad = rows.new_zeros(module.weight.shape[0], rows.shape[-1])
         return {"weight": grad.index_add_(0, flat_ids, rows)}
 
-    # -- data valuation (regops.valuation.forms): the id-equality cross Gram, never a B x V x d gradient
+    # -- data valuation (regops.per_example._forms): the id-equality cross Gram, never a B x V x d gradient
     def grad_dots(self, module, ids, g, ids2, g2, form):
-        from regops.valuation import forms
-
-        return forms.embedding_grad_dots(module, ids, g, ids2, g2, form)
+        return _forms.embedding_grad_dots(module, ids, g, ids2, g2, form)
 
     def sq_grad_sum(self, module, ids, g):
-        from regops.valuation import forms
-
-        return forms.embedding_sq_grad_sum(module, ids, g)
+        return _forms.embedding_sq_grad_sum(module, ids, g)
 
     def dots_form(self, module, ids, ids2):
         return "ghost"
@@ -530,7 +334,7 @@ def _check_batchnorm_eval(module: nn.Module, label: str) -> None:
         raise ValueError(
             f"regops: {type(module).__name__} {label!r} normalises with batch statistics (train mode or "
             "track_running_stats=False), which couples the examples of a batch: per-example gradients are not "
-            "defined. Replace it with GroupNorm (regops.grad_norms.fix_model(model) does it and reports the "
+            "defined. Replace it with GroupNorm (regops.fix_model(model) does it and reports the "
             "swaps), or put it in eval mode (model.eval() or module.eval(): running statistics)."
         )
 
@@ -620,50 +424,9 @@ class VmapRule(LayerRule):
                 raise RuntimeError(
                     f"regops: {type(module).__name__} draws random numbers in its forward (dropout in train "
                     "mode?): the vmap path cannot replay them, so its per-example gradients would be wrong. "
-                    "Set its dropout to 0 or register a rule for it (regops.grad_norms.register_rule)."
+                    "Set its dropout to 0 or register a rule for it (regops.per_example.register_rule)."
                 ) from e
             raise
-
-
-_RULES: dict[type | str, LayerRule] = {}
-
-
-def register_rule(module_type: type | str, rule: LayerRule) -> None:
-    """Teach regops a layer: ``rule`` computes the per-example quantities of every ``module_type`` instance
-    (subclasses too, unless they override ``forward``). ``module_type`` is a class, or its dotted name
-    (``"transformers.pytorch_utils.Conv1D"``: matched without importing the package). A later registration
-    for the same type replaces the earlier one.
-
-    Example::
-
-        >>> class ScaleRule(regops.grad_norms.LayerRule):
-        ...     def per_example_grads(self, module, x, g):   # y = x * module.s, s of shape [d], x [B, T, d]
-        ...         return {"s": (g * x).reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
-        >>> regops.grad_norms.register_rule(Scale, ScaleRule())
-    """
-    if isinstance(module_type, str):
-        if "." not in module_type:
-            raise ValueError(f"regops: a dotted class name like 'package.module.Class' is needed, got {module_type!r}")
-    elif not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
-        raise TypeError(f"regops: register_rule needs an nn.Module subclass or its dotted name, got {module_type!r}")
-    if not isinstance(rule, LayerRule):
-        raise TypeError(f"regops: rule must be a regops.grad_norms.LayerRule, got {type(rule).__name__}")
-    _RULES[module_type] = rule
-
-
-def rule_for(module: nn.Module) -> LayerRule | None:
-    """The registered rule of ``module`` (most derived registered type first), or None."""
-    for cls in type(module).__mro__:
-        rule = _RULES.get(cls) or _RULES.get(f"{cls.__module__}.{cls.__qualname__}")
-        if rule is not None:
-            # A subclass that overrides forward may compute something else: not ours to interpret.
-            return rule if type(module).forward is cls.forward else None
-    return None
-
-
-def registered_rules() -> dict[type | str, LayerRule]:
-    """A copy of the registry ``{module type or dotted name: rule}``."""
-    return dict(_RULES)
 
 
 for _cls, _rule in [
@@ -681,7 +444,3 @@ for _cls, _rule in [
     register_rule(_cls, _rule)
 _VMAP = VmapRule()
 SUPPORTED = "Linear, Conv1d/2d/3d, Embedding, LayerNorm, GroupNorm, RMSNorm, BatchNorm (eval), HF Conv1D"
-
-
-def _layer_for(module: nn.Module) -> LayerRule | None:
-    return rule_for(module)

@@ -1,10 +1,7 @@
-"""Per-example gradients in training workflows: functional parameter uses, batch_dim, BatchNorm, the vmap
-fallback, accumulation within and across blocks, expected batch size, Poisson sampling, accounting, the rule
-registry and the fix helper."""
+"""Parameter uses outside the rules' modules, the batch through sequence-first models, BatchNorm, the torch.func
+fallback and the rule registry, against torch.func's per-example gradients in float64."""
 
 from __future__ import annotations
-
-import sys
 
 import pytest
 import torch
@@ -13,7 +10,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import regops
-from regops import grad_norms as gn
+from regops import per_example as pe
 
 
 def oracle_grads(model, args, y, kwargs=None):
@@ -46,7 +43,6 @@ def check(norms, expected):
         torch.testing.assert_close(norms.per_param[k], v, rtol=1e-9, atol=1e-12, msg=k)
 
 
-# ------------------------------------------------------------------------------------------ functional uses
 class Functional(nn.Module):
     """Every functional form the recorder understands, on parameters of other modules or of its own."""
 
@@ -98,7 +94,6 @@ def test_unsupported_functional_use_raises_naming_the_parameter():
             model.w.square().sum()
 
 
-# ------------------------------------------------------------------------------------------------ batch_dim
 class SeqFirst(nn.Module):
     """Sequence-first layers ([T, B, d]) with a batch-first head, T == B so that sizes cannot tell them apart."""
 
@@ -128,7 +123,6 @@ def test_batch_dim_for_sequence_first_models():
         regops.per_sample_grad_norms(model, "sum", batch_dim=2)
 
 
-# ------------------------------------------------------------------------------------------------ BatchNorm
 def bn_net(affine: bool = True) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, affine=affine), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3)
@@ -153,21 +147,6 @@ def test_batchnorm_eval_is_exact_and_train_is_refused():
             F.batch_norm(torch.randn(3, 2), None, None, training=True)
 
 
-def test_fix_model_swaps_batchnorm_and_reports():
-    model = bn_net()
-    fixed, changes = regops.fix_model(model)
-    assert [str(c) for c in changes] == ["1: BatchNorm2d(4) -> GroupNorm(4, 4)"]
-    assert isinstance(model[1], nn.BatchNorm2d) and isinstance(fixed[1], nn.GroupNorm)  # a copy by default
-    assert regops.fix_model(nn.Linear(2, 2))[1] == []
-    root, changes = regops.fix_model(nn.BatchNorm1d(48), max_groups=32)
-    assert isinstance(root, nn.GroupNorm) and root.num_groups == 16 and len(changes) == 1
-    same, _ = regops.fix_model(model, inplace=True)
-    assert same is model and isinstance(model[1], nn.GroupNorm)
-    with pytest.raises(ValueError, match="max_groups"):
-        regops.fix_model(model, max_groups=0)
-
-
-# ------------------------------------------------------------------------------------------------- vmap path
 class Gated(nn.Module):
     """Keyword arguments, an unbatched tensor argument, a buffer, and a (tensor, dict) output."""
 
@@ -219,7 +198,6 @@ def test_vmap_fallback_refuses_randomness():
         _ = norms.total
 
 
-# ------------------------------------------------------------------------------------------- registry
 def test_register_rule_teaches_a_new_layer():
     class Scale(nn.Module):
         def __init__(self) -> None:
@@ -229,130 +207,21 @@ def test_register_rule_teaches_a_new_layer():
         def forward(self, x):
             return torch.einsum("bd,d->bd", x, self.s)  # an op the recorder would refuse
 
-    class ScaleRule(gn.LayerRule):
+    class ScaleRule(pe.LayerRule):
         def per_example_grads(self, module, x, g):
             return {"s": g * x}
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), Scale(), nn.Linear(4, 3)).double()
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
-    gn.register_rule(Scale, ScaleRule())
+    pe.register_rule(Scale, ScaleRule())
     try:
-        assert isinstance(gn.rule_for(model[1]), ScaleRule)
+        assert isinstance(pe.rule_for(model[1]), ScaleRule)
         check(run(model, (x,), y), norms_of(oracle_grads(model, (x,), y)))
     finally:
-        gn.layers._RULES.pop(Scale)
-    assert "transformers.pytorch_utils.Conv1D" in gn.registered_rules()
+        pe._rules._RULES.pop(Scale)
+    assert "transformers.pytorch_utils.Conv1D" in pe.registered_rules()
     with pytest.raises(TypeError, match="LayerRule"):
-        gn.register_rule(Scale, object())
+        pe.register_rule(Scale, object())
     with pytest.raises(TypeError, match="nn.Module subclass"):
-        gn.register_rule(int, ScaleRule())
-
-
-# -------------------------------------------------------------------------------- accumulation and scaling
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-
-
-def clipped_sum(grads, bound):
-    sq = sum(g.flatten(1).square().sum(1) for g in grads.values())
-    f = (bound / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-    return {k: torch.einsum("b,b...->...", f, g) for k, g in grads.items()}
-
-
-def test_dp_gradients_accumulate_across_blocks_and_use_expected_batch_size():
-    model = mlp()
-    gen = torch.Generator().manual_seed(0)
-    xs = [torch.randn(n, 6, generator=gen, dtype=torch.float64) for n in (4, 3)]
-    ys = [torch.randint(0, 3, (n,), generator=gen) for n in (4, 3)]
-    expected = [clipped_sum(oracle_grads(model, (x,), y), 0.5) for x, y in zip(xs, ys, strict=True)]
-    model.zero_grad(set_to_none=True)
-    for x, y in zip(xs, ys, strict=True):  # two DP steps' worth of blocks, one optimizer step
-        with regops.dp_clipping(model, 0.5, loss_reduction="mean", expected_batch_size=10):
-            F.cross_entropy(model(x), y).backward()
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, (expected[0][k] + expected[1][k]) / 10)
-    # sum reduction, existing gradient kept, as torch accumulates
-    model.zero_grad(set_to_none=True)
-    before = {k: torch.ones_like(p) for k, p in model.named_parameters()}
-    for k, p in model.named_parameters():
-        p.grad = before[k].clone()
-    with regops.dp_clipping(model, 0.5, loss_reduction="sum"):
-        F.cross_entropy(model(xs[0]), ys[0], reduction="sum").backward()
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, before[k] + expected[0][k])
-
-
-def test_noise_once_over_micro_batches_and_empty_poisson_batch():
-    model = mlp()
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen)
-    expected = clipped_sum(oracle_grads(model, (x,), y), 0.5)
-    model.zero_grad(set_to_none=True)
-    with regops.dp_clipping(
-        model,
-        0.5,
-        loss_reduction="mean",
-        noise_multiplier=1.3,
-        expected_batch_size=8,
-        generator=torch.Generator().manual_seed(3),
-    ) as clip:
-        for i in (0, 3):
-            F.cross_entropy(model(x[i : i + 3]), y[i : i + 3]).backward()
-    assert clip.total.shape == (6,)
-    noise = torch.Generator().manual_seed(3)
-    for k, p in model.named_parameters():
-        z = torch.randn(p.shape, generator=noise, dtype=torch.float32).double()
-        torch.testing.assert_close(p.grad, (expected[k] + 1.3 * 0.5 * z) / 8, rtol=1e-6, atol=1e-7)
-    # an empty batch (Poisson sampling) still takes its step: noise only
-    model.zero_grad(set_to_none=True)
-    with regops.dp_clipping(model, 0.5, loss_reduction="mean", noise_multiplier=1.0, expected_batch_size=8):
-        pass
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-    with pytest.raises(ValueError, match="expected_batch_size"):
-        with regops.dp_clipping(model, 0.5, loss_reduction="mean"):
-            pass
-    with pytest.raises(ValueError, match="expected_batch_size"):
-        regops.dp_clipping(model, 0.5, loss_reduction="mean", expected_batch_size=0)
-
-
-def test_poisson_batch_sampler():
-    s = regops.PoissonBatchSampler(200, 0.05, steps=50, generator=torch.Generator().manual_seed(0))
-    batches = list(s)
-    again = list(regops.PoissonBatchSampler(200, 0.05, steps=50, generator=torch.Generator().manual_seed(0)))
-    assert batches == again and len(batches) == len(s) == 50 and s.expected_batch_size == 10
-    sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
-    assert len(set(sizes.tolist())) > 1  # sizes vary: Poisson, not fixed
-    assert all(0 <= i < 200 for b in batches for i in b) and all(b == sorted(set(b)) for b in batches)
-    assert abs(sizes.mean().item() - 10) < 5 * (200 * 0.05 * 0.95 / 50) ** 0.5  # 5 sigma
-    assert len(regops.PoissonBatchSampler(10, 0.25)) == 4
-    with pytest.raises(ValueError, match="sample_rate"):
-        regops.PoissonBatchSampler(10, 0.0)
-
-
-# ------------------------------------------------------------------------------------------------ accounting
-def test_accounting_through_opacus():
-    from opacus.accountants import RDPAccountant
-
-    ref = RDPAccountant()
-    for _ in range(200):
-        ref.step(noise_multiplier=1.1, sample_rate=0.01)
-    eps = gn.epsilon(noise_multiplier=1.1, sample_rate=0.01, steps=200, delta=1e-5)
-    assert eps == pytest.approx(ref.get_epsilon(1e-5), rel=1e-12)
-    acc = regops.PrivacyAccountant("rdp")
-    acc.step(1.1, 0.01, steps=200)
-    assert acc.steps == 200 and acc.epsilon(1e-5) == pytest.approx(eps, rel=1e-12)
-    sigma = gn.noise_multiplier_for(eps, sample_rate=0.01, steps=200, delta=1e-5)
-    assert gn.epsilon(sigma, 0.01, 200, 1e-5) <= eps * 1.01 and sigma == pytest.approx(1.1, rel=0.05)
-    assert gn.epsilon(1.0, 0.01, 0, 1e-5) == 0.0
-    with pytest.raises(ValueError, match="delta"):
-        gn.epsilon(1.0, 0.01, 10, 0.0)
-    with pytest.raises(ValueError, match="accountant"):
-        gn.epsilon(1.0, 0.01, 10, 1e-5, accountant="moments")
-
-
-def test_accounting_without_opacus_says_how_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "opacus.accountants", None)
-    with pytest.raises(ImportError, match="pip install opacus"):
-        gn.epsilon(1.0, 0.01, 10, 1e-5)
+        pe.register_rule(int, ScaleRule())

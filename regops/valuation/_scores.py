@@ -11,13 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from regops._loader import IndexedLoader, in_dataset_order
-from regops.grad_norms.recorder import _Recorder
 from regops.losses._class_dim import infer_classes_last
-from regops.valuation.capture import (
+from regops.per_example._recorder import _Recorder, check_reduction
+from regops.valuation._capture import (
     Captured,
     call_model,
     capture,
-    check_reduction,
     logits_of,
     split_batch,
 )

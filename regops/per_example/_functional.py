@@ -4,11 +4,11 @@ torch function that takes a tracked parameter, and records it as a call of the m
 =====================================================  ====================================================
 use                                                    recorded as
 =====================================================  ====================================================
-``F.linear(x, W, b)``, ``x @ W.T``, ``x @ W``,          :class:`~regops.grad_norms.layers.LinearRule` (``W``
+``F.linear(x, W, b)``, ``x @ W.T``, ``x @ W``,          :class:`~regops.per_example._layers.LinearRule` (``W``
 ``torch.addmm(b, x, W)``, ``torch.mm``                 ``[p, d]``, or ``[d, p]`` transposed)
-``F.embedding(ids, W)``                                :class:`~regops.grad_norms.layers.EmbeddingRule`
+``F.embedding(ids, W)``                                :class:`~regops.per_example._layers.EmbeddingRule`
 ``F.layer_norm`` / ``F.rms_norm`` / ``F.group_norm``    the norm rules
-``x * p``, ``x + p``, ``x - p``, ``p.expand(B, ...)``   :class:`~regops.grad_norms.layers.ElementwiseRule`
+``x * p``, ``x + p``, ``x - p``, ``p.expand(B, ...)``   :class:`~regops.per_example._layers.ElementwiseRule`
 ``F.multi_head_attention_forward``                     its projections, in its sequence-first layout
 ``p.t()``, ``p.T``, ``p.to(dtype)``, ``p.contiguous()``  an alias of ``p`` for the ops above
 =====================================================  ====================================================
@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from regops.grad_norms.layers import (
+from regops.per_example._calls import _Entry
+from regops.per_example._layers import (
     ElementwiseRule,
     EmbeddingRule,
     GroupNormRule,
@@ -38,7 +39,6 @@ from regops.grad_norms.layers import (
     LinearRule,
     RMSNormRule,
 )
-from regops.grad_norms.recorder import _Entry, _Recorder
 
 _LINEAR = LinearRule()
 _LINEAR_T = LinearRule(transposed=True)
@@ -68,7 +68,7 @@ class _Namespace(types.SimpleNamespace):
 class ParamUseMode(TorchFunctionMode):
     """Sees every torch function call during the block; see the module docstring."""
 
-    def __init__(self, rec: _Recorder) -> None:
+    def __init__(self, rec: Any) -> None:
         super().__init__()
         self.rec = rec
         self.ids = {id(p): p for p in rec.params.values()}
@@ -125,7 +125,7 @@ class ParamUseMode(TorchFunctionMode):
                 f"regops: parameter(s) {names} (of module {owners}) used by {_name(func)}{e}: regops cannot "
                 "attribute this use per example, and dropping it would give wrong norms. Use F.linear / @ / "
                 "elementwise * + - / F.embedding / a norm function on the parameter itself, register a rule "
-                "for the module (regops.grad_norms.register_rule), pass unsupported='vmap' (exact when the "
+                "for the module (regops.per_example.register_rule), pass unsupported='vmap' (exact when the "
                 "module treats examples independently), or freeze the parameter."
             ) from None
 

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from regops._loader import IndexedLoader, in_dataset_order
-from regops.valuation.capture import Captured, capture, check_reduction
-from regops.valuation.dots import pair_dots
+from regops.per_example._recorder import check_reduction
+from regops.valuation._capture import Captured, capture
+from regops.valuation._dots import pair_dots
 
 Checkpoint = Mapping[str, torch.Tensor] | Callable[[nn.Module], Any]
 

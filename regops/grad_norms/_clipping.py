@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from regops.distributed import _hook as _dtensor
-from regops.grad_norms.layers import ConvRule, LinearRule
-from regops.grad_norms.norms import PerSampleGradNorms, _check_reduction
-from regops.grad_norms.recorder import _Call
+from regops._core.validate import is_dtensor
+from regops.grad_norms._norms import PerSampleGradNorms
+from regops.per_example._calls import _Call
+from regops.per_example._layers import ConvRule, LinearRule
+from regops.per_example._recorder import check_reduction
 
 
 def clip_per_sample_(
@@ -157,8 +158,10 @@ def clip_per_sample_(
                 new.add_(noise, alpha=std)
             else:
                 new = new + (noise * std).to(p.dtype)
-        if _dtensor.is_dtensor(p):  # FSDP2: averaged over the mesh into p's placements (one reduce-scatter)
-            new = _dtensor.forward("grad_norms", "average_into", new, p)
+        if is_dtensor(p):  # FSDP2: averaged over the mesh into p's placements (one reduce-scatter)
+            from regops.grad_norms import dtensor
+
+            new = dtensor.average_into(new, p)
         elif dist > 1:
             torch.distributed.all_reduce(new)
             new.div_(dist)
@@ -170,7 +173,7 @@ def clip_per_sample_(
 def _distributed_world(norms: PerSampleGradNorms) -> int:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return 1
-    if _dtensor.is_dtensor(*norms._params.values()):  # FSDP2: sharded parameters, one batch per rank
+    if is_dtensor(*norms._params.values()):  # FSDP2: sharded parameters, one batch per rank
         return torch.distributed.get_world_size()
     if not isinstance(norms._rec.model, nn.parallel.DistributedDataParallel):
         return 1
@@ -277,7 +280,7 @@ def dp_clipping(
         ...         F.cross_entropy(model(x), y).backward()
         >>> opt.step()
     """
-    _check_reduction(loss_reduction)
+    check_reduction(loss_reduction)
     bounds = list(max_norm.values()) if isinstance(max_norm, Mapping) else [max_norm]
     if any(isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0 for c in bounds):
         raise ValueError(f"regops: max_norm must be > 0, got {max_norm!r}")

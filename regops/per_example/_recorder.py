@@ -3,11 +3,11 @@ contributions.
 
 Two ways in, one bookkeeping:
 
-* modules with a registered rule (:mod:`regops.grad_norms.layers`): a forward hook captures what the rule
+* modules with a registered rule (:mod:`regops.per_example._layers`): a forward hook captures what the rule
   needs and hooks the output's gradient;
 * every other use of a tracked parameter (``F.linear(h, emb.weight)``, ``x @ W.T``, ``weight * h`` in an
   ``LlamaRMSNorm``, ``nn.MultiheadAttention``'s functional projections, ``cls_token.expand(B, ...)``) is
-  seen by a ``TorchFunctionMode`` active during the block (:mod:`regops.grad_norms.functional`), which
+  seen by a ``TorchFunctionMode`` active during the block (:mod:`regops.per_example._functional`), which
   records it as a call of the matching rule, or raises naming the parameter when it cannot be exact.
 
 A call belongs to the micro-batch of the model's forward it ran in (gradient accumulation: several forwards
@@ -19,57 +19,39 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from regops.distributed import _hook as _dtensor
-from regops.grad_norms.layers import (
-    _VMAP,
-    Factors,
-    LayerRule,
-    OneHot,
-    VmapSaved,
-    _f32,
-    _layer_for,
-    _sq,
-    factors_inner,
-)
+from regops._core.validate import is_dtensor
+from regops.per_example._calls import _Call, _Entry, _MicroBatch
+from regops.per_example._functional import ParamUseMode
+from regops.per_example._layers import _VMAP, VmapSaved
+from regops.per_example._rules import Factors, LayerRule, OneHot, _f32, _sq, factors_inner, rule_for
 
 FORMS = ("auto", "ghost", "instantiate")
 
 
-@dataclass
-class _Entry:
-    label: str
-    module: Any  # the nn.Module, or a namespace holding the parameters of a functional use
-    layer: LayerRule
-    params: dict[str, tuple[str, nn.Parameter]]  # local name -> (model name, parameter)
-    form: str
-    functional: bool = False
+LOSS_REDUCTIONS = ("sum", "mean")
 
 
-@dataclass
-class _Call:
-    entry: _Entry
-    saved: Any
-    mb: int  # index of the micro-batch (model forward) the call ran in
-    batch_dim: int = 0  # where the batch is in the output (moved to dim 0 before the rule sees it)
-    rows: tuple[int, int] | None = None  # output rows flattened as (T, B) (MultiheadAttention's out-proj)
-    output: torch.Tensor | None = None  # kept only when the caller asks for output gradients directly
-    grad: Any = None  # batch-first output gradient, kept for Book-Keeping clipping
-    fired: int = 0
+_REDUCTION_HELP = (
+    "regops: say how your loss combines the examples: loss_reduction='sum' (loss = sum_n loss_n) or 'mean' "
+    "(loss = mean over the batch: F.cross_entropy's default); per-example gradients and their norms are rescaled "
+    "accordingly"
+)
 
 
-@dataclass
-class _MicroBatch:
-    batch: int | None = None
-    use_count: dict[str, int] = field(default_factory=dict)
-    sq: dict[str, torch.Tensor] = field(default_factory=dict)  # parameters used once: [B] squared norms
-    shared: dict[str, list[tuple[str, Any, Any]]] = field(default_factory=dict)  # ("f", sq, Factors) | ("d", grad)
+def check_reduction(loss_reduction: Any) -> str:
+    """``loss_reduction`` is required wherever per-example gradients are taken from a batch loss: a default would
+    silently scale every per-example gradient by the batch size when it is wrong."""
+    if loss_reduction is None:
+        raise TypeError(_REDUCTION_HELP)
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"regops: loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
+    return loss_reduction
 
 
 class _Tap(torch.autograd.Function):
@@ -174,7 +156,7 @@ class _Recorder:
                 for k, p in module._parameters.items()
                 if p is not None and p.requires_grad
             }
-            layer = _layer_for(module)
+            layer = rule_for(module)
             if isinstance(module, nn.MultiheadAttention) and module.batch_first != (self.batch_dim == 0):
                 # Its layout is known: a sequence-first model read batch-first would be silently wrong
                 # whenever the sequence length equals the batch size.
@@ -186,7 +168,7 @@ class _Recorder:
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and layer is None:
                 raise ValueError(
                     f"regops: {type(module).__name__} {label!r} (a BatchNorm with its own forward) couples "
-                    "examples in train mode; replace it (regops.grad_norms.fix_model) or register a rule for it"
+                    "examples in train mode; replace it (regops.fix_model) or register a rule for it"
                 )
             if not own and layer is None:
                 continue
@@ -203,8 +185,6 @@ class _Recorder:
 
     # -- hooks
     def attach(self) -> None:
-        from regops.grad_norms.functional import ParamUseMode
-
         self.enabled = True
         self.handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
         self.handles.append(self.model.register_forward_hook(self._root_post_hook))
@@ -430,8 +410,10 @@ class _Recorder:
             form = entry.form
             if form == "auto":
                 form = entry.layer.cost_form(entry.module, call.saved)
-            if _dtensor.is_dtensor(call.saved):  # tensor parallelism: partial norms of the shards, all-reduced
-                sq = _dtensor.forward("grad_norms", "tp_sq_norms", entry, call.saved, g, form, bool(shared))
+            if is_dtensor(call.saved):  # tensor parallelism: partial norms of the shards, all-reduced
+                from regops.per_example import dtensor
+
+                sq = dtensor.tp_sq_norms(entry, call.saved, g, form, bool(shared))
             else:
                 sq = entry.layer.sq_norms(entry.module, call.saved, g, form)
             facs = entry.layer.factors(entry.module, call.saved, g) if shared else {}

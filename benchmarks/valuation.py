@@ -9,7 +9,7 @@ Cases (every variant computes the same exact numbers):
 * ``empirical_fisher_diagonal`` on the MLP (256 examples): ``regops`` against BackPACK (``BatchGrad`` squared and
   summed, and its ``SumGradSquared``) and ``torch.func``.
 
-The harness reports time and peak memory per variant. ``python -m benchmarks.bench_valuation`` runs the
+The harness reports time and peak memory per variant. ``python -m benchmarks.valuation`` runs the
 paired CPU comparison of the MLP case (the issue's bar: >= 20x faster than torch.func, lower peak memory) and
 the rank agreement of TRAK-style randomly projected inner products with the exact ones.
 """
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import regops
-from benchmarks.bench_grad_norms import Transformer, _mlp
+from benchmarks.grad_norms import Transformer, _mlp
 from benchmarks.harness import PeerMissing, PeerRefused, Setup, case, peer
 
 CONFIGS = {

@@ -1,4 +1,4 @@
-r"""Per-layer math of data valuation, called by the layer rules of :mod:`regops.grad_norms.layers`.
+r"""Per-layer math of data valuation, called by the layer rules of :mod:`regops.per_example._layers`.
 
 Every rule gains two methods (defaults derived from ``per_example_grads``, overridden here for the layers
 where a cheaper exact form exists):
@@ -23,15 +23,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from regops.valuation.ops import cross_gram_dots, sq_grad_sum
+from regops._core.dtypes import acc_dtype
+from regops.per_example.ops import valuation_cross_gram, valuation_sq_grad_sum
 
 # Bytes of scratch a chunked form may allocate at once.
 _CHUNK_BYTES = 64 * 2**20
-
-
-def acc_dtype(*ts: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
 
 def flat_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -68,7 +67,7 @@ def weight_dots(a: torch.Tensor, g: torch.Tensor, a2: torch.Tensor, g2: torch.Te
     if a.shape[1] == 1 and a2.shape[1] == 1:  # rank one on both sides: (a_i . a'_j)(g_i . g'_j)
         return (a[:, 0].to(dtype) @ a2[:, 0].to(dtype).T).mul_(g[:, 0].to(dtype) @ g2[:, 0].to(dtype).T)
     if form == "ghost":
-        return cross_gram_dots(a, g, a2, g2)
+        return valuation_cross_gram(a, g, a2, g2)
     return _instantiate_dots(a, g, a2, g2, dtype)
 
 
@@ -89,7 +88,7 @@ def weight_sq_sum(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if a.shape[1] == 1:
         dtype = acc_dtype(a, g)
         return g[:, 0].to(dtype).square().T @ a[:, 0].to(dtype).square()
-    return sq_grad_sum(a, g)
+    return valuation_sq_grad_sum(a, g)
 
 
 def linear_dots_form(module, x, x2) -> str:
@@ -123,20 +122,47 @@ def linear_sq_grad_sum(module, x, g, transposed: bool = False) -> dict[str, torc
 
 
 # ----------------------------------------------------------------------------------------------- Conv
+def conv_patches(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """Unfold ``x`` ``[B, C, *S]`` to ``[B, groups, C/groups * prod(k), T]`` (T = output positions)."""
+    nd = len(module.kernel_size)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    pad = module._reversed_padding_repeated_twice
+    if any(pad):
+        x = F.pad(x, pad, mode=mode)
+    for i in range(nd):
+        k, s, dil = module.kernel_size[i], module.stride[i], module.dilation[i]
+        x = x.unfold(2 + i, dil * (k - 1) + 1, s)
+        if dil > 1:
+            x = x[..., ::dil]
+    b, c = x.shape[:2]
+    # x: [B, C, *S_out, *k] -> [B, C, *k, *S_out]
+    perm = [0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd)]
+    x = x.permute(perm)
+    t = math.prod(x.shape[2 + nd :])
+    return x.reshape(b, module.groups, (c // module.groups) * math.prod(module.kernel_size), t)
+
+
+def conv_out_positions(module, spatial) -> int:
+    pad = module._reversed_padding_repeated_twice
+    t = 1
+    for i, size in enumerate(spatial):
+        j = len(spatial) - 1 - i  # the reversed padding list starts with the last dim
+        total = size + pad[2 * j] + pad[2 * j + 1]
+        k_eff = module.dilation[i] * (module.kernel_size[i] - 1) + 1
+        t *= max(0, (total - k_eff) // module.stride[i] + 1)
+    return t
+
+
 def _conv_ag(module, x, g) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group ``[B, G, T, D]`` patches and ``[B, G, T, O/G]`` output gradients."""
-    from regops.grad_norms.layers import _conv_patches
-
-    a = _conv_patches(module, x).transpose(2, 3)
+    a = conv_patches(module, x).transpose(2, 3)
     b = g.shape[0]
     gg = g.reshape(b, module.groups, module.out_channels // module.groups, -1).transpose(2, 3)
     return a, gg
 
 
 def conv_dots_form(module, x, x2) -> str:
-    from regops.grad_norms.layers import _conv_out_positions
-
-    t, t2 = _conv_out_positions(module, x.shape[2:]), _conv_out_positions(module, x2.shape[2:])
+    t, t2 = conv_out_positions(module, x.shape[2:]), conv_out_positions(module, x2.shape[2:])
     d = (module.in_channels // module.groups) * math.prod(module.kernel_size)
     return choose_dots_form(t, t2, module.out_channels // module.groups, d, x.shape[0], x2.shape[0])
 

@@ -1,4 +1,4 @@
-"""One batch through the grad_norms recorder: the tracked layers' inputs and the per-example-loss gradients of
+"""One batch through the per-example recorder: the tracked layers' inputs and the per-example-loss gradients of
 their outputs, from one forward and one ``torch.autograd.grad`` (``p.grad`` is never touched)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from regops.grad_norms.norms import _check_reduction
-from regops.grad_norms.recorder import _Call, _Entry, _Recorder
+from regops.per_example._calls import _Call, _Entry
+from regops.per_example._recorder import _Recorder
 
 Batch = tuple[Any, Any]
 
@@ -41,12 +41,6 @@ class Captured:
         for call, g in self.calls:
             out[call.entry.label].append((call.saved, g))
         return out
-
-
-def check_reduction(loss_reduction: Any) -> str:
-    """``loss_reduction`` is required wherever per-example gradients are taken from a batch loss: a default
-    would silently scale every gradient by the batch size when it is wrong (as :func:`per_sample_grad_norms`)."""
-    return _check_reduction(loss_reduction)
 
 
 def _halves_loss(loss_fn: Callable[[Any, Any], torch.Tensor], outputs: Any, targets: Any, k: int):
@@ -135,7 +129,7 @@ def _detach(x: Any) -> Any:
 
 
 class _SignalRecorder(_Recorder):
-    """The grad_norms recorder (module rules, functional parameter uses, torch.func fallback, batch_dim), keeping
+    """The per-example recorder (module rules, functional parameter uses, torch.func fallback, batch_dim), keeping
     each call's batch-first output gradient instead of turning it into norms. Its tensor hooks are put on the
     outputs in the forward, so a layer output modified in place later (ReLU(inplace=True), a residual ``+=``)
     still gets the gradient of the value the layer produced."""

@@ -8,25 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from regops.grad_norms.recorder import _Recorder
-
-LOSS_REDUCTIONS = ("sum", "mean")
-
-
-# ----------------------------------------------------------------------------------------------- public API
-_REDUCTION_HELP = (
-    "regops: say how your loss combines the examples: loss_reduction='sum' (loss = sum_n loss_n) or 'mean' "
-    "(loss = mean over the batch: F.cross_entropy's default); per-example gradients and their norms are rescaled "
-    "accordingly"
-)
-
-
-def _check_reduction(loss_reduction: Any) -> str:
-    if loss_reduction is None:
-        raise TypeError(_REDUCTION_HELP)
-    if loss_reduction not in LOSS_REDUCTIONS:
-        raise ValueError(f"regops: loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
-    return loss_reduction
+from regops.per_example._recorder import _Recorder, check_reduction
 
 
 class PerSampleGradNorms:
@@ -53,7 +35,7 @@ class PerSampleGradNorms:
         retain_signals: bool = False,
         batch_dim: int = 0,
     ) -> None:
-        self.loss_reduction = _check_reduction(loss_reduction)
+        self.loss_reduction = check_reduction(loss_reduction)
         self._rec = _Recorder(
             model, forms=forms, unsupported=unsupported, retain_signals=retain_signals, batch_dim=batch_dim
         )

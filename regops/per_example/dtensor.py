@@ -1,13 +1,6 @@
-"""Per-example clipping under FSDP2 (``torch.distributed.fsdp.fully_shard``).
-
-Under FSDP2 every layer runs on the all-gathered (unsharded) weights, so the recorded activations and output
-gradients are the full ones and the per-example norms of each rank's own examples are over the whole model:
-no extra communication. The clipped sum of a rank's examples is a full-size gradient; it is averaged over the
-ranks of the parameter's mesh and written with the parameter's placements in one reduce-scatter (the same
-communication FSDP2 does for a normal backward), so ``p.grad`` is a DTensor like the one FSDP2 would write.
-As under DDP, noise is drawn on rank 0 only (full size, from its generator: the single-process draw for the
-same generator state) before the average.
-"""
+"""Per-example norms of tensor-parallel layers (``ColwiseParallel`` / ``RowwiseParallel`` ``nn.Linear``, weights and
+layer signals DTensors): each rank computes the partial squared norms of its block and the partial sums are
+all-reduced over the mesh dims where the parameter is sharded."""
 
 from __future__ import annotations
 
@@ -15,34 +8,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Partial, Shard
+from torch.distributed.tensor import DTensor, Shard
 
 from regops.distributed import _dtensor
 from regops.distributed._dtensor import box
-from regops.reference.distributed import contiguous_strides
+from regops.per_example._layers import LinearRule
 
 
-def average_into(full: torch.Tensor, p: DTensor) -> DTensor:
-    """``mean over the ranks of p's mesh of full`` (a full-size plain tensor on every rank), laid out like ``p``."""
-    mesh = p.device_mesh
-    if isinstance(full, DTensor):
-        raise NotImplementedError(
-            "regops: per-example clipping of tensor-parallel (DTensor) layers is not supported; FSDP2 "
-            "(fully_shard) and DistributedDataParallel are"
-        )
-    if tuple(full.shape) != tuple(p.shape):
-        raise ValueError(f"regops: a gradient of shape {tuple(full.shape)} for a parameter of shape {tuple(p.shape)}")
-    part = DTensor.from_local(
-        (full / mesh.size()).contiguous(),
-        mesh,
-        [Partial()] * mesh.ndim,
-        shape=p.shape,
-        stride=tuple(contiguous_strides(p.shape)),
-    )
-    return part.redistribute(mesh, p.placements).detach()
-
-
-# ----------------------------------------------------------------------------------------------- tensor parallel
 def _block(t: Any, start: int, size: int, full: int, name: str) -> torch.Tensor:
     """The columns ``[start, start + size)`` of the last dim of ``t`` (a DTensor or a plain tensor holding either
     all ``full`` columns or exactly that block)."""
@@ -82,8 +54,6 @@ def tp_sq_norms(entry: Any, saved: Any, g: Any, form: str, shared: bool) -> dict
     columns of its weight shard, from the matching columns of the output gradient / input) and the partial
     sums are all-reduced over the mesh dims where the parameter is sharded (one ``[B]`` all-reduce per sharded
     parameter). A replicated bias's norm is complete on every rank and is not reduced."""
-    from regops.grad_norms.layers import LinearRule
-
     module = entry.module
     weight = module.weight
     if type(entry.layer) is not LinearRule or entry.layer.transposed or not isinstance(weight, DTensor):

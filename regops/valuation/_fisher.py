@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from regops.losses._class_dim import infer_classes_last
-from regops.valuation import forms as _forms
-from regops.valuation.capture import Captured, capture, check_reduction, logits_of
-from regops.valuation.dots import _owners, _summed_grads
+from regops.per_example import _forms
+from regops.per_example._recorder import check_reduction
+from regops.valuation._capture import Captured, capture, logits_of
+from regops.valuation._dots import _owners, _summed_grads
 
 LABELS = ("true", "sampled")
 

@@ -1,4 +1,4 @@
-"""Triton kernels for per-example squared gradient norms (no autograd; see regops.grad_norms).
+"""Triton kernels of the per-example engine (no autograd; launchers in :mod:`regops.per_example.triton`).
 
 * ``gram_kernel``: ghost form. Program (n, ti, tj) with tj >= ti builds the T-tiles (A_i A_j^T) and
   (G_i G_j^T) in registers, one K-chunk at a time, and writes only ``sum((A_i A_j^T) * (G_i G_j^T))``
@@ -6,21 +6,25 @@
 * ``instantiate_kernel``: program (n, d-tile, p-tile) accumulates ``A_n[:, d]^T G_n[:, p]`` over T and writes
   only the sum of its squares: the B x p x d per-example gradients are never written.
 * ``embedding_gram_kernel``: the Gram form of an Embedding; the activation Gram is ``[id_t = id_t' != pad]``.
+* ``cross_gram_kernel``: the cross Gram form of per-example gradient inner products between two batches. Program
+  ``(i, j)`` (folded into grid x) walks the ``T x T2`` tile pairs of example ``i`` of the first batch and example
+  ``j`` of the second, builds the tiles ``A_i[t] A2_j[s]^T`` and ``G_i[t] G2_j[s]^T`` in registers and
+  accumulates their elementwise product: it writes only ``<G_i^T A_i, G2_j^T A2_j>``.
+* ``sq_sum_kernel``: the empirical Fisher diagonal of a sequence layer. Program ``(d-tile, p-tile)`` builds each
+  example's gradient tile ``A_n[:, d]^T G_n[:, p]`` over T in registers, squares it and adds it to a running sum:
+  it writes only ``sum_n (G_n^T A_n)^2`` (transposed, ``[d, p]``).
 
-Each program writes one float32 partial; the launcher sums the partials per example (deterministic).
-Inputs may have any strides; float32 dots run in IEEE precision (no TF32), bf16/fp16 dots accumulate in fp32.
+The per-example norm kernels write one float32 partial per program; the launcher sums the partials per example
+(deterministic). Inputs may have any strides; float32 dots run in IEEE precision (no TF32), bf16/fp16 dots
+accumulate in fp32 (the interpreter's bf16 dot is wrong: ``UPCAST`` does it in float32 there).
 
 Grids: the tiles of one example run along x (up to 2**31 - 1 programs: T = 65536 gives 1024**2 Gram tiles,
 a 16384 x 16384 Linear 65536 instantiate tiles), the examples along y, in launches of at most 65535 examples.
 Offsets are int64: ``t * stride`` passes 2**31 for long sequences of wide layers.
 """
 
-import torch
 import triton
 import triton.language as tl
-
-from regops._core.launch import MAX_GRID, launch
-from regops.reference import grad_norms as _ref
 
 
 @triton.jit
@@ -155,126 +159,139 @@ def embedding_gram_kernel(
         tl.store(out_ptr + n.to(tl.int64) * n_t * n_t + pid, part * weight)
 
 
-def _launch_per_examples(kernel, tiles: int, batched: tuple[torch.Tensor, ...], *args, **meta) -> None:
-    """Grid (tiles, examples): ``batched`` tensors (inputs and the ``[B, tiles]`` partials) are sliced along
-    dim 0 into launches of at most 65535 examples (CUDA's limit on grid y); strides are unchanged."""
-    b = batched[0].shape[0]
-    step = MAX_GRID[1]
-    for n0 in range(0, b, step):
-        chunk = [t[n0 : n0 + step] for t in batched]
-        launch(kernel, (tiles, chunk[0].shape[0]), *chunk, *args, device=batched[0].device, **meta)
+@triton.jit
+def _cross_tile(
+    x_ptr,
+    sxb,
+    sxt,
+    sxk,
+    y_ptr,
+    syb,
+    syt,
+    syk,
+    i,
+    j,
+    t0,
+    s0,
+    T,
+    T2,
+    K,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """``X_i[t0:t0+BT] Y_j[s0:s0+BT]^T`` accumulated over K in float32 (i, j are int64)."""
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    offs_s = s0 + tl.arange(0, BLOCK_T)
+    xb = x_ptr + i * sxb
+    yb = y_ptr + j * syb
+    acc = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kmask = offs_k[None, :] < K
+        x = tl.load(xb + offs_t[:, None] * sxt + offs_k[None, :] * sxk, mask=(offs_t[:, None] < T) & kmask, other=0)
+        y = tl.load(yb + offs_s[:, None] * syt + offs_k[None, :] * syk, mask=(offs_s[:, None] < T2) & kmask, other=0)
+        if UPCAST:  # the interpreter's bf16 dot is wrong: do it in float32 there (same values, exact products)
+            x, y = x.to(tl.float32), y.to(tl.float32)
+        acc += tl.dot(x, tl.trans(y), input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def cross_gram_kernel(
+    a_ptr,
+    g_ptr,
+    a2_ptr,
+    g2_ptr,
+    out_ptr,
+    row0,
+    B2,
+    T,
+    T2,
+    D,
+    P,
+    sab,
+    sat,
+    sad,
+    sgb,
+    sgt,
+    sgp,
+    sa2b,
+    sa2t,
+    sa2d,
+    sg2b,
+    sg2t,
+    sg2p,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    i = row0 + pid // B2
+    j = pid % B2
+    acc = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        for s0 in range(0, T2, BLOCK_T):
+            ka = _cross_tile(
+                a_ptr, sab, sat, sad, a2_ptr, sa2b, sa2t, sa2d, i, j, t0, s0, T, T2, D, BLOCK_T, BLOCK_K, UPCAST
+            )
+            kg = _cross_tile(
+                g_ptr, sgb, sgt, sgp, g2_ptr, sg2b, sg2t, sg2p, i, j, t0, s0, T, T2, P, BLOCK_T, BLOCK_K, UPCAST
+            )
+            acc += ka * kg
+    tl.store(out_ptr + i * B2 + j, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+@triton.jit
+def sq_sum_kernel(
+    a_ptr,
+    g_ptr,
+    out_ptr,
+    B,
+    T,
+    D,
+    P,
+    sab,
+    sat,
+    sad,
+    sgb,
+    sgt,
+    sgp,
+    n_p,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_d = (pid // n_p) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_p = (pid % n_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+    total = tl.zeros((BLOCK_D, BLOCK_P), dtype=tl.float32)
+    for n in range(0, B):
+        n64 = tl.cast(n, tl.int64)  # example offsets can pass 2**31
+        a_base = a_ptr + n64 * sab
+        g_base = g_ptr + n64 * sgb
+        acc = tl.zeros((BLOCK_D, BLOCK_P), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            tmask = offs_t[:, None] < T
+            a = tl.load(
+                a_base + offs_t[:, None] * sat + offs_d[None, :] * sad, mask=tmask & (offs_d[None, :] < D), other=0
+            )
+            g = tl.load(
+                g_base + offs_t[:, None] * sgt + offs_p[None, :] * sgp, mask=tmask & (offs_p[None, :] < P), other=0
+            )
+            if UPCAST:
+                a, g = a.to(tl.float32), g.to(tl.float32)
+            acc += tl.dot(tl.trans(a), g, input_precision="ieee")
+        total += acc * acc
+    mask = (offs_d[:, None] < D) & (offs_p[None, :] < P)
+    tl.store(out_ptr + offs_d[:, None].to(tl.int64) * P + offs_p[None, :], total, mask=mask)
 
 
 # Two 64 x 64 float32 Gram tiles per program: on 4 warps the fp32 kernel spilled 88-184 B per thread (sm_90/sm_80);
 # on 8 warps it takes ~130-170 registers and no spill (tests/test_kernels_compile.py reports it).
 GRAM_WARPS = 8
-
-
-def _common(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if a.dtype != g.dtype:  # e.g. fp32 activations with bf16 output gradients under autocast
-        a, g = a.float(), g.float()
-    return a, g
-
-
-def _upcast(g: torch.Tensor) -> bool:
-    return g.dtype == torch.bfloat16 and g.device.type == "cpu"  # CPU tensors: the interpreter
-
-
-def _blocks(device: torch.device) -> tuple[int, int]:
-    # The interpreter pays per program instance: few, large programs. A GPU: 64 x 64 tiles, K-chunks of 32.
-    return (64, 64) if device.type == "cpu" else (64, 32)
-
-
-def gram_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Ghost-form ``[B]`` float32 squared norms of ``G_n^T A_n``; ``a`` ``[B, T, d]``, ``g`` ``[B, T, p]``."""
-    if torch.float64 in (a.dtype, g.dtype):
-        return _ref.gram_sq_norms(a, g)
-    a, g = _common(a, g)
-    b, t, d = a.shape
-    p = g.shape[2]
-    block_t, block_k = _blocks(a.device)
-    n_t = triton.cdiv(t, block_t)
-    partial = torch.zeros(b, n_t * n_t, dtype=torch.float32, device=a.device)
-    if b == 0 or t == 0:
-        return partial.sum(1)
-    _launch_per_examples(
-        gram_kernel,
-        n_t * n_t,
-        (a, g, partial),
-        t,
-        d,
-        p,
-        *a.stride(),
-        *g.stride(),
-        n_t,
-        BLOCK_T=block_t,
-        BLOCK_K=block_k,
-        UPCAST=_upcast(g),
-        num_warps=GRAM_WARPS,
-    )
-    return partial.sum(1)
-
-
-def instantiate_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Instantiate-form ``[B]`` float32 squared norms of ``G_n^T A_n`` (arguments as ``gram_sq_norms``)."""
-    if torch.float64 in (a.dtype, g.dtype):
-        return _ref.instantiate_sq_norms(a, g)
-    a, g = _common(a, g)
-    b, t, d = a.shape
-    p = g.shape[2]
-    block_t, block_dp = (64, 64) if a.device.type == "cpu" else (32, 64)
-    n_d, n_p = triton.cdiv(d, block_dp), triton.cdiv(p, block_dp)
-    partial = torch.zeros(b, n_d * n_p, dtype=torch.float32, device=a.device)
-    if b == 0 or t == 0 or d == 0 or p == 0:
-        return partial.sum(1)
-    _launch_per_examples(
-        instantiate_kernel,
-        n_d * n_p,
-        (a, g, partial),
-        t,
-        d,
-        p,
-        *a.stride(),
-        *g.stride(),
-        n_p,
-        n_d * n_p,
-        BLOCK_T=block_t,
-        BLOCK_D=block_dp,
-        BLOCK_P=block_dp,
-        UPCAST=_upcast(g),
-        num_warps=4,
-    )
-    return partial.sum(1)
-
-
-def embedding_gram_sq_norms(ids: torch.Tensor, g: torch.Tensor, padding_idx: int) -> torch.Tensor:
-    """``[B]`` float32 squared norms of Embedding per-example gradients (ids ``[B, T]``, g ``[B, T, d]``)."""
-    if g.dtype == torch.float64:
-        return _ref.embedding_gram_sq_norms(ids, g, padding_idx)
-    b, t = ids.shape
-    p = g.shape[2]
-    block_t, block_k = _blocks(g.device)
-    n_t = triton.cdiv(t, block_t)
-    partial = torch.zeros(b, n_t * n_t, dtype=torch.float32, device=g.device)
-    if b == 0 or t == 0:
-        return partial.sum(1)
-    _launch_per_examples(
-        embedding_gram_kernel,
-        n_t * n_t,
-        (ids, g, partial),
-        t,
-        p,
-        *ids.stride(),
-        *g.stride(),
-        padding_idx,
-        n_t,
-        BLOCK_T=block_t,
-        BLOCK_K=block_k,
-        UPCAST=_upcast(g),
-        num_warps=GRAM_WARPS,
-    )
-    return partial.sum(1)
-
 
 _DTYPES = ("*fp32", "*fp16", "*bf16")
 _STRIDES = {k: "i64" for k in ("sab", "sat", "sad", "sgb", "sgt", "sgp")}
@@ -334,6 +351,46 @@ COMPILE_SPECS = [
             },
             {"BLOCK_T": 64, "BLOCK_K": 32, "UPCAST": False},
             {"num_warps": GRAM_WARPS},
+        )
+        for t in _DTYPES
+    ],
+    *[
+        (
+            cross_gram_kernel,
+            {
+                "a_ptr": t,
+                "g_ptr": t,
+                "a2_ptr": t,
+                "g2_ptr": t,
+                "out_ptr": "*fp32",
+                "row0": "i64",
+                "B2": "i64",
+                "T": "i32",
+                "T2": "i32",
+                "D": "i32",
+                "P": "i32",
+                **{k: "i64" for k in ("sab", "sat", "sad", "sgb", "sgt", "sgp")},
+                **{k: "i64" for k in ("sa2b", "sa2t", "sa2d", "sg2b", "sg2t", "sg2p")},
+            },
+            {"BLOCK_T": 32, "BLOCK_K": 32, "UPCAST": False},
+        )
+        for t in _DTYPES
+    ],
+    *[
+        (
+            sq_sum_kernel,
+            {
+                "a_ptr": t,
+                "g_ptr": t,
+                "out_ptr": "*fp32",
+                "B": "i32",
+                "T": "i32",
+                "D": "i32",
+                "P": "i32",
+                **{k: "i64" for k in ("sab", "sat", "sad", "sgb", "sgt", "sgp")},
+                "n_p": "i32",
+            },
+            {"BLOCK_T": 32, "BLOCK_D": 64, "BLOCK_P": 64, "UPCAST": False},
         )
         for t in _DTYPES
     ],
