@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -11,7 +12,6 @@ from torch import nn
 
 from regops._core.validate import is_dtensor
 from regops.grad_norms._norms import PerSampleGradNorms
-from regops.per_example._calls import _Call
 from regops.per_example._layers import ConvRule, LinearRule
 from regops.per_example._recorder import check_reduction
 
@@ -129,14 +129,14 @@ def clip_per_sample_(
 
     sliced: dict[tuple[int, int], torch.Tensor] = {}
 
-    def weights(call: _Call, name: str) -> torch.Tensor:
+    def weights(index: int, name: str) -> torch.Tensor:
         # Signals of a "mean" loss carry 1/B_k: multiplying by B_k gives the per-example gradients of the
         # micro-batch; the sum over the block is then divided by s once, below.
-        key = (id(factors[group_of[name]]), call.mb)
+        key = (id(factors[group_of[name]]), index)
         w = sliced.get(key)
         if w is None:
-            mb = rec.mbs[call.mb]
-            w = factors[group_of[name]][offsets[call.mb] : offsets[call.mb] + mb.batch]
+            mb = rec.mbs[index]
+            w = factors[group_of[name]][offsets[index] : offsets[index] + mb.batch]
             if norms.loss_reduction == "mean":
                 w = w * float(mb.batch)
             sliced[key] = w
@@ -206,10 +206,11 @@ class DPClipping(PerSampleGradNorms):
             return self  # DDP reduces every parameter's gradient: leave autograd as it is
         # The weight leaves requires_grad only while its module runs forward: the graph then has no edge to it,
         # so autograd never computes its gradient, while the norms (computed in backward) still see it trainable.
+        rec = self._rec
         for module, weight in self._skippable():
             self._frozen.append(weight)
-            self._pre_handles.append(module.register_forward_pre_hook(_freeze_weight))
-            self._pre_handles.append(module.register_forward_hook(_thaw_weight))
+            self._pre_handles.append(module.register_forward_pre_hook(functools.partial(_freeze_weight, rec)))
+            self._pre_handles.append(module.register_forward_hook(functools.partial(_thaw_weight, rec)))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -227,15 +228,17 @@ class DPClipping(PerSampleGradNorms):
                 p.grad = self._grad_before.get(name)
 
 
-def _thaw_weight(module: nn.Module, args: tuple, output: Any) -> None:
-    module.weight.requires_grad_(True)
+def _thaw_weight(rec: Any, module: nn.Module, args: tuple, output: Any) -> None:
+    if not rec.suspended:
+        module.weight.requires_grad_(True)
 
 
-def _freeze_weight(module: nn.Module, args: tuple) -> tuple | None:
+def _freeze_weight(rec: Any, module: nn.Module, args: tuple) -> tuple | None:
     """Freeze the weight for this forward. With no trainable bias the output would then leave the graph: make
     the input require grad so the output gradient still reaches the recorder (autograd computes the input
-    gradient instead of the weight gradient, at the same cost)."""
-    if not torch.is_grad_enabled():
+    gradient instead of the weight gradient, at the same cost). Not in the recorder's own forwards (the torch.func
+    path runs the model on functional parameters)."""
+    if not torch.is_grad_enabled() or rec.suspended:
         return None
     module.weight.requires_grad_(False)
     bias = getattr(module, "bias", None)

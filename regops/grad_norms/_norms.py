@@ -79,8 +79,7 @@ class PerSampleGradNorms:
             # Later backward passes through this graph are not ours; free the saved activations.
             self._rec.enabled = False
             for call in self._rec.calls:
-                if not self._rec.mbs[call.mb].shared:
-                    call.saved = None
+                call.saved = None
 
     # -- results
     @property
@@ -259,24 +258,24 @@ def per_sample_squared_norms(
         rec.detach_forward()
     if not isinstance(output, torch.Tensor):
         raise TypeError(f"regops: forward() must return a tensor, got {type(output).__name__}")
-    calls = [c for c in rec.calls if c.output is not None]
+    watched = list(rec.watched)
     names = list(rec.params)
     params = dict(rec.params)
     results = []
     try:
         for s in signals(output) if callable(signals) else signals:
             rec.reset()
-            if calls:
-                grads = torch.autograd.grad(output, [c.output for c in calls], s, retain_graph=True, allow_unused=True)
-                for call, g in zip(calls, grads, strict=True):
+            if watched:
+                taps = [t for t, _ in watched]
+                grads = torch.autograd.grad(output, taps, s, retain_graph=True, allow_unused=True)
+                for (_, callback), g in zip(watched, grads, strict=True):
                     if g is not None:
-                        rec.contribute(call, g)
+                        callback(g)
             per_mb = rec.squared_norms()
             sq = per_mb[-1] if per_mb else {}
             b = (rec.mbs[-1].batch if rec.mbs else None) or output.shape[0]
             results.append({n: sq.get(n, torch.zeros(b, dtype=torch.float32, device=params[n].device)) for n in names})
     finally:
         rec.close()
-        for c in rec.calls:
-            c.output = None
+        rec.watched.clear()
     return results

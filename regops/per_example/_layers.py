@@ -45,6 +45,7 @@ class LinearRule(LayerRule):
     (``transposed=True``, Hugging Face's Conv1D, ``W`` ``[d, p]``); any number of middle dims (tokens)."""
 
     name = "Linear"
+    factored = ("weight",)
 
     def __init__(self, transposed: bool = False) -> None:
         self.transposed = transposed
@@ -111,6 +112,7 @@ class LinearRule(LayerRule):
 
 class ConvRule(LayerRule):
     name = "Conv"
+    rows = True
 
     def min_dim(self, module):
         return len(module.kernel_size) + 2
@@ -188,6 +190,7 @@ class ConvRule(LayerRule):
 
 class EmbeddingRule(LayerRule):
     name = "Embedding"
+    factored = ("weight",)
 
     def min_dim(self, module):
         return 1
@@ -303,6 +306,7 @@ class RMSNormRule(LayerNormRule):
 
 class GroupNormRule(_NormRule):
     name = "GroupNorm"
+    rows = True
 
     def _xhat(self, module, x):
         return F.group_norm(x, module.num_groups, eps=module.eps)
@@ -339,96 +343,6 @@ def _check_batchnorm_eval(module: nn.Module, label: str) -> None:
         )
 
 
-class ElementwiseRule(LayerRule):
-    """A parameter ``p`` combined elementwise with a batched tensor, with broadcasting: ``y = x * p``
-    (``op="mul"``), ``y = x + p`` / ``p + x`` (``"add"``), ``x - p`` (``"sub"``), or ``y = p`` broadcast to the
-    batch (``"expand"``: ``p.expand(B, ...)``). Used for the functional uses the recorder sees (an
-    ``LlamaRMSNorm``-style ``weight * h``, ViT position embeddings and class tokens, layer scales).
-
-    ``saved`` is ``(x or None, op, reduce dims)``; ``x`` is broadcast to the output and batch-first."""
-
-    name = "elementwise"
-
-    def per_example_grads(self, module, saved, g):
-        x, op, dims = saved
-        t = _f32(g)
-        if op == "mul":
-            t = t * _f32(x)
-        elif op == "sub":
-            t = -t
-        if dims:
-            t = t.sum(dims, keepdim=True)
-        return {"weight": t.reshape(g.shape[0], *module.weight.shape)}
-
-
-class VmapSaved:
-    """What :class:`VmapRule` keeps of one call: the forward's arguments, where the batch is, its size."""
-
-    def __init__(self, args: tuple, kwargs: dict[str, Any], batch_dim: int, batch: int) -> None:
-        self.args, self.kwargs, self.batch_dim, self.batch = args, kwargs, batch_dim, batch
-
-
-class VmapRule(LayerRule):
-    """Any module that treats examples independently: per-example gradients of its *own* parameters by
-    ``torch.func.vmap`` over ``torch.func.vjp`` of the module (children keep their own rules).
-
-    Positional and keyword tensor arguments whose ``batch_dim`` has the batch size are split per example,
-    the others (masks, shared tables) are passed whole; buffers are the module's own; the output may be a
-    tensor or any tuple / list / dict of them. Exact when the module treats examples independently; a
-    random op inside (dropout in train mode) cannot be replayed and raises."""
-
-    name = "vmap"
-    raw_layout = True  # gets the output gradients as autograd delivers them (a pytree), not batch-first
-
-    def capture(self, module, args, kwargs, label):
-        return args, kwargs
-
-    def per_example_grads(self, module, saved: VmapSaved, g):
-        from torch.utils import _pytree as pytree
-
-        params = {k: p.detach() for k, p in module._parameters.items() if p is not None and p.requires_grad}
-        bd, batch = saved.batch_dim, saved.batch
-
-        def dim_of(x):
-            batched = isinstance(x, torch.Tensor) and x.dim() > bd and x.shape[bd] == batch
-            return bd if batched else None
-
-        detach = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
-        args, kwargs = pytree.tree_map(detach, (saved.args, saved.kwargs))
-        in_dims = pytree.tree_map(dim_of, (args, kwargs))
-        g = pytree.tree_map(detach, g)
-        g_dims = pytree.tree_map(dim_of, g)
-        if any(d is None for d in pytree.tree_leaves(g_dims)):
-            raise ValueError(
-                f"regops: {type(module).__name__}: an output has no batch of size {batch} in dim {bd}; the vmap "
-                "path needs every output of the module to be batched"
-            )
-
-        def one(ak_n, g_n):
-            def unsq(x, d):
-                return x.unsqueeze(bd) if d is not None else x
-
-            a_n, k_n = pytree.tree_map(unsq, ak_n, in_dims)
-
-            def f(p):
-                return torch.func.functional_call(module, p, a_n, k_n)
-
-            _, vjp = torch.func.vjp(f, params)
-            return vjp(pytree.tree_map(lambda t: t.unsqueeze(bd), g_n))[0]
-
-        try:
-            with torch.enable_grad():
-                return torch.func.vmap(one, in_dims=(in_dims, g_dims))((args, kwargs), g)
-        except RuntimeError as e:
-            if "random" in str(e):
-                raise RuntimeError(
-                    f"regops: {type(module).__name__} draws random numbers in its forward (dropout in train "
-                    "mode?): the vmap path cannot replay them, so its per-example gradients would be wrong. "
-                    "Set its dropout to 0 or register a rule for it (regops.per_example.register_rule)."
-                ) from e
-            raise
-
-
 for _cls, _rule in [
     (nn.Linear, LinearRule()),
     (nn.Conv1d, ConvRule()),
@@ -442,5 +356,4 @@ for _cls, _rule in [
     ("transformers.pytorch_utils.Conv1D", LinearRule(transposed=True)),
 ]:
     register_rule(_cls, _rule)
-_VMAP = VmapRule()
 SUPPORTED = "Linear, Conv1d/2d/3d, Embedding, LayerNorm, GroupNorm, RMSNorm, BatchNorm (eval), HF Conv1D"

@@ -1,18 +1,20 @@
-"""The recorder: sees every forward use of a tracked parameter and turns its output gradient into per-example
-contributions.
+"""The recorder: records every forward use of the tracked parameters and turns output gradients into per-example
+squared norms and weighted gradient sums.
 
-Two ways in, one bookkeeping:
+Ways in, one bookkeeping:
 
-* modules with a registered rule (:mod:`regops.per_example._layers`): a forward hook captures what the rule
-  needs and hooks the output's gradient;
-* every other use of a tracked parameter (``F.linear(h, emb.weight)``, ``x @ W.T``, ``weight * h`` in an
-  ``LlamaRMSNorm``, ``nn.MultiheadAttention``'s functional projections, ``cls_token.expand(B, ...)``) is
-  seen by a ``TorchFunctionMode`` active during the block (:mod:`regops.per_example._functional`), which
-  records it as a call of the matching rule, or raises naming the parameter when it cannot be exact.
+* modules with a registered rule (:mod:`regops.per_example._layers`): forward hooks keep the layer's input and hook
+  its output's gradient; the examples' place in both is the tracker's (:mod:`regops.per_example._tracker`);
+* every other use of a tracked parameter is seen op by op by the tracker and recorded here as a rule call, a
+  broadcast (the per-example gradient of a tensor computed from parameters, carried back to them) or an op run
+  through ``vmap``;
+* a micro-batch with a use the tracker cannot attribute runs through ``torch.func`` as a whole
+  (:mod:`regops.per_example._whole`).
 
-A call belongs to the micro-batch of the model's forward it ran in (gradient accumulation: several forwards
-in one block). A parameter used by several calls of one micro-batch (tied or reused weights) gets the norm of
-the summed gradient: by factored inner products when the rules give factors, else from per-example grads.
+A call belongs to the micro-batch of the model's forward it ran in (gradient accumulation: several forwards in one
+block). A parameter used several times in one micro-batch (tied or reused weights, slices of one weight) gets the
+norm of its summed gradient: by factored inner products, as a sum over disjoint slices, or from per-example
+gradients.
 """
 
 from __future__ import annotations
@@ -23,20 +25,20 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from regops._core.validate import is_dtensor
-from regops.per_example._calls import _Call, _Entry, _MicroBatch
-from regops.per_example._functional import ParamUseMode
-from regops.per_example._layers import _VMAP, VmapSaved
-from regops.per_example._rules import Factors, LayerRule, OneHot, _f32, _sq, factors_inner, rule_for
+from regops.per_example import _layout as L
+from regops.per_example import _recipes as R
+from regops.per_example import _whole
+from regops.per_example._calls import _Call, _Entry, _MicroBatch, _Use
+from regops.per_example._layout import Layout
+from regops.per_example._rules import Factors, _f32, _sq, _wsum, factors_inner, rule_for
+from regops.per_example._tracker import Tracker
+from regops.per_example._vmap import VmapRule
 
 FORMS = ("auto", "ghost", "instantiate")
-
-
 LOSS_REDUCTIONS = ("sum", "mean")
-
-
+_VMAP = VmapRule()
 _REDUCTION_HELP = (
     "regops: say how your loss combines the examples: loss_reduction='sum' (loss = sum_n loss_n) or 'mean' "
     "(loss = mean over the batch: F.cross_entropy's default); per-example gradients and their norms are rescaled "
@@ -54,37 +56,38 @@ def check_reduction(loss_reduction: Any) -> str:
     return loss_reduction
 
 
-class _Tap(torch.autograd.Function):
-    """Identity on several tensors whose backward hands all their gradients to one callback at once."""
-
-    @staticmethod
-    def forward(ctx, fn, *xs):
-        ctx.fn = fn
-        return tuple(x.view_as(x) for x in xs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        ctx.fn(grads)
-        return (None, *grads)
-
-
-def _check_not_empty(n: int, label: str, bd: int) -> None:
+def _check_not_empty(n: int, label: str) -> None:
     if n == 0:
         raise ValueError(
-            f"regops: the batch is empty: layer {label!r} got 0 examples in dim {bd}, and there are no per-example "
-            "gradients to take. Skip the forward and backward of an empty batch (dp_clipping: run its block with no "
-            "forward, so the step adds only the noise)"
+            f"regops: the batch is empty: {label!r} got 0 examples, and there are no per-example gradients to "
+            "take. Skip the forward and backward of an empty batch (dp_clipping: run its block with no forward, so "
+            "the step adds only the noise)"
         )
 
 
-class _Recorder:
-    """Records the forward uses of the tracked parameters and turns output gradients into per-example squared
-    norms and weighted gradient sums.
+class _Sink(R.Sink):
+    """Where the per-example gradients carried back from a tensor computed from parameters go: micro-batch
+    ``index``'s per-example gradients, or a call of the rule of a layer applied to constants."""
 
-    This is the reusable core (also used by the Hessian family): :meth:`attach` / :meth:`detach_forward`,
-    :meth:`contribute` turns one call's output gradient into contributions, :meth:`squared_norms` returns one
-    ``{model parameter name: [B_k] squared norms}`` per micro-batch, unscaled (as autograd delivered them).
-    """
+    def __init__(self, rec: _Recorder, index: int) -> None:
+        self.rec, self.index = rec, index
+
+    def dense(self, name: str, param: nn.Parameter, grads: torch.Tensor) -> None:
+        mb = self.rec.mbs[self.index]
+        mb.dense.setdefault(name, []).append(grads)
+        if self.rec.retain_signals:
+            mb.pushed.setdefault(name, []).append(grads)
+
+    def rule(self, node: R.RuleNode, grads: torch.Tensor) -> None:
+        call = _Call(node.entry, _expand_examples(node.saved, grads.shape[0]), self.index)
+        self.rec.derived.append(call)
+        self.rec.contribute(call, grads)
+
+
+class _Recorder:
+    """Records the forward uses of the tracked parameters and turns output gradients into per-example squared norms
+    and weighted gradient sums: :meth:`attach` / :meth:`detach_forward`, :meth:`contribute` (one call's output
+    gradient), :meth:`squared_norms` (one ``{parameter name: [B_k]}`` per micro-batch, unscaled)."""
 
     def __init__(
         self,
@@ -95,17 +98,19 @@ class _Recorder:
         retain_signals: bool = False,
         hook_outputs: bool = True,
         batch_dim: int = 0,
+        norms: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"regops: model must be a torch.nn.Module, got {type(model).__name__}")
         if unsupported not in ("error", "vmap"):
             raise ValueError(f"regops: unsupported must be 'error' or 'vmap', got {unsupported!r}")
-        if isinstance(batch_dim, bool) or batch_dim not in (0, 1):
-            raise ValueError(f"regops: batch_dim must be 0 (batch first) or 1 (sequence first), got {batch_dim!r}")
+        if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
+            raise ValueError(f"regops: batch_dim must be an int >= 0 (the inputs' batch dim), got {batch_dim!r}")
         self.model = model
         self.batch_dim = batch_dim
         self.retain_signals = retain_signals
         self.hook_outputs = hook_outputs
+        self.norms = norms
         # One backward per forward without clipping: a call's input is not needed after its contribution.
         self.release_saved = hook_outputs and not retain_signals
         self.params: dict[str, nn.Parameter] = {}
@@ -123,14 +128,16 @@ class _Recorder:
         self.entries = self._discover(model, unsupported)
         self.functional_entries: dict[tuple, _Entry] = {}
         self.calls: list[_Call] = []
+        self.derived: list[_Call] = []  # rule calls of layers applied to constants, made in the backward
         self.mbs: list[_MicroBatch] = []
         self.handles: list[Any] = []
+        self.watched: list[tuple[torch.Tensor, Callable]] = []  # (tensor, callback) when not hooking outputs
         self.active: dict[int, int] = {}  # id(param) -> depth of running modules whose rule covers it
-        self.active_module: dict[int, int] = {}
+        self.modes: list[str] = []
         self.in_root = 0
         self.enabled = False  # contributions accepted
         self.suspended = False
-        self.mode: Any = None
+        self.tracker: Tracker | None = None
 
     # -- discovery
     @staticmethod
@@ -157,14 +164,6 @@ class _Recorder:
                 if p is not None and p.requires_grad
             }
             layer = rule_for(module)
-            if isinstance(module, nn.MultiheadAttention) and module.batch_first != (self.batch_dim == 0):
-                # Its layout is known: a sequence-first model read batch-first would be silently wrong
-                # whenever the sequence length equals the batch size.
-                raise ValueError(
-                    f"regops: nn.MultiheadAttention {label!r} has batch_first={module.batch_first} but "
-                    f"batch_dim={self.batch_dim}: pass batch_dim={0 if module.batch_first else 1} (the batch dim "
-                    "of the model's 3-D activations)"
-                )
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and layer is None:
                 raise ValueError(
                     f"regops: {type(module).__name__} {label!r} (a BatchNorm with its own forward) couples "
@@ -173,194 +172,265 @@ class _Recorder:
             if not own and layer is None:
                 continue
             if layer is None:
-                if unsupported != "vmap":
-                    continue  # its parameters' uses are seen op by op (functional.py)
+                if unsupported != "vmap" or isinstance(module, (nn.RNNBase,)):
+                    continue  # its parameters' uses are seen op by op (the tracker)
                 layer = _VMAP
             entries.append(_Entry(label, module, layer, own, per.pop(label, self.forms_default)))
         unknown = set(per) - {label for label, _ in model.named_modules()}
         if unknown:
             raise ValueError(f"regops: forms names unknown modules: {sorted(unknown)}")
-        self.forms_per = {k: v for k, v in self.forms_per.items() if k not in per}
         return entries
+
+    def form_of(self, label: str) -> str:
+        return self.forms_per.get(label, self.forms_default)
 
     # -- hooks
     def attach(self) -> None:
         self.enabled = True
-        self.handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
-        self.handles.append(self.model.register_forward_hook(self._root_post_hook))
+        self.tracker = Tracker(self)
+        model = self.model
+        self.handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+        self.handles.append(model.register_forward_hook(self._root_post_hook, with_kwargs=True))
         for entry in self.entries:
-            self.handles.append(entry.module.register_forward_pre_hook(self._pre_hook(entry)))
+            self.handles.append(entry.module.register_forward_pre_hook(self._pre_hook(entry), with_kwargs=True))
             self.handles.append(entry.module.register_forward_hook(self._forward_hook(entry), with_kwargs=True))
-        self.mode = ParamUseMode(self)
-        self.mode.__enter__()
+        self.tracker.__enter__()
 
     def detach_forward(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
-        if self.mode is not None:
-            mode, self.mode = self.mode, None
-            mode.__exit__(None, None, None)
+        if self.tracker is not None:
+            tracker, self.tracker = self.tracker, None
+            tracker.__exit__(None, None, None)
         self.active.clear()
-        self.active_module.clear()
 
     def close(self) -> None:
         self.detach_forward()
         self.enabled = False
 
-    def _root_pre_hook(self, module, args):
-        if self.in_root == 0:
-            self.mbs.append(_MicroBatch())
-            self.active.clear()
-            self.active_module.clear()
-        self.in_root += 1
+    def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A forward of the model (or of a tracked module called on its own): a new micro-batch whose examples are
+        the inputs' ``batch_dim``."""
+        mb = _MicroBatch()
+        self.mbs.append(mb)
+        self.active.clear()
+        batch = self.tracker.tag_inputs((args, kwargs), self.batch_dim)
+        if batch is None:
+            raise ValueError(
+                f"regops: {type(module).__name__} was called with no tensor input with a batch dim "
+                f"{self.batch_dim}; per-example gradients need the examples in the inputs' batch_dim"
+            )
+        _check_not_empty(batch, type(module).__name__)
+        mb.batch = batch
+        mb.inputs = (args, kwargs)
 
-    def _root_post_hook(self, module, args, output):
+    def _root_pre_hook(self, module, args, kwargs):
+        if self.suspended:
+            return None
+        if self.in_root == 0:
+            self._begin(module, args, kwargs)
+        self.in_root += 1
+        return None
+
+    def _root_post_hook(self, module, args, kwargs, output):
+        if self.suspended:
+            return None
         self.in_root -= 1
+        mb = self.mbs[-1]
+        if self.in_root == 0 and mb.fallback and torch.is_grad_enabled():
+            return _whole.tap(self, mb, module, output)
+        return None
 
     def current_mb(self) -> int:
-        if not self.mbs:  # a tracked submodule called directly, outside the model's forward
-            self.mbs.append(_MicroBatch())
         return len(self.mbs) - 1
 
     def covered(self, p: torch.Tensor) -> bool:
         return self.active.get(id(p), 0) > 0
 
     def _pre_hook(self, entry: _Entry) -> Callable:
-        def hook(module, args):
-            self.active_module[id(module)] = self.active_module.get(id(module), 0) + 1
-            for _, p in entry.params.values():
-                self.active[id(p)] = self.active.get(id(p), 0) + 1
+        def hook(module, args, kwargs):
+            if self.suspended:
+                return None
+            if self.in_root == 0 and module is not self.model and not self.modes:
+                self._begin(module, args, kwargs)
+            mode = self._mode(entry, args, kwargs)
+            self.modes.append(mode)
+            if mode != "open":
+                for _, p in entry.params.values():
+                    self.active[id(p)] = self.active.get(id(p), 0) + 1
+            return None
 
         return hook
 
+    def _mode(self, entry: _Entry, args: tuple, kwargs: dict) -> str:
+        """``call`` (the input carries examples the rule can read), ``node`` (constant input: the output is a
+        tensor computed from parameters), ``open`` (the tracker sees the module's ops one by one)."""
+        if entry.layer is _VMAP:
+            return "call"
+        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        if not isinstance(x, torch.Tensor) or not torch.is_grad_enabled():
+            return "open"
+        tag = self.tracker.tag(x)
+        if tag is None:
+            return "node" if not is_dtensor(x) else "call"
+        if isinstance(tag, Layout) and (not entry.layer.rows or tag.dim == 0):
+            return "call"
+        return "open"
+
     def _forward_hook(self, entry: _Entry) -> Callable:
         def hook(module, args, kwargs, output):
-            self.active_module[id(module)] = self.active_module.get(id(module), 1) - 1
-            for _, p in entry.params.values():
-                self.active[id(p)] = self.active.get(id(p), 1) - 1
-            if self.suspended or not torch.is_grad_enabled():
+            if self.suspended:
                 return None
-            label = entry.label or "<root>"
+            mode = self.modes.pop()
+            if mode != "open":
+                for _, p in entry.params.values():
+                    self.active[id(p)] = self.active.get(id(p), 1) - 1
+            if not torch.is_grad_enabled() or mode == "open":
+                return None
             if entry.layer is _VMAP:
                 return self._record_vmap(entry, args, kwargs, output)
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return None
+            label = entry.label or "<root>"
             saved = entry.layer.capture(module, args, kwargs, label)
-            return self.record(entry, saved, output, label)
+            if mode == "node":
+                self.tracker.set_tag(output, R.RuleNode(entry, saved))
+                return None
+            x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            lay_in, lay_out = self.tracker.tag(x), self.tracker.tag(output)
+            if is_dtensor(x):
+                lay_in = lay_out = Layout(0, self.mbs[-1].batch)
+            if not isinstance(lay_out, Layout):
+                how = f"in {type(module).__name__} {label!r}, whose output's examples are not where its input's are"
+                self.fallback([name for name, _ in entry.params.values()], how)
+                return None
+            self._record(entry, saved, output, lay_in, lay_out, {})
+            return None
 
         return hook
 
-    def layer_batch_dim(self, layer: LayerRule, output: torch.Tensor) -> int:
-        """Torch's layouts: sequence tensors (3+ dims) of token layers follow ``batch_dim``; 2-D tensors and
-        convolution / group / batch norm inputs have the batch first."""
-        if self.batch_dim and getattr(layer, "seq_layout", True) and output.dim() >= 3:
-            return self.batch_dim
-        return 0
-
-    def record(
-        self,
-        entry: _Entry,
-        saved: Any,
-        output: torch.Tensor,
-        label: str,
-        batch_dim: int | None = None,
-        rows: tuple[int, int] | None = None,
-    ) -> torch.Tensor | None:
-        """Register one call whose output gradient gives the contributions; returns a replacement output
-        when the call's batch of 1 broadcasts over the batch (a shared position embedding)."""
-        mb_index = self.current_mb()
-        mb = self.mbs[mb_index]
-        bd = self.layer_batch_dim(entry.layer, output) if batch_dim is None else batch_dim
-        if rows is not None:
-            n = rows[1]
-        elif output.dim() <= bd:
-            raise ValueError(
-                f"regops: {label!r} produced an output of shape {tuple(output.shape)} with no batch dimension "
-                f"{bd}; per-example gradients need every tracked parameter's use to keep the batch"
-            )
+    # -- recording
+    def record_use(self, rule, op: str, ns: Any, links: dict, saved: Any, lay_in, output, lay_out) -> _Call | None:
+        """A functional use of parameters (or tensors computed from them) by a rule's op."""
+        direct = {k: v for k, v in vars(ns).items() if isinstance(v, nn.Parameter) and id(v) in self.param_names}
+        links = {k: v for k, v in links.items() if v is not None}
+        key = (id(rule), op, *((k, id(v)) for k, v in sorted(direct.items())), *sorted(links))
+        entry = self.functional_entries.get(key) if not links else None
+        if entry is None:
+            names = {k: (self.param_names[id(v)], v) for k, v in direct.items()}
+            shown = [n for n, _ in names.values()] + [f"<{sorted(n.params)}>" for n in links.values()]
+            label = f"{op}({', '.join(shown)})"
+            entry = _Entry(label, ns, rule, names, self.forms_default, functional=True)
+            if not links:
+                self.functional_entries[key] = entry
         else:
-            n = output.shape[bd]
-        _check_not_empty(n, label, bd)
-        replaced = None
-        if mb.batch is not None and n != mb.batch:
-            if n == 1 and mb.batch > 1 and rows is None:
-                # position ids [1, T] broadcast over the batch: give each example its own copy of the output, so
-                # that its gradient arrives per example instead of summed over the batch
-                shape = list(output.shape)
-                shape[bd] = mb.batch
-                replaced = output.expand(shape)
-                saved = _expand_batch(saved, bd, mb.batch)
-                output = replaced
-            else:
-                raise ValueError(
-                    f"regops: {label!r} saw batch size {n} but earlier layers saw {mb.batch}; per-example "
-                    f"gradients need the batch in dim {bd} of every layer (no reshaping the batch into other "
-                    "dims; pass batch_dim=1 for sequence-first models), one batch per forward"
-                )
-        mb.batch = n if mb.batch is None else mb.batch
-        if bd and rows is None:
-            saved = _move_batch(saved, bd)
-        call = _Call(entry, saved, mb_index, bd, rows)
+            entry.module = ns
+        return self._record(entry, saved, output, lay_in, lay_out, links)
+
+    def _record(self, entry, saved, output, lay_in, lay_out, links) -> _Call:
+        mb_index = self.current_mb()
+        if mb_index < 0:
+            raise ValueError(f"regops: {entry.label!r} ran outside a forward of the model")
+        mb = self.mbs[mb_index]
+        plain_in = isinstance(lay_in, Layout) and lay_in.plain and lay_in.dim == 0
+        plain_out = lay_out is None or (lay_out.plain and lay_out.dim == 0)
+        call = _Call(entry, saved, mb_index, None if plain_in else lay_in, None if plain_out else lay_out, links)
+        call.rows = entry.layer.rows and not (plain_in and plain_out)
         self.calls.append(call)
-        for name, _ in entry.params.values():
-            mb.use_count[name] = mb.use_count.get(name, 0) + 1
+        for local, (name, _) in entry.params.items():
+            mb.uses.setdefault(name, []).append(_Use(local in entry.layer.factored, None))
+        for local, node in links.items():
+            reg = R.region(node)
+            for name in node.params:
+                mb.uses.setdefault(name, []).append(_Use(False, reg))
+        if output is not None:
+            self.watch(output, lambda g, call=call: self.contribute(call, g))
+        return call
+
+    def watch(self, t: torch.Tensor, callback: Callable) -> None:
         if self.hook_outputs:
-            output.register_hook(self._grad_hook(call))
+            t.register_hook(lambda g: callback(g) if self.enabled else None)
         else:
-            call.output = output
-        return replaced
+            self.watched.append((t, callback))
 
-    def _record_vmap(self, entry: _Entry, args, kwargs, output):
-        leaves, spec = pytree.tree_flatten(output)
-        tensor_idx = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.requires_grad]
-        if not tensor_idx:
-            return None
-        mb_index = self.current_mb()
-        mb = self.mbs[mb_index]
-        first = leaves[tensor_idx[0]]
-        bd = self.batch_dim if (self.batch_dim and first.dim() >= 3) else 0
-        n = first.shape[bd] if first.dim() > bd else None
-        if n is None or (mb.batch is not None and n != mb.batch):
+    def record_broadcast(self, node: R.Node, t: torch.Tensor, tap: torch.Tensor, layout: Layout, broadcast: bool,
+                         op: str) -> None:  # fmt: skip
+        """A tensor computed from parameters, passed to ``op`` as ``tap`` (``t`` expanded along the examples' dim,
+        or ``t`` itself where it already has a row per position): ``tap``'s gradient, summed per example, is the
+        per-example gradient of ``t``."""
+        index = self.current_mb()
+        self._node_uses(self.mbs[index], node)
+        shape = tuple(t.shape)
+
+        def on_grad(g):
+            self._broadcast_grad(index, node, shape, g, layout, broadcast)
+
+        self.watch(tap, on_grad)
+
+    def _broadcast_grad(self, index, node, shape, g, layout, broadcast) -> None:
+        mb = self.mbs[index]
+        if mb.fallback:
+            return
+        with self.quiet(g.device.type):
+            g = g.detach()
+            if broadcast:
+                per = L.per_example_sum(g, layout).unsqueeze(layout.dim + 1)  # [B, *tap with a 1 at the dim]
+            else:
+                onehot = torch.nn.functional.one_hot(layout.example_index(g.device), layout.batch).to(g.dtype).T
+                view = [layout.batch] + [1] * g.dim()
+                view[layout.dim + 1] = layout.size
+                per = g.unsqueeze(0) * onehot.reshape(view)
+            per = per.reshape(layout.batch, *shape)
+            R.pushback(node, per, _Sink(self, index))
+
+    def record_op(self, func, args, kwargs, xs, nodes, out, layout, op: str) -> None:
+        """Any op on examples in plain dims and nodes: per-example gradients of the nodes by ``vmap`` of its ``vjp``."""
+        index = self.current_mb()
+        for _, _, node in nodes:
+            self._node_uses(self.mbs[index], node)
+
+        def on_grad(g):
+            if self.mbs[index].fallback:
+                return
+            with self.quiet(g.device.type):
+                for node, per in _whole.op_grads(func, args, kwargs, xs, nodes, layout, g.detach()):
+                    R.pushback(node, per, _Sink(self, index))
+
+        self.watch(out, on_grad)
+
+    def fallback(self, names: Any, how: str) -> None:
+        """A use of parameters ``names`` the fast path cannot attribute: this micro-batch goes through torch.func as a
+        whole."""
+        names = sorted(set(names))
+        if self.in_root == 0:
             raise ValueError(
-                f"regops: {entry.label!r} ({type(entry.module).__name__}) returned shape {tuple(first.shape)}: "
-                f"no batch of size {mb.batch} in dim {bd}"
+                f"regops: parameter(s) {names} {how}, outside the model's forward: regops cannot attribute this use "
+                "per example, and dropping it would give wrong norms"
             )
-        _check_not_empty(n, entry.label, bd)
-        mb.batch = n
-        call = _Call(entry, VmapSaved(args, dict(kwargs), bd, n), mb_index, bd)
-        self.calls.append(call)
-        for name, _ in entry.params.values():
-            mb.use_count[name] = mb.use_count.get(name, 0) + 1
-        zero_like = {i: leaves[i] for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and i not in tensor_idx}
+        self.mbs[-1].fallback.append((names, how))
 
-        def on_grads(grads):
-            full = list(leaves)
-            for i, g in zip(tensor_idx, grads, strict=True):
-                full[i] = g
-            for i, x in zero_like.items():
-                full[i] = torch.zeros_like(x)
-            if self.enabled:
-                self.contribute(call, pytree.tree_unflatten(full, spec))
+    def _node_uses(self, mb: _MicroBatch, node: R.Node) -> None:
+        """The uses a tensor computed from parameters makes of them: each layer applied to constants is a use of its
+        parameters (its rule's), each parameter read through ops another."""
+        for n in R.leaves(node):
+            if isinstance(n, R.RuleNode):
+                for local, (name, _) in n.entry.params.items():
+                    mb.uses.setdefault(name, []).append(_Use(local in n.entry.layer.factored, None))
+            else:
+                mb.uses.setdefault(n.name, []).append(_Use(False, None))
 
-        tapped = _Tap.apply(on_grads, *[leaves[i] for i in tensor_idx])
-        new = list(leaves)
-        for i, t in zip(tensor_idx, tapped, strict=True):
-            new[i] = t
-        return pytree.tree_unflatten(new, spec)
+    # -- the rest of the torch.func module path (unsupported="vmap")
+    def _record_vmap(self, entry: _Entry, args, kwargs, output):
+        return _whole.record_module(self, entry, args, kwargs, output)
 
-    def _grad_hook(self, call: _Call) -> Callable:
-        def hook(grad):
-            if self.enabled:
-                self.contribute(call, grad)
-            return None
-
-        return hook
+    def check_batch_norm(self, args, kwargs) -> None:
+        _whole.check_batch_norm(self.model, args, kwargs)
 
     # -- contributions
     @contextlib.contextmanager
     def quiet(self, device_type: str = "cpu"):
-        """Our own computations: not seen by the mode, not autocast (a backward inside autocast would run our
+        """Our own computations: not seen by the tracker, not autocast (a backward inside autocast would run our
         matmuls in bf16)."""
         prev = self.suspended
         self.suspended = True
@@ -373,20 +443,45 @@ class _Recorder:
     def reset(self) -> None:
         for mb in self.mbs:
             mb.sq.clear()
-            mb.shared.clear()
+            mb.dense.clear()
+            mb.pushed.clear()
+            if mb.whole is not None:
+                mb.whole.grads = None
+        self.derived.clear()
         for call in self.calls:
             call.fired = 0
             call.grad = None
 
-    def batch_first(self, call: _Call, grad: Any) -> Any:
+    def _plan(self, mb: _MicroBatch) -> dict[str, str]:
+        """How the uses of each parameter combine: ``single``, ``factors`` (factored inner products), ``regions``
+        (disjoint slices: squared norms add) or ``dense`` (per-example gradients summed)."""
+        if mb.plan is None:
+            plan = {}
+            for name, uses in mb.uses.items():
+                if len(uses) == 1:
+                    plan[name] = "single"
+                elif all(u.factors for u in uses):
+                    plan[name] = "factors"
+                elif all(u.region is not None for u in uses) and _disjoint([u.region for u in uses]):
+                    plan[name] = "regions"
+                else:
+                    plan[name] = "dense"
+            mb.plan = plan
+        return mb.plan
+
+    def signals(self, call: _Call, grad: Any) -> tuple[Any, Any]:
+        """The call's saved input and output gradient with the examples first (per row for row rules on rows grouped
+        into examples)."""
         if call.entry.layer is _VMAP:
-            return grad
-        if call.rows is not None:
-            t, b = call.rows
-            grad = grad.reshape(t, b, *grad.shape[1:])
-        if call.batch_dim:
-            grad = grad.movedim(call.batch_dim, 0)
-        return grad
+            return call.saved, grad
+        saved, g = call.saved, grad
+        if call.rows:
+            return saved, g
+        if call.layout_in is not None:
+            saved = _first(saved, call.layout_in)
+        if call.layout_out is not None and isinstance(g, torch.Tensor):
+            g = _first(g, call.layout_out)
+        return saved, g
 
     def contribute(self, call: _Call, grad: Any) -> None:
         """Add one call's per-example contributions, given its output gradient (as autograd delivers it)."""
@@ -396,124 +491,173 @@ class _Recorder:
                 "exactly one backward pass per forward inside the block"
             )
         call.fired += 1
-        g = self.batch_first(call, grad)
+        mb = self.mbs[call.mb]
+        if mb.fallback:
+            call.saved = None
+            return
+        saved, g = self.signals(call, grad)
         if isinstance(g, torch.Tensor) and not g.is_contiguous():
-            # (a transposed logits gradient, a sequence-first layout): copy once here rather than in every
-            # reshape of the rule's forms, factors and weighted sums
-            g = g.contiguous()
+            g = g.contiguous()  # one copy here rather than in every reshape of the rule's forms
         if self.retain_signals:
-            call.grad = g
-        entry, mb = call.entry, self.mbs[call.mb]
-        device = next(iter(entry.params.values()))[1].device.type if entry.params else "cpu"
-        shared = {local for local, (n, _) in entry.params.items() if mb.use_count.get(n, 0) > 1}
+            call.grad, call.saved = g, saved
+        if not self.norms:
+            return
+        entry = call.entry
+        plan = self._plan(mb)
+        device = g.device.type if isinstance(g, torch.Tensor) else "cpu"
+        direct = {local: name for local, (name, _) in entry.params.items()}
+        want = {local: plan.get(name, "single") for local, name in direct.items()}
+        for local, node in call.links.items():
+            names = list(node.params)
+            iso = node.source() is not None
+            want[local] = "single" if iso and all(plan.get(n) in ("single", "regions") for n in names) else "dense"
         with self.quiet(device):
+            sq, facs, dense = self._forms(call, saved, g, want)
+        for local, how in want.items():
+            if local in call.links:
+                node = call.links[local]
+                if how == "dense":
+                    if local in dense:
+                        for name, v in R.to_param(node, _f32(dense[local])).items():
+                            mb.dense.setdefault(name, []).append(v)
+                elif local in sq:
+                    mb.sq.setdefault(next(iter(node.params)), []).append((sq[local], None))
+                continue
+            name = direct[local]
+            if how == "dense":
+                if local in dense:
+                    mb.dense.setdefault(name, []).append(_f32(dense[local]))
+            elif local in sq:
+                mb.sq.setdefault(name, []).append((sq[local], facs.get(local)))
+        if self.release_saved:
+            call.saved = None  # autograd frees its saved activations as the backward proceeds; so do we
+
+    def _forms(self, call, saved, g, want):
+        entry = call.entry
+        layer, module = entry.layer, entry.module
+        sq, facs, dense = {}, {}, {}
+        if call.rows:  # per-row gradients, summed per example
+            rows = layer.per_example_grads(module, saved, g)
+            lay = call.layout_out or call.layout_in
+            grads = {k: L.per_example_sum(v, lay.at(0)) for k, v in rows.items()}
+            return {k: _sq(v) for k, v in grads.items()}, {}, grads
+        if any(w != "dense" for w in want.values()):
             form = entry.form
             if form == "auto":
-                form = entry.layer.cost_form(entry.module, call.saved)
-            if is_dtensor(call.saved):  # tensor parallelism: partial norms of the shards, all-reduced
+                form = layer.cost_form(module, saved)
+            if is_dtensor(saved):  # tensor parallelism: partial norms of the shards, all-reduced
                 from regops.per_example import dtensor
 
-                sq = dtensor.tp_sq_norms(entry, call.saved, g, form, bool(shared))
+                sq = dtensor.tp_sq_norms(entry, saved, g, form, any(w == "factors" for w in want.values()))
             else:
-                sq = entry.layer.sq_norms(entry.module, call.saved, g, form)
-            facs = entry.layer.factors(entry.module, call.saved, g) if shared else {}
-            dense = None
-            if any(local not in facs for local in shared):
-                dense = entry.layer.per_example_grads(entry.module, call.saved, g)
-        for local, value in sq.items():
-            name = entry.params[local][0]
-            if local not in shared:
-                mb.sq[name] = value
-            elif local in facs:
-                mb.shared.setdefault(name, []).append(("f", value, facs[local]))
-        if dense is not None:
-            for local in shared:
-                if local not in facs and local in dense:
-                    mb.shared.setdefault(entry.params[local][0], []).append(("d", _f32(dense[local]), None))
-        if self.release_saved and not shared:
-            # Autograd frees its saved activations as the backward proceeds; so do we, or the peak grows.
-            call.saved = None
+                sq = layer.sq_norms(module, saved, g, form)
+        if any(w == "factors" for w in want.values()):
+            facs = layer.factors(module, saved, g)
+        missing = [k for k, w in want.items() if w == "dense" or (w == "factors" and k not in facs)]
+        if missing:
+            dense = layer.per_example_grads(module, saved, g)
+            for k in missing:
+                want[k] = "dense"
+        return sq, facs, dense
 
     def squared_norms(self) -> list[dict[str, torch.Tensor]]:
         """One ``{name: [B_k]}`` per micro-batch: squared norms of the summed per-example gradients."""
         out = []
         with self.quiet():
             for mb in self.mbs:
-                res = dict(mb.sq)
-                for name, items in mb.shared.items():
-                    res[name] = _shared_sq(items)
+                if mb.fallback:
+                    out.append(_whole.squared_norms(self, mb))
+                    continue
+                res = {}
+                for name in set(mb.sq) | set(mb.dense):
+                    items, dense = mb.sq.get(name, []), mb.dense.get(name, [])
+                    if dense and items:
+                        raise RuntimeError(f"regops: internal error: {name!r} has uses of both kinds")
+                    if dense:
+                        res[name] = _sq(sum(_f32(d) for d in dense))
+                    elif len(items) > 1 and all(f is not None for _, f in items):
+                        res[name] = _shared_sq(items)
+                    else:
+                        res[name] = sum(s for s, _ in items)
                 out.append(res)
         return out
 
     # -- Book-Keeping
-    def weighted_grads(self, weights: Callable[[_Call, str], torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``sum_n w_n g_n`` per parameter (``weights(call, model param name) -> [B_k]``) from the kept
-        signals of every call (all micro-batches)."""
+    def weighted_grads(self, weights: Callable[[int, str], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``sum_n w_n g_n`` per parameter (``weights(micro-batch index, parameter name) -> [B_k]``) from the kept
+        signals of every call and the per-example gradients carried back (all micro-batches)."""
         out: dict[str, torch.Tensor] = {}
-        for call in self.calls:
-            if call.grad is None:
+
+        def add(name, v):
+            out[name] = v if name not in out else out[name] + v
+
+        for call in [*self.calls, *self.derived]:
+            mb = self.mbs[call.mb]
+            if call.grad is None or mb.fallback:
                 continue
             entry = call.entry
             groups: dict[int, tuple[torch.Tensor, list[str]]] = {}
-            for local, (name, _) in entry.params.items():
-                w = weights(call, name)
+            locals_ = [(local, [name]) for local, (name, _) in entry.params.items()]
+            locals_ += [(local, list(node.params)) for local, node in call.links.items()]
+            for local, names in locals_:
+                w = weights(call.mb, names[0])
                 groups.setdefault(id(w), (w, []))[1].append(local)
-            for w, locals_ in groups.values():
+            for w, locs in groups.values():
                 with self.quiet(w.device.type):
-                    grads = entry.layer.weighted_grads(entry.module, call.saved, call.grad, w)
-                for local in locals_:
-                    if local in grads:
-                        name = entry.params[local][0]
-                        out[name] = grads[local] if name not in out else out[name] + grads[local]
+                    if call.rows:
+                        lay = call.layout_out or call.layout_in
+                        rows = entry.layer.per_example_grads(entry.module, call.saved, call.grad)
+                        grads = {k: _wsum(w, L.per_example_sum(v, lay.at(0))) for k, v in rows.items()}
+                    else:
+                        grads = entry.layer.weighted_grads(entry.module, call.saved, call.grad, w)
+                for local in locs:
+                    if local not in grads:
+                        continue
+                    if local in call.links:
+                        for name, v in R.to_param(call.links[local], grads[local][None]).items():
+                            add(name, v[0])
+                    else:
+                        add(entry.params[local][0], grads[local])
+        for index, mb in enumerate(self.mbs):
+            if mb.fallback:
+                for name, v in _whole.weighted_grads(self, mb, index, weights).items():
+                    add(name, v)
+                continue
+            for name, dense in mb.pushed.items():
+                w = weights(index, name)
+                for d in dense:
+                    add(name, _wsum(w, d))
         return out
 
 
-def _shared_sq(items: list[tuple[str, Any, Any]]) -> torch.Tensor:
-    """``||sum_i grad_i||^2`` per example from the calls' items: factored inner products when every call has
-    factors, else the summed per-example gradients."""
-    if all(kind == "f" for kind, _, _ in items):
-        total = sum(sq for _, sq, _ in items)
-        dtype = total.dtype
-        for i in range(len(items)):
-            for j in range(i):
-                total = total + 2 * factors_inner(items[i][2], items[j][2], dtype)
-        return total
-    dense = None
-    for kind, value, f in items:
-        g = _factors_dense(f) if kind == "f" else value
-        dense = g if dense is None else dense + g
-    return _sq(dense)
+def _first(t: Any, layout: Layout) -> Any:
+    if not isinstance(t, torch.Tensor):
+        return t
+    if layout.plain:
+        return t.movedim(layout.dim, 0)
+    return L.batch_first(t, layout)
 
 
-def _factors_dense(f: Factors) -> torch.Tensor:
-    """``U^T V`` per example, ``[B, p, d]``."""
-    v = _f32(f.v)
-    if isinstance(f.u, OneHot):
-        out = v.new_zeros(v.shape[0], f.u.num, v.shape[-1])
-        if f.u.pad >= 0:
-            v = v * (f.u.ids != f.u.pad).to(v.dtype)[..., None]
-        return out.scatter_add_(1, f.u.ids[..., None].expand_as(v), v)
-    u = _f32(f.u)
-    if u.dtype != v.dtype:
-        u, v = u.double(), v.double()
-    return torch.bmm(u.transpose(1, 2), v)
-
-
-def _move_batch(saved: Any, bd: int) -> Any:
+def _expand_examples(saved: Any, b: int) -> Any:
     if isinstance(saved, torch.Tensor):
-        return saved.movedim(bd, 0) if saved.dim() > bd else saved
-    if isinstance(saved, tuple) and saved and isinstance(saved[0], torch.Tensor):
-        return (_move_batch(saved[0], bd), *saved[1:])
+        return saved.unsqueeze(0).expand(b, *saved.shape)
+    if isinstance(saved, tuple):
+        return tuple(_expand_examples(x, b) for x in saved)
     return saved
 
 
-def _expand_batch(saved: Any, bd: int, batch: int) -> Any:
-    if isinstance(saved, torch.Tensor):
-        if saved.dim() > bd and saved.shape[bd] == 1:
-            shape = list(saved.shape)
-            shape[bd] = batch
-            return saved.expand(shape)
-        return saved
-    if isinstance(saved, tuple) and saved and isinstance(saved[0], torch.Tensor):
-        return (_expand_batch(saved[0], bd, batch), *saved[1:])
-    return saved
+def _disjoint(regions: list[torch.Tensor]) -> bool:
+    flat = torch.cat([r.reshape(-1).cpu() for r in regions])
+    return flat.unique().numel() == flat.numel()
+
+
+def _shared_sq(items: list[tuple[torch.Tensor, Factors]]) -> torch.Tensor:
+    """``||sum_i grad_i||^2`` per example from the uses' factored gradients."""
+    total = sum(sq for sq, _ in items)
+    dtype = total.dtype
+    for i in range(len(items)):
+        for j in range(i):
+            total = total + 2 * factors_inner(items[i][1], items[j][1], dtype)
+    return total
+
+

@@ -110,6 +110,8 @@ class LayerRule:
     """
 
     name = "layer"
+    factored: tuple[str, ...] = ()  # locals whose per-example gradient :meth:`factors` gives
+    rows = False  # True: the rule reads its input's leading dim as rows of a batch (convolutions, group norms)
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], label: str) -> Any:
         """What the backward needs from one forward call (default: the first positional tensor)."""

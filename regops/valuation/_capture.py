@@ -10,36 +10,48 @@ from typing import Any
 import torch
 from torch import nn
 
-from regops.per_example._calls import _Call, _Entry
+from regops._core.dtypes import acc_dtype
+from regops.per_example import _layout as L
+from regops.per_example import _recipes as R
+from regops.per_example._calls import _Call
 from regops.per_example._recorder import _Recorder
+from regops.per_example._whole import dense_grads
 
 Batch = tuple[Any, Any]
 
 
 @dataclass
+class Term:
+    """One use of a parameter in a captured batch: a rule call (``call``, ``local``: the rule's gradient forms
+    apply) or per-example gradients ``dense`` ``[B, *shape]``."""
+
+    call: _Call | None = None
+    local: str = ""
+    dense: torch.Tensor | None = None
+
+
+@dataclass
 class Captured:
-    """The recorded calls of one batch, with detached inputs and per-example-loss output gradients."""
+    """One batch's per-example gradient signals: every use of every parameter, per-example-loss scaled."""
 
     rec: _Recorder
-    calls: list[tuple[_Call, torch.Tensor]]  # calls the loss reached: (call, output gradient)
+    terms: dict[str, list[Term]]  # parameter name -> its uses
     batch: int
     logits: torch.Tensor | None  # detached, when asked
     targets: Any
     param_grads: dict[str, torch.Tensor] = field(default_factory=dict)  # sum_n grad_n, when asked
     scale: float = 1.0  # per-example-loss gradient / delivered gradient
+    sq_norms: torch.Tensor | None = None  # [B] squared per-example gradient norms, when asked
 
     @property
-    def use_count(self) -> dict[str, int]:
-        return self.rec.mbs[0].use_count
+    def params(self) -> dict[str, nn.Parameter]:
+        return self.rec.params
 
-    @property
-    def entries(self) -> list[_Entry]:
-        return self.rec.all_entries()
-
-    def by_entry(self) -> dict[str, list[tuple[Any, torch.Tensor]]]:
-        out: dict[str, list[tuple[Any, torch.Tensor]]] = {e.label: [] for e in self.rec.all_entries()}
-        for call, g in self.calls:
-            out[call.entry.label].append((call.saved, g))
+    def owners(self) -> dict[str, list[str]]:
+        """``{module label: [parameter names]}`` of the modules holding the tracked parameters."""
+        out: dict[str, list[str]] = {}
+        for name, p in self.rec.params.items():
+            out.setdefault(self.rec.owner.get(id(p), ""), []).append(name)
         return out
 
 
@@ -128,32 +140,6 @@ def _detach(x: Any) -> Any:
     return x
 
 
-class _SignalRecorder(_Recorder):
-    """The per-example recorder (module rules, functional parameter uses, torch.func fallback, batch_dim), keeping
-    each call's batch-first output gradient instead of turning it into norms. Its tensor hooks are put on the
-    outputs in the forward, so a layer output modified in place later (ReLU(inplace=True), a residual ``+=``)
-    still gets the gradient of the value the layer produced."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.signals: dict[int, tuple[Any, Any]] = {}  # id(call) -> (batch-first gradient, raw gradient)
-        self.hooked: list[tuple[_Call, torch.Tensor, int]] = []  # (call, hooked output, its version then)
-
-    def record(self, entry, saved, output, label, batch_dim=None, rows=None):
-        replaced = super().record(entry, saved, output, label, batch_dim=batch_dim, rows=rows)
-        hooked = output if replaced is None else replaced  # the tensor whose hook gives this call's gradient
-        self.hooked.append((self.calls[-1], hooked, hooked._version))
-        return replaced
-
-    def contribute(self, call: _Call, grad: Any) -> None:
-        if id(call) in self.signals:
-            raise RuntimeError("regops: a recorded forward was backpropagated twice")
-        self.signals[id(call)] = (self.batch_first(call, grad), grad)
-
-    def all_entries(self) -> list[_Entry]:
-        return [*self.entries, *self.functional_entries.values()]
-
-
 def capture(
     model: nn.Module,
     loss_fn: Callable[[Any, Any], torch.Tensor],
@@ -165,11 +151,13 @@ def capture(
     targets_fn: Callable[[Any, Any], Any] | None = None,
     param_grads: bool = False,
     keep_outputs: bool = False,
+    norms: bool = False,
 ) -> Captured:
-    """Run ``loss_fn(model(inputs), targets)`` once and get every tracked call's output gradient of the
-    per-example losses (``loss_reduction="mean"``: the delivered gradient times ``B``)."""
+    """Run ``loss_fn(model(inputs), targets)`` once and get every use's signals of the per-example losses
+    (``loss_reduction="mean"``: the delivered gradients times ``B``), from one ``torch.autograd.grad`` (``p.grad`` is
+    never touched)."""
     inputs, targets = split_batch(batch)
-    rec = _SignalRecorder(model, forms=forms, unsupported=unsupported)
+    rec = _Recorder(model, forms=forms, unsupported=unsupported, retain_signals=True, norms=norms)
     with torch.enable_grad():
         rec.attach()
         try:
@@ -185,31 +173,65 @@ def capture(
             if len(rec.mbs) != 1 or rec.mbs[0].batch is None:
                 raise RuntimeError("regops: the forward reached no tracked parameter (or ran the model twice)")
             verify_reduction(loss_fn, outputs, targets, loss, loss_reduction, rec.mbs[0].batch)
-            params = dict(rec.params)
-            # One backward that reaches every recorded use, computing no weight gradient where it can: the
-            # hooked outputs themselves, and for an output modified in place since (its current version's
-            # gradient is not the one we need) or a torch.func call, the parameters of that call's module.
-            direct = {id(c) for c, t, v in rec.hooked if t._version == v}
-            drive = [t for c, t, v in rec.hooked if id(c) in direct]
-            via = {id(p): p for c in rec.calls if id(c) not in direct for _, p in c.entry.params.values()}
-            wanted = list(params.values()) if param_grads else []
-            wanted += drive + [p for k, p in via.items() if not param_grads]
-            grads = torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else ()
+            # One backward through every recorded use (their hooks take the signals); the parameters' gradients
+            # come with it (gradient_coherence's sum), p.grad is never touched.
+            params = list(rec.params.values())
+            grads = torch.autograd.grad(loss, params, allow_unused=True) if params else ()
         finally:
             rec.close()
     b = rec.mbs[0].batch
     scale = float(b) if loss_reduction == "mean" else 1.0
-    out_calls = []
-    for call in rec.calls:
-        sig = rec.signals.get(id(call))
-        call.saved = _detach(call.saved)
-        if sig is not None:
-            g = sig[0]
-            out_calls.append((call, g * scale if scale != 1.0 else g))
+    terms = _terms(rec, scale)
     pg = {}
     if param_grads:
-        for (name, p), g in zip(params.items(), grads[: len(params)], strict=True):
+        for (name, p), g in zip(rec.params.items(), grads, strict=True):
             g = torch.zeros_like(p) if g is None else g.detach()
             pg[name] = g * scale if scale != 1.0 else g
+    sq = None
+    if norms:
+        per = rec.squared_norms()[0]
+        p0 = next(iter(rec.params.values()))
+        sq = torch.zeros(b, dtype=acc_dtype(p0), device=p0.device)
+        for v in per.values():
+            sq = sq + v.to(sq.dtype)
+        sq = sq * scale**2
     kept = logits_of(outputs).detach() if keep_outputs else None
-    return Captured(rec, out_calls, b, kept, targets, pg, scale)
+    return Captured(rec, terms, b, kept, targets, pg, scale, sq)
+
+
+def _terms(rec: _Recorder, scale: float) -> dict[str, list[Term]]:
+    """Every use of every parameter, per-example-loss scaled: rule calls where the rule's forms apply directly
+    (a parameter of the rule's layer), per-example gradients otherwise."""
+    mb = rec.mbs[0]
+    terms: dict[str, list[Term]] = {}
+    if mb.fallback:
+        for name, g in dense_grads(rec, mb).items():
+            terms.setdefault(name, []).append(Term(dense=g * scale if scale != 1.0 else g))
+        return terms
+    for call in [*rec.calls, *rec.derived]:
+        if call.grad is None:
+            continue
+        if scale != 1.0:
+            call.grad = call.grad * scale if isinstance(call.grad, torch.Tensor) else [g * scale for g in call.grad]
+        entry = call.entry
+        call.saved = _detach(call.saved)
+        if call.rows or call.links:
+            with rec.quiet():
+                per = entry.layer.per_example_grads(entry.module, call.saved, call.grad)
+                lay = call.layout_out or call.layout_in
+                if call.rows:
+                    per = {k: L.per_example_sum(v, lay.at(0)) for k, v in per.items()}
+            for local, (name, _) in entry.params.items():
+                if local in per:
+                    terms.setdefault(name, []).append(Term(dense=per[local]))
+            for local, node in call.links.items():
+                if local in per:
+                    for name, v in R.to_param(node, per[local]).items():
+                        terms.setdefault(name, []).append(Term(dense=v))
+            continue
+        for local, (name, _) in entry.params.items():
+            terms.setdefault(name, []).append(Term(call=call, local=local))
+    for name, dense in mb.pushed.items():
+        for g in dense:
+            terms.setdefault(name, []).append(Term(dense=g * scale if scale != 1.0 else g))
+    return terms

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from regops._core.dtypes import acc_dtype
 from regops.per_example import _forms
 from regops.per_example._recorder import check_reduction
 from regops.valuation._capture import Captured, capture
@@ -15,71 +16,66 @@ from regops.valuation._capture import Captured, capture
 BLOCKS = (None, "param", "module")
 
 
-def _owners(cap: Captured) -> dict[str, list[tuple[str, str]]]:
-    """``{parameter name: [(module label, local name), ...]}`` (several modules: a tied parameter)."""
-    owners: dict[str, list[tuple[str, str]]] = {}
-    for e in cap.entries:
-        for local, (name, _) in e.params.items():
-            owners.setdefault(name, []).append((e.label, local))
-    return owners
-
-
-def _summed_grads(cap: Captured, uses: list[tuple[str, str]]) -> torch.Tensor | None:
-    """Per-example gradients ``[B, *shape]`` of one parameter summed over all its recorded uses."""
-    entries = {e.label: e for e in cap.entries}
-    calls = cap.by_entry()
+def dense_of(cap: Captured, name: str) -> torch.Tensor:
+    """``[B, *shape]`` per-example gradients of one parameter, summed over its uses."""
     total = None
-    for label, local in uses:
-        e = entries[label]
-        for saved, g in calls[label]:
-            v = e.layer.per_example_grads(e.module, saved, g)[local]
-            v = v.to(_forms.acc_dtype(v))
-            total = v if total is None else total + v
+    for t in cap.terms.get(name, []):
+        if t.dense is not None:
+            v = t.dense
+        else:
+            e = t.call.entry
+            v = e.layer.per_example_grads(e.module, t.call.saved, t.call.grad)[t.local]
+        v = v.to(acc_dtype(v))
+        total = v if total is None else total + v
     return total
+
+
+def _one_rule(cap: Captured, name: str) -> str | None:
+    """The label of the one layer whose rule calls make every use of ``name`` (None: other uses too)."""
+    labels = {t.call.entry.label if t.call is not None else None for t in cap.terms.get(name, [])}
+    return labels.pop() if len(labels) == 1 and None not in labels else None
 
 
 def pair_dots(cap1: Captured, cap2: Captured) -> dict[str, torch.Tensor]:
     """``{parameter name: [B1, B2]}`` inner products between the per-example gradients of two captured batches.
 
-    A parameter of one module sums the rule's ``grad_dots`` over every pair of that module's calls (a reused
-    layer: the cross terms between calls included); a parameter shared by several modules (weight tying) is
-    handled with its per-example gradients summed over the uses."""
-    owners = _owners(cap1)
-    calls1, calls2 = cap1.by_entry(), cap2.by_entry()
+    A parameter used only by calls of one layer sums the rule's ``grad_dots`` over every pair of those calls (a
+    reused layer: the cross terms between calls included); any other parameter (tied across layers, read through
+    slices, the torch.func path) is handled with its per-example gradients summed over its uses."""
     out: dict[str, torch.Tensor] = {}
-    for e in cap1.entries:
-        single = {local for local, (name, _) in e.params.items() if len(owners[name]) == 1}
-        for s1, g1 in calls1[e.label]:
-            for s2, g2 in calls2.get(e.label, []):
-                form = e.form if e.form != "auto" else e.layer.dots_form(e.module, s1, s2)
-                for local, value in e.layer.grad_dots(e.module, s1, g1, s2, g2, form).items():
-                    if local in single:
-                        name = e.params[local][0]
-                        out[name] = value if name not in out else out[name] + value
-    for name, uses in owners.items():
-        if len(uses) > 1:
-            d1, d2 = _summed_grads(cap1, uses), _summed_grads(cap2, uses)
-            if d1 is not None and d2 is not None:
-                out[name] = _forms.flat_dots(d1, d2)
+    done: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for name in cap1.terms:
+        label = _one_rule(cap1, name)
+        if label is not None and label == _one_rule(cap2, name):
+            total = None
+            for t1 in cap1.terms[name]:
+                for t2 in cap2.terms.get(name, []):
+                    key = (id(t1.call), id(t2.call))
+                    if key not in done:
+                        e, c1, c2 = t1.call.entry, t1.call, t2.call
+                        form = e.form if e.form != "auto" else e.layer.dots_form(e.module, c1.saved, c2.saved)
+                        done[key] = e.layer.grad_dots(e.module, c1.saved, c1.grad, c2.saved, c2.grad, form)
+                    v = done[key][t1.local]
+                    total = v if total is None else total + v
+            out[name] = total
+            continue
+        d1, d2 = dense_of(cap1, name), dense_of(cap2, name)
+        if d1 is not None and d2 is not None:
+            out[name] = _forms.flat_dots(d1, d2)
     # Parameters the loss did not reach have zero per-example gradients.
-    dtype = next((v.dtype for v in out.values()), _dtype_of(cap1))
-    device = next(p.device for e in cap1.entries for _, p in e.params.values())
-    for name in owners:
+    p0 = next(iter(cap1.params.values()))
+    dtype = next((v.dtype for v in out.values()), acc_dtype(p0))
+    for name in cap1.params:
         if name not in out:
-            out[name] = torch.zeros(cap1.batch, cap2.batch, dtype=dtype, device=device)
+            out[name] = torch.zeros(cap1.batch, cap2.batch, dtype=dtype, device=p0.device)
     return out
-
-
-def _dtype_of(cap: Captured) -> torch.dtype:
-    p = next(p for e in cap.entries for _, p in e.params.values())
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def combine(per_param: dict[str, torch.Tensor], cap: Captured, blocks: str | None):
     if blocks == "param":
         return per_param
     if blocks == "module":
-        return {e.label: torch.stack([per_param[n] for n, _ in e.params.values()]).sum(0) for e in cap.entries}
+        return {m: torch.stack([per_param[n] for n in names]).sum(0) for m, names in cap.owners().items()}
     return torch.stack(list(per_param.values())).sum(0)
 
 

@@ -12,33 +12,22 @@ from regops.losses._class_dim import infer_classes_last
 from regops.per_example import _forms
 from regops.per_example._recorder import check_reduction
 from regops.valuation._capture import Captured, capture, logits_of
-from regops.valuation._dots import _owners, _summed_grads
+from regops.valuation._dots import dense_of
 
 LABELS = ("true", "sampled")
 
 
 def fisher_sums(cap: Captured) -> dict[str, torch.Tensor]:
-    """``{parameter name: sum_n grad_n ** 2}`` of one captured batch (a module called once: its rule's
-    ``sq_grad_sum``; a reused module or a tied parameter: its per-example gradients summed over the uses)."""
-    owners = _owners(cap)
-    calls = cap.by_entry()
+    """``{parameter name: sum_n grad_n ** 2}`` of one captured batch (a parameter used by one rule call: its rule's
+    ``sq_grad_sum``; any other: its per-example gradients summed over the uses)."""
     out: dict[str, torch.Tensor] = {}
-    for e in cap.entries:
-        single = {local for local, (name, _) in e.params.items() if len(owners[name]) == 1}
-        if len(calls[e.label]) == 1:
-            saved, g = calls[e.label][0]
-            for local, value in e.layer.sq_grad_sum(e.module, saved, g).items():
-                if local in single:
-                    out[e.params[local][0]] = value
-        elif len(calls[e.label]) > 1:
-            for local in single:
-                name = e.params[local][0]
-                out[name] = _forms.sq_sum(_summed_grads(cap, [(e.label, local)]))
-    for name, uses in owners.items():
-        if len(uses) > 1:
-            dense = _summed_grads(cap, uses)
-            if dense is not None:
-                out[name] = _forms.sq_sum(dense)
+    for name, terms in cap.terms.items():
+        if len(terms) == 1 and terms[0].call is not None:
+            t = terms[0]
+            e = t.call.entry
+            out[name] = e.layer.sq_grad_sum(e.module, t.call.saved, t.call.grad)[t.local]
+        else:
+            out[name] = _forms.sq_sum(dense_of(cap, name))
     return out
 
 
@@ -112,7 +101,7 @@ def empirical_fisher_diagonal(
             unsupported=unsupported,
             targets_fn=targets_fn,
         )
-        params.update({name: p for e in cap.entries for name, p in e.params.values()})
+        params.update(cap.params)
         for name, value in fisher_sums(cap).items():
             total[name] = value if name not in total else total[name] + value
         n += cap.batch

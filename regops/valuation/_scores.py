@@ -12,9 +12,8 @@ from torch import nn
 
 from regops._loader import IndexedLoader, in_dataset_order
 from regops.losses._class_dim import infer_classes_last
-from regops.per_example._recorder import _Recorder, check_reduction
+from regops.per_example._recorder import check_reduction
 from regops.valuation._capture import (
-    Captured,
     call_model,
     capture,
     logits_of,
@@ -22,21 +21,6 @@ from regops.valuation._capture import (
 )
 
 SCORES = ("grand", "el2n", "loss", "entropy", "margin")
-
-
-def _sq_norms(cap: Captured) -> torch.Tensor:
-    """``[B]`` squared per-example gradient norms through the recorder's own path (the norms' code)."""
-    rec = cap.rec
-    for call in rec.calls:
-        sig = rec.signals.get(id(call))
-        if sig is not None:
-            _Recorder.contribute(rec, call, sig[1])
-    sq = rec.squared_norms()[0]
-    p = next(iter(rec.params.values()))
-    dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-    if not sq:
-        return torch.zeros(cap.batch, dtype=dtype, device=p.device)
-    return torch.stack([v.to(dtype) for v in sq.values()]).sum(0) * cap.scale**2
 
 
 def logit_scores(
@@ -81,8 +65,8 @@ def _scores_once(model, loss_fn, loader: IndexedLoader, which, kw, class_dim) ->
     for batch, i in loader:
         index.append(i)
         if "grand" in which:
-            cap = capture(model, loss_fn, batch, keep_outputs=bool(logit_which), **kw)
-            out["grand"].append(_sq_norms(cap).sqrt())
+            cap = capture(model, loss_fn, batch, keep_outputs=bool(logit_which), norms=True, **kw)
+            out["grand"].append(cap.sq_norms.sqrt())
             logits, targets = cap.logits, cap.targets
         else:
             inputs, targets = split_batch(batch)
@@ -232,8 +216,8 @@ def gradient_coherence(
     grad_sum: dict[str, torch.Tensor] = {}
     n = 0
     for batch in loader:
-        cap = capture(model, loss_fn, batch, param_grads=True, **kw)
-        sq = _sq_norms(cap).sum()
+        cap = capture(model, loss_fn, batch, param_grads=True, norms=True, **kw)
+        sq = cap.sq_norms.sum()
         sum_sq = sq if sum_sq is None else sum_sq + sq
         for k, g in cap.param_grads.items():
             g = g.to(sq.dtype)

@@ -150,3 +150,21 @@ def hand_clip(grads: dict[str, torch.Tensor], max_norm: float, groups: list[list
         for k in names:
             out[k] = torch.einsum("b,b...->...", factor, grads[k])
     return out
+
+
+def loop_norms(model: nn.Module, x: torch.Tensor, loss) -> dict[str, torch.Tensor]:
+    """The oracle for any model and per-example loss ``loss(model(x_n))``: one backward per example."""
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    rows = []
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(loss(model(x[i : i + 1])), list(params.values()), allow_unused=True)
+        rows.append([torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads, strict=True)])
+    return {k: torch.stack([r[j].norm() for r in rows]) for j, k in enumerate(params)}
+
+
+def run_norms_loss(model: nn.Module, x: torch.Tensor, loss, **kw):
+    """``per_sample_grad_norms`` of ``loss(model(x))`` (a sum over examples)."""
+    model.zero_grad(set_to_none=True)
+    with regops.per_sample_grad_norms(model, "sum", **kw) as norms:
+        loss(model(x)).backward()
+    return norms

@@ -9,7 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import regops
-from tests.per_example.models import TiedLM, Transformer, loss_of, model_and_data, run_norms, vmap_norms
+from tests.per_example.models import (
+    TiedLM,
+    Transformer,
+    loop_norms,
+    loss_of,
+    model_and_data,
+    run_norms,
+    run_norms_loss,
+    vmap_norms,
+)
 
 
 def test_inplace_activation_after_linear():
@@ -51,19 +60,27 @@ def test_parameter_used_only_outside_its_module_is_exact():
         torch.testing.assert_close(norms.per_param[k], v, msg=k)
 
 
-def test_reshaped_batch_is_rejected():
+def test_reshaped_batch_is_followed():
+    """Layers applied to the ``[B * T, d]`` rows of a flattened batch get their rows grouped per example (a reshape
+    keeps the examples' order), exact against the per-example loop; with ``T == B`` nothing can be read from
+    sizes."""
+
     class Flattens(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+            self.a, self.ln, self.b = nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)
 
         def forward(self, x):
-            return self.b(self.a(x).reshape(-1, 4))
+            h = self.ln(self.a(x).reshape(-1, 4))  # [B * T, 4]
+            return self.b(torch.tanh(h)).view(x.shape[0], -1, 2)
 
-    model = Flattens()
-    with pytest.raises(ValueError, match="batch in dim 0"):
-        with regops.per_sample_grad_norms(model, "sum"):
-            model(torch.randn(2, 3, 4))
+    torch.manual_seed(0)
+    model = Flattens().double()
+    x = torch.randn(3, 3, 4, dtype=torch.float64)
+    norms = run_norms_loss(model, x, lambda out: out.square().sum())
+    expected = loop_norms(model, x, lambda out: out.square().sum())
+    for k, v in expected.items():
+        torch.testing.assert_close(norms.per_param[k], v, rtol=1e-10, atol=1e-12, msg=k)
 
 
 def test_module_without_rule_is_exact_op_by_op_or_by_vmap():

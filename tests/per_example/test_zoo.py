@@ -22,10 +22,6 @@ def _build(name: str, dtype: torch.dtype):
     return entry, model
 
 
-def _batch_dim(name: str) -> int:
-    return 1 if name == "encoder_seq_first" else 0
-
-
 def _norms_and_clipped(grads, bound=None):
     """Total norms of per-example gradients and their clipped sum (bound: 0.8 x the median norm by default)."""
     norms = torch.stack([torch.stack([g.double().square().sum() for g in d.values()]).sum().sqrt() for d in grads])
@@ -79,11 +75,10 @@ def test_zoo_matches_the_per_example_loop(name):
     b = 2 if name == "resnet18" else 4  # ResNet-18: keep the loop short
     inputs, target = entry.batch(b, dtype=torch.float64)
     norms_exp, per_param_exp, bound, clipped = _oracle(entry, model, inputs, target)
-    bd = _batch_dim(name)
 
     # one micro-batch: the plain norms block (no unsupported="vmap"), then Book-Keeping clipping
     model.zero_grad(set_to_none=True)
-    with regops.per_sample_grad_norms(model, "sum", retain_signals=True, batch_dim=bd) as norms:
+    with regops.per_sample_grad_norms(model, "sum", retain_signals=True) as norms:
         entry.loss(entry.forward(model, inputs), target).backward()
     for k, v in per_param_exp.items():  # some are 0 up to rounding (a key bias under softmax): absolute floor
         torch.testing.assert_close(norms.per_param[k], v, rtol=1e-6, atol=1e-12, msg=k)
@@ -95,7 +90,7 @@ def test_zoo_matches_the_per_example_loop(name):
 
     # two micro-batches in one dp_clipping block, mean loss: the clipped sum over all b examples, / b
     model.zero_grad(set_to_none=True)
-    with regops.dp_clipping(model, max_norm=bound, loss_reduction="mean", batch_dim=bd) as clip:
+    with regops.dp_clipping(model, max_norm=bound, loss_reduction="mean") as clip:
         _run_two(entry, model, inputs, target, "mean")
     assert clip.micro_batch_sizes == [b // 2, b // 2]
     torch.testing.assert_close(clip.total, norms_exp, rtol=1e-6, atol=0)
@@ -118,7 +113,7 @@ def test_zoo_matches_the_per_example_loop(name):
         floor = torch.finfo(low).eps / 2
         model.zero_grad(set_to_none=True)
         inside = mode == "bf16" and name == "tied_lm"
-        with regops.dp_clipping(model, max_norm=bound, loss_reduction="sum", batch_dim=bd) as clip:
+        with regops.dp_clipping(model, max_norm=bound, loss_reduction="sum") as clip:
             _run_two(entry, model, inputs, target, "sum", autocast=mode == "bf16", backward_inside=inside)
         got = {k: p.grad for k, p in model.named_parameters()}
         assert clip.total.dtype == torch.float32 and clip.total.shape == (b,)
