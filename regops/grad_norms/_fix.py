@@ -32,10 +32,23 @@ def _group_norm_for(bn: nn.modules.batchnorm._BatchNorm, max_groups: int) -> nn.
     return gn
 
 
+def _replacement(bn: nn.modules.batchnorm._BatchNorm, max_groups: int) -> nn.Module:
+    """A GroupNorm, followed by what the module applies after normalizing when it is a norm-and-activation layer
+    (timm's ``BatchNormAct2d``: its ``drop`` and ``act`` submodules): the model computes the same function but the
+    statistics."""
+    gn = _group_norm_for(bn, max_groups)
+    after = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if isinstance(m, nn.Module)]
+    after = [m for m in after if not isinstance(m, nn.Identity)]
+    if type(bn).forward is nn.modules.batchnorm._BatchNorm.forward or not after:
+        return gn
+    return nn.Sequential(gn, *after)
+
+
 def fix_model(model: nn.Module, *, max_groups: int = 32, inplace: bool = False) -> tuple[nn.Module, list[Change]]:
     """Replace every BatchNorm (1d/2d/3d, SyncBatchNorm, lazy) of ``model`` by a ``GroupNorm`` with
     ``gcd(max_groups, C)`` groups and the same ``eps`` and ``affine``, freshly initialised (weight 1, bias 0),
-    so that examples are independent and per-example gradients are defined.
+    so that examples are independent and per-example gradients are defined. A norm-and-activation layer (timm's
+    ``BatchNormAct2d``) keeps its activation and dropout after the GroupNorm.
 
     Args:
         model: any module (the root itself may be a BatchNorm).
@@ -60,17 +73,21 @@ def fix_model(model: nn.Module, *, max_groups: int = 32, inplace: bool = False) 
     changes: list[Change] = []
 
     def describe(m: nn.Module) -> str:
+        if isinstance(m, nn.Sequential):
+            return " + ".join(describe(c) for c in m)
         if isinstance(m, nn.GroupNorm):
             return f"GroupNorm({m.num_groups}, {m.num_channels})"
-        return f"{type(m).__name__}({m.num_features})"
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return f"{type(m).__name__}({m.num_features})"
+        return type(m).__name__
 
     if isinstance(model, nn.modules.batchnorm._BatchNorm):
-        gn = _group_norm_for(model, max_groups)
+        gn = _replacement(model, max_groups)
         return gn, [Change("<root>", describe(model), describe(gn))]
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.modules.batchnorm._BatchNorm):
-                gn = _group_norm_for(child, max_groups)
+                gn = _replacement(child, max_groups)
                 setattr(module, child_name, gn)
                 full = f"{name}.{child_name}" if name else child_name
                 changes.append(Change(full, describe(child), describe(gn)))

@@ -20,6 +20,7 @@ gradients.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -138,6 +139,7 @@ class _Recorder:
         self.enabled = False  # contributions accepted
         self.suspended = False
         self.tracker: Tracker | None = None
+        self.dtensor_ctx: Any = None
 
     # -- discovery
     @staticmethod
@@ -195,11 +197,19 @@ class _Recorder:
             self.handles.append(entry.module.register_forward_pre_hook(self._pre_hook(entry), with_kwargs=True))
             self.handles.append(entry.module.register_forward_hook(self._forward_hook(entry), with_kwargs=True))
         self.tracker.__enter__()
+        if "torch.distributed.tensor" in sys.modules:  # a tensor can be a DTensor only once that is imported
+            from regops.per_example import dtensor
+
+            self.dtensor_ctx = dtensor.carrying(self.tracker)
+            self.dtensor_ctx.__enter__()
 
     def detach_forward(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        if self.dtensor_ctx is not None:
+            ctx, self.dtensor_ctx = self.dtensor_ctx, None
+            ctx.__exit__(None, None, None)
         if self.tracker is not None:
             tracker, self.tracker = self.tracker, None
             tracker.__exit__(None, None, None)
@@ -273,7 +283,7 @@ class _Recorder:
             return "open"
         tag = self.tracker.tag(x)
         if tag is None:
-            return "node" if not is_dtensor(x) else "call"
+            return "node"
         if isinstance(tag, Layout) and (not entry.layer.rows or tag.dim == 0):
             return "call"
         return "open"
@@ -299,8 +309,6 @@ class _Recorder:
                 return None
             x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
             lay_in, lay_out = self.tracker.tag(x), self.tracker.tag(output)
-            if is_dtensor(x):
-                lay_in = lay_out = Layout(0, self.mbs[-1].batch)
             if not isinstance(lay_out, Layout):
                 how = f"in {type(module).__name__} {label!r}, whose output's examples are not where its input's are"
                 self.fallback([name for name, _ in entry.params.values()], how)

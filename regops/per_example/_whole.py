@@ -108,7 +108,18 @@ def _chunks(rec: Any, mb: _MicroBatch):
         raise RuntimeError("regops: no backward pass reached the model's outputs inside the block")
     params = dict(rec.params)
     with rec.quiet(whole.grads[0].device.type):
-        yield from per_example_grads(rec.model, params, whole.saved, whole.grads, chunk_size(params, mb.batch))
+        try:
+            yield from per_example_grads(rec.model, params, whole.saved, whole.grads, chunk_size(params, mb.batch))
+        except RuntimeError as e:
+            if str(e).startswith("regops:"):
+                raise
+            names, how = mb.fallback[0]
+            first = str(e).strip().splitlines()[0]
+            raise ValueError(
+                f"regops: the fast path cannot attribute parameter(s) {names} {how}, and the model cannot run under "
+                f"torch.func, the exact path for such uses ({first}). Write that use with ops regops follows, "
+                "register a rule for its module (regops.per_example.register_rule), or freeze the parameters."
+            ) from e
 
 
 def squared_norms(rec: Any, mb: _MicroBatch) -> dict[str, torch.Tensor]:

@@ -1,9 +1,19 @@
-"""Per-example norms of tensor-parallel layers (``ColwiseParallel`` / ``RowwiseParallel`` ``nn.Linear``, weights and
-layer signals DTensors): each rank computes the partial squared norms of its block and the partial sums are
-all-reduced over the mesh dims where the parameter is sharded."""
+"""The per-example engine on DTensors.
+
+* The examples follow a tensor into and out of DTensors (``DTensor.from_local``, ``redistribute``, ``to_local``,
+  ``full_tensor``: torch methods that are not torch functions, so the tracker would not see them) as long as no
+  placement shards the examples' dim.
+* Per-example norms of tensor-parallel layers (``ColwiseParallel`` / ``RowwiseParallel`` ``nn.Linear``, weights and
+  layer signals DTensors): each rank computes the partial squared norms of its block and the partial sums are
+  all-reduced over the mesh dims where the parameter is sharded.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -13,6 +23,71 @@ from torch.distributed.tensor import DTensor, Shard
 from regops.distributed import _dtensor
 from regops.distributed._dtensor import box
 from regops.per_example._layers import LinearRule
+from regops.per_example._layout import Layout
+from regops.per_example._propagate import Unknown
+
+_active = threading.local()  # the trackers of this thread's blocks, innermost last
+_lock = threading.Lock()
+_installed: dict[str, Any] = {}  # DTensor's own methods while they are wrapped
+_users = [0]
+
+
+def _carry(src: Any, out: Any, placements: Any) -> None:
+    trackers = getattr(_active, "trackers", None)
+    if not trackers:
+        return
+    tracker = trackers[-1]
+    tag = tracker.tag(src)
+    if isinstance(tag, Layout):
+        shards = [p.dim % out.dim() for p in placements or () if isinstance(p, Shard)]
+        tracker.set_tag(out, Unknown("a DTensor sharded along the examples' dim") if tag.dim in shards else tag)
+
+
+def _wrap(name: str, placements_of: Any) -> Any:
+    method = _installed[name]
+
+    @functools.wraps(method)
+    def wrapped(self_or_local, *args, **kwargs):
+        out = method(self_or_local, *args, **kwargs)
+        placements = list(placements_of(self_or_local, args, kwargs))
+        if isinstance(self_or_local, DTensor):
+            placements += list(self_or_local.placements)
+        _carry(self_or_local, out, placements)
+        return out
+
+    return wrapped
+
+
+@contextlib.contextmanager
+def carrying(tracker: Any) -> Iterator[None]:
+    """While a block runs, DTensor conversions keep the examples' tags (see the module docstring)."""
+    with _lock:
+        if _users[0] == 0:
+            _installed["from_local"] = DTensor.from_local
+            _installed["redistribute"] = DTensor.redistribute
+            _installed["to_local"] = DTensor.to_local
+            _installed["full_tensor"] = DTensor.full_tensor
+            DTensor.from_local = staticmethod(
+                _wrap("from_local", lambda x, a, k: a[1] if len(a) > 1 else k.get("placements"))
+            )
+            DTensor.redistribute = _wrap("redistribute", lambda x, a, k: a[1] if len(a) > 1 else k.get("placements"))
+            DTensor.to_local = _wrap("to_local", lambda x, a, k: ())
+            DTensor.full_tensor = _wrap("full_tensor", lambda x, a, k: ())
+        _users[0] += 1
+    stack = getattr(_active, "trackers", None)
+    if stack is None:
+        stack = _active.trackers = []
+    stack.append(tracker)
+    try:
+        yield
+    finally:
+        stack.pop()
+        with _lock:
+            _users[0] -= 1
+            if _users[0] == 0:
+                DTensor.from_local = staticmethod(_installed.pop("from_local"))
+                for name in ("redistribute", "to_local", "full_tensor"):
+                    setattr(DTensor, name, _installed.pop(name))
 
 
 def _block(t: Any, start: int, size: int, full: int, name: str) -> torch.Tensor:
