@@ -27,19 +27,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from regops._core.validate import is_dtensor
+from regops.per_example import _contrib, _whole
 from regops.per_example import _layout as L
 from regops.per_example import _recipes as R
-from regops.per_example import _whole
 from regops.per_example._calls import _Call, _Entry, _MicroBatch, _Use
 from regops.per_example._layout import Layout
-from regops.per_example._rules import Factors, _f32, _sq, _wsum, factors_inner, rule_for
+from regops.per_example._rules import rule_for
 from regops.per_example._tracker import Tracker
-from regops.per_example._vmap import VmapRule
+from regops.per_example._vmap import VMAP
 
 FORMS = ("auto", "ghost", "instantiate")
 LOSS_REDUCTIONS = ("sum", "mean")
-_VMAP = VmapRule()
 _REDUCTION_HELP = (
     "regops: say how your loss combines the examples: loss_reduction='sum' (loss = sum_n loss_n) or 'mean' "
     "(loss = mean over the batch: F.cross_entropy's default); per-example gradients and their norms are rescaled "
@@ -176,7 +174,7 @@ class _Recorder:
             if layer is None:
                 if unsupported != "vmap" or isinstance(module, (nn.RNNBase,)):
                     continue  # its parameters' uses are seen op by op (the tracker)
-                layer = _VMAP
+                layer = VMAP
             entries.append(_Entry(label, module, layer, own, per.pop(label, self.forms_default)))
         unknown = set(per) - {label for label, _ in model.named_modules()}
         if unknown:
@@ -276,7 +274,7 @@ class _Recorder:
     def _mode(self, entry: _Entry, args: tuple, kwargs: dict) -> str:
         """``call`` (the input carries examples the rule can read), ``node`` (constant input: the output is a
         tensor computed from parameters), ``open`` (the tracker sees the module's ops one by one)."""
-        if entry.layer is _VMAP:
+        if entry.layer is VMAP:
             return "call"
         x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
         if not isinstance(x, torch.Tensor) or not torch.is_grad_enabled():
@@ -298,7 +296,7 @@ class _Recorder:
                     self.active[id(p)] = self.active.get(id(p), 1) - 1
             if not torch.is_grad_enabled() or mode == "open":
                 return None
-            if entry.layer is _VMAP:
+            if entry.layer is VMAP:
                 return self._record_vmap(entry, args, kwargs, output)
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return None
@@ -348,7 +346,7 @@ class _Recorder:
         self.calls.append(call)
         for local, (name, _) in entry.params.items():
             mb.uses.setdefault(name, []).append(_Use(local in entry.layer.factored, None))
-        for local, node in links.items():
+        for node in links.values():
             reg = R.region(node)
             for name in node.params:
                 mb.uses.setdefault(name, []).append(_Use(False, reg))
@@ -448,6 +446,18 @@ class _Recorder:
         finally:
             self.suspended = prev
 
+    def contribute(self, call: _Call, grad: Any) -> None:
+        """Add one call's per-example contributions, given its output gradient (as autograd delivers it)."""
+        _contrib.contribute(self, call, grad)
+
+    def squared_norms(self) -> list[dict[str, torch.Tensor]]:
+        """One ``{name: [B_k]}`` per micro-batch: squared norms of the summed per-example gradients."""
+        return _contrib.squared_norms(self)
+
+    def weighted_grads(self, weights: Callable[[int, str], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``sum_n w_n g_n`` per parameter (``weights(micro-batch index, parameter name) -> [B_k]``)."""
+        return _contrib.weighted_grads(self, weights)
+
     def reset(self) -> None:
         for mb in self.mbs:
             mb.sq.clear()
@@ -460,191 +470,6 @@ class _Recorder:
             call.fired = 0
             call.grad = None
 
-    def _plan(self, mb: _MicroBatch) -> dict[str, str]:
-        """How the uses of each parameter combine: ``single``, ``factors`` (factored inner products), ``regions``
-        (disjoint slices: squared norms add) or ``dense`` (per-example gradients summed)."""
-        if mb.plan is None:
-            plan = {}
-            for name, uses in mb.uses.items():
-                if len(uses) == 1:
-                    plan[name] = "single"
-                elif all(u.factors for u in uses):
-                    plan[name] = "factors"
-                elif all(u.region is not None for u in uses) and _disjoint([u.region for u in uses]):
-                    plan[name] = "regions"
-                else:
-                    plan[name] = "dense"
-            mb.plan = plan
-        return mb.plan
-
-    def signals(self, call: _Call, grad: Any) -> tuple[Any, Any]:
-        """The call's saved input and output gradient with the examples first (per row for row rules on rows grouped
-        into examples)."""
-        if call.entry.layer is _VMAP:
-            return call.saved, grad
-        saved, g = call.saved, grad
-        if call.rows:
-            return saved, g
-        if call.layout_in is not None:
-            saved = _first(saved, call.layout_in)
-        if call.layout_out is not None and isinstance(g, torch.Tensor):
-            g = _first(g, call.layout_out)
-        return saved, g
-
-    def contribute(self, call: _Call, grad: Any) -> None:
-        """Add one call's per-example contributions, given its output gradient (as autograd delivers it)."""
-        if call.fired:
-            raise RuntimeError(
-                "regops: a recorded forward was backpropagated twice; per-example gradient norms take "
-                "exactly one backward pass per forward inside the block"
-            )
-        call.fired += 1
-        mb = self.mbs[call.mb]
-        if mb.fallback:
-            call.saved = None
-            return
-        saved, g = self.signals(call, grad)
-        if isinstance(g, torch.Tensor) and not g.is_contiguous():
-            g = g.contiguous()  # one copy here rather than in every reshape of the rule's forms
-        if self.retain_signals:
-            call.grad, call.saved = g, saved
-        if not self.norms:
-            return
-        entry = call.entry
-        plan = self._plan(mb)
-        device = g.device.type if isinstance(g, torch.Tensor) else "cpu"
-        direct = {local: name for local, (name, _) in entry.params.items()}
-        want = {local: plan.get(name, "single") for local, name in direct.items()}
-        for local, node in call.links.items():
-            names = list(node.params)
-            iso = node.source() is not None
-            want[local] = "single" if iso and all(plan.get(n) in ("single", "regions") for n in names) else "dense"
-        with self.quiet(device):
-            sq, facs, dense = self._forms(call, saved, g, want)
-        for local, how in want.items():
-            if local in call.links:
-                node = call.links[local]
-                if how == "dense":
-                    if local in dense:
-                        for name, v in R.to_param(node, _f32(dense[local])).items():
-                            mb.dense.setdefault(name, []).append(v)
-                elif local in sq:
-                    mb.sq.setdefault(next(iter(node.params)), []).append((sq[local], None))
-                continue
-            name = direct[local]
-            if how == "dense":
-                if local in dense:
-                    mb.dense.setdefault(name, []).append(_f32(dense[local]))
-            elif local in sq:
-                mb.sq.setdefault(name, []).append((sq[local], facs.get(local)))
-        if self.release_saved:
-            call.saved = None  # autograd frees its saved activations as the backward proceeds; so do we
-
-    def _forms(self, call, saved, g, want):
-        entry = call.entry
-        layer, module = entry.layer, entry.module
-        sq, facs, dense = {}, {}, {}
-        if call.rows:  # per-row gradients, summed per example
-            rows = layer.per_example_grads(module, saved, g)
-            lay = call.layout_out or call.layout_in
-            grads = {k: L.per_example_sum(v, lay.at(0)) for k, v in rows.items()}
-            return {k: _sq(v) for k, v in grads.items()}, {}, grads
-        if any(w != "dense" for w in want.values()):
-            form = entry.form
-            if form == "auto":
-                form = layer.cost_form(module, saved)
-            if is_dtensor(saved):  # tensor parallelism: partial norms of the shards, all-reduced
-                from regops.per_example import dtensor
-
-                sq = dtensor.tp_sq_norms(entry, saved, g, form, any(w == "factors" for w in want.values()))
-            else:
-                sq = layer.sq_norms(module, saved, g, form)
-        if any(w == "factors" for w in want.values()):
-            facs = layer.factors(module, saved, g)
-        missing = [k for k, w in want.items() if w == "dense" or (w == "factors" and k not in facs)]
-        if missing:
-            dense = layer.per_example_grads(module, saved, g)
-            for k in missing:
-                want[k] = "dense"
-        return sq, facs, dense
-
-    def squared_norms(self) -> list[dict[str, torch.Tensor]]:
-        """One ``{name: [B_k]}`` per micro-batch: squared norms of the summed per-example gradients."""
-        out = []
-        with self.quiet():
-            for mb in self.mbs:
-                if mb.fallback:
-                    out.append(_whole.squared_norms(self, mb))
-                    continue
-                res = {}
-                for name in set(mb.sq) | set(mb.dense):
-                    items, dense = mb.sq.get(name, []), mb.dense.get(name, [])
-                    if dense and items:
-                        raise RuntimeError(f"regops: internal error: {name!r} has uses of both kinds")
-                    if dense:
-                        res[name] = _sq(sum(_f32(d) for d in dense))
-                    elif len(items) > 1 and all(f is not None for _, f in items):
-                        res[name] = _shared_sq(items)
-                    else:
-                        res[name] = sum(s for s, _ in items)
-                out.append(res)
-        return out
-
-    # -- Book-Keeping
-    def weighted_grads(self, weights: Callable[[int, str], torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``sum_n w_n g_n`` per parameter (``weights(micro-batch index, parameter name) -> [B_k]``) from the kept
-        signals of every call and the per-example gradients carried back (all micro-batches)."""
-        out: dict[str, torch.Tensor] = {}
-
-        def add(name, v):
-            out[name] = v if name not in out else out[name] + v
-
-        for call in [*self.calls, *self.derived]:
-            mb = self.mbs[call.mb]
-            if call.grad is None or mb.fallback:
-                continue
-            entry = call.entry
-            groups: dict[int, tuple[torch.Tensor, list[str]]] = {}
-            locals_ = [(local, [name]) for local, (name, _) in entry.params.items()]
-            locals_ += [(local, list(node.params)) for local, node in call.links.items()]
-            for local, names in locals_:
-                w = weights(call.mb, names[0])
-                groups.setdefault(id(w), (w, []))[1].append(local)
-            for w, locs in groups.values():
-                with self.quiet(w.device.type):
-                    if call.rows:
-                        lay = call.layout_out or call.layout_in
-                        rows = entry.layer.per_example_grads(entry.module, call.saved, call.grad)
-                        grads = {k: _wsum(w, L.per_example_sum(v, lay.at(0))) for k, v in rows.items()}
-                    else:
-                        grads = entry.layer.weighted_grads(entry.module, call.saved, call.grad, w)
-                for local in locs:
-                    if local not in grads:
-                        continue
-                    if local in call.links:
-                        for name, v in R.to_param(call.links[local], grads[local][None]).items():
-                            add(name, v[0])
-                    else:
-                        add(entry.params[local][0], grads[local])
-        for index, mb in enumerate(self.mbs):
-            if mb.fallback:
-                for name, v in _whole.weighted_grads(self, mb, index, weights).items():
-                    add(name, v)
-                continue
-            for name, dense in mb.pushed.items():
-                w = weights(index, name)
-                for d in dense:
-                    add(name, _wsum(w, d))
-        return out
-
-
-def _first(t: Any, layout: Layout) -> Any:
-    if not isinstance(t, torch.Tensor):
-        return t
-    if layout.plain:
-        return t.movedim(layout.dim, 0)
-    return L.batch_first(t, layout)
-
 
 def _expand_examples(saved: Any, b: int) -> Any:
     if isinstance(saved, torch.Tensor):
@@ -652,20 +477,3 @@ def _expand_examples(saved: Any, b: int) -> Any:
     if isinstance(saved, tuple):
         return tuple(_expand_examples(x, b) for x in saved)
     return saved
-
-
-def _disjoint(regions: list[torch.Tensor]) -> bool:
-    flat = torch.cat([r.reshape(-1).cpu() for r in regions])
-    return flat.unique().numel() == flat.numel()
-
-
-def _shared_sq(items: list[tuple[torch.Tensor, Factors]]) -> torch.Tensor:
-    """``||sum_i grad_i||^2`` per example from the uses' factored gradients."""
-    total = sum(sq for sq, _ in items)
-    dtype = total.dtype
-    for i in range(len(items)):
-        for j in range(i):
-            total = total + 2 * factors_inner(items[i][1], items[j][1], dtype)
-    return total
-
-

@@ -116,3 +116,6 @@ class VmapRule(LayerRule):
         params = {k: p for k, p in module._parameters.items() if p is not None and p.requires_grad}
         parts = list(per_example_grads(module, params, saved, g, saved.batch))
         return parts[0][1]
+
+
+VMAP = VmapRule()
