@@ -362,7 +362,7 @@ def _matmul(name: str, args: tuple, kwargs: dict, xs: list, out: torch.Tensor) -
             raise _Lost("a sum over the batch of products")
         return res
     result = None
-    a, b = args[0], args[1]
+    b = args[1]
     nd = out.dim()
     for path, t, layout in xs:
         which = path[1] if path[0] == "a" else (0 if path[1] in ("input", "self") else 1)
@@ -394,7 +394,7 @@ def _einsum(args: tuple, xs: list, out: torch.Tensor) -> Layout:
     if not rhs:
         rhs = "".join(sorted(c for c in set(lhs) if c in string.ascii_letters and lhs.count(c) == 1))
     result = None
-    for path, t, layout in xs:
+    for path, _t, layout in xs:
         k = path[2] if len(path) > 2 else path[1] - 1
         letter = terms[k][layout.dim]
         if letter not in rhs:
@@ -409,7 +409,7 @@ def _einsum(args: tuple, xs: list, out: torch.Tensor) -> Layout:
 def _cat(name: str, args: tuple, kwargs: dict, xs: list, out: torch.Tensor) -> Layout:
     d = int(_arg(args, kwargs, 1, "dim", 0))
     result = None
-    for path, t, layout in xs:
+    for _path, t, layout in xs:
         nd = t.dim()
         dim = d % (nd + 1 if name == "stack" else nd)
         if name == "stack":

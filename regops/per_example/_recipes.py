@@ -113,7 +113,8 @@ def region(node: Node) -> torch.Tensor | None:
 
 
 def transposed_alias(node: Node) -> bool | None:
-    """For a whole-parameter alias: ``False`` (the parameter up to casts), ``True`` (its 2-D transpose), else ``None``."""
+    """For a whole-parameter alias: ``False`` (the parameter up to casts), ``True`` (its 2-D transpose), else
+    ``None``."""
     chain = node.source()
     if chain is None:
         return None

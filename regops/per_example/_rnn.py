@@ -98,14 +98,16 @@ class _Recurrence(torch.autograd.Function):
             steps = [g for g in ghs if g is not None]
             got = torch.autograd.grad(outputs, inputs + steps, grads, allow_unused=True)
         # ghs is indexed by step, whatever the direction: the rows in step order, as gi's and the saved states'
-        on_steps(torch.cat([torch.zeros_like(s) if g is None else g for s, g in zip(steps, got[len(inputs) :], strict=True)]))
+        step_grads = got[len(inputs) :]
+        on_steps(torch.cat([torch.zeros_like(s) if g is None else g for s, g in zip(steps, step_grads, strict=True)]))
         it = iter(got[: len(inputs)])
         return (None, *[next(it) if t is not None and t.requires_grad else None for t in leaves])
 
 
 def run(tracker: Any, func: Callable, name: str, args: tuple, kwargs: dict, found: list) -> Any:
     rec = tracker.rec
-    packed = len(args) > 1 and isinstance(args[1], torch.Tensor) and args[1].dim() == 1 and not args[1].is_floating_point()
+    second = args[1] if len(args) > 1 else None
+    packed = isinstance(second, torch.Tensor) and second.dim() == 1 and not second.is_floating_point()
     if packed:
         x, batch_sizes, hx, params, has_bias, layers, dropout, train, bidirectional = args[:9]
         batch_first = False

@@ -84,15 +84,17 @@ class Tracker(TorchFunctionMode):
         """Tag the model's inputs: every tensor whose ``batch_dim`` has the batch size ``B`` (that of the first
         tensor with a ``batch_dim``) carries the examples there; tensors of size 1 there broadcast. Returns ``B``."""
         batch = None
-        for leaf in pytree.tree_leaves(tree):
+        leaves = pytree.tree_leaves(tree, is_leaf=_is_packed)
+        for leaf in leaves:
+            if _is_packed(leaf):
+                sizes = self._tag_packed(leaf)
+                batch = sizes if batch is None else batch
+        for leaf in leaves:
             if isinstance(leaf, torch.Tensor) and leaf.dim() > batch_dim and self.tag(leaf) is None:
                 if batch is None:
                     batch = leaf.shape[batch_dim]
                 if leaf.shape[batch_dim] == batch:
                     self.set_tag(leaf, Layout(batch_dim, batch))
-        packed = [x for x in pytree.tree_leaves(tree, is_leaf=_is_packed) if _is_packed(x)]
-        for p in packed:
-            batch = self._tag_packed(p) if batch is None else batch
         return batch
 
     def _tag_packed(self, p: Any) -> int:
@@ -155,7 +157,10 @@ class Tracker(TorchFunctionMode):
         return found
 
     def _tag_all(self, out: Any, tags: list) -> None:
-        outs = [out] if isinstance(out, torch.Tensor) else [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if isinstance(out, torch.Tensor):
+            outs = [out]
+        else:
+            outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         for t, tag in zip(outs, tags, strict=False):
             self.set_tag(t, tag)
 
@@ -182,7 +187,8 @@ class Tracker(TorchFunctionMode):
         unknown = [tag for _, _, tag in xs if isinstance(tag, Unknown)]
         if unknown:
             names = [n for _, _, tag in nodes for n in tag.params]
-            rec.fallback(names, f"used by {fname(func)} on a tensor whose examples' place is unknown ({unknown[0].why})")
+            why = unknown[0].why
+            rec.fallback(names, f"used by {fname(func)} on a tensor whose examples' place is unknown ({why})")
             out = func(*args, **kwargs)
             self._tag_all(out, [unknown[0]] * 8)
             return out
@@ -248,4 +254,3 @@ def _body(func):
     body = types.FunctionType(func.__code__, g, func.__name__, func.__defaults__, func.__closure__)
     body.__kwdefaults__ = func.__kwdefaults__
     return body
-

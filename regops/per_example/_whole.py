@@ -93,7 +93,9 @@ def tap(rec: Any, mb: _MicroBatch, module: nn.Module, output: Any) -> Any:
 
     def on_grads(grads):
         if rec.enabled:
-            mb.whole.grads = [g if g is not None else torch.zeros_like(leaves[i]) for g, i in zip(grads, index)]
+            mb.whole.grads = [
+                g if g is not None else torch.zeros_like(leaves[i]) for g, i in zip(grads, index, strict=True)
+            ]
 
     tapped = _Tap.apply(on_grads, *[leaves[i] for i in index])
     new = list(leaves)
@@ -171,7 +173,10 @@ def record_module(rec: Any, entry: Any, args: tuple, kwargs: dict, output: Any) 
 
     def on_grads(grads):
         if rec.enabled:
-            rec.contribute(call, [g if g is not None else torch.zeros_like(zero_like[i]) for g, i in zip(grads, index)])
+            rec.contribute(
+                call,
+                [g if g is not None else torch.zeros_like(zero_like[i]) for g, i in zip(grads, index, strict=True)],
+            )
 
     tapped = _Tap.apply(on_grads, *[leaves[i] for i in index])
     new = list(leaves)
