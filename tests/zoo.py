@@ -169,17 +169,23 @@ def _t5() -> nn.Module:
         decoder_start_token_id=0,
         pad_token_id=0,
     )
-    return tf.T5ForConditionalGeneration(config)
+    return T5Logits(tf.T5ForConditionalGeneration(config))
+
+
+class T5Logits(nn.Module):
+    """T5 on encoder and decoder ids stacked in one tensor ``[B, 2, T]`` (the loop slices examples along dim 0)."""
+
+    def __init__(self, t5: nn.Module):
+        super().__init__()
+        self.t5 = t5
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.t5(input_ids=ids[:, 0], decoder_input_ids=ids[:, 1]).logits
 
 
 def _t5_batch(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder and decoder ids stacked in one tensor ``[B, 2, T]`` (the loop slices examples along dim 0)."""
     ids = torch.randint(1, VOCAB, (b, 2, T5_SEQ), generator=g)
     return ids, torch.randint(0, VOCAB, (b, T5_SEQ), generator=g)
-
-
-def _t5_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids[:, 0], decoder_input_ids=ids[:, 1]).logits
 
 
 def _gpt_neox() -> nn.Module:
@@ -412,7 +418,7 @@ ZOO: dict[str, ZooEntry] = {
         sequence=False,
     ),
     "opt": ZooEntry("opt", _opt, _tokens, _hf_logits, sequence=True),
-    "t5": ZooEntry("t5", _t5, _t5_batch, _t5_logits, sequence=True),
+    "t5": ZooEntry("t5", _t5, _t5_batch, _call, sequence=True),
     "gpt_neox": ZooEntry("gpt_neox", _gpt_neox, _tokens, _hf_logits, sequence=True),
     "mistral": ZooEntry("mistral", _mistral, _tokens, _hf_logits, sequence=True),
     "qwen2": ZooEntry("qwen2", _qwen2, _tokens, _hf_logits, sequence=True),

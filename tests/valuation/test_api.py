@@ -158,11 +158,16 @@ def test_dots_sequence_linear_t_differs_and_frozen():
         )
 
 
-@pytest.mark.parametrize("name", ["reused_mlp", "encoder", "tied_lm", "gpt2", "llama", "vit"])
+ZOO_DOTS = ["reused_mlp", "encoder", "tied_lm", "gpt2", "llama", "vit"]
+ZOO_DOTS += ["opt", "t5", "swin", "convnext", "lstm_bidirectional_packed", "gru_seq_first", "cross_attention"]
+
+
+@pytest.mark.parametrize("name", ZOO_DOTS)
 def test_dots_and_fisher_zoo(name):
     """A Linear applied twice (cross terms between its calls), nn.TransformerEncoder (MultiheadAttention reads
     its projections functionally), a tied LM head F.linear(h, emb.weight), Hugging Face GPT-2 (Conv1D, tied
-    head) and Llama, timm ViT: exact against the loop."""
+    head) and Llama, timm ViT; OPT's flattened rows, T5's relative-position bias, Swin's windows, ConvNeXt's layer
+    scale, recurrent layers (packed, bidirectional, sequence-first) and cross-attention: exact against the loop."""
     entry = ZOO[name]
     model = entry.build(torch.float64)
     inputs, target = entry.batch(3, torch.Generator().manual_seed(0), torch.float64)
@@ -414,3 +419,19 @@ def test_model_dots_and_fisher_with_kernels(kernel_target, kind):
     torch.testing.assert_close(got.cpu(), expected.cpu(), rtol=1e-4, atol=1e-5)
     for k, v in fisher_ref.items():
         torch.testing.assert_close(fisher[k].cpu(), v.cpu(), rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_dots_and_fisher_on_the_torch_func_path():
+    """A model with an op the tracker does not know: its per-example gradients by torch.func, exact."""
+    from tests.per_example.test_tracking import Unknown
+
+    torch.manual_seed(0)
+    model = Unknown().double()
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    x2, y2 = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
+    with pytest.warns(UserWarning, match="torch.func"):
+        got = regops.per_sample_grad_dots(model, sum_ce, (x, y), (x2, y2), loss_reduction="sum")
+        fisher = regops.empirical_fisher_diagonal(model, sum_ce, [(x, y)], loss_reduction="sum")
+    g1, g2 = loop_grads(model, x, y), loop_grads(model, x2, y2)
+    rel_close(got, g1 @ g2.T)
+    rel_close(torch.cat([v.flatten() for v in fisher.values()]), g1.square().mean(0))
