@@ -211,9 +211,9 @@ def device_slug(device: torch.device) -> str:
 
 
 def _git_revision() -> str | None:
-    from regops import _cuda_toolkit
+    from regops._core import toolkit
 
-    return _cuda_toolkit.git_revision(str(RESULTS_DIR.parents[1]))
+    return toolkit.git_revision(str(RESULTS_DIR.parents[1]))
 
 
 def _command() -> list[str]:
