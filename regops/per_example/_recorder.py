@@ -33,7 +33,7 @@ from regops.per_example import _recipes as R
 from regops.per_example._calls import _Call, _Entry, _MicroBatch, _Use
 from regops.per_example._layout import Layout
 from regops.per_example._rules import rule_for
-from regops.per_example._tracker import Tracker
+from regops.per_example._tracker import Tracker, function_name
 from regops.per_example._vmap import VMAP
 
 FORMS = ("auto", "ghost", "instantiate")
@@ -246,8 +246,15 @@ class _Recorder:
             return None
         self.in_root -= 1
         mb = self.mbs[-1]
-        if self.in_root == 0 and mb.fallback and torch.is_grad_enabled():
-            return _whole.tap(self, mb, module, output)
+        if self.in_root == 0 and torch.is_grad_enabled():
+            for fn, names in self.tracker.unseen(output):
+                function = function_name(fn)
+                mb.fallback.append(
+                    (sorted(names), f"passed to the torch.autograd.Function {function} (run without autograd)")
+                )
+                self.tracker.seen_fns.add(fn)  # the torch.func path accounts for it
+            if mb.fallback:
+                return _whole.tap(self, mb, module, output)
         return None
 
     def current_mb(self) -> int:
@@ -296,6 +303,7 @@ class _Recorder:
                     self.active[id(p)] = self.active.get(id(p), 1) - 1
             if not torch.is_grad_enabled() or mode == "open":
                 return None
+            self.tracker.mark_seen(output, (args, kwargs))  # the rule accounts for whatever the module does inside
             if entry.layer is VMAP:
                 return self._record_vmap(entry, args, kwargs, output)
             if not isinstance(output, torch.Tensor) or not output.requires_grad:

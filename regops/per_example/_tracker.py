@@ -17,7 +17,10 @@ tensors with examples, the op is a *use* and is recorded exactly:
 * any other op on tensors with plain examples: ``vmap`` over the examples of the op's ``vjp``.
 
 A use the tracker cannot attribute (a parameter meeting a tensor whose examples' place is unknown) sends the
-micro-batch to the exact whole-model ``torch.func`` path, with the reason.
+micro-batch to the exact whole-model ``torch.func`` path, with the reason. So does a parameter passed to a
+``torch.autograd.Function`` (its forward runs without autograd, out of the tracker's view; so do torch.library ops
+with their own autograd formula): at the end of each forward the graph is searched for such Functions
+(:meth:`Tracker.unseen`); one outside the forward (in the loss) makes the backward refuse (:meth:`Tracker.check_graph`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import weakref
 from typing import Any
 
 import torch
+from torch.autograd.function import BackwardCFunction
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
@@ -51,6 +55,8 @@ from regops.per_example._recipes import Node, OpNode, ParamNode
 
 RNN_OPS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
 NORMS = frozenset({"layer_norm", "rms_norm", "group_norm"})
+# The calls that start a backward pass: the graph they run is checked for parameter uses the tracker did not see.
+BACKWARDS = (torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad)
 
 
 class Tracker(TorchFunctionMode):
@@ -61,6 +67,9 @@ class Tracker(TorchFunctionMode):
         self.rec = rec
         self.tags: dict[int, tuple[weakref.ref, Any]] = {}
         self.param_nodes = {id(p): ParamNode(name, p) for name, p in rec.params.items()}
+        # The autograd nodes made by ops and rule calls that used parameters in the tracker's view (the engine's
+        # own Functions among them): a Function outside these is one the tracker never saw.
+        self.seen_fns: set = set()
 
     # -- tags
     def tag(self, t: Any) -> Any:
@@ -112,6 +121,8 @@ class Tracker(TorchFunctionMode):
         rec = self.rec
         if rec.suspended:
             return func(*args, **kwargs)
+        if func in BACKWARDS:
+            self.check_graph(args[0] if args else next(iter(kwargs.values()), None))
         name = canonical(func)
         if name in META:
             return func(*args, **kwargs)
@@ -123,7 +134,7 @@ class Tracker(TorchFunctionMode):
         if not found:
             return func(*args, **kwargs)
         if name in RNN_OPS and any(isinstance(tag, Node) for _, _, tag in found) and torch.is_grad_enabled():
-            return _rnn.run(self, func, name, args, kwargs, found)
+            return self.mark_seen(_rnn.run(self, func, name, args, kwargs, found), (args, kwargs))
         if name == "_pack_padded_sequence" or name == "_pad_packed_sequence":
             return self._packing(func, name, args, kwargs, found)
         nodes = [(p, t, tag) for p, t, tag in found if isinstance(tag, Node)] if torch.is_grad_enabled() else []
@@ -135,8 +146,8 @@ class Tracker(TorchFunctionMode):
             self._tag_all(out, propagate(name, args, kwargs, xs, out))
             return out
         if not xs:
-            return self._node_op(func, args, kwargs, found)
-        return self._use(func, name, args, kwargs, xs, nodes)
+            return self.mark_seen(self._node_op(func, args, kwargs, found), (args, kwargs))
+        return self.mark_seen(self._use(func, name, args, kwargs, xs, nodes), (args, kwargs))
 
     def _found(self, args: tuple, kwargs: dict) -> list:
         found = []
@@ -194,6 +205,65 @@ class Tracker(TorchFunctionMode):
             return out
         return _uses.use(self, func, name, args, kwargs, xs, nodes)
 
+    # -- parameter uses hidden from the tracker
+    def mark_seen(self, out: Any, inputs: Any) -> Any:
+        """Record the autograd nodes between ``out`` and ``inputs`` (those of one op or rule call the tracker saw
+        using parameters) as seen; returns ``out``."""
+        if torch.is_grad_enabled():
+            stop = {t.grad_fn for t in _tensor_leaves(inputs) if t.grad_fn is not None}
+            stack = [t.grad_fn for t in _tensor_leaves(out) if t.grad_fn is not None]
+            while stack:
+                fn = stack.pop()
+                if fn in stop or fn in self.seen_fns:
+                    continue
+                self.seen_fns.add(fn)
+                stack.extend(f for f, _ in fn.next_functions if f is not None)
+        return out
+
+    def unseen(self, roots: Any) -> list[tuple[Any, set]]:
+        """The ``torch.autograd.Function`` nodes in the graph of ``roots`` that the tracker did not see and that are
+        passed a tracked parameter (or a tensor computed from parameters), with those parameters' names."""
+        fns = [t.grad_fn for t in _tensor_leaves(roots) if t.grad_fn is not None]
+        if not fns:
+            return []
+        nodes = {}
+        for ref, tag in list(self.tags.values()):
+            t = ref()
+            if isinstance(tag, Node) and t is not None and t.grad_fn is not None:
+                nodes[t.grad_fn] = tag
+        found, visited, stack = [], set(), fns
+        while stack:
+            fn = stack.pop()
+            if fn in visited:
+                continue
+            visited.add(fn)
+            nexts = [f for f, _ in fn.next_functions if f is not None]
+            stack.extend(nexts)
+            if not isinstance(fn, BackwardCFunction) or fn in self.seen_fns:
+                continue
+            names = set()
+            for f in nexts:
+                node = self.param_nodes.get(id(getattr(f, "variable", None)))
+                if node is not None and node.param is f.variable:
+                    names |= set(node.params)
+                elif f in nodes:
+                    names |= set(nodes[f].params)
+            if names:
+                found.append((fn, names))
+        return found
+
+    def check_graph(self, roots: Any) -> None:
+        """Refuse a backward whose graph passes parameters to a ``torch.autograd.Function`` that neither the tracker
+        saw nor a forward of the model sent to the torch.func path (one in the loss): that use has no per-example
+        record, and norms that leave it out are wrong."""
+        for fn, names in self.unseen(roots):
+            raise RuntimeError(
+                f"regops: parameter(s) {sorted(names)} are passed to the torch.autograd.Function {function_name(fn)} "
+                "outside the model's forward; its forward runs without autograd, so regops cannot see that use, and "
+                "per-example norms without it would be wrong. Use the parameters through torch operations inside "
+                "the model"
+            )
+
     # -- functions that call torch functions in Python: run their body with the tracker seeing inside
     def _open(self, func, args, kwargs):
         with self:
@@ -223,6 +293,15 @@ class Tracker(TorchFunctionMode):
 
 def _is_packed(x: Any) -> bool:
     return isinstance(x, torch.nn.utils.rnn.PackedSequence)
+
+
+def function_name(fn: Any) -> str:
+    """The name of the ``torch.autograd.Function`` (or torch.library op) behind an autograd node."""
+    return getattr(fn, "_forward_cls", type(fn)).__qualname__
+
+
+def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
 def _requires_grad(out: Any) -> bool:

@@ -246,3 +246,152 @@ def test_the_torch_func_path_refuses_randomness_and_batch_statistics():
     with pytest.raises(ValueError, match="couples the examples"):
         with regops.per_sample_grad_norms(bn, "sum"):
             bn(torch.randn(3, 4))
+
+
+# ----------------------------------------------------------------------------------------------- autograd.Function
+class _MatMulT(torch.autograd.Function):
+    """``x @ w.t()`` with a hand-written backward: its forward runs without autograd, out of the tracker's view."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g @ w, g.transpose(-1, -2) @ x
+
+
+class _Cube(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x.square() * g
+
+
+class HiddenUse(nn.Module):
+    """``w`` used twice: once by F.linear (seen), once through an autograd.Function (not seen); ``a.weight`` (a
+    Linear with its rule) passed to the Function too, outside the Linear's forward."""
+
+    def __init__(self, through: str) -> None:
+        super().__init__()
+        self.through = through
+        self.a, self.w = nn.Linear(4, 4), nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.through == "parameter":
+            return F.linear(_MatMulT.apply(h, self.w), self.w)
+        if self.through == "computed":  # a tensor computed from parameters (a node) passed to the Function
+            return F.linear(_MatMulT.apply(h, 0.5 * self.w.t()), self.w)
+        return _MatMulT.apply(h, self.a.weight) + F.linear(h, self.w)
+
+
+@pytest.mark.parametrize("through", ["parameter", "computed", "rule_layer"])
+def test_a_parameter_passed_to_an_autograd_function_goes_to_torch_func_or_is_refused(through):
+    """Norms that left out a use regops cannot see were wrong, silently (the Function's share of the gradient was
+    missing). Such a forward now takes the torch.func path; a Function that cannot run there is refused by name."""
+    torch.manual_seed(0)
+    model = HiddenUse(through).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    names = "'a.weight'" if through == "rule_layer" else "'w'"
+    match = rf"\[{names}\] passed to the torch.autograd.Function _MatMulT .*cannot run under torch.func"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=match):
+            with regops.per_sample_grad_norms(model, "sum") as norms:
+                model(x).square().sum().backward()
+            _ = norms.total
+        model.zero_grad(set_to_none=True)
+        with pytest.raises(ValueError, match=match):
+            with regops.dp_clipping(model, max_norm=1.0, loss_reduction="sum"):
+                model(x).square().sum().backward()
+
+
+class _MatMulTFunc(torch.autograd.Function):
+    """``x @ w.t()`` written for torch.func (setup_context, a generated vmap rule)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, w):
+        return x @ w.t()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g @ w, g.transpose(-1, -2) @ x
+
+
+class FuncUse(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.w = nn.Linear(4, 4), nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return _MatMulTFunc.apply(h, self.w) + F.linear(h, self.w)
+
+
+def test_a_parameter_passed_to_a_torch_func_ready_function_is_exact_by_torch_func():
+    torch.manual_seed(0)
+    slow = _check(FuncUse().double(), torch.randn(4, 4, dtype=torch.float64), _sq, fast=False)
+    assert all("passed to the torch.autograd.Function _MatMulTFunc" in w for w in slow), slow
+
+
+def test_a_parameter_passed_to_an_autograd_function_in_the_loss_is_refused_before_the_backward():
+    """Outside the model's forward (in the loss) no path can attribute the use: the backward is refused, p.grad
+    untouched."""
+    torch.manual_seed(0)
+    model = HiddenUse("parameter").double()
+    model.forward = lambda x: F.linear(torch.tanh(model.a(x)), model.w)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    for block in (
+        lambda: regops.per_sample_grad_norms(model, "sum"),
+        lambda: regops.dp_clipping(model, max_norm=1.0, loss_reduction="sum"),
+    ):
+        with pytest.raises(RuntimeError, match=r"\['w'\] are passed to the torch.autograd.Function _MatMulT outside"):
+            with block():
+                _MatMulT.apply(model(x), model.w).square().sum().backward()
+        assert all(p.grad is None for p in model.parameters())
+
+
+class FunctionLinear(nn.Module):
+    """A layer whose forward calls an autograd.Function on its own weight, taught to regops by a registered rule."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) / d_in**0.5)
+        self.bias = nn.Parameter(torch.randn(d_out))
+
+    def forward(self, x):
+        return _MatMulT.apply(x, self.weight) + self.bias
+
+
+class FunctionModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = FunctionLinear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(_Cube.apply(self.a(x)))
+
+
+def test_autograd_functions_on_examples_or_inside_a_ruled_layer_stay_exact(monkeypatch):
+    """No false refusal: a Function on the examples only (no parameter passed), and one inside a layer whose
+    registered rule accounts for it, are exact on the fast path."""
+    from regops.per_example import _rules
+
+    monkeypatch.setitem(_rules._RULES, FunctionLinear, regops.per_example.rule_for(nn.Linear(1, 1)))
+    torch.manual_seed(0)
+    _check(FunctionModel().double(), torch.randn(4, 4, dtype=torch.float64), _sq)
