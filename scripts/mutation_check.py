@@ -94,10 +94,10 @@ MUTATIONS = [
     Mutation(
         "bias-norm-bf16",
         "per-example bias norms: the sum over tokens taken in the layer's bf16/fp16 (rounded before the norm)",
-        "regops/grad_norms/layers.py",
+        "regops/per_example/_layers.py",
         '            out["bias"] = _sq(g if g.dim() == 2 else _sum_f32(g.reshape(g.shape[0], -1, g.shape[-1]), 1))',
         '            out["bias"] = _sq(g if g.dim() == 2 else g.reshape(g.shape[0], -1, g.shape[-1]).sum(1))',
-        ("tests/test_grad_norms.py", "-k", "low_precision"),
+        ("tests/per_example/test_models.py", "-k", "low_precision"),
     ),
     Mutation(
         "stale-extension",

@@ -88,3 +88,31 @@ class Checks:
     def done(self) -> None:
         if self.failures:
             raise AssertionError(f"rank {self.rank}:\n" + "\n".join(self.failures))
+
+
+# ---------------------------------------------------------------------------------------------- a shared model
+def mlp() -> torch.nn.Module:
+    """The float64 MLP (Linear, LayerNorm, Tanh) the FSDP2 tests of several families shard."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)
+    ).double()
+
+
+def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 6, dtype=torch.float64, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def sharded(world: int) -> torch.nn.Module:
+    """:func:`mlp` under FSDP2: every Linear and LayerNorm, then the root, ``fully_shard``-ed."""
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp()
+    for layer in model:
+        if isinstance(layer, (nn.Linear, nn.LayerNorm)):
+            fully_shard(layer)
+    return fully_shard(model)

@@ -25,10 +25,10 @@ from regops.testing import seed as S
 pytest.importorskip("triton")
 
 from regops.kernels import dropout_fused as kf  # noqa: E402
-from regops.kernels import grad_norms as kg  # noqa: E402
 
 from regops._core.launch import MAX_GRID, recording  # noqa: E402
 from regops.dropout import triton as T  # noqa: E402
+from regops.per_example import triton as kg  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter on CPU tensors")
 OFFSETS = [2**31 - 2000, 2**32 - 3]
@@ -240,12 +240,12 @@ def test_dropout_grids_for_2_pow_32_elements():
 def test_grad_norm_grids_for_long_sequences():
     with recording() as launches:
         a = torch.empty(2, 65536, 64, dtype=torch.bfloat16, device="meta")
-        kg.gram_sq_norms(a, a)
-        kg.embedding_gram_sq_norms(torch.empty(2, 65536, dtype=torch.int64, device="meta"), a, -1)
+        kg.grad_norms_gram(a, a)
+        kg.grad_norms_embedding_gram(torch.empty(2, 65536, dtype=torch.int64, device="meta"), a, -1)
         big = torch.empty(1, 8, 16384, dtype=torch.bfloat16, device="meta")  # one 16384 x 16384 Linear
-        kg.instantiate_sq_norms(big, big)
+        kg.grad_norms_instantiate(big, big)
         many = torch.empty(70_000, 3, 8, dtype=torch.bfloat16, device="meta")  # examples past grid y: chunked
-        kg.gram_sq_norms(many, many)
+        kg.grad_norms_gram(many, many)
     _within_limits(launches)
     assert launches[0].grid == (1024**2, 2)
     assert sum(launch.grid[1] for launch in launches if launch.grid[0] == 1) == 70_000

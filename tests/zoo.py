@@ -1,8 +1,10 @@
 """A zoo of tiny, randomly initialised real architectures, built in the test process (no downloads).
 
-Every entry builds the model a user would train (Hugging Face GPT-2 / BERT / Llama, timm ViT, torchvision
-ResNet-18, ``nn.TransformerEncoder`` batch-first and sequence-first, a language model whose head reuses the
-embedding weight functionally) at a size the CPU and the Triton interpreter handle in well under a second.
+Every entry builds the model a user would train (Hugging Face GPT-2 / BERT / Llama / OPT / T5 / GPT-NeoX / Mistral /
+Qwen2, timm ViT / DeiT / Swin / ConvNeXt / MobileNetV3, torchvision ResNet-18, ``nn.TransformerEncoder`` batch-first
+and sequence-first, ``nn.LSTM`` / ``nn.GRU`` in both layouts, bidirectional and packed, cross-attention, a language
+model whose head reuses the embedding weight functionally) at a size the CPU and the Triton interpreter handle in
+well under a second.
 
     entry = ZOO["gpt2"]
     model = entry.build(torch.float64)
@@ -128,6 +130,110 @@ def _llama() -> nn.Module:
     return tf.LlamaForCausalLM(config)
 
 
+def _opt() -> nn.Module:
+    tf = _transformers()
+    config = tf.OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        num_hidden_layers=2,
+        ffn_dim=2 * WIDTH,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        word_embed_proj_dim=WIDTH,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        layerdrop=0.0,
+    )
+    return tf.OPTForCausalLM(config)  # flattens hidden states to [B * T, d] around its MLP
+
+
+# T5's relative position bias is an Embedding of [T, T] bucket ids with no batch dim: with T == B (4) its leading
+# dim has the batch size, which a size-based reading takes for the batch.
+T5_SEQ = 4
+
+
+def _t5() -> nn.Module:
+    tf = _transformers()
+    config = tf.T5Config(
+        vocab_size=VOCAB,
+        d_model=WIDTH,
+        d_kv=16,
+        d_ff=2 * WIDTH,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    return T5Logits(tf.T5ForConditionalGeneration(config))
+
+
+class T5Logits(nn.Module):
+    """T5 on encoder and decoder ids stacked in one tensor ``[B, 2, T]`` (the loop slices examples along dim 0)."""
+
+    def __init__(self, t5: nn.Module):
+        super().__init__()
+        self.t5 = t5
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.t5(input_ids=ids[:, 0], decoder_input_ids=ids[:, 1]).logits
+
+
+def _t5_batch(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1, VOCAB, (b, 2, T5_SEQ), generator=g)
+    return ids, torch.randint(0, VOCAB, (b, T5_SEQ), generator=g)
+
+
+def _gpt_neox() -> nn.Module:
+    tf = _transformers()
+    config = tf.GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * WIDTH,
+        max_position_embeddings=16,
+        rotary_pct=0.5,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    return tf.GPTNeoXForCausalLM(config)
+
+
+def _mistral() -> nn.Module:
+    tf = _transformers()
+    config = tf.MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        intermediate_size=2 * WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+        sliding_window=4,
+    )
+    return tf.MistralForCausalLM(config)
+
+
+def _qwen2() -> nn.Module:
+    tf = _transformers()
+    config = tf.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        intermediate_size=2 * WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+        tie_word_embeddings=True,
+    )
+    return tf.Qwen2ForCausalLM(config)  # q/k/v biases, a tied head
+
+
 def _hf_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits
 
@@ -137,6 +243,45 @@ def _vit() -> nn.Module:
     return timm.models.vision_transformer.VisionTransformer(
         img_size=8, patch_size=4, embed_dim=WIDTH, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=CLASSES
     )
+
+
+def _timm():
+    return pytest.importorskip("timm")
+
+
+def _deit() -> nn.Module:
+    _timm()
+    from timm.models.deit import VisionTransformerDistilled
+
+    return VisionTransformerDistilled(
+        img_size=8, patch_size=4, embed_dim=WIDTH, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=CLASSES
+    )  # class and distillation tokens, two heads averaged
+
+
+def _swin() -> nn.Module:
+    _timm()
+    from timm.models.swin_transformer import SwinTransformer
+
+    # 16 x 16 patches, 4 x 4 windows: shifted windows (roll, window partition of B into B * nW, a masked
+    # relative-position bias) in both stages, then patch merging
+    return SwinTransformer(
+        img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 2), mlp_ratio=2.0,
+        num_classes=CLASSES, drop_path_rate=0.0,
+    )  # fmt: skip
+
+
+def _convnext() -> nn.Module:
+    _timm()
+    from timm.models.convnext import ConvNeXt
+
+    # layer scale gamma (x * gamma.reshape(1, -1, 1, 1)), LayerNorm2d on permuted channels, depthwise convs
+    return ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), ls_init_value=0.5, num_classes=CLASSES, patch_size=2)
+
+
+def _mobilenetv3() -> nn.Module:
+    timm = _timm()
+    # squeeze-excite, hard-swish, depthwise convs; timm's BatchNormAct2d (BatchNorm + activation in one module)
+    return timm.create_model("mobilenetv3_small_050", num_classes=CLASSES)
 
 
 def _resnet18() -> nn.Module:
@@ -192,6 +337,66 @@ class ReusedMLP(nn.Module):
         return self.out(h)
 
 
+class RecurrentClassifier(nn.Module):
+    """``nn.LSTM`` / ``nn.GRU`` (2 layers) over ``[B, T, d]`` features, the last step into a linear classifier.
+    ``batch_first=False`` transposes to ``[T, B, d]`` first; ``packed`` packs variable-length sequences (the last
+    feature channel marks valid steps) and reads each sequence's last valid output."""
+
+    def __init__(self, cell: str, batch_first: bool, bidirectional: bool = False, packed: bool = False):
+        super().__init__()
+        self.batch_first, self.packed = batch_first, packed
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cell]
+        self.rnn = rnn(6, 8, num_layers=2, batch_first=batch_first, bidirectional=bidirectional)
+        self.head = nn.Linear(8 * (2 if bidirectional else 1), CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            lengths = x[..., -1].sum(1).long()
+            seq = x[..., :-1] if self.batch_first else x[..., :-1].transpose(0, 1)
+            packed = nn.utils.rnn.pack_padded_sequence(seq, lengths, self.batch_first, enforce_sorted=False)
+            out, _ = nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], batch_first=True)
+            last = out[torch.arange(out.shape[0]), lengths - 1]
+            return self.head(last)
+        out, _ = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        return self.head(out[:, -1] if self.batch_first else out[-1])
+
+
+def _sequences(packed: bool):
+    def make(b: int, g: torch.Generator):
+        x = torch.randn(b, SEQ, 6 + packed, generator=g)
+        if packed:  # lengths 2..SEQ; the last channel is 1 on valid steps
+            lengths = torch.randint(2, SEQ + 1, (b,), generator=g)
+            x[..., -1] = (torch.arange(SEQ)[None, :] < lengths[:, None]).to(x.dtype)
+        return x, torch.randint(0, CLASSES, (b,), generator=g)
+
+    return make
+
+
+class CrossAttention(nn.Module):
+    """Queries from token embeddings attend to a memory of a different length (``nn.MultiheadAttention`` with
+    ``key is value is not query``, and ``nn.TransformerDecoderLayer``'s self- and cross-attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, WIDTH)
+        self.mem = nn.Linear(3, WIDTH)
+        self.cross = nn.MultiheadAttention(WIDTH, 2, batch_first=True)
+        self.decoder = nn.TransformerDecoderLayer(WIDTH, 2, 2 * WIDTH, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, SEQ + 5, 3]: ids in x[:, :SEQ, 0], memory after
+        h = self.emb(x[:, :SEQ, 0].long())
+        memory = torch.tanh(self.mem(x[:, SEQ:]))
+        h = h + self.cross(h, memory, memory, need_weights=False)[0]
+        return self.head(self.decoder(h, memory).mean(1))
+
+
+def _cross_batch(b: int, g: torch.Generator):
+    x = torch.randn(b, SEQ + 5, 3, generator=g)
+    x[:, :SEQ, 0] = torch.randint(0, VOCAB, (b, SEQ), generator=g).to(x.dtype)
+    return x, torch.randint(0, CLASSES, (b,), generator=g)
+
+
 def _call(model: nn.Module, inputs: Any) -> torch.Tensor:
     return model(inputs)
 
@@ -212,6 +417,41 @@ ZOO: dict[str, ZooEntry] = {
         _call,
         sequence=False,
     ),
+    "opt": ZooEntry("opt", _opt, _tokens, _hf_logits, sequence=True),
+    "t5": ZooEntry("t5", _t5, _t5_batch, _call, sequence=True),
+    "gpt_neox": ZooEntry("gpt_neox", _gpt_neox, _tokens, _hf_logits, sequence=True),
+    "mistral": ZooEntry("mistral", _mistral, _tokens, _hf_logits, sequence=True),
+    "qwen2": ZooEntry("qwen2", _qwen2, _tokens, _hf_logits, sequence=True),
+    "deit": ZooEntry("deit", _deit, _images(8), _call, sequence=False),
+    "swin": ZooEntry("swin", _swin, _images(32), _call, sequence=False),
+    "convnext": ZooEntry("convnext", _convnext, _images(32), _call, sequence=False),
+    "mobilenetv3": ZooEntry("mobilenetv3", _mobilenetv3, _images(32), _call, sequence=False, has_batchnorm=True),
+    "lstm": ZooEntry("lstm", lambda: RecurrentClassifier("lstm", True), _sequences(False), _call, False),
+    "lstm_seq_first": ZooEntry(
+        "lstm_seq_first", lambda: RecurrentClassifier("lstm", False), _sequences(False), _call, False
+    ),
+    "gru": ZooEntry("gru", lambda: RecurrentClassifier("gru", True), _sequences(False), _call, False),
+    "gru_seq_first": ZooEntry(
+        "gru_seq_first", lambda: RecurrentClassifier("gru", False), _sequences(False), _call, False
+    ),
+    "lstm_bidirectional_packed": ZooEntry(
+        "lstm_bidirectional_packed",
+        lambda: RecurrentClassifier("lstm", True, bidirectional=True, packed=True),
+        _sequences(True),
+        _call,
+        False,
+    ),
+    "gru_packed_seq_first": ZooEntry(
+        "gru_packed_seq_first", lambda: RecurrentClassifier("gru", False, packed=True), _sequences(True), _call, False
+    ),
+    "rnn_bidirectional": ZooEntry(
+        "rnn_bidirectional",
+        lambda: RecurrentClassifier("rnn", False, bidirectional=True),
+        _sequences(False),
+        _call,
+        False,
+    ),
+    "cross_attention": ZooEntry("cross_attention", CrossAttention, _cross_batch, _call, sequence=False),
     "regops_fused": ZooEntry(
         "regops_fused",
         lambda: FusedDropoutMLP(),  # defined below

@@ -122,7 +122,7 @@ class Op:
     def run(self, *args: Any) -> Any:
         """The Python implementation: the backend :func:`regops._core.dispatch.choose` picks for the inputs."""
         first = self._first_tensor(args)
-        backend = dispatch.choose(self.name, first.device, first.dtype if first.is_floating_point() else None)
+        backend = dispatch.choose(self.name, first.device, self._floating_dtype(args))
         if backend in dispatch.NATIVE_KEYS:
             # The extension was loaded by this very call: its kernel now holds the dispatch key.
             if not dispatch.native_registered(self.name, backend):
@@ -153,6 +153,17 @@ class Op:
             if isinstance(a, torch.Tensor):
                 return a
         raise ValueError(f"regops: {self.qualname} was called without a tensor argument")
+
+    def _floating_dtype(self, args: tuple[Any, ...]) -> torch.dtype | None:
+        """The dtype of the first floating-point tensor argument (integer ids before the values they index do not
+        decide which kernels can take the op's data)."""
+        for i in self._tensor_args:
+            a = args[i] if i < len(args) else None
+            if isinstance(a, (list, tuple)):
+                a = next((t for t in a if isinstance(t, torch.Tensor)), None)
+            if isinstance(a, torch.Tensor) and a.is_floating_point():
+                return a.dtype
+        return None
 
     def register_autograd(
         self, backward: Callable[..., Any], *, setup_context: Callable[..., None] | None = None

@@ -21,37 +21,12 @@ gradient norm for the layer's parameters from ``(A, G)`` without building the ``
 DP-SGD clipping (:func:`clip_per_sample_`) reuses the stored ``(A, G)`` with the clip factors (Book-Keeping),
 so the clipped sum needs no second backward pass.
 
-The kernel-backed pieces are the ``regops::grad_norms_gram``, ``regops::grad_norms_instantiate`` and
-``regops::grad_norms_embedding_gram`` operators (reference in :mod:`regops.reference.grad_norms`, Triton
-kernels in ``regops.kernels.grad_norms``).
+The recording, the rules and the kernel-backed forms are the per-example engine's (:mod:`regops.per_example`).
 """
 
-from __future__ import annotations
-
-from regops.grad_norms.accounting import PrivacyAccountant
-from regops.grad_norms.accounting import epsilon as epsilon
-from regops.grad_norms.accounting import noise_multiplier_for as noise_multiplier_for
-from regops.grad_norms.clipping import DPClipping, clip_per_sample_, dp_clipping
-from regops.grad_norms.fix import Change as Change
-from regops.grad_norms.fix import fix_model
-from regops.grad_norms.layers import LayerRule as LayerRule
-from regops.grad_norms.layers import register_rule as register_rule
-from regops.grad_norms.layers import registered_rules as registered_rules
-from regops.grad_norms.layers import rule_for as rule_for
-from regops.grad_norms.norms import PerSampleGradNorms, per_sample_grad_norms
-from regops.grad_norms.norms import per_sample_squared_norms as per_sample_squared_norms
-from regops.grad_norms.ops import embedding_gram_sq_norms as embedding_gram_sq_norms
-from regops.grad_norms.ops import gram_sq_norms as gram_sq_norms
-from regops.grad_norms.ops import instantiate_sq_norms as instantiate_sq_norms
-from regops.grad_norms.sampling import PoissonBatchSampler
-
-__all__ = [
-    "DPClipping",
-    "PerSampleGradNorms",
-    "PoissonBatchSampler",
-    "PrivacyAccountant",
-    "clip_per_sample_",
-    "dp_clipping",
-    "fix_model",
-    "per_sample_grad_norms",
-]
+from regops.grad_norms.api import *  # noqa: F403
+from regops.grad_norms.api import Change as Change
+from regops.grad_norms.api import __all__ as __all__
+from regops.grad_norms.api import epsilon as epsilon
+from regops.grad_norms.api import noise_multiplier_for as noise_multiplier_for
+from regops.grad_norms.api import per_sample_squared_norms as per_sample_squared_norms

@@ -1,0 +1,307 @@
+"""DP-SGD clipping by Book-Keeping: ``clip_per_sample_`` and the ``dp_clipping`` block."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from regops._core.validate import is_dtensor
+from regops.grad_norms._norms import PerSampleGradNorms
+from regops.per_example._layers import ConvRule, LinearRule
+from regops.per_example._recorder import check_reduction
+
+
+def clip_per_sample_(
+    norms: PerSampleGradNorms,
+    max_norm: float | Mapping[str, float],
+    *,
+    noise_multiplier: float = 0.0,
+    generator: torch.Generator | None = None,
+    per_layer: bool = False,
+    eps: float = 1e-6,
+    expected_batch_size: int | None = None,
+) -> torch.Tensor:
+    r"""DP-SGD: set each tracked ``p.grad`` to its value before the block plus the sum of per-example
+    gradients clipped to ``max_norm``, plus Gaussian noise, from the backward pass(es) recorded by ``norms``
+    (Book-Keeping: no second backward).
+
+    .. math:: p.\mathrm{grad} \mathrel{+}= \frac1s\Big(\sum_n c_n \nabla_p \ell_n
+              + \mathcal N(0, \sigma^2 C^2 I)\Big),
+              \qquad c_n = \min\Big(1, \frac{C}{\|\nabla \ell_n\| + \epsilon}\Big),
+
+    over every example ``n`` of the block (all micro-batches), with ``s = expected_batch_size`` (DP-SGD's
+    normalisation, which the privacy accounting assumes; Opacus divides by it too) or, when it is not given,
+    the number of examples recorded, for ``loss_reduction="mean"``; ``s = 1`` for ``"sum"``. The gradient of
+    the block's own backward is replaced; what ``p.grad`` held before the block is kept (accumulation across
+    blocks works as in torch). Flat clipping uses the norm over all tracked parameters; ``per_layer=True``
+    clips the parameters of each module (``norms.per_module``) to its own bound (``max_norm`` a float or
+    ``{module name: bound}``) and draws noise with ``C = sqrt(sum of squared bounds)``. Under
+    ``DistributedDataParallel`` the clipped gradients are averaged across ranks and the noise is drawn on
+    rank 0 only.
+
+    Args:
+        norms: a finished block created with ``per_sample_grad_norms(model, ..., retain_signals=True)``.
+        max_norm: clipping bound ``C > 0``.
+        noise_multiplier: ``sigma >= 0``.
+        generator: ``torch.Generator`` for the noise (on the parameters' device type).
+        per_layer: clip per module instead of over all parameters.
+        eps: added to the norms in the clip factor.
+        expected_batch_size: for ``"mean"``: the expected number of examples per step (``q * N`` under Poisson
+            sampling), used instead of the realised count.
+
+    Returns:
+        ``[N]`` clip factors ``c_n`` (flat) or ``[L, N]`` (per layer, modules in ``norms.per_module`` order).
+
+    Example::
+
+        >>> with regops.per_sample_grad_norms(model, "mean", retain_signals=True) as norms:
+        ...     F.cross_entropy(model(x), y).backward()
+        >>> regops.clip_per_sample_(norms, max_norm=1.0, noise_multiplier=1.1)
+        >>> opt.step()
+    """
+    if not isinstance(norms, PerSampleGradNorms):
+        raise TypeError(f"regops: norms must come from regops.per_sample_grad_norms, got {type(norms).__name__}")
+    rec = norms._rec
+    if not rec.retain_signals:
+        raise ValueError(
+            "regops: clip_per_sample_ needs the layer signals: create the block with "
+            "per_sample_grad_norms(model, ..., retain_signals=True)"
+        )
+    if isinstance(noise_multiplier, bool) or not noise_multiplier >= 0:
+        raise ValueError(f"regops: noise_multiplier must be >= 0, got {noise_multiplier}")
+    if expected_batch_size is not None and (
+        isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, int) or expected_batch_size <= 0
+    ):
+        raise ValueError(f"regops: expected_batch_size must be a positive int, got {expected_batch_size!r}")
+    groups = norms.module_groups()
+    if isinstance(max_norm, Mapping):
+        if not per_layer:
+            raise ValueError("regops: a per-module max_norm mapping needs per_layer=True")
+        unknown = set(max_norm) - set(groups)
+        if unknown:
+            raise ValueError(f"regops: max_norm names unknown tracked modules: {sorted(unknown)}")
+        missing = set(groups) - set(max_norm)
+        if missing:
+            raise ValueError(f"regops: max_norm has no bound for modules {sorted(missing)}")
+        bounds = {m: float(max_norm[m]) for m in groups}
+    else:
+        bounds = {m: float(max_norm) for m in groups}
+    if any(not (c > 0) for c in bounds.values()):
+        raise ValueError("regops: max_norm must be > 0")
+
+    has_batch = any(mb.batch is not None for mb in rec.mbs)
+    n_total = norms.batch_size if has_batch else 0
+    if norms.loss_reduction == "mean":
+        if expected_batch_size is None and n_total == 0:
+            raise ValueError("regops: an empty batch with loss_reduction='mean' needs expected_batch_size")
+        s = float(expected_batch_size if expected_batch_size is not None else n_total)
+    else:
+        s = 1.0
+    offsets, start = [], 0
+    for mb in rec.mbs:
+        offsets.append(start)
+        start += mb.batch or 0
+
+    group_of = {n: m for m, names in groups.items() for n in names}
+    if n_total == 0:
+        factors: dict[str, torch.Tensor] = {}
+        stacked = torch.empty(0)
+        sensitivity = math.sqrt(sum(c * c for c in bounds.values())) if per_layer else next(iter(bounds.values()), 1.0)
+    elif per_layer:
+        sq = norms.per_param_sq
+        factors = {}
+        for m, names in groups.items():
+            layer_norm = torch.stack([sq[n] for n in names]).sum(0).sqrt()
+            factors[m] = (bounds[m] / (layer_norm + eps)).clamp(max=1.0)
+        sensitivity = math.sqrt(sum(c * c for c in bounds.values()))
+        stacked = torch.stack(list(factors.values())) if factors else torch.empty(0, n_total)
+    else:
+        c = next(iter(bounds.values())) if bounds else 1.0
+        flat = (c / (norms.total + eps)).clamp(max=1.0)
+        factors = {m: flat for m in groups}
+        sensitivity = c
+        stacked = flat
+
+    sliced: dict[tuple[int, int], torch.Tensor] = {}
+
+    def weights(index: int, name: str) -> torch.Tensor:
+        # Signals of a "mean" loss carry 1/B_k: multiplying by B_k gives the per-example gradients of the
+        # micro-batch; the sum over the block is then divided by s once, below.
+        key = (id(factors[group_of[name]]), index)
+        w = sliced.get(key)
+        if w is None:
+            mb = rec.mbs[index]
+            w = factors[group_of[name]][offsets[index] : offsets[index] + mb.batch]
+            if norms.loss_reduction == "mean":
+                w = w * float(mb.batch)
+            sliced[key] = w
+        return w
+
+    grads = rec.weighted_grads(weights) if n_total else {}
+    before = getattr(norms, "_grad_before", {})
+    dist = _distributed_world(norms)
+    rank = torch.distributed.get_rank() if dist > 1 else 0
+    for name, p in norms._params.items():
+        value = grads.get(name)
+        new = torch.zeros(p.shape, dtype=p.dtype, device=p.device) if value is None else value.to(p.dtype)
+        if s != 1.0:
+            new = new / s
+        if noise_multiplier > 0 and rank == 0:
+            noise = torch.randn(p.shape, generator=generator, device=p.device, dtype=torch.float32)
+            std = noise_multiplier * sensitivity / s
+            if new.dtype == torch.float32:  # `new` is a fresh tensor of ours: add in place
+                new.add_(noise, alpha=std)
+            else:
+                new = new + (noise * std).to(p.dtype)
+        if is_dtensor(p):  # FSDP2: averaged over the mesh into p's placements (one reduce-scatter)
+            from regops.grad_norms import dtensor
+
+            new = dtensor.average_into(new, p)
+        elif dist > 1:
+            torch.distributed.all_reduce(new)
+            new.div_(dist)
+        prev = before.get(name)
+        p.grad = new.detach() if prev is None else prev + new.detach()
+    return stacked
+
+
+def _distributed_world(norms: PerSampleGradNorms) -> int:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    if is_dtensor(*norms._params.values()):  # FSDP2: sharded parameters, one batch per rank
+        return torch.distributed.get_world_size()
+    if not isinstance(norms._rec.model, nn.parallel.DistributedDataParallel):
+        return 1
+    return torch.distributed.get_world_size()
+
+
+class DPClipping(PerSampleGradNorms):
+    """A :class:`PerSampleGradNorms` block that ends with :func:`clip_per_sample_` (see :func:`dp_clipping`)."""
+
+    def __init__(self, model: nn.Module, loss_reduction: str, clip_args: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(model, loss_reduction, retain_signals=True, **kwargs)
+        self._clip_args = clip_args
+        self._frozen: list[nn.Parameter] = []
+        self._pre_handles: list[Any] = []
+        self.clip_factors: torch.Tensor | None = None
+
+    def _skippable(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """Linear / Conv weights: their autograd gradient would be overwritten anyway. A tied weight too (an LM
+        head sharing the embedding): it is frozen only while the head's own forward runs, its other uses
+        keep their (cheap) autograd gradient, and the clipped sum is rebuilt from every use's signals."""
+        return [
+            (e.module, e.params["weight"][1])
+            for e in self._rec.entries
+            if isinstance(e.layer, (LinearRule, ConvRule)) and "weight" in e.params
+        ]
+
+    def __enter__(self) -> DPClipping:
+        super().__enter__()  # sets p.grad apart: the clipped sum is added to it on exit (torch's accumulation)
+        if _distributed_world(self) > 1:
+            return self  # DDP reduces every parameter's gradient: leave autograd as it is
+        # The weight leaves requires_grad only while its module runs forward: the graph then has no edge to it,
+        # so autograd never computes its gradient, while the norms (computed in backward) still see it trainable.
+        rec = self._rec
+        for module, weight in self._skippable():
+            self._frozen.append(weight)
+            self._pre_handles.append(module.register_forward_pre_hook(functools.partial(_freeze_weight, rec)))
+            self._pre_handles.append(module.register_forward_hook(functools.partial(_thaw_weight, rec)))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for h in self._pre_handles:
+            h.remove()
+        self._pre_handles.clear()
+        for weight in self._frozen:
+            weight.requires_grad_(True)
+        self._frozen.clear()
+        super().__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            self.clip_factors = clip_per_sample_(self, **self._clip_args)
+        else:
+            for name, p in self._params.items():
+                p.grad = self._grad_before.get(name)
+
+
+def _thaw_weight(rec: Any, module: nn.Module, args: tuple, output: Any) -> None:
+    if not rec.suspended:
+        module.weight.requires_grad_(True)
+
+
+def _freeze_weight(rec: Any, module: nn.Module, args: tuple) -> tuple | None:
+    """Freeze the weight for this forward. With no trainable bias the output would then leave the graph: make
+    the input require grad so the output gradient still reaches the recorder (autograd computes the input
+    gradient instead of the weight gradient, at the same cost). Not in the recorder's own forwards (the torch.func
+    path runs the model on functional parameters)."""
+    if not torch.is_grad_enabled() or rec.suspended:
+        return None
+    module.weight.requires_grad_(False)
+    bias = getattr(module, "bias", None)
+    if bias is not None and bias.requires_grad:
+        return None
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
+        return (x.detach().requires_grad_(True), *args[1:])
+    return None
+
+
+def dp_clipping(
+    model: nn.Module,
+    max_norm: float | Mapping[str, float],
+    *,
+    loss_reduction: str | None = None,
+    noise_multiplier: float = 0.0,
+    generator: torch.Generator | None = None,
+    per_layer: bool = False,
+    expected_batch_size: int | None = None,
+    forms: str | Mapping[str, str] | None = None,
+    unsupported: str = "error",
+    batch_dim: int = 0,
+) -> DPClipping:
+    r"""DP-SGD step in one block: run the forward(s) and backward(s) inside (several micro-batches
+    accumulate, like Opacus's virtual steps); on exit every tracked ``p.grad`` is its value before the block
+    plus the clipped, noised sum of :func:`clip_per_sample_` over all the block's examples, noise added once
+    (divided by ``expected_batch_size``, or the number of examples, for ``loss_reduction="mean"``).
+
+    Since the clipped gradients are rebuilt from the recorded signals (Book-Keeping), autograd is spared the
+    Linear/Conv weight gradients it would otherwise compute and throw away: inside the block those weights
+    have ``requires_grad=False`` (restored on exit; not under DDP, which needs every gradient). The object
+    also holds the norms (``total``, ``per_param``) and, after the block, ``clip_factors``.
+
+    Args: as :func:`per_sample_grad_norms` and :func:`clip_per_sample_`; ``loss_reduction`` is required.
+
+    Example::
+
+        >>> with regops.dp_clipping(model, max_norm=1.0, loss_reduction="mean", noise_multiplier=1.1,
+        ...                         expected_batch_size=256, generator=g):
+        ...     for x, y in micro_batches:
+        ...         F.cross_entropy(model(x), y).backward()
+        >>> opt.step()
+    """
+    check_reduction(loss_reduction)
+    bounds = list(max_norm.values()) if isinstance(max_norm, Mapping) else [max_norm]
+    if any(isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0 for c in bounds):
+        raise ValueError(f"regops: max_norm must be > 0, got {max_norm!r}")
+    if (
+        isinstance(noise_multiplier, bool)
+        or not isinstance(noise_multiplier, (int, float))
+        or not noise_multiplier >= 0
+    ):
+        raise ValueError(f"regops: noise_multiplier must be >= 0, got {noise_multiplier!r}")
+    if expected_batch_size is not None and (
+        isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, int) or expected_batch_size <= 0
+    ):
+        raise ValueError(f"regops: expected_batch_size must be a positive int, got {expected_batch_size!r}")
+    clip_args = dict(
+        max_norm=max_norm,
+        noise_multiplier=noise_multiplier,
+        generator=generator,
+        per_layer=per_layer,
+        expected_batch_size=expected_batch_size,
+    )
+    return DPClipping(model, loss_reduction, clip_args, forms=forms, unsupported=unsupported, batch_dim=batch_dim)

@@ -1,0 +1,224 @@
+"""Turning recorded calls and their output gradients into per-example quantities: how the uses of a parameter
+combine (the plan), each call's contribution (squared norms, factors or per-example gradients, by the rule's forms),
+the squared norms of a micro-batch and the weighted gradient sums of Book-Keeping clipping."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from regops._core.validate import is_dtensor
+from regops.per_example import _layout as L
+from regops.per_example import _recipes as R
+from regops.per_example import _whole
+from regops.per_example._calls import _Call, _MicroBatch
+from regops.per_example._layout import Layout
+from regops.per_example._rules import Factors, _f32, _sq, _wsum, factors_inner
+from regops.per_example._vmap import VMAP
+
+
+def plan(mb: _MicroBatch) -> dict[str, str]:
+    """How the uses of each parameter combine: ``single``, ``factors`` (factored inner products), ``regions``
+    (disjoint slices: squared norms add) or ``dense`` (per-example gradients summed)."""
+    if mb.plan is None:
+        plan = {}
+        for name, uses in mb.uses.items():
+            if len(uses) == 1:
+                plan[name] = "single"
+            elif all(u.factors for u in uses):
+                plan[name] = "factors"
+            elif all(u.region is not None for u in uses) and _disjoint([u.region for u in uses]):
+                plan[name] = "regions"
+            else:
+                plan[name] = "dense"
+        mb.plan = plan
+    return mb.plan
+
+
+def signals(call: _Call, grad: Any) -> tuple[Any, Any]:
+    """The call's saved input and output gradient with the examples first (per row for row rules on rows grouped
+    into examples)."""
+    if call.entry.layer is VMAP:
+        return call.saved, grad
+    saved, g = call.saved, grad
+    if call.rows:
+        return saved, g
+    if call.layout_in is not None:
+        saved = _first(saved, call.layout_in)
+    if call.layout_out is not None and isinstance(g, torch.Tensor):
+        g = _first(g, call.layout_out)
+    return saved, g
+
+
+def contribute(rec: Any, call: _Call, grad: Any) -> None:
+    """Add one call's per-example contributions, given its output gradient (as autograd delivers it)."""
+    if call.fired:
+        raise RuntimeError(
+            "regops: a recorded forward was backpropagated twice; per-example gradient norms take "
+            "exactly one backward pass per forward inside the block"
+        )
+    call.fired += 1
+    mb = rec.mbs[call.mb]
+    if mb.fallback:
+        call.saved = None
+        return
+    saved, g = signals(call, grad)
+    if isinstance(g, torch.Tensor) and not g.is_contiguous():
+        g = g.contiguous()  # one copy here rather than in every reshape of the rule's forms
+    if rec.retain_signals:
+        call.grad, call.saved = g, saved
+    if not rec.norms:
+        return
+    entry = call.entry
+    how = plan(mb)
+    device = g.device.type if isinstance(g, torch.Tensor) else "cpu"
+    direct = {local: name for local, (name, _) in entry.params.items()}
+    want = {local: how.get(name, "single") for local, name in direct.items()}
+    for local, node in call.links.items():
+        names = list(node.params)
+        iso = node.source() is not None
+        want[local] = "single" if iso and all(how.get(n) in ("single", "regions") for n in names) else "dense"
+    with rec.quiet(device):
+        sq, facs, dense = _forms(call, saved, g, want)
+    for local, how in want.items():
+        if local in call.links:
+            node = call.links[local]
+            if how == "dense":
+                if local in dense:
+                    for name, v in R.to_param(node, _f32(dense[local])).items():
+                        mb.dense.setdefault(name, []).append(v)
+            elif local in sq:
+                mb.sq.setdefault(next(iter(node.params)), []).append((sq[local], None))
+            continue
+        name = direct[local]
+        if how == "dense":
+            if local in dense:
+                mb.dense.setdefault(name, []).append(_f32(dense[local]))
+        elif local in sq:
+            mb.sq.setdefault(name, []).append((sq[local], facs.get(local)))
+    if rec.release_saved:
+        call.saved = None  # autograd frees its saved activations as the backward proceeds; so do we
+
+
+def _forms(call, saved, g, want):
+    entry = call.entry
+    layer, module = entry.layer, entry.module
+    sq, facs, dense = {}, {}, {}
+    if call.rows:  # per-row gradients, summed per example
+        rows = layer.per_example_grads(module, saved, g)
+        lay = call.layout_out or call.layout_in
+        grads = {k: L.per_example_sum(v, lay.at(0)) for k, v in rows.items()}
+        return {k: _sq(v) for k, v in grads.items()}, {}, grads
+    if any(w != "dense" for w in want.values()):
+        form = entry.form
+        if form == "auto":
+            form = layer.cost_form(module, saved)
+        if is_dtensor(saved):  # tensor parallelism: partial norms of the shards, all-reduced
+            from regops.per_example import dtensor
+
+            sq = dtensor.tp_sq_norms(entry, saved, g, form, any(w == "factors" for w in want.values()))
+        else:
+            sq = layer.sq_norms(module, saved, g, form)
+    if any(w == "factors" for w in want.values()):
+        facs = layer.factors(module, saved, g)
+    missing = [k for k, w in want.items() if w == "dense" or (w == "factors" and k not in facs)]
+    if missing:
+        dense = layer.per_example_grads(module, saved, g)
+        for k in missing:
+            want[k] = "dense"
+    return sq, facs, dense
+
+
+def squared_norms(rec: Any) -> list[dict[str, torch.Tensor]]:
+    """One ``{name: [B_k]}`` per micro-batch: squared norms of the summed per-example gradients."""
+    out = []
+    with rec.quiet():
+        for mb in rec.mbs:
+            if mb.fallback:
+                out.append(_whole.squared_norms(rec, mb))
+                continue
+            res = {}
+            for name in set(mb.sq) | set(mb.dense):
+                items, dense = mb.sq.get(name, []), mb.dense.get(name, [])
+                if dense and items:
+                    raise RuntimeError(f"regops: internal error: {name!r} has uses of both kinds")
+                if dense:
+                    res[name] = _sq(sum(_f32(d) for d in dense))
+                elif len(items) > 1 and all(f is not None for _, f in items):
+                    res[name] = _shared_sq(items)
+                else:
+                    res[name] = sum(s for s, _ in items)
+            out.append(res)
+    return out
+
+
+def weighted_grads(rec: Any, weights: Callable[[int, str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sum_n w_n g_n`` per parameter (``weights(micro-batch index, parameter name) -> [B_k]``) from the kept
+    signals of every call and the per-example gradients carried back (all micro-batches)."""
+    out: dict[str, torch.Tensor] = {}
+
+    def add(name, v):
+        out[name] = v if name not in out else out[name] + v
+
+    for call in [*rec.calls, *rec.derived]:
+        mb = rec.mbs[call.mb]
+        if call.grad is None or mb.fallback:
+            continue
+        entry = call.entry
+        groups: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        locals_ = [(local, [name]) for local, (name, _) in entry.params.items()]
+        locals_ += [(local, list(node.params)) for local, node in call.links.items()]
+        for local, names in locals_:
+            w = weights(call.mb, names[0])
+            groups.setdefault(id(w), (w, []))[1].append(local)
+        for w, locs in groups.values():
+            with rec.quiet(w.device.type):
+                if call.rows:
+                    lay = call.layout_out or call.layout_in
+                    rows = entry.layer.per_example_grads(entry.module, call.saved, call.grad)
+                    grads = {k: _wsum(w, L.per_example_sum(v, lay.at(0))) for k, v in rows.items()}
+                else:
+                    grads = entry.layer.weighted_grads(entry.module, call.saved, call.grad, w)
+            for local in locs:
+                if local not in grads:
+                    continue
+                if local in call.links:
+                    for name, v in R.to_param(call.links[local], grads[local][None]).items():
+                        add(name, v[0])
+                else:
+                    add(entry.params[local][0], grads[local])
+    for index, mb in enumerate(rec.mbs):
+        if mb.fallback:
+            for name, v in _whole.weighted_grads(rec, mb, index, weights).items():
+                add(name, v)
+            continue
+        for name, dense in mb.pushed.items():
+            w = weights(index, name)
+            for d in dense:
+                add(name, _wsum(w, d))
+    return out
+
+
+def _first(t: Any, layout: Layout) -> Any:
+    if not isinstance(t, torch.Tensor):
+        return t
+    if layout.plain:
+        return t.movedim(layout.dim, 0)
+    return L.batch_first(t, layout)
+
+
+def _disjoint(regions: list[torch.Tensor]) -> bool:
+    flat = torch.cat([r.reshape(-1).cpu() for r in regions])
+    return flat.unique().numel() == flat.numel()
+
+
+def _shared_sq(items: list[tuple[torch.Tensor, Factors]]) -> torch.Tensor:
+    """``||sum_i grad_i||^2`` per example from the uses' factored gradients."""
+    total = sum(sq for sq, _ in items)
+    dtype = total.dtype
+    for i in range(len(items)):
+        for j in range(i):
+            total = total + 2 * factors_inner(items[i][1], items[j][1], dtype)
+    return total

@@ -1,1 +1,0 @@
-"""Pure-PyTorch references: the CPU path, the test oracle and the benchmark baseline of every op."""

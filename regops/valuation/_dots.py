@@ -1,0 +1,140 @@
+"""``per_sample_grad_dots``: exact pairwise per-example gradient inner products between two batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from regops._core.dtypes import acc_dtype
+from regops.per_example import _forms
+from regops.per_example._recorder import check_reduction
+from regops.valuation._capture import Captured, capture
+
+BLOCKS = (None, "param", "module")
+
+
+def dense_of(cap: Captured, name: str) -> torch.Tensor:
+    """``[B, *shape]`` per-example gradients of one parameter, summed over its uses."""
+    total = None
+    for t in cap.terms.get(name, []):
+        if t.dense is not None:
+            v = t.dense
+        else:
+            e = t.call.entry
+            v = e.layer.per_example_grads(e.module, t.call.saved, t.call.grad)[t.local]
+        v = v.to(acc_dtype(v))
+        total = v if total is None else total + v
+    return total
+
+
+def _one_rule(cap: Captured, name: str) -> str | None:
+    """The label of the one layer whose rule calls make every use of ``name`` (None: other uses too)."""
+    labels = {t.call.entry.label if t.call is not None else None for t in cap.terms.get(name, [])}
+    return labels.pop() if len(labels) == 1 and None not in labels else None
+
+
+def pair_dots(cap1: Captured, cap2: Captured) -> dict[str, torch.Tensor]:
+    """``{parameter name: [B1, B2]}`` inner products between the per-example gradients of two captured batches.
+
+    A parameter used only by calls of one layer sums the rule's ``grad_dots`` over every pair of those calls (a
+    reused layer: the cross terms between calls included); any other parameter (tied across layers, read through
+    slices, the torch.func path) is handled with its per-example gradients summed over its uses."""
+    out: dict[str, torch.Tensor] = {}
+    done: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for name in cap1.terms:
+        label = _one_rule(cap1, name)
+        if label is not None and label == _one_rule(cap2, name):
+            total = None
+            for t1 in cap1.terms[name]:
+                for t2 in cap2.terms.get(name, []):
+                    key = (id(t1.call), id(t2.call))
+                    if key not in done:
+                        e, c1, c2 = t1.call.entry, t1.call, t2.call
+                        form = e.form if e.form != "auto" else e.layer.dots_form(e.module, c1.saved, c2.saved)
+                        done[key] = e.layer.grad_dots(e.module, c1.saved, c1.grad, c2.saved, c2.grad, form)
+                    v = done[key][t1.local]
+                    total = v if total is None else total + v
+            out[name] = total
+            continue
+        d1, d2 = dense_of(cap1, name), dense_of(cap2, name)
+        if d1 is not None and d2 is not None:
+            out[name] = _forms.flat_dots(d1, d2)
+    # Parameters the loss did not reach have zero per-example gradients.
+    p0 = next(iter(cap1.params.values()))
+    dtype = next((v.dtype for v in out.values()), acc_dtype(p0))
+    for name in cap1.params:
+        if name not in out:
+            out[name] = torch.zeros(cap1.batch, cap2.batch, dtype=dtype, device=p0.device)
+    return out
+
+
+def combine(per_param: dict[str, torch.Tensor], cap: Captured, blocks: str | None):
+    if blocks == "param":
+        return per_param
+    if blocks == "module":
+        return {m: torch.stack([per_param[n] for n in names]).sum(0) for m, names in cap.owners().items()}
+    return torch.stack(list(per_param.values())).sum(0)
+
+
+def per_sample_grad_dots(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    train: tuple[Any, Any],
+    test: tuple[Any, Any],
+    *,
+    loss_reduction: str | None = None,
+    blocks: str | None = None,
+    forms: str | Mapping[str, str] | None = None,
+    unsupported: str = "error",
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    r"""Exact inner products between the per-example gradients of a training batch and of a test batch.
+
+    .. math:: D_{ij} = \big\langle \nabla_\theta \ell(z_i),\, \nabla_\theta \ell(z'_j) \big\rangle
+              = \sum_k \big\langle \nabla_{\theta_k} \ell(z_i),\, \nabla_{\theta_k} \ell(z'_j) \big\rangle
+
+    over the trainable parameters of the tracked layers, from one forward and one backward per batch, without
+    building the ``B x P`` per-example gradients where a cheaper exact form exists. Per layer (chosen by cost
+    as the per-example norms do, or by ``forms``): a Linear on ``[B, d]`` inputs uses
+    :math:`(a_i\cdot a'_j)(g_i\cdot g'_j)`; on sequences the cross Gram (ghost) form
+    :math:`\sum_{t,s}(a_{it}\cdot a'_{js})(g_{it}\cdot g'_{js})` (a tiled Triton kernel on GPU, no
+    ``T x T'`` matrix in memory) or the instantiated gradients; Conv the same on unfolded patches; Embedding
+    the id-equality Gram; norms and biases their small per-example gradients. ``p.grad`` is not touched.
+
+    Args:
+        model: as for :func:`regops.per_sample_grad_norms` (Linear, Conv1d/2d/3d, Embedding, LayerNorm,
+            GroupNorm, RMSNorm, registered rules, shared modules; ``unsupported="vmap"`` for other modules).
+            Examples must be independent (no BatchNorm in train mode).
+        loss_fn: ``loss_fn(model_outputs, targets) -> scalar`` batch loss.
+        train: ``(inputs, targets)`` with ``B`` examples (``inputs`` a tensor, a tuple of positional
+            arguments or a dict of keyword arguments); test: ``(inputs, targets)`` with ``B2`` examples.
+        loss_reduction: required, as for :func:`regops.per_sample_grad_norms`: ``"sum"`` (the loss is
+            :math:`\sum_i \ell_i`) or ``"mean"`` (:math:`\frac1B\sum_i\ell_i`: ``F.cross_entropy``'s default);
+            either way ``D`` is between the gradients of the per-example losses :math:`\ell_i`. A wrong value
+            would scale every entry by ``B``: where the loss can be evaluated on parts of the batch (tensor
+            outputs and targets), a value that contradicts the loss raises.
+        blocks: ``None`` for the ``[B, B2]`` total, ``"param"`` for ``{parameter name: [B, B2]}``, ``"module"``
+            for ``{module name: [B, B2]}``.
+        forms: ``"auto"``, ``"ghost"``, ``"instantiate"`` or ``{module name: form}``.
+        unsupported: ``"error"`` or ``"vmap"`` (as for the norms).
+
+    Returns:
+        ``[B, B2]`` float32 (float64 for a float64 model), or a dict of them (``blocks``). With
+        ``test is train`` the diagonal is ``per_sample_grad_norms(...).total ** 2``.
+
+    Example::
+
+        >>> d = regops.per_sample_grad_dots(model, F.cross_entropy, (x_train, y_train), (x_test, y_test),
+        ...                                 loss_reduction="mean")
+        >>> d.shape                                   # [B_train, B_test]
+        >>> d.argmax(0)                               # the most aligned training example of each test example
+    """
+    check_reduction(loss_reduction)
+    if blocks not in BLOCKS:
+        raise ValueError(f"regops: blocks must be None, 'param' or 'module', got {blocks!r}")
+    kw = dict(loss_reduction=loss_reduction, forms=forms, unsupported=unsupported)
+    cap1 = capture(model, loss_fn, train, **kw)
+    cap2 = cap1 if test is train else capture(model, loss_fn, test, **kw)
+    return combine(pair_dots(cap1, cap2), cap1, blocks)

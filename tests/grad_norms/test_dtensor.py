@@ -1,0 +1,197 @@
+"""Per-example norms and DP clipping on torch's parallel engines (gloo, 2 processes on CPU): FSDP2 (``fully_shard``,
+each rank with its own batch) gives the gradients of a single process on the concatenated batches; tensor-parallel
+Linear layers give the single-process norms; under DistributedDataParallel the norms are per local example and the
+clipped sum (and rank 0's noise) is averaged over the ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import regops
+from tests import dist_workers
+from tests.dist_harness import Checks, run
+from tests.dist_harness import data as _data
+from tests.dist_harness import mlp as _mlp
+from tests.dist_harness import sharded as _sharded
+
+LOCAL = 4
+RTOL = 1e-6
+
+
+def _single_grads(x, y, micro: int, **clip) -> dict[str, torch.Tensor]:
+    """One process, all the examples (in rank order), ``micro`` micro-batches per rank's share."""
+    model = _mlp()
+    with regops.dp_clipping(model, loss_reduction="mean", **clip):
+        for xs, ys in zip(x.chunk(micro * 2), y.chunk(micro * 2), strict=True):
+            F.cross_entropy(model(xs), ys).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def _check_grads(c: Checks, label: str, model: nn.Module, want: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.tensor import DTensor, Shard
+
+    for name, p in model.named_parameters():
+        g = p.grad
+        ok = isinstance(g, DTensor) and tuple(g.placements) == (Shard(0),)
+        c.true(f"{label} {name}: gradient is a Shard(0) DTensor like FSDP2's", ok)
+        if ok:
+            c.close(f"{label} {name}", g.full_tensor(), want[name], rtol=RTOL, atol=1e-12)
+
+
+def _fsdp_checks(c: Checks, rank: int, world: int) -> None:
+    x, y = _data(world * LOCAL)
+    mine = slice(rank * LOCAL, (rank + 1) * LOCAL)
+
+    # norms: per local example, over the whole model
+    model = _sharded(world)
+    with regops.per_sample_grad_norms(model, "mean") as norms:
+        F.cross_entropy(model(x[mine]), y[mine]).backward()
+    ref = _mlp()
+    with regops.per_sample_grad_norms(ref, "mean") as ref_norms:
+        F.cross_entropy(ref(x), y).backward()
+    c.close("fsdp norms", norms.total, ref_norms.total[mine], rtol=RTOL)
+
+    # the bar: dp_clipping without noise; then with noise (rank 0's generator decides), with micro-batches
+    for noise, micro in ((0.0, 1), (1.3, 1), (0.0, 2)):
+        model = _sharded(world)
+        gen = torch.Generator().manual_seed(5 + 1000 * rank)
+        with regops.dp_clipping(model, 0.4, loss_reduction="mean", noise_multiplier=noise, generator=gen):
+            for xs, ys in zip(x[mine].chunk(micro), y[mine].chunk(micro), strict=True):
+                F.cross_entropy(model(xs), ys).backward()
+        want = _single_grads(
+            x, y, micro, max_norm=0.4, noise_multiplier=noise, generator=torch.Generator().manual_seed(5)
+        )
+        _check_grads(c, f"dp_clipping noise={noise} micro={micro}", model, want)
+
+    # clip_per_sample_ per layer, and accumulation across blocks: what p.grad held before is kept
+    model = _sharded(world)
+    F.cross_entropy(model(x[mine]), y[mine]).backward()  # a plain FSDP2 step leaves averaged, sharded grads
+    with regops.per_sample_grad_norms(model, "mean", retain_signals=True) as norms:
+        F.cross_entropy(model(x[mine]), y[mine]).backward()
+    regops.clip_per_sample_(norms, 0.3, per_layer=True)
+    ref = _mlp()
+    F.cross_entropy(ref(x), y).backward()
+    with regops.per_sample_grad_norms(ref, "mean", retain_signals=True) as ref_norms:
+        F.cross_entropy(ref(x), y).backward()
+    regops.clip_per_sample_(ref_norms, 0.3, per_layer=True)
+    _check_grads(
+        c, "clip_per_sample_ per_layer after a plain step", model, {n: p.grad for n, p in ref.named_parameters()}
+    )
+
+
+def _tp_checks(c: Checks, rank: int, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world,))
+    x, y = _data(2 * LOCAL)  # tensor parallelism: every rank sees the same batch
+    model = _mlp()
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "3": ColwiseParallel(), "5": RowwiseParallel()})
+    # LayerNorm(8) after a column-parallel layer would need its whole row: keep it replicated by gathering
+    model[0] = _GatherOutput(model[0])
+    with regops.per_sample_grad_norms(model, "mean") as norms:
+        F.cross_entropy(model(x), y).backward()
+    ref = _mlp()
+    with regops.per_sample_grad_norms(ref, "mean") as ref_norms:
+        F.cross_entropy(ref(x), y).backward()
+    c.close("tp total", norms.total, ref_norms.total, rtol=RTOL)
+    for name, want in ref_norms.per_param.items():
+        got = norms.per_param.get(name) if name in norms.per_param else norms.per_param.get(f"0.inner.{name[2:]}")
+        c.true(f"tp {name}: present", got is not None)
+        if got is not None:
+            c.close(f"tp {name}", got, want, rtol=RTOL)
+
+
+class _GatherOutput(nn.Module):
+    """A column-parallel layer whose local output is all-gathered (a replicated activation for the LayerNorm)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        out = self.inner(x)
+        mesh = self.inner.weight.device_mesh
+        return DTensor.from_local(out, mesh, [Shard(-1)]).redistribute(mesh, [Replicate()]).to_local()
+
+
+def _body(rank: int, world: int) -> None:
+    c = Checks(rank)
+    _fsdp_checks(c, rank, world)
+    _tp_checks(c, rank, world)
+    c.done()
+
+
+def test_fsdp2_clipping_and_tensor_parallel_norms_two_processes():
+    run(_body, 2)
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+WORLD = 2
+LOCAL_BATCH = 4
+
+
+def _ddp_data(batch: int):
+    gen = torch.Generator().manual_seed(123)
+    x = torch.randn(batch, 6, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 3, (batch,), generator=gen)
+    return x, y
+
+
+def _ddp_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def _per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_n(p, xn, yn):
+        return F.cross_entropy(functional_call(model, p, (xn.unsqueeze(0),)), yn.unsqueeze(0), reduction="sum")
+
+    return vmap(grad(loss_n), in_dims=(None, 0, 0))(params, x, y)
+
+
+def _worker(rank: int) -> None:
+    x_all, y_all = _ddp_data(WORLD * LOCAL_BATCH)
+    local = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    model = _ddp_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    with regops.per_sample_grad_norms(ddp, "mean", retain_signals=True) as norms:
+        F.cross_entropy(ddp(x_all[local]), y_all[local]).backward()
+
+    # norms are per local example
+    grads = _per_example_grads(_ddp_model(), x_all, y_all)
+    for name, g in grads.items():
+        got = norms.per_param[f"module.{name}"]
+        torch.testing.assert_close(got, g[local].flatten(1).norm(dim=1), msg=name)
+
+    # clipped gradients: (sum over all ranks' examples of clipped grads) / (global batch), on every rank
+    max_norm = 0.3
+    regops.clip_per_sample_(norms, max_norm=max_norm)
+    total = torch.stack([g.flatten(1).square().sum(1) for g in grads.values()]).sum(0).sqrt()
+    factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for name, p in model.named_parameters():
+        want = torch.einsum("b,b...->...", factor, grads[name]) / (WORLD * LOCAL_BATCH)
+        torch.testing.assert_close(p.grad, want, msg=name)
+
+    # noise is drawn once, on rank 0 (whatever the other ranks' generators), then averaged like the grads;
+    # clipping adds to what p.grad held before the block, as torch's backward does, so start from none
+    ddp.zero_grad(set_to_none=True)
+    with regops.per_sample_grad_norms(ddp, "mean", retain_signals=True) as norms:
+        F.cross_entropy(ddp(x_all[local]), y_all[local]).backward()
+    regops.clip_per_sample_(norms, 0.3, noise_multiplier=1.0, generator=torch.Generator().manual_seed(rank))
+    gen0 = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        want = torch.einsum("b,b...->...", factor, grads[name]) / (WORLD * LOCAL_BATCH)
+        noise = torch.randn(p.shape, generator=gen0, dtype=torch.float32).double() * 0.3 / LOCAL_BATCH / WORLD
+        torch.testing.assert_close(p.grad, want + noise, msg=name)
+
+
+def test_ddp_norms_and_clipping_two_processes():
+    dist_workers.run(_worker, world=WORLD)
