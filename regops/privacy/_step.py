@@ -75,6 +75,7 @@ class DPStep:
         """Called by the model's training forward, before the module runs."""
         cfg = self.config
         if cfg.poisson and self.forwards >= 1:
+            self.discard()  # the step is broken: leave no block (and its TorchFunctionMode) active
             raise ValueError(
                 "regops: Poisson sampling takes one batch per DP step, but the model ran a second training forward "
                 "without optimizer.step() or optimizer.zero_grad() in between. Call optimizer.step() after every "
@@ -82,6 +83,7 @@ class DPStep:
             )
         if empty:
             if self.block is not None:
+                self.discard()
                 raise ValueError(
                     "regops: an empty batch inside a DP step that already ran examples (accumulated forwards); an "
                     "empty batch must be a step of its own: it takes the noise-only step"
@@ -204,7 +206,7 @@ class DPOptimizer(Optimizer):
     changed between steps (noise schedules).
     """
 
-    # GradScaler hands itself to step() instead of unscaling p.grad behind our back (see step()).
+    # GradScaler then hands its scale to step() (``grad_scale``) instead of unscaling p.grad behind our back.
     _step_supports_amp_scaling = True
 
     def __init__(self, optimizer: Optimizer, step: DPStep) -> None:
@@ -289,8 +291,9 @@ class DPOptimizer(Optimizer):
             self._dp_step.forwards = 0
         self.original_optimizer.zero_grad(set_to_none)
 
-    def step(self, closure: Callable[[], float] | None = None, grad_scaler: Any = None) -> Any:
-        if grad_scaler is not None:
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
+        if getattr(self, "grad_scale", None) is not None:
+            self._dp_step.discard()
             raise NotImplementedError(
                 "regops: a DP step cannot take a GradScaler: the loss scale would scale every per-example gradient "
                 "before clipping. Train under torch.autocast with bfloat16 (no loss scaling needed)"
