@@ -176,10 +176,14 @@ class PrivateModule(nn.Module):
             return module(*args, **kwargs)
         step = self._dp_step
         step.before_forward(batch_size_of(args, kwargs, step.config.batch_dim) == 0)
-        if isinstance(module, nn.parallel.DistributedDataParallel):
-            with module.no_sync():
-                return module(*args, **kwargs)
-        return module(*args, **kwargs)
+        try:
+            if isinstance(module, nn.parallel.DistributedDataParallel):
+                with module.no_sync():
+                    return module(*args, **kwargs)
+            return module(*args, **kwargs)
+        except BaseException:
+            step.discard()  # a failed forward (a BatchNorm in train mode, ...) leaves no recording active
+            raise
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -135,22 +135,28 @@ def test_broken_steps_raise_and_leave_no_block_open():
     F.cross_entropy(pm(x), y).backward()
     with pytest.raises(ValueError, match="one batch per DP step"):
         pm(x)  # Poisson sampling: a second batch in the same step
-    assert po._dp_step.block is None
+    assert no_block_open(po)
     _, pm, po, _ = private(poisson_sampling=False)
     F.cross_entropy(pm(x), y).backward()
     with pytest.raises(ValueError, match="empty batch inside a DP step"):
         pm(x[:0])
-    assert po._dp_step.block is None
+    assert no_block_open(po)
     _, pm, po, _ = private(model=mlp(torch.float32))
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(F.cross_entropy(pm(x.float()), y)).backward()
     with pytest.raises(NotImplementedError, match="GradScaler"):
         scaler.step(po)
-    assert po._dp_step.block is None
-    # the recorder's mode is gone: a plain forward and backward of another model work as usual
-    other = mlp()
-    F.cross_entropy(other(x), y).backward()
-    assert all(p.grad is not None for p in other.parameters())
+    assert no_block_open(po)
+    bn = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+    _, pm, po, _ = private(model=bn)
+    with pytest.raises(ValueError, match="BatchNorm1d '1' normalises with batch statistics"):
+        pm(x)
+    assert no_block_open(po)
+
+
+def no_block_open(po: DPOptimizer) -> bool:
+    """The step's block is closed and its recorder's TorchFunctionMode is off the stack."""
+    return po._dp_step.block is None and not torch.overrides._get_current_function_mode_stack()
 
 
 def test_evaluation_runs_the_module_as_it_is():
@@ -162,13 +168,13 @@ def test_evaluation_runs_the_module_as_it_is():
         assert torch.equal(pm(x), want)
     pm.eval()
     assert not model.training
-    assert torch.equal(pm(x), want) and po._dp_step.block is None
+    assert torch.equal(pm(x), want) and no_block_open(po)
     pm.train()
     assert model.training
     F.cross_entropy(pm(x), y).backward()
-    assert po._dp_step.block is not None
+    assert not no_block_open(po)
     po.zero_grad()  # before step: the step is discarded
-    assert po._dp_step.block is None and all(p.grad is None for p in model.parameters())
+    assert no_block_open(po) and all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), mlp().parameters(), strict=True))
 
 
