@@ -115,7 +115,7 @@ class PrivacyEngine:
             clipping: ``"flat"`` (one norm over all parameters) or ``"per_layer"`` (each module clipped to its bound).
             noise_generator: ``torch.Generator`` (on the parameters' device) of the noise; default: a new one seeded
                 from torch's default generator. The sampling uses ``data_loader.generator``, or a new one seeded the
-                same way; both are in :meth:`state_dict`.
+                same way (distributed: rank 0's state, broadcast to every rank); both are in :meth:`state_dict`.
             forms, unsupported: passed to :func:`regops.dp_clipping` (per-layer norm forms; modules without a rule).
         """
         if isinstance(module, PrivateModule):
@@ -160,6 +160,8 @@ class PrivacyEngine:
 
         if poisson_sampling:
             gen = data_loader.generator if data_loader.generator is not None else _new_generator("cpu")
+            if distributed:
+                _agree_across_ranks(gen)
             data_loader = DPDataLoader.from_data_loader(
                 data_loader, generator=gen, distributed=distributed, batch_first=batch_first
             )
@@ -330,6 +332,14 @@ def _new_generator(device: torch.device | str) -> torch.Generator:
     """A generator of its own (reproducible under ``torch.manual_seed``; saved with the engine's state)."""
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def _agree_across_ranks(gen: torch.Generator) -> None:
+    """Give every rank rank 0's sampling state: the ranks' shards then split one Poisson draw (each example joins
+    each batch independently), and rank 0's checkpoint restores every rank."""
+    state = [gen.get_state()]
+    torch.distributed.broadcast_object_list(state, src=0)
+    gen.set_state(state[0])
 
 
 def _check_optimizer_params(module: nn.Module, optimizer: Optimizer) -> None:

@@ -59,7 +59,8 @@ def _body(rank: int, world: int) -> None:
         label = f"{kind} sigma={sigma} physical={physical}"
         # one example per rank per batch in expectation: local batches are often empty, on one rank or both
         shard = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
-        local = DataLoader(ds, batch_size=1, sampler=shard, generator=torch.Generator().manual_seed(2))
+        # each rank its own seed: make_private gives every rank rank 0's sampling state
+        local = DataLoader(ds, batch_size=1, sampler=shard, generator=torch.Generator().manual_seed(2 + 1000 * rank))
         model = nn.parallel.DistributedDataParallel(_mlp()) if kind == "ddp" else _fsdp()
         opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
         engine = regops.PrivacyEngine(accountant="rdp")
