@@ -266,6 +266,7 @@ def test_epsilon_equals_opacus_for_the_same_history(accountant):
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_make_private_with_epsilon_reaches_the_target_as_opacus(accountant):
+    opacus = pytest.importorskip("opacus")
     ds = dataset()
     loader = DataLoader(ds, batch_size=BATCH, generator=torch.Generator().manual_seed(4))
     ours, theirs = mlp(), mlp()
@@ -280,7 +281,6 @@ def test_make_private_with_epsilon_reaches_the_target_as_opacus(accountant):
         epochs=epochs,
         max_grad_norm=CLIP,
     )
-    opacus = pytest.importorskip("opacus")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, oo, _ = opacus.PrivacyEngine(accountant=accountant).make_private_with_epsilon(
