@@ -144,12 +144,13 @@ class DPStep:
         self.on_step(k)
 
     def discard(self) -> None:
-        """Drop the open block's recording (``zero_grad`` before ``step``): hooks removed, ``p.grad`` cleared."""
+        """Drop the open block's recording (``zero_grad`` before ``step``, a failed forward): hooks removed, ``p.grad``
+        cleared."""
         self.forwards = 0
         self.step_forwards = 0
         if self.block is not None:
             block, self.block = self.block, None
-            reason = RuntimeError("regops: the step was discarded by optimizer.zero_grad()")
+            reason = RuntimeError("regops: the step was discarded")
             block.__exit__(RuntimeError, reason, None)
 
 
