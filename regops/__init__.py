@@ -22,6 +22,7 @@ from regops.masks import *  # noqa: F403
 from regops.mix import *  # noqa: F403
 from regops.patch import PatchHandle, patch
 from regops.penalties import *  # noqa: F403
+from regops.privacy import DPDataLoader, PrivacyEngine
 from regops.valuation import *  # noqa: F403
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "__version__",
     "build_extension",
     "PatchHandle",
+    "DPDataLoader",
+    "PrivacyEngine",
     "hessian",
     "merge",
     "nn",
