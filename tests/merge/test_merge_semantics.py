@@ -208,7 +208,7 @@ def _peak_rss_bytes() -> int:
 @pytest.mark.parametrize("method", ["dare", "ties"])
 def test_merging_four_deltas_needs_constant_extra_memory(method):
     """4 deltas of a 256 MB float32 state dict (4 tensors of 64 MB), merged in place: the peak RSS grows by at most
-    1.5x one tensor. (1 GB state dicts: see benchmarks/bench_merge.py; 256 MB keeps this test quick on 2 cores.)"""
+    1.5x one tensor. (1 GB state dicts: see benchmarks/merge.py; 256 MB keeps this test quick on 2 cores.)"""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM

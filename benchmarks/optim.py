@@ -3,7 +3,7 @@ replace (the reference SAM loop, Grokfast's EMA loop, timm's adaptive gradient c
 loss term through autograd) and torch's fused AdamW, for 10, 200 and 2,000 parameter tensors.
 
 ``python -m benchmarks --family optim`` runs the registered cases through the harness. ``python -m
-benchmarks.bench_optim`` is the paired comparison: the variants of a case timed in interleaved rounds (a shared
+benchmarks.optim`` is the paired comparison: the variants of a case timed in interleaved rounds (a shared
 machine's load hits all of them alike; min and median reported), with the number of operators each step dispatches
 (on a GPU, about one kernel launch each), written to ``results/<device>/optim-paired.json``. The step is timed
 alone: gradients are set once and reused, so forward and backward are not part of it.
