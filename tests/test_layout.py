@@ -13,7 +13,8 @@ from regops._core import dispatch, extension
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 600
-FAMILY_FILES = ("__init__.py", "api.py", "ops.py", "reference.py")
+FAMILY_FILES = ("__init__.py", "api.py")  # every family
+OP_FAMILY_FILES = (*FAMILY_FILES, "ops.py", "reference.py", "triton.py")  # a family that declares operators
 
 
 def _modules() -> dict[str, Path]:
@@ -94,10 +95,19 @@ def test_no_module_over_600_lines():
 
 
 def test_every_family_has_the_same_files():
-    for family in ("dropout", "hessian", "mix", "losses"):
-        folder = ROOT / "regops" / family
-        missing = [f for f in FAMILY_FILES if not (folder / f).is_file()]
-        assert missing == [], (family, missing)
+    """Every package of regops/ but _core is a family: its public functions in api.py; one that declares operators
+    (an ops.py, or any op of its name in the registry) has their reference and Triton launchers beside them."""
+    families = [d for d in (ROOT / "regops").iterdir() if (d / "__init__.py").is_file() and d.name != "_core"]
+    assert len(families) >= 10, families
+    for folder in families:
+        declares = (folder / "ops.py").is_file()
+        files = OP_FAMILY_FILES if declares else FAMILY_FILES
+        missing = [f for f in files if not (folder / f).is_file()]
+        assert missing == [], (folder.name, missing)
+    # every declared op lives in a family's ops.py
+    for name in dispatch.registered_ops():
+        module = dispatch.declared(name).reference.__module__
+        assert module.startswith("regops.") and module.split(".")[1] in {f.name for f in families}, (name, module)
 
 
 def test_every_cpp_kernel_belongs_to_a_declared_op():
