@@ -46,17 +46,19 @@ MUTATIONS = [
         "kernels/philox.py",
         "return (words >> 1).to(tl.int32, bitcast=True) > threshold",
         "return (words >> 1).to(tl.int32, bitcast=True) >= threshold",
-        ("tests/test_dropout.py", "-k", "kernel and triton"),
+        ("tests/dropout/test_ops.py", "-k", "kernel and triton"),
     ),
     Mutation(
         "dropout-scale",
         "Triton dropout: survivors not scaled by 1/(1-p)",
         "kernels/dropout.py",
         "    y = x * tl.where(keep, scale, 0.0)  # multiply, as torch: NaN/Inf at a dropped position -> NaN\n"
-        "    tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)\n\n\ndef _default_block",
+        "    tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)\n\n\n"
+        "@triton.jit(do_not_specialize=[\"n\", \"threshold\"])\ndef dropout_bitmask_kernel",
         "    y = x * tl.where(keep, 1.0, 0.0)\n"
-        "    tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)\n\n\ndef _default_block",
-        ("tests/test_dropout.py", "-k", "kernel and triton"),
+        "    tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)\n\n\n"
+        "@triton.jit(do_not_specialize=[\"n\", \"threshold\"])\ndef dropout_bitmask_kernel",
+        ("tests/dropout/test_ops.py", "-k", "kernel and triton"),
     ),
     Mutation(
         "loss-label-column",
@@ -81,7 +83,7 @@ MUTATIONS = [
         "    compute = tl.float64 if x.dtype == tl.float64 else tl.float32\n    t = x.to(compute)\n"
         "    if HAS_DROPOUT:\n        keep = row_keep_tile",
         "    compute = tl.float32\n    t = x.to(compute)\n    if HAS_DROPOUT:\n        keep = row_keep_tile",
-        ("tests/test_dropout_fused.py", "-k", "layer_norm_kernel and triton"),
+        ("tests/dropout/test_ops_fused.py", "-k", "layer_norm_kernel and triton"),
     ),
     Mutation(
         "probe-dot-term",
@@ -113,25 +115,25 @@ MUTATIONS = [
         "regops/__init__.py",
         "",
         "",
-        ("tests/test_extension_present.py", "tests/test_cpu_kernels.py"),
+        ("tests/test_extension_present.py", "tests/dropout/test_ops_cpp.py"),
         hide="regops/_C*.so",
     ),
     Mutation(
         "cpp-keep-threshold",
         "C++ (and CUDA) Philox keep: keep iff (word >> 1) >= threshold instead of > (off by one at the threshold)",
-        "csrc/philox.cuh",
+        "csrc/common/philox.cuh",
         "return static_cast<int32_t>(word >> 1) > threshold; }",
         "return static_cast<int32_t>(word >> 1) >= threshold; }",
-        ("tests/test_dropout.py", "-k", "kernel and cpp"),
+        ("tests/dropout/test_ops.py", "-k", "kernel and cpp"),
         native=True,
     ),
     Mutation(
         "cpp-multi-sample-nan",
         "C++ multi-sample dropout: an Inf that some sample dropped stays Inf (torch gives NaN)",
-        "csrc/cpu_dropout.cpp",
+        "csrc/dropout/cpu.cpp",
         "if (count[i] < num_samples && z != z) out = z;",
         "if (count[i] == 0 && z != z) out = z;",
-        ("tests/test_dropout_semantics.py", "-k", "multiply_nan and cpp"),
+        ("tests/dropout/test_semantics_specials.py", "-k", "multiply_nan and cpp"),
         native=True,
     ),
 ]

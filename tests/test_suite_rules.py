@@ -122,3 +122,25 @@ def test_the_figure_check_sees_timings_ratios_and_memory():
     text = "takes 20.7 vs 32.8 ms on one thread, 0.81-0.92x the time, peak 236 MiB, 1.30x (min), 6.2 GB"
     assert FIGURE.findall(text) == ["32.8 ms", "0.81-0.92x", "236 MiB", "1.30x", "6.2 GB"]
     assert not FIGURE.findall("torch>=2.6, a [4096, 1024] tensor, 1e-15, sm_80, x2")
+
+
+def test_every_planted_mutation_still_applies():
+    """scripts/mutation_check.py plants known bugs and runs the tests that must catch them: each mutation's text
+    occurs exactly once in its file and its tests exist, so a rename or a refactor cannot quietly retire one."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("mutation_check", ROOT / "scripts" / "mutation_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    assert len(module.MUTATIONS) >= 10
+    for m in module.MUTATIONS:
+        files = [t for t in m.tests if t.startswith("tests/")]
+        assert files and all((ROOT / t).is_file() for t in files), (m.name, m.tests)
+        if m.hide:  # moves files aside (an environment without them): nothing to find in a source
+            continue
+        assert (ROOT / m.path).read_text().count(m.old) == 1, (m.name, m.path)
