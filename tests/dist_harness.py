@@ -1,9 +1,16 @@
 """Run a test body in several gloo processes on CPU: no port to pick (a file store in a fresh temp dir), one
-deadline for the whole run (stuck processes are killed), the process group torn down on every exit path, one
-CPU thread per process (the machine may be loaded)."""
+deadline for the whole run (stuck processes are killed), one CPU thread per process (the machine may be loaded).
+
+The teardown cannot abort: a process that exits while its process group is still referenced (DDP's reducer and
+hooks sit in reference cycles, freed only by a later garbage collection, often during interpreter shutdown)
+destroys gloo's worker threads while the interpreter is torn down, which aborts it now and then. So after the
+body every rank meets the others at a barrier (no collective in flight anywhere), collects garbage (DDP's
+references to the group die now) and only then destroys the group. A body that raises skips the barrier (its
+peer would wait on it): the peer fails at the group's timeout and the first error is re-raised."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import tempfile
@@ -24,6 +31,8 @@ def _entry(rank: int, body: Callable[..., None], world: int, init_file: str, arg
     )
     try:
         body(rank, world, *args)
+        dist.barrier()
+        gc.collect()
     finally:
         dist.destroy_process_group()
 

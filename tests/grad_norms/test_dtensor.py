@@ -11,7 +11,6 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import regops
-from tests import dist_workers
 from tests.dist_harness import Checks, run
 from tests.dist_harness import data as _data
 from tests.dist_harness import mlp as _mlp
@@ -157,7 +156,7 @@ def _per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
     return vmap(grad(loss_n), in_dims=(None, 0, 0))(params, x, y)
 
 
-def _worker(rank: int) -> None:
+def _worker(rank: int, world: int) -> None:
     x_all, y_all = _ddp_data(WORLD * LOCAL_BATCH)
     local = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
     model = _ddp_model()
@@ -194,4 +193,4 @@ def _worker(rank: int) -> None:
 
 
 def test_ddp_norms_and_clipping_two_processes():
-    dist_workers.run(_worker, world=WORLD)
+    run(_worker, WORLD)

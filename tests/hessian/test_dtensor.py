@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import regops
-from tests import dist_workers
 from tests.dist_harness import Checks, run
 
 # ---------------------------------------------------------------------------------------------- distributed=True
@@ -82,7 +81,7 @@ def _estimates(distributed: bool, seed: int):
     }
 
 
-def _worker(rank: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, out_dir: str) -> None:
     # rank 1 gets a different generator seed: the broadcast from rank 0 must win
     result = _estimates(True, 100 if rank == 0 else 999)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -92,7 +91,7 @@ def _worker(rank: int, out_dir: str) -> None:
 def test_distributed_estimate_equals_single_process():
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        dist_workers.run(_worker, tmp, world=WORLD)
+        run(_worker, WORLD, tmp)
         results = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
     single = _estimates(False, 100)
     for res in results:
