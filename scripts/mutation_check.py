@@ -54,10 +54,10 @@ MUTATIONS = [
         "kernels/dropout.py",
         "    y = x * tl.where(keep, scale, 0.0)  # multiply, as torch: NaN/Inf at a dropped position -> NaN\n"
         "    tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)\n\n\n"
-        "@triton.jit(do_not_specialize=[\"n\", \"threshold\"])\ndef dropout_bitmask_kernel",
+        '@triton.jit(do_not_specialize=["n", "threshold"])\ndef dropout_bitmask_kernel',
         "    y = x * tl.where(keep, 1.0, 0.0)\n"
         "    tl.store(y_ptr + idx, cast_rne(y, y_ptr.dtype.element_ty), mask=in_bounds)\n\n\n"
-        "@triton.jit(do_not_specialize=[\"n\", \"threshold\"])\ndef dropout_bitmask_kernel",
+        '@triton.jit(do_not_specialize=["n", "threshold"])\ndef dropout_bitmask_kernel',
         ("tests/dropout/test_ops.py", "-k", "kernel and triton"),
     ),
     Mutation(
