@@ -32,7 +32,7 @@ class Targets(NamedTuple):
     tweight: torch.Tensor  # [N, J]
     row_weight: torch.Tensor  # [N]
     class_weight: torch.Tensor | None
-    denominator: torch.Tensor  # scalar: what "mean" divides by
+    denominator: torch.Tensor | float  # scalar: what "mean" divides by
 
 
 def check_range(index: torch.Tensor, ignored: torch.Tensor, n_classes: int, name: str) -> torch.Tensor:
@@ -133,6 +133,8 @@ def _labels_on_cpu(
         if int(low) < 0 or int(high) >= n_classes:
             return None
     tweight = kept.to(acc)
+    if weight is None and token_weight is None:  # "mean" divides by the count of kept labels: a host number here
+        return Targets(index, tweight, tweight.view(-1), None, float(kept.sum()))
     return _weighted(index, tweight, tweight.view(-1), None, n_classes, acc, weight, token_weight, lead)
 
 
@@ -199,13 +201,17 @@ def no_grad_needed(**tensors: Any) -> None:
                 no_grad_needed(**{f"{name}[{i}]": x for i, x in enumerate(t)})
 
 
-def reduce_rows(rows: torch.Tensor, reduction: str, denominator: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+def reduce_rows(
+    rows: torch.Tensor, reduction: str, denominator: torch.Tensor | float, lead: torch.Size
+) -> torch.Tensor:
     if reduction == "none":
         return rows.reshape(lead)
     total = rows.sum()
     if reduction == "sum":
         return total
     # All rows ignored: 0 (and zero gradients), not torch's 0/0 = NaN.
+    if isinstance(denominator, float):
+        return total / (denominator or 1.0)
     return total / torch.where(denominator == 0, 1.0, denominator)
 
 
