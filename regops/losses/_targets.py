@@ -32,7 +32,7 @@ class Targets(NamedTuple):
     tweight: torch.Tensor  # [N, J]
     row_weight: torch.Tensor  # [N]
     class_weight: torch.Tensor | None
-    denominator: torch.Tensor  # scalar: what "mean" divides by
+    denominator: torch.Tensor | float  # scalar: what "mean" divides by
 
 
 def check_range(index: torch.Tensor, ignored: torch.Tensor, n_classes: int, name: str) -> torch.Tensor:
@@ -102,25 +102,83 @@ def prepare(
                 f"regops: target must have the logits' leading shape (their shape without the class dim) "
                 f"{tuple(lead)}, got {tuple(target.shape)}"
             )
-        validate.same_device("logits", torch.empty(0, device=device), "target", target)
+        if target.device != device:
+            validate.same_device("logits", torch.empty(0, device=device), "target", target)
         index = target.reshape(n, 1).long()
+        if device.type == "cpu" and not decoupled and not torch.compiler.is_compiling():
+            labels = _labels_on_cpu(index, n_classes, acc, ignore_index, weight, token_weight, lead)
+            if labels is not None:
+                return labels
         tweight = torch.ones(n, 1, dtype=acc, device=device)
     if decoupled and index.shape[1] != 2:
         raise ValueError("regops: decoupled mixup needs mixed targets (mix=...)")
+    return _finish(index, tweight, target, n_classes, acc, ignore_index, weight, token_weight, lead)
+
+
+def _labels_on_cpu(
+    index: torch.Tensor,
+    n_classes: int,
+    acc: torch.dtype,
+    ignore_index: int,
+    weight: torch.Tensor | None,
+    token_weight: torch.Tensor | None,
+    lead: torch.Size,
+) -> Targets | None:
+    """What :func:`_finish` gives for plain labels ``[n, 1]`` on the CPU, from a few small ops (a label's target
+    weight and its row weight are both "kept"); ``None`` when a label is out of range (:func:`_finish` says which)."""
+    kept = index != ignore_index
+    index = index * kept  # ignored rows point at class 0
+    if index.numel():
+        low, high = torch.aminmax(index)
+        if int(low) < 0 or int(high) >= n_classes:
+            return None
+    tweight = kept.to(acc)
+    if weight is None and token_weight is None:  # "mean" divides by the count of kept labels: a host number here
+        return Targets(index, tweight, tweight.view(-1), None, float(kept.sum()))
+    return _weighted(index, tweight, tweight.view(-1), None, n_classes, acc, weight, token_weight, lead)
+
+
+def _finish(
+    index: torch.Tensor,
+    tweight: torch.Tensor,
+    target: Any,
+    n_classes: int,
+    acc: torch.dtype,
+    ignore_index: int,
+    weight: torch.Tensor | None,
+    token_weight: torch.Tensor | None,
+    lead: torch.Size,
+) -> Targets:
     entry_ignored = index == ignore_index
     bad = check_range(index, entry_ignored, n_classes, "target")
     tweight = torch.where(entry_ignored, 0.0, tweight)
     index = torch.where(entry_ignored | bad, 0, index)
     # a label (or a mixed pair's first label) decides for its row; sparse targets: all their entries
     valid = ~entry_ignored.all(1) if isinstance(target, (tuple, list)) else ~entry_ignored[:, 0]
-    row_weight = valid.to(acc)
+    return _weighted(index, tweight, valid.to(acc), bad, n_classes, acc, weight, token_weight, lead)
+
+
+def _weighted(
+    index: torch.Tensor,
+    tweight: torch.Tensor,
+    row_weight: torch.Tensor,
+    bad: torch.Tensor | None,
+    n_classes: int,
+    acc: torch.dtype,
+    weight: torch.Tensor | None,
+    token_weight: torch.Tensor | None,
+    lead: torch.Size,
+) -> Targets:
+    """The targets with token and class weights applied (rows with a ``bad`` label NaN) and the mean's denominator."""
+    device = index.device
     if token_weight is not None:
         token_weight = validate.floating(token_weight, "token_weight")
         if token_weight.shape != lead:
             raise ValueError(f"regops: token_weight must have shape {tuple(lead)}, got {tuple(token_weight.shape)}")
         validate.same_device("logits", torch.empty(0, device=device), "token_weight", token_weight)
-        row_weight = row_weight * token_weight.reshape(n).to(acc)
-    row_weight = torch.where(bad.any(1), float("nan"), row_weight)
+        row_weight = row_weight * token_weight.reshape(index.shape[0]).to(acc)
+    if bad is not None:
+        row_weight = torch.where(bad.any(1), float("nan"), row_weight)
     class_weight = None
     if weight is not None:
         class_weight = validate.floating(weight, "weight")
@@ -143,13 +201,17 @@ def no_grad_needed(**tensors: Any) -> None:
                 no_grad_needed(**{f"{name}[{i}]": x for i, x in enumerate(t)})
 
 
-def reduce_rows(rows: torch.Tensor, reduction: str, denominator: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+def reduce_rows(
+    rows: torch.Tensor, reduction: str, denominator: torch.Tensor | float, lead: torch.Size
+) -> torch.Tensor:
     if reduction == "none":
         return rows.reshape(lead)
     total = rows.sum()
     if reduction == "sum":
         return total
     # All rows ignored: 0 (and zero gradients), not torch's 0/0 = NaN.
+    if isinstance(denominator, float):
+        return total / (denominator or 1.0)
     return total / torch.where(denominator == 0, 1.0, denominator)
 
 
