@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from regops._core.validate import is_dtensor
+from regops.grad_norms._noise import add_noise, noise_seed
 from regops.grad_norms._norms import PerSampleGradNorms
 from regops.per_example._layers import ConvRule, LinearRule
 from regops.per_example._recorder import check_reduction
@@ -40,9 +41,11 @@ def clip_per_sample_(
     the block's own backward is replaced; what ``p.grad`` held before the block is kept (accumulation across
     blocks works as in torch). Flat clipping uses the norm over all tracked parameters; ``per_layer=True``
     clips the parameters of each module (``norms.per_module``) to its own bound (``max_norm`` a float or
-    ``{module name: bound}``) and draws noise with ``C = sqrt(sum of squared bounds)``. Under
-    ``DistributedDataParallel`` the clipped gradients are averaged across ranks and the noise is drawn on
-    rank 0 only.
+    ``{module name: bound}``) and draws noise with ``C = sqrt(sum of squared bounds)``. The noise is regops'
+    Gaussian stream over the parameters flattened and concatenated (each element a function of one seed drawn
+    from ``generator`` and its index), in float32. Under ``DistributedDataParallel`` the clipped gradients are
+    averaged across ranks and the noise is drawn on rank 0 only; under FSDP2 each rank draws its shard of the
+    single-process noise (rank 0's seed).
 
     Args:
         norms: a finished block created with ``per_sample_grad_norms(model, ..., retain_signals=True)``.
@@ -146,25 +149,33 @@ def clip_per_sample_(
     before = getattr(norms, "_grad_before", {})
     dist = _distributed_world(norms)
     rank = torch.distributed.get_rank() if dist > 1 else 0
-    for name, p in norms._params.items():
-        value = grads.get(name)
+    params = norms._params
+    sharded = dist > 1 and is_dtensor(*params.values())
+    std = noise_multiplier * sensitivity / s
+    # Under FSDP2 every rank draws (its generator advances as in one process) and rank 0's seed is used; under
+    # DDP rank 0 alone draws and adds the noise.
+    seed = (
+        noise_seed(params, generator, sharded) if noise_multiplier > 0 and params and (sharded or rank == 0) else None
+    )
+    base = 0
+    for name, p in params.items():
+        value = grads.pop(name, None)  # each full-size sum is freed once it is written
         new = torch.zeros(p.shape, dtype=p.dtype, device=p.device) if value is None else value.to(p.dtype)
+        del value
         if s != 1.0:
             new = new / s
-        if noise_multiplier > 0 and rank == 0:
-            noise = torch.randn(p.shape, generator=generator, device=p.device, dtype=torch.float32)
-            std = noise_multiplier * sensitivity / s
-            if new.dtype == torch.float32:  # `new` is a fresh tensor of ours: add in place
-                new.add_(noise, alpha=std)
-            else:
-                new = new + (noise * std).to(p.dtype)
         if is_dtensor(p):  # FSDP2: averaged over the mesh into p's placements (one reduce-scatter)
             from regops.grad_norms import dtensor
 
-            new = dtensor.average_into(new, p)
-        elif dist > 1:
-            torch.distributed.all_reduce(new)
-            new.div_(dist)
+            # the noise of the average is the single-process noise / the ranks averaged over; each adds its shard
+            new = dtensor.average_into(new, p, None if seed is None else (seed, base, std))
+        else:
+            if seed is not None and rank == 0:
+                add_noise(new, seed, base, p.shape, p.shape, [0] * p.dim(), std)
+            if dist > 1:
+                torch.distributed.all_reduce(new)
+                new.div_(dist)
+        base += p.numel()
         prev = before.get(name)
         p.grad = new.detach() if prev is None else prev + new.detach()
     return stacked
@@ -187,6 +198,7 @@ class DPClipping(PerSampleGradNorms):
         super().__init__(model, loss_reduction, retain_signals=True, **kwargs)
         self._clip_args = clip_args
         self._frozen: list[nn.Parameter] = []
+        self._running: dict[nn.Module, nn.Parameter] = {}  # weights frozen by a forward that has not returned
         self._pre_handles: list[Any] = []
         self.clip_factors: torch.Tensor | None = None
 
@@ -202,24 +214,27 @@ class DPClipping(PerSampleGradNorms):
 
     def __enter__(self) -> DPClipping:
         super().__enter__()  # sets p.grad apart: the clipped sum is added to it on exit (torch's accumulation)
-        if _distributed_world(self) > 1:
+        if _distributed_world(self) > 1 and not is_dtensor(*self._params.values()):
             return self  # DDP reduces every parameter's gradient: leave autograd as it is
         # The weight leaves requires_grad only while its module runs forward: the graph then has no edge to it,
         # so autograd never computes its gradient, while the norms (computed in backward) still see it trainable.
-        rec = self._rec
+        # Under FSDP2 the weight frozen is the unsharded one the module runs on (FSDP2 then has no gradient of it
+        # to reduce-scatter), thawed by object: FSDP2's own hook may have put the sharded one back by then.
+        rec, running = self._rec, self._running
         for module, weight in self._skippable():
             self._frozen.append(weight)
-            self._pre_handles.append(module.register_forward_pre_hook(functools.partial(_freeze_weight, rec)))
-            self._pre_handles.append(module.register_forward_hook(functools.partial(_thaw_weight, rec)))
+            self._pre_handles.append(module.register_forward_pre_hook(functools.partial(_freeze_weight, rec, running)))
+            self._pre_handles.append(module.register_forward_hook(functools.partial(_thaw_weight, running)))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         for h in self._pre_handles:
             h.remove()
         self._pre_handles.clear()
-        for weight in self._frozen:
+        for weight in [*self._frozen, *self._running.values()]:
             weight.requires_grad_(True)
         self._frozen.clear()
+        self._running.clear()
         super().__exit__(exc_type, exc, tb)
         if exc_type is None:
             self.clip_factors = clip_per_sample_(self, **self._clip_args)
@@ -228,18 +243,20 @@ class DPClipping(PerSampleGradNorms):
                 p.grad = self._grad_before.get(name)
 
 
-def _thaw_weight(rec: Any, module: nn.Module, args: tuple, output: Any) -> None:
-    if not rec.suspended:
-        module.weight.requires_grad_(True)
+def _thaw_weight(running: dict, module: nn.Module, args: tuple, output: Any) -> None:
+    weight = running.pop(module, None)
+    if weight is not None:
+        weight.requires_grad_(True)
 
 
-def _freeze_weight(rec: Any, module: nn.Module, args: tuple) -> tuple | None:
+def _freeze_weight(rec: Any, running: dict, module: nn.Module, args: tuple) -> tuple | None:
     """Freeze the weight for this forward. With no trainable bias the output would then leave the graph: make
     the input require grad so the output gradient still reaches the recorder (autograd computes the input
     gradient instead of the weight gradient, at the same cost). Not in the recorder's own forwards (the torch.func
     path runs the model on functional parameters)."""
     if not torch.is_grad_enabled() or rec.suspended:
         return None
+    running[module] = module.weight
     module.weight.requires_grad_(False)
     bias = getattr(module, "bias", None)
     if bias is not None and bias.requires_grad:
@@ -270,7 +287,8 @@ def dp_clipping(
 
     Since the clipped gradients are rebuilt from the recorded signals (Book-Keeping), autograd is spared the
     Linear/Conv weight gradients it would otherwise compute and throw away: inside the block those weights
-    have ``requires_grad=False`` (restored on exit; not under DDP, which needs every gradient). The object
+    have ``requires_grad=False`` (restored on exit; not under DDP, which needs every gradient; under FSDP2 the
+    clipped sum is then the only weight gradient formed). The object
     also holds the norms (``total``, ``per_param``) and, after the block, ``clip_factors``.
 
     Args: as :func:`per_sample_grad_norms` and :func:`clip_per_sample_`; ``loss_reduction`` is required.

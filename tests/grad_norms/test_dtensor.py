@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import regops
+from regops.testing import dp_noise
 from tests.dist_harness import Checks, run
 from tests.dist_harness import data as _data
 from tests.dist_harness import mlp as _mlp
@@ -185,10 +186,11 @@ def _worker(rank: int, world: int) -> None:
     with regops.per_sample_grad_norms(ddp, "mean", retain_signals=True) as norms:
         F.cross_entropy(ddp(x_all[local]), y_all[local]).backward()
     regops.clip_per_sample_(norms, 0.3, noise_multiplier=1.0, generator=torch.Generator().manual_seed(rank))
-    gen0 = torch.Generator().manual_seed(0)
-    for name, p in model.named_parameters():
+    params = dict(model.named_parameters())
+    noises = dp_noise([p.shape for p in params.values()], torch.Generator().manual_seed(0))
+    for (name, p), z in zip(params.items(), noises, strict=True):
         want = torch.einsum("b,b...->...", factor, grads[name]) / (WORLD * LOCAL_BATCH)
-        noise = torch.randn(p.shape, generator=gen0, dtype=torch.float32).double() * 0.3 / LOCAL_BATCH / WORLD
+        noise = z.double() * 0.3 / LOCAL_BATCH / WORLD
         torch.testing.assert_close(p.grad, want + noise, msg=name)
 
 
