@@ -145,7 +145,7 @@ def clip_per_sample_(
             sliced[key] = w
         return w
 
-    grads = rec.weighted_grads(weights) if n_total else {}
+    grads = rec.weighted_grads(weights) if n_total else None
     before = getattr(norms, "_grad_before", {})
     dist = _distributed_world(norms)
     rank = torch.distributed.get_rank() if dist > 1 else 0
@@ -159,11 +159,12 @@ def clip_per_sample_(
     )
     base = 0
     for name, p in params.items():
-        value = grads.pop(name, None)  # each full-size sum is freed once it is written
+        value = grads.pop(name) if grads is not None else None  # one full-size sum at a time
+        # a fresh tensor of ours (the sum was built for this call): scaled and noised in place
         new = torch.zeros(p.shape, dtype=p.dtype, device=p.device) if value is None else value.to(p.dtype)
         del value
         if s != 1.0:
-            new = new / s
+            new.div_(s)
         if is_dtensor(p):  # FSDP2: averaged over the mesh into p's placements (one reduce-scatter)
             from regops.grad_norms import dtensor
 

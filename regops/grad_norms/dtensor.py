@@ -19,7 +19,8 @@ from regops.grad_norms._noise import add_noise
 
 
 def average_into(full: torch.Tensor, p: DTensor, noise: tuple[torch.Tensor, int, float] | None = None) -> DTensor:
-    """``mean over the ranks of p's mesh of full`` (a full-size plain tensor on every rank), laid out like ``p``,
+    """``mean over the ranks of p's mesh of full`` (a full-size plain tensor on every rank, divided in place: the
+    caller's own), laid out like ``p``,
     plus ``std / world`` times this shard's part of the noise when ``noise = (seed, base, std)`` (``base``: the
     noise index of ``p``'s first element)."""
     mesh = p.device_mesh
@@ -31,7 +32,7 @@ def average_into(full: torch.Tensor, p: DTensor, noise: tuple[torch.Tensor, int,
     if tuple(full.shape) != tuple(p.shape):
         raise ValueError(f"regops: a gradient of shape {tuple(full.shape)} for a parameter of shape {tuple(p.shape)}")
     part = DTensor.from_local(
-        (full / mesh.size()).contiguous(),
+        full.div_(mesh.size()) if full.is_contiguous() else (full / mesh.size()).contiguous(),
         mesh,
         [Partial()] * mesh.ndim,
         shape=p.shape,
