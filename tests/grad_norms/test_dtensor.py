@@ -82,6 +82,49 @@ def _fsdp_checks(c: Checks, rank: int, world: int) -> None:
     )
 
 
+def _noise_checks(c: Checks, rank: int, world: int) -> None:
+    """The noised step under FSDP2 equals one process bit for bit. Every rank holds the same batch, so the mean of
+    the ranks' clipped sums is exactly one process's (halving and adding two equal halves is exact); the noise of
+    the mean is the single-process noise / world, i.e. one process with ``noise_multiplier / world`` (exact for
+    world = 2). Each rank draws only its shard of the noise, from rank 0's seed."""
+    from torch.distributed.tensor import DTensor
+
+    x, y = _data(LOCAL)
+    sigma = 1.3
+    model = _sharded(world)
+    gen = torch.Generator().manual_seed(11 + 1000 * rank)
+    with regops.dp_clipping(model, 0.4, loss_reduction="mean", noise_multiplier=sigma, generator=gen):
+        F.cross_entropy(model(x), y).backward()
+    ref = _mlp()
+    ref_gen = torch.Generator().manual_seed(11)
+    with regops.dp_clipping(ref, 0.4, loss_reduction="mean", noise_multiplier=sigma / world, generator=ref_gen):
+        F.cross_entropy(ref(x), y).backward()
+    for name, p in model.named_parameters():
+        g = p.grad
+        ok = isinstance(g, DTensor) and g.to_local().shape == p.to_local().shape
+        c.true(f"noised step {name}: a shard per rank", ok)
+        if ok:
+            c.true(
+                f"noised step {name}: bit for bit",
+                torch.equal(g.full_tensor(), dict(ref.named_parameters())[name].grad),
+            )
+    own = torch.Generator().manual_seed(11 + 1000 * rank)
+    c.true("the generator advanced", not torch.equal(gen.get_state(), own.get_state()))
+    dp_noise([p.shape for p in ref.parameters()], own)
+    c.true("... by one noise draw, as in one process", torch.equal(gen.get_state(), own.get_state()))
+
+    # the weights frozen for the block (FSDP2's unsharded ones) train again afterwards
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    ref.zero_grad(set_to_none=True)
+    F.cross_entropy(ref(x), y).backward()
+    for name, p in ref.named_parameters():
+        got = dict(model.named_parameters())[name].grad
+        c.true(f"plain step after the block {name}: a gradient", got is not None)
+        if got is not None:
+            c.close(f"plain step after the block {name}", got.full_tensor(), p.grad, rtol=RTOL, atol=1e-12)
+
+
 def _tp_checks(c: Checks, rank: int, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -123,12 +166,24 @@ class _GatherOutput(nn.Module):
 def _body(rank: int, world: int) -> None:
     c = Checks(rank)
     _fsdp_checks(c, rank, world)
+    _noise_checks(c, rank, world)
     _tp_checks(c, rank, world)
     c.done()
 
 
 def test_fsdp2_clipping_and_tensor_parallel_norms_two_processes():
     run(_body, 2)
+
+
+def test_fsdp2_noised_clipping_holds_a_shard_per_rank():
+    """Peak RSS growth of a noised dp_clipping step on each of 2 FSDP2 ranks at most 0.7x the same call's in one
+    process (8 x Linear(1024), 33 MiB of float32 parameters; an even split of the gradients alone is 0.5x)."""
+    from benchmarks.fsdp_memory import measure
+
+    one = measure(1, 8, 1024, 8)[0]["growth"]
+    ranks = [r["growth"] for r in measure(2, 8, 1024, 8)]
+    assert one > 32 * 2**20, f"one process grew by {one / 2**20:.1f} MiB: the gradients alone are 32 MiB"
+    assert max(ranks) <= 0.7 * one, f"per-rank growth {[g / 2**20 for g in ranks]} MiB vs {one / 2**20:.1f} MiB"
 
 
 # ---------------------------------------------------------------------------------------------- DDP
