@@ -199,7 +199,6 @@ class DPClipping(PerSampleGradNorms):
         super().__init__(model, loss_reduction, retain_signals=True, **kwargs)
         self._clip_args = clip_args
         self._frozen: list[nn.Parameter] = []
-        self._running: dict[nn.Module, nn.Parameter] = {}  # weights frozen by a forward that has not returned
         self._pre_handles: list[Any] = []
         self.clip_factors: torch.Tensor | None = None
 
@@ -215,27 +214,24 @@ class DPClipping(PerSampleGradNorms):
 
     def __enter__(self) -> DPClipping:
         super().__enter__()  # sets p.grad apart: the clipped sum is added to it on exit (torch's accumulation)
-        if _distributed_world(self) > 1 and not is_dtensor(*self._params.values()):
+        if _distributed_world(self) > 1:
             return self  # DDP reduces every parameter's gradient: leave autograd as it is
         # The weight leaves requires_grad only while its module runs forward: the graph then has no edge to it,
         # so autograd never computes its gradient, while the norms (computed in backward) still see it trainable.
-        # Under FSDP2 the weight frozen is the unsharded one the module runs on (FSDP2 then has no gradient of it
-        # to reduce-scatter), thawed by object: FSDP2's own hook may have put the sharded one back by then.
-        rec, running = self._rec, self._running
+        rec = self._rec
         for module, weight in self._skippable():
             self._frozen.append(weight)
-            self._pre_handles.append(module.register_forward_pre_hook(functools.partial(_freeze_weight, rec, running)))
-            self._pre_handles.append(module.register_forward_hook(functools.partial(_thaw_weight, running)))
+            self._pre_handles.append(module.register_forward_pre_hook(functools.partial(_freeze_weight, rec)))
+            self._pre_handles.append(module.register_forward_hook(functools.partial(_thaw_weight, rec)))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         for h in self._pre_handles:
             h.remove()
         self._pre_handles.clear()
-        for weight in [*self._frozen, *self._running.values()]:
+        for weight in self._frozen:
             weight.requires_grad_(True)
         self._frozen.clear()
-        self._running.clear()
         super().__exit__(exc_type, exc, tb)
         if exc_type is None:
             self.clip_factors = clip_per_sample_(self, **self._clip_args)
@@ -244,20 +240,18 @@ class DPClipping(PerSampleGradNorms):
                 p.grad = self._grad_before.get(name)
 
 
-def _thaw_weight(running: dict, module: nn.Module, args: tuple, output: Any) -> None:
-    weight = running.pop(module, None)
-    if weight is not None:
-        weight.requires_grad_(True)
+def _thaw_weight(rec: Any, module: nn.Module, args: tuple, output: Any) -> None:
+    if not rec.suspended:
+        module.weight.requires_grad_(True)
 
 
-def _freeze_weight(rec: Any, running: dict, module: nn.Module, args: tuple) -> tuple | None:
+def _freeze_weight(rec: Any, module: nn.Module, args: tuple) -> tuple | None:
     """Freeze the weight for this forward. With no trainable bias the output would then leave the graph: make
     the input require grad so the output gradient still reaches the recorder (autograd computes the input
     gradient instead of the weight gradient, at the same cost). Not in the recorder's own forwards (the torch.func
     path runs the model on functional parameters)."""
     if not torch.is_grad_enabled() or rec.suspended:
         return None
-    running[module] = module.weight
     module.weight.requires_grad_(False)
     bias = getattr(module, "bias", None)
     if bias is not None and bias.requires_grad:
@@ -288,8 +282,8 @@ def dp_clipping(
 
     Since the clipped gradients are rebuilt from the recorded signals (Book-Keeping), autograd is spared the
     Linear/Conv weight gradients it would otherwise compute and throw away: inside the block those weights
-    have ``requires_grad=False`` (restored on exit; not under DDP, which needs every gradient; under FSDP2 the
-    clipped sum is then the only weight gradient formed). The object
+    have ``requires_grad=False`` (restored on exit; not under DDP or FSDP2, whose gradient collectives must carry
+    the same gradients on every rank, also on a rank whose empty batch runs outside any block). The object
     also holds the norms (``total``, ``per_param``) and, after the block, ``clip_factors``.
 
     Args: as :func:`per_sample_grad_norms` and :func:`clip_per_sample_`; ``loss_reduction`` is required.

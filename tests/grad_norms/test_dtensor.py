@@ -177,12 +177,13 @@ def test_fsdp2_clipping_and_tensor_parallel_norms_two_processes():
 
 def test_fsdp2_noised_clipping_holds_a_shard_per_rank():
     """Peak RSS growth of a noised dp_clipping step on each of 2 FSDP2 ranks at most 0.7x the same call's in one
-    process (8 x Linear(1024), 33 MiB of float32 parameters; an even split of the gradients alone is 0.5x)."""
+    process (16 x Linear(1024), 64 MiB of float32 parameters; the gradients' even split alone is 0.5x, FSDP2's
+    per-layer buffers in flight add a constant)."""
     from benchmarks.fsdp_memory import measure
 
-    one = measure(1, 8, 1024, 8)[0]["growth"]
-    ranks = [r["growth"] for r in measure(2, 8, 1024, 8)]
-    assert one > 32 * 2**20, f"one process grew by {one / 2**20:.1f} MiB: the gradients alone are 32 MiB"
+    one = measure(1, 16, 1024, 8)[0]["growth"]
+    ranks = [r["growth"] for r in measure(2, 16, 1024, 8)]
+    assert one > 64 * 2**20, f"one process grew by {one / 2**20:.1f} MiB: the gradients alone are 64 MiB"
     assert max(ranks) <= 0.7 * one, f"per-rank growth {[g / 2**20 for g in ranks]} MiB vs {one / 2**20:.1f} MiB"
 
 
