@@ -85,3 +85,16 @@ def seed(key: int, offset: int, device: str | torch.device = "cpu") -> torch.Ten
 def prob(p: float) -> torch.Tensor:
     """A probability as the ops take it: a 0-dim float64 tensor."""
     return torch.tensor(p, dtype=torch.float64)
+
+
+def dp_noise(shapes: list[torch.Size], generator: torch.Generator, device: str | torch.device = "cpu") -> list:
+    """The standard normal noise (float32) ``clip_per_sample_`` draws for tracked parameters of these shapes (in
+    order) from ``generator``'s state, by the reference of :mod:`regops.hessian`'s probe stream (advances it)."""
+    from regops._core import rng
+    from regops.hessian import reference as ref
+
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    n = sum(sizes)
+    seed_ = rng.philox_seed(torch.device(device), ref.stream_words(1, n, "gaussian"), generator)
+    row = ref.probes(seed_, 0, 1, n, "gaussian", torch.float32)[0, :n]
+    return [z.reshape(s) for z, s in zip(row.split(sizes), shapes, strict=True)]

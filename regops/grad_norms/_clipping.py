@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from regops._core.validate import is_dtensor
+from regops.grad_norms._noise import add_noise, noise_seed
 from regops.grad_norms._norms import PerSampleGradNorms
 from regops.per_example._layers import ConvRule, LinearRule
 from regops.per_example._recorder import check_reduction
@@ -40,9 +41,11 @@ def clip_per_sample_(
     the block's own backward is replaced; what ``p.grad`` held before the block is kept (accumulation across
     blocks works as in torch). Flat clipping uses the norm over all tracked parameters; ``per_layer=True``
     clips the parameters of each module (``norms.per_module``) to its own bound (``max_norm`` a float or
-    ``{module name: bound}``) and draws noise with ``C = sqrt(sum of squared bounds)``. Under
-    ``DistributedDataParallel`` the clipped gradients are averaged across ranks and the noise is drawn on
-    rank 0 only.
+    ``{module name: bound}``) and draws noise with ``C = sqrt(sum of squared bounds)``. The noise is regops'
+    Gaussian stream over the parameters flattened and concatenated (each element a function of one seed drawn
+    from ``generator`` and its index), in float32. Under ``DistributedDataParallel`` the clipped gradients are
+    averaged across ranks and the noise is drawn on rank 0 only; under FSDP2 each rank draws its shard of the
+    single-process noise (rank 0's seed).
 
     Args:
         norms: a finished block created with ``per_sample_grad_norms(model, ..., retain_signals=True)``.
@@ -142,29 +145,38 @@ def clip_per_sample_(
             sliced[key] = w
         return w
 
-    grads = rec.weighted_grads(weights) if n_total else {}
+    grads = rec.weighted_grads(weights) if n_total else None
     before = getattr(norms, "_grad_before", {})
     dist = _distributed_world(norms)
     rank = torch.distributed.get_rank() if dist > 1 else 0
-    for name, p in norms._params.items():
-        value = grads.get(name)
+    params = norms._params
+    sharded = dist > 1 and is_dtensor(*params.values())
+    std = noise_multiplier * sensitivity / s
+    # Under FSDP2 every rank draws (its generator advances as in one process) and rank 0's seed is used; under
+    # DDP rank 0 alone draws and adds the noise.
+    seed = (
+        noise_seed(params, generator, sharded) if noise_multiplier > 0 and params and (sharded or rank == 0) else None
+    )
+    base = 0
+    for name, p in params.items():
+        value = grads.pop(name) if grads is not None else None  # one full-size sum at a time
+        # a fresh tensor of ours (the sum was built for this call): scaled and noised in place
         new = torch.zeros(p.shape, dtype=p.dtype, device=p.device) if value is None else value.to(p.dtype)
+        del value
         if s != 1.0:
-            new = new / s
-        if noise_multiplier > 0 and rank == 0:
-            noise = torch.randn(p.shape, generator=generator, device=p.device, dtype=torch.float32)
-            std = noise_multiplier * sensitivity / s
-            if new.dtype == torch.float32:  # `new` is a fresh tensor of ours: add in place
-                new.add_(noise, alpha=std)
-            else:
-                new = new + (noise * std).to(p.dtype)
+            new.div_(s)
         if is_dtensor(p):  # FSDP2: averaged over the mesh into p's placements (one reduce-scatter)
             from regops.grad_norms import dtensor
 
-            new = dtensor.average_into(new, p)
-        elif dist > 1:
-            torch.distributed.all_reduce(new)
-            new.div_(dist)
+            # the noise of the average is the single-process noise / the ranks averaged over; each adds its shard
+            new = dtensor.average_into(new, p, None if seed is None else (seed, base, std))
+        else:
+            if seed is not None and rank == 0:
+                add_noise(new, seed, base, p.shape, p.shape, [0] * p.dim(), std)
+            if dist > 1:
+                torch.distributed.all_reduce(new)
+                new.div_(dist)
+        base += p.numel()
         prev = before.get(name)
         p.grad = new.detach() if prev is None else prev + new.detach()
     return stacked
@@ -270,7 +282,8 @@ def dp_clipping(
 
     Since the clipped gradients are rebuilt from the recorded signals (Book-Keeping), autograd is spared the
     Linear/Conv weight gradients it would otherwise compute and throw away: inside the block those weights
-    have ``requires_grad=False`` (restored on exit; not under DDP, which needs every gradient). The object
+    have ``requires_grad=False`` (restored on exit; not under DDP or FSDP2, whose gradient collectives must carry
+    the same gradients on every rank, also on a rank whose empty batch runs outside any block). The object
     also holds the norms (``total``, ``per_param``) and, after the block, ``clip_factors``.
 
     Args: as :func:`per_sample_grad_norms` and :func:`clip_per_sample_`; ``loss_reduction`` is required.

@@ -5,8 +5,8 @@ gradients are the full ones and the per-example norms of each rank's own example
 no extra communication. The clipped sum of a rank's examples is a full-size gradient; it is averaged over the
 ranks of the parameter's mesh and written with the parameter's placements in one reduce-scatter (the same
 communication FSDP2 does for a normal backward), so ``p.grad`` is a DTensor like the one FSDP2 would write.
-As under DDP, noise is drawn on rank 0 only (full size, from its generator: the single-process draw for the
-same generator state) before the average.
+The noise is a function of (seed, global element index): every rank draws only its shard's elements of the
+single-process noise (rank 0's seed), scaled by ``1 / world`` like the average, after the reduce-scatter.
 """
 
 from __future__ import annotations
@@ -14,11 +14,15 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor, Partial
 
-from regops._core.dtensor import contiguous_strides
+from regops._core.dtensor import box, contiguous_strides
+from regops.grad_norms._noise import add_noise
 
 
-def average_into(full: torch.Tensor, p: DTensor) -> DTensor:
-    """``mean over the ranks of p's mesh of full`` (a full-size plain tensor on every rank), laid out like ``p``."""
+def average_into(full: torch.Tensor, p: DTensor, noise: tuple[torch.Tensor, int, float] | None = None) -> DTensor:
+    """``mean over the ranks of p's mesh of full`` (a full-size plain tensor on every rank, divided in place: the
+    caller's own), laid out like ``p``,
+    plus ``std / world`` times this shard's part of the noise when ``noise = (seed, base, std)`` (``base``: the
+    noise index of ``p``'s first element)."""
     mesh = p.device_mesh
     if isinstance(full, DTensor):
         raise NotImplementedError(
@@ -28,10 +32,17 @@ def average_into(full: torch.Tensor, p: DTensor) -> DTensor:
     if tuple(full.shape) != tuple(p.shape):
         raise ValueError(f"regops: a gradient of shape {tuple(full.shape)} for a parameter of shape {tuple(p.shape)}")
     part = DTensor.from_local(
-        (full / mesh.size()).contiguous(),
+        full.div_(mesh.size()) if full.is_contiguous() else (full / mesh.size()).contiguous(),
         mesh,
         [Partial()] * mesh.ndim,
         shape=p.shape,
         stride=tuple(contiguous_strides(p.shape)),
     )
-    return part.redistribute(mesh, p.placements).detach()
+    out = part.redistribute(mesh, p.placements).detach()
+    if noise is not None:
+        seed, base, std = noise
+        local_shape, offset = box(p)
+        local = out.to_local()
+        add_noise(local, seed, base, p.shape, local_shape, offset, std / mesh.size())
+        out = DTensor.from_local(local, mesh, p.placements, shape=p.shape, stride=out.stride())
+    return out

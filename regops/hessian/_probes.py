@@ -1,9 +1,12 @@
-"""Parameters as one ``[K, N]`` probe buffer: the layout, the seed of a block of probes, the probe rows, and the
-fused accumulation over parameters of several dtypes (both through :mod:`regops.hessian.ops`)."""
+"""Parameters as one ``[K, N]`` probe buffer: the layout, the seed of a block of probes, the probe rows, any box of
+the probe stream (a shard's part of it), and the fused accumulation over parameters of several dtypes (all through
+:mod:`regops.hessian.ops`)."""
 
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,6 +73,45 @@ def probe_rows(
     """Probe rows ``first_probe ..`` in the layout's common dtype: ``[num_probes, S >= N]``, the first ``N``
     columns are the probes (the rest is row padding; :meth:`ParamLayout.split` takes views)."""
     return ops.hessian_probes(seed, first_probe, num_probes, layout.numel, distribution, layout.dtype)
+
+
+def stream_span(seed: torch.Tensor, start: int, count: int, distribution: str, dtype: torch.dtype) -> torch.Tensor:
+    """Elements ``start .. start + count - 1`` of probe row 0 of ``seed`` (element ``i`` from counter ``seed[1] + i //
+    per``, ``per`` elements per counter): the same values as ``probe_rows(seed, 0, 1, ...)[0, start : start + count]``
+    without drawing the elements before ``start``. A view of a ``[1, S]`` buffer."""
+    per = ref.ELEMENTS_PER_COUNTER[distribution]
+    lead = start % per
+    shifted = seed.clone()
+    shifted[1] += (start - lead) // per  # the counter of element start - lead: a row starting there is the same
+    return ops.hessian_probes(shifted, 0, 1, lead + count, distribution, dtype)[0, lead : lead + count]
+
+
+def stream_box(
+    seed: torch.Tensor,
+    base: int,
+    shape: Sequence[int],
+    local_shape: Sequence[int],
+    offset: Sequence[int],
+    distribution: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The box ``[offset, offset + local_shape)`` of a ``shape`` tensor whose row-major element ``j`` is element
+    ``base + j`` of probe row 0 of ``seed``: a rank's shard of a tensor drawn whole in one process, bit for bit.
+
+    One op call per contiguous run of the box in the global tensor (one for ``Shard(0)`` boxes)."""
+    shape, local_shape, offset = list(shape), list(local_shape), list(offset)
+    if math.prod(local_shape) == 0:
+        return torch.empty(local_shape, dtype=dtype, device=seed.device)
+    # dims after `lead` are whole: each index of dims[:lead] is one contiguous run of local_shape[lead] rows of them
+    lead = max((d for d in range(len(shape)) if local_shape[d] != shape[d]), default=0)
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    run = local_shape[lead] * strides[lead] if shape else 1
+    start0 = base + sum(o * w for o, w in zip(offset, strides, strict=True))
+    runs = []
+    for index in itertools.product(*(range(n) for n in local_shape[:lead])):
+        start = start0 + sum(i * w for i, w in zip(index, strides[:lead], strict=True))
+        runs.append(stream_span(seed, start, run, distribution, dtype))
+    return (runs[0] if len(runs) == 1 else torch.cat(runs)).reshape(local_shape)
 
 
 def probe_dot(

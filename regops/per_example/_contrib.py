@@ -154,24 +154,63 @@ def squared_norms(rec: Any) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def weighted_grads(rec: Any, weights: Callable[[int, str], torch.Tensor]) -> dict[str, torch.Tensor]:
+class WeightedGrads:
     """``sum_n w_n g_n`` per parameter (``weights(micro-batch index, parameter name) -> [B_k]``) from the kept
-    signals of every call and the per-example gradients carried back (all micro-batches)."""
-    out: dict[str, torch.Tensor] = {}
+    signals of every call and the per-example gradients carried back (all micro-batches), built when asked for
+    (:meth:`pop`): a caller that takes the parameters one at a time holds one full-size sum at a time, plus the
+    other parameters' parts of the call it last computed. A call's contributions are computed once; a parameter's
+    are added in call order, then micro-batch order (the whole-model fallback is computed up front)."""
 
-    def add(name, v):
-        out[name] = v if name not in out else out[name] + v
+    def __init__(self, rec: Any, weights: Callable[[int, str], torch.Tensor]) -> None:
+        self.rec, self.weights = rec, weights
+        self.calls = [*rec.calls, *rec.derived]
+        self.sources: dict[str, list[Any]] = {}
+        self.pending: dict[tuple[Any, str], list[torch.Tensor]] = {}  # computed, not yet asked for
+        for i, call in enumerate(self.calls):
+            if call.grad is None or rec.mbs[call.mb].fallback:
+                continue
+            names = [name for name, _ in call.entry.params.values()]
+            names += [name for node in call.links.values() for name in node.params]
+            for name in dict.fromkeys(names):
+                self.sources.setdefault(name, []).append(i)
+        for index, mb in enumerate(rec.mbs):
+            if mb.fallback:
+                for name, v in _whole.weighted_grads(rec, mb, index, weights).items():
+                    self.sources.setdefault(name, []).append(("whole", index))
+                    self.pending[(("whole", index), name)] = [v]
+                continue
+            for name, dense in mb.pushed.items():
+                for j in range(len(dense)):
+                    self.sources.setdefault(name, []).append(("pushed", index, j))
 
-    for call in [*rec.calls, *rec.derived]:
-        mb = rec.mbs[call.mb]
-        if call.grad is None or mb.fallback:
-            continue
-        entry = call.entry
+    def names(self) -> list[str]:
+        return list(self.sources)
+
+    def pop(self, name: str) -> torch.Tensor | None:
+        """The sum for ``name`` (``None`` if nothing contributes to it); asked for once."""
+        total = None
+        for src in self.sources.pop(name, []):
+            if (src, name) not in self.pending:
+                self._compute(src)
+            for v in self.pending.pop((src, name), []):  # a rule may return no gradient for a parameter
+                total = v if total is None else total + v
+        return total
+
+    def _compute(self, src: Any) -> None:
+        if isinstance(src, tuple):  # ("pushed", micro-batch, j)
+            _, index, j = src
+            for name, dense in self.rec.mbs[index].pushed.items():
+                if j < len(dense):
+                    self.pending[(src, name)] = [_wsum(self.weights(index, name), dense[j])]
+            return
+        call = self.calls[src]
+        rec, mb, entry = self.rec, call.mb, call.entry
+        out: dict[str, list[torch.Tensor]] = {}
         groups: dict[int, tuple[torch.Tensor, list[str]]] = {}
         locals_ = [(local, [name]) for local, (name, _) in entry.params.items()]
         locals_ += [(local, list(node.params)) for local, node in call.links.items()]
         for local, names in locals_:
-            w = weights(call.mb, names[0])
+            w = self.weights(mb, names[0])
             groups.setdefault(id(w), (w, []))[1].append(local)
         for w, locs in groups.values():
             with rec.quiet(w.device.type):
@@ -186,19 +225,11 @@ def weighted_grads(rec: Any, weights: Callable[[int, str], torch.Tensor]) -> dic
                     continue
                 if local in call.links:
                     for name, v in R.to_param(call.links[local], grads[local][None]).items():
-                        add(name, v[0])
+                        out.setdefault(name, []).append(v[0])
                 else:
-                    add(entry.params[local][0], grads[local])
-    for index, mb in enumerate(rec.mbs):
-        if mb.fallback:
-            for name, v in _whole.weighted_grads(rec, mb, index, weights).items():
-                add(name, v)
-            continue
-        for name, dense in mb.pushed.items():
-            w = weights(index, name)
-            for d in dense:
-                add(name, _wsum(w, d))
-    return out
+                    out.setdefault(entry.params[local][0], []).append(grads[local])
+        for name, vs in out.items():
+            self.pending[(src, name)] = vs
 
 
 def _first(t: Any, layout: Layout) -> Any:

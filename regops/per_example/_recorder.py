@@ -462,9 +462,10 @@ class _Recorder:
         """One ``{name: [B_k]}`` per micro-batch: squared norms of the summed per-example gradients."""
         return _contrib.squared_norms(self)
 
-    def weighted_grads(self, weights: Callable[[int, str], torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``sum_n w_n g_n`` per parameter (``weights(micro-batch index, parameter name) -> [B_k]``)."""
-        return _contrib.weighted_grads(self, weights)
+    def weighted_grads(self, weights: Callable[[int, str], torch.Tensor]) -> _contrib.WeightedGrads:
+        """``sum_n w_n g_n`` per parameter (``weights(micro-batch index, parameter name) -> [B_k]``), built per
+        parameter when asked for (:class:`regops.per_example._contrib.WeightedGrads`)."""
+        return _contrib.WeightedGrads(self, weights)
 
     def reset(self) -> None:
         for mb in self.mbs:

@@ -12,6 +12,7 @@ from torch.func import functional_call, grad, vmap
 
 import regops
 from regops import grad_norms as gn
+from regops.testing import dp_noise
 from tests.per_example.models import (
     TiedLM,
     hand_clip,
@@ -188,10 +189,11 @@ def test_clip_noise_uses_generator_and_scale(dtype):
         regops.clip_per_sample_(norms, max_norm=0.5, noise_multiplier=2.0, generator=torch.Generator().manual_seed(7))
         out.append({k: p.grad.clone() for k, p in model.named_parameters()})
     expected = hand_clip(grads, 0.5)
-    gen = torch.Generator().manual_seed(7)
-    for k, p in model.named_parameters():
+    params = dict(model.named_parameters())
+    noises = dp_noise([p.shape for p in params.values()], torch.Generator().manual_seed(7))
+    for k, z in zip(params, noises, strict=True):
         torch.testing.assert_close(out[0][k], out[1][k], rtol=0, atol=0)
-        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(dtype)
+        noise = z.to(dtype)
         torch.testing.assert_close(out[0][k], (expected[k] + noise * 2.0 * 0.5) / 5, rtol=1e-5, atol=1e-6)
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import regops
+from regops.testing import dp_noise
 from tests.dist_harness import Checks, run
 from tests.dist_harness import data as _data
 from tests.dist_harness import mlp as _mlp
@@ -81,6 +82,49 @@ def _fsdp_checks(c: Checks, rank: int, world: int) -> None:
     )
 
 
+def _noise_checks(c: Checks, rank: int, world: int) -> None:
+    """The noised step under FSDP2 equals one process bit for bit. Every rank holds the same batch, so the mean of
+    the ranks' clipped sums is exactly one process's (halving and adding two equal halves is exact); the noise of
+    the mean is the single-process noise / world, i.e. one process with ``noise_multiplier / world`` (exact for
+    world = 2). Each rank draws only its shard of the noise, from rank 0's seed."""
+    from torch.distributed.tensor import DTensor
+
+    x, y = _data(LOCAL)
+    sigma = 1.3
+    model = _sharded(world)
+    gen = torch.Generator().manual_seed(11 + 1000 * rank)
+    with regops.dp_clipping(model, 0.4, loss_reduction="mean", noise_multiplier=sigma, generator=gen):
+        F.cross_entropy(model(x), y).backward()
+    ref = _mlp()
+    ref_gen = torch.Generator().manual_seed(11)
+    with regops.dp_clipping(ref, 0.4, loss_reduction="mean", noise_multiplier=sigma / world, generator=ref_gen):
+        F.cross_entropy(ref(x), y).backward()
+    for name, p in model.named_parameters():
+        g = p.grad
+        ok = isinstance(g, DTensor) and g.to_local().shape == p.to_local().shape
+        c.true(f"noised step {name}: a shard per rank", ok)
+        if ok:
+            c.true(
+                f"noised step {name}: bit for bit",
+                torch.equal(g.full_tensor(), dict(ref.named_parameters())[name].grad),
+            )
+    own = torch.Generator().manual_seed(11 + 1000 * rank)
+    c.true("the generator advanced", not torch.equal(gen.get_state(), own.get_state()))
+    dp_noise([p.shape for p in ref.parameters()], own)
+    c.true("... by one noise draw, as in one process", torch.equal(gen.get_state(), own.get_state()))
+
+    # the weights frozen for the block (FSDP2's unsharded ones) train again afterwards
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    ref.zero_grad(set_to_none=True)
+    F.cross_entropy(ref(x), y).backward()
+    for name, p in ref.named_parameters():
+        got = dict(model.named_parameters())[name].grad
+        c.true(f"plain step after the block {name}: a gradient", got is not None)
+        if got is not None:
+            c.close(f"plain step after the block {name}", got.full_tensor(), p.grad, rtol=RTOL, atol=1e-12)
+
+
 def _tp_checks(c: Checks, rank: int, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -122,12 +166,25 @@ class _GatherOutput(nn.Module):
 def _body(rank: int, world: int) -> None:
     c = Checks(rank)
     _fsdp_checks(c, rank, world)
+    _noise_checks(c, rank, world)
     _tp_checks(c, rank, world)
     c.done()
 
 
 def test_fsdp2_clipping_and_tensor_parallel_norms_two_processes():
     run(_body, 2)
+
+
+def test_fsdp2_noised_clipping_holds_a_shard_per_rank():
+    """Peak RSS growth of a noised dp_clipping step on each of 2 FSDP2 ranks at most 0.7x the same call's in one
+    process (16 x Linear(1024), 64 MiB of float32 parameters; the gradients' even split alone is 0.5x, FSDP2's
+    per-layer buffers in flight add a constant)."""
+    from benchmarks.fsdp_memory import measure
+
+    one = measure(1, 16, 1024, 8)[0]["growth"]
+    ranks = [r["growth"] for r in measure(2, 16, 1024, 8)]
+    assert one > 64 * 2**20, f"one process grew by {one / 2**20:.1f} MiB: the gradients alone are 64 MiB"
+    assert max(ranks) <= 0.7 * one, f"per-rank growth {[g / 2**20 for g in ranks]} MiB vs {one / 2**20:.1f} MiB"
 
 
 # ---------------------------------------------------------------------------------------------- DDP
@@ -185,10 +242,11 @@ def _worker(rank: int, world: int) -> None:
     with regops.per_sample_grad_norms(ddp, "mean", retain_signals=True) as norms:
         F.cross_entropy(ddp(x_all[local]), y_all[local]).backward()
     regops.clip_per_sample_(norms, 0.3, noise_multiplier=1.0, generator=torch.Generator().manual_seed(rank))
-    gen0 = torch.Generator().manual_seed(0)
-    for name, p in model.named_parameters():
+    params = dict(model.named_parameters())
+    noises = dp_noise([p.shape for p in params.values()], torch.Generator().manual_seed(0))
+    for (name, p), z in zip(params.items(), noises, strict=True):
         want = torch.einsum("b,b...->...", factor, grads[name]) / (WORLD * LOCAL_BATCH)
-        noise = torch.randn(p.shape, generator=gen0, dtype=torch.float32).double() * 0.3 / LOCAL_BATCH / WORLD
+        noise = z.double() * 0.3 / LOCAL_BATCH / WORLD
         torch.testing.assert_close(p.grad, want + noise, msg=name)
 
 

@@ -13,6 +13,7 @@ from torch.func import functional_call, grad, vmap
 
 import regops
 from regops import grad_norms as gn
+from regops.testing import dp_noise
 from tests.per_example.test_uses import bn_net
 
 
@@ -94,9 +95,10 @@ def test_noise_once_over_micro_batches_and_empty_poisson_batch():
         for i in (0, 3):
             F.cross_entropy(model(x[i : i + 3]), y[i : i + 3]).backward()
     assert clip.total.shape == (6,)
-    noise = torch.Generator().manual_seed(3)
-    for k, p in model.named_parameters():
-        z = torch.randn(p.shape, generator=noise, dtype=torch.float32).double()
+    params = dict(model.named_parameters())
+    noises = dp_noise([p.shape for p in params.values()], torch.Generator().manual_seed(3))
+    for (k, p), z in zip(params.items(), noises, strict=True):
+        z = z.double()
         torch.testing.assert_close(p.grad, (expected[k] + 1.3 * 0.5 * z) / 8, rtol=1e-6, atol=1e-7)
     # an empty batch (Poisson sampling) still takes its step: noise only
     model.zero_grad(set_to_none=True)

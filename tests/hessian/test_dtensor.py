@@ -186,6 +186,27 @@ def _body(rank: int, world: int) -> None:
             c.close(f"diagonal stderr {name}", mine_e.full_tensor(), want.stderr[name], rtol=1e-6, atol=1e-12)
     c.close("diagonal trace", torch.tensor(got.trace.value), torch.tensor(want.trace.value), rtol=1e-6)
 
+    # each rank draws exactly its shards' elements of the single-process probe rows
+    from regops._core.dtensor import box
+    from regops.hessian import _probes, ops
+    from regops.hessian.reference import row_stride
+
+    seed = torch.tensor([987654321, 5])
+    numel = sum(p.numel() for p in params.values())
+    for distribution in ("gaussian", "rademacher"):
+        rows = ops.hessian_probes(seed, 0, 3, numel, distribution, torch.float64)
+        stride, column = row_stride(numel, distribution), 0
+        for name, p in params.items():
+            local_shape, offset = box(p)
+            for g in range(3):
+                whole = rows[g, column : column + p.numel()].reshape(p.shape)
+                want = whole[tuple(slice(o, o + n) for o, n in zip(offset, local_shape, strict=True))]
+                got = _probes.stream_box(
+                    seed, g * stride + column, p.shape, local_shape, offset, distribution, torch.float64
+                )
+                c.true(f"{distribution} probe {g} {name}: this rank's shard, bit for bit", torch.equal(got, want))
+            column += p.numel()
+
     # the model trains as before afterwards (FSDP2's hooks are back), and unsupported forms say so
     before = [h for m in model.modules() for h in m._forward_pre_hooks.values()]
     F.cross_entropy(model(x[mine]), y[mine]).backward()

@@ -1,0 +1,37 @@
+"""DP-SGD noise from regops' counter-based stream: one Gaussian probe row (:mod:`regops.hessian`'s stream) over
+the tracked parameters flattened and concatenated in order. Each element is a function of (seed, its global
+index), so a rank holding a shard of a parameter draws exactly its part of the single-process noise."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from regops._core import rng
+from regops._core.validate import is_dtensor
+from regops.hessian._probes import stream_box
+from regops.hessian.reference import stream_words
+
+
+def noise_seed(params: Mapping[str, torch.Tensor], generator: torch.Generator | None, sharded: bool) -> torch.Tensor:
+    """The step's noise seed: the noise is one Gaussian probe row (:mod:`regops.hessian`'s stream) over the
+    parameters flattened and concatenated in order, so each element is a function of (seed, its global index)
+    and a shard draws exactly its part of the single-process noise."""
+    first = next(iter(params.values()))
+    numel = sum(p.numel() for p in params.values())
+    seed = rng.philox_seed(first.device, stream_words(1, numel, "gaussian"), generator)
+    if sharded:
+        from regops._core.dtensor import sync
+
+        mesh = next(p for p in params.values() if is_dtensor(p)).device_mesh
+        seed = sync(seed, mesh)
+    return seed
+
+
+def add_noise(out: torch.Tensor, seed: torch.Tensor, base: int, shape, local_shape, offset, std: float) -> torch.Tensor:
+    """``out += std * noise`` over the box ``local_shape`` at ``offset`` of a ``shape`` parameter whose first
+    element is noise element ``base`` (drawn in float32, scaled, then rounded to ``out``'s dtype: two roundings,
+    the same on every layout)."""
+    noise = stream_box(seed, base, shape, local_shape, offset, "gaussian", torch.float32) * std
+    return out.add_(noise.to(out.dtype))
