@@ -131,6 +131,9 @@ class _Recorder:
         self.mbs: list[_MicroBatch] = []
         self.handles: list[Any] = []
         self.watched: list[tuple[torch.Tensor, Callable]] = []  # (tensor, callback) when not hooking outputs
+        # The gradient edges of the hooked tensors, when a list: a backward to them alone fires every hook without
+        # computing the parameters' gradients.
+        self.edges: list[Any] | None = None
         self.active: dict[int, int] = {}  # id(param) -> depth of running modules whose rule covers it
         self.modes: list[str] = []
         self.in_root = 0
@@ -365,6 +368,8 @@ class _Recorder:
     def watch(self, t: torch.Tensor, callback: Callable) -> None:
         if self.hook_outputs:
             t.register_hook(lambda g: callback(g) if self.enabled else None)
+            if self.edges is not None:
+                self.edges.append(torch.autograd.graph.get_gradient_edge(t))
         else:
             self.watched.append((t, callback))
 

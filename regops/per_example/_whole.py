@@ -97,6 +97,8 @@ def tap(rec: Any, mb: _MicroBatch, module: nn.Module, output: Any) -> Any:
                 g if g is not None else torch.zeros_like(leaves[i]) for g, i in zip(grads, index, strict=True)
             ]
 
+    if rec.edges is not None:  # the tap's backward runs on the way to its inputs
+        rec.edges.extend(torch.autograd.graph.get_gradient_edge(leaves[i]) for i in index)
     tapped = _Tap.apply(on_grads, *[leaves[i] for i in index])
     new = list(leaves)
     for i, t in zip(index, tapped, strict=True):
@@ -178,6 +180,8 @@ def record_module(rec: Any, entry: Any, args: tuple, kwargs: dict, output: Any) 
                 [g if g is not None else torch.zeros_like(zero_like[i]) for g, i in zip(grads, index, strict=True)],
             )
 
+    if rec.edges is not None:  # the tap's backward runs on the way to its inputs
+        rec.edges.extend(torch.autograd.graph.get_gradient_edge(leaves[i]) for i in index)
     tapped = _Tap.apply(on_grads, *[leaves[i] for i in index])
     new = list(leaves)
     for i, t in zip(index, tapped, strict=True):

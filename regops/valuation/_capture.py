@@ -158,6 +158,8 @@ def capture(
     never touched)."""
     inputs, targets = split_batch(batch)
     rec = _Recorder(model, forms=forms, unsupported=unsupported, retain_signals=True, norms=norms)
+    if not param_grads:
+        rec.edges = []
     with torch.enable_grad():
         rec.attach()
         try:
@@ -173,10 +175,14 @@ def capture(
             if len(rec.mbs) != 1 or rec.mbs[0].batch is None:
                 raise RuntimeError("regops: the forward reached no tracked parameter (or ran the model twice)")
             verify_reduction(loss_fn, outputs, targets, loss, loss_reduction, rec.mbs[0].batch)
-            # One backward through every recorded use (their hooks take the signals); the parameters' gradients
-            # come with it (gradient_coherence's sum), p.grad is never touched.
+            # One backward through every recorded use (their hooks take the signals), p.grad is never touched.
+            # The parameters' gradients come with it when asked (gradient_coherence's sum); otherwise the backward
+            # stops at the hooked tensors: no parameter gradient is computed or held.
             params = list(rec.params.values())
-            grads = torch.autograd.grad(loss, params, allow_unused=True) if params else ()
+            if param_grads:
+                grads = torch.autograd.grad(loss, params, allow_unused=True) if params else ()
+            elif rec.edges:
+                torch.autograd.grad(loss, rec.edges, allow_unused=True)
         finally:
             rec.close()
     b = rec.mbs[0].batch

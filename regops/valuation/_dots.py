@@ -36,18 +36,24 @@ def _one_rule(cap: Captured, name: str) -> str | None:
     return labels.pop() if len(labels) == 1 and None not in labels else None
 
 
-def pair_dots(cap1: Captured, cap2: Captured) -> dict[str, torch.Tensor]:
-    """``{parameter name: [B1, B2]}`` inner products between the per-example gradients of two captured batches.
+def pair_dots(
+    cap1: Captured, cap2: Captured, emit: Callable[[str, torch.Tensor], None] | None = None
+) -> dict[str, torch.Tensor]:
+    """``{parameter name: [B1, B2]}`` inner products between the per-example gradients of two captured batches;
+    with ``emit``, each parameter's block is handed to ``emit(name, block)`` as soon as it is complete instead
+    (and ``{}`` returned), so that a caller summing them never holds more than one at a time.
 
     A parameter used only by calls of one layer sums the rule's ``grad_dots`` over every pair of those calls (a
     reused layer: the cross terms between calls included); any other parameter (tied across layers, read through
     slices, the torch.func path) is handled with its per-example gradients summed over its uses."""
     out: dict[str, torch.Tensor] = {}
-    done: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    emit = emit or out.__setitem__
+    done: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # a pair of calls' blocks, until each is used
+    dtype, emitted = None, set()
     for name in cap1.terms:
         label = _one_rule(cap1, name)
+        total = None
         if label is not None and label == _one_rule(cap2, name):
-            total = None
             for t1 in cap1.terms[name]:
                 for t2 in cap2.terms.get(name, []):
                     key = (id(t1.call), id(t2.call))
@@ -55,28 +61,43 @@ def pair_dots(cap1: Captured, cap2: Captured) -> dict[str, torch.Tensor]:
                         e, c1, c2 = t1.call.entry, t1.call, t2.call
                         form = e.form if e.form != "auto" else e.layer.dots_form(e.module, c1.saved, c2.saved)
                         done[key] = e.layer.grad_dots(e.module, c1.saved, c1.grad, c2.saved, c2.grad, form)
-                    v = done[key][t1.local]
+                    v = done[key].pop(t1.local)
+                    if not done[key]:
+                        del done[key]
                     total = v if total is None else total + v
-            out[name] = total
-            continue
-        d1, d2 = dense_of(cap1, name), dense_of(cap2, name)
-        if d1 is not None and d2 is not None:
-            out[name] = _forms.flat_dots(d1, d2)
+        else:
+            d1, d2 = dense_of(cap1, name), dense_of(cap2, name)
+            if d1 is not None and d2 is not None:
+                total = _forms.flat_dots(d1, d2)
+        if total is not None:
+            dtype = dtype or total.dtype
+            emitted.add(name)
+            emit(name, total)
     # Parameters the loss did not reach have zero per-example gradients.
     p0 = next(iter(cap1.params.values()))
-    dtype = next((v.dtype for v in out.values()), acc_dtype(p0))
     for name in cap1.params:
-        if name not in out:
-            out[name] = torch.zeros(cap1.batch, cap2.batch, dtype=dtype, device=p0.device)
+        if name not in emitted:
+            emit(name, torch.zeros(cap1.batch, cap2.batch, dtype=dtype or acc_dtype(p0), device=p0.device))
     return out
 
 
-def combine(per_param: dict[str, torch.Tensor], cap: Captured, blocks: str | None):
+def summed_dots(cap1: Captured, cap2: Captured, blocks: str | None = None):
+    """The ``[B1, B2]`` inner products summed over all parameters (``blocks=None``), per module (``"module"``) or
+    not at all (``"param"``). The sums are taken as the blocks come (:func:`pair_dots`' ``emit``): at most one
+    parameter's block is held besides the sums."""
     if blocks == "param":
-        return per_param
+        return pair_dots(cap1, cap2)
+    owner = {n: m for m, names in cap1.owners().items() for n in names} if blocks == "module" else {}
+    sums: dict[str | None, torch.Tensor] = {}
+
+    def add(name: str, block: torch.Tensor) -> None:
+        key = owner.get(name)
+        sums[key] = block if key not in sums else sums[key] + block
+
+    pair_dots(cap1, cap2, add)
     if blocks == "module":
-        return {m: torch.stack([per_param[n] for n in names]).sum(0) for m, names in cap.owners().items()}
-    return torch.stack(list(per_param.values())).sum(0)
+        return {m: sums[m] for m in cap1.owners()}
+    return sums[None]
 
 
 def per_sample_grad_dots(
@@ -137,4 +158,4 @@ def per_sample_grad_dots(
     kw = dict(loss_reduction=loss_reduction, forms=forms, unsupported=unsupported)
     cap1 = capture(model, loss_fn, train, **kw)
     cap2 = cap1 if test is train else capture(model, loss_fn, test, **kw)
-    return combine(pair_dots(cap1, cap2), cap1, blocks)
+    return summed_dots(cap1, cap2, blocks)

@@ -12,7 +12,7 @@ from torch import nn
 from regops._loader import IndexedLoader, in_dataset_order
 from regops.per_example._recorder import check_reduction
 from regops.valuation._capture import Captured, capture
-from regops.valuation._dots import pair_dots
+from regops.valuation._dots import summed_dots
 
 Checkpoint = Mapping[str, torch.Tensor] | Callable[[nn.Module], Any]
 
@@ -40,7 +40,7 @@ def _load(model: nn.Module, ckpt: Checkpoint) -> None:
 
 def _block(cap: Captured, tests: list[Captured]) -> torch.Tensor:
     """``[b, M]`` total inner products of one training batch with every test batch."""
-    return torch.cat([torch.stack(list(pair_dots(cap, t).values())).sum(0) for t in tests], 1)
+    return torch.cat([summed_dots(cap, t) for t in tests], 1)
 
 
 def _merge(vals, idx, block, rows, k, largest):

@@ -130,6 +130,44 @@ def test_dots_diagonal_is_squared_norm_and_blocks_add_up(kind):
         rel_close(v.diagonal(), norms.per_param_sq[name], 1e-10)
 
 
+class _OutputShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The shapes of the tensors the ops under it compute (views left out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view:
+            return out
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+def test_dots_compute_no_parameter_gradient_and_stream_the_blocks():
+    """Each batch's backward stops at the recorded layers' outputs: no weight gradient is computed or held (a plain
+    backward computes them all); the per-parameter blocks summed as they come give the loop's exact total."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 11), nn.ReLU(), nn.Linear(11, 13), nn.ReLU(), nn.Linear(13, 3)).double()
+    x, y = torch.randn(5, 7, dtype=torch.float64), torch.randint(0, 3, (5,))
+    x2, y2 = torch.randn(4, 7, dtype=torch.float64), torch.randint(0, 3, (4,))
+    weights = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    with _OutputShapes() as plain:
+        mean_ce(model(x), y).backward()
+    assert weights <= plain.shapes
+    model.zero_grad(set_to_none=True)
+    with _OutputShapes() as seen:
+        got = regops.per_sample_grad_dots(model, mean_ce, (x, y), (x2, y2), loss_reduction="mean")
+    assert not weights & seen.shapes, weights & seen.shapes
+    assert all(p.grad is None for p in model.parameters())
+    rel_close(got, loop_grads(model, x, y) @ loop_grads(model, x2, y2).T)
+    per_param = regops.per_sample_grad_dots(model, mean_ce, (x, y), (x2, y2), blocks="param", loss_reduction="mean")
+    rel_close(sum(per_param.values()), got, 1e-12)
+
+
 def test_dots_sequence_linear_t_differs_and_frozen():
     """A Linear on [B, T, d] with a test batch of another length; frozen parameters leave the sum."""
     torch.manual_seed(0)
