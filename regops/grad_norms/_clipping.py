@@ -133,15 +133,16 @@ def clip_per_sample_(
     sliced: dict[tuple[int, int], torch.Tensor] = {}
 
     def weights(index: int, name: str) -> torch.Tensor:
-        # Signals of a "mean" loss carry 1/B_k: multiplying by B_k gives the per-example gradients of the
-        # micro-batch; the sum over the block is then divided by s once, below.
+        # The weights carry the normalisation 1/s (no pass over the sums to divide them). Signals of a "mean"
+        # loss carry 1/B_k: multiplying by B_k gives the per-example gradients of the micro-batch.
         key = (id(factors[group_of[name]]), index)
         w = sliced.get(key)
         if w is None:
             mb = rec.mbs[index]
             w = factors[group_of[name]][offsets[index] : offsets[index] + mb.batch]
-            if norms.loss_reduction == "mean":
-                w = w * float(mb.batch)
+            scale = (float(mb.batch) if norms.loss_reduction == "mean" else 1.0) / s
+            if scale != 1.0:
+                w = w * scale
             sliced[key] = w
         return w
 
@@ -163,8 +164,6 @@ def clip_per_sample_(
         # a fresh tensor of ours (the sum was built for this call): scaled and noised in place
         new = torch.zeros(p.shape, dtype=p.dtype, device=p.device) if value is None else value.to(p.dtype)
         del value
-        if s != 1.0:
-            new.div_(s)
         if is_dtensor(p):  # FSDP2: averaged over the mesh into p's placements (one reduce-scatter)
             from regops.grad_norms import dtensor
 
