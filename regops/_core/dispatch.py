@@ -83,7 +83,7 @@ def registered_ops() -> list[str]:
 # ----------------------------------------------------------------------------------------------- forcing
 def requested_backend() -> str | None:
     """The backend forced by :func:`use_backend` or ``REGOPS_BACKEND``, or ``None`` for automatic."""
-    if _forced:
+    if _forced and _forced[-1] is not None:
         return _forced[-1]
     env = os.environ.get("REGOPS_BACKEND", "").strip().lower()
     if env in ("", "auto"):
@@ -96,7 +96,8 @@ def requested_backend() -> str | None:
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
     """Force a backend (``"torch"``, ``"triton"``, ``"cuda"``, ``"cpp"``) for every op inside the block; ``None``
-    restores automatic. Process-wide (it changes the dispatcher's registrations), so use it from one thread.
+    lifts an outer block's choice (``REGOPS_BACKEND`` applies again, else automatic). Process-wide (it changes the
+    dispatcher's registrations), so use it from one thread.
 
     Example::
 
