@@ -65,11 +65,20 @@ def extension_expected() -> str | None:
 
 def cpp_ops_in_sources() -> set[str]:
     """The ops csrc/<family>/cpu*.cpp register C++ CPU kernels for (``m.impl("<op>", ...)`` in their
-    ``TORCH_LIBRARY_IMPL(regops, CPU, m)`` blocks, and in the ``regops_cpu`` blocks of families not yet declared
-    with regops._core.ops)."""
+    ``TORCH_LIBRARY_IMPL(regops, CPU, m)`` blocks)."""
+    return _ops_in_sources("cpu*.cpp", "CPU")
+
+
+def cuda_ops_in_sources() -> set[str]:
+    """The ops csrc/<family>/cuda*.cpp register CUDA kernels for (their ``TORCH_LIBRARY_IMPL(regops, CUDA, m)``
+    blocks)."""
+    return _ops_in_sources("cuda*.cpp", "CUDA")
+
+
+def _ops_in_sources(pattern: str, key: str) -> set[str]:
     ops = set()
-    for path in CSRC.glob("*/cpu*.cpp"):
+    for path in CSRC.glob(f"*/{pattern}"):
         for block in re.split(r"(?=TORCH_LIBRARY)", path.read_text()):
-            if block.startswith(("TORCH_LIBRARY_IMPL(regops, CPU,", "TORCH_LIBRARY_IMPL(regops_cpu,")):
+            if block.startswith(f"TORCH_LIBRARY_IMPL(regops, {key},"):
                 ops.update(re.findall(r'm\.impl\("(\w+)"', block))
     return ops
