@@ -172,7 +172,7 @@ def check_fused(c: Checker) -> None:
                     same(got[1], want[1], name + " pre-norm sum")
                     close(got, want, name, dtype)
                     dy = rand((rows, cols), dtype, c.device, 5)
-                    bwd = (dy, got[1], got[1], got[2], got[3], w, True, P, rms, s, dtype, dtype, True)
+                    bwd = (dy, got[1], got[1], got[2], got[3], w, True, P, rms, s, dtype, dtype)
                     close(
                         ops.dropout_add_layer_norm_backward(*bwd),
                         reference(ops.dropout_add_layer_norm_backward, *bwd),
