@@ -28,7 +28,7 @@ fi
 
 # Reinstall only when what the install depends on has changed (or a previous install did not finish).
 stamp="$VENV/.regops-install-stamp"
-want="$(cat pyproject.toml setup.py regops/_cuda_toolkit.py "$LOCK" scripts/env.sh 2>/dev/null | sha256sum | cut -d' ' -f1)"
+want="$(cat pyproject.toml setup.py regops/_core/toolkit.py "$LOCK" scripts/env.sh 2>/dev/null | sha256sum | cut -d' ' -f1)"
 want="$want-$(find csrc -type f -print0 | sort -z | xargs -0 cat | sha256sum | cut -d' ' -f1)-${REGOPS_BUILD_EXT:-auto}"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c "import regops" 2>/dev/null; then
   echo "regops: installing torch and regops[test,bench,peers] into $VENV (${PINS[*]})" >&2
@@ -49,6 +49,7 @@ python -c "from regops import info; print(info.summary())" >&2
 # and that they were built from these sources): an install that silently fell back to the reference stops here.
 has_cxx() { [ -n "${CXX:-}" ] || command -v c++ >/dev/null || command -v g++ >/dev/null || command -v clang++ >/dev/null; }
 if [ "${REGOPS_BUILD_EXT:-auto}" != "0" ] && [ "${REGOPS_EXT:-auto}" != "off" ] && has_cxx; then
-  python -c "import sys; from regops import _backend; sys.exit(0 if _backend.cpp_kernel('dropout') else 1)" \
+  python -c "import sys, torch, regops; from regops._core import dispatch
+sys.exit(dispatch.why_not('dropout', 'cpp', torch.device('cpu')) is not None)" \
     || { echo "regops: a C++ compiler is on PATH but regops._C has no C++ CPU kernels (see the build log above)" >&2; exit 1; }
 fi

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from regops import _backend
 from regops._core import dispatch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -27,20 +26,13 @@ def kernel_targets(ops: tuple[str, ...], backends: tuple[str, ...] = KERNEL_BACK
         (backend, device)
         for device in DEVICES
         for backend in backends
-        if all(availability(op, torch.device(device))[backend] is None for op in ops)
+        if all(dispatch.availability(op, torch.device(device))[backend] is None for op in ops)
     ]
 
 
 def known_ops() -> set[str]:
-    """Every op a kernel test can name: those declared with regops._core.ops.declare and the transition layer's."""
-    return set(dispatch.registered_ops()) | set(_backend.registered_ops())
-
-
-def availability(op: str, device: torch.device) -> dict[str, str | None]:
-    """For each backend, ``None`` if it can run ``op`` on ``device`` or the reason it cannot."""
-    if op in dispatch.registered_ops():
-        return dispatch.availability(op, device)
-    return _backend.availability(op, device)
+    """Every op a kernel test can name: those declared with regops._core.ops.declare."""
+    return set(dispatch.registered_ops())
 
 
 def cxx_compiler() -> str | None:
@@ -65,11 +57,20 @@ def extension_expected() -> str | None:
 
 def cpp_ops_in_sources() -> set[str]:
     """The ops csrc/<family>/cpu*.cpp register C++ CPU kernels for (``m.impl("<op>", ...)`` in their
-    ``TORCH_LIBRARY_IMPL(regops, CPU, m)`` blocks, and in the ``regops_cpu`` blocks of families not yet declared
-    with regops._core.ops)."""
+    ``TORCH_LIBRARY_IMPL(regops, CPU, m)`` blocks)."""
+    return _ops_in_sources("cpu*.cpp", "CPU")
+
+
+def cuda_ops_in_sources() -> set[str]:
+    """The ops csrc/<family>/cuda*.cpp register CUDA kernels for (their ``TORCH_LIBRARY_IMPL(regops, CUDA, m)``
+    blocks)."""
+    return _ops_in_sources("cuda*.cpp", "CUDA")
+
+
+def _ops_in_sources(pattern: str, key: str) -> set[str]:
     ops = set()
-    for path in CSRC.glob("*/cpu*.cpp"):
+    for path in CSRC.glob(f"*/{pattern}"):
         for block in re.split(r"(?=TORCH_LIBRARY)", path.read_text()):
-            if block.startswith(("TORCH_LIBRARY_IMPL(regops, CPU,", "TORCH_LIBRARY_IMPL(regops_cpu,")):
+            if block.startswith(f"TORCH_LIBRARY_IMPL(regops, {key},"):
                 ops.update(re.findall(r'm\.impl\("(\w+)"', block))
     return ops

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import regops
-from regops import _build_info
+from regops._core import dispatch, extension, jit, toolkit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +29,8 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 
 def _cuobjdump() -> str | None:
     candidates = [shutil.which("cuobjdump")]
-    if _build_info.read().get("cuda_home"):
-        candidates.append(os.path.join(_build_info.read()["cuda_home"], "bin", "cuobjdump"))
+    if extension.prebuilt_info().get("cuda_home"):
+        candidates.append(os.path.join(extension.prebuilt_info()["cuda_home"], "bin", "cuobjdump"))
     try:
         import triton
 
@@ -54,14 +53,14 @@ def test_extension_holds_cubins_for_every_recorded_arch():
         if shutil.which("nvcc") and torch.version.cuda and os.environ.get("REGOPS_BUILD_EXT", "auto") != "0":
             pytest.fail("nvcc and a CUDA torch are present but regops._C was not built")
         pytest.skip("regops._C not built (no nvcc or REGOPS_BUILD_EXT=0)")
-    if not _build_info.read().get("cuda_kernels", True):
+    if not extension.prebuilt_info().get("cuda_kernels", True):
         pytest.skip("regops._C was built with its C++ CPU kernels only (REGOPS_BUILD_EXT=cpu)")
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump available")
     elf = subprocess.run([tool, "--list-elf", str(so)], capture_output=True, text=True, timeout=300).stdout
     ptx = subprocess.run([tool, "--list-ptx", str(so)], capture_output=True, text=True, timeout=300).stdout
-    info = _build_info.read()
+    info = extension.prebuilt_info()
     assert info, "regops._C is built but _build_info.json is missing"
     for arch in info["cuda_archs"]:
         if arch.startswith("sm_"):
@@ -96,12 +95,12 @@ def test_info_reports_versions_extension_and_backends():
     out = proc.stdout
     assert f"torch         {torch.__version__}" in out
     assert "regops._C" in out
-    for op in regops._backend.registered_ops():
+    for op in dispatch.registered_ops():
         assert op in out
-    if regops._backend.extension() is not None:
-        n_cpp = sum(regops._backend.cpp_kernel(op) for op in regops._backend.registered_ops())
-        assert f"CPU kernels C++, {n_cpp} ops" in out
-        if _build_info.read().get("cuda_kernels"):
+    if extension.load() is not None:
+        n_cpp = sum(dispatch.native_registered(op, "cpp") for op in dispatch.registered_ops())
+        assert n_cpp > 0 and f"CPU kernels C++, {n_cpp} ops" in out
+        if extension.build_info().get("cuda_kernels"):
             assert "archs" in out and "sm_80" in out
         else:
             assert "CUDA kernels no" in out and "archs" not in out
@@ -112,14 +111,15 @@ def test_extension_built_for_another_torch_warns_once_and_falls_back():
         pytest.skip("regops._C not built")
     code = (
         "import warnings, torch, regops\n"
-        "from regops import _backend, _build_info\n"
-        "info = dict(_build_info.read()); info['torch_version'] = '1.13.0'\n"
-        "_build_info.read = lambda: info\n"
+        "from regops._core import dispatch, extension\n"
+        "info = dict(extension.prebuilt_info()); info['torch_version'] = '1.13.0'\n"
+        "extension.prebuilt_info = lambda: info\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
-        "    assert _backend.extension() is None\n"
-        "    assert _backend.extension() is None\n"
-        "    assert _backend.choose('dropout', torch.device('cuda')) == 'triton'\n"
+        "    assert extension.load() is None\n"
+        "    assert extension.load() is None\n"
+        "    assert dispatch.choose('dropout', torch.device('cpu')) == 'torch'\n"
+        "    assert dispatch.choose('dropout', torch.device('cuda')) == 'triton'\n"
         "msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]\n"
         "assert len(msgs) == 1 and 'built for torch 1.13.0' in msgs[0], msgs\n"
         "print('ok')"
@@ -130,13 +130,11 @@ def test_extension_built_for_another_torch_warns_once_and_falls_back():
 
 # ------------------------------------------------------------------------------------------------ packaging
 def test_label_guard_and_requirement_agree_on_the_torch_minor_release(monkeypatch):
-    from regops import _cuda_toolkit as tk
-
-    assert tk.local_version("2.14.1+cu130", "13.0") == "cu130.torch2.14"
-    assert tk.local_version("2.14.1", None) == "cpu.torch2.14"
-    assert tk.torch_requirement("2.14.1+cu130") == "torch>=2.14,<2.15"
+    assert toolkit.local_version("2.14.1+cu130", "13.0") == "cu130.torch2.14"
+    assert toolkit.local_version("2.14.1", None) == "cpu.torch2.14"
+    assert toolkit.torch_requirement("2.14.1+cu130") == "torch>=2.14,<2.15"
     built = {"torch_version": "2.14.1+cu130", "torch_cuda": "13.0", "cuda_kernels": True}
-    monkeypatch.setattr(_build_info, "read", lambda: built)
+    monkeypatch.setattr(extension, "prebuilt_info", lambda: built)
     for running, cuda, ok in [
         ("2.14.0+cu130", "13.0", True),
         ("2.14.3+cu130", "13.0", True),
@@ -145,36 +143,33 @@ def test_label_guard_and_requirement_agree_on_the_torch_minor_release(monkeypatc
     ]:
         monkeypatch.setattr(torch, "__version__", running)
         monkeypatch.setattr(torch.version, "cuda", cuda)
-        assert (_build_info.torch_mismatch() is None) == ok, running
+        assert (extension.torch_mismatch() is None) == ok, running
     built["cuda_kernels"] = False  # CPU kernels only: the CUDA release torch was built with does not matter
-    assert _build_info.torch_mismatch() is None
+    assert extension.torch_mismatch() is None
 
 
 def test_prebuilt_for_another_torch_but_a_jit_build_loads_without_a_warning(monkeypatch, tmp_path, recwarn):
-    from regops import _backend, _jit
-
     monkeypatch.setenv("REGOPS_EXT", "auto")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "regops._C" else None)
-    monkeypatch.setattr(_backend, "_load_prebuilt", lambda: (None, "regops._C was built for torch 1.13.0"))
-    monkeypatch.setattr(_jit, "load_cached", lambda: tmp_path / "regops_C.so")
-    module, reason = _backend._load_extension()
+    monkeypatch.setattr(extension, "_load_prebuilt", lambda: (None, "regops._C was built for torch 1.13.0"))
+    monkeypatch.setattr(jit, "load_cached", lambda: tmp_path / "regops_C.so")
+    module, reason = extension._load()
     assert module is not None and "just-in-time build" in reason and "1.13.0" in reason
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
-    monkeypatch.setattr(_jit, "load_cached", lambda: None)
+    monkeypatch.setattr(jit, "load_cached", lambda: None)
     with pytest.warns(RuntimeWarning, match="built for torch 1.13.0.*fall back"):
-        assert _backend._load_extension()[0] is None
+        assert extension._load()[0] is None
 
 
 def test_jit_cache_is_keyed_on_sources_and_flags(tmp_path):
-    from regops import _cuda_toolkit as tk
-
     src = tmp_path / "csrc"
     shutil.copytree(ROOT / "csrc", src)
-    key = tk.sources_hash(str(src), tk.CXX_FLAGS)
-    assert key == tk.sources_hash(str(src), tk.CXX_FLAGS)
-    assert key != tk.sources_hash(str(src), [*tk.CXX_FLAGS, "-DX"])
-    (src / "philox.cuh").write_text((src / "philox.cuh").read_text() + "\n// changed\n")
-    assert key != tk.sources_hash(str(src), tk.CXX_FLAGS)
+    key = toolkit.sources_hash(str(src), toolkit.CXX_FLAGS)
+    assert key == toolkit.sources_hash(str(src), toolkit.CXX_FLAGS)
+    assert key != toolkit.sources_hash(str(src), [*toolkit.CXX_FLAGS, "-DX"])
+    header = src / "common" / "philox.cuh"
+    header.write_text(header.read_text() + "\n// changed\n")
+    assert key != toolkit.sources_hash(str(src), toolkit.CXX_FLAGS)
 
 
 def test_pure_wheel_after_an_extension_build_ships_no_build_info(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import regops
+from regops._core import dispatch
 from regops._core import rng as _rng
 from regops.dropout import reference as ref
 from regops.testing import prob
@@ -185,8 +186,8 @@ def test_seeds_are_drawn_on_the_tensor_device_and_passed_as_tensors():
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_cuda_graph_replays_draw_fresh_masks(backend):
-    if backend == "cuda" and not regops._backend.extension_has("dropout"):
-        pytest.skip("regops._C not built")
+    if backend == "cuda" and (reason := dispatch.why_not("dropout", "cuda", torch.device("cuda"))):
+        pytest.skip(reason)
     x = torch.randn(10_000, device="cuda")
     with regops.use_backend(backend):
         torch.manual_seed(0)

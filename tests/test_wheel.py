@@ -61,9 +61,11 @@ def test_wheel_name_and_contents(wheel):
     for required in (
         "regops/kernels/dropout.py",
         "regops/_core/philox.py",
-        "regops/csrc/dropout.cu",
-        "regops/csrc/regops.cpp",
-        "regops/csrc/philox.cuh",
+        "regops/csrc/module.cpp",
+        "regops/csrc/dropout/cpu.cpp",
+        "regops/csrc/dropout/cuda.cpp",
+        "regops/csrc/dropout/kernels.cu",
+        "regops/csrc/common/philox.cuh",
     ):
         assert required in names, required
     assert info["cuda_archs"] == ["sm_80", "sm_86", "sm_89", "sm_90", "compute_90"]
@@ -121,13 +123,17 @@ def test_just_in_time_build_into_cache_and_reuse(tmp_path):
     env = _clean_env(REGOPS_EXT="jit", REGOPS_CACHE=str(tmp_path / "cache"), TORCH_CUDA_ARCH_LIST="8.0")
     build = (
         "import torch, regops\n"
-        "from regops import _backend\n"
-        "assert _backend.extension() is None\n"  # nothing cached yet, and no GPU to build on first use
+        "from regops._core import dispatch, extension\n"
+        "assert extension.load() is None\n"  # nothing cached yet, and no GPU to build on first use
         "path = regops.build_extension()\n"
-        "assert _backend.extension() is not None and hasattr(torch.ops.regops_C, 'dropout')\n"
-        "x = torch.randn(8, device='meta')\n"
-        "seed = torch.zeros(2, dtype=torch.int64, device='meta')\n"
-        "assert torch.ops.regops_C.dropout(x, 5, 1.0, seed).shape == x.shape\n"
+        "assert extension.load() is not None, extension.status()\n"
+        "assert dispatch.native_registered('dropout', 'cpp') and dispatch.native_registered('dropout', 'cuda')\n"
+        "x, p = torch.randn(1000), torch.tensor(0.3, dtype=torch.float64)\n"
+        "seed = torch.tensor([1, 2])\n"
+        "with regops.use_backend('torch'):\n"
+        "    want = torch.ops.regops.dropout(x, p, seed)\n"
+        "assert dispatch.choose('dropout', x.device) == 'cpp'\n"
+        "assert torch.equal(torch.ops.regops.dropout(x, p, seed), want)\n"
         "print(path)"
     )
     proc = subprocess.run(
@@ -139,9 +145,10 @@ def test_just_in_time_build_into_cache_and_reuse(tmp_path):
     library = Path(proc.stdout.strip().splitlines()[-1])
     assert library.is_file() and library.parent.parent == tmp_path / "cache"
     reuse = (
-        "import regops\nfrom regops import _backend\n"
-        "assert _backend.extension() is not None, _backend.extension_status()\n"
-        "print(_backend.extension_status())"
+        "import regops\nfrom regops._core import dispatch, extension\n"
+        "assert extension.load() is not None, extension.status()\n"
+        "assert dispatch.native_registered('dropout', 'cuda')\n"
+        "print(extension.status())"
     )
     proc = subprocess.run(
         [sys.executable, "-c", reuse], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
@@ -155,7 +162,7 @@ def test_just_in_time_build_into_cache_and_reuse(tmp_path):
 
 
 def test_extension_can_be_switched_off():
-    code = "from regops import _backend\nassert _backend.extension() is None\nprint(_backend.extension_status())"
+    code = "from regops._core import extension\nassert extension.load() is None\nprint(extension.status())"
     env = _clean_env(REGOPS_EXT="off")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "REGOPS_EXT=off" in proc.stdout, proc.stderr

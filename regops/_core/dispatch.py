@@ -14,9 +14,11 @@ has one, else the reference; CUDA tensors the CUDA kernel, else Triton, else (fo
 its Triton kernel does not take) the reference; a CUDA tensor that nothing can run gets one
 :class:`BackendUnavailableError` that names what is missing.
 
-A forced ``torch`` or ``triton`` backend must bypass C++ kernels already registered: :func:`use_backend` (and
-``REGOPS_BACKEND``, read when the extension loads) registers the Python implementation over them for the
-duration (process-wide), and removes it after. Nothing here imports Triton or touches CUDA until an op runs.
+A forced ``torch`` or ``triton`` backend must bypass C++ kernels already registered, and a forced ``cpp`` or
+``cuda`` backend the other device's (whose tensors it cannot run: they get the error that says so):
+:func:`use_backend` (and ``REGOPS_BACKEND``, read when the extension loads) registers the Python implementation
+over them for the duration (process-wide), and removes it after. Nothing here imports Triton or touches CUDA
+until an op runs.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Declared(Protocol):
 _OPS: dict[str, Declared] = {}
 _forced: list[str | None] = []  # the use_backend stack (process-wide: it changes the dispatcher's registrations)
 _shadow: list[Any] = []  # the torch.library.Library holding the current forced-backend registrations, if any
+_shadowed: set[str] = set()  # the dispatch keys ("CPU", "CUDA", "Autograd") whose C++ kernels it bypasses
 _native: dict[tuple[str, str], bool] = {}  # (op, dispatch key) -> a C++ kernel is registered (with no shadow)
 
 
@@ -83,7 +86,7 @@ def registered_ops() -> list[str]:
 # ----------------------------------------------------------------------------------------------- forcing
 def requested_backend() -> str | None:
     """The backend forced by :func:`use_backend` or ``REGOPS_BACKEND``, or ``None`` for automatic."""
-    if _forced:
+    if _forced and _forced[-1] is not None:
         return _forced[-1]
     env = os.environ.get("REGOPS_BACKEND", "").strip().lower()
     if env in ("", "auto"):
@@ -96,7 +99,8 @@ def requested_backend() -> str | None:
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
     """Force a backend (``"torch"``, ``"triton"``, ``"cuda"``, ``"cpp"``) for every op inside the block; ``None``
-    restores automatic. Process-wide (it changes the dispatcher's registrations), so use it from one thread.
+    lifts an outer block's choice (``REGOPS_BACKEND`` applies again, else automatic). Process-wide (it changes the
+    dispatcher's registrations), so use it from one thread.
 
     Example::
 
@@ -115,24 +119,30 @@ def use_backend(name: str | None) -> Iterator[None]:
 
 
 def _reshadow() -> None:
-    """Register the Python implementation over the C++ kernels when the forced backend is a Python one."""
+    """Register the Python implementation over the C++ kernels that the forced backend is not: all of them for a
+    Python backend; the other device's for a native one, so that its tensors reach :func:`choose`, which says why
+    the forced backend cannot run them."""
     while _shadow:
         _shadow.pop()._destroy()
+    _shadowed.clear()
     forced = requested_backend()
-    if forced not in ("torch", "triton"):
+    if forced is None:
         return
     extension.load()  # the C++ kernels an op would otherwise load on its first call
+    keys = {key for backend, key in NATIVE_KEYS.items() if backend != forced}
+    python = forced in ("torch", "triton")
     lib = None
     for op in _OPS.values():
         for key in NATIVE_KEYS.values():
-            if _has_native(op, key):
+            if _has_native(op, key) and key in keys:
                 lib = lib or torch.library.Library("regops", "IMPL")
                 lib.impl(op.name, op.run, key)
-        if _native_autograd(op):  # the Python formula, which the forced backends are tested with
+        if _native_autograd(op) and python:  # the Python formula, which the forced backends are tested with
             lib = lib or torch.library.Library("regops", "IMPL")
             lib.impl(op.name, op.autograd_kernel, "Autograd")
     if lib is not None:
         _shadow.append(lib)
+        _shadowed.update(keys | ({"Autograd"} if python else set()))
 
 
 def _has_native(op: Declared, key: str) -> bool:
@@ -161,11 +171,11 @@ def _native_autograd(op: Declared) -> bool:
 
 def native_autograd(op: Declared) -> bool:
     """Whether calls of ``op`` with gradients should go through the dispatcher to a C++ derivative."""
-    return not _shadow and _native_autograd(op)
+    return "Autograd" not in _shadowed and _native_autograd(op)
 
 
 def _on_extension_loaded() -> None:
-    if requested_backend() in ("torch", "triton") and not _shadow:
+    if requested_backend() is not None and not _shadow:
         _reshadow()
 
 
@@ -263,4 +273,4 @@ def python_implementation(name: str, backend: str) -> Callable[..., Any]:
 
 def native_registered(name: str, backend: str) -> bool:
     """Whether the C++ kernel of ``backend`` (``"cpp"``/``"cuda"``) is what the dispatcher runs for op ``name``."""
-    return not _shadow and _has_native(declared(name), NATIVE_KEYS[backend])
+    return NATIVE_KEYS[backend] not in _shadowed and _has_native(declared(name), NATIVE_KEYS[backend])

@@ -154,7 +154,7 @@ def local_version(torch_version: str, torch_cuda: str | None) -> str:
 
     The torch part is the minor release: torch keeps its C++ ABI across the patch releases of one minor release
     (patch releases fix bugs; the ABI changes between minor releases), which is also what the load-time guard
-    (regops._build_info.torch_mismatch) and the declared requirement (:func:`torch_requirement`) check.
+    (regops._core.extension.torch_mismatch) and the declared requirement (:func:`torch_requirement`) check.
     """
     major, minor = torch_minor(torch_version)
     variant = f"cu{torch_cuda.replace('.', '')}" if torch_cuda else "cpu"

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import regops
+from regops._core import dispatch
 from regops._core.philox import keep_mask, random_words
 from regops.dropout.reference import dropout_scale
 from regops.testing import ODD_SIZES, make_tensor
@@ -100,8 +101,9 @@ def test_triton_result_independent_of_tiling(block, monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_extension_unaligned_and_large(dtype):
-    if regops._backend.extension() is None:
-        pytest.skip("regops._C not built")
+    reason = dispatch.why_not("dropout", "cuda", torch.device("cuda"))
+    if reason is not None:
+        pytest.skip(reason)
     base = make_tensor((1 << 20) + 3, dtype, "cuda")
     x = base[1:]  # storage offset of one element: not 16-byte aligned, scalar path
     seed = SEEDS[2]

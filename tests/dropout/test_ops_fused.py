@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import regops
+from regops._core import dispatch
 from regops._core.philox import keep_mask
 from regops.dropout.reference import dropout_scale, row_keep_mask
 from regops.testing import assert_close, assert_close_lowp, make_tensor
@@ -347,8 +348,9 @@ def test_dropout_add_layer_norm_bad_inputs():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 5), (1000, 1024), (77, 4097)], ids=str)
 def test_bias_dropout_add_cuda_extension_matches_reference_and_triton(dtype, shape):
-    if not regops._backend.extension_has("bias_dropout_add"):
-        pytest.skip("regops._C without bias_dropout_add")
+    reason = dispatch.why_not("bias_dropout_add", "cuda", torch.device("cuda"))
+    if reason is not None:
+        pytest.skip(reason)
     x, r = make_tensor(shape, dtype, "cuda", seed=1), make_tensor(shape, dtype, "cuda", seed=2)
     b, g = make_tensor(shape[-1:], dtype, "cuda", seed=3), make_tensor(shape, dtype, "cuda", seed=4)
     for bias in (b, None):
