@@ -90,6 +90,23 @@ def _arch_list() -> str:
     return toolkit.DEFAULT_ARCHS
 
 
+def _uniquely_named(src: Path, sources: list[str], out: Path) -> list[str]:
+    """One file per source whose name is its path under ``src`` (``dropout/cpu.cpp`` -> ``dropout__cpu.cpp``), that
+    includes it: torch names every object after its source's file name, in one directory, and the families share
+    file names. The source's own quoted includes still resolve next to it."""
+    staged = out / "sources"
+    staged.mkdir(parents=True, exist_ok=True)
+    names = []
+    for path in sources:
+        rel = Path(path).resolve().relative_to(src.resolve())
+        wrapper = staged / "__".join(rel.parts)
+        text = f'#include "{Path(path).resolve()}"\n'
+        if not wrapper.is_file() or wrapper.read_text() != text:
+            wrapper.write_text(text)
+        names.append(str(wrapper))
+    return names
+
+
 def build(verbose: bool = False) -> Path:
     """Compile regops._C for this machine into :func:`cache_dir` and load it into this process: the C++ CPU
     kernels, and the CUDA kernels when torch is a CUDA build and a CUDA toolkit is found."""
@@ -110,12 +127,11 @@ def build(verbose: bool = False) -> Path:
         except RuntimeError as exc:
             raise RuntimeError("regops: building the extension just in time needs ninja (pip install ninja)") from exc
         src = sources_dir()
-        sources = toolkit.extension_sources(str(src), cuda=cuda_home is not None)
         out = cache_dir()
         out.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
             name=LIBRARY_NAME,
-            sources=sources,
+            sources=_uniquely_named(src, toolkit.extension_sources(str(src), cuda=cuda_home is not None), out),
             extra_include_paths=[str(src)],
             extra_cflags=toolkit.CXX_FLAGS,
             extra_cuda_cflags=toolkit.NVCC_FLAGS,
