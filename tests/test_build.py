@@ -189,3 +189,13 @@ def test_pure_wheel_after_an_extension_build_ships_no_build_info(tmp_path):
     assert "regops/_build_info.json" not in names
     assert not any(n.endswith(".so") for n in names)
     assert "License-Expression: Apache-2.0" in meta and any(n.endswith("licenses/LICENSE") for n in names)
+
+
+def test_the_first_cpu_op_costs_little_memory():
+    """A CPU user does not pay for what the CPU path does not use (the CUDA kernels, torch.compile's machinery):
+    the first call of dropout, cross_entropy and mix_batch on CPU tensors grows the process's RSS by <= 40 MiB."""
+    from benchmarks.first_op_rss import CALLS, measure
+
+    for name, call in CALLS.items():
+        growth = measure(call)["growth_mib"]
+        assert growth <= 40, (name, growth)
