@@ -1,4 +1,4 @@
-"""The README's worked example of data valuation, run as written: score 2000 examples with 10% noisy labels by
+"""The data-valuation example of docs/valuation.md, run as written: score 2000 examples with 10% noisy labels by
 EL2N and GraNd (4 initialisations, 2 warm-up epochs), drop the hardest 10% and the easiest 40%, train on the rest.
 Appends the outcome (noisy labels among the 200 hardest, test accuracies) to
 ``benchmarks/results/<device>/valuation-example.json``.

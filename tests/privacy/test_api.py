@@ -362,7 +362,8 @@ def _python_block(path: Path, after: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "path, after", [("README.md", "### DP-SGD with Opacus's interface"), ("docs/privacy.md", "## The Opacus tutorial")]
+    "path, after",
+    [("docs/per-example.md", "## DP-SGD with Opacus's interface"), ("docs/privacy.md", "## The Opacus tutorial")],
 )
 def test_the_documented_loops_run(path, after, capsys):
     pytest.importorskip("opacus")
