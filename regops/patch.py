@@ -68,11 +68,19 @@ def patch(model: torch.nn.Module) -> PatchHandle:
     are left alone. A module shared by several parents is replaced by one shared regops module. The replacement
     shares the original's hooks (forward, pre-forward, backward, state_dict: handles taken before the swap still
     remove them), buffers and attributes, and takes its training flag.
-    Returns a :class:`PatchHandle`; ``handle.revert()`` restores the original modules.
 
-    >>> handle = regops.patch(model)
-    >>> len(handle)            # how many modules were swapped
-    >>> handle.revert()
+    Args:
+        model: the module whose submodules are swapped, in place.
+
+    Returns:
+        A :class:`PatchHandle`: ``len(handle)`` modules were swapped; ``handle.revert()`` (or leaving a
+        ``with`` block) puts the originals back.
+
+    Example::
+
+        >>> handle = regops.patch(model)
+        >>> len(handle)            # how many modules were swapped
+        >>> handle.revert()
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"regops.patch expects a torch.nn.Module, got {type(model).__name__}")

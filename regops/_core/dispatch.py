@@ -102,6 +102,12 @@ def use_backend(name: str | None) -> Iterator[None]:
     lifts an outer block's choice (``REGOPS_BACKEND`` applies again, else automatic). Process-wide (it changes the
     dispatcher's registrations), so use it from one thread.
 
+    Args:
+        name: ``"torch"`` (the reference), ``"triton"``, ``"cuda"``, ``"cpp"``, or ``None``.
+
+    Returns:
+        A context manager; the previous choice is restored when the block exits.
+
     Example::
 
         >>> with regops.use_backend("torch"):

@@ -17,6 +17,7 @@ from regops._core import rng, validate
 from regops._core.validate import is_dtensor, runtime_probability
 from regops.dropout import ops
 from regops.dropout import reference as ref
+from regops.dropout._multi_sample import multi_sample_dropout
 
 __all__ = [
     "bias_dropout_add",
@@ -78,7 +79,6 @@ def dropout(
         mask_mode: ``"recompute"`` (default: the backward regenerates the mask, 16 bytes saved) or ``"bitmask"``
             (the mask is saved packed, 1 bit per element: ``ceil(numel / 8)`` bytes, for when the seed must not
             be replayed). Both give the same output for the same seed.
-
     Returns:
         Tensor of ``x``'s shape and dtype.
 
@@ -212,7 +212,6 @@ def dropout_add_layer_norm(
         p: dropout probability of ``x``; eps: added to the variance.
         rms_norm: RMSNorm instead of LayerNorm. prenorm: also return ``s`` (the new residual stream).
         residual_in_fp32: keep ``s`` in float32. training: ``False`` disables the dropout.
-
     Returns:
         ``y`` (x's dtype), or ``(y, s)`` when ``prenorm``.
 
@@ -287,6 +286,8 @@ def shared_dropout(
     Args:
         x: any shape, floating dtype. p: drop probability. dims: an int or a sequence of dims (negative allowed).
         training, inplace, generator: as :func:`regops.dropout`.
+    Returns:
+        Tensor of ``x``'s shape and dtype.
 
     Example::
 
@@ -380,6 +381,11 @@ def dropout1d(
 
     Other ranks raise ``RuntimeError``, as torch. Only the seed is saved for backward.
 
+    Args:
+        x, p, training, inplace, generator: as :func:`regops.dropout`; ``p`` drops whole channels.
+    Returns:
+        Tensor of ``x``'s shape and dtype.
+
     >>> y = regops.dropout1d(torch.randn(8, 16, 100), 0.1)
     """
     return _channel_dropout("dropout1d", x, p, training, inplace, generator, 1)
@@ -398,6 +404,11 @@ def dropout2d(
     Exactly torch's rank rules: every input is read as batched ``(N, C, ...)`` (3-D as ``(N, C, L)``), with
     torch's warnings for ranks other than 4; fewer than 2 dims raise when a mask is drawn.
 
+    Args:
+        x, p, training, inplace, generator: as :func:`regops.dropout`; ``p`` drops whole channels.
+    Returns:
+        Tensor of ``x``'s shape and dtype.
+
     >>> y = regops.dropout2d(torch.randn(8, 16, 32, 32), 0.1)
     """
     return _channel_dropout("dropout2d", x, p, training, inplace, generator, 2)
@@ -415,6 +426,11 @@ def dropout3d(
 
     Exactly torch's rank rules: only a 5-D input is batched; any other rank is unbatched ``(C, ...)`` (a 3-D
     input is ``(C, D, H)``, a 1-D input drops elements), with torch's warning for ranks other than 4 and 5.
+
+    Args:
+        x, p, training, inplace, generator: as :func:`regops.dropout`; ``p`` drops whole channels.
+    Returns:
+        Tensor of ``x``'s shape and dtype.
 
     >>> y = regops.dropout3d(torch.randn(2, 8, 4, 16, 16), 0.1)
     """
@@ -451,6 +467,8 @@ def drop_path(
 
     Args:
         x: ``[B, ...]``, floating. drop_prob: in ``[0, 1]`` (a runtime value under torch.compile).
+    Returns:
+        Tensor of ``x``'s shape and dtype.
 
     Example::
 
@@ -479,6 +497,8 @@ def drop_path_add(
 
     Args:
         x: the branch output ``[B, ...]``; residual: x's shape and dtype.
+    Returns:
+        ``residual + drop_path(x)``, of ``x``'s shape and dtype.
 
     Example::
 
@@ -522,6 +542,8 @@ def nested_dropout(
 
     Args:
         x: ``[B, ...]``; dim: the unit dimension (not 0). p: in ``(0, 1]``; ``p = 1`` keeps only the first unit.
+    Returns:
+        Tensor of ``x``'s shape and dtype.
 
     Example::
 
@@ -541,49 +563,3 @@ def nested_dropout(
         return _dtensor().nested_dropout(x, p_value, dim % x.dim(), generator)
     seed = rng.philox_seed(x.device, x.shape[0], generator)
     return ops.nested_dropout(x, p_t, dim % x.dim(), seed)
-
-
-def multi_sample_seeds(
-    x: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One seed for a ``num_samples``-mask call on ``x`` and the per-sample seeds it implies.
-
-    Sample ``k`` uses first counter ``offset + k * ceil(numel / 4)``: its mask is :func:`regops.dropout`'s for
-    that seed, and the mean of the ``k`` masks is what :func:`multi_sample_dropout` applies.
-    """
-    step = ref.multi_sample_counters(x.numel())
-    seed = rng.philox_seed(x.device, num_samples * 4 * step, generator)
-    per_sample = [seed + torch.tensor([0, k * step], device=seed.device) for k in range(num_samples)]
-    return seed, per_sample
-
-
-def multi_sample_dropout(
-    x: torch.Tensor,
-    p: float,
-    num_samples: int,
-    training: bool = True,
-    *,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    r"""``x * mean_k(m_k) / (1-p)``: the mean of ``num_samples`` dropout masks applied in one pass.
-
-    For a linear head ``W``, ``mean_k W(dropout_k(x)) = W(multi_sample_dropout(x))``: multi-sample dropout
-    (Inoue 2019) without materializing K masked copies. The K masks are regenerated in backward. NaN/Inf as
-    torch's ``mean_k(dropout_k(x))``: NaN where some sample dropped a NaN or Inf.
-
-    Example::
-
-        >>> logits = head(regops.multi_sample_dropout(features, 0.5, num_samples=8))
-    """
-    validate.floating(x, "x")
-    p_value, p_t = runtime_probability(p)
-    rng.check_generator(generator, x.device)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"regops: num_samples must be a positive int, got {num_samples!r}")
-    validate.flag(training, "training")
-    if not training or p_value == 0.0:
-        return x
-    if is_dtensor(x):
-        return _dtensor().multi_sample_dropout(x, p_value, num_samples, generator)
-    seed, _ = multi_sample_seeds(x, num_samples, generator)
-    return ops.multi_sample_dropout_mean(x, p_t, num_samples, seed)

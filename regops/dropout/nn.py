@@ -9,6 +9,7 @@ import torch.utils.checkpoint
 from regops._core.modules import RuntimeProbability, adopt_module_state, swaps
 from regops._core.validate import runtime_probability
 from regops.dropout import api, ops
+from regops.dropout._multi_sample import multi_sample_seeds
 
 __all__ = ["DropPath", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "DropoutAddLayerNorm", "MultiSampleDropout"]
 
@@ -170,7 +171,7 @@ class MultiSampleDropout(RuntimeProbability, torch.nn.Module):
         self.linear_head = isinstance(head, torch.nn.Linear) if linear_head is None else linear_head
 
     def _samples(self, features: torch.Tensor, fn):
-        _, seeds = api.multi_sample_seeds(features, self.num_samples)
+        _, seeds = multi_sample_seeds(features, self.num_samples)
         _, p = runtime_probability(self._probability())
         run = lambda f, s: fn(ops.dropout(f, p, s))
         outs = [torch.utils.checkpoint.checkpoint(run, features, s, use_reentrant=False) for s in seeds]

@@ -287,6 +287,9 @@ def dp_clipping(
 
     Args: as :func:`per_sample_grad_norms` and :func:`clip_per_sample_`; ``loss_reduction`` is required.
 
+    Returns:
+        A context manager (:class:`DPClipping`); on exit ``p.grad`` holds the clipped, noised gradient sum.
+
     Example::
 
         >>> with regops.dp_clipping(model, max_norm=1.0, loss_reduction="mean", noise_multiplier=1.1,

@@ -204,6 +204,11 @@ def per_sample_grad_norms(
             ``nn.Transformer(batch_first=False)``): the batch dim of every 3+-D activation; 2-D activations
             (``[B, d]``) and convolution inputs keep the batch first.
 
+    Returns:
+        A context manager (:class:`PerSampleGradNorms`); after the backward, ``norms.total`` is the ``[N]``
+        float32 norm of each example's gradient, ``norms.per_param`` and ``norms.per_module`` the same per
+        parameter and per module.
+
     Example::
 
         >>> with regops.per_sample_grad_norms(model, loss_reduction="mean") as norms:

@@ -43,6 +43,11 @@ def twice_differentiable() -> Iterator[None]:
     The Hessian estimators enter it themselves; use it around the forward whose loss you pass to
     :func:`regops.hessian.trace_penalty` (or any ``create_graph`` backward) in an attention model.
 
+    Takes no arguments.
+
+    Returns:
+        A context manager; the patched functions are restored when the block exits.
+
     Example::
 
         >>> with regops.hessian.twice_differentiable():

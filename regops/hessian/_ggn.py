@@ -122,9 +122,10 @@ def ggn_trace(
     r"""Trace of the generalised Gauss-Newton matrix of ``loss(model(inputs), targets)``: exact, no probes.
 
     ``method="exact"``: one forward and ``C`` backward passes (``C`` = outputs per example), each turned into
-    per-example squared gradient norms without per-example gradients (see :mod:`regops.hessian._ggn` for the
-    math). For ReLU networks this is the exact Hessian trace, which Hutchinson would need thousands of
-    probes to reach to 1%. ``method="mc"``: one backward with labels sampled from the model (unbiased).
+    per-example squared gradient norms without per-example gradients (the identities of
+    :func:`regops.per_sample_grad_norms`). For ReLU networks this is the exact Hessian trace, which Hutchinson
+    would need thousands of probes to reach to 1%. ``method="mc"``: one backward with labels sampled from the
+    model (unbiased).
 
     Args:
         model: layers supported by :func:`regops.per_sample_grad_norms` (Linear, Conv, Embedding, norms;

@@ -1,7 +1,7 @@
 """The hessian family's public functions: stochastic trace and diagonal estimates of a loss Hessian (Hutchinson,
 Hutch++, XTrace), the Philox probes they use, a differentiable trace penalty, the exact curvature of a softmax
-cross-entropy head; with the exact Gauss-Newton curvature (:mod:`regops.hessian._ggn`), the Hessian as a linear
-operator (:mod:`regops.hessian._linop`) and the twice-differentiable context (:mod:`regops.hessian._context`).
+cross-entropy head; with the exact Gauss-Newton curvature (:func:`ggn_trace`, :func:`ggn_diagonal`), the Hessian as
+a linear operator (:class:`HessianLinearOperator`) and the twice-differentiable context (:func:`twice_differentiable`).
 
 Each validates its arguments and runs the estimator engines: probes and their fused accumulation are the
 operators of :mod:`regops.hessian.ops`; FSDP2-sharded parameters go to :mod:`regops.hessian.dtensor`.
@@ -119,9 +119,14 @@ def trace(
     (each dtype's products are accumulated in float32, float64 for float64). Attention models need no setup:
     the forwards run with ``scaled_dot_product_attention`` on its math backend (the fused kernels have no double
     backward). In train mode, dropout is held at one fixed mask (the one the first forward draws) for every
-    probe and every engine: the estimate is the Hessian of the loss at that mask (see :mod:`regops.hessian._hvp`).
+    probe and every engine: the estimate is the Hessian of the loss at that mask (docs/hessian.md).
 
     Args:
+        loss_fn: a function ``loss_fn(params)`` (or ``loss_fn()``) returning the scalar loss, or a model (see
+            Forms).
+        params: the parameters of the functional form (a tensor, a list/tuple or dict of tensors, or a module),
+            or the criterion of the model form.
+        *data: the model form's ``inputs, targets``, or one loader of ``(inputs, targets)`` batches.
         num_probes: Hessian-vector products to spend (the budget for every method; >= 1).
         method: ``"hutchinson"``; ``"hutch++"`` (a third of the budget sketches the dominant subspace, exact
             there; error O(1/m) instead of O(1/sqrt(m)) when a few eigenvalues dominate); ``"xtrace"``
@@ -141,7 +146,7 @@ def trace(
             diagonal blocks of ``H`` per parameter / per module (the parameters whose names share a prefix
             before the last dot); they sum to the whole trace. Hutchinson only.
         hvp: ``"auto"``, ``"double_backward"``, ``"forward_over_reverse"``, ``"loop"`` or ``"finite_difference"``
-            (see :mod:`regops.hessian._hvp`; vmap failures fall back with a warning; ``"auto"`` falls back to
+            (vmap failures fall back with a warning; ``"auto"`` falls back to
             finite differences, with a warning, when the model has no double backward).
         progress: show a tqdm progress bar with the running relative standard error.
         distributed: split the probes across the ranks of ``group`` (every rank passes the same arguments and
@@ -154,7 +159,7 @@ def trace(
             concatenated in order, or one ``[K, *p.shape]`` tensor per trainable param (a dict by name or a
             sequence). The estimate is unbiased for any probes with ``E[v v^T] = I``.
         fd_eps: the step ``h`` of ``hvp="finite_difference"`` (default ``eps^(1/3)`` of the params' dtype:
-            4.9e-3 in float32, 6.1e-6 in float64; the bias is ``O(h^2)``, see :mod:`regops.hessian._hvp`).
+            4.9e-3 in float32, 6.1e-6 in float64; the bias is ``O(h^2)``, docs/hessian.md).
 
     Returns:
         :class:`TraceEstimate` (``value``, ``stderr``, ``num_matvecs``, ``engine``, ``probe_cap``, ``fd_error``)
@@ -253,6 +258,23 @@ def diagonal(
         ``params``, ``None`` at frozen entries), ``num_matvecs``, and the Hutchinson ``trace`` of the same
         probes.
 
+    Args:
+        loss_fn: a model (then ``params`` is the criterion and ``data`` the inputs and targets) or a function
+            ``loss_fn(params) -> scalar``, as :func:`trace`.
+        params: the criterion (model form) or the parameters (a tensor, a sequence or a dict of tensors).
+        *data: the model form's inputs and targets, or a ``DataLoader`` of batches.
+        num_probes: probes to spend (>= 1).
+        distribution: ``"rademacher"`` or ``"gaussian"``.
+        probe_batch: probes per batched Hessian-vector product, as :func:`trace`.
+        tol: stop once ``||stderr|| / ||diag||`` falls below it.
+        generator: a ``torch.Generator`` on the parameters' device type; default torch's default generator.
+        hvp: the Hessian-vector product engine, as :func:`trace`.
+        progress: show a tqdm progress bar.
+        distributed: split the probes across the ranks of ``group``, as :func:`trace`.
+        group: the process group of ``distributed``; default the world.
+        probes: your own probes, as :func:`trace`.
+        fd_eps: the step of ``hvp="finite_difference"``, as :func:`trace`.
+
     Example::
 
         >>> est = regops.hessian.diagonal(lambda p: (p[0] ** 4).sum(), [w], num_probes=50)
@@ -314,6 +336,15 @@ def probes(
     entries are standard normal (float32 Box-Muller, rounded to the parameter dtype). To reproduce an estimator's
     probes, pass the tensors it differentiates: a module gives its parameters that require grad, as the
     estimators take them; from a list, leave out the frozen ones yourself.
+
+    Args:
+        params: the tensors to draw probes for (a tensor, a sequence or dict of tensors, or a module).
+        num_probes: ``K``, probes per parameter.
+        distribution: ``"rademacher"`` (+-1) or ``"gaussian"``.
+        generator: a ``torch.Generator`` on the parameters' device type; default torch's default generator.
+
+    Returns:
+        A tuple of tensors ``[num_probes, *p.shape]``, one per parameter, in the parameters' dtypes.
 
     Example::
 
@@ -439,7 +470,8 @@ def linear_head_diagonal(
 
     Args:
         features: ``[*, d]`` head inputs (leading dimensions are examples), floating point.
-        weight: ``[C, d]``; bias: ``[C]`` or ``None``.
+        weight: ``[C, d]``.
+        bias: ``[C]`` or ``None``.
         targets: ``[*]`` class indices; only needed to drop examples equal to ``ignore_index``.
         reduction: ``"mean"`` (over the kept examples, as ``F.cross_entropy``) or ``"sum"``.
 
@@ -497,6 +529,17 @@ def linear_head_trace(
     """Exact trace of the head Hessian (the sum of :func:`linear_head_diagonal`), a 0-dim tensor.
 
     Since ``sum_d h_d^2`` factors out, this is ``sum_i w_i (||h_i||^2 + [bias]) (1 - ||p_i||^2)``.
+
+    Args:
+        features: ``[*, d]`` head inputs (leading dimensions are examples), floating point.
+        weight: ``[C, d]``.
+        bias: ``[C]`` or ``None``.
+        targets: ``[*]`` class indices; only needed to drop examples equal to ``ignore_index``.
+        reduction: ``"mean"`` (over the kept examples, as ``F.cross_entropy``) or ``"sum"``.
+        ignore_index: the target value of examples left out.
+
+    Returns:
+        0-dim tensor: the trace of the softmax cross-entropy Hessian with respect to ``weight`` and ``bias``.
 
     Example::
 

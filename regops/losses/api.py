@@ -211,6 +211,10 @@ def linear_cross_entropy(
         hidden: ``[..., H]``; weight: ``[V, H]`` (an LM head: ``lm_head.weight``); bias: ``[V]`` or None.
         target: int ``[...]`` labels (or sparse targets, or ``mix``). Same dtype for hidden, weight and bias.
 
+    Returns:
+        The loss (a 0-dim float32 tensor, float64 for float64 inputs; ``[...]`` under ``reduction="none"``), and
+        its :class:`LossStats` with ``return_stats=True``, as :func:`cross_entropy`.
+
     Example::
 
         >>> h = model.transformer(input_ids)[0][:, :-1]                      # [B, T-1, H]
@@ -322,6 +326,15 @@ def causal_lm_loss(**options: Any) -> Callable[..., torch.Tensor]:
     the labels, ``F.cross_entropy`` on upcast float32 logits, ``"sum" / num_items_in_batch`` under gradient
     accumulation). The function returned has that signature and calls :func:`regops.cross_entropy` instead: no
     float32 copy of the logits, the regularizers and statistics available, same reduction rules, no global patching.
+
+    Args:
+        **options: keyword arguments of :func:`regops.cross_entropy` (``label_smoothing``, ``z_loss``, ...),
+            applied on every call; ``reduction``, ``ignore_index``, ``return_stats``, ``mix`` and ``target``
+            are set by the loss itself and raise a ValueError.
+
+    Returns:
+        A function with the signature of transformers' ``ForCausalLMLoss`` (``logits, labels, vocab_size,
+        num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs``) returning the scalar loss.
 
     Example::
 

@@ -81,6 +81,9 @@ def mix_cross_entropy(
         label_smoothing: ``s`` in ``[0, 1]``; default ``mix.label_smoothing``.
         reduction: ``'mean'`` (over the batch, as timm), ``'sum'`` or ``'none'`` (float32 ``[B]``).
 
+    Returns:
+        The loss: a 0-dim float32 tensor (float64 for float64 logits), or ``[B]`` under ``reduction="none"``.
+
     Example::
 
         >>> x_mixed, mix = regops.mix_batch(x, y, mixup_alpha=0.8, cutmix_alpha=1.0)
@@ -108,6 +111,9 @@ def soft_target_cross_entropy(
     Args:
         logits: ``[B, C]`` float; soft_targets: ``[B, C]`` float (any rows, need not sum to 1; differentiable).
         reduction: ``'mean'`` (over the batch), ``'sum'`` or ``'none'``.
+
+    Returns:
+        The loss: a 0-dim tensor, or ``[B]`` under ``reduction="none"``.
 
     Example::
 
@@ -152,6 +158,9 @@ def mix_binary_cross_entropy(
     Args:
         logits: ``[B, C]`` float. mix: from :func:`mix_batch`. label_smoothing: default ``mix.label_smoothing``.
         weight, pos_weight: per-class ``[C]`` tensors (pos_weight may be a number).
+
+    Returns:
+        The loss, a 0-dim tensor (``reduction`` is ``"mean"`` or ``"sum"``).
 
     Example::
 

@@ -185,6 +185,13 @@ def manifold_mix(
     (the backward is the same kernel, transposed). Draw ``mix`` with :func:`mix_batch` at the layer you mix
     (or mix the input and reuse ``mix`` deeper with MixUp only). Float dtypes.
 
+    Args:
+        h: hidden activations ``[B, ...]``, a float dtype; the batch dim first.
+        mix: the draws of :func:`mix_batch` (a :class:`MixedBatch` or its :class:`MixParams`) for the same ``B``.
+
+    Returns:
+        The mixed activations, shape and dtype of ``h`` (``h`` itself is not changed).
+
     Example::
 
         >>> _, mix = regops.mix_batch(h, labels, mixup_alpha=2.0)    # the draws (h is not changed)
@@ -205,6 +212,15 @@ def mixed_targets(mix: MixedBatch, num_classes: int, label_smoothing: float | No
 
     Raises ValueError if a label of ``mix`` lies outside ``[0, num_classes)`` (as every other entry point does;
     scattering it would fail inside torch, or hit a device-side assert on a GPU).
+
+    Args:
+        mix: the :class:`MixedBatch` returned by :func:`mix_batch`.
+        num_classes: ``C``, the number of classes.
+        label_smoothing: smoothing of each one-hot target; default: the value ``mix`` was drawn with.
+
+    Returns:
+        Float32 tensor ``[B, num_classes]``: ``lam * onehot(target_a) + (1 - lam) * onehot(target_b)``, smoothed.
+
     """
     if not isinstance(mix, MixedBatch):
         raise TypeError(f"regops: mix must be the MixedBatch returned by mix_batch, got {type(mix).__name__}")

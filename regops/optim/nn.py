@@ -18,6 +18,13 @@ def preserve_bn_stats(model: nn.Module) -> Iterator[None]:
     running averages a second time (davda54/sam#17). Exact (a copy back, not a momentum trick), every momentum
     setting, SyncBatchNorm included.
 
+    Args:
+        model: the module whose BatchNorm layers (``SyncBatchNorm`` included) keep
+            their running statistics.
+
+    Returns:
+        A context manager; the statistics are restored when the block exits.
+
     Example::
 
         >>> loss_fn(model(x), y).backward(); opt.first_step(zero_grad=True)

@@ -79,6 +79,10 @@ def relu_l1(
         squared: ReLU^2 (Primer); threshold: FATReLU's threshold :math:`\tau \ge 0` (0: ReLU).
         return_stats: also return :class:`ReLUL1Stats` from the same pass.
 
+    Returns:
+        The activation, of ``x``'s shape and dtype (its backward adds ``l1`` times the L1 gradient); with
+        ``return_stats=True`` the pair ``(activation, ReLUL1Stats)``.
+
     Example::
 
         >>> h = regops.relu_l1(up_proj(x), l1=1e-5 * schedule(step))

@@ -205,6 +205,17 @@ def gradient_coherence(
     (how ``loss_fn`` combines the examples, as for :func:`per_sample_grad_dots`); ``forms``, ``unsupported``: as
     there. The statistics are sums over the examples: the loader's order does not matter.
 
+    Args:
+        model: the module whose trainable parameters' per-example gradients are taken.
+        loss_fn: ``loss_fn(outputs, targets)``, a loss over the batch (``F.cross_entropy``).
+        loader: an iterable of ``(inputs, targets)`` batches (a ``DataLoader`` or a list).
+        loss_reduction: ``"mean"`` or ``"sum"``: how ``loss_fn`` combines the examples (required).
+        forms: per-layer ``"ghost"`` or ``"instantiate"`` forms, as :func:`per_sample_grad_dots`.
+        unsupported: what to do with a module without a rule, as :func:`per_sample_grad_dots`.
+
+    Returns:
+        :class:`GradientCoherence` with the ``coherence`` and ``cov_trace`` statistics (0-dim tensors).
+
     Example::
 
         >>> c = regops.gradient_coherence(model, F.cross_entropy, loader, loss_reduction="mean")

@@ -266,7 +266,7 @@ def test_multi_sample_module_linear_and_generic_heads():
     torch.manual_seed(2)
     loss = msd.loss(feats, target, F.cross_entropy)
     torch.manual_seed(2)
-    from regops.dropout.api import multi_sample_seeds
+    from regops.dropout._multi_sample import multi_sample_seeds
 
     _, seeds = multi_sample_seeds(feats, 4)
     manual = torch.stack([F.cross_entropy(head(torch.ops.regops.dropout(feats, _p(0.5), s)), target) for s in seeds])
