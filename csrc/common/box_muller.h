@@ -1,4 +1,4 @@
-// Standard normals from regops' Philox words (regops.reference.hessian.box_muller): each pair of 32-bit words
+// Standard normals from regops' Philox words (regops.hessian.reference.box_muller): each pair of 32-bit words
 // gives two normals, r (cos, sin), with r = sqrt(-2 ln u1), u1 = ((w0 >> 8) + 1) 2^-24 and the angle 2 pi u2,
 // u2 = (w1 >> 8) 2^-24. ln, cos and sin are float32 polynomials built from correctly rounded operations in the
 // reference's order (the build uses -ffp-contract=off), so every backend gives the same bits.
@@ -11,7 +11,7 @@ namespace regops {
 namespace normal {
 
 constexpr float kLn2 = 0x1.62e43p-1f;     // float32(ln 2)
-constexpr float kSqrt2 = 0x1.6a09e6p+0f;  // float32(sqrt 2)
+constexpr int32_t kSqrt2Bits = 0x3FB504F3;  // float32(sqrt 2), as its bits
 constexpr float kTwoPi = 0x1.921fb6p+2f;  // float32(2 pi)
 constexpr float kTwoPowM24 = 0x1p-24f;
 
@@ -24,17 +24,19 @@ constexpr float kSinCoeffs[7] = {static_cast<float>(-1.0 / 1307674368000.0), sta
                                  static_cast<float>(-1.0 / 5040.0),          static_cast<float>(1.0 / 120.0),
                                  static_cast<float>(-1.0 / 6.0)};
 
-// ln(k 2^-24) for k in [1, 2^24] (regops.reference.hessian.log_unit).
+// ln(k 2^-24) for k in [1, 2^24] (regops.hessian.reference.log_unit).
 inline float log_unit(uint32_t k) {
+  // Branch-free, so that loops over it vectorize on every ISA (a select of floating-point results is a branch to
+  // GCC unless the CPU has masked vector operations); each floating-point operation is the reference's, in order.
   const float u = static_cast<float>(static_cast<int32_t>(k)) * kTwoPowM24;
   int32_t bits;
   std::memcpy(&bits, &u, 4);
   const int32_t mbits = (bits & 0x7FFFFF) | 0x3F800000;
+  const int32_t big = mbits > kSqrt2Bits;      // m > sqrt 2: positive floats order as their bits
+  const int32_t halved = mbits - (big << 23);  // m / 2 (exact, m is normal), in integers
   float m;
-  std::memcpy(&m, &mbits, 4);
-  const bool big = m > kSqrt2;
-  m = big ? m * 0.5f : m;
-  const float ef = static_cast<float>((bits >> 23) - 127 + (big ? 1 : 0));
+  std::memcpy(&m, &halved, 4);
+  const float ef = static_cast<float>((bits >> 23) - 127 + big);
   const float s = (m - 1.0f) / (m + 1.0f);
   const float s2 = s * s;
   float p = s2 * kLogCoeffs[0] + kLogCoeffs[1];

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "common/box_muller.h"
 #include "common/cpu_common.h"
 
 namespace regops {
@@ -118,49 +119,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hessian_probe_dot(at::TensorList 
 // build uses -ffp-contract=off), or operations that give the same bits for every input (each says why), so it
 // gives the reference's bits.
 
-constexpr float kLn2 = 0x1.62e43p-1f;         // float32(ln 2)
-constexpr int32_t kSqrt2Bits = 0x3FB504F3;    // float32(sqrt 2), as its bits
-constexpr float kTwoPi = 0x1.921fb6p+2f;      // float32(2 pi)
-constexpr float kTwoPowM24 = 0x1p-24f;
-
-// float32 constants of the reference (LOG_COEFFS = 1/11, 1/9, 1/7, 1/5, 1/3; SIN_COEFFS = (-1)^n / (2n+1)!,
-// n = 7 .. 1), rounded from double exactly as numpy rounds them.
-const float kLogCoeffs[5] = {static_cast<float>(1.0 / 11), static_cast<float>(1.0 / 9), static_cast<float>(1.0 / 7),
-                             static_cast<float>(1.0 / 5), static_cast<float>(1.0 / 3)};
-const float kSinCoeffs[7] = {static_cast<float>(-1.0 / 1307674368000.0), static_cast<float>(1.0 / 6227020800.0),
-                             static_cast<float>(-1.0 / 39916800.0),      static_cast<float>(1.0 / 362880.0),
-                             static_cast<float>(-1.0 / 5040.0),          static_cast<float>(1.0 / 120.0),
-                             static_cast<float>(-1.0 / 6.0)};
-
-// ln(k 2^-24) for k in [1, 2^24] (regops.hessian.reference.log_unit). Branch-free so that the block loop
-// vectorizes on every ISA (a select of floating-point results is a branch to GCC unless the CPU has masked
-// vector operations); each floating-point operation is the reference's, in its order.
-inline float log_unit(uint32_t k) {
-  const float u = static_cast<float>(static_cast<int32_t>(k)) * kTwoPowM24;
-  int32_t bits;
-  std::memcpy(&bits, &u, 4);
-  const int32_t mbits = (bits & 0x7FFFFF) | 0x3F800000;
-  float m;
-  std::memcpy(&m, &mbits, 4);
-  const int32_t big = mbits > kSqrt2Bits;  // m > sqrt 2: positive floats order as their bits
-  const int32_t halved = mbits - (big << 23);  // m / 2 (exact, m is normal), in integers
-  std::memcpy(&m, &halved, 4);
-  const float ef = static_cast<float>((bits >> 23) - 127 + big);
-  const float s = (m - 1.0f) / (m + 1.0f);
-  const float s2 = s * s;
-  float p = s2 * kLogCoeffs[0] + kLogCoeffs[1];
-  for (int i = 2; i < 5; ++i) p = p * s2 + kLogCoeffs[i];
-  p = p * s2 + 1.0f;
-  return ef * kLn2 + (s + s) * p;
-}
-
-inline float sin_poly(float x) {
-  const float x2 = x * x;
-  float p = x2 * kSinCoeffs[0] + kSinCoeffs[1];
-  for (int i = 2; i < 7; ++i) p = p * x2 + kSinCoeffs[i];
-  p = p * x2 + 1.0f;
-  return x * p;
-}
+using normal::kTwoPi;
+using normal::kTwoPowM24;
+using normal::log_unit;
+using normal::sin_poly;
 
 constexpr int64_t kPairs = kBlockElems / 2;
 
