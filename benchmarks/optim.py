@@ -15,6 +15,7 @@ import torch
 
 import regops
 from benchmarks.harness import Setup, case
+from regops.testing import ReferenceSAM
 
 COUNTS = (10, 200, 2000)
 WIDTH = 64  # tensors alternate [WIDTH, WIDTH] weights and [WIDTH] biases: many small tensors, as in real models
@@ -33,49 +34,6 @@ def _params(n: int, device: torch.device) -> list[torch.Tensor]:
 
 def _numel(params: list[torch.Tensor]) -> int:
     return sum(p.numel() for p in params)
-
-
-class ReferenceSAM(torch.optim.Optimizer):
-    """The reference SAM (davda54/sam) as published: a loop over the parameters, a copy of each."""
-
-    def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, **kwargs):
-        super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
-        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-
-    @torch.no_grad()
-    def first_step(self, zero_grad=False):
-        grad_norm = self._grad_norm()
-        for group in self.param_groups:
-            scale = group["rho"] / (grad_norm + 1e-12)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                self.state[p]["old_p"] = p.data.clone()
-                e_w = (torch.pow(p, 2) if group["adaptive"] else 1.0) * p.grad * scale.to(p)
-                p.add_(e_w)
-        if zero_grad:
-            self.zero_grad()
-
-    @torch.no_grad()
-    def second_step(self, zero_grad=False):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                p.data = self.state[p]["old_p"]
-        self.base_optimizer.step()
-        if zero_grad:
-            self.zero_grad()
-
-    def _grad_norm(self):
-        norms = [
-            ((torch.abs(p) if g["adaptive"] else 1.0) * p.grad).norm(p=2)
-            for g in self.param_groups
-            for p in g["params"]
-            if p.grad is not None
-        ]
-        return torch.norm(torch.stack(norms), p=2)
 
 
 def _sam_step(opt):

@@ -10,6 +10,7 @@ from torch import nn
 
 import regops
 from regops.optim import reference as ref
+from regops.testing import ReferenceSAM
 
 STEPS = 5
 F64 = dict(rtol=1e-12, atol=1e-14)  # float64, 5 steps: torch fuses some multiply-adds (an ulp per operation)
@@ -246,50 +247,6 @@ def test_gradscaler_inf_skips_the_step_exactly_as_torch(inf_at):
 
 
 # ------------------------------------------------------------------------------------------------ SAM family
-class ReferenceSAM(torch.optim.Optimizer):
-    """The widely used reference SAM (davda54/sam), as published: a loop over the parameters."""
-
-    def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, **kwargs):
-        defaults = dict(rho=rho, adaptive=adaptive, **kwargs)
-        super().__init__(params, defaults)
-        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-
-    @torch.no_grad()
-    def first_step(self, zero_grad=False):
-        grad_norm = self._grad_norm()
-        for group in self.param_groups:
-            scale = group["rho"] / (grad_norm + 1e-12)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                self.state[p]["old_p"] = p.data.clone()
-                e_w = (torch.pow(p, 2) if group["adaptive"] else 1.0) * p.grad * scale.to(p)
-                p.add_(e_w)
-        if zero_grad:
-            self.zero_grad()
-
-    @torch.no_grad()
-    def second_step(self, zero_grad=False):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                p.data = self.state[p]["old_p"]
-        self.base_optimizer.step()
-        if zero_grad:
-            self.zero_grad()
-
-    def _grad_norm(self):
-        norms = [
-            ((torch.abs(p) if group["adaptive"] else 1.0) * p.grad).norm(p=2)
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
-        return torch.norm(torch.stack(norms), p=2)
-
-
 def _sam_groups(m, adaptive):
     first, *rest = list(m.parameters())
     return [{"params": [first], "rho": 0.1, "adaptive": adaptive}, {"params": rest}]
