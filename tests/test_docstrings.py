@@ -19,8 +19,8 @@ CLASSES_WITHOUT_ARGS = {
     "PerSampleGradNorms", "PrivacyAccountant", "LossStats", "MixCrossEntropy", "SoftTargetCrossEntropy",
     "GradientCoherence", "TracInTopK", "ReLUL1Stats", "DropPath", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d",
     "DropoutAddLayerNorm", "MultiSampleDropout", "CrossEntropyLoss", "LinearCrossEntropyLoss", "LoRALinear",
-    "PeftLoRALinear", "ReLUL1", "DiagonalEstimate", "HessianLinearOperator", "TraceEstimate", "GSAM", "SGD",
-    "AdamW", "LookSAM", "BatchMemoryManager", "DPOptimizer", "PrivateModule",
+    "PeftLoRALinear", "ReLUL1", "DiagonalEstimate", "HessianLinearOperator", "TraceEstimate", "GSAM", "LookSAM",
+    "BatchMemoryManager", "DPOptimizer", "PrivateModule",
 }  # fmt: skip
 
 

@@ -1,5 +1,6 @@
 """``regops.optim.AdamW`` and ``regops.optim.SGD``: torch's optimizers as one multi-tensor pass, plus regularizers
-composed into the same pass (decay modes, Grokfast, annealed noise, coordinate-wise and adaptive clipping)."""
+composed into the same pass (decay modes, Grokfast, annealed noise, coordinate-wise and adaptive clipping, AdamP's
+radial projection)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import torch
 
 from regops._core import rng
 from regops._core.validate import is_dtensor
-from regops.optim import ops
+from regops.optim import _adamp, ops
 from regops.optim import reference as ref
 
 DECAYS = ("coupled", "decoupled", "cautious", "l2sp", "ewc")
-_EXTRA_DEFAULTS = {"grokfast": None, "grad_noise": None, "clip_coord": None, "agc": None}
+_EXTRA_DEFAULTS = {"grokfast": None, "grad_noise": None, "clip_coord": None, "agc": None, "adamp": None}
 
 
 def _pair(value: Any, name: str, check: Callable[[float, float], bool], what: str) -> tuple[float, float] | None:
@@ -44,6 +45,8 @@ def check_extras(group: dict[str, Any]) -> None:
     if agc is not None:
         agc = (agc, 1e-3) if isinstance(agc, (int, float)) else agc
         group["agc"] = _pair(agc, "agc", lambda c, e: c > 0 and e >= 0, "clip > 0 or (clip > 0, eps >= 0)")
+    group["adamp"] = _adamp.options(group["adamp"])
+    _adamp.check_decay(group)
 
 
 def _aligned(spec: Any, group: dict[str, Any], name: str) -> list[torch.Tensor | None]:
@@ -155,6 +158,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         gf = group["grokfast"] or (0.0, 0.0)
         noise = group["grad_noise"] or (0.0, 0.0)
         values = (*self._base_hyper(group), group["weight_decay"], *gf, *noise, float(group["clip_coord"] or 0.0))
+        values += tuple(group["adamp"] or ())  # H_ADAMP_*: read by the projection only
         if any(isinstance(v, torch.Tensor) for v in values):  # a tensor lr: read on the device, never synced
             return torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device).reshape(()) for v in values])
         key = (id(group), str(device))
@@ -231,26 +235,35 @@ class FusedOptimizer(torch.optim.Optimizer):
             seed = rng.philox_seed(device, sum(p.numel() for p in params), self._generator)
             if sharded:  # every rank draws the same noise for the elements it holds
                 seed, offsets = _dtensor().agreed_seed(seed, params), _dtensor().elem_offsets(params)
-        row_scales = None
+        ws = local(restored) if restored else ps
+        sums = row_scales = None
+        if group["agc"] is not None or group["adamp"] is not None:  # one pass of row sums serves both
+            sums = ops.dots(gs, ws, [], True)
         if group["agc"] is not None:
-            row_scales = self._agc_scales(group, ps, gs, local(restored) if restored else ps, params, grad_scale)
+            row_scales = self._agc_scales(group, sums, params, grad_scale)
         method = self.method if self.method == "adam" or not group.get("nesterov") else "nesterov"
-        ops.step(
+        hyper = self._hyper(group, device)
+        args = [
             ps, gs, *(buffer(x) for x in lists), [s["step"] for s in states], buffer(ema), buffer(anchors),
-            buffer(fishers), local(restored), row_scales, self._hyper(group, device), self._ids_of(params), offsets,
+            buffer(fishers), local(restored), row_scales, hyper, self._ids_of(params), offsets,
             method, decay if decay != "coupled" or group["weight_decay"] != 0 else "none", group["maximize"],
             group["clip_coord"] is not None, seed, grad_scale, found_inf,
-        )  # fmt: skip
+        ]  # fmt: skip
+        if group["adamp"] is not None:
+            _adamp.check_decay(group)
+            _adamp.step(args, ws, sums, params, grad_scale, found_inf)
+        else:
+            ops.step(*args)
         if not sharded:
             for p, d in zip(params, ps, strict=True):
                 if d is not p:  # a non-contiguous parameter was updated in a contiguous copy
                     p.copy_(d)
 
-    def _agc_scales(self, group, ps, gs, ws, params, grad_scale) -> torch.Tensor:
+    def _agc_scales(self, group, sums, params, grad_scale) -> torch.Tensor:
         """Adaptive gradient clipping's factor per unit (row along dim 0; whole tensor for vectors), timm's rule:
-        ``max = clip * max(|w_row|, eps)``, factor ``1`` where ``|g_row| < max`` else ``max / max(|g_row|, 1e-6)``."""
+        ``max = clip * max(|w_row|, eps)``, factor ``1`` where ``|g_row| < max`` else ``max / max(|g_row|, 1e-6)``.
+        ``sums``: the row sums of (gradient, weights) of :func:`ops.dots`."""
         clip, eps = group["agc"]
-        sums = ops.dots(gs, ws, [], True)
         sums = _dtensor().reduce_rows(sums, params) if is_dtensor(*params) else sums
         gnorm = sums[:, 0].sqrt()
         if grad_scale is not None:
@@ -292,27 +305,47 @@ def _dense(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 _EXTRAS_DOC = """
-    Regularizers, composed into the same pass over each parameter (keyword-only; also per parameter group):
-
-    * ``decay``: ``"decoupled"`` (AdamW's ``w *= 1 - lr wd``), ``"coupled"`` (``g += wd w``: torch's Adam and SGD),
-      ``"cautious"`` (decoupled, only where the update and ``w`` agree in sign: ``w -= lr wd [u w >= 0] w``),
-      ``"l2sp"`` (``g += wd (w - anchor)``: the gradient of ``wd/2 ||w - anchor||^2``; ``anchor`` defaults to the
-      parameters at construction) or ``"ewc"`` (``g += wd F (w - anchor)``, ``F`` = ``fisher``).
-    * ``anchor``, ``fisher``: tensors aligned with the parameters, or a mapping by parameter name (parameters given
-      as ``model.named_parameters()``; ``regops.empirical_fisher_diagonal`` returns one) or by parameter.
-    * ``grokfast=(alpha, lamb)``: ``ema = alpha ema + (1 - alpha) g`` (``ema`` starts at the first gradient),
-      ``g += lamb ema`` (one buffer per parameter).
-    * ``grad_noise=(eta, gamma)``: ``g += N(0, eta / (1 + t)^gamma)``, ``t`` the steps taken before, from regops'
-      Philox stream (``generator``), indexed by (parameter, element): the same noise sharded or not, on every backend.
-    * ``clip_coord=c``: ``g = clamp(g, -c, c)``.
-    * ``agc=clip`` or ``(clip, eps)``: adaptive gradient clipping (NFNets, timm's ``adaptive_clip_grad``) per unit
-      (row along dim 0; the whole tensor for vectors), ``eps`` 1e-3 by default.
+        decay: the weight decay's form: ``"decoupled"`` (AdamW's ``w *= 1 - lr wd``), ``"coupled"`` (``g += wd w``:
+            torch's Adam and SGD), ``"cautious"`` (decoupled, only where the update and ``w`` agree in sign:
+            ``w -= lr wd [u w >= 0] w``), ``"l2sp"`` (``g += wd (w - anchor)``: the gradient of
+            ``wd/2 ||w - anchor||^2``; ``anchor`` defaults to the parameters at construction) or ``"ewc"``
+            (``g += wd F (w - anchor)``, ``F`` = ``fisher``).
+        anchor, fisher: tensors aligned with the parameters, or a mapping by parameter name (parameters given as
+            ``model.named_parameters()``; ``regops.empirical_fisher_diagonal`` returns one) or by parameter.
+        grokfast: ``(alpha, lamb)``: ``ema = alpha ema + (1 - alpha) g`` (``ema`` starts at the first gradient),
+            ``g += lamb ema`` (one buffer per parameter).
+        grad_noise: ``(eta, gamma)``: ``g += N(0, eta / (1 + t)^gamma)``, ``t`` the steps taken before, from
+            regops' Philox stream (``generator``), indexed by (parameter, element): the same noise sharded or not,
+            on every backend.
+        clip_coord: ``c``: ``g = clamp(g, -c, c)``.
+        agc: ``clip`` or ``(clip, eps)``: adaptive gradient clipping (NFNets, timm's ``adaptive_clip_grad``) per
+            unit (row along dim 0; the whole tensor for vectors), ``eps`` 1e-3 by default.
+        adamp: ``True``, ``(delta, wd_ratio)``, ``(delta, wd_ratio, eps)`` or a dict with those keys (defaults
+            0.1, 0.1, 1e-8): AdamP's and SGDP's radial projection (Heo et al., ICLR 2021) on every parameter of two
+            or more dims. With ``w`` the weights and ``g`` the gradient as given (unscaled, before agc, clipping,
+            Grokfast and noise: the test is whether the loss is scale-invariant in ``w``), channel-wise first (rows
+            along dim 0, ``d`` the row's size), then layer-wise (``d = w.numel()``): where every
+            ``|cos(g, w)| < delta / sqrt(d)`` (``cos = g.w / (max(|g|, eps) max(|w|, eps))``), the update ``u``
+            (Adam's ``m_hat / (sqrt(v_hat) + eps)``; SGD's momentum, Nesterov or plain direction) loses its radial
+            part, ``u -= w_n (w_n . u)`` per row or for the whole tensor with ``w_n = w / (|w| + eps)``, and the
+            decoupled decay is scaled by ``wd_ratio``. Decided on the device per tensor (no host
+            synchronisation); the update is rounded to the parameters' dtype before the projection.
+            ``AdamW(adamp=...)`` is AdamP (its ``nesterov=False``; pass AdamW's ``eps`` here if you change it).
+            ``SGD(adamp=..., decay="decoupled")`` is SGDP with SGDP's ``weight_decay / (1 - momentum)`` and
+            ``dampening=0`` (torch's first momentum is the gradient); the momentum buffer itself is not projected
+            (the paper's algorithm). Refused with an error: ``decay="l2sp"`` and ``"ewc"``, and ``"coupled"`` with
+            a nonzero ``weight_decay``: a decay added to the gradient points along ``w``, and the projection would
+            remove it; use ``decay="decoupled"`` (or ``"cautious"``, whose mask then reads the projected update).
+            DTensor parameters (FSDP2) work: row and tensor sums are completed over the mesh (Shard(0) rows are
+            whole on a rank; a tensor's sums cost one all-reduce of a few numbers per step).
+        generator: the ``torch.Generator`` of ``grad_noise`` (default: torch's default generator).
 
     Order: unscale (``grad_scale``), ``maximize``, agc, clip_coord, grokfast, noise, coupled decay, the update, the
-    decoupled decay. ``step(grad_scale=, found_inf=)`` follows torch's fused optimizers (``GradScaler.step`` passes
-    them): an inf skips the step on the device, with no host synchronisation. The step counts, hyper-parameters and
-    the noise seed are device tensors (CUDA-graph capturable); parameters may be DTensors (FSDP2), each rank
-    updating its shards.
+    radial projection (adamp), the decoupled decay. ``step(grad_scale=, found_inf=)`` follows torch's fused
+    optimizers (``GradScaler.step`` passes them): an inf skips the step on the device, with no host
+    synchronisation. The step counts, hyper-parameters and the noise seed are device tensors (CUDA-graph
+    capturable); parameters may be DTensors (FSDP2), each rank updating its shards. Every regularizer is
+    keyword-only, also per parameter group.
 """
 
 
@@ -328,6 +361,11 @@ class AdamW(FusedOptimizer):
 
         >>> opt = regops.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, grokfast=(0.98, 2.0))
         >>> loss.backward(); opt.step(); opt.zero_grad()
+
+    Args:
+        params: the parameters, or parameter groups (dicts; every argument below may be set per group).
+        lr, betas, eps, weight_decay, amsgrad, maximize: torch's AdamW arguments.
+        foreach, capturable, differentiable, fused: accepted for torch's signature (see above).
     """
         + _EXTRAS_DOC
     )
@@ -355,6 +393,7 @@ class AdamW(FusedOptimizer):
         grad_noise: tuple[float, float] | None = None,
         clip_coord: float | None = None,
         agc: float | tuple[float, float] | None = None,
+        adamp: bool | tuple[float, ...] | dict[str, float] | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         if isinstance(lr, float) and not 0.0 <= lr or isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -368,7 +407,7 @@ class AdamW(FusedOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, decay=decay,
                         anchor=anchor, fisher=fisher, grokfast=grokfast, grad_noise=grad_noise, clip_coord=clip_coord,
-                        agc=agc)  # fmt: skip
+                        agc=agc, adamp=adamp)  # fmt: skip
         super().__init__(params, defaults, generator)
 
     def _group_defaults(self) -> dict[str, Any]:
@@ -390,6 +429,12 @@ class SGD(FusedOptimizer):
     Example::
 
         >>> opt = regops.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, agc=0.01)
+
+    Args:
+        params: the parameters, or parameter groups (dicts; every argument below may be set per group).
+        lr, momentum, dampening, weight_decay, nesterov, maximize: torch's SGD arguments.
+        foreach, differentiable, fused: accepted for torch's signature (the step is always fused;
+            ``differentiable=True`` is not supported).
     """
         + _EXTRAS_DOC
     )
@@ -416,6 +461,7 @@ class SGD(FusedOptimizer):
         grad_noise: tuple[float, float] | None = None,
         clip_coord: float | None = None,
         agc: float | tuple[float, float] | None = None,
+        adamp: bool | tuple[float, ...] | dict[str, float] | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         if isinstance(lr, float) and lr < 0.0:
@@ -429,7 +475,7 @@ class SGD(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, foreach=foreach, differentiable=differentiable, decay=decay, anchor=anchor,
                         fisher=fisher, grokfast=grokfast, grad_noise=grad_noise, clip_coord=clip_coord,
-                        agc=agc)  # fmt: skip
+                        agc=agc, adamp=adamp)  # fmt: skip
         super().__init__(params, defaults, generator)
 
     def _group_defaults(self) -> dict[str, Any]:

@@ -72,6 +72,22 @@ def reduce_rows(sums: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Ten
     return sums
 
 
+def reduce_tensors(sums: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor sums (``[n, k]`` over each rank's shard) completed over the mesh dims that shard each tensor
+    (replicated dims hold the same values and are left out): one all-reduce per distinct set of such dims."""
+    mesh = _mesh(params)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(params):
+        placements = p.placements if isinstance(p, DTensor) else []
+        dims = tuple(k for k, pl in enumerate(placements) if isinstance(pl, Shard))
+        if dims:
+            groups.setdefault(dims, []).append(i)
+    for dims, idx in groups.items():
+        index = torch.tensor(idx, dtype=torch.int64).to(sums.device)
+        sums = sums.index_copy(0, index, _all_reduce(sums.index_select(0, index), mesh, dims))
+    return sums
+
+
 def elem_offsets(params: Sequence[torch.Tensor]) -> list[int]:
     """The global row-major index of each shard's first element (noise counters). The shard must be a contiguous
     run of the global tensor: Shard(0) and Replicate placements (FSDP2's)."""

@@ -45,6 +45,8 @@ from regops.hessian.reference import box_muller
 H_LR, H_BETA1, H_BETA2, H_EPS, H_WD, H_GF_ALPHA, H_GF_LAMB, H_NOISE_ETA, H_NOISE_GAMMA, H_CLIP = range(10)
 H_MOMENTUM, H_DAMPENING = H_BETA1, H_BETA2  # SGD's hyper-parameters in Adam's slots
 HYPER_SIZE = 10
+# AdamP's radial projection, appended where a group enables it (the step kernels read the first HYPER_SIZE only)
+H_ADAMP_DELTA, H_ADAMP_WD_RATIO, H_ADAMP_EPS = range(HYPER_SIZE, HYPER_SIZE + 3)
 
 METHODS = ("adam", "sgd", "nesterov")
 DECAYS = ("none", "coupled", "decoupled", "cautious", "l2sp", "ewc")
@@ -307,3 +309,31 @@ def optim_step(
         step = u * -sc[S_STEP_SIZE]
         p.copy_(w + (step / denom if method == "adam" else step))
         steps[i].add_(1)
+
+
+# ------------------------------------------------------------------------------------------------ AdamP
+def radial_projection(
+    w: torch.Tensor, g: torch.Tensor, u: torch.Tensor, delta: float, wd_ratio: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AdamP's projection of one update ``u`` of weights ``w`` with gradient ``g`` (Heo et al., ICLR 2021), in
+    ``acc_dtype``, decided on the device: channel-wise (rows along dim 0), else layer-wise, where every
+    ``|cos(g, w)|`` of the view is below ``delta / sqrt(view's row size)``, ``u`` loses its component along the
+    view's unit weights ``w / (|w| + eps)``. Returns the update and the decay's ratio (``wd_ratio`` where projected,
+    else 1; a 0-dim tensor). Vectors and empty tensors are returned as they are."""
+    cd = acc_dtype(w, g, u)
+    w, g, u = w.to(cd), g.to(cd), u.to(cd)
+    one = torch.ones((), dtype=cd, device=w.device)
+    if w.dim() < 2 or w.numel() == 0:
+        return u, one
+    done = torch.zeros((), dtype=torch.bool, device=w.device)
+    out = u
+    for rows in (w.shape[0], 1):
+        wv, gv, uv = _as_rows(w, rows), _as_rows(g, rows), _as_rows(u, rows)
+        wn, gn = wv.norm(dim=1), gv.norm(dim=1)
+        cos = (gv * wv).sum(1).abs() / (gn.clamp(min=eps) * wn.clamp(min=eps))
+        hit = ~done & (cos.max() < delta / math.sqrt(wv.shape[1]))
+        unit = wv / (wn + eps)[:, None]
+        projected = (uv - unit * (unit * uv).sum(1, keepdim=True)).reshape(u.shape)
+        out = torch.where(hit, projected, out)
+        done = done | hit
+    return out, torch.where(done, one * wd_ratio, one)
