@@ -47,11 +47,41 @@ def test_exports():
         (dict(betas=(1.0, 0.9)), "betas"),
         (dict(differentiable=True), "differentiable"),
         (dict(decay="l2sp", anchor=[torch.zeros(2)]), "anchor has 1 tensors for 4 parameters"),
+        (dict(adamp=(0.0, 0.1)), "delta must be positive"),
+        (dict(adamp=dict(delta=float("nan"))), "delta must be positive"),
+        (dict(adamp=(0.1, -0.5)), "wd_ratio must be >= 0"),
+        (dict(adamp=dict(wd_ratio=float("inf"))), "wd_ratio must be >= 0"),
+        (dict(adamp=(0.1, 0.1, 0.0)), "eps must be positive"),
+        (dict(adamp=0.1), "adamp must be True"),
+        (dict(adamp=(0.1,)), "adamp must be True"),
+        (dict(adamp=("a", 0.1)), "adamp must be True"),
+        (dict(adamp=dict(ratio=0.1)), "got the keys \\['ratio'\\]"),
+        (dict(adamp=True, decay="l2sp"), "adamp with decay='l2sp'"),
+        (dict(adamp=True, decay="coupled"), "adamp with decay='coupled'"),
     ],
 )
 def test_bad_arguments_are_clear_errors(kw, match):
     with pytest.raises((ValueError, TypeError, NotImplementedError), match=match):
         regops.optim.AdamW(_model().parameters(), **kw)
+
+
+def test_adamp_refuses_a_decay_in_the_gradient_at_construction_and_at_the_step():
+    m = _model()
+    with pytest.raises(ValueError, match="adamp with decay='coupled'.*use decay='decoupled'"):
+        regops.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, adamp=True)
+    opt = regops.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, adamp=True)  # coupled without a decay: fine
+    _step(m, opt)
+    opt.param_groups[0]["weight_decay"] = 1e-4
+    with pytest.raises(ValueError, match="adamp with decay='coupled'"):
+        _step(m, opt)
+
+
+def test_adamp_spellings_normalise_to_one_option():
+    groups = [regops.optim.AdamW(_model().parameters(), adamp=a).param_groups[0]["adamp"]
+              for a in (True, (0.1, 0.1), (0.1, 0.1, 1e-8), dict(delta=0.1), dict(wd_ratio=0.1, eps=1e-8))]  # fmt: skip
+    assert groups == [(0.1, 0.1, 1e-8)] * 5
+    assert regops.optim.AdamW(_model().parameters(), adamp=False).param_groups[0]["adamp"] is None
+    assert regops.optim.SGD(_model().parameters(), adamp=(0.2, 0.5)).param_groups[0]["adamp"] == (0.2, 0.5, 1e-8)
 
 
 def test_sam_errors():
@@ -108,6 +138,11 @@ def test_regularizer_options_survive_a_state_dict_round_trip():
     assert fresh.param_groups[0]["decay"] == "l2sp" and fresh.param_groups[0]["grokfast"] == (0.9, 1.0)
     assert "anchor" in fresh.state[next(m.parameters())]
     _step(m, fresh)
+    opt = regops.optim.AdamW(m.parameters(), lr=0.1, adamp=(0.2, 0.3))
+    _step(m, opt)
+    fresh = regops.optim.AdamW(m.parameters(), lr=0.1)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.param_groups[0]["adamp"] == (0.2, 0.3, 1e-8)
 
 
 def test_sam_state_dict_keeps_looksams_buffer_and_the_base_state():
@@ -201,10 +236,11 @@ def test_one_pass_whatever_the_number_of_tensors(n_tensors):
     assert count.calls < 40
 
 
-def test_optimizer_step_under_torch_compile_matches_eager():
+@pytest.mark.parametrize("kw", [dict(grokfast=(0.9, 1.0)), dict(adamp=(0.9, 0.1))], ids=["grokfast", "adamp"])
+def test_optimizer_step_under_torch_compile_matches_eager(kw):
     m1, m2 = _model(), _model()
-    o1 = regops.optim.AdamW(m1.parameters(), lr=1e-2, grokfast=(0.9, 1.0))
-    o2 = regops.optim.AdamW(m2.parameters(), lr=1e-2, grokfast=(0.9, 1.0))
+    o1 = regops.optim.AdamW(m1.parameters(), lr=1e-2, **kw)
+    o2 = regops.optim.AdamW(m2.parameters(), lr=1e-2, **kw)
     compiled = torch.compile(o2.step)
     for _ in range(2):
         for m, step in ((m1, o1.step), (m2, compiled)):

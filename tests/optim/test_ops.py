@@ -224,3 +224,39 @@ def test_bad_arguments_are_clear_errors(backend):
         case["state1"] = case["state1"][:2]
         with regops.use_backend(backend), pytest.raises(RuntimeError, match="state1"):
             ops.step(*case.values())
+
+
+def _radial_case(dtype):
+    """Weights and gradients that take each path of the projection: every row orthogonal to its weights (channel
+    view), only the whole tensor orthogonal (layer view), neither; and a vector (never projected)."""
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(s, generator=g, dtype=torch.float64) for s in ((6, 5), (4, 3, 2), (5, 7), (7,))]
+    gs = [torch.randn(w.shape, generator=g, dtype=torch.float64) for w in ws]
+    w, x = ws[0], gs[0]
+    gs[0] = x - w * (x * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True)
+    w, x = ws[1], gs[1]
+    gs[1] = x - w * (x * w).sum() / (w * w).sum()
+    gs[2] = gs[2] + ws[2]  # a radial gradient: not scale-invariant
+    return [w.to(dtype) for w in ws], [x.to(dtype) for x in gs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_adamp_projection_equals_the_reference(backend, dtype):
+    """SGD at lr 1 without momentum: w moves by the projected gradient, as reference.radial_projection has it, on
+    every backend (the row sums and the step are kernels; the projection is torch on their results)."""
+    ws, gs = _radial_case(dtype)
+    ratios = [ref.radial_projection(w, x, x, 0.1, 0.1, 1e-8)[1] for w, x in zip(ws, gs, strict=True)]
+    assert [float(r) for r in ratios] == pytest.approx([0.1, 0.1, 1.0, 1.0], rel=1e-6)  # the case takes every path
+    rows = [(w.double() * ref.radial_projection(w, x, x, 0.1, 0.1, 1e-8)[0]).sum(tuple(range(1, w.dim())))
+            for w, x in zip(ws[:2], gs[:2], strict=True)]  # fmt: skip
+    assert rows[0].abs().max() < 1e-5 and rows[1].abs().max() > 1e-3 > abs(float(rows[1].sum()))  # views differ
+    params = [w.clone().requires_grad_() for w in ws]
+    for p, x in zip(params, gs, strict=True):
+        p.grad = x.clone()
+    opt = regops.optim.SGD(params, lr=1.0, weight_decay=0.5, decay="decoupled", adamp=True)
+    with regops.use_backend(backend):
+        opt.step()
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for p, w, x, r in zip(params, ws, gs, ratios, strict=True):
+        want = w * (1 - 0.5 * r.to(dtype)) - ref.radial_projection(w, x, x, 0.1, 0.1, 1e-8)[0].to(dtype)
+        torch.testing.assert_close(p.detach(), want, **tol)
