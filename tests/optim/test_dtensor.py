@@ -22,15 +22,29 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
 
 
+class _RowNormed(nn.Linear):
+    """A linear layer of unit rows: its weight is scale-invariant per row (AdamP's channel view)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight / self.weight.norm(dim=1, keepdim=True), self.bias)
+
+
+def _normed() -> nn.Module:
+    torch.manual_seed(0)
+    # before the LayerNorm, the 5-row weight is scale-invariant as a whole (AdamP's layer view: a global sum)
+    layers = [nn.Linear(6, 5, bias=False), nn.LayerNorm(5), nn.Tanh(), _RowNormed(5, 4), nn.Tanh(), nn.Linear(4, 3)]
+    return nn.Sequential(*layers).double()
+
+
 def _data(n: int):
     g = torch.Generator().manual_seed(1)
     return torch.randn(n, 6, dtype=torch.float64, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
-def _sharded() -> nn.Module:
+def _sharded(build=_mlp) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    model = _mlp()
+    model = build()
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
@@ -64,6 +78,24 @@ CASES = {
         ),
     ),
 }
+ADAMP_CASES = {
+    "AdamW adamp agc": (_plain_steps, lambda ps: regops.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, adamp=True, agc=0.5)),
+    "SGD adamp nesterov": (
+        _plain_steps,
+        lambda ps: regops.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1, decay="decoupled",
+                                    adamp=True),
+    ),  # fmt: skip
+}
+
+
+def _projected(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """The decay ratio AdamP's projection gives each weight of ``_normed()`` for the gradient of (x, y)."""
+    from regops.optim import reference as ref
+
+    F.cross_entropy(model(x), y).backward()
+    out = [float(ref.radial_projection(p.detach(), p.grad, p.grad, 0.1, 0.1, 1e-8)[1]) for p in model.parameters()]
+    model.zero_grad()
+    return out
 
 
 def _body(rank: int, world: int) -> None:
@@ -73,10 +105,14 @@ def _body(rank: int, world: int) -> None:
     whole = [(x[t * n : (t + 1) * n], y[t * n : (t + 1) * n]) for t in range(steps)]
     # each rank its share of every step's batch; FSDP2 averages the ranks' gradients: the whole batch's mean
     mine = [(xb[rank * LOCAL : (rank + 1) * LOCAL], yb[rank * LOCAL : (rank + 1) * LOCAL]) for xb, yb in whole]
-    for name, (loop, make) in CASES.items():
-        single = _mlp()
+    # the premise of the adamp cases: AdamP projects the weights before the LayerNorm and the row-normed one only
+    c.true("adamp projects", _projected(_normed(), *whole[0]) == [0.1, 1.0, 1.0, 0.1, 1.0, 1.0, 1.0])
+    cases = [(n, loop, make, _mlp) for n, (loop, make) in CASES.items()]
+    cases += [(n, loop, make, _normed) for n, (loop, make) in ADAMP_CASES.items()]
+    for name, loop, make, build in cases:
+        single = build()
         loop(single, make(single.parameters()), whole)
-        model = _sharded()
+        model = _sharded(build)
         loop(model, make(model.parameters()), mine)
         for (n_, p), q in zip(model.named_parameters(), single.parameters(), strict=True):
             c.close(f"{name} {n_}", p.full_tensor(), q.detach(), **TOL)
@@ -89,7 +125,9 @@ def test_fsdp2_steps_equal_one_process():
 
 def _ddp_body(rank: int, world: int) -> None:
     """DDP with the first backward under no_sync (each rank perturbs by its own gradient, SAM's m-sharpness): the
-    second gradients are averaged and the restore is exact, so the ranks stay identical."""
+    second gradients are averaged and the restore is exact, so the ranks stay identical. AdamW and SGD with AdamP's
+projection on a model with scale-invariant weights (per row and as a whole) decide and project as one process:
+the row and tensor sums are completed over the mesh."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
