@@ -1,7 +1,9 @@
 """regops.optim under FSDP2 (``fully_shard``; gloo, 2 processes on CPU): every rank updates its shards and the global
 sums cost one all-reduce, so a SAM step (SGD and AdamW bases, ASAM), GSAM, and AdamW with adaptive clipping and
 gradient noise give the parameters of one process with the whole batch. Under DDP the first backward may skip the
-gradient sync and the ranks still stay identical."""
+gradient sync and the ranks still stay identical. With AdamP's projection (``adamp=``) on a model with
+scale-invariant weights (per row and as a whole), AdamW and SGD decide and project as one process: the row and
+tensor sums are completed over the mesh."""
 
 from __future__ import annotations
 
@@ -79,12 +81,16 @@ CASES = {
     ),
 }
 ADAMP_CASES = {
-    "AdamW adamp agc": (_plain_steps, lambda ps: regops.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, adamp=True, agc=0.5)),
+    "AdamW adamp agc": (
+        _plain_steps,
+        lambda ps: regops.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, adamp=True, agc=0.5),
+    ),
     "SGD adamp nesterov": (
         _plain_steps,
-        lambda ps: regops.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1, decay="decoupled",
-                                    adamp=True),
-    ),  # fmt: skip
+        lambda ps: regops.optim.SGD(
+            ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1, decay="decoupled", adamp=True
+        ),
+    ),
 }
 
 
@@ -125,9 +131,7 @@ def test_fsdp2_steps_equal_one_process():
 
 def _ddp_body(rank: int, world: int) -> None:
     """DDP with the first backward under no_sync (each rank perturbs by its own gradient, SAM's m-sharpness): the
-    second gradients are averaged and the restore is exact, so the ranks stay identical. AdamW and SGD with AdamP's
-projection on a model with scale-invariant weights (per row and as a whole) decide and project as one process:
-the row and tensor sums are completed over the mesh."""
+    second gradients are averaged and the restore is exact, so the ranks stay identical."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
