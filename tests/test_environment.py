@@ -65,7 +65,7 @@ def test_every_peer_imports_from_the_root_and_a_tiny_gpt2_builds():
     peers = [m for m, d in [
         ("timm", "timm"), ("torchvision", "torchvision"), ("opacus", "opacus"), ("backpack", "backpack-for-pytorch"),
         ("curvlinops", "curvlinops-for-pytorch"), ("pyhessian", "pyhessian"), ("liger_kernel", "liger-kernel"),
-        ("cut_cross_entropy", "cut-cross-entropy"), ("peft", "peft"),
+        ("cut_cross_entropy", "cut-cross-entropy"), ("peft", "peft"), ("adamp", "adamp"),
     ] if _installed(d)]  # fmt: skip
     out = _run_from_root(
         f"""
