@@ -1,6 +1,6 @@
 """Optimizer-side regularization: regops.optim's multi-tensor steps against the per-tensor Python versions they
 replace (the reference SAM loop, Grokfast's EMA loop, timm's adaptive gradient clipping, a clamp per tensor, an EWC
-loss term through autograd) and torch's fused AdamW, for 10, 200 and 2,000 parameter tensors.
+loss term through autograd, the authors' AdamP) and torch's fused AdamW, for 10, 200 and 2,000 parameter tensors.
 
 ``python -m benchmarks --family optim`` runs the registered cases through the harness. ``python -m
 benchmarks.optim`` is the paired comparison: the variants of a case timed in interleaved rounds (a shared
@@ -115,7 +115,26 @@ def ewc_variants(n: int, device: torch.device) -> tuple[dict, int]:
     return {"regops": ours.step, "eager": eager}, 10 * _numel(ps) * 4
 
 
-CASES = {"sam step": sam_variants, "adamw+agc+clip+grokfast step": adamw_variants, "ewc step": ewc_variants}
+def adamp_variants(n: int, device: torch.device) -> tuple[dict, int]:
+    """AdamP: regops' AdamW(adamp=True) against the authors' per-tensor AdamP (``adamp``), and plain AdamW."""
+    from adamp import AdamP  # the peer (a missing one skips the eager variant)
+
+    ours = regops.optim.AdamW(_params(n, device), lr=LR, weight_decay=WD, adamp=True)
+    plain = regops.optim.AdamW(_params(n, device), lr=LR, weight_decay=WD)
+    ps = _params(n, device)
+    eager = AdamP(ps, lr=LR, weight_decay=WD)
+    variants = {"regops": ours.step, "eager": eager.step, "regops AdamW (no projection)": plain.step}
+    # row sums: read g, w; step: read g, m, v, write m, v, update; row sums: read update, w; projection: read w,
+    # update, write w (the matrices; the vectors take the one-pass step)
+    return variants, 13 * _numel(ps) * 4
+
+
+CASES = {
+    "sam step": sam_variants,
+    "adamw+agc+clip+grokfast step": adamw_variants,
+    "ewc step": ewc_variants,
+    "adamw+adamp step": adamp_variants,
+}
 
 
 def _register() -> None:

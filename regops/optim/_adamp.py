@@ -175,20 +175,39 @@ def step(
     ps, ws = sub[A_PARAMS], [ws[i] for i in picked]
     sharded = [params[i] for i in picked] if is_dtensor(*params) else None
     decay = sub[A_DECAY]
-    deltas = [torch.zeros_like(p) for p in ps]
+    flat = torch.zeros(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
+    deltas = [d.view(p.shape) for d, p in zip(flat.split([p.numel() for p in ps]), ps, strict=True)]
+    if any(p.dtype != ps[0].dtype for p in ps):
+        deltas = [torch.zeros_like(p) for p in ps]
     sub[A_PARAMS], sub[A_RESTORE], sub[A_DECAY] = deltas, [], "none"
     ops.step(*sub)  # deltas = -step_size u; states and step counts updated
     both = torch.cat([sums.index_select(0, layout.source), ops.dots(deltas, ws, [], True)], 1).to(torch.float64)
     coef, factor = _coefficients(both, layout, sub[A_HYPER], grad_scale, found_inf, sharded)
-    for p, w, d, c, f in zip(ps, ws, deltas, coef.split(layout.rows), factor, strict=True):
-        cd = acc_dtype(p)
-        w, d = w.to(cd), d.to(cd)
-        d = d - w * c.to(cd).view(-1, *([1] * (p.dim() - 1)))
-        if decay == "decoupled":
-            w = w * f.to(cd)
-        elif decay == "cautious":  # u = -d / step_size: the signs of -d
-            w = torch.where(ref._cautious_mask(-d, w), w * f.to(cd), w)
-        p.copy_(w + d)
+    _apply(ps, ws, deltas, coef, factor, layout, decay)
+
+
+def _apply(ps, ws, deltas, coef, factor, layout, decay) -> None:
+    """``p = w f + (d - w c)``, ``c`` per row, ``f`` the tensor's decay factor (only where the cautious mask allows
+    it), in the accumulation dtype, as a few multi-tensor operations per dtype: ``w (f - c) + d`` where the decay
+    does not depend on the projected update's signs."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(ps):
+        groups.setdefault(p.dtype, []).append(i)
+    f_rows = factor[layout.tensor] if decay in ("decoupled", "cautious") else torch.ones_like(coef)
+    for dtype, idx in groups.items():
+        cd = acc_dtype(dtype)
+        per_row = (coef if decay == "cautious" else f_rows - coef).to(cd).split(layout.rows)
+        scales = [per_row[i].view(-1, *([1] * (ps[i].dim() - 1))) for i in idx]
+        w = [ws[i] if dtype == cd else ws[i].to(cd) for i in idx]
+        d = [deltas[i] if dtype == cd else deltas[i].to(cd) for i in idx]
+        if decay == "cautious":  # the mask reads u = -d / step_size of the projected update
+            d = torch._foreach_sub(d, torch._foreach_mul(w, scales))
+            fs = factor.to(cd).index_select(0, torch.tensor(idx, device=factor.device)).unbind(0)
+            w = [torch.where(ref._cautious_mask(-x, y), y * f, y) for x, y, f in zip(d, w, fs, strict=True)]
+        else:
+            w = torch._foreach_mul(w, scales)
+        torch._foreach_add_(w, d)
+        torch._foreach_copy_([ps[i] for i in idx], w)
 
 
 def _coefficients(both, layout, hyper, grad_scale, found_inf, sharded) -> tuple[torch.Tensor, torch.Tensor]:
