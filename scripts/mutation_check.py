@@ -102,6 +102,14 @@ MUTATIONS = [
         ("tests/per_example/test_models.py", "-k", "low_precision"),
     ),
     Mutation(
+        "adamp-no-layer-view",
+        "AdamP's projection: the layer view never tried (only scale invariance per row is projected)",
+        "regops/optim/_adamp.py",
+        "    layer = ~channel & (_cosine(tensors[:, 1:4], scale, eps) < delta / layout.sqrt_numel)",
+        "    layer = ~channel & (_cosine(tensors[:, 1:4], scale, eps) < 0 * delta / layout.sqrt_numel)",
+        ("tests/optim/test_semantics_adamp.py", "tests/optim/test_ops.py", "-k", "adamp"),
+    ),
+    Mutation(
         "stale-extension",
         "the C++ sources change after regops._C was built (an in-place build older than the checkout)",
         "csrc/mix/cpu.cpp",

@@ -1,7 +1,7 @@
-"""The optim family: sharpness-aware steps (SAM, ASAM, GSAM, LookSAM) and regularized optimizer updates (AdamW, SGD
-with decoupled, cautious, L2-SP and EWC decay, Grokfast, annealed gradient noise, coordinate-wise and adaptive
-clipping) as multi-tensor kernels: one pass over all the parameters per stage, GradScaler-native, capturable, and
-sharded-parameter aware (FSDP2).
+"""The optim family: sharpness-aware steps (SAM, ASAM, GSAM, LookSAM) and regularized optimizer updates (AdamW, SGD with
+decoupled, cautious, L2-SP and EWC decay, Grokfast, annealed gradient noise, coordinate-wise and adaptive clipping,
+AdamP's radial projection) as multi-tensor kernels: one pass over all the parameters per stage, GradScaler-native,
+capturable, and sharded-parameter aware (FSDP2).
 
 Each op takes lists of tensors: the C++ CPU kernel loops over them, the Triton kernel is one launch over a table of
 addresses, and the reference (:mod:`regops.optim.reference`) is the per-tensor math they are tested against.

@@ -1,8 +1,8 @@
-"""The optim family on DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism): each rank runs the
-multi-tensor ops on its local shards. What is global is a sum -- SAM's gradient norm, GSAM's and LookSAM's dots,
-the norm of a unit that a placement splits (adaptive gradient clipping) -- and costs one all-reduce of a few
-numbers per step. Every rank's noise is the single-process noise of the elements it holds (the seed is rank 0's,
-the counters are global element indices)."""
+"""The optim family on DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism): each rank runs the multi-tensor
+ops on its local shards. What is global is a sum -- SAM's gradient norm, GSAM's and LookSAM's dots, the norm of a unit
+that a placement splits (adaptive gradient clipping), a tensor's sums in AdamP's layer view -- and costs one all-reduce
+of a few numbers per step. Every rank's noise is the single-process noise of the elements it holds (the seed is rank
+0's, the counters are global element indices)."""
 
 from __future__ import annotations
 
