@@ -164,7 +164,7 @@ def step(
     ``sums``: ``optim_dots(grads, ws, [], rows=True)``; ``params``: the parameters (DTensors when sharded)."""
     local = args[A_PARAMS]
     picked = [i for i, p in enumerate(params) if p.dim() > 1 and p.numel() > 0]  # global sizes: every rank agrees
-    others = [i for i in range(len(params)) if i not in set(picked)]
+    others = sorted(set(range(len(params))) - set(picked))
     if others:
         plain_rows = _layout(params, local, others).source if args[A_ROW_SCALES] is not None else None
         ops.step(*_subset(args, others, plain_rows))
@@ -175,9 +175,10 @@ def step(
     ps, ws = sub[A_PARAMS], [ws[i] for i in picked]
     sharded = [params[i] for i in picked] if is_dtensor(*params) else None
     decay = sub[A_DECAY]
-    flat = torch.zeros(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
-    deltas = [d.view(p.shape) for d, p in zip(flat.split([p.numel() for p in ps]), ps, strict=True)]
-    if any(p.dtype != ps[0].dtype for p in ps):
+    if all(p.dtype == ps[0].dtype for p in ps):  # one buffer, one allocation
+        flat = torch.zeros(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
+        deltas = [d.view(p.shape) for d, p in zip(flat.split([p.numel() for p in ps]), ps, strict=True)]
+    else:
         deltas = [torch.zeros_like(p) for p in ps]
     sub[A_PARAMS], sub[A_RESTORE], sub[A_DECAY] = deltas, [], "none"
     ops.step(*sub)  # deltas = -step_size u; states and step counts updated
@@ -202,8 +203,8 @@ def _apply(ps, ws, deltas, coef, factor, layout, decay) -> None:
         d = [deltas[i] if dtype == cd else deltas[i].to(cd) for i in idx]
         if decay == "cautious":  # the mask reads u = -d / step_size of the projected update
             d = torch._foreach_sub(d, torch._foreach_mul(w, scales))
-            fs = factor.to(cd).index_select(0, torch.tensor(idx, device=factor.device)).unbind(0)
-            w = [torch.where(ref._cautious_mask(-x, y), y * f, y) for x, y, f in zip(d, w, fs, strict=True)]
+            fs = factor.to(cd).unbind(0)
+            w = [torch.where(ref.cautious_mask(-x, y), y * fs[i], y) for x, y, i in zip(d, w, idx, strict=True)]
         else:
             w = torch._foreach_mul(w, scales)
         torch._foreach_add_(w, d)

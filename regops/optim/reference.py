@@ -233,7 +233,7 @@ def lerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
     return b - (b - a) * (1.0 - weight)
 
 
-def _cautious_mask(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def cautious_mask(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``u w >= 0`` from signs (a product could underflow to -0 with opposite signs)."""
     return (u == 0) | (w == 0) | ((u > 0) == (w > 0))
 
@@ -305,7 +305,7 @@ def optim_step(
         if decay == "decoupled":
             w = w * sc[S_DECAY]
         elif decay == "cautious":
-            w = torch.where(_cautious_mask(u, w), w * sc[S_DECAY], w)
+            w = torch.where(cautious_mask(u, w), w * sc[S_DECAY], w)
         step = u * -sc[S_STEP_SIZE]
         p.copy_(w + (step / denom if method == "adam" else step))
         steps[i].add_(1)
