@@ -304,8 +304,7 @@ def _dense(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [t if t.is_contiguous() else t.contiguous() for t in ts]
 
 
-_EXTRAS_DOC = """
-        decay: the weight decay's form: ``"decoupled"`` (AdamW's ``w *= 1 - lr wd``), ``"coupled"`` (``g += wd w``:
+_EXTRAS_DOC = """    decay: the weight decay's form: ``"decoupled"`` (AdamW's ``w *= 1 - lr wd``), ``"coupled"`` (``g += wd w``:
             torch's Adam and SGD), ``"cautious"`` (decoupled, only where the update and ``w`` agree in sign:
             ``w -= lr wd [u w >= 0] w``), ``"l2sp"`` (``g += wd (w - anchor)``: the gradient of
             ``wd/2 ||w - anchor||^2``; ``anchor`` defaults to the parameters at construction) or ``"ewc"``
