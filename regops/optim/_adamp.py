@@ -159,9 +159,12 @@ def step(
     params: list[torch.Tensor],
     grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
+    scratch: dict[tuple, torch.Tensor],
 ) -> None:
     """``optim_step(*args)`` with the radial projection. ``ws``: the weights the step starts from (local shards);
-    ``sums``: ``optim_dots(grads, ws, [], rows=True)``; ``params``: the parameters (DTensors when sharded)."""
+    ``sums``: ``optim_dots(grads, ws, [], rows=True)``; ``params``: the parameters (DTensors when sharded);
+    ``scratch``: the caller's buffers for the updates, kept between steps (fixed addresses: the Triton kernels'
+    address tables stay valid, and a CUDA graph replays the same buffers)."""
     local = args[A_PARAMS]
     picked = [i for i, p in enumerate(params) if p.dim() > 1 and p.numel() > 0]  # global sizes: every rank agrees
     others = sorted(set(range(len(params))) - set(picked))
@@ -175,16 +178,29 @@ def step(
     ps, ws = sub[A_PARAMS], [ws[i] for i in picked]
     sharded = [params[i] for i in picked] if is_dtensor(*params) else None
     decay = sub[A_DECAY]
-    if all(p.dtype == ps[0].dtype for p in ps):  # one buffer, one allocation
-        flat = torch.zeros(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
-        deltas = [d.view(p.shape) for d, p in zip(flat.split([p.numel() for p in ps]), ps, strict=True)]
-    else:
-        deltas = [torch.zeros_like(p) for p in ps]
+    deltas = _updates(ps, scratch)
     sub[A_PARAMS], sub[A_RESTORE], sub[A_DECAY] = deltas, [], "none"
     ops.step(*sub)  # deltas = -step_size u; states and step counts updated
     both = torch.cat([sums.index_select(0, layout.source), ops.dots(deltas, ws, [], True)], 1).to(torch.float64)
     coef, factor = _coefficients(both, layout, sub[A_HYPER], grad_scale, found_inf, sharded)
     _apply(ps, ws, deltas, coef, factor, layout, decay)
+
+
+def _updates(ps: list[torch.Tensor], scratch: dict[tuple, torch.Tensor]) -> list[torch.Tensor]:
+    """Zeroed tensors shaped as ``ps``: views of one buffer per dtype, the same buffer at every step."""
+    out: list[torch.Tensor | None] = [None] * len(ps)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(ps):
+        by_dtype.setdefault(p.dtype, []).append(i)
+    for dtype, idx in by_dtype.items():
+        key = (str(ps[idx[0]].device), dtype, tuple(tuple(ps[i].shape) for i in idx))
+        flat = scratch.get(key)
+        if flat is None:
+            flat = scratch[key] = torch.empty(sum(ps[i].numel() for i in idx), dtype=dtype, device=ps[idx[0]].device)
+        flat.zero_()
+        for i, d in zip(idx, flat.split([ps[i].numel() for i in idx]), strict=True):
+            out[i] = d.view(ps[i].shape)
+    return out
 
 
 def _apply(ps, ws, deltas, coef, factor, layout, decay) -> None:

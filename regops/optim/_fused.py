@@ -89,6 +89,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._generator = generator
         self._hyper_cache: dict[tuple, tuple[tuple, torch.Tensor]] = {}
         self._ready: dict[torch.Tensor, list[str]] = {}  # parameters whose state holds the step's buffers
+        self._scratch: dict[tuple, torch.Tensor] = {}  # adamp's update buffers (regops.optim._adamp)
         super().__init__(params, defaults)
         # copied into the state of the groups given; a group added later anchors at its parameters' values
         self.defaults.update(anchor=None, fisher=None)
@@ -116,7 +117,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._ready = {}
+        self._ready, self._scratch = {}, {}
         for group in self.param_groups:
             for key, value in self._group_defaults().items():
                 group.setdefault(key, value)
@@ -251,7 +252,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         ]  # fmt: skip
         if group["adamp"] is not None:
             _adamp.check_decay(group)
-            _adamp.step(args, ws, sums, params, grad_scale, found_inf)
+            _adamp.step(args, ws, sums, params, grad_scale, found_inf, self._scratch)
         else:
             ops.step(*args)
         if not sharded:
@@ -304,9 +305,9 @@ def _dense(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [t if t.is_contiguous() else t.contiguous() for t in ts]
 
 
-_EXTRAS_DOC = """    decay: the weight decay's form: ``"decoupled"`` (AdamW's ``w *= 1 - lr wd``), ``"coupled"`` (``g += wd w``:
-            torch's Adam and SGD), ``"cautious"`` (decoupled, only where the update and ``w`` agree in sign:
-            ``w -= lr wd [u w >= 0] w``), ``"l2sp"`` (``g += wd (w - anchor)``: the gradient of
+_EXTRAS_DOC = """    decay: the weight decay's form: ``"decoupled"`` (AdamW's ``w *= 1 - lr wd``), ``"coupled"``
+            (``g += wd w``: torch's Adam and SGD), ``"cautious"`` (decoupled, only where the update and ``w``
+            agree in sign: ``w -= lr wd [u w >= 0] w``), ``"l2sp"`` (``g += wd (w - anchor)``: the gradient of
             ``wd/2 ||w - anchor||^2``; ``anchor`` defaults to the parameters at construction) or ``"ewc"``
             (``g += wd F (w - anchor)``, ``F`` = ``fisher``).
         anchor, fisher: tensors aligned with the parameters, or a mapping by parameter name (parameters given as
