@@ -4,10 +4,10 @@ step.
 The decision needs row sums of (gradient, weights) and the projection row sums of (update, weights): reductions the
 elementwise step kernel cannot make, since the update exists only inside it. So, for the group's parameters of two
 or more dims, the step runs as: the row sums of (gradient, weights) (the ``optim_dots`` kernel, shared with adaptive
-clipping); the step kernel with its decay off, writing the update ``-step_size u`` into a scratch tensor (states,
+clipping); the step kernel with its decay off, writing the update ``-step_size u`` into a kept buffer (states,
 step counts, filters and noise as in one pass); the row sums of (update, weights) (``optim_dots``); then the
-projection and the decoupled decay as a few torch operations per tensor. Every choice is a ``torch.where`` on
-device tensors: no host synchronisation, capturable. The group's vectors take the one-pass step.
+projection and the decoupled decay as a few multi-tensor torch operations per dtype. Every choice is a
+``torch.where`` on device tensors: no host synchronisation, capturable. The group's vectors take the one-pass step.
 """
 
 from __future__ import annotations
