@@ -171,7 +171,7 @@ def clip_per_sample_(
             new = dtensor.average_into(new, p, None if seed is None else (seed, base, std))
         else:
             if seed is not None and rank == 0:
-                add_noise(new, seed, base, p.shape, p.shape, [0] * p.dim(), std)
+                add_noise(new, seed, base, p.shape, [0] * p.dim(), std)
             if dist > 1:
                 torch.distributed.all_reduce(new)
                 new.div_(dist)

@@ -41,8 +41,10 @@ def average_into(full: torch.Tensor, p: DTensor, noise: tuple[torch.Tensor, int,
     out = part.redistribute(mesh, p.placements).detach()
     if noise is not None:
         seed, base, std = noise
-        local_shape, offset = box(p)
         local = out.to_local()
-        add_noise(local, seed, base, p.shape, local_shape, offset, std / mesh.size())
+        local_shape, offset = box(p)
+        if tuple(local_shape) != tuple(local.shape):
+            raise RuntimeError(f"regops: the shard box {tuple(local_shape)} is not the local gradient's shape")
+        add_noise(local, seed, base, p.shape, offset, std / mesh.size())
         out = DTensor.from_local(local, mesh, p.placements, shape=p.shape, stride=out.stride())
     return out
