@@ -1,6 +1,6 @@
 """Per-example norms and DP clipping on torch's parallel engines (gloo, 2 processes on CPU): FSDP2 (``fully_shard``,
 each rank with its own batch) gives the gradients of a single process on the concatenated batches; tensor-parallel
-Linear layers give the single-process norms; under DistributedDataParallel the norms are per local example and the
+Linear layers give the single-process norms and noised clipped sums (each rank its shards); under DistributedDataParallel the norms are per local example and the
 clipped sum (and rank 0's noise) is averaged over the ranks."""
 
 from __future__ import annotations
@@ -127,6 +127,7 @@ def _noise_checks(c: Checks, rank: int, world: int) -> None:
 
 def _tp_checks(c: Checks, rank: int, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     mesh = init_device_mesh("cpu", (world,))
@@ -146,6 +147,31 @@ def _tp_checks(c: Checks, rank: int, world: int) -> None:
         c.true(f"tp {name}: present", got is not None)
         if got is not None:
             c.close(f"tp {name}", got, want, rtol=RTOL)
+
+    # the noised clipped sum: each rank its shards (no communication), rank 0's seed, one process's values
+    for sigma in (0.0, 1.3):
+        tp_model = _mlp()
+        parallelize_module(tp_model, mesh, {"0": ColwiseParallel(), "3": ColwiseParallel(), "5": RowwiseParallel()})
+        tp_model[0] = _GatherOutput(tp_model[0])
+        gen = torch.Generator().manual_seed(11 + 1000 * rank)
+        with regops.dp_clipping(tp_model, 0.4, loss_reduction="mean", noise_multiplier=sigma, generator=gen):
+            F.cross_entropy(tp_model(x), y).backward()
+        ref = _mlp()
+        with regops.dp_clipping(
+            ref, 0.4, loss_reduction="mean", noise_multiplier=sigma, generator=torch.Generator().manual_seed(11)
+        ):
+            F.cross_entropy(ref(x), y).backward()
+        got = {name.replace(".inner.", "."): p for name, p in tp_model.named_parameters()}
+        for name, p in ref.named_parameters():
+            g = got[name].grad
+            sharded = isinstance(got[name], DTensor)
+            c.true(
+                f"tp clipping {sigma} {name}: a gradient laid out like the parameter",
+                g is not None and (not sharded or (isinstance(g, DTensor) and g.placements == got[name].placements)),
+            )
+            if g is not None:
+                full = g.full_tensor() if isinstance(g, DTensor) else g
+                c.close(f"tp clipping {sigma} {name}", full, p.grad, rtol=RTOL, atol=1e-12)
 
 
 class _GatherOutput(nn.Module):
@@ -171,7 +197,7 @@ def _body(rank: int, world: int) -> None:
     c.done()
 
 
-def test_fsdp2_clipping_and_tensor_parallel_norms_two_processes():
+def test_fsdp2_clipping_and_tensor_parallel_norms_and_clipping_two_processes():
     run(_body, 2)
 
 
