@@ -12,11 +12,12 @@
 #include "common/op_args.h"
 #include "common/philox.cuh"
 
-// Hot loops are compiled once per ISA (AVX-512, AVX2, baseline) and picked at load time (GNU ifunc): one
-// portable binary that still uses wide integer multiplies where the CPU has them. Integer math and single
+// Hot loops are compiled once per x86-64 level (v4: AVX-512 with DQ/BW/VL; v3: AVX2, FMA, BMI2; the baseline) and
+// picked at load time (GNU ifunc): one portable binary that still uses wide integer multiplies where the CPU has
+// them (AVX-512F alone lacks the 64-bit lane multiplies and shuffles the Philox rounds and conversions need). Integer math and single
 // float multiplies/adds only (-ffp-contract=off in the build), so every clone gives the same bits.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define REGOPS_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define REGOPS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define REGOPS_CPU_CLONES
 #endif

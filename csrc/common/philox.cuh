@@ -14,7 +14,7 @@
 
 namespace regops {
 
-constexpr uint32_t kStreamC3 = 0xA5E60001u;  // regops/reference/philox.py STREAM_C3
+constexpr uint32_t kStreamC3 = 0xA5E60001u;  // regops/_core/philox.py STREAM_C3
 
 struct Words4 {
   uint32_t w[4];

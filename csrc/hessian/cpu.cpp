@@ -122,6 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hessian_probe_dot(at::TensorList 
 using normal::kTwoPi;
 using normal::kTwoPowM24;
 using normal::log_unit;
+using normal::radius;
 using normal::sin_poly;
 
 constexpr int64_t kPairs = kBlockElems / 2;
@@ -129,13 +130,13 @@ constexpr int64_t kPairs = kBlockElems / 2;
 // Box-Muller on the word pairs (2i, 2i + 1) of a block (regops.hessian.reference.box_muller): z[2i], z[2i + 1].
 // Two loops over the pairs that the compiler vectorizes whole on every ISA clone: the radius and the reduced
 // angles (one loop reading both words of a pair: a loop reading every other word leaves its last vector's worth
-// of pairs to a scalar epilogue), then the two sines. The radius is sqrt(-2 ln u1) in double rounded to float, as
-// the reference computes it: the build's -fno-math-errno makes the sqrt one IEEE square-root instruction
-// (correctly rounded: libm's bits). The angle's branches are selects of integers and exact constants.
+// of pairs to a scalar epilogue), then the two sines. The radius's square root is one IEEE square-root
+// instruction (the build's -fno-math-errno; correctly rounded: libm's bits). The angle's branches are selects of
+// integers and exact constants.
 REGOPS_CPU_CLONES void gaussian_pairs(const uint32_t* __restrict__ words, float* __restrict__ z) {
   alignas(64) float r[kPairs], bc[kPairs], bs[kPairs];
   for (int64_t i = 0; i < kPairs; ++i) {
-    r[i] = static_cast<float>(std::sqrt(static_cast<double>(log_unit((words[2 * i] >> 8) + 1)) * -2.0));
+    r[i] = radius(log_unit((words[2 * i] >> 8) + 1));
     const int32_t k = static_cast<int32_t>(words[2 * i + 1] >> 8);
     const float u = static_cast<float>(k) * kTwoPowM24;
     const int32_t upper = k >> 23;                               // u >= 1/2
@@ -218,6 +219,50 @@ at::Tensor hessian_probes(const at::Tensor& seed, int64_t first_probe, int64_t n
   return out;
 }
 
+// regops.hessian.ops._stream_add: out[i] += T(float(z[start + i]) * float(scale)), added in out's accumulation
+// type, z the probe stream's row 0 (drawn in float32). Blocks of kBlockCounters counters aligned on the stream, so
+// the values are those of hessian_probes whatever start is; one pass over out, no buffer.
+void hessian_stream_add_(const at::Tensor& out, const at::Tensor& seed, int64_t start, double scale,
+                         c10::string_view distribution) {
+  const char* op = "hessian_stream_add_";
+  const HostSeed sd = host_seed(seed, op);
+  const bool gaussian = distribution == "gaussian";
+  TORCH_CHECK(gaussian || distribution == "rademacher", "regops::", op,
+              ": distribution must be one of ('rademacher', 'gaussian'), got '", std::string(distribution), "'");
+  TORCH_CHECK(out.is_contiguous(), "regops::", op, ": out must be contiguous");
+  TORCH_CHECK(start >= 0, "regops::", op, ": start must be >= 0");
+  const int64_t n = out.numel();
+  if (n == 0) return;
+  const int64_t block_elems = kBlockCounters * (gaussian ? 4 : 128);
+  const int64_t first_block = start / block_elems, last_block = (start + n - 1) / block_elems;
+  const float scale_f = static_cast<float>(scale);
+  REGOPS_CPU_FLOATING(out.scalar_type(), op, [&] {
+    using C = typename Acc<T>::type;
+    T* yp = out.mutable_data_ptr<T>();
+    const SignTable<float> table;
+    const int64_t grain = gaussian ? kGrainBlocks : std::max<int64_t>(1, kGrainBlocks / 32);
+    at::parallel_for(first_block, last_block + 1, grain, [&](int64_t begin, int64_t end) {
+      alignas(64) uint32_t words[kBlockElems];
+      std::vector<float> z(block_elems);
+      for (int64_t b = begin; b < end; ++b) {
+        philox_block(static_cast<uint64_t>(sd.key), static_cast<uint64_t>(sd.offset) + b * kBlockCounters, words);
+        if (gaussian) {
+          gaussian_block<float>(words, z.data(), block_elems);
+        } else {
+          rademacher_block<float>(words, z.data(), block_elems, table);
+        }
+        // this block's elements of out: stream elements [lo, hi) are out[lo - start, hi - start)
+        const int64_t lo = std::max(b * block_elems, start), hi = std::min((b + 1) * block_elems, start + n);
+        const float* zb = z.data() + (lo - b * block_elems);
+        T* y = yp + (lo - start);
+        for (int64_t i = 0; i < hi - lo; ++i) {
+          y[i] = static_cast<T>(static_cast<C>(y[i]) + static_cast<C>(static_cast<T>(zb[i] * scale_f)));
+        }
+      }
+    });
+  });
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace regops
@@ -226,4 +271,5 @@ at::Tensor hessian_probes(const at::Tensor& seed, int64_t first_probe, int64_t n
 TORCH_LIBRARY_IMPL(regops, CPU, m) {
   m.impl("hessian_probes", &regops::cpu::hessian_probes);
   m.impl("hessian_probe_dot", &regops::cpu::hessian_probe_dot);
+  m.impl("hessian_stream_add_", &regops::cpu::hessian_stream_add_);
 }

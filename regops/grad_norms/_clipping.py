@@ -151,16 +151,24 @@ def clip_per_sample_(
     dist = _distributed_world(norms)
     rank = torch.distributed.get_rank() if dist > 1 else 0
     params = norms._params
-    sharded = dist > 1 and is_dtensor(*params.values())
+    tensor_parallel = dist == 1 and _tensor_parallel(norms)
+    sharded = (dist > 1 or tensor_parallel) and is_dtensor(*params.values())
     std = noise_multiplier * sensitivity / s
-    # Under FSDP2 every rank draws (its generator advances as in one process) and rank 0's seed is used; under
-    # DDP rank 0 alone draws and adds the noise.
+    # Under FSDP2 every rank draws (its generator advances as in one process) and rank 0's seed is used (under
+    # tensor parallelism too: every rank adds its shards' part); under DDP rank 0 alone draws and adds the noise.
     seed = (
         noise_seed(params, generator, sharded) if noise_multiplier > 0 and params and (sharded or rank == 0) else None
     )
     base = 0
     for name, p in params.items():
         value = grads.pop(name) if grads is not None else None  # one full-size sum at a time
+        if tensor_parallel and is_dtensor(p):  # this rank's shard of the sum: noised, wrapped, no communication
+            from regops.grad_norms import dtensor
+
+            noise = None if seed is None else (seed, base, std)
+            p.grad = dtensor.tensor_parallel_grad(value, p, noise, before.get(name))
+            base += p.numel()
+            continue
         # a fresh tensor of ours (the sum was built for this call): scaled and noised in place
         new = torch.zeros(p.shape, dtype=p.dtype, device=p.device) if value is None else value.to(p.dtype)
         del value
@@ -171,7 +179,7 @@ def clip_per_sample_(
             new = dtensor.average_into(new, p, None if seed is None else (seed, base, std))
         else:
             if seed is not None and rank == 0:
-                add_noise(new, seed, base, p.shape, p.shape, [0] * p.dim(), std)
+                add_noise(new, seed, base, p.shape, [0] * p.dim(), std)
             if dist > 1:
                 torch.distributed.all_reduce(new)
                 new.div_(dist)
@@ -181,11 +189,19 @@ def clip_per_sample_(
     return stacked
 
 
+def _tensor_parallel(norms: PerSampleGradNorms) -> bool:
+    """DTensor parameters not managed by FSDP2 (parallelize_module): every rank sees the same batch."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = norms._rec.model
+    return is_dtensor(*norms._params.values()) and not any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def _distributed_world(norms: PerSampleGradNorms) -> int:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return 1
     if is_dtensor(*norms._params.values()):  # FSDP2: sharded parameters, one batch per rank
-        return torch.distributed.get_world_size()
+        return 1 if _tensor_parallel(norms) else torch.distributed.get_world_size()
     if not isinstance(norms._rec.model, nn.parallel.DistributedDataParallel):
         return 1
     return torch.distributed.get_world_size()

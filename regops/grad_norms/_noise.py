@@ -10,7 +10,7 @@ import torch
 
 from regops._core import rng
 from regops._core.validate import is_dtensor
-from regops.hessian._probes import stream_box
+from regops.hessian._probes import stream_box_add_
 from regops.hessian.reference import stream_words
 
 
@@ -29,9 +29,8 @@ def noise_seed(params: Mapping[str, torch.Tensor], generator: torch.Generator | 
     return seed
 
 
-def add_noise(out: torch.Tensor, seed: torch.Tensor, base: int, shape, local_shape, offset, std: float) -> torch.Tensor:
-    """``out += std * noise`` over the box ``local_shape`` at ``offset`` of a ``shape`` parameter whose first
+def add_noise(out: torch.Tensor, seed: torch.Tensor, base: int, shape, offset, std: float) -> torch.Tensor:
+    """``out += std * noise`` over the box of ``out``'s shape at ``offset`` of a ``shape`` parameter whose first
     element is noise element ``base`` (drawn in float32, scaled, then rounded to ``out``'s dtype: two roundings,
-    the same on every layout)."""
-    noise = stream_box(seed, base, shape, local_shape, offset, "gaussian", torch.float32) * std
-    return out.add_(noise.to(out.dtype))
+    the same on every layout), drawn into ``out`` with no buffer where the C++ kernel runs."""
+    return stream_box_add_(out, seed, base, shape, offset, std, "gaussian")

@@ -1,4 +1,4 @@
-"""Per-example clipping under FSDP2 (``torch.distributed.fsdp.fully_shard``).
+"""Per-example clipping under FSDP2 (``torch.distributed.fsdp.fully_shard``) and tensor parallelism.
 
 Under FSDP2 every layer runs on the all-gathered (unsharded) weights, so the recorded activations and output
 gradients are the full ones and the per-example norms of each rank's own examples are over the whole model:
@@ -7,9 +7,15 @@ ranks of the parameter's mesh and written with the parameter's placements in one
 communication FSDP2 does for a normal backward), so ``p.grad`` is a DTensor like the one FSDP2 would write.
 The noise is a function of (seed, global element index): every rank draws only its shard's elements of the
 single-process noise (rank 0's seed), scaled by ``1 / world`` like the average, after the reduce-scatter.
+
+Under tensor parallelism (``parallelize_module``: ColwiseParallel / RowwiseParallel ``nn.Linear``) every rank sees
+the same batch and holds shards of the weights: each builds its shards of the clipped sum from the matching
+columns of the layer's input and output gradient and adds its shards' part of the same noise; no communication.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor, Partial
@@ -41,8 +47,32 @@ def average_into(full: torch.Tensor, p: DTensor, noise: tuple[torch.Tensor, int,
     out = part.redistribute(mesh, p.placements).detach()
     if noise is not None:
         seed, base, std = noise
-        local_shape, offset = box(p)
         local = out.to_local()
-        add_noise(local, seed, base, p.shape, local_shape, offset, std / mesh.size())
+        local_shape, offset = box(p)
+        if tuple(local_shape) != tuple(local.shape):
+            raise RuntimeError(f"regops: the shard box {tuple(local_shape)} is not the local gradient's shape")
+        add_noise(local, seed, base, p.shape, offset, std / mesh.size())
         out = DTensor.from_local(local, mesh, p.placements, shape=p.shape, stride=out.stride())
     return out
+
+
+def tensor_parallel_grad(
+    local: torch.Tensor | None, p: DTensor, noise: tuple[torch.Tensor, int, float] | None, before: Any
+) -> DTensor:
+    """The clipped sum of a tensor-parallel parameter from this rank's shard of it (``None``: no contribution),
+    noised with the shard's part of the single-process noise (``noise = (seed, base, std)``), as a DTensor with
+    ``p``'s placements, added to the gradient ``before`` the block."""
+    local_shape, offset = box(p)
+    if local is None:
+        local = torch.zeros(local_shape, dtype=p.dtype, device=p.to_local().device)
+    elif tuple(local.shape) != tuple(local_shape):
+        raise RuntimeError(
+            f"regops: the clipped sum's shard {tuple(local.shape)} is not {p.placements}'s local shape "
+            f"{tuple(local_shape)}"
+        )
+    local = local.to(p.dtype).contiguous()
+    if noise is not None:
+        seed, base, std = noise
+        add_noise(local, seed, base, p.shape, offset, std)
+    grad = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).detach()
+    return grad if before is None else before + grad

@@ -86,6 +86,25 @@ def stream_span(seed: torch.Tensor, start: int, count: int, distribution: str, d
     return ops.hessian_probes(shifted, 0, 1, lead + count, distribution, dtype)[0, lead : lead + count]
 
 
+def _box_runs(
+    base: int, shape: Sequence[int], local_shape: Sequence[int], offset: Sequence[int]
+) -> tuple[list[int], int]:
+    """The contiguous runs of the box ``[offset, offset + local_shape)`` of a row-major ``shape`` tensor whose element
+    ``j`` is stream element ``base + j``: their first stream elements (in the box's row-major order) and their
+    common length (one run for ``Shard(0)`` boxes)."""
+    shape, local_shape, offset = list(shape), list(local_shape), list(offset)
+    # dims after `lead` are whole: each index of dims[:lead] is one contiguous run of local_shape[lead] rows of them
+    lead = max((d for d in range(len(shape)) if local_shape[d] != shape[d]), default=0)
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    run = local_shape[lead] * strides[lead] if shape else 1
+    start0 = base + sum(o * w for o, w in zip(offset, strides, strict=True))
+    starts = [
+        start0 + sum(i * w for i, w in zip(index, strides[:lead], strict=True))
+        for index in itertools.product(*(range(n) for n in local_shape[:lead]))
+    ]
+    return starts, run
+
+
 def stream_box(
     seed: torch.Tensor,
     base: int,
@@ -99,19 +118,32 @@ def stream_box(
     ``base + j`` of probe row 0 of ``seed``: a rank's shard of a tensor drawn whole in one process, bit for bit.
 
     One op call per contiguous run of the box in the global tensor (one for ``Shard(0)`` boxes)."""
-    shape, local_shape, offset = list(shape), list(local_shape), list(offset)
     if math.prod(local_shape) == 0:
-        return torch.empty(local_shape, dtype=dtype, device=seed.device)
-    # dims after `lead` are whole: each index of dims[:lead] is one contiguous run of local_shape[lead] rows of them
-    lead = max((d for d in range(len(shape)) if local_shape[d] != shape[d]), default=0)
-    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
-    run = local_shape[lead] * strides[lead] if shape else 1
-    start0 = base + sum(o * w for o, w in zip(offset, strides, strict=True))
-    runs = []
-    for index in itertools.product(*(range(n) for n in local_shape[:lead])):
-        start = start0 + sum(i * w for i, w in zip(index, strides[:lead], strict=True))
-        runs.append(stream_span(seed, start, run, distribution, dtype))
-    return (runs[0] if len(runs) == 1 else torch.cat(runs)).reshape(local_shape)
+        return torch.empty(list(local_shape), dtype=dtype, device=seed.device)
+    starts, run = _box_runs(base, shape, local_shape, offset)
+    runs = [stream_span(seed, start, run, distribution, dtype) for start in starts]
+    return (runs[0] if len(runs) == 1 else torch.cat(runs)).reshape(list(local_shape))
+
+
+def stream_box_add_(
+    out: torch.Tensor,
+    seed: torch.Tensor,
+    base: int,
+    shape: Sequence[int],
+    offset: Sequence[int],
+    scale: float,
+    distribution: str,
+) -> torch.Tensor:
+    """``out += scale * stream_box(seed, base, shape, out.shape, offset, distribution, float32)``, the box scaled in
+    float32 and rounded to ``out``'s dtype, with no buffer where the C++ kernel runs (one op call per run)."""
+    if out.numel() == 0:
+        return out
+    target = out if out.is_contiguous() else out.contiguous()
+    flat = target.view(-1)
+    starts, run = _box_runs(base, shape, out.shape, offset)
+    for i, start in enumerate(starts):
+        ops.hessian_stream_add_(flat[i * run : (i + 1) * run], seed, start, scale, distribution)
+    return out if target is out else out.copy_(target)
 
 
 def probe_dot(

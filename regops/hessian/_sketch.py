@@ -4,6 +4,7 @@ caller wraps them in a :class:`~regops.hessian.TraceEstimate` with the operator'
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -13,6 +14,7 @@ from regops.hessian._probes import ParamLayout
 from regops.hessian._results import mean_stderr
 
 Estimate = tuple[float, float, torch.Tensor]
+SeedSync = Callable[[torch.Tensor], torch.Tensor]
 
 
 def probe_cap(layout: ParamLayout) -> int:
@@ -20,13 +22,20 @@ def probe_cap(layout: ParamLayout) -> int:
     return 2 * layout.numel
 
 
-def hutchpp(op: HessianOperator, layout: ParamLayout, m: int, distribution: str, generator) -> Estimate:
+def _same(seed: torch.Tensor) -> torch.Tensor:
+    return seed
+
+
+def hutchpp(
+    op: HessianOperator, layout: ParamLayout, m: int, distribution: str, generator, sync: SeedSync = _same
+) -> Estimate:
     """Hutch++ (Meyer, Musco, Musco, Woodruff 2021): m//3 probes sketch the range, m//3 products give the exact
     trace on it, the rest estimate the trace of the deflated remainder with Hutchinson. A sketch of ``N`` probes
-    spans everything: from ``m >= 2 N`` on, ``2 N`` products give the trace exactly (``probe_cap``)."""
+    spans everything: from ``m >= 2 N`` on, ``2 N`` products give the trace exactly (``probe_cap``). ``sync``
+    makes every rank use the same seed (FSDP2)."""
     n = layout.numel
     k, rest = (n, 0) if m >= 2 * n else (m // 3, m - 2 * (m // 3))
-    seed = _probes.draw_seed(layout, k + rest, distribution, generator)
+    seed = sync(_probes.draw_seed(layout, k + rest, distribution, generator))
     exact = 0.0
     q = None
     if k > 0:
@@ -46,7 +55,9 @@ def hutchpp(op: HessianOperator, layout: ParamLayout, m: int, distribution: str,
     return exact + mean, err, samples
 
 
-def xtrace(op: HessianOperator, layout: ParamLayout, m: int, distribution: str, generator) -> Estimate:
+def xtrace(
+    op: HessianOperator, layout: ParamLayout, m: int, distribution: str, generator, sync: SeedSync = _same
+) -> Estimate:
     r"""XTrace (Epperly, Tropp, Webber 2024): Hutch++ made exchangeable by leaving each probe out in turn.
 
     With ``k = m // 2`` probes ``Omega``, ``Y = A Omega = QR``, ``Z = A Q``: leaving out probe ``i`` projects
@@ -55,7 +66,7 @@ def xtrace(op: HessianOperator, layout: ParamLayout, m: int, distribution: str, 
     the sphere: still ``E[w w^T] = I``). At most ``N`` probes are used (``2 N`` products, ``probe_cap``). When
     ``Y`` has numerical rank ``r < k`` (a Hessian of rank below the sketch size, as ReLU networks and small heads
     have), its columns span the Hessian's range, on which the trace is exact: every leave-one-out term is that
-    trace (``R`` has no inverse then).
+    trace (``R`` has no inverse then). ``sync`` makes every rank use the same seed (FSDP2).
     """
     n = layout.numel
     k = min(m // 2, n)
@@ -64,7 +75,7 @@ def xtrace(op: HessianOperator, layout: ParamLayout, m: int, distribution: str, 
             f"regops: method='xtrace' needs num_probes >= 4 and at least 2 trainable parameters, got num_probes={m} "
             f"and N={n}"
         )
-    seed = _probes.draw_seed(layout, k, distribution, generator)
+    seed = sync(_probes.draw_seed(layout, k, distribution, generator))
     omega = _probes.probe_rows(seed, 0, k, layout, distribution)[:, : layout.numel]
     if distribution == "gaussian":
         omega = omega * (math.sqrt(layout.numel) / omega.double().norm(dim=1, keepdim=True)).to(omega.dtype)

@@ -12,6 +12,10 @@ batch sizes, the mean over the concatenated batch), so ``H = mean_r H_r``. Then:
   dots gives the single-process estimate (trace). The diagonal needs each ``H v`` itself (its standard error is
   not linear in ``H``): one all-reduce of ``H v`` per batch of probes.
 
+Hutch++ and XTrace run the single-process algorithm on the mean of the ranks' Hessians: every product ``H X``
+is each rank's ``H_r X`` all-reduced and divided by the world size (one all-reduce per block of products), and
+the sketch's seed is the mesh's first rank's.
+
 Every rank returns the same estimate; diagonal values are DTensors laid out like the parameters.
 :func:`regops.hessian.trace` and :func:`regops.hessian.diagonal` forward DTensor parameters here.
 """
@@ -30,7 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from regops._core import dtensor as _dtensor
 from regops._core.dtypes import acc_dtype
-from regops.hessian import _probes
+from regops.hessian import _probes, _sketch
 from regops.hessian._hvp import HessianOperator
 from regops.hessian._probes import ParamLayout
 from regops.hessian._results import DiagonalEstimate, TraceEstimate, diagonal_stats, groups_of, mean_stderr
@@ -87,10 +91,10 @@ def _check(model: Any, problem: Any, method: str, tol: Any, distributed: bool) -
             "regops: Hessian estimates with DTensor parameters take the model form, "
             "trace(model, criterion, inputs, targets) or trace(model, criterion, loader) (FSDP2)"
         )
-    if method != "hutchinson" or tol is not None or distributed:
+    if method not in ("hutchinson", "hutch++", "xtrace") or tol is not None or distributed:
         raise NotImplementedError(
-            "regops: under fully_shard the Hessian estimates use Hutchinson without tol or distributed=True (every "
-            "rank holds its own batch and computes every probe)"
+            "regops: under fully_shard the Hessian estimates take no tol and no distributed=True (every rank holds "
+            "its own batch and computes every probe)"
         )
     sharded = [p for p in problem.params if isinstance(p, DTensor)]
     mesh = sharded[0].device_mesh
@@ -150,6 +154,41 @@ def _estimate(
     return dots, diag, diag_sq, layout
 
 
+class _RankMean:
+    """The mean of the ranks' Hessians as an operator: each block of products all-reduced, divided by the world."""
+
+    def __init__(self, op: HessianOperator) -> None:
+        self.op, self.world = op, dist.get_world_size()
+
+    def matmat(self, x: torch.Tensor) -> torch.Tensor:
+        hx = self.op.matmat(x)
+        dist.all_reduce(hx)
+        return hx.div_(self.world)
+
+
+def _sketched(
+    model: nn.Module,
+    problem: Any,
+    num_probes: int,
+    method: str,
+    distribution: str,
+    probe_batch: int,
+    generator: torch.Generator | None,
+    hvp: str,
+) -> TraceEstimate:
+    """Hutch++ or XTrace of the mean of the ranks' Hessians: the single-process algorithm and probes."""
+    mesh = next(p for p in problem.params if isinstance(p, DTensor)).device_mesh
+    full = _full_params(problem)
+    layout = ParamLayout.of(problem.names, full)
+    op = HessianOperator(problem.batches, full, layout, problem.pack, hvp, probe_batch, problem.single)
+    sketch = _sketch.hutchpp if method == "hutch++" else _sketch.xtrace
+    with fsdp_forward_hooks_off(model):
+        value, err, samples = sketch(
+            _RankMean(op), layout, num_probes, distribution, generator, lambda seed: _dtensor.sync(seed, mesh)
+        )
+    return TraceEstimate(value, err, op.num_matvecs, method, samples, op.engine, _sketch.probe_cap(layout))
+
+
 def trace(
     model: Any,
     problem: Any,
@@ -165,6 +204,8 @@ def trace(
 ) -> TraceEstimate | dict[str, TraceEstimate]:
     """:func:`regops.hessian.trace` for a model under FSDP2 (arguments checked by the caller)."""
     _check(model, problem, method, tol, distributed)
+    if method != "hutchinson":
+        return _sketched(model, problem, num_probes, method, distribution, probe_batch, generator, hvp)
     dots, _, _, _ = _estimate(model, problem, num_probes, distribution, probe_batch, generator, hvp, False)
     if by is None:
         mean, err = mean_stderr(dots.sum(1))

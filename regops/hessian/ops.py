@@ -33,6 +33,28 @@ hessian_probes = declare(
 )
 
 
+def _stream_add(out, seed, start, scale, distribution):
+    # Elements start .. start + n - 1 of probe row 0 of `seed` (a row starting at the counter of element
+    # start - lead is the same stream), drawn in float32, scaled in float32, rounded to out's dtype and added in it.
+    per = ref.ELEMENTS_PER_COUNTER[ref.check_distribution(distribution)]
+    lead, n = start % per, out.numel()
+    shifted = seed.clone()
+    shifted[1] += (start - lead) // per
+    noise = hessian_probes(shifted, 0, 1, lead + n, distribution, torch.float32)[0, lead : lead + n].mul_(scale)
+    out.view(-1).add_(noise.to(out.dtype))
+
+
+# out (contiguous) += scale * elements start .. start + out.numel() - 1 of the probe stream's row 0: the DP noise
+# of one parameter or of a run of its shard. The C++ CPU kernel draws and adds in one pass, with no buffer.
+hessian_stream_add_ = declare(
+    "hessian_stream_add_(Tensor(a!) out, Tensor seed, int start, float scale, str distribution) -> ()",
+    reference=_stream_add,
+    fake=lambda out, seed, start, scale, distribution: None,
+    composite=True,
+    contiguous=False,
+)
+
+
 def _probe_dot_fake(vs, hvs, with_diag):
     acc = acc_dtype(vs[0])
     k = vs[0].shape[0]

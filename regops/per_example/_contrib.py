@@ -218,6 +218,10 @@ class WeightedGrads:
                     lay = call.layout_out or call.layout_in
                     rows = entry.layer.per_example_grads(entry.module, call.saved, call.grad)
                     grads = {k: _wsum(w, L.per_example_sum(v, lay.at(0))) for k, v in rows.items()}
+                elif is_dtensor(call.saved):  # tensor parallelism: each rank its parameters' shards
+                    from regops.per_example import dtensor
+
+                    grads = dtensor.tp_weighted_grads(entry, call.saved, call.grad, w)
                 else:
                     grads = entry.layer.weighted_grads(entry.module, call.saved, call.grad, w)
             for local in locs:

@@ -123,12 +123,9 @@ def _all_reduce_sharded(sq: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return sq
 
 
-def tp_sq_norms(entry: Any, saved: Any, g: Any, form: str, shared: bool) -> dict[str, torch.Tensor]:
-    """Per-example squared norms of a tensor-parallel ``nn.Linear`` (weight ``[p, d]`` a DTensor, sharded on
-    either dim or replicated): each rank computes the squared norms of its block of ``G_n^T A_n`` (the rows /
-    columns of its weight shard, from the matching columns of the output gradient / input) and the partial
-    sums are all-reduced over the mesh dims where the parameter is sharded (one ``[B]`` all-reduce per sharded
-    parameter). A replicated bias's norm is complete on every rank and is not reduced."""
+def _tp_blocks(entry: Any, saved: Any, g: Any, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input columns and output-gradient columns of a tensor-parallel ``nn.Linear``'s weight shard (the
+    ColwiseParallel / RowwiseParallel layouts), as local tensors."""
     module = entry.module
     weight = module.weight
     if type(entry.layer) is not LinearRule or entry.layer.transposed or not isinstance(weight, DTensor):
@@ -143,8 +140,26 @@ def tp_sq_norms(entry: Any, saved: Any, g: Any, form: str, shared: bool) -> dict
     p_full, d_full = weight.shape
     x = _block(saved, d_start, d_local, d_full, "input").detach()
     gl = _block(g, p_start, p_local, p_full, "output gradient").detach()
+    return x, gl
+
+
+def tp_sq_norms(entry: Any, saved: Any, g: Any, form: str, shared: bool) -> dict[str, torch.Tensor]:
+    """Per-example squared norms of a tensor-parallel ``nn.Linear`` (weight ``[p, d]`` a DTensor, sharded on
+    either dim or replicated): each rank computes the squared norms of its block of ``G_n^T A_n`` (the rows /
+    columns of its weight shard, from the matching columns of the output gradient / input) and the partial
+    sums are all-reduced over the mesh dims where the parameter is sharded (one ``[B]`` all-reduce per sharded
+    parameter). A replicated bias's norm is complete on every rank and is not reduced."""
+    module = entry.module
+    x, gl = _tp_blocks(entry, saved, g, shared)
     sq = entry.layer.sq_norms(module, x, gl, form)
     out = {}
     for local_name, value in sq.items():
         out[local_name] = _all_reduce_sharded(value.contiguous(), getattr(module, local_name))
     return out
+
+
+def tp_weighted_grads(entry: Any, saved: Any, g: Any, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``sum_n w_n g_n`` of a tensor-parallel ``nn.Linear``'s parameters, each rank its shard (local tensors in the
+    parameters' local shapes): the weight's block from the matching input and output-gradient columns, the bias
+    from the output-gradient columns it owns (all of them for a replicated bias). No communication."""
+    return entry.layer.weighted_grads(entry.module, *_tp_blocks(entry, saved, g, False), w)

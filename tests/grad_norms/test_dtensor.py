@@ -1,7 +1,8 @@
 """Per-example norms and DP clipping on torch's parallel engines (gloo, 2 processes on CPU): FSDP2 (``fully_shard``,
 each rank with its own batch) gives the gradients of a single process on the concatenated batches; tensor-parallel
-Linear layers give the single-process norms; under DistributedDataParallel the norms are per local example and the
-clipped sum (and rank 0's noise) is averaged over the ranks."""
+Linear layers give the single-process norms and noised clipped sums (each rank its shards); under
+DistributedDataParallel the norms are per local example and the clipped sum (and rank 0's noise) is averaged over
+the ranks."""
 
 from __future__ import annotations
 
@@ -127,6 +128,7 @@ def _noise_checks(c: Checks, rank: int, world: int) -> None:
 
 def _tp_checks(c: Checks, rank: int, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     mesh = init_device_mesh("cpu", (world,))
@@ -146,6 +148,31 @@ def _tp_checks(c: Checks, rank: int, world: int) -> None:
         c.true(f"tp {name}: present", got is not None)
         if got is not None:
             c.close(f"tp {name}", got, want, rtol=RTOL)
+
+    # the noised clipped sum: each rank its shards (no communication), rank 0's seed, one process's values
+    for sigma in (0.0, 1.3):
+        tp_model = _mlp()
+        parallelize_module(tp_model, mesh, {"0": ColwiseParallel(), "3": ColwiseParallel(), "5": RowwiseParallel()})
+        tp_model[0] = _GatherOutput(tp_model[0])
+        gen = torch.Generator().manual_seed(11 + 1000 * rank)
+        with regops.dp_clipping(tp_model, 0.4, loss_reduction="mean", noise_multiplier=sigma, generator=gen):
+            F.cross_entropy(tp_model(x), y).backward()
+        ref = _mlp()
+        with regops.dp_clipping(
+            ref, 0.4, loss_reduction="mean", noise_multiplier=sigma, generator=torch.Generator().manual_seed(11)
+        ):
+            F.cross_entropy(ref(x), y).backward()
+        got = {name.replace(".inner.", "."): p for name, p in tp_model.named_parameters()}
+        for name, p in ref.named_parameters():
+            g = got[name].grad
+            sharded = isinstance(got[name], DTensor)
+            c.true(
+                f"tp clipping {sigma} {name}: a gradient laid out like the parameter",
+                g is not None and (not sharded or (isinstance(g, DTensor) and g.placements == got[name].placements)),
+            )
+            if g is not None:
+                full = g.full_tensor() if isinstance(g, DTensor) else g
+                c.close(f"tp clipping {sigma} {name}", full, p.grad, rtol=RTOL, atol=1e-12)
 
 
 class _GatherOutput(nn.Module):
@@ -171,20 +198,21 @@ def _body(rank: int, world: int) -> None:
     c.done()
 
 
-def test_fsdp2_clipping_and_tensor_parallel_norms_two_processes():
+def test_fsdp2_clipping_and_tensor_parallel_norms_and_clipping_two_processes():
     run(_body, 2)
 
 
 def test_fsdp2_noised_clipping_holds_a_shard_per_rank():
-    """Peak RSS growth of a noised dp_clipping step on each of 2 FSDP2 ranks at most 0.7x the same call's in one
-    process (16 x Linear(1024), 64 MiB of float32 parameters; the gradients' even split alone is 0.5x, FSDP2's
-    per-layer buffers in flight add a constant)."""
+    """Peak RSS growth of a noised dp_clipping step on each of 2 and of 3 FSDP2 ranks at most 0.7x the same call's
+    in one process (32 x Linear(1024), 128 MiB of float32 parameters, rows split unevenly over 3 ranks; the
+    gradients' even split alone is 0.5x / 0.33x, FSDP2's per-layer buffers in flight add a constant)."""
     from benchmarks.fsdp_memory import measure
 
-    one = measure(1, 16, 1024, 8)[0]["growth"]
-    ranks = [r["growth"] for r in measure(2, 16, 1024, 8)]
-    assert one > 64 * 2**20, f"one process grew by {one / 2**20:.1f} MiB: the gradients alone are 64 MiB"
-    assert max(ranks) <= 0.7 * one, f"per-rank growth {[g / 2**20 for g in ranks]} MiB vs {one / 2**20:.1f} MiB"
+    one = measure(1, 32, 1024, 8)[0]["growth"]
+    assert one > 128 * 2**20, f"one process grew by {one / 2**20:.1f} MiB: the gradients alone are 128 MiB"
+    for world in (2, 3):
+        ranks = [r["growth"] for r in measure(world, 32, 1024, 8)]
+        assert max(ranks) <= 0.7 * one, f"{world} ranks grew by {[g / 2**20 for g in ranks]} MiB vs {one / 2**20:.1f}"
 
 
 # ---------------------------------------------------------------------------------------------- DDP

@@ -136,6 +136,47 @@ def test_probe_op_through_backend_and_public_probes(kernel_target):
         assert got[0].shape == (4, 7, 9) and got[1].shape == (4, 5)
 
 
+@pytest.mark.ops("hessian_stream_add_")
+@pytest.mark.parametrize("distribution", DIST)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stream_add_adds_the_scaled_stream_elements(kernel_target, distribution, dtype):
+    """out += scale * elements start .. of probe row 0, drawn in float32, scaled in float32, rounded to out's dtype
+    and added in it: the bits of that composition, at starts inside and across counters and blocks."""
+    _, device = kernel_target
+    for (start, n), (key, offset) in itertools.product(
+        ((0, 1), (3, 5), (61, 7), (63, 130), (2047, 2050), (4097, 9000)), SEEDS_OFFSETS
+    ):
+        base = torch.randn(n, generator=gen(n)).to(dtype)
+        row = ref.probes(seed_of(key, offset), 0, 1, start + n, distribution, torch.float32)[0, start : start + n]
+        want = base.clone().add_((row * 0.37).to(dtype))
+        out = base.to(device)
+        ops.hessian_stream_add_(out, seed_of(key, offset, device), start, 0.37, distribution)
+        assert torch.equal(out.cpu(), want), (start, n, key, offset, (out.cpu().double() - want.double()).abs().max())
+
+
+@pytest.mark.ops("hessian_stream_add_", backends=("cpp",))
+def test_stream_add_writes_views_in_place_on_any_thread_count(kernel_target):
+    seed = seed_of(5, 2**32 - 9)
+    buf = torch.zeros(3, 70001)
+    want = buf.clone()
+    want[1] += ref.probes(seed, 0, 1, 170001, "gaussian", torch.float32)[0, 100000:170001] * 2.5
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            got = buf.clone()
+            version = got._version
+            ops.hessian_stream_add_(got[1], seed, 100000, 2.5, "gaussian")  # a view: written in place
+            assert torch.equal(got, want) and got._version > version
+    finally:
+        torch.set_num_threads(threads)
+    torch.library.opcheck(torch.ops.regops.hessian_stream_add_, (torch.zeros(9), seed, 3, 0.5, "gaussian"))
+    with pytest.raises(RuntimeError, match="out must be contiguous"):
+        ops.hessian_stream_add_(torch.zeros(4, 4).t(), seed, 0, 1.0, "gaussian")
+    with pytest.raises(RuntimeError, match="distribution must be one of"):
+        ops.hessian_stream_add_(torch.zeros(4), seed, 0, 1.0, "uniform")
+
+
 def test_probe_statistics():
     (r,) = regops.hessian.probes([torch.zeros(200_000)], 1, generator=gen(0))
     assert set(r.unique().tolist()) == {-1.0, 1.0}
