@@ -79,7 +79,7 @@ def _torch_cases(c: Checks, mesh) -> None:
     )  # fmt: skip
 
 
-def _regops_cases(c: Checks, mesh, world: int) -> None:
+def _regops_cases(c: Checks, mesh) -> None:
     """Options F.cross_entropy lacks: against regops.cross_entropy on the full logits."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -89,6 +89,10 @@ def _regops_cases(c: Checks, mesh, world: int) -> None:
     idx = torch.randint(0, V, (N, 3), generator=torch.Generator().manual_seed(11))
     probs = torch.rand(N, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(12)).softmax(1)
     wd = distribute_tensor(w, mesh, [Shard(0)])
+    labels = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(18))
+    _, mix = regops.mix_batch(
+        torch.zeros(N, 2), labels, mixup_alpha=1.0, mode="elem", generator=torch.Generator().manual_seed(19)
+    )
     cases = {
         "z_loss": ({"z_loss": 1e-2}, y),
         "maxsup": ({"maxsup": 0.2, "weight": w}, y),
@@ -97,8 +101,10 @@ def _regops_cases(c: Checks, mesh, world: int) -> None:
         "scale": ({"logit_scale": 1.5}, y),
         "token_weight": ({"token_weight": tw, "weight": w, "label_smoothing": 0.2}, y),
         "sparse targets": ({"weight": w, "label_smoothing": 0.1, "z_loss": 1e-2}, (idx, probs)),
+        "mix": ({"mix": mix, "label_smoothing": 0.1, "z_loss": 1e-2, "weight": w}, None),
         "everything": (
-            {"weight": w, "label_smoothing": 0.1, "maxsup": 0.1, "z_loss": 1e-2, "confidence_penalty": 0.2}, y
+            {"weight": w, "label_smoothing": 0.1, "maxsup": 0.1, "z_loss": 1e-2, "confidence_penalty": 0.2},
+            y,
         ),
     }
     for name, (kw, target) in cases.items():
@@ -183,7 +189,7 @@ def _body(rank: int, world: int) -> None:
     mesh = init_device_mesh("cpu", (world,))
     c = Checks(rank)
     _torch_cases(c, mesh)
-    _regops_cases(c, mesh, world)
+    _regops_cases(c, mesh)
     _local_only(c, mesh, world)
     _refusals(c, mesh, world)
     c.done()
