@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 from torch.distributed.tensor import DTensor, Replicate
 
-from regops._core.dtensor import box, check
+from regops._core.dtensor import box, check, contiguous_strides
 from regops._core.dtypes import acc_dtype
 from regops.losses import ops
 from regops.losses._class_dim import check_weight_dtype, classes_last
@@ -45,26 +45,31 @@ def _plain(t: Any, name: str, logits: DTensor) -> Any:
     return t.to_local() if all(isinstance(p, Replicate) for p in t.placements) else t.full_tensor()
 
 
-def _class_mesh_dim(logits: DTensor) -> int | None:
-    """The mesh dim that shards the classes (last dim of ``logits``), ``None`` if every placement is Replicate."""
+def _mesh_dims(logits: DTensor) -> tuple[int | None, list[int]]:
+    """The mesh dim that shards the classes (last dim of ``logits``; ``None`` if none does) and those that shard
+    the rows (the leading dims)."""
     check(logits, "logits")
-    found = None
+    classes, rows = None, []
     for md, pl in enumerate(logits.placements):
         if isinstance(pl, Replicate):
             continue
         if pl.dim % logits.dim() != logits.dim() - 1:
-            raise NotImplementedError(
-                f"regops: cross_entropy of DTensor logits takes Shard on the class dim only (vocabulary parallel), "
-                f"got {pl} on mesh dim {md} for logits {tuple(logits.shape)} with classes in dim "
-                f"{logits.dim() - 1} (after class_dim); redistribute the other dims to Replicate()"
-            )
-        if found is not None:
+            rows.append(md)
+        elif classes is not None:
             raise NotImplementedError(
                 "regops: cross_entropy of DTensor logits takes the classes sharded over one mesh dim, got "
                 f"{tuple(logits.placements)}"
             )
-        found = md
-    return found
+        else:
+            classes = md
+    return classes, rows
+
+
+def _rows_of(t: Any, lead_box: tuple[slice, ...]) -> Any:
+    """This rank's rows of a target / token weight given for the whole (global) batch."""
+    if isinstance(t, (tuple, list)):
+        return tuple(_rows_of(x, lead_box) for x in t)
+    return t[lead_box] if isinstance(t, torch.Tensor) and t.dim() >= len(lead_box) else t
 
 
 def cross_entropy(
@@ -86,7 +91,7 @@ def cross_entropy(
     return_stats: bool,
     class_dim: int | None,
 ) -> torch.Tensor:
-    """:func:`regops.cross_entropy` of DTensor logits (see the module docstring); a plain tensor."""
+    """:func:`regops.cross_entropy` of DTensor logits (see the module docstring)."""
     if return_stats:
         raise NotImplementedError("regops: return_stats is not supported for DTensor logits")
     if decoupled:
@@ -103,21 +108,60 @@ def cross_entropy(
     )
     no_grad_needed(weight=weight, token_weight=token_weight, target=target)
     check_weight_dtype(weight, "weight", logits.dtype)
-    mesh_dim = _class_mesh_dim(logits)
+    class_md, row_mds = _mesh_dims(logits)
     lead, n_classes = logits.shape[:-1], logits.shape[-1]
     local = logits.to_local()
+    shape, offset = box(logits)
+    if row_mds:  # rows sharded too: each rank takes its rows of the (global) targets
+        if mix is not None:
+            raise NotImplementedError("regops: mix is not supported for DTensor logits sharded over the rows")
+        lead_box = tuple(slice(o, o + n) for o, n in zip(offset[:-1], shape[:-1], strict=True))
+        target, token_weight = _rows_of(target, lead_box), _rows_of(token_weight, lead_box)
+    local_lead = local.shape[:-1]
     tg = prepare(
-        lead, n_classes, local.device, acc_dtype(logits.dtype), target, mix, ignore_index, weight, token_weight, 0.0
-    )
-    if mesh_dim is None:  # replicated classes: every rank computes the whole loss
+        local_lead, n_classes, local.device, acc_dtype(logits.dtype), target, mix, ignore_index, weight, token_weight,
+        0.0,
+    )  # fmt: skip
+    if class_md is None:  # whole rows on every rank
         rows, _, _ = ops.cross_entropy(
             local.reshape(-1, n_classes), tg.index, tg.tweight, tg.row_weight, tg.class_weight, options.values(), False
         )
     else:
-        group = logits.device_mesh.get_group(mesh_dim)
-        offset = box(logits)[1][-1]
-        rows = _ShardedRows.apply(local.reshape(lead.numel(), local.shape[-1]), tg, options, offset, n_classes, group)
-    return reduce_rows(rows, reduction, tg.denominator, lead)
+        group = logits.device_mesh.get_group(class_md)
+        x = local.reshape(local_lead.numel(), local.shape[-1])
+        rows = _ShardedRows.apply(x, tg, options, offset[-1], n_classes, group)
+    if not row_mds:
+        return reduce_rows(rows, reduction, tg.denominator, lead)
+    mesh = logits.device_mesh
+    if reduction == "none":
+        placements = [p if md in row_mds else Replicate() for md, p in enumerate(logits.placements)]
+        return DTensor.from_local(
+            rows.reshape(local_lead), mesh, placements, shape=lead, stride=tuple(contiguous_strides(lead))
+        )
+    groups = [mesh.get_group(md) for md in row_mds]
+    total = _SumOverRanks.apply(rows.sum(), groups)
+    if reduction == "sum":
+        return total
+    denominator = torch.as_tensor(tg.denominator, dtype=total.dtype, device=total.device).clone()
+    for group in groups:
+        _all_reduce(denominator, dist.ReduceOp.SUM, group)
+    return reduce_rows(total.reshape(1), "mean", denominator, lead)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of every rank's (row-shard) partial loss; each rank's part gets the loss's upstream gradient as is
+    (the loss is one value, held by every rank)."""
+
+    @staticmethod
+    def forward(ctx, part, groups):
+        total = part.detach().clone()
+        for group in groups:
+            _all_reduce(total, dist.ReduceOp.SUM, group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:

@@ -29,7 +29,7 @@ def _labels(shape, seed: int) -> torch.Tensor:
 
 def _compare(c: Checks, mesh, label: str, x: torch.Tensor, class_dim: int, ours, want, placements=None):
     """``ours(logits)`` on ``x`` sharded over ``class_dim`` vs ``want(logits)`` on the full ``x``: loss and grad."""
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     placements = placements or [Shard(class_dim)]
     xd = distribute_tensor(x, mesh, placements).requires_grad_()
@@ -37,7 +37,12 @@ def _compare(c: Checks, mesh, label: str, x: torch.Tensor, class_dim: int, ours,
     xr = x.clone().requires_grad_()
     ref = want(xr)
     up = _data(ref.shape, 99) if ref.dim() else torch.tensor(1.0, dtype=torch.float64)
-    c.true(f"{label}: the loss is a plain tensor", type(loss) is torch.Tensor)
+    if isinstance(loss, DTensor):  # reduction="none" of logits sharded over dim 0: the rows, sharded likewise
+        rows_placed = [Shard(0) if p == Shard(0) else Replicate() for p in placements]
+        c.true(f"{label}: per-row losses placed like the rows", tuple(loss.placements) == tuple(rows_placed))
+        loss = loss.full_tensor()
+    else:
+        c.true(f"{label}: the loss is a plain tensor", type(loss) is torch.Tensor)
     c.close(f"{label} loss", loss, ref, **TOL)
     (loss * up).sum().backward()
     (ref * up).sum().backward()
@@ -136,6 +141,42 @@ def _regops_cases(c: Checks, mesh) -> None:
     )  # fmt: skip
 
 
+def _row_cases(c: Checks, mesh, world: int) -> None:
+    """Logits sharded over the rows (alone, or with the classes on a second mesh dim): targets of the whole batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    x, y = _data((N + 1, V), 20), _labels((N + 1,), 21)  # 7 rows: uneven over 2 and 3 ranks
+    w = torch.rand(V, dtype=torch.float64, generator=torch.Generator().manual_seed(22)) + 0.5
+    for reduction in ("none", "mean", "sum"):
+        kw = {"reduction": reduction, "weight": w, "label_smoothing": 0.2}
+        _compare(
+            c, mesh, f"Shard(0) {reduction}", x, 0,
+            lambda t, kw=kw: regops.cross_entropy(t, y, **kw), lambda t, kw=kw: F.cross_entropy(t, y, **kw),
+        )  # fmt: skip
+    x3, y3 = _data((2, V, 3), 23), _labels((2, 3), 24)  # 2 samples over 3 ranks: one rank has no row
+    _compare(
+        c, mesh, "[B, V, T] Shard(0)", x3, 0,
+        lambda t: regops.cross_entropy(t, y3, z_loss=1e-2), lambda t: regops.cross_entropy(t, y3, z_loss=1e-2),
+    )  # fmt: skip
+    tw = torch.rand(N + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(25))
+    kw = {"weight": w, "label_smoothing": 0.1, "maxsup": 0.1, "z_loss": 1e-2, "token_weight": tw}
+    for shape in ((world, 1), (1, world)):
+        mesh2 = init_device_mesh("cpu", shape)
+        for reduction in ("none", "mean"):
+            _compare(
+                c, mesh2, f"2-D mesh {shape} {reduction}", x, 1,
+                lambda t, r=reduction: regops.cross_entropy(t, y, reduction=r, **kw),
+                lambda t, r=reduction: regops.cross_entropy(t, y, reduction=r, **kw),
+                placements=[Shard(0), Shard(1)],
+            )  # fmt: skip
+        _compare(
+            c, mesh2, f"2-D mesh {shape} classes only", x, 1,
+            lambda t: regops.cross_entropy(t, y, **kw), lambda t: regops.cross_entropy(t, y, **kw),
+            placements=[Replicate(), Shard(1)],
+        )  # fmt: skip
+
+
 def _local_only(c: Checks, mesh, world: int) -> None:
     """Every plain tensor any op produces during forward and backward is smaller than the full logits."""
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -168,8 +209,6 @@ def _refusals(c: Checks, mesh, world: int) -> None:
     mesh2 = init_device_mesh("cpu", (1, world))
     cases = [
         ("Partial", DTensor.from_local(x, mesh, [Partial()]), {}, "Partial"),
-        ("Shard(0)", distribute_tensor(x, mesh, [Shard(0)]), {}, "class dim only"),
-        ("2-D mesh", distribute_tensor(x, mesh2, [Shard(0), Shard(1)]), {}, "class dim only"),
         ("2-D mesh both", distribute_tensor(x, mesh2, [Shard(1), Shard(1)]), {}, "one mesh dim"),
         ("return_stats", xd, {"return_stats": True}, "return_stats"),
         ("decoupled", xd, {"decoupled": 0.1}, "decoupled"),
@@ -190,6 +229,7 @@ def _body(rank: int, world: int) -> None:
     c = Checks(rank)
     _torch_cases(c, mesh)
     _regops_cases(c, mesh)
+    _row_cases(c, mesh, world)
     _local_only(c, mesh, world)
     _refusals(c, mesh, world)
     c.done()
