@@ -14,6 +14,11 @@ The backward is local (the row gradient ``softmax - onehot`` and its regularizer
 rank's columns): no communication, and nothing of the full ``[N, V]`` exists on any rank. The result is a plain
 tensor (the same value on every rank of the mesh): ``loss.backward()`` works, it adds to other plain losses, and
 ``loss.item()`` needs no ``full_tensor()``; the gradient reaches the logits as a DTensor with their placements.
+
+Logits sharded over the rows as well (``Shard`` on a leading dim, on other mesh dims) take targets and token
+weights of the whole batch: each rank slices its rows, computes their losses, and ``"mean"`` / ``"sum"`` add
+the partial sums (and the mean's denominators) over the row-sharding mesh dims, one all-reduce of a scalar each;
+``"none"`` gives the per-row losses as a DTensor sharded like the rows.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Vocabulary-parallel ``regops.cross_entropy`` (gloo, 2 and 3 processes on CPU, float64): logits sharded over the
 class dim (uneven shards: V = 7 over 2 and 3 ranks) give ``F.cross_entropy``'s loss and gradient on the full
 logits (``regops.cross_entropy``'s for the options torch lacks); the gradient is a DTensor with the logits'
-placements; no rank holds a tensor of the full logits' size; what is not supported raises."""
+placements; logits sharded over the rows too (7 rows over 2 and 3 ranks, 2-D meshes) take the whole batch's targets;
+no rank holds a tensor of the full logits' size; what is not supported raises."""
 
 from __future__ import annotations
 
