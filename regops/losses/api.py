@@ -129,7 +129,12 @@ def cross_entropy(
 
     Args:
         logits: ``[N, C]``, ``[C]`` or ``[N, C, d1, ...]`` (``class_dim=None``), or any shape with the classes in
-            ``class_dim``; float32/16, bfloat16 or float64.
+            ``class_dim``; float32/16, bfloat16 or float64. A DTensor with ``Shard`` on the class dim (vocabulary
+            parallel, one mesh dim; ``Replicate()`` or ``Shard`` on a row dim elsewhere) is computed shard by shard
+            with 2 all-reduces of ``[N]`` numbers per call and a local backward (:mod:`regops.losses.dtensor`; no
+            ``return_stats``, no ``decoupled``); the loss is then a plain tensor with the same value on every rank
+            (``"none"`` of row-sharded logits: a DTensor sharded like the rows), the gradient a DTensor with the
+            logits' placements.
         target: int labels shaped like the logits without their class dim, or ``(indices, probabilities)`` with
             ``k`` more in a last dim; ``None`` with ``mix``.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (the target's shape).
@@ -148,6 +153,15 @@ def cross_entropy(
         >>> loss = regops.cross_entropy(lm_logits, labels, class_dim=-1)   # [B, T, V] logits, [B, T] labels
     """
     logits = validate.floating(logits, "logits")
+    if validate.is_dtensor(logits):
+        from regops.losses import dtensor
+
+        return dtensor.cross_entropy(
+            logits, target, weight=weight, token_weight=token_weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, maxsup=maxsup, z_loss=z_loss, confidence_penalty=confidence_penalty,
+            mix=mix, decoupled=decoupled, softcap=softcap, logit_scale=logit_scale, return_stats=return_stats,
+            class_dim=class_dim,
+        )  # fmt: skip
     if logits.dim() == 0:
         raise ValueError("regops: logits must have a class dim ([C], [N, C] or [N, C, d1, ...]), got a 0-d tensor")
     logits = classes_last(logits, target, class_dim)
