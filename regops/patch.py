@@ -34,9 +34,9 @@ def _swap_table() -> dict[type, type]:
 
 @dataclass
 class PatchHandle:
-    """What :func:`patch` replaced: ``(parent, name, original, replacement)`` per swapped child.
+    """What `patch` replaced: ``(parent, name, original, replacement)`` per swapped child.
 
-    Use :meth:`revert` (or the handle as a context manager) to put the original modules back.
+    Use `revert` (or the handle as a context manager) to put the original modules back.
     """
 
     swapped: list[tuple[torch.nn.Module, str, torch.nn.Module, torch.nn.Module]] = field(default_factory=list)
@@ -73,7 +73,7 @@ def patch(model: torch.nn.Module) -> PatchHandle:
         model: the module whose submodules are swapped, in place.
 
     Returns:
-        A :class:`PatchHandle`: ``len(handle)`` modules were swapped; ``handle.revert()`` (or leaving a
+        A `PatchHandle`: ``len(handle)`` modules were swapped; ``handle.revert()`` (or leaving a
         ``with`` block) puts the originals back.
 
     Example::

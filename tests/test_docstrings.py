@@ -1,5 +1,5 @@
-"""What a user reads with help(): every public function of regops, regops.nn, regops.hessian, regops.optim and
-regops.privacy says what it takes (an Args section, or that it takes none) and what it returns, and no public
+"""What a user reads with help(): every public function of regops, regops.nn and every family's namespace says
+what it takes (an Args section, or that it takes none) and what it returns, and no public
 docstring sends the reader into a private module."""
 
 from __future__ import annotations
@@ -10,7 +10,11 @@ import re
 
 import pytest
 
-NAMESPACES = ("regops", "regops.nn", "regops.hessian", "regops.optim", "regops.privacy")
+NAMESPACES = (
+    "regops", "regops.nn", "regops.hessian", "regops.optim", "regops.privacy", "regops.merge", "regops.masks",
+    "regops.penalties", "regops.valuation", "regops.dropout", "regops.mix", "regops.losses", "regops.grad_norms",
+    "regops.per_example",
+)  # fmt: skip
 PRIVATE = re.compile(r"regops\._core\b|regops\.\w+\._\w+|:mod:`\._")
 # Public classes whose docstrings do not have an Args section yet (result types and modules that mirror torch's
 # constructors); the list may only shrink: a class that gains one must leave it.

@@ -39,7 +39,7 @@ def multi_sample_dropout(
     torch's ``mean_k(dropout_k(x))``: NaN where some sample dropped a NaN or Inf.
 
     Args:
-        x, p, training, generator: as :func:`regops.dropout`. num_samples: ``K``, the masks averaged.
+        x, p, training, generator: as `regops.dropout`. num_samples: ``K``, the masks averaged.
     Returns:
         Tensor of ``x``'s shape and dtype.
 

@@ -16,7 +16,7 @@ __all__ = ["DropPath", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "Dropou
 
 @swaps(torch.nn.Dropout)
 class Dropout(RuntimeProbability, torch.nn.Dropout):
-    """:class:`torch.nn.Dropout` (same constructor, repr and state_dict) backed by :func:`regops.dropout`.
+    """`torch.nn.Dropout` (same constructor, repr and state_dict) backed by `regops.dropout`.
 
     Saves no mask for backward. Still an instance of ``torch.nn.Dropout``, so code that looks for dropout
     modules keeps finding it. Under ``torch.compile`` changing ``p`` between steps never recompiles.
@@ -30,7 +30,7 @@ class Dropout(RuntimeProbability, torch.nn.Dropout):
 
     @classmethod
     def from_module(cls, module: torch.nn.Dropout) -> Dropout:
-        """The regops twin of ``module`` with its hooks, state and training flag (what :func:`regops.patch` uses)."""
+        """The regops twin of ``module`` with its hooks, state and training flag (what `regops.patch` uses)."""
         return adopt_module_state(cls(p=module.p, inplace=module.inplace), module)
 
 
@@ -48,21 +48,21 @@ class _ChannelDropoutMixin(RuntimeProbability):
 
 @swaps(torch.nn.Dropout1d)
 class Dropout1d(_ChannelDropoutMixin, torch.nn.Dropout1d):
-    """:class:`torch.nn.Dropout1d` backed by :func:`regops.dropout1d` (whole channels; only a seed is saved)."""
+    """`torch.nn.Dropout1d` backed by `regops.dropout1d` (whole channels; only a seed is saved)."""
 
     _fn = staticmethod(api.dropout1d)
 
 
 @swaps(torch.nn.Dropout2d)
 class Dropout2d(_ChannelDropoutMixin, torch.nn.Dropout2d):
-    """:class:`torch.nn.Dropout2d` backed by :func:`regops.dropout2d` (whole channels; only a seed is saved)."""
+    """`torch.nn.Dropout2d` backed by `regops.dropout2d` (whole channels; only a seed is saved)."""
 
     _fn = staticmethod(api.dropout2d)
 
 
 @swaps(torch.nn.Dropout3d)
 class Dropout3d(_ChannelDropoutMixin, torch.nn.Dropout3d):
-    """:class:`torch.nn.Dropout3d` backed by :func:`regops.dropout3d` (whole channels; only a seed is saved)."""
+    """`torch.nn.Dropout3d` backed by `regops.dropout3d` (whole channels; only a seed is saved)."""
 
     _fn = staticmethod(api.dropout3d)
 
@@ -73,7 +73,7 @@ class DropPath(RuntimeProbability, torch.nn.Module):
 
     ``DropPath(drop_prob=0.0, scale_by_keep=True)``: in training, each sample is zeroed with probability
     ``drop_prob`` (survivors scaled by ``1/(1-drop_prob)`` when ``scale_by_keep``); identity in eval.
-    Backed by :func:`regops.drop_path`: the per-sample mask is regenerated in backward. Under ``torch.compile``
+    Backed by `regops.drop_path`: the per-sample mask is regenerated in backward. Under ``torch.compile``
     changing ``drop_prob`` between steps (a stochastic-depth schedule) never recompiles.
 
     >>> block_out = regops.nn.DropPath(0.1)(block_out)
@@ -99,7 +99,7 @@ class DropPath(RuntimeProbability, torch.nn.Module):
 
 
 class DropoutAddLayerNorm(RuntimeProbability, torch.nn.Module):
-    """``LayerNorm(dropout(x) + residual)`` (or RMSNorm) as one fused op, :func:`regops.dropout_add_layer_norm`.
+    """``LayerNorm(dropout(x) + residual)`` (or RMSNorm) as one fused op, `regops.dropout_add_layer_norm`.
 
     Constructor as flash-attn's ``DropoutAddLayerNorm`` plus ``rms_norm``: parameters ``weight`` (ones) and
     ``bias`` (zeros; absent for RMSNorm unless ``bias=True``). ``forward(x, residual=None)`` returns ``y``, or
@@ -152,11 +152,11 @@ class MultiSampleDropout(RuntimeProbability, torch.nn.Module):
     """Multi-sample dropout (Inoue 2019): the mean over K dropout masks of ``head(dropout_k(features))``.
 
     * A linear head (``torch.nn.Linear``, or ``linear_head=True``) is applied once to the features times the
-      mean of the K masks (:func:`regops.multi_sample_dropout`): exact, one pass, no K copies.
+      mean of the K masks (`regops.multi_sample_dropout`): exact, one pass, no K copies.
     * Any other head runs K times, each under activation checkpointing: the masked copy of sample k is
       regenerated from its seed in backward, so at most one masked copy exists at a time.
 
-    :meth:`loss` averages ``loss_fn(head(dropout_k(features)), target)`` over the K samples the same way.
+    `loss` averages ``loss_fn(head(dropout_k(features)), target)`` over the K samples the same way.
     In eval mode both return the head applied to the features.
 
     >>> msd = regops.nn.MultiSampleDropout(torch.nn.Linear(768, 10), num_samples=8, p=0.5)

@@ -36,7 +36,7 @@ class PrivacyAccountant:
     """Tracks the privacy spent by DP-SGD steps (Poisson sampling with rate ``q``, Gaussian noise ``sigma``).
 
     A thin wrapper over Opacus's accountant (``"rdp"``: Renyi DP, ``"prv"``: privacy random variables,
-    ``"gdp"``: Gaussian DP). Call :meth:`step` once per optimizer step.
+    ``"gdp"``: Gaussian DP). Call `step` once per optimizer step.
 
     Example::
 

@@ -192,7 +192,7 @@ def _distributed_world(norms: PerSampleGradNorms) -> int:
 
 
 class DPClipping(PerSampleGradNorms):
-    """A :class:`PerSampleGradNorms` block that ends with :func:`clip_per_sample_` (see :func:`dp_clipping`)."""
+    """A `PerSampleGradNorms` block that ends with `clip_per_sample_` (see `dp_clipping`)."""
 
     def __init__(self, model: nn.Module, loss_reduction: str, clip_args: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(model, loss_reduction, retain_signals=True, **kwargs)
@@ -276,7 +276,7 @@ def dp_clipping(
 ) -> DPClipping:
     r"""DP-SGD step in one block: run the forward(s) and backward(s) inside (several micro-batches
     accumulate, like Opacus's virtual steps); on exit every tracked ``p.grad`` is its value before the block
-    plus the clipped, noised sum of :func:`clip_per_sample_` over all the block's examples, noise added once
+    plus the clipped, noised sum of `clip_per_sample_` over all the block's examples, noise added once
     (divided by ``expected_batch_size``, or the number of examples, for ``loss_reduction="mean"``).
 
     Since the clipped gradients are rebuilt from the recorded signals (Book-Keeping), autograd is spared the
@@ -285,10 +285,10 @@ def dp_clipping(
     the same gradients on every rank, also on a rank whose empty batch runs outside any block). The object
     also holds the norms (``total``, ``per_param``) and, after the block, ``clip_factors``.
 
-    Args: as :func:`per_sample_grad_norms` and :func:`clip_per_sample_`; ``loss_reduction`` is required.
+    Args: as `per_sample_grad_norms` and `clip_per_sample_`; ``loss_reduction`` is required.
 
     Returns:
-        A context manager (:class:`DPClipping`); on exit ``p.grad`` holds the clipped, noised gradient sum.
+        A context manager (`DPClipping`); on exit ``p.grad`` holds the clipped, noised gradient sum.
 
     Example::
 

@@ -41,7 +41,7 @@ def twice_differentiable() -> Iterator[None]:
     ``F.mse_loss``, ``F.huber_loss``, ``F.soft_margin_loss`` and ``F.multi_margin_loss`` (and their modules) are
     computed from elementwise ops, and so are ``F.hardsigmoid`` (``nn.Hardsigmoid``) and eval-mode ``F.rrelu``.
     The Hessian estimators enter it themselves; use it around the forward whose loss you pass to
-    :func:`regops.hessian.trace_penalty` (or any ``create_graph`` backward) in an attention model.
+    `regops.hessian.trace_penalty` (or any ``create_graph`` backward) in an attention model.
 
     Takes no arguments.
 

@@ -15,7 +15,7 @@ from regops.hessian._inputs import DEFAULT_PROBE_BATCH, _operator, _resolve
 class HessianLinearOperator:
     r"""``v -> H v`` for the Hessian ``H`` of a scalar loss w.r.t. the trainable params, ``N x N``.
 
-    Built from the same forms as :func:`regops.hessian.trace` (``(loss_fn, params)``, ``(model, criterion,
+    Built from the same forms as `regops.hessian.trace` (``(loss_fn, params)``, ``(model, criterion,
     inputs, targets)``, ``(model, criterion, loader)``: the batch-size-weighted mean over the loader's batches)
     and computed by the same engines (``hvp``: batched double backward, forward-over-reverse, loop, or
     finite differences; attention on its math backend; one fixed dropout mask per batch in train mode). A single

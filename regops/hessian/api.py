@@ -134,7 +134,7 @@ def trace(
             take any ``num_probes`` and spend at most ``2 N`` products on ``N`` parameters (a sketch of ``N``
             probes spans everything: the trace is then exact); ``probe_cap`` in the result records the cap.
         distribution: ``"rademacher"`` (lowest variance for Hutchinson) or ``"gaussian"``; probes come from the
-            Philox stream (:mod:`regops.hessian.reference`), reproducible from ``generator``'s state.
+            Philox stream (`regops.hessian.reference`), reproducible from ``generator``'s state.
         probe_batch: probes per batched Hessian-vector product (memory ~ ``probe_batch`` x one backward);
             default ``min(num_probes, 16)``, and 1 for ``hvp="finite_difference"`` (each probe is regenerated from
             the seed when its two gradients are computed).
@@ -162,7 +162,7 @@ def trace(
             4.9e-3 in float32, 6.1e-6 in float64; the bias is ``O(h^2)``, docs/hessian.md).
 
     Returns:
-        :class:`TraceEstimate` (``value``, ``stderr``, ``num_matvecs``, ``engine``, ``probe_cap``, ``fd_error``)
+        `TraceEstimate` (``value``, ``stderr``, ``num_matvecs``, ``engine``, ``probe_cap``, ``fd_error``)
         or a dict of them (``by``).
 
     Example::
@@ -249,31 +249,31 @@ def diagonal(
     per-probe inner products are accumulated in one fused pass over all parameters (``regops::hessian_probe_dot``).
 
     Forms, ``num_probes``, ``distribution``, ``probe_batch``, ``generator``, ``hvp``, ``progress``,
-    ``distributed``, ``probes``, ``fd_eps``, frozen params, dtypes, attention and dropout: as :func:`trace`.
+    ``distributed``, ``probes``, ``fd_eps``, frozen params, dtypes, attention and dropout: as `trace`.
     ``tol``: stop when ``||stderr|| / ||diag||`` falls below it.
 
     Returns:
-        :class:`DiagonalEstimate`: ``value`` and per-coordinate ``stderr`` shaped like the parameters (a dict
+        `DiagonalEstimate`: ``value`` and per-coordinate ``stderr`` shaped like the parameters (a dict
         keyed by name of the trainable params for dict params or a model; else a tuple in the order of
         ``params``, ``None`` at frozen entries), ``num_matvecs``, and the Hutchinson ``trace`` of the same
         probes.
 
     Args:
         loss_fn: a model (then ``params`` is the criterion and ``data`` the inputs and targets) or a function
-            ``loss_fn(params) -> scalar``, as :func:`trace`.
+            ``loss_fn(params) -> scalar``, as `trace`.
         params: the criterion (model form) or the parameters (a tensor, a sequence or a dict of tensors).
         *data: the model form's inputs and targets, or a ``DataLoader`` of batches.
         num_probes: probes to spend (>= 1).
         distribution: ``"rademacher"`` or ``"gaussian"``.
-        probe_batch: probes per batched Hessian-vector product, as :func:`trace`.
+        probe_batch: probes per batched Hessian-vector product, as `trace`.
         tol: stop once ``||stderr|| / ||diag||`` falls below it.
         generator: a ``torch.Generator`` on the parameters' device type; default torch's default generator.
-        hvp: the Hessian-vector product engine, as :func:`trace`.
+        hvp: the Hessian-vector product engine, as `trace`.
         progress: show a tqdm progress bar.
-        distributed: split the probes across the ranks of ``group``, as :func:`trace`.
+        distributed: split the probes across the ranks of ``group``, as `trace`.
         group: the process group of ``distributed``; default the world.
-        probes: your own probes, as :func:`trace`.
-        fd_eps: the step of ``hvp="finite_difference"``, as :func:`trace`.
+        probes: your own probes, as `trace`.
+        fd_eps: the step of ``hvp="finite_difference"``, as `trace`.
 
     Example::
 
@@ -382,7 +382,7 @@ def trace_penalty(
     ``P.backward()`` gives an unbiased estimate of ``grad tr(H)`` (a third derivative, through the fused
     ``regops::hessian_probe_dot``). Cost per step: about one extra forward+backward of the backward graph per
     probe batch. Probes are Philox probes from ``generator``. The loss is the one you computed, so dropout keeps
-    that forward's mask; in an attention model compute it under :func:`regops.hessian.twice_differentiable`
+    that forward's mask; in an attention model compute it under `regops.hessian.twice_differentiable`
     (the fused attention kernels have no double backward).
 
     Args:
@@ -526,7 +526,7 @@ def linear_head_trace(
     reduction: str = "mean",
     ignore_index: int = -100,
 ) -> torch.Tensor:
-    """Exact trace of the head Hessian (the sum of :func:`linear_head_diagonal`), a 0-dim tensor.
+    """Exact trace of the head Hessian (the sum of `linear_head_diagonal`), a 0-dim tensor.
 
     Since ``sum_d h_d^2`` factors out, this is ``sum_i w_i (||h_i||^2 + [bias]) (1 - ||p_i||^2)``.
 

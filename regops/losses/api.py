@@ -47,7 +47,7 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------------------ cross-entropy
 class LossStats(NamedTuple):
-    """Per-row statistics of :func:`cross_entropy` (shape: the logits' leading shape; float32, float64 for
+    """Per-row statistics of `cross_entropy` (shape: the logits' leading shape; float32, float64 for
     float64 logits; computed in the loss's own pass, no gradient).
 
     ``loss``: the unreduced row loss; ``lse``: log-sum-exp of the (scaled, capped) logits; ``entropy``:
@@ -108,7 +108,7 @@ def cross_entropy(
     * cross-entropy ``lse - z_y``; label smoothing ``a``: ``(1-a)(lse - z_y) + a(lse - mean_k z_k)`` (torch's);
     * MaxSup ``m``: ``+ m (z_max - mean_k z_k)``; z-loss ``l``: ``+ l lse^2``; confidence penalty ``b``:
       ``- b H(softmax(z))``;
-    * ``mix`` (a :class:`~regops.MixedBatch`): ``lam CE(y_a) + (1 - lam) CE(y_b)`` with the smoothing folded in;
+    * ``mix`` (a `regops.MixedBatch`): ``lam CE(y_a) + (1 - lam) CE(y_b)`` with the smoothing folded in;
       ``decoupled`` ``eta`` (needs ``mix``): ``+ eta [-lam log(e^{z_a} / (e^{z_a} + R)) - (1-lam)
       log(e^{z_b} / (e^{z_b} + R))]``, ``R = sum_{c not in {a, b}} e^{z_c}``;
     * ``target=(indices [..., k], probs [..., k])``: sparse (top-k teacher) targets,
@@ -133,7 +133,7 @@ def cross_entropy(
         target: int labels shaped like the logits without their class dim, or ``(indices, probabilities)`` with
             ``k`` more in a last dim; ``None`` with ``mix``.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (the target's shape).
-        return_stats: also return :class:`LossStats` computed in the same pass.
+        return_stats: also return `LossStats` computed in the same pass.
         class_dim: where the classes are; ``None`` for ``F.cross_entropy``'s rule (dim 1, or dim 0 of a 1-D
             input), ``-1`` for classes-last logits such as ``[B, T, V]``.
 
@@ -193,7 +193,7 @@ def linear_cross_entropy(
     logit_scale: float = 1.0,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, LossStats]:
-    r""":func:`cross_entropy` of ``hidden @ weight.T + bias`` without ever materialising the ``[rows, V]`` logits.
+    r"""`cross_entropy` of ``hidden @ weight.T + bias`` without ever materialising the ``[rows, V]`` logits.
 
     The logits this form stands for are classes-last by construction (``[..., V]`` from ``hidden`` ``[..., H]``),
     so targets are shaped like ``hidden`` without its last dim (``[B, T]`` for ``[B, T, H]``): the form to use
@@ -204,7 +204,7 @@ def linear_cross_entropy(
     and multiplies it into ``d hidden`` and ``d weight`` (accumulated in float32, float64 for float64), which the
     backward scales by the upstream gradient (every row shares it: exact). With ``reduction="none"`` the
     backward recomputes each block's logits instead, so the result is exact for any upstream gradient. Same
-    options and statistics as :func:`cross_entropy` (the class weights are ``class_weight`` here, since ``weight``
+    options and statistics as `cross_entropy` (the class weights are ``class_weight`` here, since ``weight``
     is the classifier's).
 
     Args:
@@ -213,7 +213,7 @@ def linear_cross_entropy(
 
     Returns:
         The loss (a 0-dim float32 tensor, float64 for float64 inputs; ``[...]`` under ``reduction="none"``), and
-        its :class:`LossStats` with ``return_stats=True``, as :func:`cross_entropy`.
+        its `LossStats` with ``return_stats=True``, as `cross_entropy`.
 
     Example::
 
@@ -262,7 +262,7 @@ def linear_cross_entropy(
 def symmetric_kl(
     logits_a: torch.Tensor, logits_b: torch.Tensor, *, reduction: str = "mean", class_dim: int | None = None
 ) -> torch.Tensor:
-    r"""R-Drop consistency loss: :math:`\tfrac12\,[KL(p_a\|p_b) + KL(p_b\|p_a)]` over the class dimension.
+    r"""R-Drop consistency loss: ``\tfrac12\,[KL(p_a\|p_b) + KL(p_b\|p_a)]`` over the class dimension.
 
     .. math:: \ell = \tfrac12 \sum_v (p_{a,v} - p_{b,v})(\log p_{a,v} - \log p_{b,v}),
               \quad p = \mathrm{softmax}(\text{logits})
@@ -320,15 +320,15 @@ def symmetric_kl(
 
 # ------------------------------------------------------------------------------------------------ Hugging Face
 def causal_lm_loss(**options: Any) -> Callable[..., torch.Tensor]:
-    """A drop-in for transformers' ``ForCausalLMLoss`` backed by :func:`regops.cross_entropy` with ``options``.
+    """A drop-in for transformers' ``ForCausalLMLoss`` backed by `regops.cross_entropy` with ``options``.
 
     Transformers models compute their loss through ``model.loss_function`` (default: ``ForCausalLMLoss``: shift
     the labels, ``F.cross_entropy`` on upcast float32 logits, ``"sum" / num_items_in_batch`` under gradient
-    accumulation). The function returned has that signature and calls :func:`regops.cross_entropy` instead: no
+    accumulation). The function returned has that signature and calls `regops.cross_entropy` instead: no
     float32 copy of the logits, the regularizers and statistics available, same reduction rules, no global patching.
 
     Args:
-        **options: keyword arguments of :func:`regops.cross_entropy` (``label_smoothing``, ``z_loss``, ...),
+        **options: keyword arguments of `regops.cross_entropy` (``label_smoothing``, ``z_loss``, ...),
             applied on every call; ``reduction``, ``ignore_index``, ``return_stats``, ``mix`` and ``target``
             are set by the loss itself and raise a ValueError.
 

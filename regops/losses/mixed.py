@@ -77,7 +77,7 @@ def mix_cross_entropy(
 
     Args:
         logits: ``[B, C]`` float32/16, bfloat16 or float64.
-        mix: the :class:`MixedBatch` from :func:`mix_batch`.
+        mix: the `MixedBatch` from `mix_batch`.
         label_smoothing: ``s`` in ``[0, 1]``; default ``mix.label_smoothing``.
         reduction: ``'mean'`` (over the batch, as timm), ``'sum'`` or ``'none'`` (float32 ``[B]``).
 
@@ -156,7 +156,7 @@ def mix_binary_cross_entropy(
     classes averaged over the batch (timm's ``sum_classes``).
 
     Args:
-        logits: ``[B, C]`` float. mix: from :func:`mix_batch`. label_smoothing: default ``mix.label_smoothing``.
+        logits: ``[B, C]`` float. mix: from `mix_batch`. label_smoothing: default ``mix.label_smoothing``.
         weight, pos_weight: per-class ``[C]`` tensors (pos_weight may be a number).
 
     Returns:

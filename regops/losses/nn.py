@@ -12,13 +12,13 @@ __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "MixCrossEntropy", "Sof
 
 
 class CrossEntropyLoss(torch.nn.Module):
-    """``torch.nn.CrossEntropyLoss`` with regops' fused regularized cross-entropy (:func:`regops.cross_entropy`).
+    """``torch.nn.CrossEntropyLoss`` with regops' fused regularized cross-entropy (`regops.cross_entropy`).
 
     Takes torch's constructor arguments (``weight``, ``ignore_index``, ``reduction``, ``label_smoothing``; the
     deprecated ``size_average`` / ``reduce`` are rejected) plus regops' own (``maxsup``, ``z_loss``,
     ``confidence_penalty``, ``decoupled``, ``softcap``, ``logit_scale``, ``return_stats``, ``class_dim``). Inputs as
     torch's: ``[N, C]``, ``[C]`` or ``[N, C, d1, ...]`` (classes on dim 1) with index targets, the same rule as
-    :func:`regops.cross_entropy`; ``class_dim=-1`` for classes-last logits (``[B, T, V]``). Probability targets go
+    `regops.cross_entropy`; ``class_dim=-1`` for classes-last logits (``[B, T, V]``). Probability targets go
     to torch's own loss (no regularizers on that path). ``forward(input, target, mix=None, token_weight=None)``.
 
     Example::
@@ -83,9 +83,9 @@ class CrossEntropyLoss(torch.nn.Module):
 
 
 class LinearCrossEntropyLoss(CrossEntropyLoss):
-    """:func:`regops.linear_cross_entropy` as a module: ``loss = crit(hidden, weight, target, bias=None)``.
+    """`regops.linear_cross_entropy` as a module: ``loss = crit(hidden, weight, target, bias=None)``.
 
-    Same options as :class:`CrossEntropyLoss` (``weight`` here is the class weight; the classifier's weight is
+    Same options as `CrossEntropyLoss` (``weight`` here is the class weight; the classifier's weight is
     an argument of ``forward``, e.g. ``model.lm_head.weight``). The ``[rows, V]`` logits are never built.
 
     Example::
@@ -104,7 +104,7 @@ class LinearCrossEntropyLoss(CrossEntropyLoss):
 
 
 class MixCrossEntropy(torch.nn.Module):
-    """Module form of :func:`mix_cross_entropy`: ``MixCrossEntropy(label_smoothing)(logits, mix)``."""
+    """Module form of `mix_cross_entropy`: ``MixCrossEntropy(label_smoothing)(logits, mix)``."""
 
     def __init__(self, label_smoothing: float | None = None, reduction: str = "mean") -> None:
         super().__init__()
@@ -115,7 +115,7 @@ class MixCrossEntropy(torch.nn.Module):
 
 
 class SoftTargetCrossEntropy(torch.nn.Module):
-    """Drop-in for ``timm.loss.SoftTargetCrossEntropy`` backed by :func:`soft_target_cross_entropy`."""
+    """Drop-in for ``timm.loss.SoftTargetCrossEntropy`` backed by `soft_target_cross_entropy`."""
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return soft_target_cross_entropy(x, target)

@@ -22,8 +22,8 @@ class LoRALinear(RuntimeProbability, torch.nn.Module):
         \text{ with } \mathtt{use\_rslora})
 
     ``weight``/``bias`` are the (frozen) base layer's, ``lora_A [r, in]`` (Kaiming-uniform) and ``lora_B [out, r]``
-    (zeros) the trainable factors, as PEFT initialises them. :func:`regops.lora_dropout` applies
-    :func:`regops.dropout`'s mask while ``x`` is multiplied by ``A``: no dropped copy of ``x``, only a seed saved.
+    (zeros) the trainable factors, as PEFT initialises them. `regops.lora_dropout` applies
+    `regops.dropout`'s mask while ``x`` is multiplied by ``A``: no dropped copy of ``x``, only a seed saved.
     ``p`` is a runtime value under ``torch.compile``.
 
     >>> layer = regops.nn.LoRALinear.from_linear(model.q_proj, r=16, lora_alpha=32, lora_dropout=0.05)
@@ -94,13 +94,13 @@ _PEFT_TWINS: dict[type, type] = {}
 
 @swaps("peft.tuners.lora.layer:Linear")
 class PeftLoRALinear:
-    """The regops twin of PEFT's LoRA ``Linear`` (``peft.tuners.lora.layer.Linear``), made by :func:`regops.patch`.
+    """The regops twin of PEFT's LoRA ``Linear`` (``peft.tuners.lora.layer.Linear``), made by `regops.patch`.
 
     A subclass of PEFT's class built on first use (so PEFT is imported only by code that already uses it): it
     shares the original's adapters, base layer, hooks and state, and every PEFT method keeps working (merge,
     unmerge, set_adapter, saving). Only the forward of plain LoRA adapters changes: ``lora_B(lora_A(dropout(x)))``
     becomes ``lora_B(regops.lora_dropout(x, lora_A.weight, p))``, which gives PEFT's result with
-    :func:`regops.dropout`'s mask and neither creates nor saves a dropped copy of ``x`` per adapter. Anything else
+    `regops.dropout`'s mask and neither creates nor saves a dropped copy of ``x`` per adapter. Anything else
     (merged or disabled adapters, ``adapter_names`` batches, DoRA and other variants, a ``lora_A`` with hooks, a
     dropout that is not ``torch.nn.Dropout`` or ``Identity``) runs PEFT's own forward unchanged.
     """

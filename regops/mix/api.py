@@ -53,14 +53,14 @@ def _mix_masks(masks: torch.Tensor, params: MixParams, x: torch.Tensor) -> tuple
 
 @dataclass
 class MixedBatch:
-    """What :func:`mix_batch` did to a batch, for losses that work from index labels.
+    """What `mix_batch` did to a batch, for losses that work from index labels.
 
     Attributes:
         target_a: int64 ``[B]``, each sample's own label.
         target_b: int64 ``[B]``, its partner's label (``target_a[partner]``).
         lam: float32 ``[B]``, the weight of ``target_a`` (CutMix: the area left to the sample).
-        params: the :class:`MixParams` (partner, boxes) used, to mix anything else the same way.
-        label_smoothing: default smoothing for :func:`mix_cross_entropy` / :func:`mix_binary_cross_entropy`.
+        params: the `MixParams` (partner, boxes) used, to mix anything else the same way.
+        label_smoothing: default smoothing for `mix_cross_entropy` / `mix_binary_cross_entropy`.
         num_classes: the class count the labels were checked against (or ``None``).
         masks: the mixed ``masks`` (if any were given): float masks blended like the images, integer label
             maps with the partner's map pasted in each CutMix box.
@@ -104,14 +104,14 @@ def mix_batch(
 ) -> tuple[torch.Tensor, MixedBatch]:
     r"""MixUp / CutMix a batch and keep index labels: ``x_mixed, mix = regops.mix_batch(x, target, ...)``.
 
-    Same keyword arguments and distributions as :class:`Mixup` (timm's ``Mixup``). Sample ``b`` is mixed with
+    Same keyword arguments and distributions as `Mixup` (timm's ``Mixup``). Sample ``b`` is mixed with
     ``p = partner[b]`` (``'flip'``: ``B - 1 - b`` as timm; ``'roll'``: ``b - 1`` as torchvision; ``'random'``: a
     random permutation, a random pairing in ``'pair'`` mode)::
 
         MixUp:   x'_b = lam_b x_b + (1 - lam_b) x_p                 lam_b ~ Beta(mixup_alpha, mixup_alpha)
         CutMix:  x'_b = x_b with box_b pasted from x_p,  lam_b = 1 - area(box_b) / (H W)
 
-    Train with :func:`mix_cross_entropy` (``lam CE(y_a) + (1 - lam) CE(y_b)``), which never builds a ``B x C``
+    Train with `mix_cross_entropy` (``lam CE(y_a) + (1 - lam) CE(y_b)``), which never builds a ``B x C``
     target. Every draw is made on ``x``'s device with ``generator`` (default: torch's), and the mixing is one
     kernel launch; ``x`` is not modified (unless ``inplace=True``: timm mixes in place).
 
@@ -119,18 +119,18 @@ def mix_batch(
         x: ``[B, ..., H, W]`` (CutMix boxes on the last two dims) or ``[B, D]`` (MixUp only); float32/16,
             bfloat16, float64 or uint8 (blended in float32, rounded half to even); NCHW or channels_last (kept).
         target: int ``[B]`` class indices.
-        mixup_alpha, cutmix_alpha, cutmix_minmax, prob, switch_prob, mode, correct_lam: as :class:`Mixup`.
+        mixup_alpha, cutmix_alpha, cutmix_minmax, prob, switch_prob, mode, correct_lam: as `Mixup`.
         label_smoothing: stored in ``mix`` as the losses' default.
         num_classes: if given, labels are checked to lie in ``[0, num_classes)``.
         partner: ``'flip'``, ``'roll'`` or ``'random'``.
         masks: a tensor or list of tensors ``[B, ..., H, W]`` (dense labels) mixed with the same lambdas and boxes.
         generator: ``torch.Generator`` on ``x``'s device type.
-        params: reuse these :class:`MixParams` instead of drawing (e.g. ``mix.params`` of another batch).
+        params: reuse these `MixParams` instead of drawing (e.g. ``mix.params`` of another batch).
         inplace: write the mixed batch into ``x`` and return ``x`` (timm's in-place behaviour); default: ``x`` is
             not modified and a new tensor is returned.
 
     Returns:
-        ``(x_mixed, mix)``: ``x_mixed`` like ``x``; ``mix`` a :class:`MixedBatch`.
+        ``(x_mixed, mix)``: ``x_mixed`` like ``x``; ``mix`` a `MixedBatch`.
 
     Example::
 
@@ -182,12 +182,12 @@ def manifold_mix(
     """Mix hidden activations ``h`` ``[B, ...]`` with the partners, lambdas and boxes of ``mix`` (manifold mixup).
 
     Differentiable: the gradient of ``h'_b = lam_b h_b + (1 - lam_b) h_p`` reaches both ``h_b`` and ``h_p``
-    (the backward is the same kernel, transposed). Draw ``mix`` with :func:`mix_batch` at the layer you mix
+    (the backward is the same kernel, transposed). Draw ``mix`` with `mix_batch` at the layer you mix
     (or mix the input and reuse ``mix`` deeper with MixUp only). Float dtypes.
 
     Args:
         h: hidden activations ``[B, ...]``, a float dtype; the batch dim first.
-        mix: the draws of :func:`mix_batch` (a :class:`MixedBatch` or its :class:`MixParams`) for the same ``B``.
+        mix: the draws of `mix_batch` (a `MixedBatch` or its `MixParams`) for the same ``B``.
 
     Returns:
         The mixed activations, shape and dtype of ``h`` (``h`` itself is not changed).
@@ -214,7 +214,7 @@ def mixed_targets(mix: MixedBatch, num_classes: int, label_smoothing: float | No
     scattering it would fail inside torch, or hit a device-side assert on a GPU).
 
     Args:
-        mix: the :class:`MixedBatch` returned by :func:`mix_batch`.
+        mix: the `MixedBatch` returned by `mix_batch`.
         num_classes: ``C``, the number of classes.
         label_smoothing: smoothing of each one-hot target; default: the value ``mix`` was drawn with.
 

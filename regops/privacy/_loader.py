@@ -96,13 +96,13 @@ def _distributed_shard(data_loader: DataLoader | None) -> tuple[int, int]:
 
 class DPDataLoader(DataLoader):
     """A ``DataLoader`` drawing Poisson batches: each example of ``dataset`` joins each step's batch independently
-    with probability ``sample_rate`` (:class:`regops.PoissonBatchSampler`), so batch sizes vary around
+    with probability ``sample_rate`` (`regops.PoissonBatchSampler`), so batch sizes vary around
     ``sample_rate * len(dataset)``, and a batch may be empty: it comes out as tensors with 0 examples in the batch
     dim and the trailing shapes and dtypes of the collated first example (the DP step must still happen, adding
     only the noise), where torch's default collate would fail.
 
     ``distributed=True``: each rank yields its shard (``i % world == rank``) of the single-process batch, empty
-    shares included (:class:`ShardedPoissonSampler`); give every rank the same ``generator`` state and the union
+    shares included (`ShardedPoissonSampler`); give every rank the same ``generator`` state and the union
     of the ranks' batches is the single-process batch.
 
     Args:

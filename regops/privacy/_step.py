@@ -155,8 +155,8 @@ class DPStep:
 
 
 class PrivateModule(nn.Module):
-    """The model returned by :meth:`regops.PrivacyEngine.make_private`: the user's module (``._module``) whose
-    training forwards open the step's :func:`regops.dp_clipping` block (the role of Opacus's
+    """The model returned by `regops.PrivacyEngine.make_private`: the user's module (``._module``) whose
+    training forwards open the step's `regops.dp_clipping` block (the role of Opacus's
     ``GradSampleModule``). Evaluation (``model.eval()`` or ``torch.no_grad()``) runs the module as it is.
 
     An empty batch (0 examples in the batch dim) runs outside any block: the step that follows adds only the
@@ -197,13 +197,13 @@ class PrivateModule(nn.Module):
 
 
 class DPOptimizer(Optimizer):
-    """The optimizer returned by :meth:`regops.PrivacyEngine.make_private`: ``step()`` closes the DP step (clipped
+    """The optimizer returned by `regops.PrivacyEngine.make_private`: ``step()`` closes the DP step (clipped
     sum of per-example gradients + Gaussian noise from the noise generator, divided by ``expected_batch_size``),
     reports it to the engine's accountant, then runs the wrapped optimizer's step (``original_optimizer``).
 
     Virtual steps (Opacus's ``signal_skip_step``): after ``signal_skip_step(True)`` the next ``step()`` only lets
     the block keep accumulating (no noise, no update, no accounting) and the next ``zero_grad()`` keeps it;
-    noise is added once, at the first step not signalled. :class:`regops.privacy.BatchMemoryManager` does the
+    noise is added once, at the first step not signalled. `regops.privacy.BatchMemoryManager` does the
     signalling. ``zero_grad()`` at any other time between a forward and ``step()`` discards the step.
 
     ``param_groups``, ``state``, ``defaults``, ``state_dict`` and ``load_state_dict`` are the wrapped

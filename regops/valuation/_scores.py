@@ -96,10 +96,10 @@ def data_scores(
 ) -> dict[str, torch.Tensor]:
     r"""Per-example data-pruning scores over a dataset, in dataset order ("Deep Learning on a Data Diet").
 
-    * ``grand``: :math:`\|\nabla_\theta \ell_n\|_2`, from the one-backward per-example norms;
-    * ``el2n``: :math:`\|\mathrm{softmax}(z_n) - \mathrm{onehot}(y_n)\|_2` (sequences: over all tokens);
+    * ``grand``: ``\|\nabla_\theta \ell_n\|_2``, from the one-backward per-example norms;
+    * ``el2n``: ``\|\mathrm{softmax}(z_n) - \mathrm{onehot}(y_n)\|_2`` (sequences: over all tokens);
     * ``loss``: cross-entropy of the logits (summed over tokens); ``entropy``: of the softmax; ``margin``:
-      :math:`z_{y} - \max_{c\ne y} z_c` (sequences: means over the tokens; targets ``-100`` are ignored).
+      ``z_{y} - \max_{c\ne y} z_c`` (sequences: means over the tokens; targets ``-100`` are ignored).
 
     Every score depends on its example only, so it is independent of the loader's batch size (examples must
     be independent: no BatchNorm in train mode). ``p.grad`` is untouched.
@@ -117,8 +117,8 @@ def data_scores(
         seeds: initialisation seeds for the factory. train_fn: ``train_fn(model)`` run before scoring each
             initialisation (e.g. a few epochs, as EL2N uses).
         loss_reduction: required with ``"grand"`` (how ``loss_fn`` combines the examples, as for
-            :func:`per_sample_grad_dots`); unused by the other scores.
-        forms, unsupported: as for :func:`per_sample_grad_dots`.
+            `per_sample_grad_dots`); unused by the other scores.
+        forms, unsupported: as for `per_sample_grad_dots`.
         class_dim: the class dim of the logits. ``None``: dim 1 of ``[B, C]``; for more dims, the one the
             targets leave out (``[B, T, V]`` with ``[B, T]`` targets: last, as language models; ``[B, C, H, W]``
             with ``[B, H, W]``: dim 1, as ``F.cross_entropy``), an error when both fit.
@@ -175,12 +175,12 @@ def data_scores(
 
 @dataclass
 class GradientCoherence:
-    r"""Statistics of the per-example gradients :math:`g_1..g_N` of a dataset.
+    r"""Statistics of the per-example gradients ``g_1..g_N`` of a dataset.
 
-    * ``coherence``: :math:`\alpha = \|\bar g\|^2 / \overline{\|g\|^2}` with :math:`\bar g = \frac1N\sum g_n`
+    * ``coherence``: ``\alpha = \|\bar g\|^2 / \overline{\|g\|^2}`` with ``\bar g = \frac1N\sum g_n``
       (1 when all gradients agree, about ``1/N`` when they are orthogonal);
-    * ``cov_trace``: :math:`\mathrm{tr}\,\Sigma = \frac1N\sum_n\|g_n - \bar g\|^2 = \overline{\|g\|^2} - \|\bar g\|^2`;
-    * ``mean_sq_norm`` :math:`\overline{\|g\|^2}`, ``sq_norm_of_mean`` :math:`\|\bar g\|^2`, ``n``.
+    * ``cov_trace``: ``\mathrm{tr}\,\Sigma = \frac1N\sum_n\|g_n - \bar g\|^2 = \overline{\|g\|^2} - \|\bar g\|^2``;
+    * ``mean_sq_norm`` ``\overline{\|g\|^2}``, ``sq_norm_of_mean`` ``\|\bar g\|^2``, ``n``.
     """
 
     coherence: torch.Tensor
@@ -200,9 +200,9 @@ def gradient_coherence(
     unsupported: str = "error",
 ) -> GradientCoherence:
     r"""Gradient coherence ("On the Generalization Mystery in Deep Learning") and the trace of the gradient
-    covariance, from one forward and one backward per batch: :math:`\sum_n \|g_n\|^2` from the per-example
-    norms and :math:`\sum_n g_n` from the same backward (``p.grad`` untouched). ``loss_reduction`` is required
-    (how ``loss_fn`` combines the examples, as for :func:`per_sample_grad_dots`); ``forms``, ``unsupported``: as
+    covariance, from one forward and one backward per batch: ``\sum_n \|g_n\|^2`` from the per-example
+    norms and ``\sum_n g_n`` from the same backward (``p.grad`` untouched). ``loss_reduction`` is required
+    (how ``loss_fn`` combines the examples, as for `per_sample_grad_dots`); ``forms``, ``unsupported``: as
     there. The statistics are sums over the examples: the loader's order does not matter.
 
     Args:
@@ -210,11 +210,11 @@ def gradient_coherence(
         loss_fn: ``loss_fn(outputs, targets)``, a loss over the batch (``F.cross_entropy``).
         loader: an iterable of ``(inputs, targets)`` batches (a ``DataLoader`` or a list).
         loss_reduction: ``"mean"`` or ``"sum"``: how ``loss_fn`` combines the examples (required).
-        forms: per-layer ``"ghost"`` or ``"instantiate"`` forms, as :func:`per_sample_grad_dots`.
-        unsupported: what to do with a module without a rule, as :func:`per_sample_grad_dots`.
+        forms: per-layer ``"ghost"`` or ``"instantiate"`` forms, as `per_sample_grad_dots`.
+        unsupported: what to do with a module without a rule, as `per_sample_grad_dots`.
 
     Returns:
-        :class:`GradientCoherence` with the ``coherence`` and ``cov_trace`` statistics (0-dim tensors).
+        `GradientCoherence` with the ``coherence`` and ``cov_trace`` statistics (0-dim tensors).
 
     Example::
 

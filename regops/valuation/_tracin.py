@@ -79,8 +79,9 @@ def tracin(
     forms: str | Mapping[str, str] | None = None,
     unsupported: str = "error",
 ) -> torch.Tensor | TracInTopK:
-    r"""TracIn influence (Pruthi et al.): :math:`I(z_i, z'_j) = \sum_c \eta_c \langle \nabla\ell(z_i;\theta_c),
-    \nabla \ell(z'_j;\theta_c)\rangle`, exact, from :func:`per_sample_grad_dots`' per-layer forms.
+    r"""TracIn influence (Pruthi et al.), exact, from `per_sample_grad_dots`' per-layer forms:
+
+    .. math:: I(z_i, z'_j) = \sum_c \eta_c \langle \nabla\ell(z_i;\theta_c), \nabla \ell(z'_j;\theta_c)\rangle
 
     The test batches' layer signals are captured once per checkpoint and reused for every training batch; the
     training batches are streamed. Dense mode (``top_k=None``) loops checkpoints outside and returns the
@@ -89,7 +90,7 @@ def tracin(
     example: memory ``O(M k + b M)``, never ``N x M``. The model's state is restored at the end.
 
     Args:
-        model, loss_fn, loss_reduction, forms, unsupported: as for :func:`per_sample_grad_dots`.
+        model, loss_fn, loss_reduction, forms, unsupported: as for `per_sample_grad_dots`.
         train, test: re-iterable loaders of ``(inputs, targets)`` batches (a list ``[(x, y)]`` for one batch).
             Results are in dataset order whatever the samplers do: a DataLoader's sampler indices are recorded
             on every pass (a shuffling loader draws a new order per checkpoint; each pass is put back in
@@ -102,7 +103,7 @@ def tracin(
         progress: a tqdm progress bar over (checkpoint, training batch) steps.
 
     Returns:
-        ``[N, M]`` float32 (float64 for a float64 model) in dataset order, or :class:`TracInTopK`.
+        ``[N, M]`` float32 (float64 for a float64 model) in dataset order, or `TracInTopK`.
 
     Example::
 
