@@ -45,7 +45,10 @@ def multi_sample_dropout(
 
     Example::
 
+        >>> head, features = torch.nn.Linear(16, 3), torch.randn(4, 16)
         >>> logits = head(regops.multi_sample_dropout(features, 0.5, num_samples=8))
+        >>> logits.shape
+        torch.Size([4, 3])
     """
     validate.floating(x, "x")
     p_value, p_t = runtime_probability(p)

@@ -84,8 +84,10 @@ def dropout(
 
     Example::
 
-        >>> torch.manual_seed(0)
-        >>> y = regops.dropout(torch.ones(8), p=0.25)   # 0 or 4/3 per element; same y after manual_seed(0)
+        >>> _ = torch.manual_seed(0)
+        >>> y = regops.dropout(torch.ones(8), p=0.25)  # 0 or 4/3 per element; same y after manual_seed(0)
+        >>> bool(((y == 0) | torch.isclose(y, torch.tensor(4 / 3))).all())
+        True
     """
     validate.floating(x, "x")
     p_value, p_t = runtime_probability(p)
@@ -149,7 +151,10 @@ def bias_dropout_add(
 
     Example::
 
+        >>> attn_out, attn_bias, hidden = torch.randn(2, 5, 8), torch.randn(8), torch.randn(2, 5, 8)
         >>> h = regops.bias_dropout_add(attn_out, attn_bias, hidden, p=0.1)
+        >>> h.shape
+        torch.Size([2, 5, 8])
     """
     validate.floating(x, "x")
     validate.floating(residual, "residual")
@@ -217,7 +222,11 @@ def dropout_add_layer_norm(
 
     Example::
 
+        >>> ln = torch.nn.LayerNorm(8)
+        >>> h, resid = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
         >>> y, resid = regops.dropout_add_layer_norm(h, resid, ln.weight, ln.bias, 0.1, prenorm=True)
+        >>> y.shape, resid.shape
+        (torch.Size([2, 5, 8]), torch.Size([2, 5, 8]))
     """
     validate.floating(x, "x")
     p_value, p_t = runtime_probability(p)
@@ -472,7 +481,10 @@ def drop_path(
 
     Example::
 
-        >>> y = regops.drop_path(branch_out, 0.1, training=True)
+        >>> branch_out = torch.ones(4, 3)
+        >>> y = regops.drop_path(branch_out, 0.5, training=True)  # each row all 0 or all 2
+        >>> bool(((y == 0) | (y == 2)).all(dim=1).all())
+        True
     """
     p_value, p_t = _check_drop_path(x, drop_prob, generator)
     validate.flag(training, "training")
@@ -502,7 +514,10 @@ def drop_path_add(
 
     Example::
 
-        >>> h = regops.drop_path_add(block(h), h, 0.1, training=True)
+        >>> block, h = torch.nn.Linear(8, 8), torch.randn(4, 8)
+        >>> h = regops.drop_path_add(block(h), h, 0.1, training=True)  # h + drop_path(block(h))
+        >>> h.shape
+        torch.Size([4, 8])
     """
     p_value, p_t = _check_drop_path(x, drop_prob, generator)
     validate.floating(residual, "residual")
@@ -547,7 +562,10 @@ def nested_dropout(
 
     Example::
 
-        >>> z = regops.nested_dropout(features, p=0.05)   # [B, D]: keep a random-length prefix per sample
+        >>> features = torch.ones(4, 16)
+        >>> z = regops.nested_dropout(features, p=0.05)  # [B, D]: keep a random-length prefix per sample
+        >>> z.shape
+        torch.Size([4, 16])
     """
     validate.floating(x, "x")
     p_value, p_t = runtime_probability(p)

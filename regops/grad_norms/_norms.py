@@ -23,6 +23,22 @@ class PerSampleGradNorms:
     * ``per_param_sq``: the same, squared;
     * ``per_module``: ``{module name: [N]}`` over the parameters each module holds;
     * ``micro_batch_sizes``: the batch size of each forward.
+
+    Args:
+        model: the model whose trainable parameters are tracked.
+        loss_reduction: ``"sum"`` or ``"mean"`` (required).
+        forms: ``"auto"``, ``"ghost"``, ``"instantiate"`` or ``{module name: form}``.
+        unsupported: ``"error"`` or ``"vmap"``.
+        retain_signals: keep the recorded signals for `clip_per_sample_`.
+        batch_dim: 0, or 1 for sequence-first models.
+
+    Example::
+
+        >>> model = torch.nn.Linear(4, 2)
+        >>> with regops.per_sample_grad_norms(model, loss_reduction="sum") as norms:
+        ...     model(torch.randn(3, 4)).sum().backward()
+        >>> isinstance(norms, regops.PerSampleGradNorms), norms.micro_batch_sizes
+        (True, [3])
     """
 
     def __init__(
@@ -211,11 +227,16 @@ def per_sample_grad_norms(
 
     Example::
 
+        >>> F = torch.nn.functional
+        >>> model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        >>> x, y = torch.randn(16, 20), torch.randint(0, 5, (16,))
         >>> with regops.per_sample_grad_norms(model, loss_reduction="mean") as norms:
         ...     loss = F.cross_entropy(model(x), y)
         ...     loss.backward()
-        >>> norms.total.shape          # torch.Size([B])
-        >>> norms.per_param["0.weight"]
+        >>> norms.total.shape
+        torch.Size([16])
+        >>> norms.per_param["0.weight"].shape
+        torch.Size([16])
     """
     return PerSampleGradNorms(
         model,
@@ -251,9 +272,11 @@ def per_sample_squared_norms(
     Example::
 
         >>> from regops.grad_norms import per_sample_squared_norms
-        >>> eye = torch.eye(10)   # one pseudo-loss per output coordinate c: <output_n, e_c>
+        >>> model, x = torch.nn.Sequential(torch.nn.Linear(4, 10)), torch.randn(8, 4)
+        >>> eye = torch.eye(10)  # one pseudo-loss per output coordinate c: <output_n, e_c>
         >>> sq = per_sample_squared_norms(model, lambda: model(x), lambda o: [eye[c].expand_as(o) for c in range(10)])
-        >>> sq[3]["fc.weight"].shape   # torch.Size([B]): ||d output_n[3] / d fc.weight||^2 per example
+        >>> sq[3]["0.weight"].shape  # ||d output_n[3] / d weight||^2 per example
+        torch.Size([8])
     """
     rec = _Recorder(model, forms=forms, unsupported=unsupported, hook_outputs=False)
     rec.attach()

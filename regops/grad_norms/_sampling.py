@@ -24,8 +24,11 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
 
     Example::
 
-        >>> sampler = regops.grad_norms.PoissonBatchSampler(len(ds), sample_rate=256 / len(ds))
+        >>> ds = torch.utils.data.TensorDataset(torch.randn(1000, 4), torch.randint(0, 2, (1000,)))
+        >>> sampler = regops.PoissonBatchSampler(len(ds), sample_rate=64 / len(ds))
         >>> loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler)
+        >>> len(loader), sampler.expected_batch_size
+        (16, 64)
     """
 
     def __init__(

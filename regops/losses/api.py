@@ -54,6 +54,21 @@ class LossStats(NamedTuple):
     ``H(softmax)``; ``el2n``: ``||softmax - onehot(y)||_2`` ("Deep Learning on a Data Diet"); ``max_prob``;
     ``argmax`` (int64); ``margin``: ``z_y - max_{c != y} z_c`` (``+inf`` for one class). ``y`` is the label
     (the first of a mixed pair, the first teacher index). Ignored rows: loss 0, el2n and margin 0.
+
+    Args:
+        loss: the unreduced row loss.
+        lse: log-sum-exp of the (scaled, capped) logits.
+        entropy: the entropy of the row's softmax.
+        el2n: ``||softmax - onehot(y)||_2``.
+        max_prob: the largest probability.
+        argmax: int64, the predicted class.
+        margin: ``z_y - max_{c != y} z_c``.
+
+    Example::
+
+        >>> _, st = regops.cross_entropy(torch.randn(4, 10), torch.tensor([1, 2, 3, 4]), return_stats=True)
+        >>> st.el2n.shape, st.argmax.dtype
+        (torch.Size([4]), torch.int64)
     """
 
     loss: torch.Tensor
@@ -142,10 +157,13 @@ def cross_entropy(
 
     Example::
 
+        >>> logits, labels = torch.randn(8, 10), torch.randint(0, 10, (8,))
         >>> loss = regops.cross_entropy(logits, labels, label_smoothing=0.1, z_loss=1e-4)
         >>> loss, st = regops.cross_entropy(logits, labels, maxsup=0.1, return_stats=True)
-        >>> hard = st.el2n > 0.5                         # data-pruning scores from the same pass
-        >>> loss = regops.cross_entropy(lm_logits, labels, class_dim=-1)   # [B, T, V] logits, [B, T] labels
+        >>> hard = st.el2n > 0.5  # data-pruning scores from the same pass
+        >>> lm_logits, tokens = torch.randn(2, 5, 10), torch.randint(0, 10, (2, 5))
+        >>> regops.cross_entropy(lm_logits, tokens, class_dim=-1).shape  # [B, T, V] logits, [B, T] labels
+        torch.Size([])
     """
     logits = validate.floating(logits, "logits")
     if logits.dim() == 0:
@@ -217,8 +235,12 @@ def linear_cross_entropy(
 
     Example::
 
-        >>> h = model.transformer(input_ids)[0][:, :-1]                      # [B, T-1, H]
-        >>> loss = regops.linear_cross_entropy(h, model.lm_head.weight, input_ids[:, 1:], z_loss=1e-4)
+        >>> lm_head, input_ids = torch.nn.Linear(16, 50, bias=False), torch.randint(0, 50, (2, 6))
+        >>> h = torch.randn(2, 5, 16, requires_grad=True)  # [B, T-1, H] hidden states
+        >>> loss = regops.linear_cross_entropy(h, lm_head.weight, input_ids[:, 1:], z_loss=1e-4)
+        >>> loss.backward()  # the [B, T-1, 50] logits were never built
+        >>> h.grad.shape
+        torch.Size([2, 5, 16])
     """
     hidden = validate.floating(hidden, "hidden")
     weight = validate.floating(weight, "weight")
@@ -285,8 +307,12 @@ def symmetric_kl(
 
     Example::
 
-        >>> loss = F.cross_entropy(la, y) + F.cross_entropy(lb, y) + alpha * regops.symmetric_kl(la, lb)
-        >>> reg = regops.symmetric_kl(lm_logits_a, lm_logits_b, class_dim=-1)   # [B, T, V]
+        >>> F = torch.nn.functional
+        >>> la, lb, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([1, 2, 3, 4])  # two dropout views
+        >>> loss = F.cross_entropy(la, y) + F.cross_entropy(lb, y) + 0.5 * regops.symmetric_kl(la, lb)
+        >>> reg = regops.symmetric_kl(torch.randn(2, 5, 10), torch.randn(2, 5, 10), class_dim=-1)  # [B, T, V]
+        >>> bool(regops.symmetric_kl(la, la) == 0)
+        True
     """
     validate.floating(logits_a, "logits_a")
     validate.floating(logits_b, "logits_b")
@@ -338,8 +364,12 @@ def causal_lm_loss(**options: Any) -> Callable[..., torch.Tensor]:
 
     Example::
 
-        >>> model.loss_function = regops.causal_lm_loss(label_smoothing=0.1, z_loss=1e-4)
-        >>> model(input_ids, labels=input_ids).loss.backward()
+        >>> loss_function = regops.causal_lm_loss(label_smoothing=0.1, z_loss=1e-4)  # model.loss_function = ...
+        >>> logits, input_ids = torch.randn(2, 6, 50, requires_grad=True), torch.randint(0, 50, (2, 6))
+        >>> loss = loss_function(logits, input_ids, vocab_size=50)  # as transformers calls it
+        >>> loss.backward()
+        >>> loss.shape
+        torch.Size([])
     """
     for key in ("reduction", "ignore_index", "return_stats", "mix", "target"):
         if key in options:

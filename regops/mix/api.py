@@ -53,9 +53,9 @@ def _mix_masks(masks: torch.Tensor, params: MixParams, x: torch.Tensor) -> tuple
 
 @dataclass
 class MixedBatch:
-    """What `mix_batch` did to a batch, for losses that work from index labels.
+    """What `mix_batch` did to a batch, for losses that work from index labels (built by `mix_batch`).
 
-    Attributes:
+    Args:
         target_a: int64 ``[B]``, each sample's own label.
         target_b: int64 ``[B]``, its partner's label (``target_a[partner]``).
         lam: float32 ``[B]``, the weight of ``target_a`` (CutMix: the area left to the sample).
@@ -66,6 +66,12 @@ class MixedBatch:
             maps with the partner's map pasted in each CutMix box.
         masks_b: for integer label maps, the partner's maps (``None`` for float masks). A pixel's label is
             ``masks`` with weight ``mask_lam`` and ``masks_b`` with weight ``1 - mask_lam``.
+
+    Example::
+
+        >>> x, mix = regops.mix_batch(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]), mixup_alpha=1.0)
+        >>> mix.target_a.tolist(), mix.target_b.tolist()  # flipped partners
+        ([0, 1, 2, 3], [3, 2, 1, 0])
     """
 
     target_a: torch.Tensor
@@ -134,8 +140,12 @@ def mix_batch(
 
     Example::
 
+        >>> images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5))
         >>> x_mixed, mix = regops.mix_batch(images, labels, mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem")
         >>> loss = regops.mix_cross_entropy(model(x_mixed), mix, label_smoothing=0.1)
+        >>> x_mixed.shape, loss.shape
+        (torch.Size([4, 3, 8, 8]), torch.Size([]))
     """
     x = check_images(x)
     if num_classes is not None:
@@ -194,9 +204,12 @@ def manifold_mix(
 
     Example::
 
-        >>> _, mix = regops.mix_batch(h, labels, mixup_alpha=2.0)    # the draws (h is not changed)
+        >>> h, labels, head = torch.randn(4, 16), torch.tensor([0, 1, 2, 3]), torch.nn.Linear(16, 5)
+        >>> _, mix = regops.mix_batch(h, labels, mixup_alpha=2.0)  # the draws (h is not changed)
         >>> logits = head(regops.manifold_mix(h, mix))
         >>> loss = regops.mix_cross_entropy(logits, mix)
+        >>> logits.shape
+        torch.Size([4, 5])
     """
     params = mix.params if isinstance(mix, MixedBatch) else mix
     validate.floating(h, "h")
@@ -221,6 +234,12 @@ def mixed_targets(mix: MixedBatch, num_classes: int, label_smoothing: float | No
     Returns:
         Float32 tensor ``[B, num_classes]``: ``lam * onehot(target_a) + (1 - lam) * onehot(target_b)``, smoothed.
 
+    Example::
+
+        >>> _, mix = regops.mix_batch(torch.randn(4, 6), torch.tensor([0, 1, 2, 3]), mixup_alpha=1.0)
+        >>> soft = regops.mixed_targets(mix, num_classes=5)
+        >>> soft.shape, torch.allclose(soft.sum(1), torch.ones(4))
+        (torch.Size([4, 5]), True)
     """
     if not isinstance(mix, MixedBatch):
         raise TypeError(f"regops: mix must be the MixedBatch returned by mix_batch, got {type(mix).__name__}")
@@ -255,11 +274,29 @@ class Mixup:
     sample of a flipped odd batch is left unmixed); ``partner='roll'|'random'`` are options; uint8 images are
     blended in float32 and rounded; for float32 images the outputs and targets equal timm's for the same draws.
 
+    Args:
+        mixup_alpha: MixUp's ``Beta(alpha, alpha)`` parameter (0: off).
+        cutmix_alpha: CutMix's ``Beta(alpha, alpha)`` parameter (0: off).
+        cutmix_minmax: ``(min, max)`` side ratios of CutMix rectangles instead of ``cutmix_alpha``'s squares.
+        prob: the probability of mixing a batch (or pair, or element) at all.
+        switch_prob: with both enabled, the probability of CutMix instead of MixUp.
+        mode: ``"batch"``, ``"pair"`` or ``"elem"``: one draw per batch, per pair of samples, or per sample.
+        correct_lam: reset lambda to the area left after clipping a CutMix box.
+        label_smoothing: smoothing of the one-hot targets.
+        num_classes: ``C`` of the soft targets.
+        multi_label: the targets are already ``[B, C]`` (multi-label) rather than class indices.
+        partner: ``"flip"`` (timm's), ``"roll"`` or ``"random"``.
+        generator: a ``torch.Generator`` on the images' device for every draw.
+        inplace: write the mixed batch into ``x`` (as timm does).
+
     Example::
 
-        >>> mixup = regops.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", num_classes=1000)
-        >>> x, soft = mixup(images, labels)           # soft: float32 [B, 1000]
-        >>> loss = regops.soft_target_cross_entropy(model(x), soft)
+        >>> images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+        >>> mixup = regops.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", num_classes=10)
+        >>> x, soft = mixup(images, labels)  # soft: float32 [B, 10]
+        >>> loss = regops.soft_target_cross_entropy(x.flatten(1)[:, :10], soft)
+        >>> soft.shape, soft.dtype
+        (torch.Size([4, 10]), torch.float32)
     """
 
     def __init__(
