@@ -50,9 +50,12 @@ def twice_differentiable() -> Iterator[None]:
 
     Example::
 
-        >>> with regops.hessian.twice_differentiable():
-        ...     loss = F.cross_entropy(gpt2(ids).logits.flatten(0, 1), targets.flatten())
-        >>> (loss + 1e-3 * regops.hessian.trace_penalty(loss, gpt2)).backward()
+        >>> layer = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        >>> x, targets = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+        >>> with regops.hessian.twice_differentiable():  # attention on its math backend: a double backward
+        ...     loss = torch.nn.functional.mse_loss(layer(x), targets)
+        ...     penalty = regops.hessian.trace_penalty(loss, layer)
+        >>> (loss + 1e-3 * penalty).backward()
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -144,8 +144,12 @@ def ggn_trace(
 
     Example::
 
-        >>> tr = regops.hessian.ggn_trace(model, x, y)                  # exact, C backward passes
+        >>> model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        >>> x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+        >>> tr = regops.hessian.ggn_trace(model, x, y)  # exact, C backward passes
         >>> tr_mc = regops.hessian.ggn_trace(model, x, y, method="mc")  # one backward, unbiased
+        >>> float(tr) > 0
+        True
     """
     _check(model, inputs, targets, loss, reduction, method)
     if by not in (None, "param"):
@@ -203,8 +207,11 @@ def ggn_diagonal(
 
     Example::
 
+        >>> model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        >>> x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
         >>> d = regops.hessian.ggn_diagonal(model, x, y)
         >>> d["0.weight"].shape == model[0].weight.shape
+        True
     """
     _check(model, inputs, targets, loss, reduction, method)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

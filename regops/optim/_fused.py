@@ -324,10 +324,35 @@ class AdamW(FusedOptimizer):
     ``lr`` may be a tensor (read on the device). ``foreach``, ``fused`` and ``capturable`` are accepted (the step
     is always fused and capturable); ``differentiable=True`` is not supported.
 
+    Args:
+        params: parameters, ``named_parameters()`` or parameter groups.
+        lr: the learning rate (a number or a tensor).
+        betas: the moment coefficients.
+        eps: added to the denominator.
+        weight_decay: the decay's weight ``wd``.
+        amsgrad: AMSGrad's maximum of the second moments.
+        maximize: ascend instead.
+        foreach: accepted, as torch's.
+        capturable: accepted, as torch's.
+        differentiable: only False.
+        fused: accepted, as torch's.
+        decay: ``"decoupled"``, ``"coupled"``, ``"cautious"``, ``"l2sp"`` or ``"ewc"`` (below).
+        anchor: the L2-SP / EWC anchor (default: the parameters at construction).
+        fisher: the EWC weights.
+        grokfast: ``(alpha, lamb)``.
+        grad_noise: ``(eta, gamma)``.
+        clip_coord: the coordinate-wise clipping bound.
+        agc: adaptive gradient clipping's ``clip`` or ``(clip, eps)``.
+        generator: a ``torch.Generator`` for the gradient noise.
+
     Example::
 
+        >>> model = torch.nn.Linear(10, 3)
         >>> opt = regops.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, grokfast=(0.98, 2.0))
-        >>> loss.backward(); opt.step(); opt.zero_grad()
+        >>> loss = model(torch.randn(4, 10)).square().mean()
+        >>> loss.backward()
+        >>> opt.step()
+        >>> opt.zero_grad()
     """
         + _EXTRAS_DOC
     )
@@ -387,9 +412,32 @@ class SGD(FusedOptimizer):
         """Drop-in for ``torch.optim.SGD`` (same arguments, same state, same results to an ulp per operation) as one
     multi-tensor pass per step. ``weight_decay`` is torch's coupled L2 unless ``decay`` says otherwise.
 
+    Args:
+        params: parameters, ``named_parameters()`` or parameter groups.
+        lr: the learning rate (a number or a tensor).
+        momentum: the momentum factor.
+        dampening: momentum's dampening.
+        weight_decay: the decay's weight ``wd``.
+        nesterov: Nesterov momentum.
+        maximize: ascend instead.
+        foreach: accepted, as torch's.
+        differentiable: only False.
+        fused: accepted, as torch's.
+        decay: ``"decoupled"``, ``"coupled"``, ``"cautious"``, ``"l2sp"`` or ``"ewc"`` (below).
+        anchor: the L2-SP / EWC anchor (default: the parameters at construction).
+        fisher: the EWC weights.
+        grokfast: ``(alpha, lamb)``.
+        grad_noise: ``(eta, gamma)``.
+        clip_coord: the coordinate-wise clipping bound.
+        agc: adaptive gradient clipping's ``clip`` or ``(clip, eps)``.
+        generator: a ``torch.Generator`` for the gradient noise.
+
     Example::
 
+        >>> model = torch.nn.Linear(10, 3)
         >>> opt = regops.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, agc=0.01)
+        >>> model(torch.randn(4, 10)).square().mean().backward()
+        >>> opt.step()
     """
         + _EXTRAS_DOC
     )

@@ -61,13 +61,19 @@ class SAM(torch.optim.Optimizer):
         params: parameters or parameter groups.
         base_optimizer: the optimizer class (``regops.optim.SGD``, ``torch.optim.SGD``, ...), built on the same
             parameter groups with ``**kwargs``.
-        rho: the neighbourhood radius (>= 0). adaptive: ASAM.
+        rho: the neighbourhood radius (>= 0).
+        adaptive: ASAM.
+        **kwargs: the base optimizer's arguments (``lr``, ``momentum``, ...).
 
     Example::
 
+        >>> model, loss_fn = torch.nn.Linear(10, 3), torch.nn.functional.cross_entropy
+        >>> x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
         >>> opt = regops.optim.SAM(model.parameters(), regops.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
-        >>> loss_fn(model(x), y).backward(); opt.first_step(zero_grad=True)
-        >>> loss_fn(model(x), y).backward(); opt.second_step(zero_grad=True)
+        >>> loss_fn(model(x), y).backward()
+        >>> opt.first_step(zero_grad=True)
+        >>> loss_fn(model(x), y).backward()
+        >>> opt.second_step(zero_grad=True)
     """
 
     _step_supports_amp_scaling = True
@@ -341,7 +347,25 @@ class GSAM(SAM):
     .. math:: g_s \leftarrow g_s - \alpha \left(g - \cos(g, g_s) \frac{\lVert g \rVert}{\lVert g_s \rVert + 10^{-12}}
         g_s\right), \qquad \cos(g, g_s) = \frac{g \cdot g_s}{\lVert g \rVert \lVert g_s \rVert + 10^{-12}}
 
-    ``rho`` may follow a schedule (change ``group["rho"]``). Other arguments as `SAM`.
+    ``rho`` may follow a schedule (change ``group["rho"]``).
+
+    Args:
+        params: parameters or parameter groups.
+        base_optimizer: the optimizer class, built on the same parameter groups with ``**kw``.
+        rho: the neighbourhood radius (>= 0).
+        alpha: the weight of the removed orthogonal part.
+        adaptive: ASAM's scaling.
+        **kw: the base optimizer's arguments.
+
+    Example::
+
+        >>> model, loss_fn = torch.nn.Linear(10, 3), torch.nn.functional.cross_entropy
+        >>> x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+        >>> opt = regops.optim.GSAM(model.parameters(), regops.optim.SGD, rho=0.05, alpha=0.1, lr=0.1)
+        >>> loss_fn(model(x), y).backward()
+        >>> opt.first_step(zero_grad=True)
+        >>> loss_fn(model(x), y).backward()
+        >>> opt.second_step(zero_grad=True)
     """
 
     _keeps_grads = True
@@ -379,7 +403,28 @@ class LookSAM(SAM):
     one reduction and one pass). One extra buffer per parameter (``gv``).
 
     The loop: ``step(closure)`` runs the closure only when needed; with ``first_step``/``second_step`` check
-    `needs_second_pass` before the second forward and backward. Other arguments as `SAM`.
+    `needs_second_pass` before the second forward and backward.
+
+    Args:
+        params: parameters or parameter groups.
+        base_optimizer: the optimizer class, built on the same parameter groups with ``**kw``.
+        rho: the neighbourhood radius (>= 0).
+        k: the second pass runs every ``k`` steps.
+        alpha: the weight of ``g_v`` on the other steps.
+        adaptive: ASAM's scaling.
+        **kw: the base optimizer's arguments.
+
+    Example::
+
+        >>> model, loss_fn = torch.nn.Linear(10, 3), torch.nn.functional.cross_entropy
+        >>> x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+        >>> opt = regops.optim.LookSAM(model.parameters(), regops.optim.SGD, k=2, lr=0.1)
+        >>> for step in range(4):
+        ...     loss_fn(model(x), y).backward()
+        ...     opt.first_step(zero_grad=True)
+        ...     if opt.needs_second_pass:
+        ...         loss_fn(model(x), y).backward()
+        ...     opt.second_step(zero_grad=True)
     """
 
     _keeps_grads = True

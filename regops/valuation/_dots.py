@@ -147,10 +147,14 @@ def per_sample_grad_dots(
 
     Example::
 
+        >>> F = torch.nn.functional
+        >>> model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        >>> x_train, y_train, x_test, y_test = torch.randn(16, 20), torch.randint(0, 5, (16,)), torch.randn(4, 20), torch.arange(4)
         >>> d = regops.per_sample_grad_dots(model, F.cross_entropy, (x_train, y_train), (x_test, y_test),
         ...                                 loss_reduction="mean")
-        >>> d.shape                                   # [B_train, B_test]
-        >>> d.argmax(0)                               # the most aligned training example of each test example
+        >>> d.shape  # [B_train, B_test]
+        torch.Size([16, 4])
+        >>> best = d.argmax(0)  # the most aligned training example of each test example
     """
     check_reduction(loss_reduction)
     if blocks not in BLOCKS:

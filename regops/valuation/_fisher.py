@@ -81,8 +81,15 @@ def empirical_fisher_diagonal(
 
     Example::
 
+        >>> F = torch.nn.functional
+        >>> model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        >>> ds = torch.utils.data.TensorDataset(torch.randn(40, 20), torch.randint(0, 5, (40,)))
+        >>> loader = torch.utils.data.DataLoader(ds, batch_size=16, shuffle=True)
+        >>> old = {n: p.detach().clone() for n, p in model.named_parameters()}
         >>> fisher = regops.empirical_fisher_diagonal(model, F.cross_entropy, loader, loss_reduction="mean")
         >>> ewc = sum((fisher[n] * (p - old[n]) ** 2).sum() for n, p in model.named_parameters())
+        >>> fisher["0.weight"].shape
+        torch.Size([32, 20])
     """
     check_reduction(loss_reduction)
     if labels not in LABELS:

@@ -21,7 +21,21 @@ Checkpoint = Mapping[str, torch.Tensor] | Callable[[nn.Module], Any]
 class TracInTopK:
     """Per test example (in the test set's dataset order), the ``k`` training examples of largest (proponents) and
     smallest (opponents) influence: ``[M, k]`` values (descending / ascending) and their training-set indices
-    (dataset indices for a DataLoader, positions for a list of batches)."""
+    (dataset indices for a DataLoader, positions for a list of batches). Returned by `tracin` with ``top_k``.
+
+    Args:
+        proponents: ``[M, k]`` the largest influences, descending.
+        proponent_indices: ``[M, k]`` their training indices.
+        opponents: ``[M, k]`` the smallest influences, ascending.
+        opponent_indices: ``[M, k]`` their training indices.
+
+    Example::
+
+        >>> top = regops.TracInTopK(torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long), -torch.ones(2, 1),
+        ...                         torch.ones(2, 1, dtype=torch.long))
+        >>> top.proponent_indices.shape
+        torch.Size([2, 1])
+    """
 
     proponents: torch.Tensor
     proponent_indices: torch.Tensor
@@ -107,12 +121,19 @@ def tracin(
 
     Example::
 
-        >>> ckpts = [torch.load(f"ckpt{e}.pt") for e in range(3)]
+        >>> F = torch.nn.functional
+        >>> model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        >>> train_loader = [(torch.randn(16, 20), torch.randint(0, 5, (16,))) for _ in range(2)]
+        >>> test_loader = [(torch.randn(4, 20), torch.randint(0, 5, (4,)))]
+        >>> ckpts = [{k: v + 0.01 * e for k, v in model.state_dict().items()} for e in range(3)]  # torch.load(...)
         >>> infl = regops.tracin(model, F.cross_entropy, train_loader, test_loader, ckpts, lrs=[0.1, 0.05, 0.01],
         ...                      loss_reduction="mean")
+        >>> infl.shape  # [N_train, M_test]
+        torch.Size([32, 4])
         >>> top = regops.tracin(model, F.cross_entropy, train_loader, test_loader, ckpts, 0.1, top_k=10,
         ...                     loss_reduction="mean")
-        >>> top.proponent_indices[0]      # the 10 most helpful training examples of test example 0
+        >>> top.proponent_indices[0].shape  # the 10 most helpful training examples of test example 0
+        torch.Size([10])
     """
     from tqdm.auto import tqdm
 
