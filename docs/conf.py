@@ -41,7 +41,7 @@ suppress_warnings = ["myst.xref_missing"]
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
-autodoc_default_options = {"show-inheritance": False}
+autodoc_default_options: dict[str, bool] = {}
 autodoc_inherit_docstrings = False
 autoclass_content = "both"
 napoleon_google_docstring = True

@@ -18,7 +18,7 @@ The public path is ``regops.hessian.<function>``:
   which has a double backward), for your own ``create_graph`` backwards.
 
 Hessian-vector products (``hvp=``): batched double backward, forward-over-reverse, a loop, or central finite
-differences for models with no double backward (see ``_hvp``). Frozen params are left out in every form,
+differences for models with no double backward. Frozen params are left out in every form,
 params of different dtypes keep their own precision, and dropout in train mode is held at one fixed mask per
 batch for every probe and engine.
 

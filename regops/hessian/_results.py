@@ -34,7 +34,8 @@ class TraceEstimate:
 
     Example::
 
-        >>> est = regops.hessian.trace(lambda p: (p[0] ** 2).sum(), [torch.ones(3, requires_grad=True)], num_probes=4)
+        >>> w = torch.ones(3, requires_grad=True)
+        >>> est = regops.hessian.trace(lambda p: (p[0] ** 2).sum(), [w], num_probes=4)
         >>> est.value, est.method  # tr(2 I) = 6, exact for Rademacher probes
         (6.0, 'hutchinson')
     """
@@ -72,7 +73,8 @@ class DiagonalEstimate:
 
     Example::
 
-        >>> est = regops.hessian.diagonal(lambda p: (p[0] ** 2).sum(), [torch.ones(3, requires_grad=True)], num_probes=4)
+        >>> w = torch.ones(3, requires_grad=True)
+        >>> est = regops.hessian.diagonal(lambda p: (p[0] ** 2).sum(), [w], num_probes=4)
         >>> est.value[0], est.trace.value
         (tensor([2., 2., 2.]), 6.0)
     """

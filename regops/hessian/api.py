@@ -171,7 +171,7 @@ def trace(
         >>> model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3))
         >>> x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
         >>> est = regops.hessian.trace(model, nn.CrossEntropyLoss(), x, y, num_probes=200, tol=0.1)
-        >>> est.value > 0, est.stderr < abs(est.value), est.num_matvecs <= 200  # stops once the relative stderr is under tol
+        >>> est.value > 0, est.stderr < abs(est.value), est.num_matvecs <= 200  # stops once under tol
         (True, True, True)
     """
     problem = _resolve(loss_fn, params, data)

@@ -164,8 +164,7 @@ class MixCrossEntropy(torch.nn.Module):
 class SoftTargetCrossEntropy(torch.nn.Module):
     """Drop-in for ``timm.loss.SoftTargetCrossEntropy`` backed by `soft_target_cross_entropy`.
 
-    Args:
-        Takes no arguments. ``forward(x, target)``: logits ``[B, C]`` and soft targets ``[B, C]``.
+    Takes no arguments (``forward`` takes the logits ``[B, C]`` and the soft targets ``[B, C]``).
 
     Example::
 

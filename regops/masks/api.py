@@ -47,7 +47,12 @@ def lora_dropout(
 
     Example::
 
-        >>> h = regops.lora_dropout(x, lora_A.weight, p=0.1)      # then lora_B(h) * scaling
+        >>> x, lora_A, lora_B = torch.randn(8, 64), torch.nn.Linear(64, 4, bias=False), torch.nn.Linear(4, 32)
+        >>> h = regops.lora_dropout(x, lora_A.weight, p=0.1)  # then lora_B(h) * scaling
+        >>> h.shape
+        torch.Size([8, 4])
+        >>> torch.allclose(regops.lora_dropout(x, lora_A.weight, p=0.1, training=False), lora_A(x))
+        True
     """
     validate.floating(x, "x")
     validate.floating(A, "A")

@@ -26,8 +26,26 @@ class LoRALinear(RuntimeProbability, torch.nn.Module):
     `regops.dropout`'s mask while ``x`` is multiplied by ``A``: no dropped copy of ``x``, only a seed saved.
     ``p`` is a runtime value under ``torch.compile``.
 
-    >>> layer = regops.nn.LoRALinear.from_linear(model.q_proj, r=16, lora_alpha=32, lora_dropout=0.05)
-    >>> merged = layer.merged()      # a torch.nn.Linear with W + s B A
+    Args:
+        in_features: the input size.
+        out_features: the output size.
+        r: the adapter's rank.
+        lora_alpha: ``alpha`` of the scaling ``s``.
+        lora_dropout: the drop probability ``p`` of the adapter's input.
+        bias: the base layer has a bias.
+        use_rslora: scale by ``alpha / sqrt(r)``.
+        device: where the parameters live.
+        dtype: the parameters' dtype.
+
+    Example::
+
+        >>> q_proj = torch.nn.Linear(32, 32)
+        >>> layer = regops.nn.LoRALinear.from_linear(q_proj, r=4, lora_alpha=8, lora_dropout=0.05)
+        >>> layer(torch.randn(2, 32)).shape
+        torch.Size([2, 32])
+        >>> merged = layer.merged()  # a torch.nn.Linear with W + s B A
+        >>> type(merged).__name__
+        'Linear'
     """
 
     def __init__(
@@ -103,6 +121,19 @@ class PeftLoRALinear:
     `regops.dropout`'s mask and neither creates nor saves a dropped copy of ``x`` per adapter. Anything else
     (merged or disabled adapters, ``adapter_names`` batches, DoRA and other variants, a ``lora_A`` with hooks, a
     dropout that is not ``torch.nn.Dropout`` or ``Identity``) runs PEFT's own forward unchanged.
+
+    Takes no arguments: `regops.patch` (through ``from_module``) makes one from a PEFT layer.
+
+    Example::
+
+        >>> import peft
+        >>> net = torch.nn.Sequential(torch.nn.Linear(16, 16))
+        >>> model = peft.get_peft_model(net, peft.LoraConfig(r=4, target_modules=["0"], lora_dropout=0.1))
+        >>> handle = regops.patch(model)
+        >>> isinstance(model.base_model.model[0], regops.nn.PeftLoRALinear)
+        True
+        >>> model(torch.randn(2, 16)).shape
+        torch.Size([2, 16])
     """
 
     @classmethod

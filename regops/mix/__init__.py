@@ -1,6 +1,6 @@
 """The mix family: MixUp and CutMix with device-side draws and one mixing op for every mode.
 
-* Draws and parameters (`regops.mix._params`): every random number is drawn with torch on the input's
+* Draws and parameters: every random number is drawn with torch on the input's
   device, then turned into per-sample parameters (`MixParams`) following timm's ``Mixup`` (or
   torchvision's v2 ``MixUp``/``CutMix``) rule by rule, vectorised, with no host sync.
 * One mixing op, ``regops::mix_apply`` (`regops.mix.ops`): blend outside the box, paste inside it, in a single

@@ -17,7 +17,19 @@ __all__ = ["ReLUL1Stats", "orthogonality_penalty", "relu_l1", "spectral_norms"]
 
 
 class ReLUL1Stats(NamedTuple):
-    """Sparsity statistics of one `relu_l1` call, from the same pass as the activation (no gradient)."""
+    """Sparsity statistics of one `relu_l1` call, from the same pass as the activation (no gradient).
+
+    Args:
+        token_active: ``x.shape[:-1]``, the fraction of the ``d`` units active in each token.
+        unit_active: ``[d]``, the fraction of tokens in which each unit is active.
+        activation_sum: 0-dim, the sum of the activations (the penalty is ``l1 * activation_sum``).
+
+    Example::
+
+        >>> _, stats = regops.relu_l1(torch.tensor([[1.0, -1.0], [2.0, -3.0]]), 1e-5, return_stats=True)
+        >>> stats.unit_active, stats.activation_sum
+        (tensor([1., 0.]), tensor(3.))
+    """
 
     token_active: torch.Tensor  # x.shape[:-1]: fraction of the d units active in each token
     unit_active: torch.Tensor  # [d]: fraction of tokens in which each unit is active
@@ -85,8 +97,12 @@ def relu_l1(
 
     Example::
 
-        >>> h = regops.relu_l1(up_proj(x), l1=1e-5 * schedule(step))
-        >>> h, stats = regops.relu_l1(pre, 1e-5, return_stats=True); stats.unit_active  # dead units
+        >>> up_proj, x = torch.nn.Linear(16, 64), torch.randn(8, 16)
+        >>> h = regops.relu_l1(up_proj(x), l1=1e-5)
+        >>> h, stats = regops.relu_l1(up_proj(x), 1e-5, return_stats=True)
+        >>> dead = stats.unit_active == 0  # units active in no token
+        >>> h.shape, dead.shape
+        (torch.Size([8, 64]), torch.Size([64]))
     """
     validate.floating(x, "x")
     if x.dim() == 0:
@@ -133,9 +149,12 @@ def spectral_norms(
 
     Example::
 
-        >>> sig, st = regops.spectral_norms(ws)                  # 20 iterations from random starts
-        >>> sig, st = regops.spectral_norms(ws, state=st)        # each step after: 1 warm iteration
-        >>> loss = loss + 1e-3 * sig.square().sum()
+        >>> ws = [torch.diag(torch.tensor([3.0, 1.0])), torch.randn(8, 4, requires_grad=True)]
+        >>> sig, st = regops.spectral_norms(ws)  # 20 iterations from random starts
+        >>> sig, st = regops.spectral_norms(ws, state=st)  # each step after: 1 warm iteration
+        >>> round(float(sig.detach()[0]), 4)
+        3.0
+        >>> (1e-3 * sig.square().sum()).backward()
     """
     if isinstance(weights, torch.Tensor) or not isinstance(weights, Sequence) or not weights:
         raise ValueError("regops: weights must be a non-empty sequence of matrices")
@@ -182,7 +201,11 @@ def orthogonality_penalty(W: torch.Tensor) -> torch.Tensor:
 
     Example::
 
-        >>> loss = loss + 1e-4 * sum(regops.orthogonality_penalty(l.weight) for l in model.linears)
+        >>> regops.orthogonality_penalty(torch.eye(3))  # orthogonal: no penalty
+        tensor(0.)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        >>> penalty = 1e-4 * sum(regops.orthogonality_penalty(m.weight) for m in model if hasattr(m, "weight"))
+        >>> penalty.backward()
     """
     validate.floating(W, "W")
     if W.dim() < 2:

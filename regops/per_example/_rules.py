@@ -131,8 +131,7 @@ class LayerRule:
     must be written; the defaults derive the others from it. Rules return float32 (float64 for float64
     inputs) and must not modify their inputs.
 
-    Args:
-        Takes no arguments: subclass it and override the methods above.
+    Takes no arguments: subclass it and override the methods above.
 
     Example::
 
@@ -274,8 +273,7 @@ def rule_for(module: nn.Module) -> LayerRule | None:
 def registered_rules() -> dict[type | str, LayerRule]:
     """The registered rules.
 
-    Args:
-        Takes no arguments.
+    Takes no arguments.
 
     Returns:
         A copy of the registry ``{module type or dotted name: rule}``.

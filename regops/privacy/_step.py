@@ -163,6 +163,23 @@ class PrivateModule(nn.Module):
     noise. Under ``DistributedDataParallel`` each training forward runs under ``no_sync()``: DDP's own gradient
     all-reduce is wasted work here (the clipped sums are averaged once per step), and without it the ranks may
     run different numbers of physical batches per step (an empty local batch, virtual steps).
+
+    Args:
+        module: the user's model.
+        step: the DP step the engine set up (``make_private`` builds both).
+
+    Example::
+
+        >>> F = torch.nn.functional
+        >>> model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> dataset = torch.utils.data.TensorDataset(torch.randn(256, 20), torch.randint(0, 5, (256,)))
+        >>> train_loader = torch.utils.data.DataLoader(dataset, batch_size=64)
+        >>> privacy_engine = regops.PrivacyEngine()
+        >>> model, optimizer, train_loader = privacy_engine.make_private(
+        ...     module=model, optimizer=optimizer, data_loader=train_loader, noise_multiplier=1.1, max_grad_norm=1.0)
+        >>> isinstance(model, regops.privacy.PrivateModule), type(model._module).__name__
+        (True, 'Sequential')
     """
 
     def __init__(self, module: nn.Module, step: DPStep) -> None:
@@ -209,6 +226,24 @@ class DPOptimizer(Optimizer):
     ``param_groups``, ``state``, ``defaults``, ``state_dict`` and ``load_state_dict`` are the wrapped
     optimizer's (learning-rate schedulers work as usual). ``noise_multiplier`` and ``max_grad_norm`` can be
     changed between steps (noise schedules).
+
+    Args:
+        optimizer: the user's optimizer.
+        step: the DP step the engine set up (``make_private`` builds both).
+
+    Example::
+
+        >>> F = torch.nn.functional
+        >>> model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> dataset = torch.utils.data.TensorDataset(torch.randn(256, 20), torch.randint(0, 5, (256,)))
+        >>> train_loader = torch.utils.data.DataLoader(dataset, batch_size=64)
+        >>> privacy_engine = regops.PrivacyEngine()
+        >>> model, optimizer, train_loader = privacy_engine.make_private(
+        ...     module=model, optimizer=optimizer, data_loader=train_loader, noise_multiplier=1.1, max_grad_norm=1.0)
+        >>> isinstance(optimizer, regops.privacy.DPOptimizer), type(optimizer.original_optimizer).__name__
+        (True, 'SGD')
+        >>> optimizer.noise_multiplier = 0.9  # a noise schedule
     """
 
     # GradScaler then hands its scale to step() (``grad_scale``) instead of unscaling p.grad behind our back.

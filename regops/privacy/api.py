@@ -56,11 +56,20 @@ class PrivacyEngine:
 
     Example::
 
+        >>> F = torch.nn.functional
+        >>> model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> dataset = torch.utils.data.TensorDataset(torch.randn(256, 20), torch.randint(0, 5, (256,)))
+        >>> train_loader = torch.utils.data.DataLoader(dataset, batch_size=64)
         >>> privacy_engine = regops.PrivacyEngine()
         >>> model, optimizer, train_loader = privacy_engine.make_private(
         ...     module=model, optimizer=optimizer, data_loader=train_loader, noise_multiplier=1.1, max_grad_norm=1.0)
-        >>> ...   # the usual loop
-        >>> privacy_engine.get_epsilon(delta=1e-5)
+        >>> for x, y in train_loader:  # the usual loop
+        ...     optimizer.zero_grad()
+        ...     F.cross_entropy(model(x), y).backward()
+        ...     optimizer.step()
+        >>> 0 < privacy_engine.get_epsilon(delta=1e-5) < 10
+        True
     """
 
     def __init__(self, *, accountant: str = "prv", secure_mode: bool = False) -> None:

@@ -149,7 +149,8 @@ def per_sample_grad_dots(
 
         >>> F = torch.nn.functional
         >>> model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
-        >>> x_train, y_train, x_test, y_test = torch.randn(16, 20), torch.randint(0, 5, (16,)), torch.randn(4, 20), torch.arange(4)
+        >>> x_train, y_train = torch.randn(16, 20), torch.randint(0, 5, (16,))
+        >>> x_test, y_test = torch.randn(4, 20), torch.arange(4)
         >>> d = regops.per_sample_grad_dots(model, F.cross_entropy, (x_train, y_train), (x_test, y_test),
         ...                                 loss_reduction="mean")
         >>> d.shape  # [B_train, B_test]
