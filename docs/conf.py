@@ -37,7 +37,6 @@ exclude_patterns = ["_build", "_ext", "Thumbs.db", ".DS_Store"]
 default_role = "py:obj"
 myst_enable_extensions = ["dollarmath", "amsmath", "deflist"]
 myst_heading_anchors = 3
-suppress_warnings = ["myst.xref_missing"]
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"

@@ -150,6 +150,9 @@ def write_api_pages(app) -> None:
 def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, list) and len(value) > 4 and all(isinstance(v, (int, float)) for v in value):
+        ordered = sorted(value)  # every round of a timing: its count and spread, not the raw list
+        return f"{len(value)} values, {ordered[0]:.4g} to {ordered[-1]:.4g}"
     if isinstance(value, (dict, list)):
         value = json.dumps(value, sort_keys=True)
     return str(value).replace("|", "\\|").replace("\n", " ")
