@@ -12,12 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from sphinx.util import inventory as sphinx_inventory  # the docs extra is part of the test environment
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "docs" / "_ext"))
 import regops_docs  # noqa: E402
-
-sphinx_inventory = pytest.importorskip("sphinx.util.inventory", reason="the docs extra is part of the environment")
 
 
 @pytest.fixture(scope="module")
