@@ -11,6 +11,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "_ext"))
+sys.path.insert(1, str(HERE.parent))  # benchmarks.harness draws the benchmark plots
 # Importing regops here (autodoc does) must not initialise CUDA or compile anything.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
@@ -31,7 +32,7 @@ extensions = [
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
-exclude_patterns = ["_build", "_ext", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "_ext", "_generated", "Thumbs.db", ".DS_Store"]
 
 # `name` in a docstring (plain backticks, readable in help()) links to the object where Sphinx knows it.
 default_role = "py:obj"

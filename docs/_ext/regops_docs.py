@@ -4,7 +4,9 @@
   so a new public name appears without editing a page. Each object is documented once, under the path a user
   writes (``regops.dropout`` for a top-level name, ``regops.nn.Dropout``, ``regops.hessian.trace``); the other
   namespaces that export it link to that entry.
-* ``{benchmark-tables}``: tables read from ``benchmarks/results/**.json`` when the site is built (never pasted).
+* ``{benchmark-tables}``: tables read from ``benchmarks/results/**.json`` when the site is built (never pasted),
+  and for the harness's result files the harness's own speedup plot, drawn from the same file into
+  ``docs/_generated/``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sphinx.util.docutils import SphinxDirective
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
+PLOTS = "_generated/benchmarks"  # under the source dir, so that Sphinx copies the images
 
 # (namespace, page title, what it is); the order decides which page documents an object exported by several.
 PAGES = [
@@ -134,8 +137,13 @@ def api_pages() -> dict[str, str]:
     return pages
 
 
-def write_api_pages(app) -> None:
-    out = Path(app.srcdir) / "api"
+def write_generated(app) -> None:
+    write_api_pages(Path(app.srcdir))
+    write_plots(Path(app.srcdir))
+
+
+def write_api_pages(srcdir: Path) -> None:
+    out = srcdir / "api"
     out.mkdir(exist_ok=True)
     pages = api_pages()
     for name, text in pages.items():
@@ -176,6 +184,34 @@ def _table(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _plot_name(path: Path) -> str:
+    return path.relative_to(RESULTS).with_suffix(".png").as_posix().replace("/", "--")
+
+
+def _harness_rows(data: object) -> list[dict] | None:
+    """The rows of a harness result file (``benchmarks.harness``'s format), else None."""
+    rows = data.get("results") if isinstance(data, dict) else None
+    keys = {"family", "case", "params", "variant"}
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) and keys <= r.keys() for r in rows):
+        return rows
+    return None
+
+
+def write_plots(srcdir: Path) -> None:
+    """The harness's speedup plot of every harness result file, redrawn when the file is newer than it."""
+    out = srcdir / PLOTS
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(RESULTS.rglob("*.json")):
+        data = json.loads(path.read_text())
+        rows = _harness_rows(data)
+        target = out / _plot_name(path)
+        if rows is None or (target.exists() and target.stat().st_mtime >= path.stat().st_mtime):
+            continue
+        from benchmarks.harness import plot  # the plot the harness draws when it writes the file
+
+        plot(data["environment"], rows, target)
+
+
 def benchmark_markdown(results: Path = RESULTS) -> str:
     """Markdown for every result file: its environment, then its rows (a table per list of records)."""
     out = []
@@ -197,6 +233,8 @@ def benchmark_markdown(results: Path = RESULTS) -> str:
             rest = [(k, v) for k, v in _flatten({k: v for k, v in body.items() if k not in records})]
             if rest:
                 out += _table([{"quantity": k, "value": v} for k, v in rest])
+        if _harness_rows(data) is not None:
+            out += [f"```{{image}} /{PLOTS}/{_plot_name(path)}", f":alt: speedups of {rel}", "```", ""]
     return "\n".join(out)
 
 
@@ -215,6 +253,6 @@ class BenchmarkTables(SphinxDirective):
 
 
 def setup(app):
-    app.connect("builder-inited", write_api_pages)
+    app.connect("builder-inited", write_generated)
     app.add_directive("benchmark-tables", BenchmarkTables)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
