@@ -11,6 +11,8 @@ from regops import losses as _losses_module
 from regops import masks as _masks_module
 from regops import mix as _mix_module
 from regops import penalties as _penalties_module
+from regops import per_example as _per_example_module
+from regops import privacy as _privacy_module
 from regops import valuation as _valuation_module
 from regops._core.dispatch import BackendUnavailableError, use_backend
 from regops._core.extension import build_extension
@@ -46,3 +48,21 @@ __all__ = [
     *_masks_module.__all__,
     *_penalties_module.__all__,
 ]
+
+
+def _name_public_paths() -> None:
+    """help(), tracebacks and the API reference name the path a user writes (``regops.dropout``,
+    ``regops.hessian.trace``), not the private module an object is defined in."""
+    import inspect
+    import re
+    import sys
+
+    private = re.compile(r"regops\.(_core|\w+\.(api|_\w+))(\.|$)")
+    for module in (sys.modules[__name__], nn, hessian, optim, merge, _privacy_module, _per_example_module):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and private.match(obj.__module__ or ""):
+                obj.__module__ = module.__name__
+
+
+_name_public_paths()

@@ -1,5 +1,5 @@
 """Drop-in modules of every family (re-exported from each family's ``nn`` module). Each declares the torch (or
-third-party) module it can replace, for :func:`regops.patch`."""
+third-party) module it can replace, for `regops.patch`."""
 
 from __future__ import annotations
 

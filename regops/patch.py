@@ -34,9 +34,21 @@ def _swap_table() -> dict[type, type]:
 
 @dataclass
 class PatchHandle:
-    """What :func:`patch` replaced: ``(parent, name, original, replacement)`` per swapped child.
+    """What `patch` replaced: ``(parent, name, original, replacement)`` per swapped child.
 
-    Use :meth:`revert` (or the handle as a context manager) to put the original modules back.
+    Use `revert` (or the handle as a context manager) to put the original modules back.
+
+    Args:
+        swapped: the swaps, in order (`patch` fills it).
+
+    Example::
+
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1))
+        >>> with regops.patch(model) as handle:
+        ...     type(model[1]).__name__, len(handle)
+        ('Dropout', 1)
+        >>> type(model[1]).__module__  # reverted on exit
+        'torch.nn.modules.dropout'
     """
 
     swapped: list[tuple[torch.nn.Module, str, torch.nn.Module, torch.nn.Module]] = field(default_factory=list)
@@ -73,13 +85,15 @@ def patch(model: torch.nn.Module) -> PatchHandle:
         model: the module whose submodules are swapped, in place.
 
     Returns:
-        A :class:`PatchHandle`: ``len(handle)`` modules were swapped; ``handle.revert()`` (or leaving a
+        A `PatchHandle`: ``len(handle)`` modules were swapped; ``handle.revert()`` (or leaving a
         ``with`` block) puts the originals back.
 
     Example::
 
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1), torch.nn.Dropout2d(0.1))
         >>> handle = regops.patch(model)
-        >>> len(handle)            # how many modules were swapped
+        >>> len(handle), isinstance(model[1], regops.nn.Dropout)  # how many modules were swapped
+        (2, True)
         >>> handle.revert()
     """
     if not isinstance(model, torch.nn.Module):

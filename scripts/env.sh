@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Creates (or refreshes) the project's virtual environment and installs regops into it, editable, with the
-# test, benchmark and peer-library extras, at the versions of constraints/lock.txt (the versions the suite was last
+# test, benchmark, peer-library and docs extras, at the versions of constraints/lock.txt (the versions the suite was last
 # run with, so a new release on the registry cannot change what main tests). Sourced by scripts/test.sh, bench.sh
-# and gpu_check.sh.
+# docs.sh and gpu_check.sh.
 #   REGOPS_VENV     where the environment lives (default: .venv in the repository; .venv-latest with REGOPS_LATEST=1)
 #   REGOPS_LATEST=1 the newest releases instead of the lock (scripts/test.sh --latest), in their own environment
 #   PYTHON          the interpreter that creates it (default: python3)
@@ -31,13 +31,13 @@ stamp="$VENV/.regops-install-stamp"
 want="$(cat pyproject.toml setup.py regops/_core/toolkit.py "$LOCK" scripts/env.sh 2>/dev/null | sha256sum | cut -d' ' -f1)"
 want="$want-$(find csrc -type f -print0 | sort -z | xargs -0 cat | sha256sum | cut -d' ' -f1)-${REGOPS_BUILD_EXT:-auto}"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c "import regops" 2>/dev/null; then
-  echo "regops: installing torch and regops[test,bench,peers] into $VENV (${PINS[*]})" >&2
+  echo "regops: installing torch and regops[test,bench,peers,docs] into $VENV (${PINS[*]})" >&2
   # pip's log, without the lines about this machine's missing local indexes; the build's own lines stay visible.
   quiet() { grep -v -e "^WARNING: Location '" -e "^Requirement already satisfied" || true; }
   # torch first: the extension builds against the environment's torch (no build isolation).
   "$PY" -m pip install --disable-pip-version-check "${PINS[@]}" "torch>=2.6" numpy setuptools wheel 2>&1 | quiet
   [ "${PIPESTATUS[0]}" = 0 ] || { echo "regops: installing torch failed" >&2; exit 1; }
-  "$PY" -m pip install --disable-pip-version-check --no-build-isolation "${PINS[@]}" -e ".[test,bench,peers]" 2>&1 \
+  "$PY" -m pip install --disable-pip-version-check --no-build-isolation "${PINS[@]}" -e ".[test,bench,peers,docs]" 2>&1 \
     | quiet
   [ "${PIPESTATUS[0]}" = 0 ] || { echo "regops: installing regops failed" >&2; exit 1; }
   echo "$want" > "$stamp"

@@ -39,7 +39,20 @@ NATIVE_KEYS = {"cpp": "CPU", "cuda": "CUDA"}
 
 
 class BackendUnavailableError(RuntimeError):
-    """The requested (or only possible) implementation of an op cannot run here."""
+    """The requested (or only possible) implementation of an op cannot run here.
+
+    Args:
+        *args: the message (which op, which backend, and why), as any exception.
+
+    Example::
+
+        >>> try:
+        ...     with regops.use_backend("cuda"):  # a CPU tensor under a forced CUDA backend
+        ...         regops.dropout(torch.ones(4), 0.5)
+        ... except regops.BackendUnavailableError as e:
+        ...     print("unavailable")
+        unavailable
+    """
 
 
 class Declared(Protocol):

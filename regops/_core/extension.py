@@ -153,7 +153,7 @@ def build_extension(verbose: bool = False) -> Path:
 
     Example::
 
-        >>> regops.build_extension()   # doctest: +SKIP  (once per machine and torch version)
+        >>> path = regops.build_extension()  # doctest: +SKIP
     """
     if loaded():
         raise RuntimeError(f"regops: an extension is already loaded ({status()})")

@@ -1,7 +1,7 @@
 """The dropout family: dropout (mask regenerated or 1-bit packed), fused bias/residual/norm variants, structured
 masks (shared dims, channels, drop path, nested) and multi-sample dropout.
 
-Every random draw comes from the one Philox stream (:mod:`regops._core.rng`); every mask is a function of
+Every random draw comes from the one Philox stream; every mask is a function of
 (seed, offset, logical index) and is bit-identical across the reference, the C++ and CUDA kernels and Triton.
 """
 

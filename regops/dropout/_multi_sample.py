@@ -39,13 +39,16 @@ def multi_sample_dropout(
     torch's ``mean_k(dropout_k(x))``: NaN where some sample dropped a NaN or Inf.
 
     Args:
-        x, p, training, generator: as :func:`regops.dropout`. num_samples: ``K``, the masks averaged.
+        x, p, training, generator: as `regops.dropout`. num_samples: ``K``, the masks averaged.
     Returns:
         Tensor of ``x``'s shape and dtype.
 
     Example::
 
+        >>> head, features = torch.nn.Linear(16, 3), torch.randn(4, 16)
         >>> logits = head(regops.multi_sample_dropout(features, 0.5, num_samples=8))
+        >>> logits.shape
+        torch.Size([4, 3])
     """
     validate.floating(x, "x")
     p_value, p_t = runtime_probability(p)

@@ -52,20 +52,20 @@ def dropout(
     generator: torch.Generator | None = None,
     mask_mode: str = "recompute",
 ) -> torch.Tensor:
-    r"""Drop-in for :func:`torch.nn.functional.dropout` that stores no mask for backward.
+    r"""Drop-in for `torch.nn.functional.dropout` that stores no mask for backward.
 
     .. math::
         y_i = \frac{m_i\,x_i}{1-p}, \qquad
         m_i = [\,\mathrm{philox}(seed, i) \gg 1 > \lfloor p\,2^{31}\rfloor - 1\,]
 
-    Each element is zeroed with probability ``p`` (to within :math:`2^{-31}`); survivors are scaled by
+    Each element is zeroed with probability ``p`` (to within ``2^{-31}``); survivors are scaled by
     ``1/(1-p)`` (rounded to float32). The mask is a function of (seed, offset, element index) only, so the
     backward regenerates it: autograd saves a 16-byte seed, nothing of the size of ``x``. As in torch, ``x`` is
     *multiplied* by the mask: a NaN or Inf at a dropped position gives NaN (forward and backward), so an overflow
     is never hidden from AMP's GradScaler.
 
     Under ``torch.compile`` ``p`` is a runtime value: changing it between calls recompiles at most once (a float
-    ``p``: dynamo's automatic-dynamic recompile) or never (a 0-dim tensor ``p``, or a :class:`regops.nn` module).
+    ``p``: dynamo's automatic-dynamic recompile) or never (a 0-dim tensor ``p``, or a `regops.nn` module).
 
     Args:
         x: any shape; float32, float16, bfloat16 or float64; any device (CPU runs the reference). Non-contiguous
@@ -84,8 +84,10 @@ def dropout(
 
     Example::
 
-        >>> torch.manual_seed(0)
-        >>> y = regops.dropout(torch.ones(8), p=0.25)   # 0 or 4/3 per element; same y after manual_seed(0)
+        >>> _ = torch.manual_seed(0)
+        >>> y = regops.dropout(torch.ones(8), p=0.25)  # 0 or 4/3 per element; same y after manual_seed(0)
+        >>> bool(((y == 0) | torch.isclose(y, torch.tensor(4 / 3))).all())
+        True
     """
     validate.floating(x, "x")
     p_value, p_t = runtime_probability(p)
@@ -130,14 +132,14 @@ def bias_dropout_add(
     from a 16-byte seed, so autograd saves nothing of the size of ``x``; gradients: ``dx = m * g / (1-p)``,
     ``dbias = sum over rows of dx``, ``dresidual = g``, and derivatives of every order (Hessian estimates work).
     The mask uses the *row layout* (row ``r`` of the last dimension starts at counter ``offset + r * ceil(H/4)``);
-    when ``H % 4 == 0`` it is exactly :func:`regops.dropout`'s mask for the same seed. As in torch, the mask
+    when ``H % 4 == 0`` it is exactly `regops.dropout`'s mask for the same seed. As in torch, the mask
     multiplies: a NaN or Inf of ``x + bias`` at a dropped position gives NaN.
 
     Args:
         x: ``[..., H]``; float32, float16, bfloat16 or float64.
         bias: ``[H]`` or ``None``.
         residual: x's shape.
-        p: drop probability in ``[0, 1]`` (as :func:`regops.dropout`: a runtime value under torch.compile).
+        p: drop probability in ``[0, 1]`` (as `regops.dropout`: a runtime value under torch.compile).
         training: ``False`` (or ``p == 0``) is the unfused identity ``residual + (x + bias)``, as torch computes.
         generator: a ``torch.Generator`` on x's device type.
 
@@ -149,7 +151,10 @@ def bias_dropout_add(
 
     Example::
 
+        >>> attn_out, attn_bias, hidden = torch.randn(2, 5, 8), torch.randn(8), torch.randn(2, 5, 8)
         >>> h = regops.bias_dropout_add(attn_out, attn_bias, hidden, p=0.1)
+        >>> h.shape
+        torch.Size([2, 5, 8])
     """
     validate.floating(x, "x")
     validate.floating(residual, "residual")
@@ -201,7 +206,7 @@ def dropout_add_layer_norm(
 
     The pre-norm sum ``s`` is stored in the residual's dtype (float32 with ``residual_in_fp32``) and the norm is
     taken of that stored value. Saved for backward: ``s``, two floats per row, ``weight`` and the 16-byte seed --
-    no mask (it is regenerated, row layout as :func:`bias_dropout_add`). Gradients for x, residual, weight, bias,
+    no mask (it is regenerated, row layout as `bias_dropout_add`). Gradients for x, residual, weight, bias,
     and double backward (``create_graph=True`` switches to a differentiable, unfused backward). The mask
     multiplies, as torch's dropout: a NaN or Inf of ``x`` at a dropped position gives NaN.
 
@@ -217,7 +222,11 @@ def dropout_add_layer_norm(
 
     Example::
 
+        >>> ln = torch.nn.LayerNorm(8)
+        >>> h, resid = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
         >>> y, resid = regops.dropout_add_layer_norm(h, resid, ln.weight, ln.bias, 0.1, prenorm=True)
+        >>> y.shape, resid.shape
+        (torch.Size([2, 5, 8]), torch.Size([2, 5, 8]))
     """
     validate.floating(x, "x")
     p_value, p_t = runtime_probability(p)
@@ -280,12 +289,12 @@ def shared_dropout(
 
     Token dropout of ``[B, T, D]`` activations: ``dims=-1`` (a whole token vector is dropped); feature dropout:
     ``dims=1`` (a feature is dropped for every token); ``dims=()`` is plain dropout. The mask (of the reduced
-    shape, row-major) is :func:`regops.dropout`'s mask of ``ones(reduced shape)`` for the same seed; only the
+    shape, row-major) is `regops.dropout`'s mask of ``ones(reduced shape)`` for the same seed; only the
     seed is saved for backward.
 
     Args:
         x: any shape, floating dtype. p: drop probability. dims: an int or a sequence of dims (negative allowed).
-        training, inplace, generator: as :func:`regops.dropout`.
+        training, inplace, generator: as `regops.dropout`.
     Returns:
         Tensor of ``x``'s shape and dtype.
 
@@ -377,12 +386,12 @@ def dropout1d(
     *,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """:func:`torch.nn.functional.dropout1d` semantics (zero whole channels of ``(N, C, L)`` or ``(C, L)``).
+    """`torch.nn.functional.dropout1d` semantics (zero whole channels of ``(N, C, L)`` or ``(C, L)``).
 
     Other ranks raise ``RuntimeError``, as torch. Only the seed is saved for backward.
 
     Args:
-        x, p, training, inplace, generator: as :func:`regops.dropout`; ``p`` drops whole channels.
+        x, p, training, inplace, generator: as `regops.dropout`; ``p`` drops whole channels.
     Returns:
         Tensor of ``x``'s shape and dtype.
 
@@ -399,13 +408,13 @@ def dropout2d(
     *,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """:func:`torch.nn.functional.dropout2d` semantics (zero whole channels of ``(N, C, H, W)``).
+    """`torch.nn.functional.dropout2d` semantics (zero whole channels of ``(N, C, H, W)``).
 
     Exactly torch's rank rules: every input is read as batched ``(N, C, ...)`` (3-D as ``(N, C, L)``), with
     torch's warnings for ranks other than 4; fewer than 2 dims raise when a mask is drawn.
 
     Args:
-        x, p, training, inplace, generator: as :func:`regops.dropout`; ``p`` drops whole channels.
+        x, p, training, inplace, generator: as `regops.dropout`; ``p`` drops whole channels.
     Returns:
         Tensor of ``x``'s shape and dtype.
 
@@ -422,13 +431,13 @@ def dropout3d(
     *,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """:func:`torch.nn.functional.dropout3d` semantics (zero whole channels of ``(N, C, D, H, W)`` or ``(C, D, H, W)``).
+    """`torch.nn.functional.dropout3d` semantics (zero whole channels of ``(N, C, D, H, W)`` or ``(C, D, H, W)``).
 
     Exactly torch's rank rules: only a 5-D input is batched; any other rank is unbatched ``(C, ...)`` (a 3-D
     input is ``(C, D, H)``, a 1-D input drops elements), with torch's warning for ranks other than 4 and 5.
 
     Args:
-        x, p, training, inplace, generator: as :func:`regops.dropout`; ``p`` drops whole channels.
+        x, p, training, inplace, generator: as `regops.dropout`; ``p`` drops whole channels.
     Returns:
         Tensor of ``x``'s shape and dtype.
 
@@ -460,8 +469,8 @@ def drop_path(
 
     .. math:: y_b = x_b \cdot m_b / (1-p) \quad(\text{no } 1/(1-p) \text{ unless } scale\_by\_keep)
 
-    One draw per sample: ``m_b`` is :func:`regops.dropout`'s mask of ``ones(B)``. The backward regenerates it.
-    As in timm, ``training`` defaults to ``False`` (pass ``training=True``, or use :class:`regops.nn.DropPath`),
+    One draw per sample: ``m_b`` is `regops.dropout`'s mask of ``ones(B)``. The backward regenerates it.
+    As in timm, ``training`` defaults to ``False`` (pass ``training=True``, or use `regops.nn.DropPath`),
     ``training=False`` or ``drop_prob == 0`` returns ``x`` itself, and the mask multiplies (a NaN or Inf in a
     dropped sample gives NaN). The output keeps x's memory format.
 
@@ -472,7 +481,10 @@ def drop_path(
 
     Example::
 
-        >>> y = regops.drop_path(branch_out, 0.1, training=True)
+        >>> branch_out = torch.ones(4, 3)
+        >>> y = regops.drop_path(branch_out, 0.5, training=True)  # each row all 0 or all 2
+        >>> bool(((y == 0) | (y == 2)).all(dim=1).all())
+        True
     """
     p_value, p_t = _check_drop_path(x, drop_prob, generator)
     validate.flag(training, "training")
@@ -493,7 +505,7 @@ def drop_path_add(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """``residual + drop_path(x, drop_prob, training)`` in one pass (one pass backward: ``dx = m_b g / (1-p)``,
-    ``dres = g``). Arguments and defaults as :func:`drop_path` (``training=False`` by default, as timm).
+    ``dres = g``). Arguments and defaults as `drop_path` (``training=False`` by default, as timm).
 
     Args:
         x: the branch output ``[B, ...]``; residual: x's shape and dtype.
@@ -502,7 +514,10 @@ def drop_path_add(
 
     Example::
 
-        >>> h = regops.drop_path_add(block(h), h, 0.1, training=True)
+        >>> block, h = torch.nn.Linear(8, 8), torch.randn(4, 8)
+        >>> h = regops.drop_path_add(block(h), h, 0.1, training=True)  # h + drop_path(block(h))
+        >>> h.shape
+        torch.Size([4, 8])
     """
     p_value, p_t = _check_drop_path(x, drop_prob, generator)
     validate.floating(residual, "residual")
@@ -547,7 +562,10 @@ def nested_dropout(
 
     Example::
 
-        >>> z = regops.nested_dropout(features, p=0.05)   # [B, D]: keep a random-length prefix per sample
+        >>> features = torch.ones(4, 16)
+        >>> z = regops.nested_dropout(features, p=0.05)  # [B, D]: keep a random-length prefix per sample
+        >>> z.shape
+        torch.Size([4, 16])
     """
     validate.floating(x, "x")
     p_value, p_t = runtime_probability(p)

@@ -16,13 +16,20 @@ __all__ = ["DropPath", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "Dropou
 
 @swaps(torch.nn.Dropout)
 class Dropout(RuntimeProbability, torch.nn.Dropout):
-    """:class:`torch.nn.Dropout` (same constructor, repr and state_dict) backed by :func:`regops.dropout`.
+    """`torch.nn.Dropout` (same constructor, repr and state_dict) backed by `regops.dropout`.
 
     Saves no mask for backward. Still an instance of ``torch.nn.Dropout``, so code that looks for dropout
     modules keeps finding it. Under ``torch.compile`` changing ``p`` between steps never recompiles.
 
-    >>> m = regops.nn.Dropout(p=0.1)
-    >>> y = m(torch.randn(4, 16))
+    Args:
+        p: the drop probability, in ``[0, 1]`` (a number or a 0-dim tensor; may change between steps).
+        inplace: write the result into the input.
+
+    Example::
+
+        >>> m = regops.nn.Dropout(p=0.1)
+        >>> m(torch.randn(4, 16)).shape
+        torch.Size([4, 16])
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -30,7 +37,7 @@ class Dropout(RuntimeProbability, torch.nn.Dropout):
 
     @classmethod
     def from_module(cls, module: torch.nn.Dropout) -> Dropout:
-        """The regops twin of ``module`` with its hooks, state and training flag (what :func:`regops.patch` uses)."""
+        """The regops twin of ``module`` with its hooks, state and training flag (what `regops.patch` uses)."""
         return adopt_module_state(cls(p=module.p, inplace=module.inplace), module)
 
 
@@ -48,21 +55,51 @@ class _ChannelDropoutMixin(RuntimeProbability):
 
 @swaps(torch.nn.Dropout1d)
 class Dropout1d(_ChannelDropoutMixin, torch.nn.Dropout1d):
-    """:class:`torch.nn.Dropout1d` backed by :func:`regops.dropout1d` (whole channels; only a seed is saved)."""
+    """`torch.nn.Dropout1d` backed by `regops.dropout1d` (whole channels; only a seed is saved).
+
+    Args:
+        p: the probability of zeroing a channel, in ``[0, 1]``.
+        inplace: write the result into the input.
+
+    Example::
+
+        >>> regops.nn.Dropout1d(0.5)(torch.randn(2, 4, 10)).shape  # [N, C, L]
+        torch.Size([2, 4, 10])
+    """
 
     _fn = staticmethod(api.dropout1d)
 
 
 @swaps(torch.nn.Dropout2d)
 class Dropout2d(_ChannelDropoutMixin, torch.nn.Dropout2d):
-    """:class:`torch.nn.Dropout2d` backed by :func:`regops.dropout2d` (whole channels; only a seed is saved)."""
+    """`torch.nn.Dropout2d` backed by `regops.dropout2d` (whole channels; only a seed is saved).
+
+    Args:
+        p: the probability of zeroing a channel, in ``[0, 1]``.
+        inplace: write the result into the input.
+
+    Example::
+
+        >>> regops.nn.Dropout2d(0.5)(torch.randn(2, 4, 6, 6)).shape  # [N, C, H, W]
+        torch.Size([2, 4, 6, 6])
+    """
 
     _fn = staticmethod(api.dropout2d)
 
 
 @swaps(torch.nn.Dropout3d)
 class Dropout3d(_ChannelDropoutMixin, torch.nn.Dropout3d):
-    """:class:`torch.nn.Dropout3d` backed by :func:`regops.dropout3d` (whole channels; only a seed is saved)."""
+    """`torch.nn.Dropout3d` backed by `regops.dropout3d` (whole channels; only a seed is saved).
+
+    Args:
+        p: the probability of zeroing a channel, in ``[0, 1]``.
+        inplace: write the result into the input.
+
+    Example::
+
+        >>> regops.nn.Dropout3d(0.5)(torch.randn(2, 4, 3, 6, 6)).shape  # [N, C, D, H, W]
+        torch.Size([2, 4, 3, 6, 6])
+    """
 
     _fn = staticmethod(api.dropout3d)
 
@@ -73,10 +110,18 @@ class DropPath(RuntimeProbability, torch.nn.Module):
 
     ``DropPath(drop_prob=0.0, scale_by_keep=True)``: in training, each sample is zeroed with probability
     ``drop_prob`` (survivors scaled by ``1/(1-drop_prob)`` when ``scale_by_keep``); identity in eval.
-    Backed by :func:`regops.drop_path`: the per-sample mask is regenerated in backward. Under ``torch.compile``
+    Backed by `regops.drop_path`: the per-sample mask is regenerated in backward. Under ``torch.compile``
     changing ``drop_prob`` between steps (a stochastic-depth schedule) never recompiles.
 
-    >>> block_out = regops.nn.DropPath(0.1)(block_out)
+    Args:
+        drop_prob: the probability of zeroing a sample (may change between steps).
+        scale_by_keep: scale the kept samples by ``1/(1-drop_prob)``.
+
+    Example::
+
+        >>> block_out = regops.nn.DropPath(0.1)(torch.randn(4, 8))
+        >>> block_out.shape
+        torch.Size([4, 8])
     """
 
     _p_attr = "drop_prob"
@@ -99,14 +144,30 @@ class DropPath(RuntimeProbability, torch.nn.Module):
 
 
 class DropoutAddLayerNorm(RuntimeProbability, torch.nn.Module):
-    """``LayerNorm(dropout(x) + residual)`` (or RMSNorm) as one fused op, :func:`regops.dropout_add_layer_norm`.
+    """``LayerNorm(dropout(x) + residual)`` (or RMSNorm) as one fused op, `regops.dropout_add_layer_norm`.
 
     Constructor as flash-attn's ``DropoutAddLayerNorm`` plus ``rms_norm``: parameters ``weight`` (ones) and
     ``bias`` (zeros; absent for RMSNorm unless ``bias=True``). ``forward(x, residual=None)`` returns ``y``, or
     ``(y, new_residual)`` when ``prenorm``.
 
-    >>> norm = regops.nn.DropoutAddLayerNorm(512, p=0.1, prenorm=True)
-    >>> y, resid = norm(attn_out, resid)
+    Args:
+        hidden_size: the normalised (last) dim.
+        prenorm: also return the new residual ``dropout(x) + residual``.
+        p: the drop probability (may change between steps).
+        eps: the normalisation's epsilon.
+        residual_in_fp32: keep the returned residual in float32.
+        rms_norm: RMSNorm instead of LayerNorm.
+        bias: a bias parameter (default: for LayerNorm, not for RMSNorm).
+        device: where the parameters live.
+        dtype: the parameters' dtype.
+
+    Example::
+
+        >>> norm = regops.nn.DropoutAddLayerNorm(8, p=0.1, prenorm=True)
+        >>> attn_out, resid = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+        >>> y, resid = norm(attn_out, resid)
+        >>> y.shape
+        torch.Size([2, 5, 8])
     """
 
     def __init__(
@@ -152,15 +213,27 @@ class MultiSampleDropout(RuntimeProbability, torch.nn.Module):
     """Multi-sample dropout (Inoue 2019): the mean over K dropout masks of ``head(dropout_k(features))``.
 
     * A linear head (``torch.nn.Linear``, or ``linear_head=True``) is applied once to the features times the
-      mean of the K masks (:func:`regops.multi_sample_dropout`): exact, one pass, no K copies.
+      mean of the K masks (`regops.multi_sample_dropout`): exact, one pass, no K copies.
     * Any other head runs K times, each under activation checkpointing: the masked copy of sample k is
       regenerated from its seed in backward, so at most one masked copy exists at a time.
 
-    :meth:`loss` averages ``loss_fn(head(dropout_k(features)), target)`` over the K samples the same way.
+    `loss` averages ``loss_fn(head(dropout_k(features)), target)`` over the K samples the same way.
     In eval mode both return the head applied to the features.
 
-    >>> msd = regops.nn.MultiSampleDropout(torch.nn.Linear(768, 10), num_samples=8, p=0.5)
-    >>> logits = msd(features); loss = msd.loss(features, labels, torch.nn.functional.cross_entropy)
+    Args:
+        head: the module applied after dropout (a ``torch.nn.Linear`` takes the one-pass path).
+        num_samples: K, the number of dropout masks.
+        p: the drop probability (may change between steps).
+        linear_head: treat ``head`` as linear (default: whether it is a ``torch.nn.Linear``).
+
+    Example::
+
+        >>> msd = regops.nn.MultiSampleDropout(torch.nn.Linear(16, 3), num_samples=8, p=0.5)
+        >>> features, labels = torch.randn(4, 16), torch.tensor([0, 1, 2, 0])
+        >>> logits = msd(features)
+        >>> loss = msd.loss(features, labels, torch.nn.functional.cross_entropy)
+        >>> logits.shape, loss.shape
+        (torch.Size([4, 3]), torch.Size([]))
     """
 
     def __init__(self, head: torch.nn.Module, num_samples: int = 8, p: float = 0.5, linear_head: bool | None = None):

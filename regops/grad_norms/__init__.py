@@ -18,10 +18,10 @@ gradient norm for the layer's parameters from ``(A, G)`` without building the ``
 * A parameter used by several calls (tied weights) gets ``||sum_i g_i||^2`` from the rules' factors
   (``<U^T V, U'^T V'> = <U U'^T, V V'^T>``), never a dropped use.
 
-DP-SGD clipping (:func:`clip_per_sample_`) reuses the stored ``(A, G)`` with the clip factors (Book-Keeping),
+DP-SGD clipping (`clip_per_sample_`) reuses the stored ``(A, G)`` with the clip factors (Book-Keeping),
 so the clipped sum needs no second backward pass.
 
-The recording, the rules and the kernel-backed forms are the per-example engine's (:mod:`regops.per_example`).
+The recording, the rules and the kernel-backed forms are the per-example engine's (`regops.per_example`).
 """
 
 from regops.grad_norms.api import *  # noqa: F403

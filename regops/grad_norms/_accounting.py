@@ -36,15 +36,18 @@ class PrivacyAccountant:
     """Tracks the privacy spent by DP-SGD steps (Poisson sampling with rate ``q``, Gaussian noise ``sigma``).
 
     A thin wrapper over Opacus's accountant (``"rdp"``: Renyi DP, ``"prv"``: privacy random variables,
-    ``"gdp"``: Gaussian DP). Call :meth:`step` once per optimizer step.
+    ``"gdp"``: Gaussian DP). Call `step` once per optimizer step.
+
+    Args:
+        accountant: ``"rdp"``, ``"prv"`` or ``"gdp"``.
 
     Example::
 
-        >>> acc = regops.grad_norms.PrivacyAccountant("rdp")
-        >>> for step in range(1000):
-        ...     ...   # one dp_clipping block + opt.step()
+        >>> acc = regops.PrivacyAccountant("rdp")
+        >>> for step in range(1000):  # each: one dp_clipping block + opt.step()
         ...     acc.step(noise_multiplier=1.1, sample_rate=256 / 60000)
-        >>> acc.epsilon(delta=1e-5)
+        >>> 0 < acc.epsilon(delta=1e-5) < 1
+        True
     """
 
     def __init__(self, accountant: str = "rdp") -> None:

@@ -62,10 +62,16 @@ def clip_per_sample_(
 
     Example::
 
+        >>> F = torch.nn.functional
+        >>> model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        >>> x, y = torch.randn(16, 20), torch.randint(0, 5, (16,))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> with regops.per_sample_grad_norms(model, "mean", retain_signals=True) as norms:
         ...     F.cross_entropy(model(x), y).backward()
-        >>> regops.clip_per_sample_(norms, max_norm=1.0, noise_multiplier=1.1)
+        >>> factors = regops.clip_per_sample_(norms, max_norm=1.0, noise_multiplier=1.1)
         >>> opt.step()
+        >>> factors.shape, bool((factors <= 1).all())
+        (torch.Size([16]), True)
     """
     if not isinstance(norms, PerSampleGradNorms):
         raise TypeError(f"regops: norms must come from regops.per_sample_grad_norms, got {type(norms).__name__}")
@@ -208,7 +214,22 @@ def _distributed_world(norms: PerSampleGradNorms) -> int:
 
 
 class DPClipping(PerSampleGradNorms):
-    """A :class:`PerSampleGradNorms` block that ends with :func:`clip_per_sample_` (see :func:`dp_clipping`)."""
+    """A `PerSampleGradNorms` block that ends with `clip_per_sample_` (create it with `dp_clipping`).
+
+    Args:
+        model: the model whose trainable parameters are tracked.
+        loss_reduction: ``"sum"`` or ``"mean"``.
+        clip_args: the keyword arguments of `clip_per_sample_` applied on exit.
+        **kwargs: the other keyword arguments of `per_sample_grad_norms`.
+
+    Example::
+
+        >>> model = torch.nn.Linear(4, 2)
+        >>> with regops.dp_clipping(model, max_norm=1.0, loss_reduction="sum") as step:
+        ...     model(torch.randn(3, 4)).sum().backward()
+        >>> isinstance(step, regops.DPClipping), step.clip_factors.shape
+        (True, torch.Size([3]))
+    """
 
     def __init__(self, model: nn.Module, loss_reduction: str, clip_args: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(model, loss_reduction, retain_signals=True, **kwargs)
@@ -292,7 +313,7 @@ def dp_clipping(
 ) -> DPClipping:
     r"""DP-SGD step in one block: run the forward(s) and backward(s) inside (several micro-batches
     accumulate, like Opacus's virtual steps); on exit every tracked ``p.grad`` is its value before the block
-    plus the clipped, noised sum of :func:`clip_per_sample_` over all the block's examples, noise added once
+    plus the clipped, noised sum of `clip_per_sample_` over all the block's examples, noise added once
     (divided by ``expected_batch_size``, or the number of examples, for ``loss_reduction="mean"``).
 
     Since the clipped gradients are rebuilt from the recorded signals (Book-Keeping), autograd is spared the
@@ -301,17 +322,32 @@ def dp_clipping(
     the same gradients on every rank, also on a rank whose empty batch runs outside any block). The object
     also holds the norms (``total``, ``per_param``) and, after the block, ``clip_factors``.
 
-    Args: as :func:`per_sample_grad_norms` and :func:`clip_per_sample_`; ``loss_reduction`` is required.
+    Args:
+        model: the model whose trainable parameters are tracked.
+        max_norm: clipping bound ``C > 0`` (or ``{module name: bound}`` with ``per_layer``).
+        loss_reduction: ``"sum"`` or ``"mean"`` (required).
+        noise_multiplier: ``sigma >= 0``.
+        generator: ``torch.Generator`` for the noise (on the parameters' device type).
+        per_layer: clip per module instead of over all parameters.
+        expected_batch_size: for ``"mean"``: the expected number of examples per step.
+        forms: as `per_sample_grad_norms`.
+        unsupported: as `per_sample_grad_norms`.
+        batch_dim: as `per_sample_grad_norms`.
 
     Returns:
-        A context manager (:class:`DPClipping`); on exit ``p.grad`` holds the clipped, noised gradient sum.
+        A context manager (`DPClipping`); on exit ``p.grad`` holds the clipped, noised gradient sum.
 
     Example::
 
+        >>> F = torch.nn.functional
+        >>> model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        >>> x, y = torch.randn(16, 20), torch.randint(0, 5, (16,))
+        >>> opt, g = torch.optim.SGD(model.parameters(), lr=0.1), torch.Generator().manual_seed(0)
+        >>> micro_batches = [(x[:8], y[:8]), (x[8:], y[8:])]
         >>> with regops.dp_clipping(model, max_norm=1.0, loss_reduction="mean", noise_multiplier=1.1,
-        ...                         expected_batch_size=256, generator=g):
-        ...     for x, y in micro_batches:
-        ...         F.cross_entropy(model(x), y).backward()
+        ...                         expected_batch_size=16, generator=g):
+        ...     for xb, yb in micro_batches:
+        ...         F.cross_entropy(model(xb), yb).backward()
         >>> opt.step()
     """
     check_reduction(loss_reduction)

@@ -61,8 +61,10 @@ def fix_model(model: nn.Module, *, max_groups: int = 32, inplace: bool = False) 
 
     Example::
 
-        >>> model, changes = regops.grad_norms.fix_model(torchvision.models.resnet18())
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.BatchNorm2d(64), torch.nn.ReLU())
+        >>> model, changes = regops.fix_model(net)
         >>> print(*changes, sep="\\n")
+        1: BatchNorm2d(64) -> GroupNorm(32, 64)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"regops: fix_model needs an nn.Module, got {type(model).__name__}")

@@ -15,7 +15,7 @@ class PerSampleGradNorms:
     """Context manager recording per-example gradient norms of ``model`` during the forward and backward
     passes inside it (one batch, or several micro-batches: gradient accumulation).
 
-    Use :func:`per_sample_grad_norms` to create it. After the backward, with ``N`` the number of examples of
+    Use `per_sample_grad_norms` to create it. After the backward, with ``N`` the number of examples of
     all the forwards of the block, in order:
 
     * ``total``: ``[N]`` float32, ``||grad_theta loss_n||_2`` over all trainable parameters;
@@ -23,6 +23,22 @@ class PerSampleGradNorms:
     * ``per_param_sq``: the same, squared;
     * ``per_module``: ``{module name: [N]}`` over the parameters each module holds;
     * ``micro_batch_sizes``: the batch size of each forward.
+
+    Args:
+        model: the model whose trainable parameters are tracked.
+        loss_reduction: ``"sum"`` or ``"mean"`` (required).
+        forms: ``"auto"``, ``"ghost"``, ``"instantiate"`` or ``{module name: form}``.
+        unsupported: ``"error"`` or ``"vmap"``.
+        retain_signals: keep the recorded signals for `clip_per_sample_`.
+        batch_dim: 0, or 1 for sequence-first models.
+
+    Example::
+
+        >>> model = torch.nn.Linear(4, 2)
+        >>> with regops.per_sample_grad_norms(model, loss_reduction="sum") as norms:
+        ...     model(torch.randn(3, 4)).sum().backward()
+        >>> isinstance(norms, regops.PerSampleGradNorms), norms.micro_batch_sizes
+        (True, [3])
     """
 
     def __init__(
@@ -176,8 +192,8 @@ def per_sample_grad_norms(
     .. math:: \text{total}_n = \Big\|\nabla_\theta \ell_n\Big\|_2,\qquad
               \text{per\_param}[k]_n = \big\|\nabla_{\theta_k} \ell_n\big\|_2 ,
 
-    where each forward's loss is :math:`\sum_n \ell_n` (``loss_reduction="sum"``) or
-    :math:`\frac1B \sum_n \ell_n` (``"mean"``, ``B`` that forward's batch size). Several forward+backward
+    where each forward's loss is ``\sum_n \ell_n`` (``loss_reduction="sum"``) or
+    ``\frac1B \sum_n \ell_n`` (``"mean"``, ``B`` that forward's batch size). Several forward+backward
     pairs in one block (gradient accumulation) give the norms of all their examples, in order. Norms are
     float32 tensors (float64 for a float64 model); low-precision activations (bf16/fp16, autocast with the
     backward inside or outside it) are accumulated in float32.
@@ -185,7 +201,7 @@ def per_sample_grad_norms(
     Args:
         model: any model whose examples are independent. Parameters of Linear, Conv1d/2d/3d, Embedding,
             LayerNorm, GroupNorm, RMSNorm, BatchNorm (eval mode), Hugging Face Conv1D and registered rules
-            (:func:`regops.grad_norms.register_rule`) are handled by their rule; every other use of a trainable
+            (`regops.per_example.register_rule`) are handled by their rule; every other use of a trainable
             parameter (``F.linear(h, emb.weight)``, ``x @ W.T``, ``weight * h``, ``nn.MultiheadAttention``,
             ``cls_token.expand(B, ...)``) is seen op by op and handled exactly, or raises naming the
             parameter. A parameter used several times (tied or reused weights) gets the norm of its summed
@@ -199,23 +215,28 @@ def per_sample_grad_norms(
             gradients from ``torch.func`` (exact when it treats examples independently; costs ``B x`` its
             parameter count in memory).
         retain_signals: keep the layer inputs and output gradients after the backward, as needed by
-            :func:`clip_per_sample_`.
+            `clip_per_sample_`.
         batch_dim: ``0`` (batch first) or ``1`` for sequence-first models (``[T, B, ...]`` activations, as
             ``nn.Transformer(batch_first=False)``): the batch dim of every 3+-D activation; 2-D activations
             (``[B, d]``) and convolution inputs keep the batch first.
 
     Returns:
-        A context manager (:class:`PerSampleGradNorms`); after the backward, ``norms.total`` is the ``[N]``
+        A context manager (`PerSampleGradNorms`); after the backward, ``norms.total`` is the ``[N]``
         float32 norm of each example's gradient, ``norms.per_param`` and ``norms.per_module`` the same per
         parameter and per module.
 
     Example::
 
+        >>> F = torch.nn.functional
+        >>> model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        >>> x, y = torch.randn(16, 20), torch.randint(0, 5, (16,))
         >>> with regops.per_sample_grad_norms(model, loss_reduction="mean") as norms:
         ...     loss = F.cross_entropy(model(x), y)
         ...     loss.backward()
-        >>> norms.total.shape          # torch.Size([B])
-        >>> norms.per_param["0.weight"]
+        >>> norms.total.shape
+        torch.Size([16])
+        >>> norms.per_param["0.weight"].shape
+        torch.Size([16])
     """
     return PerSampleGradNorms(
         model,
@@ -251,9 +272,11 @@ def per_sample_squared_norms(
     Example::
 
         >>> from regops.grad_norms import per_sample_squared_norms
-        >>> eye = torch.eye(10)   # one pseudo-loss per output coordinate c: <output_n, e_c>
+        >>> model, x = torch.nn.Sequential(torch.nn.Linear(4, 10)), torch.randn(8, 4)
+        >>> eye = torch.eye(10)  # one pseudo-loss per output coordinate c: <output_n, e_c>
         >>> sq = per_sample_squared_norms(model, lambda: model(x), lambda o: [eye[c].expand_as(o) for c in range(10)])
-        >>> sq[3]["fc.weight"].shape   # torch.Size([B]): ||d output_n[3] / d fc.weight||^2 per example
+        >>> sq[3]["0.weight"].shape  # ||d output_n[3] / d weight||^2 per example
+        torch.Size([8])
     """
     rec = _Recorder(model, forms=forms, unsupported=unsupported, hook_outputs=False)
     rec.attach()

@@ -11,7 +11,7 @@ import torch
 class PoissonBatchSampler(torch.utils.data.Sampler):
     """Yields ``steps`` batches of indices of ``range(num_samples)``, each example in each batch independently
     with probability ``sample_rate``. Use it as a ``DataLoader``'s ``batch_sampler``; divide by
-    :attr:`expected_batch_size` (``dp_clipping(..., expected_batch_size=...)``), not the realised size.
+    `expected_batch_size` (``dp_clipping(..., expected_batch_size=...)``), not the realised size.
 
     A batch may be empty: the DP step must still happen (noise only): run the ``dp_clipping`` block without a
     forward, or skip nothing.
@@ -24,8 +24,11 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
 
     Example::
 
-        >>> sampler = regops.grad_norms.PoissonBatchSampler(len(ds), sample_rate=256 / len(ds))
+        >>> ds = torch.utils.data.TensorDataset(torch.randn(1000, 4), torch.randint(0, 2, (1000,)))
+        >>> sampler = regops.PoissonBatchSampler(len(ds), sample_rate=64 / len(ds))
         >>> loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler)
+        >>> len(loader), sampler.expected_batch_size
+        (16, 64)
     """
 
     def __init__(

@@ -41,7 +41,7 @@ def twice_differentiable() -> Iterator[None]:
     ``F.mse_loss``, ``F.huber_loss``, ``F.soft_margin_loss`` and ``F.multi_margin_loss`` (and their modules) are
     computed from elementwise ops, and so are ``F.hardsigmoid`` (``nn.Hardsigmoid``) and eval-mode ``F.rrelu``.
     The Hessian estimators enter it themselves; use it around the forward whose loss you pass to
-    :func:`regops.hessian.trace_penalty` (or any ``create_graph`` backward) in an attention model.
+    `regops.hessian.trace_penalty` (or any ``create_graph`` backward) in an attention model.
 
     Takes no arguments.
 
@@ -50,9 +50,12 @@ def twice_differentiable() -> Iterator[None]:
 
     Example::
 
-        >>> with regops.hessian.twice_differentiable():
-        ...     loss = F.cross_entropy(gpt2(ids).logits.flatten(0, 1), targets.flatten())
-        >>> (loss + 1e-3 * regops.hessian.trace_penalty(loss, gpt2)).backward()
+        >>> layer = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        >>> x, targets = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+        >>> with regops.hessian.twice_differentiable():  # attention on its math backend: a double backward
+        ...     loss = torch.nn.functional.mse_loss(layer(x), targets)
+        ...     penalty = regops.hessian.trace_penalty(loss, layer)
+        >>> (loss + 1e-3 * penalty).backward()
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

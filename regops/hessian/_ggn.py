@@ -123,12 +123,12 @@ def ggn_trace(
 
     ``method="exact"``: one forward and ``C`` backward passes (``C`` = outputs per example), each turned into
     per-example squared gradient norms without per-example gradients (the identities of
-    :func:`regops.per_sample_grad_norms`). For ReLU networks this is the exact Hessian trace, which Hutchinson
+    `regops.per_sample_grad_norms`). For ReLU networks this is the exact Hessian trace, which Hutchinson
     would need thousands of probes to reach to 1%. ``method="mc"``: one backward with labels sampled from the
     model (unbiased).
 
     Args:
-        model: layers supported by :func:`regops.per_sample_grad_norms` (Linear, Conv, Embedding, norms;
+        model: layers supported by `regops.per_sample_grad_norms` (Linear, Conv, Embedding, norms;
             ``unsupported="vmap"`` for others); examples must be independent (no BatchNorm in train mode).
         inputs: ``[B, ...]``; targets: class indices ``[B]`` / regression targets, or ``None`` (the GGN of
             these losses does not depend on the targets; they are only checked for shape).
@@ -139,13 +139,17 @@ def ggn_trace(
 
     Returns:
         A 0-dim float32 tensor (float64 for a float64 model), or a dict of them; detached (no graph, exact and
-        Monte-Carlo alike). For a differentiable curvature term use :func:`trace_penalty` or
-        :func:`linear_head_trace`.
+        Monte-Carlo alike). For a differentiable curvature term use `trace_penalty` or
+        `linear_head_trace`.
 
     Example::
 
-        >>> tr = regops.hessian.ggn_trace(model, x, y)                  # exact, C backward passes
+        >>> model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        >>> x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+        >>> tr = regops.hessian.ggn_trace(model, x, y)  # exact, C backward passes
         >>> tr_mc = regops.hessian.ggn_trace(model, x, y, method="mc")  # one backward, unbiased
+        >>> float(tr) > 0
+        True
     """
     _check(model, inputs, targets, loss, reduction, method)
     if by not in (None, "param"):
@@ -196,15 +200,18 @@ def ggn_diagonal(
     over ``B`` examples (``g * g`` for a sum). Unbiased because the sampled labels make the per-example
     gradients independent with mean zero.
 
-    Args: as :func:`ggn_trace`; the model must treat examples independently.
+    Args: as `ggn_trace`; the model must treat examples independently.
 
     Returns:
         ``{parameter name: tensor shaped like the parameter}`` (float32, float64 for a float64 model), detached.
 
     Example::
 
+        >>> model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        >>> x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
         >>> d = regops.hessian.ggn_diagonal(model, x, y)
         >>> d["0.weight"].shape == model[0].weight.shape
+        True
     """
     _check(model, inputs, targets, loss, reduction, method)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -15,7 +15,7 @@ from regops.hessian._inputs import DEFAULT_PROBE_BATCH, _operator, _resolve
 class HessianLinearOperator:
     r"""``v -> H v`` for the Hessian ``H`` of a scalar loss w.r.t. the trainable params, ``N x N``.
 
-    Built from the same forms as :func:`regops.hessian.trace` (``(loss_fn, params)``, ``(model, criterion,
+    Built from the same forms as `regops.hessian.trace` (``(loss_fn, params)``, ``(model, criterion,
     inputs, targets)``, ``(model, criterion, loader)``: the batch-size-weighted mean over the loader's batches)
     and computed by the same engines (``hvp``: batched double backward, forward-over-reverse, loop, or
     finite differences; attention on its math backend; one fixed dropout mask per batch in train mode). A single
@@ -26,17 +26,31 @@ class HessianLinearOperator:
     batched, ``probe_batch`` at a time); a list of tensors shaped like the trainable params gives such a list.
     A NumPy array gives a NumPy array. Products are in the params' common dtype.
 
-    Attributes:
-        shape: ``(N, N)``; dtype; device; names: the trainable params' names (the order of the flattening).
-        num_matvecs: products computed so far.
+    Attributes: ``shape`` ``(N, N)``, ``dtype``, ``device``, ``names`` (the trainable params' names, the order of
+    the flattening) and ``num_matvecs`` (products computed so far).
+
+    Args:
+        loss_fn: a model (then ``params`` is its criterion and ``data`` the inputs and targets, or a loader), or
+            a function of the parameters returning the loss (then ``params`` are those tensors).
+        params: the criterion, or the parameters (a sequence or dict of tensors).
+        *data: ``inputs, targets`` or a loader, for a model.
+        hvp: the Hessian-vector product engine: ``"auto"``, ``"double_backward"``, ``"forward_over_reverse"``,
+            ``"loop"`` or ``"finite_difference"``.
+        probe_batch: products batched together.
+        fd_eps: the finite-difference step (default: from the params' dtype).
 
     Example::
 
+        >>> nn = torch.nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
         >>> H = regops.hessian.HessianLinearOperator(model, nn.CrossEntropyLoss(), x, y)
-        >>> hv = H @ v                         # v: [N]
-        >>> HV = H.matmat(V)                   # V: [N, K]
+        >>> N = H.shape[0]
+        >>> hv = H @ torch.randn(N)  # [N]
+        >>> HV = H.matmat(torch.randn(N, 3))  # [N, K]
         >>> hv_list = H.matvec([torch.randn_like(p) for p in model.parameters()])
-        >>> est = regops.hessian.trace(model, nn.CrossEntropyLoss(), x, y, probes=my_probes)  # own probes
+        >>> N, hv.shape, HV.shape
+        (67, torch.Size([67]), torch.Size([67, 3]))
     """
 
     def __init__(

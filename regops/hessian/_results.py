@@ -12,9 +12,9 @@ import torch
 
 @dataclass
 class TraceEstimate:
-    """An estimate of ``tr(H)``.
+    """An estimate of ``tr(H)``, as `regops.hessian.trace` returns it (``float(est)`` is the value).
 
-    Attributes:
+    Args:
         value: the estimate.
         stderr: its standard error (sample standard deviation of the per-probe terms / sqrt(count)); for
             Hutch++ that of the residual Hutchinson part (the sketched part is exact given its subspace).
@@ -31,6 +31,13 @@ class TraceEstimate:
             smooth at the scale of ``h`` the error of the products is about this large, whatever the stderr says.
             Near kinks (ReLU, hard activations) a step that crosses one changes ``D`` by O(1): a large value flags
             it, though it can then over- or understate the error. ``None`` when an exact engine ran.
+
+    Example::
+
+        >>> w = torch.ones(3, requires_grad=True)
+        >>> est = regops.hessian.trace(lambda p: (p[0] ** 2).sum(), [w], num_probes=4)
+        >>> est.value, est.method  # tr(2 I) = 6, exact for Rademacher probes
+        (6.0, 'hutchinson')
     """
 
     value: float
@@ -57,6 +64,19 @@ class DiagonalEstimate:
     ``value`` and ``stderr`` are tuples in the order of ``params``, ``None`` at frozen entries (dicts keyed by
     the names of the trainable params when ``params`` was a dict or a model was given); ``stderr`` is per
     coordinate. ``trace`` is the Hutchinson trace from the same probes.
+
+    Args:
+        value: the estimated diagonal.
+        stderr: its per-coordinate standard error.
+        num_matvecs: Hessian-vector products used.
+        trace: the `TraceEstimate` from the same probes.
+
+    Example::
+
+        >>> w = torch.ones(3, requires_grad=True)
+        >>> est = regops.hessian.diagonal(lambda p: (p[0] ** 2).sum(), [w], num_probes=4)
+        >>> est.value[0], est.trace.value
+        (tensor([2., 2., 2.]), 6.0)
     """
 
     value: tuple[torch.Tensor | None, ...] | dict[str, torch.Tensor]

@@ -134,7 +134,7 @@ def trace(
             take any ``num_probes`` and spend at most ``2 N`` products on ``N`` parameters (a sketch of ``N``
             probes spans everything: the trace is then exact); ``probe_cap`` in the result records the cap.
         distribution: ``"rademacher"`` (lowest variance for Hutchinson) or ``"gaussian"``; probes come from the
-            Philox stream (:mod:`regops.hessian.reference`), reproducible from ``generator``'s state.
+            Philox stream (`regops.hessian.reference`), reproducible from ``generator``'s state.
         probe_batch: probes per batched Hessian-vector product (memory ~ ``probe_batch`` x one backward);
             default ``min(num_probes, 16)``, and 1 for ``hvp="finite_difference"`` (each probe is regenerated from
             the seed when its two gradients are computed).
@@ -162,15 +162,17 @@ def trace(
             4.9e-3 in float32, 6.1e-6 in float64; the bias is ``O(h^2)``, docs/hessian.md).
 
     Returns:
-        :class:`TraceEstimate` (``value``, ``stderr``, ``num_matvecs``, ``engine``, ``probe_cap``, ``fd_error``)
+        `TraceEstimate` (``value``, ``stderr``, ``num_matvecs``, ``engine``, ``probe_cap``, ``fd_error``)
         or a dict of them (``by``).
 
     Example::
 
+        >>> nn = torch.nn
         >>> model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3))
         >>> x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
-        >>> est = regops.hessian.trace(model, nn.CrossEntropyLoss(), x, y, num_probes=200, tol=0.01)
-        >>> est.value, est.stderr, est.num_matvecs
+        >>> est = regops.hessian.trace(model, nn.CrossEntropyLoss(), x, y, num_probes=200, tol=0.1)
+        >>> est.value > 0, est.stderr < abs(est.value), est.num_matvecs <= 200  # stops once under tol
+        (True, True, True)
     """
     problem = _resolve(loss_fn, params, data)
     supplied = None
@@ -249,36 +251,38 @@ def diagonal(
     per-probe inner products are accumulated in one fused pass over all parameters (``regops::hessian_probe_dot``).
 
     Forms, ``num_probes``, ``distribution``, ``probe_batch``, ``generator``, ``hvp``, ``progress``,
-    ``distributed``, ``probes``, ``fd_eps``, frozen params, dtypes, attention and dropout: as :func:`trace`.
+    ``distributed``, ``probes``, ``fd_eps``, frozen params, dtypes, attention and dropout: as `trace`.
     ``tol``: stop when ``||stderr|| / ||diag||`` falls below it.
 
     Returns:
-        :class:`DiagonalEstimate`: ``value`` and per-coordinate ``stderr`` shaped like the parameters (a dict
+        `DiagonalEstimate`: ``value`` and per-coordinate ``stderr`` shaped like the parameters (a dict
         keyed by name of the trainable params for dict params or a model; else a tuple in the order of
         ``params``, ``None`` at frozen entries), ``num_matvecs``, and the Hutchinson ``trace`` of the same
         probes.
 
     Args:
         loss_fn: a model (then ``params`` is the criterion and ``data`` the inputs and targets) or a function
-            ``loss_fn(params) -> scalar``, as :func:`trace`.
+            ``loss_fn(params) -> scalar``, as `trace`.
         params: the criterion (model form) or the parameters (a tensor, a sequence or a dict of tensors).
         *data: the model form's inputs and targets, or a ``DataLoader`` of batches.
         num_probes: probes to spend (>= 1).
         distribution: ``"rademacher"`` or ``"gaussian"``.
-        probe_batch: probes per batched Hessian-vector product, as :func:`trace`.
+        probe_batch: probes per batched Hessian-vector product, as `trace`.
         tol: stop once ``||stderr|| / ||diag||`` falls below it.
         generator: a ``torch.Generator`` on the parameters' device type; default torch's default generator.
-        hvp: the Hessian-vector product engine, as :func:`trace`.
+        hvp: the Hessian-vector product engine, as `trace`.
         progress: show a tqdm progress bar.
-        distributed: split the probes across the ranks of ``group``, as :func:`trace`.
+        distributed: split the probes across the ranks of ``group``, as `trace`.
         group: the process group of ``distributed``; default the world.
-        probes: your own probes, as :func:`trace`.
-        fd_eps: the step of ``hvp="finite_difference"``, as :func:`trace`.
+        probes: your own probes, as `trace`.
+        fd_eps: the step of ``hvp="finite_difference"``, as `trace`.
 
     Example::
 
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
         >>> est = regops.hessian.diagonal(lambda p: (p[0] ** 4).sum(), [w], num_probes=50)
-        >>> est.value[0]   # ~ 12 * w**2
+        >>> est.value[0]  # 12 * w**2: exact here, as H is diagonal
+        tensor([12., 48.])
     """
     problem = _resolve(loss_fn, params, data)
     supplied = None
@@ -348,8 +352,10 @@ def probes(
 
     Example::
 
-        >>> g = torch.Generator().manual_seed(0)
-        >>> (v,) = regops.hessian.probes([w], 8, generator=g)   # [8, *w.shape]
+        >>> g, w = torch.Generator().manual_seed(0), torch.zeros(3, 4)
+        >>> (v,) = regops.hessian.probes([w], 8, generator=g)
+        >>> v.shape, sorted(v.unique().tolist())  # [8, *w.shape], Rademacher
+        (torch.Size([8, 3, 4]), [-1.0, 1.0])
     """
     if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
         raise ValueError(f"regops: num_probes must be an int >= 1, got {num_probes!r}")
@@ -382,7 +388,7 @@ def trace_penalty(
     ``P.backward()`` gives an unbiased estimate of ``grad tr(H)`` (a third derivative, through the fused
     ``regops::hessian_probe_dot``). Cost per step: about one extra forward+backward of the backward graph per
     probe batch. Probes are Philox probes from ``generator``. The loss is the one you computed, so dropout keeps
-    that forward's mask; in an attention model compute it under :func:`regops.hessian.twice_differentiable`
+    that forward's mask; in an attention model compute it under `regops.hessian.twice_differentiable`
     (the fused attention kernels have no double backward).
 
     Args:
@@ -398,7 +404,9 @@ def trace_penalty(
 
     Example::
 
-        >>> loss = F.cross_entropy(model(x), y)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        >>> x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+        >>> loss = torch.nn.functional.cross_entropy(model(x), y)
         >>> (loss + 1e-3 * regops.hessian.trace_penalty(loss, model)).backward()
     """
     if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
@@ -480,9 +488,12 @@ def linear_head_diagonal(
 
     Example::
 
-        >>> feats = backbone(x)                         # [B, d]
+        >>> backbone, head = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU()), torch.nn.Linear(16, 5)
+        >>> feats = backbone(torch.randn(32, 8))  # [B, d]
         >>> dW, db = regops.hessian.linear_head_diagonal(feats, head.weight, head.bias)
         >>> head_trace = dW.sum() + db.sum()
+        >>> dW.shape, db.shape
+        (torch.Size([5, 16]), torch.Size([5]))
     """
     validate.floating(features, "features")
     validate.floating(weight, "weight")
@@ -526,7 +537,7 @@ def linear_head_trace(
     reduction: str = "mean",
     ignore_index: int = -100,
 ) -> torch.Tensor:
-    """Exact trace of the head Hessian (the sum of :func:`linear_head_diagonal`), a 0-dim tensor.
+    """Exact trace of the head Hessian (the sum of `linear_head_diagonal`), a 0-dim tensor.
 
     Since ``sum_d h_d^2`` factors out, this is ``sum_i w_i (||h_i||^2 + [bias]) (1 - ||p_i||^2)``.
 
@@ -543,7 +554,11 @@ def linear_head_trace(
 
     Example::
 
-        >>> regops.hessian.linear_head_trace(feats, head.weight, head.bias)
+        >>> feats, head = torch.randn(32, 16), torch.nn.Linear(16, 5)
+        >>> tr = regops.hessian.linear_head_trace(feats, head.weight, head.bias)
+        >>> dW, db = regops.hessian.linear_head_diagonal(feats, head.weight, head.bias)
+        >>> torch.allclose(tr, dW.sum() + db.sum())
+        True
     """
     diag_w, diag_b = linear_head_diagonal(
         features, weight, bias, targets=targets, reduction=reduction, ignore_index=ignore_index

@@ -47,13 +47,28 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------------------ cross-entropy
 class LossStats(NamedTuple):
-    """Per-row statistics of :func:`cross_entropy` (shape: the logits' leading shape; float32, float64 for
+    """Per-row statistics of `cross_entropy` (shape: the logits' leading shape; float32, float64 for
     float64 logits; computed in the loss's own pass, no gradient).
 
     ``loss``: the unreduced row loss; ``lse``: log-sum-exp of the (scaled, capped) logits; ``entropy``:
     ``H(softmax)``; ``el2n``: ``||softmax - onehot(y)||_2`` ("Deep Learning on a Data Diet"); ``max_prob``;
     ``argmax`` (int64); ``margin``: ``z_y - max_{c != y} z_c`` (``+inf`` for one class). ``y`` is the label
     (the first of a mixed pair, the first teacher index). Ignored rows: loss 0, el2n and margin 0.
+
+    Args:
+        loss: the unreduced row loss.
+        lse: log-sum-exp of the (scaled, capped) logits.
+        entropy: the entropy of the row's softmax.
+        el2n: ``||softmax - onehot(y)||_2``.
+        max_prob: the largest probability.
+        argmax: int64, the predicted class.
+        margin: ``z_y - max_{c != y} z_c``.
+
+    Example::
+
+        >>> _, st = regops.cross_entropy(torch.randn(4, 10), torch.tensor([1, 2, 3, 4]), return_stats=True)
+        >>> st.el2n.shape, st.argmax.dtype
+        (torch.Size([4]), torch.int64)
     """
 
     loss: torch.Tensor
@@ -108,7 +123,7 @@ def cross_entropy(
     * cross-entropy ``lse - z_y``; label smoothing ``a``: ``(1-a)(lse - z_y) + a(lse - mean_k z_k)`` (torch's);
     * MaxSup ``m``: ``+ m (z_max - mean_k z_k)``; z-loss ``l``: ``+ l lse^2``; confidence penalty ``b``:
       ``- b H(softmax(z))``;
-    * ``mix`` (a :class:`~regops.MixedBatch`): ``lam CE(y_a) + (1 - lam) CE(y_b)`` with the smoothing folded in;
+    * ``mix`` (a `regops.MixedBatch`): ``lam CE(y_a) + (1 - lam) CE(y_b)`` with the smoothing folded in;
       ``decoupled`` ``eta`` (needs ``mix``): ``+ eta [-lam log(e^{z_a} / (e^{z_a} + R)) - (1-lam)
       log(e^{z_b} / (e^{z_b} + R))]``, ``R = sum_{c not in {a, b}} e^{z_c}``;
     * ``target=(indices [..., k], probs [..., k])``: sparse (top-k teacher) targets,
@@ -138,7 +153,7 @@ def cross_entropy(
         target: int labels shaped like the logits without their class dim, or ``(indices, probabilities)`` with
             ``k`` more in a last dim; ``None`` with ``mix``.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (the target's shape).
-        return_stats: also return :class:`LossStats` computed in the same pass.
+        return_stats: also return `LossStats` computed in the same pass.
         class_dim: where the classes are; ``None`` for ``F.cross_entropy``'s rule (dim 1, or dim 0 of a 1-D
             input), ``-1`` for classes-last logits such as ``[B, T, V]``.
 
@@ -147,10 +162,13 @@ def cross_entropy(
 
     Example::
 
+        >>> logits, labels = torch.randn(8, 10), torch.randint(0, 10, (8,))
         >>> loss = regops.cross_entropy(logits, labels, label_smoothing=0.1, z_loss=1e-4)
         >>> loss, st = regops.cross_entropy(logits, labels, maxsup=0.1, return_stats=True)
-        >>> hard = st.el2n > 0.5                         # data-pruning scores from the same pass
-        >>> loss = regops.cross_entropy(lm_logits, labels, class_dim=-1)   # [B, T, V] logits, [B, T] labels
+        >>> hard = st.el2n > 0.5  # data-pruning scores from the same pass
+        >>> lm_logits, tokens = torch.randn(2, 5, 10), torch.randint(0, 10, (2, 5))
+        >>> regops.cross_entropy(lm_logits, tokens, class_dim=-1).shape  # [B, T, V] logits, [B, T] labels
+        torch.Size([])
     """
     logits = validate.floating(logits, "logits")
     if validate.is_dtensor(logits):
@@ -207,7 +225,7 @@ def linear_cross_entropy(
     logit_scale: float = 1.0,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, LossStats]:
-    r""":func:`cross_entropy` of ``hidden @ weight.T + bias`` without ever materialising the ``[rows, V]`` logits.
+    r"""`cross_entropy` of ``hidden @ weight.T + bias`` without ever materialising the ``[rows, V]`` logits.
 
     The logits this form stands for are classes-last by construction (``[..., V]`` from ``hidden`` ``[..., H]``),
     so targets are shaped like ``hidden`` without its last dim (``[B, T]`` for ``[B, T, H]``): the form to use
@@ -218,7 +236,7 @@ def linear_cross_entropy(
     and multiplies it into ``d hidden`` and ``d weight`` (accumulated in float32, float64 for float64), which the
     backward scales by the upstream gradient (every row shares it: exact). With ``reduction="none"`` the
     backward recomputes each block's logits instead, so the result is exact for any upstream gradient. Same
-    options and statistics as :func:`cross_entropy` (the class weights are ``class_weight`` here, since ``weight``
+    options and statistics as `cross_entropy` (the class weights are ``class_weight`` here, since ``weight``
     is the classifier's).
 
     Args:
@@ -227,12 +245,16 @@ def linear_cross_entropy(
 
     Returns:
         The loss (a 0-dim float32 tensor, float64 for float64 inputs; ``[...]`` under ``reduction="none"``), and
-        its :class:`LossStats` with ``return_stats=True``, as :func:`cross_entropy`.
+        its `LossStats` with ``return_stats=True``, as `cross_entropy`.
 
     Example::
 
-        >>> h = model.transformer(input_ids)[0][:, :-1]                      # [B, T-1, H]
-        >>> loss = regops.linear_cross_entropy(h, model.lm_head.weight, input_ids[:, 1:], z_loss=1e-4)
+        >>> lm_head, input_ids = torch.nn.Linear(16, 50, bias=False), torch.randint(0, 50, (2, 6))
+        >>> h = torch.randn(2, 5, 16, requires_grad=True)  # [B, T-1, H] hidden states
+        >>> loss = regops.linear_cross_entropy(h, lm_head.weight, input_ids[:, 1:], z_loss=1e-4)
+        >>> loss.backward()  # the [B, T-1, 50] logits were never built
+        >>> h.grad.shape
+        torch.Size([2, 5, 16])
     """
     hidden = validate.floating(hidden, "hidden")
     weight = validate.floating(weight, "weight")
@@ -276,7 +298,7 @@ def linear_cross_entropy(
 def symmetric_kl(
     logits_a: torch.Tensor, logits_b: torch.Tensor, *, reduction: str = "mean", class_dim: int | None = None
 ) -> torch.Tensor:
-    r"""R-Drop consistency loss: :math:`\tfrac12\,[KL(p_a\|p_b) + KL(p_b\|p_a)]` over the class dimension.
+    r"""R-Drop consistency loss: ``\tfrac12\,[KL(p_a\|p_b) + KL(p_b\|p_a)]`` over the class dimension.
 
     .. math:: \ell = \tfrac12 \sum_v (p_{a,v} - p_{b,v})(\log p_{a,v} - \log p_{b,v}),
               \quad p = \mathrm{softmax}(\text{logits})
@@ -299,8 +321,12 @@ def symmetric_kl(
 
     Example::
 
-        >>> loss = F.cross_entropy(la, y) + F.cross_entropy(lb, y) + alpha * regops.symmetric_kl(la, lb)
-        >>> reg = regops.symmetric_kl(lm_logits_a, lm_logits_b, class_dim=-1)   # [B, T, V]
+        >>> F = torch.nn.functional
+        >>> la, lb, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([1, 2, 3, 4])  # two dropout views
+        >>> loss = F.cross_entropy(la, y) + F.cross_entropy(lb, y) + 0.5 * regops.symmetric_kl(la, lb)
+        >>> reg = regops.symmetric_kl(torch.randn(2, 5, 10), torch.randn(2, 5, 10), class_dim=-1)  # [B, T, V]
+        >>> bool(regops.symmetric_kl(la, la) == 0)
+        True
     """
     validate.floating(logits_a, "logits_a")
     validate.floating(logits_b, "logits_b")
@@ -334,15 +360,15 @@ def symmetric_kl(
 
 # ------------------------------------------------------------------------------------------------ Hugging Face
 def causal_lm_loss(**options: Any) -> Callable[..., torch.Tensor]:
-    """A drop-in for transformers' ``ForCausalLMLoss`` backed by :func:`regops.cross_entropy` with ``options``.
+    """A drop-in for transformers' ``ForCausalLMLoss`` backed by `regops.cross_entropy` with ``options``.
 
     Transformers models compute their loss through ``model.loss_function`` (default: ``ForCausalLMLoss``: shift
     the labels, ``F.cross_entropy`` on upcast float32 logits, ``"sum" / num_items_in_batch`` under gradient
-    accumulation). The function returned has that signature and calls :func:`regops.cross_entropy` instead: no
+    accumulation). The function returned has that signature and calls `regops.cross_entropy` instead: no
     float32 copy of the logits, the regularizers and statistics available, same reduction rules, no global patching.
 
     Args:
-        **options: keyword arguments of :func:`regops.cross_entropy` (``label_smoothing``, ``z_loss``, ...),
+        **options: keyword arguments of `regops.cross_entropy` (``label_smoothing``, ``z_loss``, ...),
             applied on every call; ``reduction``, ``ignore_index``, ``return_stats``, ``mix`` and ``target``
             are set by the loss itself and raise a ValueError.
 
@@ -352,8 +378,12 @@ def causal_lm_loss(**options: Any) -> Callable[..., torch.Tensor]:
 
     Example::
 
-        >>> model.loss_function = regops.causal_lm_loss(label_smoothing=0.1, z_loss=1e-4)
-        >>> model(input_ids, labels=input_ids).loss.backward()
+        >>> loss_function = regops.causal_lm_loss(label_smoothing=0.1, z_loss=1e-4)  # model.loss_function = ...
+        >>> logits, input_ids = torch.randn(2, 6, 50, requires_grad=True), torch.randint(0, 50, (2, 6))
+        >>> loss = loss_function(logits, input_ids, vocab_size=50)  # as transformers calls it
+        >>> loss.backward()
+        >>> loss.shape
+        torch.Size([])
     """
     for key in ("reduction", "ignore_index", "return_stats", "mix", "target"):
         if key in options:

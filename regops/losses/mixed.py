@@ -77,7 +77,7 @@ def mix_cross_entropy(
 
     Args:
         logits: ``[B, C]`` float32/16, bfloat16 or float64.
-        mix: the :class:`MixedBatch` from :func:`mix_batch`.
+        mix: the `MixedBatch` from `mix_batch`.
         label_smoothing: ``s`` in ``[0, 1]``; default ``mix.label_smoothing``.
         reduction: ``'mean'`` (over the batch, as timm), ``'sum'`` or ``'none'`` (float32 ``[B]``).
 
@@ -86,6 +86,8 @@ def mix_cross_entropy(
 
     Example::
 
+        >>> x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5))
         >>> x_mixed, mix = regops.mix_batch(x, y, mixup_alpha=0.8, cutmix_alpha=1.0)
         >>> regops.mix_cross_entropy(model(x_mixed), mix, label_smoothing=0.1).backward()
     """
@@ -117,7 +119,9 @@ def soft_target_cross_entropy(
 
     Example::
 
-        >>> x, soft = regops.Mixup(cutmix_alpha=1.0)(images, labels)
+        >>> images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5))
+        >>> x, soft = regops.Mixup(cutmix_alpha=1.0, num_classes=5)(images, labels)
         >>> regops.soft_target_cross_entropy(model(x), soft).backward()
     """
     logits = _check_logits(logits)
@@ -156,7 +160,7 @@ def mix_binary_cross_entropy(
     classes averaged over the batch (timm's ``sum_classes``).
 
     Args:
-        logits: ``[B, C]`` float. mix: from :func:`mix_batch`. label_smoothing: default ``mix.label_smoothing``.
+        logits: ``[B, C]`` float. mix: from `mix_batch`. label_smoothing: default ``mix.label_smoothing``.
         weight, pos_weight: per-class ``[C]`` tensors (pos_weight may be a number).
 
     Returns:
@@ -164,7 +168,11 @@ def mix_binary_cross_entropy(
 
     Example::
 
-        >>> loss = regops.mix_binary_cross_entropy(model(x_mixed), mix, target_threshold=0.2)
+        >>> x_mixed, mix = regops.mix_batch(torch.randn(4, 16), torch.tensor([0, 1, 2, 3]), mixup_alpha=1.0)
+        >>> logits = torch.nn.Linear(16, 5)(x_mixed)
+        >>> loss = regops.mix_binary_cross_entropy(logits, mix, target_threshold=0.2)
+        >>> loss.shape
+        torch.Size([])
     """
     logits = _check_logits(logits)
     _check_mix_targets(logits, mix)

@@ -12,19 +12,37 @@ __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "MixCrossEntropy", "Sof
 
 
 class CrossEntropyLoss(torch.nn.Module):
-    """``torch.nn.CrossEntropyLoss`` with regops' fused regularized cross-entropy (:func:`regops.cross_entropy`).
+    """``torch.nn.CrossEntropyLoss`` with regops' fused regularized cross-entropy (`regops.cross_entropy`).
 
     Takes torch's constructor arguments (``weight``, ``ignore_index``, ``reduction``, ``label_smoothing``; the
     deprecated ``size_average`` / ``reduce`` are rejected) plus regops' own (``maxsup``, ``z_loss``,
     ``confidence_penalty``, ``decoupled``, ``softcap``, ``logit_scale``, ``return_stats``, ``class_dim``). Inputs as
     torch's: ``[N, C]``, ``[C]`` or ``[N, C, d1, ...]`` (classes on dim 1) with index targets, the same rule as
-    :func:`regops.cross_entropy`; ``class_dim=-1`` for classes-last logits (``[B, T, V]``). Probability targets go
+    `regops.cross_entropy`; ``class_dim=-1`` for classes-last logits (``[B, T, V]``). Probability targets go
     to torch's own loss (no regularizers on that path). ``forward(input, target, mix=None, token_weight=None)``.
+
+    Args:
+        weight: ``[C]`` class weights (the logits' dtype, or float32 for 16-bit logits).
+        size_average: deprecated in torch; must be None.
+        ignore_index: the target value whose rows count for nothing.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        label_smoothing: torch's label smoothing.
+        maxsup: MaxSup's weight (``z_max - mean z``).
+        z_loss: weight of ``lse ** 2``.
+        confidence_penalty: weight of the negative entropy.
+        decoupled: decoupled label smoothing's weight.
+        softcap: cap the logits at ``softcap * tanh(z / softcap)``.
+        logit_scale: multiply the logits first.
+        return_stats: also return `regops.LossStats`.
+        class_dim: where the classes are (default: dim 1, as torch; -1 for classes-last logits).
+        reduce: deprecated in torch; must be None.
 
     Example::
 
         >>> crit = regops.nn.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-4)
-        >>> loss = crit(logits, labels)
+        >>> logits, labels = torch.randn(8, 10), torch.randint(0, 10, (8,))
+        >>> crit(logits, labels).shape
+        torch.Size([])
     """
 
     def __init__(
@@ -83,15 +101,33 @@ class CrossEntropyLoss(torch.nn.Module):
 
 
 class LinearCrossEntropyLoss(CrossEntropyLoss):
-    """:func:`regops.linear_cross_entropy` as a module: ``loss = crit(hidden, weight, target, bias=None)``.
+    """`regops.linear_cross_entropy` as a module: ``loss = crit(hidden, weight, target, bias=None)``.
 
-    Same options as :class:`CrossEntropyLoss` (``weight`` here is the class weight; the classifier's weight is
+    Same options as `CrossEntropyLoss` (``weight`` here is the class weight; the classifier's weight is
     an argument of ``forward``, e.g. ``model.lm_head.weight``). The ``[rows, V]`` logits are never built.
+
+    Args:
+        weight: ``[V]`` class weights (not the classifier's weight, which ``forward`` takes).
+        size_average: deprecated in torch; must be None.
+        ignore_index: the target value whose rows count for nothing.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        label_smoothing: torch's label smoothing.
+        maxsup: MaxSup's weight.
+        z_loss: weight of ``lse ** 2``.
+        confidence_penalty: weight of the negative entropy.
+        decoupled: decoupled label smoothing's weight.
+        softcap: cap the logits at ``softcap * tanh(z / softcap)``.
+        logit_scale: multiply the logits first.
+        return_stats: also return `regops.LossStats`.
+        class_dim: None or -1 (the linear form is classes-last).
+        reduce: deprecated in torch; must be None.
 
     Example::
 
         >>> crit = regops.nn.LinearCrossEntropyLoss(ignore_index=-100, z_loss=1e-4)
-        >>> loss = crit(hidden[:, :-1], model.lm_head.weight, input_ids[:, 1:])
+        >>> hidden, lm_head, input_ids = torch.randn(2, 6, 16), torch.nn.Linear(16, 50), torch.randint(0, 50, (2, 6))
+        >>> crit(hidden[:, :-1], lm_head.weight, input_ids[:, 1:]).shape
+        torch.Size([])
     """
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target=None, bias=None, mix=None, token_weight=None):
@@ -104,7 +140,18 @@ class LinearCrossEntropyLoss(CrossEntropyLoss):
 
 
 class MixCrossEntropy(torch.nn.Module):
-    """Module form of :func:`mix_cross_entropy`: ``MixCrossEntropy(label_smoothing)(logits, mix)``."""
+    """Module form of `mix_cross_entropy`: ``MixCrossEntropy(label_smoothing)(logits, mix)``.
+
+    Args:
+        label_smoothing: smoothing of each one-hot target (default: the value ``mix`` was drawn with).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Example::
+
+        >>> x, mix = regops.mix_batch(torch.randn(4, 16), torch.tensor([0, 1, 2, 3]), mixup_alpha=1.0)
+        >>> regops.nn.MixCrossEntropy(label_smoothing=0.1)(torch.nn.Linear(16, 5)(x), mix).shape
+        torch.Size([])
+    """
 
     def __init__(self, label_smoothing: float | None = None, reduction: str = "mean") -> None:
         super().__init__()
@@ -115,7 +162,16 @@ class MixCrossEntropy(torch.nn.Module):
 
 
 class SoftTargetCrossEntropy(torch.nn.Module):
-    """Drop-in for ``timm.loss.SoftTargetCrossEntropy`` backed by :func:`soft_target_cross_entropy`."""
+    """Drop-in for ``timm.loss.SoftTargetCrossEntropy`` backed by `soft_target_cross_entropy`.
+
+    Takes no arguments (``forward`` takes the logits ``[B, C]`` and the soft targets ``[B, C]``).
+
+    Example::
+
+        >>> soft = torch.tensor([[0.7, 0.3], [0.0, 1.0]])
+        >>> regops.nn.SoftTargetCrossEntropy()(torch.zeros(2, 2), soft)  # log 2
+        tensor(0.6931)
+    """
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return soft_target_cross_entropy(x, target)

@@ -1,4 +1,4 @@
-"""The masks family: masks on adapters and parameters. LoRA dropout applies :func:`regops.dropout`'s mask while
+"""The masks family: masks on adapters and parameters. LoRA dropout applies `regops.dropout`'s mask while
 the adapter's input is multiplied (no dropped copy, only a seed saved)."""
 
 from regops.masks.api import *  # noqa: F403

@@ -29,7 +29,7 @@ def lora_dropout(
 
     .. math:: y = \frac{(m \odot x)\, A^\top}{1-p}
 
-    The mask ``m`` is :func:`regops.dropout`'s for the same generator state (the element index of ``x``, row
+    The mask ``m`` is `regops.dropout`'s for the same generator state (the element index of ``x``, row
     major), applied while ``x`` is loaded: no dropped copy is made (on CPU the C++ kernel masks row chunks; on
     GPU the Triton kernel masks the operand tiles), and autograd saves ``x``, ``A`` and a 16-byte seed --
     nothing of x's size but ``x`` itself. Backward regenerates the mask:
@@ -38,7 +38,7 @@ def lora_dropout(
     Args:
         x: ``[..., K]``; float32, float16, bfloat16 or float64.
         A: ``[R, K]`` (``lora_A.weight``), x's dtype and device.
-        p: drop probability in ``[0, 1]``, a runtime value under ``torch.compile`` (as :func:`regops.dropout`).
+        p: drop probability in ``[0, 1]``, a runtime value under ``torch.compile`` (as `regops.dropout`).
         training: ``False`` (or ``p == 0``) is ``F.linear(x, A)``.
         generator: a ``torch.Generator`` on x's device type.
 
@@ -47,7 +47,12 @@ def lora_dropout(
 
     Example::
 
-        >>> h = regops.lora_dropout(x, lora_A.weight, p=0.1)      # then lora_B(h) * scaling
+        >>> x, lora_A, lora_B = torch.randn(8, 64), torch.nn.Linear(64, 4, bias=False), torch.nn.Linear(4, 32)
+        >>> h = regops.lora_dropout(x, lora_A.weight, p=0.1)  # then lora_B(h) * scaling
+        >>> h.shape
+        torch.Size([8, 4])
+        >>> torch.allclose(regops.lora_dropout(x, lora_A.weight, p=0.1, training=False), lora_A(x))
+        True
     """
     validate.floating(x, "x")
     validate.floating(A, "A")

@@ -22,12 +22,30 @@ class LoRALinear(RuntimeProbability, torch.nn.Module):
         \text{ with } \mathtt{use\_rslora})
 
     ``weight``/``bias`` are the (frozen) base layer's, ``lora_A [r, in]`` (Kaiming-uniform) and ``lora_B [out, r]``
-    (zeros) the trainable factors, as PEFT initialises them. :func:`regops.lora_dropout` applies
-    :func:`regops.dropout`'s mask while ``x`` is multiplied by ``A``: no dropped copy of ``x``, only a seed saved.
+    (zeros) the trainable factors, as PEFT initialises them. `regops.lora_dropout` applies
+    `regops.dropout`'s mask while ``x`` is multiplied by ``A``: no dropped copy of ``x``, only a seed saved.
     ``p`` is a runtime value under ``torch.compile``.
 
-    >>> layer = regops.nn.LoRALinear.from_linear(model.q_proj, r=16, lora_alpha=32, lora_dropout=0.05)
-    >>> merged = layer.merged()      # a torch.nn.Linear with W + s B A
+    Args:
+        in_features: the input size.
+        out_features: the output size.
+        r: the adapter's rank.
+        lora_alpha: ``alpha`` of the scaling ``s``.
+        lora_dropout: the drop probability ``p`` of the adapter's input.
+        bias: the base layer has a bias.
+        use_rslora: scale by ``alpha / sqrt(r)``.
+        device: where the parameters live.
+        dtype: the parameters' dtype.
+
+    Example::
+
+        >>> q_proj = torch.nn.Linear(32, 32)
+        >>> layer = regops.nn.LoRALinear.from_linear(q_proj, r=4, lora_alpha=8, lora_dropout=0.05)
+        >>> layer(torch.randn(2, 32)).shape
+        torch.Size([2, 32])
+        >>> merged = layer.merged()  # a torch.nn.Linear with W + s B A
+        >>> type(merged).__name__
+        'Linear'
     """
 
     def __init__(
@@ -94,15 +112,28 @@ _PEFT_TWINS: dict[type, type] = {}
 
 @swaps("peft.tuners.lora.layer:Linear")
 class PeftLoRALinear:
-    """The regops twin of PEFT's LoRA ``Linear`` (``peft.tuners.lora.layer.Linear``), made by :func:`regops.patch`.
+    """The regops twin of PEFT's LoRA ``Linear`` (``peft.tuners.lora.layer.Linear``), made by `regops.patch`.
 
     A subclass of PEFT's class built on first use (so PEFT is imported only by code that already uses it): it
     shares the original's adapters, base layer, hooks and state, and every PEFT method keeps working (merge,
     unmerge, set_adapter, saving). Only the forward of plain LoRA adapters changes: ``lora_B(lora_A(dropout(x)))``
     becomes ``lora_B(regops.lora_dropout(x, lora_A.weight, p))``, which gives PEFT's result with
-    :func:`regops.dropout`'s mask and neither creates nor saves a dropped copy of ``x`` per adapter. Anything else
+    `regops.dropout`'s mask and neither creates nor saves a dropped copy of ``x`` per adapter. Anything else
     (merged or disabled adapters, ``adapter_names`` batches, DoRA and other variants, a ``lora_A`` with hooks, a
     dropout that is not ``torch.nn.Dropout`` or ``Identity``) runs PEFT's own forward unchanged.
+
+    Takes no arguments: `regops.patch` (through ``from_module``) makes one from a PEFT layer.
+
+    Example::
+
+        >>> import peft
+        >>> net = torch.nn.Sequential(torch.nn.Linear(16, 16))
+        >>> model = peft.get_peft_model(net, peft.LoraConfig(r=4, target_modules=["0"], lora_dropout=0.1))
+        >>> handle = regops.patch(model)
+        >>> isinstance(model.base_model.model[0], regops.nn.PeftLoRALinear)
+        True
+        >>> model(torch.randn(2, 16)).shape
+        torch.Size([2, 16])
     """
 
     @classmethod

@@ -1,7 +1,7 @@
 """The merge family's public functions: task arithmetic, DARE, TIES, DARE-TIES and DELLA over a base and K deltas.
 
 Each takes one tensor or a whole state dict (any mapping of names to tensors, lazily loading ones included: it
-reads one name at a time) and streams over it tensor by tensor and chunk by chunk (:mod:`regops.merge._stream`):
+reads one name at a time) and streams over it tensor by tensor and chunk by chunk (`regops.merge._stream`):
 the K deltas are never stacked, and the extra memory is a few chunks, whatever K. Random masks come from
 regops' Philox stream keyed by (the generator's draw, the tensor's name, the delta's index) and the global element
 index: reproducible from a generator and independent of the chunking, the device and the other tensors.
@@ -149,7 +149,6 @@ def _merge_state_dict(base: StateDict, deltas, plan, generator, inplace, out, ch
 
 
 _COMMON_ARGS = """
-    Args (common to every merge):
         base: a tensor, or a state dict (a mapping of names to tensors; integer tensors are copied unchanged).
         deltas: K tensors of the base's shape (or a stacked ``[K, ...]`` tensor), or K state dicts with every name
             of the base: the task vectors ``theta_k - theta_base``, or the fine-tuned weights themselves with
@@ -160,10 +159,13 @@ _COMMON_ARGS = """
         out: a mutable mapping that receives the merged tensors (e.g. a writer that saves each to disk), for state
             dicts; default: a new dict.
         chunk_size: elements per streamed chunk (a multiple of 4); the result does not depend on it.
-
-    Computed in float32 (float64 for float64), rounded once to the base's dtype. Extra memory: a few chunks
-    (about ``(K + 4) * chunk_size`` elements), the output when not in place, and nothing that grows with K or
-    with the tensor beyond that.
+"""
+_RETURNS = """
+    Returns:
+        The merged tensor (the base's shape and dtype), or for a state dict the mapping of merged tensors (``out``
+        when given). Computed in float32 (float64 for float64), rounded once to the base's dtype. Extra memory: a
+        few chunks (about ``(K + 4) * chunk_size`` elements), the output when not in place, and nothing that grows
+        with K or with the tensor beyond that.
 """
 
 
@@ -177,11 +179,16 @@ def task_arithmetic(
     out=None,
     chunk_size: int | None = None,
 ):
-    r"""Task arithmetic: :math:`\theta = \theta_{base} + \sum_k w_k \delta_k`.
+    r"""Task arithmetic: ``theta = theta_base + sum_k w_k delta_k``.
 
+    Args:
+    {common}
     Example::
 
-        >>> merged = regops.merge.task_arithmetic(base_sd, [math_sd, code_sd], weights=[0.5, 0.5], finetuned=True)
+        >>> base = {"w": torch.zeros(4)}
+        >>> math_sd, code_sd = {"w": torch.ones(4)}, {"w": torch.full((4,), 3.0)}
+        >>> regops.merge.task_arithmetic(base, [math_sd, code_sd], weights=[0.5, 0.5], finetuned=True)["w"]
+        tensor([2., 2., 2., 2.])
     """
     plan = Plan(keep="all", combine="sum", weights=weights, finetuned=finetuned)  # type: ignore[arg-type]
     return _merge(base, deltas, plan, None, inplace, out, chunk_size)
@@ -204,17 +211,21 @@ def dare(
 
     .. math:: \theta = \theta_{base} + \sum_k w_k \frac{m_k \odot \delta_k}{d}, \qquad m_k \sim \mathrm{Bernoulli}(d)
 
-    Each entry of each delta is kept with probability ``density`` (to :math:`2^{-31}`), from regops' Philox stream:
+    Each entry of each delta is kept with probability ``density`` (to ``2^{-31}``), from regops' Philox stream:
     the same masks for the same generator state on every device and chunking. ``density=1`` is task arithmetic.
 
     Args:
-        density: fraction kept, in (0, 1]. rescale: divide survivors by ``density`` (DARE's rescale).
+        density: fraction kept, in (0, 1].
+        rescale: divide survivors by ``density`` (DARE's rescale).
         generator: a ``torch.Generator`` on the base's device type (default: torch's default generator).
-
+    {common}
     Example::
 
         >>> g = torch.Generator().manual_seed(0)
-        >>> merged = regops.merge.dare(base_sd, deltas, density=0.1, generator=g)
+        >>> base = torch.zeros(1000)
+        >>> merged = regops.merge.dare(base, [torch.ones(1000)], density=0.1, generator=g)
+        >>> sorted(merged.unique().tolist())  # dropped, or kept and divided by the density
+        [0.0, 10.0]
     """
     plan = Plan("random", "sum", weights, _density(density), rescale=rescale, finetuned=finetuned)  # type: ignore[arg-type]
     return _merge(base, deltas, plan, generator, inplace, out, chunk_size)
@@ -232,7 +243,16 @@ def magnitude_prune(
     chunk_size: int | None = None,
 ):
     r"""Keep the ``int(density * n)`` largest-magnitude entries of each delta (per tensor), then task arithmetic
-    (PEFT's ``magnitude_prune``). Ties at the threshold are kept in index order, so exactly that many survive."""
+    (PEFT's ``magnitude_prune``). Ties at the threshold are kept in index order, so exactly that many survive.
+
+    Args:
+        density: fraction of each delta's entries kept, in (0, 1].
+    {common}
+    Example::
+
+        >>> regops.merge.magnitude_prune(torch.zeros(4), [torch.tensor([0.1, -3.0, 2.0, 0.5])], density=0.5)
+        tensor([ 0., -3.,  2.,  0.])
+    """
     plan = Plan("magnitude", "sum", weights, _density(density), finetuned=finetuned)  # type: ignore[arg-type]
     return _merge(base, deltas, plan, None, inplace, out, chunk_size)
 
@@ -253,10 +273,20 @@ def ties(
 
     1. trim: keep the ``int(density * n)`` largest-magnitude entries of each delta (exact top-k per tensor, found
        by a streamed radix select; ties at the threshold in index order);
-    2. elect: :math:`e = \mathrm{sign}(\sum_k \hat\delta_k)` (``"total"``) or the sign of
-       :math:`\sum_k \mathrm{sign}(\hat\delta_k)` (``"frequency"``), 0 counting as +;
-    3. disjoint mean: :math:`\theta = \theta_{base} + \frac{\sum_k [\mathrm{sign}\,\hat\delta_k = e]\, w_k \hat\delta_k}
-       {\max(1, \sum_k [\mathrm{sign}\,\hat\delta_k = e])}`.
+    2. elect: ``e = \mathrm{sign}(\sum_k \hat\delta_k)`` (``"total"``) or the sign of
+       ``\sum_k \mathrm{sign}(\hat\delta_k)`` (``"frequency"``), 0 counting as +;
+    3. disjoint mean: ``\theta = \theta_{base} + \frac{\sum_k [\mathrm{sign}\,\hat\delta_k = e]\, w_k \hat\delta_k}
+       {\max(1, \sum_k [\mathrm{sign}\,\hat\delta_k = e])}``.
+
+    Args:
+        density: fraction of each delta's entries kept by the trim, in (0, 1].
+        majority_sign_method: ``"total"`` or ``"frequency"``.
+    {common}
+    Example::
+
+        >>> deltas = [torch.tensor([1.0, -2.0]), torch.tensor([3.0, 1.0]), torch.tensor([2.0, 3.0])]
+        >>> regops.merge.ties(torch.zeros(2), deltas, density=1.0)  # the -2 loses the sign vote
+        tensor([2., 2.])
     """
     method = _sign_method(majority_sign_method)
     plan = Plan("magnitude", method, weights, _density(density), finetuned=finetuned)  # type: ignore[arg-type]
@@ -277,7 +307,21 @@ def dare_ties(
     out=None,
     chunk_size: int | None = None,
 ):
-    r"""DARE's random drop and rescale, then TIES' sign election and disjoint mean (PEFT's ``dare_ties``)."""
+    r"""DARE's random drop and rescale, then TIES' sign election and disjoint mean (PEFT's ``dare_ties``).
+
+    Args:
+        density: keep probability of each entry, in (0, 1].
+        majority_sign_method: ``"total"`` or ``"frequency"``.
+        rescale: divide survivors by ``density``.
+        generator: a ``torch.Generator`` on the base's device type (default: torch's default generator).
+    {common}
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> merged = regops.merge.dare_ties(torch.zeros(8), [torch.ones(8), -torch.ones(8)], density=0.5, generator=g)
+        >>> merged.shape
+        torch.Size([8])
+    """
     method = _sign_method(majority_sign_method)
     plan = Plan("random", method, weights, _density(density), rescale=rescale, finetuned=finetuned)  # type: ignore[arg-type]
     return _merge(base, deltas, plan, generator, inplace, out, chunk_size)
@@ -301,14 +345,25 @@ def della(
     r"""DELLA-merging (Deep et al. 2024): MagPrune, then (by default) sign election and disjoint mean.
 
     MagPrune ranks each row of a delta (dim 0 indexes rows; a 1-D tensor is one row) by magnitude and keeps entry
-    ``i`` with probability :math:`q_i = d - \epsilon + 2\epsilon\,\frac{r_i - 1}{n - 1}` (rank :math:`r_i`
-    ascending, ties in index order), scaling survivors by :math:`1/q_i` when ``rescale``. ``epsilon = 0`` is DARE
+    ``i`` with probability ``q_i = d - \epsilon + 2\epsilon\,\frac{r_i - 1}{n - 1}`` (rank ``r_i``
+    ascending, ties in index order), scaling survivors by ``1/q_i`` when ``rescale``. ``epsilon = 0`` is DARE
     with the same keep probability. ``majority_sign_method=None`` sums the pruned deltas (mergekit's
     ``della_linear``).
 
     Args:
-        density: mean keep probability; epsilon: half-width of the probability window, with
-            ``0 < density - epsilon`` and ``density + epsilon <= 1``.
+        density: mean keep probability.
+        epsilon: half-width of the probability window, with ``0 < density - epsilon`` and
+            ``density + epsilon <= 1``.
+        majority_sign_method: ``"total"``, ``"frequency"`` or None (sum without sign election).
+        rescale: scale survivors by ``1 / q_i``.
+        generator: a ``torch.Generator`` on the base's device type (default: torch's default generator).
+    {common}
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> merged = regops.merge.della(torch.zeros(2, 8), [torch.randn(2, 8)], density=0.5, epsilon=0.1, generator=g)
+        >>> merged.shape
+        torch.Size([2, 8])
     """
     dens, eps = _density(density), _number(epsilon, "epsilon")
     if eps < 0 or dens - eps <= 0 or dens + eps > 1:
@@ -319,4 +374,4 @@ def della(
 
 
 for _fn in (task_arithmetic, dare, magnitude_prune, ties, dare_ties, della):
-    _fn.__doc__ = (_fn.__doc__ or "") + _COMMON_ARGS
+    _fn.__doc__ = _fn.__doc__.replace("    {common}\n", _COMMON_ARGS.lstrip("\n") + _RETURNS + "\n")

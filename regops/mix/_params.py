@@ -26,14 +26,20 @@ IMAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, tor
 
 @dataclass(frozen=True)
 class MixParams:
-    """Per-sample mixing parameters: what the kernel needs, nothing random left.
+    """Per-sample mixing parameters: what the kernel needs, nothing random left (``MixedBatch.params``).
 
-    Attributes:
+    Args:
         lam: float64 ``[B]``, the weight of sample ``b``'s own label (after CutMix area correction); 1 = unmixed.
         partner: int64 ``[B]``, a permutation: sample ``b`` is mixed with ``partner[b]``.
         box: int64 ``[B, 4]``, ``(y0, y1, x0, x1)`` half-open on the last two dims, pasted from the partner
             (all zeros for MixUp samples and unmixed samples).
         use_cutmix: bool ``[B]``, the sample is a CutMix sample (image weights 1 / 0 outside its box).
+
+    Example::
+
+        >>> _, mix = regops.mix_batch(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]), mixup_alpha=1.0)
+        >>> mix.params.partner.shape, mix.params.box.shape
+        (torch.Size([4]), torch.Size([4, 4]))
     """
 
     lam: torch.Tensor

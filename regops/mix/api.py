@@ -53,19 +53,25 @@ def _mix_masks(masks: torch.Tensor, params: MixParams, x: torch.Tensor) -> tuple
 
 @dataclass
 class MixedBatch:
-    """What :func:`mix_batch` did to a batch, for losses that work from index labels.
+    """What `mix_batch` did to a batch, for losses that work from index labels (built by `mix_batch`).
 
-    Attributes:
+    Args:
         target_a: int64 ``[B]``, each sample's own label.
         target_b: int64 ``[B]``, its partner's label (``target_a[partner]``).
         lam: float32 ``[B]``, the weight of ``target_a`` (CutMix: the area left to the sample).
-        params: the :class:`MixParams` (partner, boxes) used, to mix anything else the same way.
-        label_smoothing: default smoothing for :func:`mix_cross_entropy` / :func:`mix_binary_cross_entropy`.
+        params: the `MixParams` (partner, boxes) used, to mix anything else the same way.
+        label_smoothing: default smoothing for `mix_cross_entropy` / `mix_binary_cross_entropy`.
         num_classes: the class count the labels were checked against (or ``None``).
         masks: the mixed ``masks`` (if any were given): float masks blended like the images, integer label
             maps with the partner's map pasted in each CutMix box.
         masks_b: for integer label maps, the partner's maps (``None`` for float masks). A pixel's label is
             ``masks`` with weight ``mask_lam`` and ``masks_b`` with weight ``1 - mask_lam``.
+
+    Example::
+
+        >>> x, mix = regops.mix_batch(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]), mixup_alpha=1.0)
+        >>> mix.target_a.tolist(), mix.target_b.tolist()  # flipped partners
+        ([0, 1, 2, 3], [3, 2, 1, 0])
     """
 
     target_a: torch.Tensor
@@ -104,14 +110,14 @@ def mix_batch(
 ) -> tuple[torch.Tensor, MixedBatch]:
     r"""MixUp / CutMix a batch and keep index labels: ``x_mixed, mix = regops.mix_batch(x, target, ...)``.
 
-    Same keyword arguments and distributions as :class:`Mixup` (timm's ``Mixup``). Sample ``b`` is mixed with
+    Same keyword arguments and distributions as `Mixup` (timm's ``Mixup``). Sample ``b`` is mixed with
     ``p = partner[b]`` (``'flip'``: ``B - 1 - b`` as timm; ``'roll'``: ``b - 1`` as torchvision; ``'random'``: a
     random permutation, a random pairing in ``'pair'`` mode)::
 
         MixUp:   x'_b = lam_b x_b + (1 - lam_b) x_p                 lam_b ~ Beta(mixup_alpha, mixup_alpha)
         CutMix:  x'_b = x_b with box_b pasted from x_p,  lam_b = 1 - area(box_b) / (H W)
 
-    Train with :func:`mix_cross_entropy` (``lam CE(y_a) + (1 - lam) CE(y_b)``), which never builds a ``B x C``
+    Train with `mix_cross_entropy` (``lam CE(y_a) + (1 - lam) CE(y_b)``), which never builds a ``B x C``
     target. Every draw is made on ``x``'s device with ``generator`` (default: torch's), and the mixing is one
     kernel launch; ``x`` is not modified (unless ``inplace=True``: timm mixes in place).
 
@@ -119,23 +125,27 @@ def mix_batch(
         x: ``[B, ..., H, W]`` (CutMix boxes on the last two dims) or ``[B, D]`` (MixUp only); float32/16,
             bfloat16, float64 or uint8 (blended in float32, rounded half to even); NCHW or channels_last (kept).
         target: int ``[B]`` class indices.
-        mixup_alpha, cutmix_alpha, cutmix_minmax, prob, switch_prob, mode, correct_lam: as :class:`Mixup`.
+        mixup_alpha, cutmix_alpha, cutmix_minmax, prob, switch_prob, mode, correct_lam: as `Mixup`.
         label_smoothing: stored in ``mix`` as the losses' default.
         num_classes: if given, labels are checked to lie in ``[0, num_classes)``.
         partner: ``'flip'``, ``'roll'`` or ``'random'``.
         masks: a tensor or list of tensors ``[B, ..., H, W]`` (dense labels) mixed with the same lambdas and boxes.
         generator: ``torch.Generator`` on ``x``'s device type.
-        params: reuse these :class:`MixParams` instead of drawing (e.g. ``mix.params`` of another batch).
+        params: reuse these `MixParams` instead of drawing (e.g. ``mix.params`` of another batch).
         inplace: write the mixed batch into ``x`` and return ``x`` (timm's in-place behaviour); default: ``x`` is
             not modified and a new tensor is returned.
 
     Returns:
-        ``(x_mixed, mix)``: ``x_mixed`` like ``x``; ``mix`` a :class:`MixedBatch`.
+        ``(x_mixed, mix)``: ``x_mixed`` like ``x``; ``mix`` a `MixedBatch`.
 
     Example::
 
+        >>> images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5))
         >>> x_mixed, mix = regops.mix_batch(images, labels, mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem")
         >>> loss = regops.mix_cross_entropy(model(x_mixed), mix, label_smoothing=0.1)
+        >>> x_mixed.shape, loss.shape
+        (torch.Size([4, 3, 8, 8]), torch.Size([]))
     """
     x = check_images(x)
     if num_classes is not None:
@@ -182,21 +192,24 @@ def manifold_mix(
     """Mix hidden activations ``h`` ``[B, ...]`` with the partners, lambdas and boxes of ``mix`` (manifold mixup).
 
     Differentiable: the gradient of ``h'_b = lam_b h_b + (1 - lam_b) h_p`` reaches both ``h_b`` and ``h_p``
-    (the backward is the same kernel, transposed). Draw ``mix`` with :func:`mix_batch` at the layer you mix
+    (the backward is the same kernel, transposed). Draw ``mix`` with `mix_batch` at the layer you mix
     (or mix the input and reuse ``mix`` deeper with MixUp only). Float dtypes.
 
     Args:
         h: hidden activations ``[B, ...]``, a float dtype; the batch dim first.
-        mix: the draws of :func:`mix_batch` (a :class:`MixedBatch` or its :class:`MixParams`) for the same ``B``.
+        mix: the draws of `mix_batch` (a `MixedBatch` or its `MixParams`) for the same ``B``.
 
     Returns:
         The mixed activations, shape and dtype of ``h`` (``h`` itself is not changed).
 
     Example::
 
-        >>> _, mix = regops.mix_batch(h, labels, mixup_alpha=2.0)    # the draws (h is not changed)
+        >>> h, labels, head = torch.randn(4, 16), torch.tensor([0, 1, 2, 3]), torch.nn.Linear(16, 5)
+        >>> _, mix = regops.mix_batch(h, labels, mixup_alpha=2.0)  # the draws (h is not changed)
         >>> logits = head(regops.manifold_mix(h, mix))
         >>> loss = regops.mix_cross_entropy(logits, mix)
+        >>> logits.shape
+        torch.Size([4, 5])
     """
     params = mix.params if isinstance(mix, MixedBatch) else mix
     validate.floating(h, "h")
@@ -214,13 +227,19 @@ def mixed_targets(mix: MixedBatch, num_classes: int, label_smoothing: float | No
     scattering it would fail inside torch, or hit a device-side assert on a GPU).
 
     Args:
-        mix: the :class:`MixedBatch` returned by :func:`mix_batch`.
+        mix: the `MixedBatch` returned by `mix_batch`.
         num_classes: ``C``, the number of classes.
         label_smoothing: smoothing of each one-hot target; default: the value ``mix`` was drawn with.
 
     Returns:
         Float32 tensor ``[B, num_classes]``: ``lam * onehot(target_a) + (1 - lam) * onehot(target_b)``, smoothed.
 
+    Example::
+
+        >>> _, mix = regops.mix_batch(torch.randn(4, 6), torch.tensor([0, 1, 2, 3]), mixup_alpha=1.0)
+        >>> soft = regops.mixed_targets(mix, num_classes=5)
+        >>> soft.shape, torch.allclose(soft.sum(1), torch.ones(4))
+        (torch.Size([4, 5]), True)
     """
     if not isinstance(mix, MixedBatch):
         raise TypeError(f"regops: mix must be the MixedBatch returned by mix_batch, got {type(mix).__name__}")
@@ -255,11 +274,29 @@ class Mixup:
     sample of a flipped odd batch is left unmixed); ``partner='roll'|'random'`` are options; uint8 images are
     blended in float32 and rounded; for float32 images the outputs and targets equal timm's for the same draws.
 
+    Args:
+        mixup_alpha: MixUp's ``Beta(alpha, alpha)`` parameter (0: off).
+        cutmix_alpha: CutMix's ``Beta(alpha, alpha)`` parameter (0: off).
+        cutmix_minmax: ``(min, max)`` side ratios of CutMix rectangles instead of ``cutmix_alpha``'s squares.
+        prob: the probability of mixing a batch (or pair, or element) at all.
+        switch_prob: with both enabled, the probability of CutMix instead of MixUp.
+        mode: ``"batch"``, ``"pair"`` or ``"elem"``: one draw per batch, per pair of samples, or per sample.
+        correct_lam: reset lambda to the area left after clipping a CutMix box.
+        label_smoothing: smoothing of the one-hot targets.
+        num_classes: ``C`` of the soft targets.
+        multi_label: the targets are already ``[B, C]`` (multi-label) rather than class indices.
+        partner: ``"flip"`` (timm's), ``"roll"`` or ``"random"``.
+        generator: a ``torch.Generator`` on the images' device for every draw.
+        inplace: write the mixed batch into ``x`` (as timm does).
+
     Example::
 
-        >>> mixup = regops.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", num_classes=1000)
-        >>> x, soft = mixup(images, labels)           # soft: float32 [B, 1000]
-        >>> loss = regops.soft_target_cross_entropy(model(x), soft)
+        >>> images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+        >>> mixup = regops.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", num_classes=10)
+        >>> x, soft = mixup(images, labels)  # soft: float32 [B, 10]
+        >>> loss = regops.soft_target_cross_entropy(x.flatten(1)[:, :10], soft)
+        >>> soft.shape, soft.dtype
+        (torch.Size([4, 10]), torch.float32)
     """
 
     def __init__(

@@ -155,9 +155,19 @@ class MixUp(_BaseMixUpCutMix):
     with the default generator the draws are torchvision's own (same seed, same output); on a GPU they are made
     on the device. uint8 images are blended in float32 and rounded (torchvision rejects them).
 
+    Args:
+        alpha: the ``Beta(alpha, alpha)`` parameter, > 0 (keyword-only, as all arguments).
+        num_classes: ``C``, needed for 1-D integer labels.
+        labels_getter: ``"default"`` (the second element of a tuple input, or a ``"labels"`` key), a callable
+            that finds the labels in the input, or None (no labels).
+        generator: a ``torch.Generator`` for the draw.
+
     Example::
 
+        >>> images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
         >>> images, soft = regops.MixUp(num_classes=10)(images, labels)
+        >>> images.shape, soft.shape
+        (torch.Size([4, 3, 8, 8]), torch.Size([4, 10]))
     """
 
     def _params(self, x: torch.Tensor) -> MixParams:
@@ -179,9 +189,19 @@ class CutMix(_BaseMixUpCutMix):
     ``int(0.5 sqrt(1 - lam) W)``, ``int(0.5 sqrt(1 - lam) H)``, clipped; the box is pasted from the rolled batch
     and labels are mixed with the area-corrected lambda. Same seed, same output as torchvision on CPU.
 
+    Args:
+        alpha: the ``Beta(alpha, alpha)`` parameter, > 0 (keyword-only, as all arguments).
+        num_classes: ``C``, needed for 1-D integer labels.
+        labels_getter: ``"default"`` (the second element of a tuple input, or a ``"labels"`` key), a callable
+            that finds the labels in the input, or None (no labels).
+        generator: a ``torch.Generator`` for the draw.
+
     Example::
 
+        >>> images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
         >>> images, soft = regops.CutMix(num_classes=10)(images, labels)
+        >>> images.shape, soft.shape
+        (torch.Size([4, 3, 8, 8]), torch.Size([4, 10]))
     """
 
     def _params(self, x: torch.Tensor) -> MixParams:

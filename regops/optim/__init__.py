@@ -4,7 +4,7 @@ AdamP's radial projection) as multi-tensor kernels: one pass over all the parame
 capturable, and sharded-parameter aware (FSDP2).
 
 Each op takes lists of tensors: the C++ CPU kernel loops over them, the Triton kernel is one launch over a table of
-addresses, and the reference (:mod:`regops.optim.reference`) is the per-tensor math they are tested against.
+addresses, and the reference (`regops.optim.reference`) is the per-tensor math they are tested against.
 """
 
 from regops.optim.api import *  # noqa: F403

@@ -359,13 +359,25 @@ class AdamW(FusedOptimizer):
 
     Example::
 
+        >>> model = torch.nn.Linear(10, 3)
         >>> opt = regops.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, grokfast=(0.98, 2.0))
-        >>> loss.backward(); opt.step(); opt.zero_grad()
+        >>> loss = model(torch.randn(4, 10)).square().mean()
+        >>> loss.backward()
+        >>> opt.step()
+        >>> opt.zero_grad()
 
     Args:
-        params: the parameters, or parameter groups (dicts; every argument below may be set per group).
-        lr, betas, eps, weight_decay, amsgrad, maximize: torch's AdamW arguments.
-        foreach, capturable, differentiable, fused: accepted for torch's signature (see above).
+        params: parameters, ``named_parameters()`` or parameter groups.
+        lr: the learning rate (a number or a tensor).
+        betas: the moment coefficients.
+        eps: added to the denominator.
+        weight_decay: the decay's weight ``wd``.
+        amsgrad: AMSGrad's maximum of the second moments.
+        maximize: ascend instead.
+        foreach: accepted, as torch's.
+        capturable: accepted, as torch's.
+        differentiable: only False.
+        fused: accepted, as torch's.
     """
         + _EXTRAS_DOC
     )
@@ -428,13 +440,22 @@ class SGD(FusedOptimizer):
 
     Example::
 
+        >>> model = torch.nn.Linear(10, 3)
         >>> opt = regops.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, agc=0.01)
+        >>> model(torch.randn(4, 10)).square().mean().backward()
+        >>> opt.step()
 
     Args:
-        params: the parameters, or parameter groups (dicts; every argument below may be set per group).
-        lr, momentum, dampening, weight_decay, nesterov, maximize: torch's SGD arguments.
-        foreach, differentiable, fused: accepted for torch's signature (the step is always fused;
-            ``differentiable=True`` is not supported).
+        params: parameters, ``named_parameters()`` or parameter groups.
+        lr: the learning rate (a number or a tensor).
+        momentum: the momentum factor.
+        dampening: momentum's dampening.
+        weight_decay: the decay's weight ``wd``.
+        nesterov: Nesterov momentum.
+        maximize: ascend instead.
+        foreach: accepted, as torch's.
+        differentiable: only False.
+        fused: accepted, as torch's.
     """
         + _EXTRAS_DOC
     )

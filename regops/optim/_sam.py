@@ -32,7 +32,7 @@ class SAM(torch.optim.Optimizer):
     ``adaptive=True``. A drop-in for the widely used SAM class (davda54/sam): ``first_step``, ``second_step``,
     ``step(closure)``, per-group ``rho`` and ``adaptive``.
 
-    First step: :math:`e = \rho\, T^2 g / (\lVert T g \rVert + 10^{-12})` with :math:`T = |w|` for ASAM, else 1,
+    First step: ``e = \rho\, T^2 g / (\lVert T g \rVert + 10^{-12})`` with ``T = |w|`` for ASAM, else 1,
     the norm over every parameter of every group; ``w += e`` after keeping ``w``. Second step: the base optimizer
     steps from the kept ``w`` with the gradient taken at ``w + e``.
 
@@ -61,13 +61,19 @@ class SAM(torch.optim.Optimizer):
         params: parameters or parameter groups.
         base_optimizer: the optimizer class (``regops.optim.SGD``, ``torch.optim.SGD``, ...), built on the same
             parameter groups with ``**kwargs``.
-        rho: the neighbourhood radius (>= 0). adaptive: ASAM.
+        rho: the neighbourhood radius (>= 0).
+        adaptive: ASAM.
+        **kwargs: the base optimizer's arguments (``lr``, ``momentum``, ...).
 
     Example::
 
+        >>> model, loss_fn = torch.nn.Linear(10, 3), torch.nn.functional.cross_entropy
+        >>> x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
         >>> opt = regops.optim.SAM(model.parameters(), regops.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
-        >>> loss_fn(model(x), y).backward(); opt.first_step(zero_grad=True)
-        >>> loss_fn(model(x), y).backward(); opt.second_step(zero_grad=True)
+        >>> loss_fn(model(x), y).backward()
+        >>> opt.first_step(zero_grad=True)
+        >>> loss_fn(model(x), y).backward()
+        >>> opt.second_step(zero_grad=True)
     """
 
     _step_supports_amp_scaling = True
@@ -335,11 +341,31 @@ def _non_finite(groups, device: torch.device) -> torch.Tensor:
 
 
 class GSAM(SAM):
-    r"""Surrogate-gap guided SAM (Zhuang et al. 2022): the second gradient :math:`g_s` loses ``alpha`` times the part of
-    the first gradient :math:`g` orthogonal to it,
-    :math:`g_s \leftarrow g_s - \alpha \left(g - \cos(g, g_s) \frac{\lVert g \rVert}{\lVert g_s \rVert + 10^{-12}}
-    g_s\right)`, :math:`\cos = \frac{g \cdot g_s}{\lVert g \rVert \lVert g_s \rVert + 10^{-12}}` (global dots: one
-    reduction and one pass). ``rho`` may follow a schedule (change ``group["rho"]``). Other arguments as :class:`SAM`.
+    r"""Surrogate-gap guided SAM (Zhuang et al. 2022): the second gradient ``g_s`` loses ``alpha`` times the part of
+    the first gradient ``g`` orthogonal to it (global dots: one reduction and one pass):
+
+    .. math:: g_s \leftarrow g_s - \alpha \left(g - \cos(g, g_s) \frac{\lVert g \rVert}{\lVert g_s \rVert + 10^{-12}}
+        g_s\right), \qquad \cos(g, g_s) = \frac{g \cdot g_s}{\lVert g \rVert \lVert g_s \rVert + 10^{-12}}
+
+    ``rho`` may follow a schedule (change ``group["rho"]``).
+
+    Args:
+        params: parameters or parameter groups.
+        base_optimizer: the optimizer class, built on the same parameter groups with ``**kw``.
+        rho: the neighbourhood radius (>= 0).
+        alpha: the weight of the removed orthogonal part.
+        adaptive: ASAM's scaling.
+        **kw: the base optimizer's arguments.
+
+    Example::
+
+        >>> model, loss_fn = torch.nn.Linear(10, 3), torch.nn.functional.cross_entropy
+        >>> x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+        >>> opt = regops.optim.GSAM(model.parameters(), regops.optim.SGD, rho=0.05, alpha=0.1, lr=0.1)
+        >>> loss_fn(model(x), y).backward()
+        >>> opt.first_step(zero_grad=True)
+        >>> loss_fn(model(x), y).backward()
+        >>> opt.second_step(zero_grad=True)
     """
 
     _keeps_grads = True
@@ -372,12 +398,33 @@ class GSAM(SAM):
 
 class LookSAM(SAM):
     r"""LookSAM (Liu et al. 2022): SAM's second pass every ``k`` steps only. On those steps it keeps
-    :math:`g_v = g_s - \frac{g_s \cdot g}{\lVert g \rVert^2} g` (the part of the SAM gradient orthogonal to the
-    plain one); on the others the plain gradient gains :math:`\alpha \frac{\lVert g \rVert}{\lVert g_v \rVert +
-    10^{-8}} g_v` (global norms, one reduction and one pass). One extra buffer per parameter (``gv``).
+    ``g_v = g_s - \frac{g_s \cdot g}{\lVert g \rVert^2} g`` (the part of the SAM gradient orthogonal to the
+    plain one); on the others the plain gradient gains ``alpha * ||g|| / (||g_v|| + 1e-8) * g_v`` (global norms,
+    one reduction and one pass). One extra buffer per parameter (``gv``).
 
     The loop: ``step(closure)`` runs the closure only when needed; with ``first_step``/``second_step`` check
-    :attr:`needs_second_pass` before the second forward and backward. Other arguments as :class:`SAM`.
+    `needs_second_pass` before the second forward and backward.
+
+    Args:
+        params: parameters or parameter groups.
+        base_optimizer: the optimizer class, built on the same parameter groups with ``**kw``.
+        rho: the neighbourhood radius (>= 0).
+        k: the second pass runs every ``k`` steps.
+        alpha: the weight of ``g_v`` on the other steps.
+        adaptive: ASAM's scaling.
+        **kw: the base optimizer's arguments.
+
+    Example::
+
+        >>> model, loss_fn = torch.nn.Linear(10, 3), torch.nn.functional.cross_entropy
+        >>> x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+        >>> opt = regops.optim.LookSAM(model.parameters(), regops.optim.SGD, k=2, lr=0.1)
+        >>> for step in range(4):
+        ...     loss_fn(model(x), y).backward()
+        ...     opt.first_step(zero_grad=True)
+        ...     if opt.needs_second_pass:
+        ...         loss_fn(model(x), y).backward()
+        ...     opt.second_step(zero_grad=True)
     """
 
     _keeps_grads = True

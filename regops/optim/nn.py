@@ -27,10 +27,17 @@ def preserve_bn_stats(model: nn.Module) -> Iterator[None]:
 
     Example::
 
-        >>> loss_fn(model(x), y).backward(); opt.first_step(zero_grad=True)
-        >>> with regops.optim.preserve_bn_stats(model):
+        >>> model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+        >>> loss_fn, x, y = torch.nn.functional.cross_entropy, torch.randn(32, 10), torch.randint(0, 3, (32,))
+        >>> opt = regops.optim.SAM(model.parameters(), regops.optim.SGD, lr=0.1)
+        >>> loss_fn(model(x), y).backward()
+        >>> opt.first_step(zero_grad=True)
+        >>> stats = model[1].running_mean.clone()
+        >>> with regops.optim.preserve_bn_stats(model):  # the second forward leaves the statistics alone
         ...     loss_fn(model(x), y).backward()
         >>> opt.second_step(zero_grad=True)
+        >>> torch.equal(stats, model[1].running_mean)
+        True
     """
     buffers = []
     for m in model.modules():

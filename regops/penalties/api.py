@@ -17,7 +17,19 @@ __all__ = ["ReLUL1Stats", "orthogonality_penalty", "relu_l1", "spectral_norms"]
 
 
 class ReLUL1Stats(NamedTuple):
-    """Sparsity statistics of one :func:`relu_l1` call, from the same pass as the activation (no gradient)."""
+    """Sparsity statistics of one `relu_l1` call, from the same pass as the activation (no gradient).
+
+    Args:
+        token_active: ``x.shape[:-1]``, the fraction of the ``d`` units active in each token.
+        unit_active: ``[d]``, the fraction of tokens in which each unit is active.
+        activation_sum: 0-dim, the sum of the activations (the penalty is ``l1 * activation_sum``).
+
+    Example::
+
+        >>> _, stats = regops.relu_l1(torch.tensor([[1.0, -1.0], [2.0, -3.0]]), 1e-5, return_stats=True)
+        >>> stats.unit_active, stats.activation_sum
+        (tensor([1., 0.]), tensor(3.))
+    """
 
     token_active: torch.Tensor  # x.shape[:-1]: fraction of the d units active in each token
     unit_active: torch.Tensor  # [d]: fraction of tokens in which each unit is active
@@ -69,15 +81,15 @@ def relu_l1(
         \;(\text{squared: } x^2), \qquad
         \frac{\partial}{\partial x}\Big(L + l_1 \textstyle\sum a\Big) = (g + l_1)\, a'(x)
 
-    with :math:`a'(x) = [x > \tau]` (``2x [x > \tau]`` squared). The L1 term itself is not added to any loss
+    with ``a'(x) = [x > \tau]`` (``2x [x > \tau]`` squared). The L1 term itself is not added to any loss
     value: its gradient is fused into this op's backward (log ``l1 * stats.activation_sum`` if you want its value).
     Autograd saves ``x`` and a 0-dim ``l1``. NaN passes through the activation, as ``torch.relu``.
 
     Args:
         x: ``[..., d]``; float32, float16, bfloat16 or float64.
         l1: the penalty weight, >= 0: a number or a 0-dim tensor, a runtime value under ``torch.compile``.
-        squared: ReLU^2 (Primer); threshold: FATReLU's threshold :math:`\tau \ge 0` (0: ReLU).
-        return_stats: also return :class:`ReLUL1Stats` from the same pass.
+        squared: ReLU^2 (Primer); threshold: FATReLU's threshold ``\tau \ge 0`` (0: ReLU).
+        return_stats: also return `ReLUL1Stats` from the same pass.
 
     Returns:
         The activation, of ``x``'s shape and dtype (its backward adds ``l1`` times the L1 gradient); with
@@ -85,8 +97,12 @@ def relu_l1(
 
     Example::
 
-        >>> h = regops.relu_l1(up_proj(x), l1=1e-5 * schedule(step))
-        >>> h, stats = regops.relu_l1(pre, 1e-5, return_stats=True); stats.unit_active  # dead units
+        >>> up_proj, x = torch.nn.Linear(16, 64), torch.randn(8, 16)
+        >>> h = regops.relu_l1(up_proj(x), l1=1e-5)
+        >>> h, stats = regops.relu_l1(up_proj(x), 1e-5, return_stats=True)
+        >>> dead = stats.unit_active == 0  # units active in no token
+        >>> h.shape, dead.shape
+        (torch.Size([8, 64]), torch.Size([64]))
     """
     validate.floating(x, "x")
     if x.dim() == 0:
@@ -116,8 +132,8 @@ def spectral_norms(
 
     Matrices of one shape, dtype and device form a group, iterated together: on GPU one Triton launch per
     iteration per group (each program a slice of rows of one matrix), on CPU a loop of matrix-vector products.
-    Each iteration: :math:`u = \mathrm{normalize}(W v),\ z = W^\top u,\ \sigma = \|z\|,\ v = z / \sigma`. The
-    returned :math:`\sigma = u^\top W v` is differentiable in the weights (gradient :math:`u v^\top`, the vectors
+    Each iteration: ``u = \mathrm{normalize}(W v),\ z = W^\top u,\ \sigma = \|z\|,\ v = z / \sigma``. The
+    returned ``\sigma = u^\top W v`` is differentiable in the weights (gradient ``u v^\top``, the vectors
     held constant, as ``torch.nn.utils.parametrizations.spectral_norm``), so ``sum(sigmas)`` is a spectral penalty.
 
     Args:
@@ -133,9 +149,12 @@ def spectral_norms(
 
     Example::
 
-        >>> sig, st = regops.spectral_norms(ws)                  # 20 iterations from random starts
-        >>> sig, st = regops.spectral_norms(ws, state=st)        # each step after: 1 warm iteration
-        >>> loss = loss + 1e-3 * sig.square().sum()
+        >>> ws = [torch.diag(torch.tensor([3.0, 1.0])), torch.randn(8, 4, requires_grad=True)]
+        >>> sig, st = regops.spectral_norms(ws)  # 20 iterations from random starts
+        >>> sig, st = regops.spectral_norms(ws, state=st)  # each step after: 1 warm iteration
+        >>> round(float(sig.detach()[0]), 4)
+        3.0
+        >>> (1e-3 * sig.square().sum()).backward()
     """
     if isinstance(weights, torch.Tensor) or not isinstance(weights, Sequence) or not weights:
         raise ValueError("regops: weights must be a non-empty sequence of matrices")
@@ -167,11 +186,11 @@ def spectral_norms(
 
 
 def orthogonality_penalty(W: torch.Tensor) -> torch.Tensor:
-    r"""Soft orthogonality :math:`\|W W^\top - I\|_F^2` with the Gram matrix of the smaller side.
+    r"""Soft orthogonality ``\|W W^\top - I\|_F^2`` with the Gram matrix of the smaller side.
 
-    For ``W [..., m, n]``: :math:`G = W W^\top` (``m <= n``) or :math:`W^\top W` (``m > n``), penalty
-    :math:`\|G - I\|_F^2` per matrix; gradient :math:`4 (G - I) W` (:math:`4 W (G - I)`). On GPU the forward
-    sums squared tiles of :math:`G - I` without storing :math:`G`; the backward builds :math:`G` once (the only
+    For ``W [..., m, n]``: ``G = W W^\top`` (``m <= n``) or ``W^\top W`` (``m > n``), penalty
+    ``\|G - I\|_F^2`` per matrix; gradient ``4 (G - I) W`` (``4 W (G - I)``). On GPU the forward
+    sums squared tiles of ``G - I`` without storing ``G``; the backward builds ``G`` once (the only
     ``k x k`` tensor) and one matmul. Autograd saves ``W`` only. Double backward works.
 
     Args:
@@ -182,7 +201,11 @@ def orthogonality_penalty(W: torch.Tensor) -> torch.Tensor:
 
     Example::
 
-        >>> loss = loss + 1e-4 * sum(regops.orthogonality_penalty(l.weight) for l in model.linears)
+        >>> regops.orthogonality_penalty(torch.eye(3))  # orthogonal: no penalty
+        tensor(0.)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        >>> penalty = 1e-4 * sum(regops.orthogonality_penalty(m.weight) for m in model if hasattr(m, "weight"))
+        >>> penalty.backward()
     """
     validate.floating(W, "W")
     if W.dim() < 2:

@@ -11,14 +11,24 @@ __all__ = ["ReLUL1"]
 
 
 class ReLUL1(RuntimeProbability, torch.nn.Module):
-    """:func:`regops.relu_l1` as a module: ReLU / ReLU^2 / FATReLU whose backward adds ``l1``'s L1 gradient.
+    """`regops.relu_l1` as a module: ReLU / ReLU^2 / FATReLU whose backward adds ``l1``'s L1 gradient.
 
     ``l1`` is a runtime value under ``torch.compile`` (``module.l1 = new`` between steps never recompiles). In
     eval mode the penalty is off (plain activation). With ``track_stats`` the last training call's
-    :class:`regops.ReLUL1Stats` are kept in ``last_stats``.
+    `regops.ReLUL1Stats` are kept in ``last_stats``.
 
-    >>> act = regops.nn.ReLUL1(l1=1e-5, track_stats=True)
-    >>> h = act(up(x)); act.last_stats.unit_active
+    Args:
+        l1: the penalty weight, >= 0 (may change between steps).
+        squared: ReLU^2.
+        threshold: FATReLU's threshold (0: ReLU).
+        track_stats: keep the last training call's statistics in ``last_stats``.
+
+    Example::
+
+        >>> act, up = regops.nn.ReLUL1(l1=1e-5, track_stats=True), torch.nn.Linear(16, 64)
+        >>> h = act(up(torch.randn(8, 16)))
+        >>> act.last_stats.unit_active.shape
+        torch.Size([64])
     """
 
     _p_attr = "l1"

@@ -1,9 +1,9 @@
-"""The per-example engine shared by :mod:`regops.grad_norms` and :mod:`regops.valuation`.
+"""The per-example engine shared by `regops.grad_norms` and `regops.valuation`.
 
 It records every forward use of a model's trainable parameters and turns the ordinary backward pass into
 per-example quantities without building the ``B x P`` per-example gradients where an exact cheaper form exists:
 
-* modules with a rule (Linear, Conv, Embedding, the norms, registered rules: :func:`register_rule`) are seen by
+* modules with a rule (Linear, Conv, Embedding, the norms, registered rules: `register_rule`) are seen by
   forward hooks, which keep the layer's input and hook its output's gradient;
 * every other use of a trainable parameter is seen op by op by a ``TorchFunctionMode`` active during the block;
 * a rule turns (saved input, output gradient) into per-example squared norms (ghost or instantiate forms, the

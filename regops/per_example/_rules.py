@@ -1,6 +1,6 @@
 """The rule interface: how a layer turns (its saved input, its output gradient) into per-example squared norms,
 per-example gradients, weighted gradient sums and the inner products of data valuation, and the registry that maps
-module types to rules (:func:`register_rule`, :func:`rule_for`)."""
+module types to rules (`register_rule`, `rule_for`)."""
 
 from __future__ import annotations
 
@@ -51,15 +51,38 @@ def _requires(t: Any) -> bool:
 
 class Factors:
     """A per-example gradient in factored form ``grad_n = U_n^T V_n`` (``U`` ``[B, T, p]``, ``V`` ``[B, T, d]``;
-    either may be a :class:`OneHot`). Two uses of one parameter (tied weights) meet through
-    ``<U_n^T V_n, U'_n^T V'_n> = sum((U_n U'_n^T) * (V_n V'_n^T))`` without building either gradient."""
+    either may be a `OneHot`). Two uses of one parameter (tied weights) meet through
+    ``<U_n^T V_n, U'_n^T V'_n> = sum((U_n U'_n^T) * (V_n V'_n^T))`` without building either gradient.
+
+    Args:
+        u: ``[B, T, p]`` tensor (the output gradients) or a `OneHot`.
+        v: ``[B, T, d]`` tensor (the inputs) or a `OneHot`.
+
+    Example::
+
+        >>> f = regops.per_example.Factors(torch.randn(2, 3, 4), torch.randn(2, 3, 5))
+        >>> f.u.shape, f.v.shape
+        (torch.Size([2, 3, 4]), torch.Size([2, 3, 5]))
+    """
 
     def __init__(self, u: Any, v: Any) -> None:
         self.u, self.v = u, v
 
 
 class OneHot:
-    """The one-hot rows of token ids ``[B, T]`` over ``num`` classes (``pad``: ids with a zero row; -1: none)."""
+    """The one-hot rows of token ids over ``num`` classes, a factor of an embedding's gradient never built dense.
+
+    Args:
+        ids: ``[B, T]`` integer ids.
+        num: the number of classes (rows of the table).
+        pad: an id whose one-hot row is zero (-1: none).
+
+    Example::
+
+        >>> rows = regops.per_example.OneHot(torch.tensor([[0, 2]]), num=3)
+        >>> rows.num
+        3
+    """
 
     def __init__(self, ids: torch.Tensor, num: int, pad: int = -1) -> None:
         self.ids, self.num, self.pad = ids, num, pad
@@ -91,26 +114,36 @@ def factors_inner(f1: Factors, f2: Factors, dtype: torch.dtype) -> torch.Tensor:
 class LayerRule:
     """How one layer type turns (its saved input, its output gradient) into per-example quantities.
 
-    A rule is a stateless object registered for a module type with :func:`register_rule`. The recorder calls:
+    A rule is a stateless object registered for a module type with `register_rule`. The recorder calls:
 
-    * :meth:`capture` in the module's forward hook: returns what the rule needs later (``saved``; usually the
+    * `capture` in the module's forward hook: returns what the rule needs later (``saved``; usually the
       input tensor, kept by reference: autograd saves it anyway);
     * in the backward, with ``g`` the gradient of the module's output as autograd delivers it (for
       ``loss_reduction="mean"`` it carries ``1/B``; the caller rescales), batch in dim 0:
-      :meth:`sq_norms` (``{local param name: [B]}`` squared norms, the fast path),
-      :meth:`per_example_grads` (``{local param name: [B, *param.shape]}``; used for shared parameters and
-      as the fallback of the two others) and :meth:`weighted_grads` (``sum_n w_n grad_n``, Book-Keeping
+      `sq_norms` (``{local param name: [B]}`` squared norms, the fast path),
+      `per_example_grads` (``{local param name: [B, *param.shape]}``; used for shared parameters and
+      as the fallback of the two others) and `weighted_grads` (``sum_n w_n grad_n``, Book-Keeping
       clipping and data scores);
-    * :meth:`cost_form` to pick ``"ghost"`` or ``"instantiate"`` for ``forms="auto"``;
-    * optionally :meth:`factors`, for parameters shared by several calls.
+    * `cost_form` to pick ``"ghost"`` or ``"instantiate"`` for ``forms="auto"``;
+    * optionally `factors`, for parameters shared by several calls.
 
-    Local parameter names are the module's own (``"weight"``, ``"bias"``). Only :meth:`per_example_grads`
+    Local parameter names are the module's own (``"weight"``, ``"bias"``). Only `per_example_grads`
     must be written; the defaults derive the others from it. Rules return float32 (float64 for float64
     inputs) and must not modify their inputs.
+
+    Takes no arguments: subclass it and override the methods above.
+
+    Example::
+
+        >>> class ScaleRule(regops.per_example.LayerRule):
+        ...     def per_example_grads(self, module, x, g):  # y = x * module.s
+        ...         return {"s": (g * x).reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
+        >>> ScaleRule().cost_form(None, None)
+        'instantiate'
     """
 
     name = "layer"
-    factored: tuple[str, ...] = ()  # locals whose per-example gradient :meth:`factors` gives
+    factored: tuple[str, ...] = ()  # locals whose per-example gradient `factors` gives
     rows = False  # True: the rule reads its input's leading dim as rows of a batch (convolutions, group norms)
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], label: str) -> Any:
@@ -160,13 +193,13 @@ class LayerRule:
         return _forms.default_sq_grad_sum(self, module, saved, g)
 
     def dots_form(self, module: nn.Module, saved: Any, saved2: Any) -> str:
-        """``"ghost"`` or ``"instantiate"``: the cheaper form of :meth:`grad_dots` for this pair of calls."""
+        """``"ghost"`` or ``"instantiate"``: the cheaper form of `grad_dots` for this pair of calls."""
         return "instantiate"
 
     def factors(self, module: nn.Module, saved: Any, g: torch.Tensor) -> dict[str, Factors]:
         """Optional: ``{local name: Factors}`` for the parameters whose per-example gradient is ``U_n^T V_n``.
         Lets a parameter used by several calls (tied weights) get exact norms without per-example gradients;
-        parameters left out fall back to :meth:`per_example_grads`."""
+        parameters left out fall back to `per_example_grads`."""
         return {}
 
 
@@ -179,12 +212,31 @@ def register_rule(module_type: type | str, rule: LayerRule) -> None:
     (``"transformers.pytorch_utils.Conv1D"``: matched without importing the package). A later registration
     for the same type replaces the earlier one.
 
+    Args:
+        module_type: an ``nn.Module`` subclass, or its dotted name.
+        rule: a `LayerRule` instance.
+
+    Returns:
+        None.
+
     Example::
 
+        >>> class Scale(torch.nn.Module):  # y = x * s, s of shape [d], x [B, T, d]
+        ...     def __init__(self, d):
+        ...         super().__init__()
+        ...         self.s = torch.nn.Parameter(torch.ones(d))
+        ...     def forward(self, x):
+        ...         return x * self.s
         >>> class ScaleRule(regops.per_example.LayerRule):
-        ...     def per_example_grads(self, module, x, g):   # y = x * module.s, s of shape [d], x [B, T, d]
+        ...     def per_example_grads(self, module, x, g):
         ...         return {"s": (g * x).reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
         >>> regops.per_example.register_rule(Scale, ScaleRule())
+        >>> model = torch.nn.Sequential(Scale(3), torch.nn.Linear(3, 1))
+        >>> x, y = torch.randn(4, 3), torch.randn(4, 1)
+        >>> with regops.per_sample_grad_norms(model, loss_reduction="sum") as norms:
+        ...     torch.nn.functional.mse_loss(model(x), y, reduction="sum").backward()
+        >>> norms.total.shape
+        torch.Size([4])
     """
     if isinstance(module_type, str):
         if "." not in module_type:
@@ -197,7 +249,19 @@ def register_rule(module_type: type | str, rule: LayerRule) -> None:
 
 
 def rule_for(module: nn.Module) -> LayerRule | None:
-    """The registered rule of ``module`` (most derived registered type first), or None."""
+    """The registered rule of ``module`` (most derived registered type first).
+
+    Args:
+        module: an ``nn.Module`` instance.
+
+    Returns:
+        Its `LayerRule`, or None (also for a subclass that overrides ``forward``).
+
+    Example::
+
+        >>> type(regops.per_example.rule_for(torch.nn.Linear(2, 3))).__name__
+        'LinearRule'
+    """
     for cls in type(module).__mro__:
         rule = _RULES.get(cls) or _RULES.get(f"{cls.__module__}.{cls.__qualname__}")
         if rule is not None:
@@ -207,5 +271,16 @@ def rule_for(module: nn.Module) -> LayerRule | None:
 
 
 def registered_rules() -> dict[type | str, LayerRule]:
-    """A copy of the registry ``{module type or dotted name: rule}``."""
+    """The registered rules.
+
+    Takes no arguments.
+
+    Returns:
+        A copy of the registry ``{module type or dotted name: rule}``.
+
+    Example::
+
+        >>> torch.nn.Linear in regops.per_example.registered_rules()
+        True
+    """
     return dict(_RULES)

@@ -1,7 +1,7 @@
-"""DP-SGD for an existing training loop, with Opacus's interface: :class:`PrivacyEngine` wraps the model, the
+"""DP-SGD for an existing training loop, with Opacus's interface: `PrivacyEngine` wraps the model, the
 optimizer and the data loader (Poisson batches, empty ones included); the loop stays
-``loss.backward(); optimizer.step()`` and runs regops' one-backward clipping (:func:`regops.dp_clipping`), noise
-from a ``torch.Generator``, Opacus's accountants, virtual steps (:class:`BatchMemoryManager`), autocast, DDP and
+``loss.backward(); optimizer.step()`` and runs regops' one-backward clipping (`regops.dp_clipping`), noise
+from a ``torch.Generator``, Opacus's accountants, virtual steps (`BatchMemoryManager`), autocast, DDP and
 FSDP2."""
 
 from regops.privacy.api import *  # noqa: F403

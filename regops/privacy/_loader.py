@@ -96,13 +96,13 @@ def _distributed_shard(data_loader: DataLoader | None) -> tuple[int, int]:
 
 class DPDataLoader(DataLoader):
     """A ``DataLoader`` drawing Poisson batches: each example of ``dataset`` joins each step's batch independently
-    with probability ``sample_rate`` (:class:`regops.PoissonBatchSampler`), so batch sizes vary around
+    with probability ``sample_rate`` (`regops.PoissonBatchSampler`), so batch sizes vary around
     ``sample_rate * len(dataset)``, and a batch may be empty: it comes out as tensors with 0 examples in the batch
     dim and the trailing shapes and dtypes of the collated first example (the DP step must still happen, adding
     only the noise), where torch's default collate would fail.
 
     ``distributed=True``: each rank yields its shard (``i % world == rank``) of the single-process batch, empty
-    shares included (:class:`ShardedPoissonSampler`); give every rank the same ``generator`` state and the union
+    shares included (`ShardedPoissonSampler`); give every rank the same ``generator`` state and the union
     of the ranks' batches is the single-process batch.
 
     Args:
@@ -117,8 +117,15 @@ class DPDataLoader(DataLoader):
 
     Example::
 
-        >>> loader = regops.DPDataLoader(dataset, sample_rate=256 / len(dataset), generator=g)
-        >>> loader = regops.DPDataLoader.from_data_loader(train_loader)   # q = 1 / len(train_loader)
+        >>> dataset = torch.utils.data.TensorDataset(torch.randn(1000, 4), torch.randint(0, 2, (1000,)))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> loader = regops.DPDataLoader(dataset, sample_rate=250 / len(dataset), generator=g)
+        >>> len(loader)  # steps per pass: 1 / q
+        4
+        >>> train_loader = torch.utils.data.DataLoader(dataset, batch_size=100)
+        >>> loader = regops.DPDataLoader.from_data_loader(train_loader)  # q = 1 / len(train_loader)
+        >>> loader.sample_rate
+        0.1
     """
 
     def __init__(
@@ -243,12 +250,26 @@ class BatchMemoryManager:
     available under FSDP2 (its forward and backward are collectives: every rank would have to run the same number
     of physical batches).
 
+    Args:
+        data_loader: the loader returned by `regops.PrivacyEngine.make_private` (its batches are logical ones).
+        max_physical_batch_size: the most examples in one forward and backward.
+        optimizer: the `DPOptimizer` returned by ``make_private``.
+
     Example::
 
-        >>> with BatchMemoryManager(data_loader=loader, max_physical_batch_size=64, optimizer=optimizer) as physical:
+        >>> F = torch.nn.functional
+        >>> model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> dataset = torch.utils.data.TensorDataset(torch.randn(256, 20), torch.randint(0, 5, (256,)))
+        >>> train_loader = torch.utils.data.DataLoader(dataset, batch_size=64)
+        >>> privacy_engine = regops.PrivacyEngine()
+        >>> model, optimizer, train_loader = privacy_engine.make_private(
+        ...     module=model, optimizer=optimizer, data_loader=train_loader, noise_multiplier=1.1, max_grad_norm=1.0)
+        >>> manager = regops.privacy.BatchMemoryManager
+        >>> with manager(data_loader=train_loader, max_physical_batch_size=16, optimizer=optimizer) as physical:
         ...     for x, y in physical:
         ...         optimizer.zero_grad()
-        ...         criterion(model(x), y).backward()
+        ...         F.cross_entropy(model(x), y).backward()
         ...         optimizer.step()
     """
 

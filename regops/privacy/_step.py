@@ -155,14 +155,31 @@ class DPStep:
 
 
 class PrivateModule(nn.Module):
-    """The model returned by :meth:`regops.PrivacyEngine.make_private`: the user's module (``._module``) whose
-    training forwards open the step's :func:`regops.dp_clipping` block (the role of Opacus's
+    """The model returned by `regops.PrivacyEngine.make_private`: the user's module (``._module``) whose
+    training forwards open the step's `regops.dp_clipping` block (the role of Opacus's
     ``GradSampleModule``). Evaluation (``model.eval()`` or ``torch.no_grad()``) runs the module as it is.
 
     An empty batch (0 examples in the batch dim) runs outside any block: the step that follows adds only the
     noise. Under ``DistributedDataParallel`` each training forward runs under ``no_sync()``: DDP's own gradient
     all-reduce is wasted work here (the clipped sums are averaged once per step), and without it the ranks may
     run different numbers of physical batches per step (an empty local batch, virtual steps).
+
+    Args:
+        module: the user's model.
+        step: the DP step the engine set up (``make_private`` builds both).
+
+    Example::
+
+        >>> F = torch.nn.functional
+        >>> model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> dataset = torch.utils.data.TensorDataset(torch.randn(256, 20), torch.randint(0, 5, (256,)))
+        >>> train_loader = torch.utils.data.DataLoader(dataset, batch_size=64)
+        >>> privacy_engine = regops.PrivacyEngine()
+        >>> model, optimizer, train_loader = privacy_engine.make_private(
+        ...     module=model, optimizer=optimizer, data_loader=train_loader, noise_multiplier=1.1, max_grad_norm=1.0)
+        >>> isinstance(model, regops.privacy.PrivateModule), type(model._module).__name__
+        (True, 'Sequential')
     """
 
     def __init__(self, module: nn.Module, step: DPStep) -> None:
@@ -197,18 +214,36 @@ class PrivateModule(nn.Module):
 
 
 class DPOptimizer(Optimizer):
-    """The optimizer returned by :meth:`regops.PrivacyEngine.make_private`: ``step()`` closes the DP step (clipped
+    """The optimizer returned by `regops.PrivacyEngine.make_private`: ``step()`` closes the DP step (clipped
     sum of per-example gradients + Gaussian noise from the noise generator, divided by ``expected_batch_size``),
     reports it to the engine's accountant, then runs the wrapped optimizer's step (``original_optimizer``).
 
     Virtual steps (Opacus's ``signal_skip_step``): after ``signal_skip_step(True)`` the next ``step()`` only lets
     the block keep accumulating (no noise, no update, no accounting) and the next ``zero_grad()`` keeps it;
-    noise is added once, at the first step not signalled. :class:`regops.privacy.BatchMemoryManager` does the
+    noise is added once, at the first step not signalled. `regops.privacy.BatchMemoryManager` does the
     signalling. ``zero_grad()`` at any other time between a forward and ``step()`` discards the step.
 
     ``param_groups``, ``state``, ``defaults``, ``state_dict`` and ``load_state_dict`` are the wrapped
     optimizer's (learning-rate schedulers work as usual). ``noise_multiplier`` and ``max_grad_norm`` can be
     changed between steps (noise schedules).
+
+    Args:
+        optimizer: the user's optimizer.
+        step: the DP step the engine set up (``make_private`` builds both).
+
+    Example::
+
+        >>> F = torch.nn.functional
+        >>> model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> dataset = torch.utils.data.TensorDataset(torch.randn(256, 20), torch.randint(0, 5, (256,)))
+        >>> train_loader = torch.utils.data.DataLoader(dataset, batch_size=64)
+        >>> privacy_engine = regops.PrivacyEngine()
+        >>> model, optimizer, train_loader = privacy_engine.make_private(
+        ...     module=model, optimizer=optimizer, data_loader=train_loader, noise_multiplier=1.1, max_grad_norm=1.0)
+        >>> isinstance(optimizer, regops.privacy.DPOptimizer), type(optimizer.original_optimizer).__name__
+        (True, 'SGD')
+        >>> optimizer.noise_multiplier = 0.9  # a noise schedule
     """
 
     # GradScaler then hands its scale to step() (``grad_scale``) instead of unscaling p.grad behind our back.

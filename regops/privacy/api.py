@@ -37,7 +37,7 @@ CLIPPINGS = ("flat", "per_layer")
 class PrivacyEngine:
     r"""DP-SGD for an existing training loop, with Opacus's ``PrivacyEngine`` interface.
 
-    :meth:`make_private` (or :meth:`make_private_with_epsilon`) wraps the model, the optimizer and the data loader;
+    `make_private` (or `make_private_with_epsilon`) wraps the model, the optimizer and the data loader;
     the loop stays ``optimizer.zero_grad(); criterion(model(x), y).backward(); optimizer.step()``. Each
     ``optimizer.step()`` sets every trainable ``p.grad`` to
 
@@ -46,7 +46,7 @@ class PrivacyEngine:
 
     (``E`` the expected batch size, ``len(dataset) // len(data_loader)``; ``1`` for ``loss_reduction="sum"``)
     before the wrapped optimizer's step, from the one ordinary backward pass (Book-Keeping, no per-example
-    gradients stored), and records the step with the accountant: :meth:`get_epsilon` gives what Opacus's
+    gradients stored), and records the step with the accountant: `get_epsilon` gives what Opacus's
     accountant gives for the same history.
 
     Args:
@@ -56,11 +56,20 @@ class PrivacyEngine:
 
     Example::
 
+        >>> F = torch.nn.functional
+        >>> model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> dataset = torch.utils.data.TensorDataset(torch.randn(256, 20), torch.randint(0, 5, (256,)))
+        >>> train_loader = torch.utils.data.DataLoader(dataset, batch_size=64)
         >>> privacy_engine = regops.PrivacyEngine()
         >>> model, optimizer, train_loader = privacy_engine.make_private(
         ...     module=model, optimizer=optimizer, data_loader=train_loader, noise_multiplier=1.1, max_grad_norm=1.0)
-        >>> ...   # the usual loop
-        >>> privacy_engine.get_epsilon(delta=1e-5)
+        >>> for x, y in train_loader:  # the usual loop
+        ...     optimizer.zero_grad()
+        ...     F.cross_entropy(model(x), y).backward()
+        ...     optimizer.step()
+        >>> 0 < privacy_engine.get_epsilon(delta=1e-5) < 10
+        True
     """
 
     def __init__(self, *, accountant: str = "prv", secure_mode: bool = False) -> None:
@@ -110,13 +119,13 @@ class PrivacyEngine:
             batch_first: the batch is dim 0 of the inputs (``False``: dim 1, sequence-first models).
             loss_reduction: how the loss combines a batch's examples: ``"mean"`` (``CrossEntropyLoss()``'s default;
                 gradients divided by the expected batch size, not the realised one) or ``"sum"``.
-            poisson_sampling: draw Poisson batches (:class:`DPDataLoader`, the sampling the accounting assumes);
+            poisson_sampling: draw Poisson batches (`DPDataLoader`, the sampling the accounting assumes);
                 ``False`` keeps ``data_loader`` (an approximation, as in Opacus).
             clipping: ``"flat"`` (one norm over all parameters) or ``"per_layer"`` (each module clipped to its bound).
             noise_generator: ``torch.Generator`` (on the parameters' device) of the noise; default: a new one seeded
                 from torch's default generator. The sampling uses ``data_loader.generator``, or a new one seeded the
-                same way (distributed: rank 0's state, broadcast to every rank); both are in :meth:`state_dict`.
-            forms, unsupported: passed to :func:`regops.dp_clipping` (per-layer norm forms; modules without a rule).
+                same way (distributed: rank 0's state, broadcast to every rank); both are in `state_dict`.
+            forms, unsupported: passed to `regops.dp_clipping` (per-layer norm forms; modules without a rule).
         """
         if isinstance(module, PrivateModule):
             module = module._module
@@ -202,10 +211,10 @@ class PrivacyEngine:
         max_grad_norm: float | Mapping[str, float],
         **kwargs: Any,
     ) -> tuple[PrivateModule, DPOptimizer, DataLoader]:
-        """:meth:`make_private` with the smallest noise multiplier that keeps ``epochs`` passes over
+        """`make_private` with the smallest noise multiplier that keeps ``epochs`` passes over
         ``data_loader`` (``int(epochs * len(data_loader))`` steps at rate ``1 / len(data_loader)``) within
         ``(target_epsilon, target_delta)``, by Opacus's search (``get_noise_multiplier``: epsilon within 0.01
-        below the target). Other arguments as :meth:`make_private`."""
+        below the target). Other arguments as `make_private`."""
         if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0:
             raise ValueError(f"regops: epochs must be > 0, got {epochs!r}")
         if not isinstance(data_loader, DataLoader) or len(data_loader) == 0:
@@ -232,7 +241,7 @@ class PrivacyEngine:
     # -- accounting
     @property
     def accountant(self) -> PrivacyAccountant:
-        """Opacus's accountant (:class:`regops.PrivacyAccountant`) fed with :attr:`history` (its steps with noise)."""
+        """Opacus's accountant (`regops.PrivacyAccountant`) fed with `history` (its steps with noise)."""
         if self._accountant is None:
             accountant = PrivacyAccountant(self.accountant_name)
             for sigma, q, n in self.history:
@@ -273,7 +282,7 @@ class PrivacyEngine:
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (after :meth:`make_private`, whose generators it sets): training then
+        """Restore `state_dict` (after `make_private`, whose generators it sets): training then
         continues as it would have, bit for bit."""
         if state_dict.get("accountant") != self.accountant_name:
             raise ValueError(
@@ -299,7 +308,7 @@ class PrivacyEngine:
         optimizer: Optimizer | None = None,
         checkpoint_dict: dict[str, Any] | None = None,
     ) -> None:
-        """``torch.save`` of the module's and optimizer's state dicts and the engine's :meth:`state_dict`."""
+        """``torch.save`` of the module's and optimizer's state dicts and the engine's `state_dict`."""
         checkpoint = dict(checkpoint_dict or {})
         checkpoint["module_state_dict"] = module.state_dict()
         checkpoint["privacy_engine_state_dict"] = self.state_dict()
@@ -310,7 +319,7 @@ class PrivacyEngine:
     def load_checkpoint(
         self, *, path: str | os.PathLike | IO[bytes], module: nn.Module, optimizer: Optimizer | None = None
     ) -> dict[str, Any]:
-        """Restore what :meth:`save_checkpoint` saved (call :meth:`make_private` first); returns the checkpoint."""
+        """Restore what `save_checkpoint` saved (call `make_private` first); returns the checkpoint."""
         checkpoint = torch.load(path, weights_only=True)
         module.load_state_dict(checkpoint["module_state_dict"])
         self.load_state_dict(checkpoint["privacy_engine_state_dict"])

@@ -119,21 +119,21 @@ def per_sample_grad_dots(
     over the trainable parameters of the tracked layers, from one forward and one backward per batch, without
     building the ``B x P`` per-example gradients where a cheaper exact form exists. Per layer (chosen by cost
     as the per-example norms do, or by ``forms``): a Linear on ``[B, d]`` inputs uses
-    :math:`(a_i\cdot a'_j)(g_i\cdot g'_j)`; on sequences the cross Gram (ghost) form
-    :math:`\sum_{t,s}(a_{it}\cdot a'_{js})(g_{it}\cdot g'_{js})` (a tiled Triton kernel on GPU, no
+    ``(a_i\cdot a'_j)(g_i\cdot g'_j)``; on sequences the cross Gram (ghost) form
+    ``\sum_{t,s}(a_{it}\cdot a'_{js})(g_{it}\cdot g'_{js})`` (a tiled Triton kernel on GPU, no
     ``T x T'`` matrix in memory) or the instantiated gradients; Conv the same on unfolded patches; Embedding
     the id-equality Gram; norms and biases their small per-example gradients. ``p.grad`` is not touched.
 
     Args:
-        model: as for :func:`regops.per_sample_grad_norms` (Linear, Conv1d/2d/3d, Embedding, LayerNorm,
+        model: as for `regops.per_sample_grad_norms` (Linear, Conv1d/2d/3d, Embedding, LayerNorm,
             GroupNorm, RMSNorm, registered rules, shared modules; ``unsupported="vmap"`` for other modules).
             Examples must be independent (no BatchNorm in train mode).
         loss_fn: ``loss_fn(model_outputs, targets) -> scalar`` batch loss.
         train: ``(inputs, targets)`` with ``B`` examples (``inputs`` a tensor, a tuple of positional
             arguments or a dict of keyword arguments); test: ``(inputs, targets)`` with ``B2`` examples.
-        loss_reduction: required, as for :func:`regops.per_sample_grad_norms`: ``"sum"`` (the loss is
-            :math:`\sum_i \ell_i`) or ``"mean"`` (:math:`\frac1B\sum_i\ell_i`: ``F.cross_entropy``'s default);
-            either way ``D`` is between the gradients of the per-example losses :math:`\ell_i`. A wrong value
+        loss_reduction: required, as for `regops.per_sample_grad_norms`: ``"sum"`` (the loss is
+            ``\sum_i \ell_i``) or ``"mean"`` (``\frac1B\sum_i\ell_i``: ``F.cross_entropy``'s default);
+            either way ``D`` is between the gradients of the per-example losses ``\ell_i``. A wrong value
             would scale every entry by ``B``: where the loss can be evaluated on parts of the batch (tensor
             outputs and targets), a value that contradicts the loss raises.
         blocks: ``None`` for the ``[B, B2]`` total, ``"param"`` for ``{parameter name: [B, B2]}``, ``"module"``
@@ -147,10 +147,15 @@ def per_sample_grad_dots(
 
     Example::
 
+        >>> F = torch.nn.functional
+        >>> model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        >>> x_train, y_train = torch.randn(16, 20), torch.randint(0, 5, (16,))
+        >>> x_test, y_test = torch.randn(4, 20), torch.arange(4)
         >>> d = regops.per_sample_grad_dots(model, F.cross_entropy, (x_train, y_train), (x_test, y_test),
         ...                                 loss_reduction="mean")
-        >>> d.shape                                   # [B_train, B_test]
-        >>> d.argmax(0)                               # the most aligned training example of each test example
+        >>> d.shape  # [B_train, B_test]
+        torch.Size([16, 4])
+        >>> best = d.argmax(0)  # the most aligned training example of each test example
     """
     check_reduction(loss_reduction)
     if blocks not in BLOCKS:

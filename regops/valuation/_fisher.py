@@ -55,21 +55,21 @@ def empirical_fisher_diagonal(
     unsupported: str = "error",
     class_dim: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    r"""The diagonal of the empirical Fisher, exactly: :math:`F_k = \frac1N \sum_{n} (\nabla_{\theta_k} \ell_n)^2`.
+    r"""The diagonal of the empirical Fisher, exactly: ``F_k = \frac1N \sum_{n} (\nabla_{\theta_k} \ell_n)^2``.
 
     One forward and one backward per batch; ``p.grad`` untouched. Per layer: a Linear on ``[B, d]`` inputs is
-    one GEMM :math:`(G\odot G)^\top (A\odot A)`; a Linear on sequences and a convolution (unfolded patches)
+    one GEMM ``(G\odot G)^\top (A\odot A)``; a Linear on sequences and a convolution (unfolded patches)
     square each example's gradient tile by tile (``regops::valuation_sq_grad_sum``, the instantiate kernel's
     tiles: no ``B x p x d`` tensor); Embedding sums each example's rows of repeated ids; norms and biases
     their per-example gradients; reused modules and tied parameters their summed per-example gradients.
 
     Args:
-        model, loss_fn: as for :func:`per_sample_grad_dots`.
+        model, loss_fn: as for `per_sample_grad_dots`.
         loader: an iterable of ``(inputs, targets)`` batches (a DataLoader, a list).
         labels: ``"true"`` (the empirical Fisher, used by EWC / EATA) or ``"sampled"``: targets drawn from
             the model's softmax over the class dim of its logits (an unbiased estimate of the true Fisher's
             diagonal); positions whose target is ``-100`` stay ignored.
-        class_dim: for ``labels="sampled"``, where the classes are (as for :func:`data_scores`: ``None`` finds
+        class_dim: for ``labels="sampled"``, where the classes are (as for `data_scores`: ``None`` finds
             it from the targets' shape: last for ``[B, T, V]`` LM logits, dim 1 for ``[B, C, d1, ...]``).
         loss_reduction: required: how ``loss_fn`` combines the examples, ``"sum"`` or ``"mean"``
             (``F.cross_entropy``'s default); the gradients are those of the per-example losses either way (a
@@ -81,8 +81,15 @@ def empirical_fisher_diagonal(
 
     Example::
 
+        >>> F = torch.nn.functional
+        >>> model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        >>> ds = torch.utils.data.TensorDataset(torch.randn(40, 20), torch.randint(0, 5, (40,)))
+        >>> loader = torch.utils.data.DataLoader(ds, batch_size=16, shuffle=True)
+        >>> old = {n: p.detach().clone() for n, p in model.named_parameters()}
         >>> fisher = regops.empirical_fisher_diagonal(model, F.cross_entropy, loader, loss_reduction="mean")
         >>> ewc = sum((fisher[n] * (p - old[n]) ** 2).sum() for n, p in model.named_parameters())
+        >>> fisher["0.weight"].shape
+        torch.Size([32, 20])
     """
     check_reduction(loss_reduction)
     if labels not in LABELS:

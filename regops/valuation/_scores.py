@@ -96,10 +96,10 @@ def data_scores(
 ) -> dict[str, torch.Tensor]:
     r"""Per-example data-pruning scores over a dataset, in dataset order ("Deep Learning on a Data Diet").
 
-    * ``grand``: :math:`\|\nabla_\theta \ell_n\|_2`, from the one-backward per-example norms;
-    * ``el2n``: :math:`\|\mathrm{softmax}(z_n) - \mathrm{onehot}(y_n)\|_2` (sequences: over all tokens);
+    * ``grand``: ``\|\nabla_\theta \ell_n\|_2``, from the one-backward per-example norms;
+    * ``el2n``: ``\|\mathrm{softmax}(z_n) - \mathrm{onehot}(y_n)\|_2`` (sequences: over all tokens);
     * ``loss``: cross-entropy of the logits (summed over tokens); ``entropy``: of the softmax; ``margin``:
-      :math:`z_{y} - \max_{c\ne y} z_c` (sequences: means over the tokens; targets ``-100`` are ignored).
+      ``z_{y} - \max_{c\ne y} z_c`` (sequences: means over the tokens; targets ``-100`` are ignored).
 
     Every score depends on its example only, so it is independent of the loader's batch size (examples must
     be independent: no BatchNorm in train mode). ``p.grad`` is untouched.
@@ -114,11 +114,12 @@ def data_scores(
             shuffling loader works; a sampler that skips or repeats examples raises: use
             ``torch.utils.data.Subset`` for a subset), the position in the iteration for a list of batches.
         scores: any of ``("grand", "el2n", "loss", "entropy", "margin")``.
-        seeds: initialisation seeds for the factory. train_fn: ``train_fn(model)`` run before scoring each
-            initialisation (e.g. a few epochs, as EL2N uses).
+        seeds: initialisation seeds for the factory.
+        train_fn: ``train_fn(model)`` run before scoring each initialisation (e.g. a few epochs, as EL2N uses).
         loss_reduction: required with ``"grand"`` (how ``loss_fn`` combines the examples, as for
-            :func:`per_sample_grad_dots`); unused by the other scores.
-        forms, unsupported: as for :func:`per_sample_grad_dots`.
+            `per_sample_grad_dots`); unused by the other scores.
+        forms: as for `per_sample_grad_dots`.
+        unsupported: as for `per_sample_grad_dots`.
         class_dim: the class dim of the logits. ``None``: dim 1 of ``[B, C]``; for more dims, the one the
             targets leave out (``[B, T, V]`` with ``[B, T]`` targets: last, as language models; ``[B, C, H, W]``
             with ``[B, H, W]``: dim 1, as ``F.cross_entropy``), an error when both fit.
@@ -128,9 +129,17 @@ def data_scores(
 
     Example::
 
-        >>> s = regops.data_scores(lambda seed: make_model(seed), F.cross_entropy, loader, ("grand", "el2n"),
-        ...                        seeds=range(4), train_fn=lambda m: train(m, epochs=1), loss_reduction="mean")
-        >>> keep = s["el2n"].argsort(descending=True)[: len(s["el2n"]) // 2]   # the hardest half
+        >>> F = torch.nn.functional
+        >>> ds = torch.utils.data.TensorDataset(torch.randn(40, 20), torch.randint(0, 5, (40,)))
+        >>> loader = torch.utils.data.DataLoader(ds, batch_size=16, shuffle=True)
+        >>> def make_model(seed):
+        ...     torch.manual_seed(seed)
+        ...     return torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        >>> s = regops.data_scores(make_model, F.cross_entropy, loader, ("grand", "el2n"), seeds=range(2),
+        ...                        loss_reduction="mean")
+        >>> keep = s["el2n"].argsort(descending=True)[: len(s["el2n"]) // 2]  # the hardest half
+        >>> s["grand"].shape, keep.shape
+        (torch.Size([40]), torch.Size([20]))
     """
     which = tuple(scores)
     bad = [s for s in which if s not in SCORES]
@@ -175,12 +184,25 @@ def data_scores(
 
 @dataclass
 class GradientCoherence:
-    r"""Statistics of the per-example gradients :math:`g_1..g_N` of a dataset.
+    r"""Statistics of the per-example gradients ``g_1..g_N`` of a dataset.
 
-    * ``coherence``: :math:`\alpha = \|\bar g\|^2 / \overline{\|g\|^2}` with :math:`\bar g = \frac1N\sum g_n`
+    * ``coherence``: ``\alpha = \|\bar g\|^2 / \overline{\|g\|^2}`` with ``\bar g = \frac1N\sum g_n``
       (1 when all gradients agree, about ``1/N`` when they are orthogonal);
-    * ``cov_trace``: :math:`\mathrm{tr}\,\Sigma = \frac1N\sum_n\|g_n - \bar g\|^2 = \overline{\|g\|^2} - \|\bar g\|^2`;
-    * ``mean_sq_norm`` :math:`\overline{\|g\|^2}`, ``sq_norm_of_mean`` :math:`\|\bar g\|^2`, ``n``.
+    * ``cov_trace``: ``\mathrm{tr}\,\Sigma = \frac1N\sum_n\|g_n - \bar g\|^2 = \overline{\|g\|^2} - \|\bar g\|^2``;
+    * ``mean_sq_norm`` ``\overline{\|g\|^2}``, ``sq_norm_of_mean`` ``\|\bar g\|^2``, ``n``.
+
+    Args:
+        coherence: 0-dim tensor.
+        cov_trace: 0-dim tensor.
+        mean_sq_norm: 0-dim tensor.
+        sq_norm_of_mean: 0-dim tensor.
+        n: the number of examples.
+
+    Example::
+
+        >>> g = regops.GradientCoherence(torch.tensor(0.5), torch.tensor(1.0), torch.tensor(2.0), torch.tensor(1.0), 8)
+        >>> float(g.coherence), g.n
+        (0.5, 8)
     """
 
     coherence: torch.Tensor
@@ -200,9 +222,9 @@ def gradient_coherence(
     unsupported: str = "error",
 ) -> GradientCoherence:
     r"""Gradient coherence ("On the Generalization Mystery in Deep Learning") and the trace of the gradient
-    covariance, from one forward and one backward per batch: :math:`\sum_n \|g_n\|^2` from the per-example
-    norms and :math:`\sum_n g_n` from the same backward (``p.grad`` untouched). ``loss_reduction`` is required
-    (how ``loss_fn`` combines the examples, as for :func:`per_sample_grad_dots`); ``forms``, ``unsupported``: as
+    covariance, from one forward and one backward per batch: ``\sum_n \|g_n\|^2`` from the per-example
+    norms and ``\sum_n g_n`` from the same backward (``p.grad`` untouched). ``loss_reduction`` is required
+    (how ``loss_fn`` combines the examples, as for `per_sample_grad_dots`); ``forms``, ``unsupported``: as
     there. The statistics are sums over the examples: the loader's order does not matter.
 
     Args:
@@ -210,16 +232,21 @@ def gradient_coherence(
         loss_fn: ``loss_fn(outputs, targets)``, a loss over the batch (``F.cross_entropy``).
         loader: an iterable of ``(inputs, targets)`` batches (a ``DataLoader`` or a list).
         loss_reduction: ``"mean"`` or ``"sum"``: how ``loss_fn`` combines the examples (required).
-        forms: per-layer ``"ghost"`` or ``"instantiate"`` forms, as :func:`per_sample_grad_dots`.
-        unsupported: what to do with a module without a rule, as :func:`per_sample_grad_dots`.
+        forms: per-layer ``"ghost"`` or ``"instantiate"`` forms, as `per_sample_grad_dots`.
+        unsupported: what to do with a module without a rule, as `per_sample_grad_dots`.
 
     Returns:
-        :class:`GradientCoherence` with the ``coherence`` and ``cov_trace`` statistics (0-dim tensors).
+        `GradientCoherence` with the ``coherence`` and ``cov_trace`` statistics (0-dim tensors).
 
     Example::
 
+        >>> F = torch.nn.functional
+        >>> model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        >>> ds = torch.utils.data.TensorDataset(torch.randn(40, 20), torch.randint(0, 5, (40,)))
+        >>> loader = torch.utils.data.DataLoader(ds, batch_size=16, shuffle=True)
         >>> c = regops.gradient_coherence(model, F.cross_entropy, loader, loss_reduction="mean")
-        >>> float(c.coherence), float(c.cov_trace)
+        >>> 0 <= float(c.coherence) <= 1, c.n
+        (True, 40)
     """
     check_reduction(loss_reduction)
     kw = dict(loss_reduction=loss_reduction, forms=forms, unsupported=unsupported)

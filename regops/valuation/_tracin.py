@@ -21,7 +21,21 @@ Checkpoint = Mapping[str, torch.Tensor] | Callable[[nn.Module], Any]
 class TracInTopK:
     """Per test example (in the test set's dataset order), the ``k`` training examples of largest (proponents) and
     smallest (opponents) influence: ``[M, k]`` values (descending / ascending) and their training-set indices
-    (dataset indices for a DataLoader, positions for a list of batches)."""
+    (dataset indices for a DataLoader, positions for a list of batches). Returned by `tracin` with ``top_k``.
+
+    Args:
+        proponents: ``[M, k]`` the largest influences, descending.
+        proponent_indices: ``[M, k]`` their training indices.
+        opponents: ``[M, k]`` the smallest influences, ascending.
+        opponent_indices: ``[M, k]`` their training indices.
+
+    Example::
+
+        >>> top = regops.TracInTopK(torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long), -torch.ones(2, 1),
+        ...                         torch.ones(2, 1, dtype=torch.long))
+        >>> top.proponent_indices.shape
+        torch.Size([2, 1])
+    """
 
     proponents: torch.Tensor
     proponent_indices: torch.Tensor
@@ -79,8 +93,9 @@ def tracin(
     forms: str | Mapping[str, str] | None = None,
     unsupported: str = "error",
 ) -> torch.Tensor | TracInTopK:
-    r"""TracIn influence (Pruthi et al.): :math:`I(z_i, z'_j) = \sum_c \eta_c \langle \nabla\ell(z_i;\theta_c),
-    \nabla \ell(z'_j;\theta_c)\rangle`, exact, from :func:`per_sample_grad_dots`' per-layer forms.
+    r"""TracIn influence (Pruthi et al.), exact, from `per_sample_grad_dots`' per-layer forms:
+
+    .. math:: I(z_i, z'_j) = \sum_c \eta_c \langle \nabla\ell(z_i;\theta_c), \nabla \ell(z'_j;\theta_c)\rangle
 
     The test batches' layer signals are captured once per checkpoint and reused for every training batch; the
     training batches are streamed. Dense mode (``top_k=None``) loops checkpoints outside and returns the
@@ -89,7 +104,7 @@ def tracin(
     example: memory ``O(M k + b M)``, never ``N x M``. The model's state is restored at the end.
 
     Args:
-        model, loss_fn, loss_reduction, forms, unsupported: as for :func:`per_sample_grad_dots`.
+        model, loss_fn, loss_reduction, forms, unsupported: as for `per_sample_grad_dots`.
         train, test: re-iterable loaders of ``(inputs, targets)`` batches (a list ``[(x, y)]`` for one batch).
             Results are in dataset order whatever the samplers do: a DataLoader's sampler indices are recorded
             on every pass (a shuffling loader draws a new order per checkpoint; each pass is put back in
@@ -102,16 +117,23 @@ def tracin(
         progress: a tqdm progress bar over (checkpoint, training batch) steps.
 
     Returns:
-        ``[N, M]`` float32 (float64 for a float64 model) in dataset order, or :class:`TracInTopK`.
+        ``[N, M]`` float32 (float64 for a float64 model) in dataset order, or `TracInTopK`.
 
     Example::
 
-        >>> ckpts = [torch.load(f"ckpt{e}.pt") for e in range(3)]
+        >>> F = torch.nn.functional
+        >>> model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        >>> train_loader = [(torch.randn(16, 20), torch.randint(0, 5, (16,))) for _ in range(2)]
+        >>> test_loader = [(torch.randn(4, 20), torch.randint(0, 5, (4,)))]
+        >>> ckpts = [{k: v + 0.01 * e for k, v in model.state_dict().items()} for e in range(3)]  # torch.load(...)
         >>> infl = regops.tracin(model, F.cross_entropy, train_loader, test_loader, ckpts, lrs=[0.1, 0.05, 0.01],
         ...                      loss_reduction="mean")
+        >>> infl.shape  # [N_train, M_test]
+        torch.Size([32, 4])
         >>> top = regops.tracin(model, F.cross_entropy, train_loader, test_loader, ckpts, 0.1, top_k=10,
         ...                     loss_reduction="mean")
-        >>> top.proponent_indices[0]      # the 10 most helpful training examples of test example 0
+        >>> top.proponent_indices[0].shape  # the 10 most helpful training examples of test example 0
+        torch.Size([10])
     """
     from tqdm.auto import tqdm
 
