@@ -146,7 +146,7 @@ def cross_entropy(
         logits: ``[N, C]``, ``[C]`` or ``[N, C, d1, ...]`` (``class_dim=None``), or any shape with the classes in
             ``class_dim``; float32/16, bfloat16 or float64. A DTensor with ``Shard`` on the class dim (vocabulary
             parallel, one mesh dim; ``Replicate()`` or ``Shard`` on a row dim elsewhere) is computed shard by shard
-            with 2 all-reduces of ``[N]`` numbers per call and a local backward (:mod:`regops.losses.dtensor`; no
+            with 2 all-reduces of ``[N]`` numbers per call and a local backward (see docs/losses.md; no
             ``return_stats``, no ``decoupled``); the loss is then a plain tensor with the same value on every rank
             (``"none"`` of row-sharded logits: a DTensor sharded like the rows), the gradient a DTensor with the
             logits' placements.
