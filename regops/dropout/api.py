@@ -89,11 +89,14 @@ def dropout(
     """
     validate.floating(x, "x")
     p_value, p_t = runtime_probability(p)
-    rng.check_generator(generator, x.device)
-    if mask_mode not in MASK_MODES:
+    if generator is not None:
+        rng.check_generator(generator, x.device)
+    if mask_mode != "recompute" and mask_mode not in MASK_MODES:
         raise ValueError(f"regops: mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
-    validate.flag(training, "training")
-    if not training or p_value == 0.0:
+    if training is not True:
+        validate.flag(training, "training")
+        return x
+    if p_value == 0.0:
         return x
     if is_dtensor(x):
         return _dtensor().dropout(x, p_value, inplace, mask_mode, generator)
