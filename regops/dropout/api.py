@@ -173,8 +173,9 @@ def bias_dropout_add(
     validate.flag(training, "training")
     if not training or p_value == 0.0:
         return residual + (x if bias is None else x + bias)
-    x, residual = x.to(dtype), residual.to(dtype)
-    bias = bias.to(dtype) if bias is not None else None
+    if x.dtype != dtype or residual.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        x, residual = x.to(dtype), residual.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     if is_dtensor(x):
         return _dtensor().bias_dropout_add(x, bias, residual, p_value, generator)
     rows, cols = _rows_cols(x)
