@@ -39,9 +39,20 @@ inline HostSeed host_seed(const at::Tensor& seed, const char* op) {
   return {v[0], v[1]};
 }
 
+// Whether t is one value seen at every index (stride 0 wherever the size is not 1): the gradient that .sum() and
+// .mean() hand back. The CPU kernels read such an operand as one row of that value instead of copying it out.
+inline bool is_broadcast_value(const at::Tensor& t) {
+  if (t.numel() <= 1) return false;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) != 1 && t.stride(d) != 0) return false;
+  }
+  return true;
+}
+
 // y (contiguous, x's shape) laid out like x: channels_last in, channels_last out (regops._core.ops.in_layout_of).
+// A broadcast value has no layout of its own: torch's empty_like gives it contiguous strides.
 inline at::Tensor in_layout_of(const at::Tensor& x, const at::Tensor& y) {
-  if (x.is_contiguous()) return y;
+  if (x.is_contiguous() || is_broadcast_value(x)) return y;
   at::Tensor out = at::empty_like(x, x.options().dtype(y.scalar_type()));
   if (out.strides() == y.strides()) return y;
   return out.copy_(y);

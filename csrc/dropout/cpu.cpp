@@ -81,17 +81,20 @@ void for_each_block(int64_t n, uint64_t seed, uint64_t offset, const Body& body)
 at::Tensor dropout_kernel(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
   TORCH_CHECK(x.device().is_cpu(), "regops::dropout: x must be a CPU tensor");
   check_p(p, "dropout");
-  const at::Tensor input = x.contiguous();
+  const bool broadcast = is_broadcast_value(x);  // every block reads the one value (a block of copies of it)
+  const at::Tensor input = broadcast ? x : x.contiguous();
   at::Tensor y = at::empty_like(input, at::MemoryFormat::Contiguous);
   const int32_t threshold = keep_threshold(p);
   const float scale = dropout_scale(p);
   REGOPS_CPU_FLOATING(input.scalar_type(), "dropout", [&] {
     const T* xp = input.const_data_ptr<T>();
     T* yp = y.mutable_data_ptr<T>();
+    alignas(64) T value_block[kBlockElems];
+    if (broadcast) std::fill(value_block, value_block + kBlockElems, xp[0]);
     for_each_block(input.numel(), seed, offset, [&](int64_t, const uint32_t* words, int64_t first, int64_t len) {
       alignas(64) float m[kBlockElems];
       block_multipliers(words, threshold, scale, m);
-      apply_block(xp + first, yp + first, m, len);
+      apply_block(broadcast ? value_block : xp + first, yp + first, m, len);
     });
   });
   return y;
@@ -197,15 +200,16 @@ at::Tensor multi_sample_dropout_mean_kernel(const at::Tensor& x, double p, int64
   return y;
 }
 
-// y = x * scales[b] (+ residual), b the index along dim 0 (drop path's application step).
+// y = x * scales[b] (+ residual), b the index along dim 0 (drop path's application step). Row b of x starts at
+// x + b * x_step (x_step 0: every row reads the same one).
 template <typename T, typename R>
-void scale_rows(const T* __restrict__ x, const typename Acc<T>::type* __restrict__ scales, const R* __restrict__ res,
-                T* __restrict__ y, int64_t batch, int64_t per) {
+void scale_rows(const T* __restrict__ x, int64_t x_step, const typename Acc<T>::type* __restrict__ scales,
+                const R* __restrict__ res, T* __restrict__ y, int64_t batch, int64_t per) {
   using C = typename Acc<T>::type;
   at::parallel_for(0, batch, std::max<int64_t>(1, 65536 / std::max<int64_t>(per, 1)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const C s = scales[b];
-      const T* xb = x + b * per;
+      const T* xb = x + b * x_step;
       T* yb = y + b * per;
       if (res) {
         const R* rb = res + b * per;
@@ -221,7 +225,8 @@ at::Tensor scale_rows_add_kernel(const at::Tensor& x, const at::Tensor& scales, 
   TORCH_CHECK(x.device().is_cpu() && scales.device().is_cpu(), "regops::scale_rows_add: CPU tensors expected");
   TORCH_CHECK(x.dim() >= 1 && scales.numel() == x.size(0),
               "regops::scale_rows_add: scales must hold one value per row of x (", x.dim() ? x.size(0) : 0, ")");
-  const at::Tensor input = x.contiguous();
+  const bool broadcast = is_broadcast_value(x);  // every row reads one row of copies of the value
+  const at::Tensor input = broadcast ? x : x.contiguous();
   const at::ScalarType cd = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor sc = scales.contiguous().to(cd);
   at::Tensor res;
@@ -237,12 +242,15 @@ at::Tensor scale_rows_add_kernel(const at::Tensor& x, const at::Tensor& scales, 
   REGOPS_CPU_FLOATING(input.scalar_type(), "scale_rows_add", [&] {
     using C = typename Acc<T>::type;
     const C* sp = sc.const_data_ptr<C>();
+    std::vector<T> value_row(broadcast ? per : 0, broadcast ? input.const_data_ptr<T>()[0] : T(0));
+    const T* xp = broadcast ? value_row.data() : input.const_data_ptr<T>();
+    const int64_t step = broadcast ? 0 : per;
     if (!res.defined()) {
-      scale_rows<T, T>(input.const_data_ptr<T>(), sp, nullptr, y.mutable_data_ptr<T>(), batch, per);
+      scale_rows<T, T>(xp, step, sp, nullptr, y.mutable_data_ptr<T>(), batch, per);
     } else if (res.scalar_type() == input.scalar_type()) {
-      scale_rows<T, T>(input.const_data_ptr<T>(), sp, res.const_data_ptr<T>(), y.mutable_data_ptr<T>(), batch, per);
+      scale_rows<T, T>(xp, step, sp, res.const_data_ptr<T>(), y.mutable_data_ptr<T>(), batch, per);
     } else {
-      scale_rows<T, C>(input.const_data_ptr<T>(), sp, res.const_data_ptr<C>(), y.mutable_data_ptr<T>(), batch, per);
+      scale_rows<T, C>(xp, step, sp, res.const_data_ptr<C>(), y.mutable_data_ptr<T>(), batch, per);
     }
   });
   return y;
@@ -325,10 +333,18 @@ at::Tensor drop_path(const at::Tensor& x, const std::optional<at::Tensor>& resid
                      bool scale_by_keep, const at::Tensor& seed) {
   TORCH_CHECK(x.dim() >= 1, "regops::drop_path: x needs a batch dimension");
   const HostSeed s = host_seed(seed, "drop_path");
+  const double pv = probability(p, "drop_path");
   const at::ScalarType cd = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor scales = dropout_kernel(at::ones({x.size(0)}, x.options().dtype(cd)), probability(p, "drop_path"),
-                                     s.key, s.offset);
-  if (!scale_by_keep) scales = scales.ne(0).to(cd);
+  // scales = dropout(ones(B)): 1 * (keep ? scale : 0) is (keep ? scale : 0) exactly; without scale_by_keep, 1 or 0.
+  at::Tensor scales = at::empty({x.size(0)}, x.options().dtype(cd));
+  const int32_t threshold = keep_threshold(pv);
+  const float scale = scale_by_keep ? dropout_scale(pv) : 1.0f;
+  REGOPS_CPU_FLOATING(cd, "drop_path", [&] {
+    T* sp = scales.mutable_data_ptr<T>();
+    for_each_block(x.size(0), s.key, s.offset, [&](int64_t, const uint32_t* words, int64_t first, int64_t len) {
+      for (int64_t i = 0; i < len; ++i) sp[first + i] = keep(words[i], threshold) ? static_cast<T>(scale) : T(0);
+    });
+  });
   return in_layout_of(x, scale_rows_add_kernel(x, scales, residual));
 }
 

@@ -159,7 +159,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> bias_dropout_add_backward_kern
   const char* op = "bias_dropout_add_backward";
   check_rows(grad, "grad", op);
   check_p(p, op);
-  const at::Tensor g = grad.contiguous();
+  const bool broadcast = is_broadcast_value(grad);  // every row reads one row of copies of the value
+  const at::Tensor g = broadcast ? grad : grad.contiguous();
   const int64_t cols = g.dim() ? g.size(-1) : 1, rows = cols ? g.numel() / cols : 0;
   const auto acc = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor dx = at::empty_like(g, at::MemoryFormat::Contiguous);
@@ -170,7 +171,9 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> bias_dropout_add_backward_kern
   std::vector<double> partial(has_bias ? chunks * cols : 0, 0.0);
   REGOPS_CPU_FLOATING(g.scalar_type(), op, [&] {
     using C = typename Acc<T>::type;
-    const T* gp = g.const_data_ptr<T>();
+    std::vector<T> value_row(broadcast ? cols : 0, broadcast ? g.const_data_ptr<T>()[0] : T(0));
+    const T* gp = broadcast ? value_row.data() : g.const_data_ptr<T>();
+    const int64_t g_step = broadcast ? 0 : cols;
     T* dp = dx.mutable_data_ptr<T>();
     at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
       RowMask mask(seed, offset, cols, p, true);
@@ -184,7 +187,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> bias_dropout_add_backward_kern
           const int64_t r1 = std::min(end, r0 + group);
           const uint32_t* w = mask.fill(r0, r1);
           for (int64_t r = r0; r < r1; ++r) {
-            bda_backward_row<T, C>(gp + r * cols, dp + r * cols, sums, w + (r - r0) * 4 * mask.rc, cols,
+            bda_backward_row<T, C>(gp + r * g_step, dp + r * cols, sums, w + (r - r0) * 4 * mask.rc, cols,
                                    threshold, scale);
           }
         }
@@ -371,7 +374,10 @@ void daln_backward(const at::Tensor& dy, const at::Tensor& ds, const at::Tensor&
                    int64_t offset, at::Tensor& dx, at::Tensor& dres, at::Tensor& dw, at::Tensor& db) {
   using C = typename Acc<T>::type;
   const int64_t cols = s.size(-1), rows = s.numel() / cols;
-  const T* gp = dy.const_data_ptr<T>();
+  const bool broadcast = is_broadcast_value(dy);  // every row reads one row of copies of the value
+  std::vector<T> dy_row(broadcast ? cols : 0, broadcast ? dy.const_data_ptr<T>()[0] : T(0));
+  const T* gp = broadcast ? dy_row.data() : dy.const_data_ptr<T>();
+  const int64_t g_step = broadcast ? 0 : cols;
   const S* dsp = ds.defined() ? ds.const_data_ptr<S>() : nullptr;
   const S* sp = s.const_data_ptr<S>();
   const C *mp = mean.const_data_ptr<C>(), *rsp = rstd.const_data_ptr<C>();
@@ -395,7 +401,7 @@ void daln_backward(const at::Tensor& dy, const at::Tensor& ds, const at::Tensor&
         const int64_t r1 = std::min(end, r0 + group);
         const uint32_t* words = dropout ? mask.fill(r0, r1) : nullptr;
         for (int64_t r = r0; r < r1; ++r) {
-          const T* gr = gp + r * cols;
+          const T* gr = gp + r * g_step;
           const S* sr = sp + r * cols;
           const C mu = mp[r], rs = rsp[r];
           daln_backward_stats<T, S, C>(gr, sr, wp, xhat.data(), wg.data(), sw, sb, cols, mu, rs);
@@ -436,7 +442,8 @@ dropout_add_layer_norm_backward_kernel(const at::Tensor& dy, const std::optional
   const at::ScalarType cd = acc_of(x_dtype);
   TORCH_CHECK(mean.numel() == rows && rstd.numel() == rows,
               "regops::dropout_add_layer_norm_backward: mean and rstd must have one value per row");
-  const at::Tensor g = dy.contiguous().to(x_dtype), sc = s.contiguous();
+  const at::Tensor g = is_broadcast_value(dy) && dy.scalar_type() == x_dtype ? dy : dy.contiguous().to(x_dtype);
+  const at::Tensor sc = s.contiguous();
   const at::Tensor mu = mean.contiguous().to(cd), rs = rstd.contiguous().to(cd);
   at::Tensor dsc;
   if (ds.has_value()) {
@@ -481,8 +488,8 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward(const at::Tensor& g
   const HostSeed sd = host_seed(seed, "bias_dropout_add_backward");
   const double pv = probability(p, "bias_dropout_add_backward");
   auto [dx, dbias] = bias_dropout_add_backward_kernel(grad, has_bias, pv, sd.key, sd.offset);
-  const at::Tensor none = at::empty({0}, grad.options().dtype(acc_of(grad.scalar_type())));
-  return {in_layout_of(grad, dx), dbias.has_value() ? *dbias : none};
+  if (dbias.has_value()) return {in_layout_of(grad, dx), *dbias};
+  return {in_layout_of(grad, dx), at::empty({0}, grad.options().dtype(acc_of(grad.scalar_type())))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm(

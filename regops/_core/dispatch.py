@@ -77,6 +77,7 @@ _forced: list[str | None] = []  # the use_backend stack (process-wide: it change
 _shadow: list[Any] = []  # the torch.library.Library holding the current forced-backend registrations, if any
 _shadowed: set[str] = set()  # the dispatch keys ("CPU", "CUDA", "Autograd") whose C++ kernels it bypasses
 _native: dict[tuple[str, str], bool] = {}  # (op, dispatch key) -> a C++ kernel is registered (with no shadow)
+_autograd_route: dict[str, bool] = {}  # op -> native_autograd(op), cleared whenever the registrations change
 
 
 def add(op: Declared) -> None:
@@ -144,6 +145,7 @@ def _reshadow() -> None:
     while _shadow:
         _shadow.pop()._destroy()
     _shadowed.clear()
+    _autograd_route.clear()
     forced = requested_backend()
     if forced is None:
         return
@@ -162,6 +164,7 @@ def _reshadow() -> None:
     if lib is not None:
         _shadow.append(lib)
         _shadowed.update(keys | ({"Autograd"} if python else set()))
+        _autograd_route.clear()
 
 
 def _has_native(op: Declared, key: str) -> bool:
@@ -189,8 +192,14 @@ def _native_autograd(op: Declared) -> bool:
 
 
 def native_autograd(op: Declared) -> bool:
-    """Whether calls of ``op`` with gradients should go through the dispatcher to a C++ derivative."""
-    return "Autograd" not in _shadowed and _native_autograd(op)
+    """Whether calls of ``op`` with gradients should go through the dispatcher to a C++ derivative (decided once
+    per op while the loaded extension and the forced backend stay as they are: every call with gradients asks)."""
+    route = _autograd_route.get(op.name)
+    if route is None:
+        route = "Autograd" not in _shadowed and _native_autograd(op)
+        if extension.loaded():
+            _autograd_route[op.name] = route
+    return route
 
 
 def _on_extension_loaded() -> None:

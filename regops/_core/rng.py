@@ -25,6 +25,7 @@ import torch
 
 # Keys and first counters in [0, 2**62): offset + counters of any call stay below 2**63 (no sign wrap).
 _SEED_RANGE = 1 << 62
+_MAX_WORDS = 4 * (1 << 62) - 3  # the fewest words that need 2**62 counters
 
 
 def counters_for(n_words: int) -> int:
@@ -49,7 +50,8 @@ def philox_seed(device: torch.device, n_words: int, generator: torch.Generator |
     Drawn on ``device`` by torch's RNG (capture-safe on CUDA), advancing ``generator`` (default: the device's
     default generator). ``n_words`` only bounds the counters the call uses: any ``n_words < 2**64`` fits above
     the drawn first counter."""
-    check_generator(generator, device)
-    if counters_for(max(n_words, 0)) >= 1 << 62:
+    if generator is not None:
+        check_generator(generator, device)
+    if n_words >= _MAX_WORDS:  # counters_for(n_words) >= 2**62
         raise ValueError(f"regops: a call cannot draw {n_words} random words")
     return torch.randint(0, _SEED_RANGE, (2,), dtype=torch.int64, device=device, generator=generator)

@@ -19,8 +19,10 @@ def tensor(x: object, name: str = "x") -> torch.Tensor:
 
 
 def floating(x: object, name: str = "x", dtypes: Iterable[torch.dtype] = FLOAT_DTYPES) -> torch.Tensor:
+    dtypes = dtypes if isinstance(dtypes, tuple) else tuple(dtypes)
+    if isinstance(x, torch.Tensor) and x.dtype in dtypes:  # every call passes this one test
+        return x
     x = tensor(x, name)
-    dtypes = tuple(dtypes)
     if x.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         raise TypeError(f"regops: {name} must have a floating dtype ({names}), got {x.dtype}")
@@ -124,6 +126,10 @@ def runtime_probability(p: object, name: str = "p") -> tuple[float | None, torch
             return None, p.detach().reshape(())
         # `zeros + p`, not torch.tensor(p): dynamo's float tensorify pass keeps this a graph input, not a constant
         return None, torch.zeros((), dtype=torch.float64) + p
+    if type(p) is float and torch._C._len_torch_dispatch_stack() == 0:
+        t = _P_TENSORS.get(p)  # a value checked before (NaN is never a key)
+        if t is not None:
+            return p, t
     value = check_probability(p, name)
     if torch._C._len_torch_dispatch_stack() == 0:
         return value, _p_tensor(value)

@@ -91,11 +91,14 @@ def dropout(
     """
     validate.floating(x, "x")
     p_value, p_t = runtime_probability(p)
-    rng.check_generator(generator, x.device)
-    if mask_mode not in MASK_MODES:
+    if generator is not None:
+        rng.check_generator(generator, x.device)
+    if mask_mode != "recompute" and mask_mode not in MASK_MODES:
         raise ValueError(f"regops: mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
-    validate.flag(training, "training")
-    if not training or p_value == 0.0:
+    if training is not True:
+        validate.flag(training, "training")
+        return x
+    if p_value == 0.0:
         return x
     if is_dtensor(x):
         return _dtensor().dropout(x, p_value, inplace, mask_mode, generator)
@@ -175,8 +178,9 @@ def bias_dropout_add(
     validate.flag(training, "training")
     if not training or p_value == 0.0:
         return residual + (x if bias is None else x + bias)
-    x, residual = x.to(dtype), residual.to(dtype)
-    bias = bias.to(dtype) if bias is not None else None
+    if x.dtype != dtype or residual.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        x, residual = x.to(dtype), residual.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     if is_dtensor(x):
         return _dtensor().bias_dropout_add(x, bias, residual, p_value, generator)
     rows, cols = _rows_cols(x)

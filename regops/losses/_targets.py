@@ -126,6 +126,15 @@ def _labels_on_cpu(
 ) -> Targets | None:
     """What :func:`_finish` gives for plain labels ``[n, 1]`` on the CPU, from a few small ops (a label's target
     weight and its row weight are both "kept"); ``None`` when a label is out of range (:func:`_finish` says which)."""
+    if index.numel():
+        low, high = torch.aminmax(index)
+        low, high = int(low), int(high)
+        if 0 <= low and high < n_classes and not low <= ignore_index <= high:
+            # every label in range and none ignored: every row kept, "mean" divides by n
+            tweight = torch.ones(index.shape, dtype=acc)
+            if weight is None and token_weight is None:
+                return Targets(index, tweight, tweight.view(-1), None, float(index.shape[0]))
+            return _weighted(index, tweight, tweight.view(-1), None, n_classes, acc, weight, token_weight, lead)
     kept = index != ignore_index
     index = index * kept  # ignored rows point at class 0
     if index.numel():
@@ -227,6 +236,13 @@ def loss_options(
     mix: MixedBatch | None,
 ) -> LossOptions:
     """The user's options checked (clear errors) and gathered; ``label_smoothing=None`` takes ``mix``'s."""
+    key = (label_smoothing, maxsup, z_loss, confidence_penalty, decoupled, softcap, logit_scale, reduction)
+    # bools and tensors never share a key; under torch.compile the checks are traced, not looked up
+    plain = mix is None and _PLAIN.issuperset(map(type, key)) and not torch.compiler.is_compiling()
+    if plain:
+        options = _OPTIONS.get(key)
+        if options is not None:
+            return options
     if label_smoothing is None:
         label_smoothing = mix.label_smoothing if mix is not None else 0.0
     options = LossOptions(
@@ -242,4 +258,14 @@ def loss_options(
         raise ValueError("regops: softcap must be > 0 (None disables it)")
     if reduction not in REDUCTIONS:
         raise ValueError(f"regops: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if plain:
+        if len(_OPTIONS) >= 1024:
+            _OPTIONS.clear()
+        _OPTIONS[key] = options
     return options
+
+
+# Checked options by the arguments that gave them (plain Python numbers, None and the reduction's name), so that a
+# training loop's calls skip the checks; LossOptions is frozen, one instance serves every call.
+_PLAIN = frozenset({float, int, str, type(None)})
+_OPTIONS: dict[tuple, LossOptions] = {}

@@ -196,8 +196,8 @@ def cross_entropy(
         lead, n_classes, logits.device, acc, target, mix, ignore_index, weight, token_weight, options.decoupled
     )
     rows, stats, argmax = ops.cross_entropy(
-        logits.reshape(-1, n_classes), tg.index, tg.tweight, tg.row_weight, tg.class_weight, options.values(),
-        bool(return_stats),
+        logits if logits.dim() == 2 else logits.reshape(-1, n_classes), tg.index, tg.tweight, tg.row_weight,
+        tg.class_weight, options.values(), bool(return_stats),
     )  # fmt: skip
     loss = reduce_rows(rows, reduction, tg.denominator, lead)
     if not return_stats:

@@ -51,13 +51,13 @@ class MixParams:
     def image_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 ``(w_self, w_other)``: ``lam``, ``1 - lam`` for MixUp samples, ``1``, ``0`` for CutMix samples."""
         w_self = torch.where(self.use_cutmix, 1.0, self.lam).float()
-        w_other = torch.where(self.use_cutmix, 0.0, 1.0 - self.lam).float()
+        w_other = torch.where(self.use_cutmix, 0.0, torch.rsub(self.lam, 1.0)).float()
         return w_self, w_other
 
     @property
     def label_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 ``(lam, 1 - lam)``, each rounded once from float64 (as timm's float32 target arithmetic)."""
-        return self.lam.float(), (1.0 - self.lam).float()
+        return self.lam.float(), torch.rsub(self.lam, 1.0).float()
 
 
 @dataclass(frozen=True)
@@ -131,9 +131,9 @@ def make_config(
 
 
 def partners(kind: str, mode: str, batch: int, device, generator) -> torch.Tensor:
-    idx = torch.arange(batch, device=device)
     if kind == "flip":
-        return batch - 1 - idx
+        return torch.arange(batch - 1, -1, -1, device=device)
+    idx = torch.arange(batch, device=device)
     if kind == "roll":  # torchvision's roll(1, 0): sample b is mixed with sample b - 1
         return (idx - 1) % batch
     perm = torch.randperm(batch, device=device, generator=generator)
@@ -145,15 +145,6 @@ def partners(kind: str, mode: str, batch: int, device, generator) -> torch.Tenso
     partner[even[:, 0]] = even[:, 1]
     partner[even[:, 1]] = even[:, 0]
     return partner
-
-
-def _beta(alpha: float, n: int, device, generator) -> torch.Tensor:
-    conc = torch.full((n, 2), alpha, dtype=torch.float64, device=device)
-    return torch._sample_dirichlet(conc, generator=generator)[:, 0]
-
-
-def _uniform(n: int, device, generator) -> torch.Tensor:
-    return torch.rand(n, dtype=torch.float64, device=device, generator=generator)
 
 
 @dataclass
@@ -171,22 +162,41 @@ class Draws:
 
 
 def draw(cfg: Config, n: int, device, generator) -> Draws:
-    u = lambda: _uniform(n, device, generator)  # noqa: E731
+    """Two RNG calls for the whole call: the six uniforms of each sample, then both Betas (``Beta(a, a)`` is the
+    first coordinate of ``Dirichlet(a, a)``; one Dirichlet draw takes every enabled alpha)."""
+    apply, switch, u_y, u_x, u_h, u_w = torch.rand(6, n, dtype=torch.float64, device=device, generator=generator)
+    alphas = [a for a in (cfg.mixup_alpha, cfg.cutmix_alpha) if a > 0]
+    conc = torch.full((len(alphas), n, 2), alphas[0], dtype=torch.float64, device=device)
+    if len(alphas) == 2:
+        conc[1] = alphas[1]
+    lams = iter(torch._sample_dirichlet(conc, generator=generator)[:, :, 0])
     return Draws(
-        apply=u(),
-        switch=u(),
-        lam_mixup=_beta(cfg.mixup_alpha, n, device, generator) if cfg.mixup_alpha > 0 else None,
-        lam_cutmix=_beta(cfg.cutmix_alpha, n, device, generator) if cfg.cutmix_alpha > 0 else None,
-        u_y=u(),
-        u_x=u(),
-        u_h=u(),
-        u_w=u(),
+        apply=apply,
+        switch=switch,
+        lam_mixup=next(lams) if cfg.mixup_alpha > 0 else None,
+        lam_cutmix=next(lams) if cfg.cutmix_alpha > 0 else None,
+        u_y=u_y,
+        u_x=u_x,
+        u_h=u_h,
+        u_w=u_w,
     )
 
 
 def _floor_index(u: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
     """A uniform integer in ``[0, n)`` from ``u`` in ``[0, 1)`` (``numpy.random.randint(0, n)``)."""
     return torch.floor(u * n).long()
+
+
+def _minmax_sides(minmax: tuple[float, float], height: int, width: int) -> tuple[int, int, int, int]:
+    """The box-side ranges ``[lo, hi)`` of ``cutmix_minmax`` boxes (timm's ``int(size * min)``, ``int(size * max)``)."""
+    lo_h, hi_h = int(height * minmax[0]), int(height * minmax[1])
+    lo_w, hi_w = int(width * minmax[0]), int(width * minmax[1])
+    if lo_h >= hi_h or lo_w >= hi_w:
+        raise ValueError(
+            f"regops: cutmix_minmax={minmax} gives an empty box-size range on a {height}x{width} "
+            f"image (int(size * min) must be < int(size * max))"
+        )
+    return lo_h, hi_h, lo_w, hi_w
 
 
 def _params_from_draws(cfg: Config, draws: Draws, height: int, width: int) -> tuple[torch.Tensor, ...]:
@@ -211,13 +221,7 @@ def _params_from_draws(cfg: Config, draws: Draws, height: int, width: int) -> tu
     lam = torch.where(applied, lam, 1.0)
     cut = use_cutmix & (lam != 1.0)
     if cfg.cutmix_minmax is not None:
-        lo_h, hi_h = int(height * cfg.cutmix_minmax[0]), int(height * cfg.cutmix_minmax[1])
-        lo_w, hi_w = int(width * cfg.cutmix_minmax[0]), int(width * cfg.cutmix_minmax[1])
-        if lo_h >= hi_h or lo_w >= hi_w:
-            raise ValueError(
-                f"regops: cutmix_minmax={cfg.cutmix_minmax} gives an empty box-size range on a {height}x{width} "
-                f"image (int(size * min) must be < int(size * max))"
-            )
+        lo_h, hi_h, lo_w, hi_w = _minmax_sides(cfg.cutmix_minmax, height, width)
         cut_h = lo_h + _floor_index(draws.u_h, hi_h - lo_h)
         cut_w = lo_w + _floor_index(draws.u_w, hi_w - lo_w)
         y0 = _floor_index(draws.u_y, height - cut_h + 1)
@@ -245,6 +249,50 @@ def _params_from_draws(cfg: Config, draws: Draws, height: int, width: int) -> tu
     return lam, cut, box
 
 
+def _params_on_host(cfg: Config, draws: Draws, height: int, width: int) -> tuple[float, bool, tuple[int, ...]]:
+    """:func:`_params_from_draws` for the one draw of batch mode, in Python numbers (the same IEEE double
+    operations, so the same results) rather than a few dozen one-element tensor ops: ``(lam, cut, box)``."""
+    if cfg.mixup_alpha > 0 and cfg.cutmix_alpha > 0:
+        use_cutmix = draws.switch.item() < cfg.switch_prob
+        lam = (draws.lam_cutmix if use_cutmix else draws.lam_mixup).item()
+    elif cfg.mixup_alpha > 0:
+        use_cutmix, lam = False, draws.lam_mixup.item()
+    else:
+        use_cutmix, lam = True, draws.lam_cutmix.item()
+    if not (draws.apply.item() < cfg.prob and cfg.enabled):
+        lam = 1.0
+    if cfg.cutmix_minmax is not None:
+        lo_h, hi_h, lo_w, hi_w = _minmax_sides(cfg.cutmix_minmax, height, width)
+    if not (use_cutmix and lam != 1.0):
+        return lam, False, (0, 0, 0, 0)
+    if cfg.cutmix_minmax is not None:
+        cut_h = lo_h + math.floor(draws.u_h.item() * (hi_h - lo_h))
+        cut_w = lo_w + math.floor(draws.u_w.item() * (hi_w - lo_w))
+        y0 = math.floor(draws.u_y.item() * (height - cut_h + 1))
+        x0 = math.floor(draws.u_x.item() * (width - cut_w + 1))
+        y1, x1 = y0 + cut_h, x0 + cut_w
+    else:
+        ratio = math.sqrt(1.0 - lam)
+        cut_h, cut_w = math.floor(ratio * height), math.floor(ratio * width)
+        cy, cx = math.floor(draws.u_y.item() * height), math.floor(draws.u_x.item() * width)
+        y0, y1 = min(max(cy - cut_h // 2, 0), height), min(max(cy + (cut_h + 1) // 2, 0), height)
+        x0, x1 = min(max(cx - cut_w // 2, 0), width), min(max(cx + (cut_w + 1) // 2, 0), width)
+    if cfg.correct_lam or cfg.cutmix_minmax is not None:
+        lam = 1.0 - float((y1 - y0) * (x1 - x0)) / float(height * width)
+    return lam, True, (y0, y1, x0, x1)
+
+
+def _batch_params_on_host(cfg: Config, batch: int, partner: torch.Tensor, draws: Draws, height: int, width: int):
+    """Batch mode's per-sample ``(lam, cut, box)`` from its one draw read on the host (CPU tensors, eager)."""
+    lam, cut, box = _params_on_host(cfg, draws, height, width)
+    alone = partner == torch.arange(batch)  # the middle sample of an odd batch under 'flip'
+    lam_t = torch.full((batch,), lam, dtype=torch.float64).masked_fill_(alone, 1.0)
+    if not cut:
+        return lam_t, torch.zeros(batch, dtype=torch.bool), torch.zeros(batch, 4, dtype=torch.long)
+    box_t = torch.tensor(box, dtype=torch.long).expand(batch, 4).masked_fill(alone.unsqueeze(1), 0)
+    return lam_t, ~alone, box_t
+
+
 def spatial(x: torch.Tensor) -> tuple[int, int]:
     return (1, x.shape[1]) if x.dim() == 2 else (x.shape[-2], x.shape[-1])
 
@@ -257,8 +305,12 @@ def sample_params(cfg: Config, x: torch.Tensor, generator: torch.Generator | Non
         raise ValueError(f"regops: CutMix needs inputs with >= 3 dims [B, ..., H, W], got shape {tuple(x.shape)}")
     partner = partners(cfg.partner, cfg.mode, batch, device, generator)
     n = 1 if cfg.mode == "batch" else batch
+    dtensor_input = validate.is_dtensor(x)
+    if cfg.mode == "batch" and device.type == "cpu" and not dtensor_input and not torch.compiler.is_compiling():
+        lam, cut, box = _batch_params_on_host(cfg, batch, partner, draw(cfg, n, device, generator), height, width)
+        return MixParams(lam=lam, partner=partner, box=box, use_cutmix=cut)
     lam, cut, box = _params_from_draws(cfg, draw(cfg, n, device, generator), height, width)
-    if validate.is_dtensor(x):
+    if dtensor_input:
         from regops.mix import dtensor  # imports torch.distributed.tensor: only for DTensor inputs
 
         partner, lam, cut, box = dtensor.sync_draws(x, partner, lam, cut, box)

@@ -318,6 +318,7 @@ class Mixup:
     ) -> None:
         self.inplace = bool(inplace)
         self._cfg = make_config(mixup_alpha, cutmix_alpha, cutmix_minmax, prob, switch_prob, mode, correct_lam, partner)
+        self._cfg_off = replace(self._cfg, enabled=False)  # mixup_enabled = False: the draws, nothing mixed
         self.mixup_alpha = self._cfg.mixup_alpha
         self.cutmix_alpha = self._cfg.cutmix_alpha
         self.cutmix_minmax = cutmix_minmax
@@ -336,7 +337,7 @@ class Mixup:
         """Draw the per-sample parameters for a batch shaped like ``x`` (on its device)."""
         x = check_images(x)
         rng.check_generator(self.generator, x.device)
-        return sample_params(replace(self._cfg, enabled=bool(self.mixup_enabled)), x, self.generator)
+        return sample_params(self._cfg if self.mixup_enabled else self._cfg_off, x, self.generator)
 
     def __call__(
         self, x: torch.Tensor, target: torch.Tensor, params: MixParams | None = None, inplace: bool | None = None

@@ -173,15 +173,15 @@ def mixed_one_hot(
     Built as a fill plus two scatters, with every value rounded exactly as timm's dense float32 arithmetic rounds it.
     """
     off, on = smoothing_values(num_classes, smoothing)
-    dev = target_a.device
     ws, wo = w_self.float(), w_other.float()
-    off_t = torch.tensor(off, dtype=torch.float32, device=dev)
-    on_t = torch.tensor(on, dtype=torch.float32, device=dev)
-    same = target_a == target_b
-    base = off_t * ws + off_t * wo
-    at_a = on_t * ws + torch.where(same, on_t, off_t) * wo
-    at_b = torch.where(same, on_t, off_t) * ws + on_t * wo
-    out = base.unsqueeze(1).repeat(1, num_classes)
+    # Python numbers times float32 tensors are float32 products of the numbers rounded to float32, as timm's
+    # float32 arithmetic; `where` takes them as float32 too (a float32 tensor beside a Python number).
+    on_t = torch.tensor(on, dtype=torch.float32, device=target_a.device)
+    either = torch.where(target_a == target_b, on_t, off)
+    base = ws * off + wo * off
+    at_a = ws * on + either * wo
+    at_b = either * ws + wo * on
+    out = base.unsqueeze(1).expand(-1, num_classes).contiguous()
     out.scatter_(1, target_b.view(-1, 1), at_b.view(-1, 1))
     out.scatter_(1, target_a.view(-1, 1), at_a.view(-1, 1))
     return out

@@ -11,6 +11,7 @@ import torch
 
 import regops
 from regops._core import dispatch
+from regops._core.dtypes import acc_dtype
 from regops.dropout import ops
 from regops.dropout import reference as ref
 from regops.testing import prob
@@ -119,6 +120,33 @@ def test_dropout_add_layer_norm_matches_reference(dtype):
         for g, e in zip(got, ref.dropout_add_layer_norm_backward(*args), strict=True):
             assert g.dtype == e.dtype and g.shape == e.shape
             torch.testing.assert_close(g.double(), e.double(), **_tol(dtype if dtype != torch.float32 else g.dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_broadcast_gradient_gives_the_bits_of_its_contiguous_copy(dtype):
+    """A gradient that is one value at every index (what ``.sum()`` and ``.mean()`` hand back) is read without
+    being copied out: every kernel that takes gradients gives the bits it gives for the contiguous copy."""
+    s, pt = S(*SEEDS_OFFSETS[2]), prob(0.3)
+
+    def kernels(g, scales, total, mean, rstd):
+        return (
+            ops.dropout(g, pt, s),
+            ops.drop_path(g, None, pt, True, s),
+            ops.drop_path(g, None, pt, False, s),
+            ops.scale_rows_add(g, scales, None),
+            *ops.bias_dropout_add_backward(g, True, pt, s),
+            ops.dropout_add_layer_norm_backward(g, None, total, mean, rstd, None, False, pt, False, s, dtype, None)[0],
+        )
+
+    for shape in ((1, 5), (3, 5), (2, 3, 67), (4, 1, 6)):
+        scales = torch.rand(shape[0]).to(acc_dtype(dtype))
+        _, total, mean, rstd = ref.dropout_add_layer_norm(torch.randn(shape, dtype=dtype), None, None, None, pt,
+                                                          1e-5, False, False, s)  # fmt: skip
+        stats = (scales, total, mean, rstd)
+        g = torch.tensor(1.75, dtype=dtype).expand(shape)
+        for got, want in zip(kernels(g, *stats), kernels(g.contiguous(), *stats), strict=True):
+            assert got.is_contiguous() and torch.equal(got, want), shape
+        assert torch.equal(ops.dropout(g, pt, s), ref.dropout(g.contiguous(), pt, s))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -43,7 +43,8 @@ def _body(rank: int, world: int) -> None:
     )
     c.equal("Mixup images", got_x.full_tensor(), want_x)
     c.equal("Mixup soft targets", got_y, want_y)
-    h = torch.randn(6, 4, 5, 3, dtype=torch.float64, generator=data)
+    # mix0's boxes are in the images' 5 x 4 pixels: h is at least that large (and 5 wide: uneven shards of dim 3)
+    h = torch.randn(6, 4, 5, 5, dtype=torch.float64, generator=data)
     for pl in ([Shard(0)], [Shard(1)], [Shard(3)]):
         h0 = h.clone().requires_grad_()
         hd = distribute_tensor(h, mesh, pl).requires_grad_()
