@@ -155,6 +155,7 @@ def extensions():
             sources,
             include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args={"cxx": flags, "nvcc": toolkit.NVCC_FLAGS},
+            extra_link_args=toolkit.LINK_FLAGS,
             optional=MODE != "1",
         )
     else:
@@ -164,6 +165,7 @@ def extensions():
             sources,
             include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args={"cxx": flags},
+            extra_link_args=toolkit.LINK_FLAGS,
             optional=MODE != "1",
         )
 

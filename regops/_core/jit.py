@@ -134,6 +134,7 @@ def build(verbose: bool = False) -> Path:
             sources=_uniquely_named(src, toolkit.extension_sources(str(src), cuda=cuda_home is not None), out),
             extra_include_paths=[str(src)],
             extra_cflags=toolkit.CXX_FLAGS,
+            extra_ldflags=toolkit.LINK_FLAGS,
             extra_cuda_cflags=toolkit.NVCC_FLAGS,
             build_directory=str(out),
             is_python_module=False,

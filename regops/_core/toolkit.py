@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 # Host compiler flags of the extension. No floating-point contraction: the CPU kernels must round exactly as the
@@ -17,7 +18,12 @@ DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 # math functions (no kernel reads it; the values are the same): with it, a sqrt is a libm call on every element
 # (to set errno on a negative input) and its loop cannot vectorize. GCC takes this only for a whole translation
 # unit (the builtins' declarations are fixed at start-up: `#pragma GCC optimize` does not change them).
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+# OpenMP: at::parallel_for is a header template that runs its loop in parallel only in a translation unit compiled
+# with OpenMP (torch's own parallel backend); without it every C++ CPU kernel runs on one thread. Linking it adds
+# libgomp.so.1, the runtime torch has already loaded (torch's wheel ships it under that name): one runtime.
+OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", *OPENMP_FLAGS]
+LINK_FLAGS = [*OPENMP_FLAGS]
 NVCC_FLAGS = ["-O3"]
 
 
