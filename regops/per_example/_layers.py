@@ -88,7 +88,7 @@ class LinearRule(LayerRule):
             a2, g2 = a.reshape(-1, a.shape[-1]), gg.reshape(-1, gg.shape[-1])
             out["weight"] = a2.t().mm(g2) if self.transposed else g2.t().mm(a2)
         if _requires(module.bias):
-            g_sum = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
+            g_sum = g if g.dim() == 2 else g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
             out["bias"] = torch.tensordot(w.to(g_sum.dtype), g_sum, dims=([0], [0]))
         return out
 
