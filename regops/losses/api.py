@@ -240,7 +240,13 @@ def linear_cross_entropy(
     is the classifier's).
 
     Args:
-        hidden: ``[..., H]``; weight: ``[V, H]`` (an LM head: ``lm_head.weight``); bias: ``[V]`` or None.
+        hidden: ``[..., H]``; weight: ``[V, H]`` (an LM head: ``lm_head.weight``); bias: ``[V]`` or None. A
+            DTensor weight sharded over its rows (the classes: ``Shard(0)`` on one mesh dim, as ``ColwiseParallel``
+            leaves an LM head; bias sharded alike) is vocabulary parallel: each rank forms only its classes' logits,
+            a block of rows at a time, with 2 all-reduces of ``[rows]`` numbers per block and one of ``d hidden``
+            in the backward (see docs/losses.md; no ``return_stats``, no ``decoupled``); ``hidden`` is then a
+            plain tensor (the same on every rank) or a ``Replicate()`` DTensor, the loss a plain tensor with the
+            same value on every rank.
         target: int ``[...]`` labels (or sparse targets, or ``mix``). Same dtype for hidden, weight and bias.
 
     Returns:
@@ -273,6 +279,13 @@ def linear_cross_entropy(
     options = loss_options(
         label_smoothing, maxsup, z_loss, confidence_penalty, decoupled, softcap, logit_scale, reduction, mix
     )
+    if validate.is_dtensor(hidden, weight, bias):
+        from regops.losses import dtensor
+
+        return dtensor.linear_cross_entropy(
+            hidden, weight, target, bias, options=options, class_weight=class_weight, token_weight=token_weight,
+            ignore_index=ignore_index, reduction=reduction, mix=mix, return_stats=return_stats,
+        )  # fmt: skip
     no_grad_needed(class_weight=class_weight, token_weight=token_weight, target=target)
     check_weight_dtype(class_weight, "class_weight", hidden.dtype)
     lead, n_classes = hidden.shape[:-1], weight.shape[0]

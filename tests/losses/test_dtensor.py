@@ -239,3 +239,88 @@ def _body(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_cross_entropy(world):
     run(_body, world)
+
+
+def _linear_body(rank: int, world: int) -> None:
+    """Vocabulary-parallel ``linear_cross_entropy``: the classifier's rows sharded (V = 7 over 2 and 3 ranks),
+    hidden plain or a Replicate() DTensor, in one block and in blocks of 2 rows; against the single-process form
+    and ``F.cross_entropy`` of the full logits."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from regops.losses import dtensor as losses_dtensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    c = Checks(rank)
+    hid = 5
+    h, y = _data((2, 3, hid), 30), _labels((2, 3), 31)
+    w, b = _data((V, hid), 32), _data((V,), 33)
+    cw = torch.rand(V, dtype=torch.float64, generator=torch.Generator().manual_seed(34)) + 0.5
+    cases = {
+        "plain": {},
+        "smoothing + class weight": {"label_smoothing": 0.2, "class_weight": cw},
+        "everything": {"label_smoothing": 0.1, "maxsup": 0.1, "z_loss": 1e-2, "confidence_penalty": 0.2},
+        "softcap": {"logit_scale": 0.7, "softcap": 3.0},
+    }
+    for block in (losses_dtensor.BLOCK_NUMBERS, 2 * V):
+        losses_dtensor.BLOCK_NUMBERS = block
+        for name, kw in cases.items():
+            for reduction in ("none", "mean", "sum"):
+                label = f"{name} {reduction} block {block}"
+                wd = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
+                bd = distribute_tensor(b, mesh, [Shard(0)]).requires_grad_()
+                hd = h.clone().requires_grad_()
+                loss = regops.linear_cross_entropy(hd, wd, y, bd, reduction=reduction, **kw)
+                hr, wr, br = (t.clone().requires_grad_() for t in (h, w, b))
+                ref = regops.linear_cross_entropy(hr, wr, y, br, reduction=reduction, **kw)
+                c.true(f"{label}: a plain loss", type(loss) is torch.Tensor)
+                c.close(f"{label} loss", loss, ref, **TOL)
+                up = _data(ref.shape, 35) if ref.dim() else torch.tensor(1.5, dtype=torch.float64)
+                (loss * up).sum().backward()
+                (ref * up).sum().backward()
+                c.close(f"{label} d hidden", hd.grad, hr.grad, **TOL)
+                ok = isinstance(wd.grad, DTensor) and tuple(wd.grad.placements) == (Shard(0),)
+                c.true(f"{label}: d weight sharded like the weight", ok)
+                if ok:
+                    c.close(f"{label} d weight", wd.grad.full_tensor(), wr.grad, **TOL)
+                    c.close(f"{label} d bias", bd.grad.full_tensor(), br.grad, **TOL)
+    losses_dtensor.BLOCK_NUMBERS = 1 << 24
+    # an LM head under ColwiseParallel, hidden a Replicate() DTensor, against F.cross_entropy of the full logits
+    head = torch.nn.Linear(hid, V, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(w)
+        head.bias.copy_(b)
+    parallelize_module(head, mesh, ColwiseParallel())
+    hd = distribute_tensor(h, mesh, [Replicate()]).requires_grad_()
+    loss = regops.linear_cross_entropy(hd, head.weight, y, head.bias, label_smoothing=0.1)
+    hr, wr, br = (t.clone().requires_grad_() for t in (h, w, b))
+    ref = F.cross_entropy((hr @ wr.T + br).flatten(0, 1), y.flatten(), label_smoothing=0.1)
+    c.close("ColwiseParallel loss", loss, ref, **TOL)
+    loss.backward()
+    ref.backward()
+    c.true("d hidden a replicated DTensor", isinstance(hd.grad, DTensor) and hd.grad.placements == (Replicate(),))
+    c.close("ColwiseParallel d hidden", hd.grad.full_tensor(), hr.grad, **TOL)
+    c.close("ColwiseParallel d weight", head.weight.grad.full_tensor(), wr.grad, **TOL)
+    c.close("ColwiseParallel d bias", head.bias.grad.full_tensor(), br.grad, **TOL)
+    # refusals
+    wd = distribute_tensor(w, mesh, [Shard(1)])
+    for name, args, kw, exc, match in [
+        ("Shard(1) weight", (h, wd, y), {}, NotImplementedError, "Shard(0)"),
+        ("plain weight", (distribute_tensor(h, mesh, [Replicate()]), w, y), {}, NotImplementedError, "plain weight"),
+        ("return_stats", (h, distribute_tensor(w, mesh, [Shard(0)]), y), {"return_stats": True},
+         NotImplementedError, "return_stats"),
+        ("plain bias", (h, distribute_tensor(w, mesh, [Shard(0)]), y, b), {}, ValueError, "bias"),
+    ]:  # fmt: skip
+        try:
+            regops.linear_cross_entropy(*args, **kw)
+        except exc as e:
+            c.true(f"{name}: message {e}", match in str(e))
+        else:
+            c.true(f"{name}: no {exc.__name__}", False)
+    c.done()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_linear_cross_entropy(world):
+    run(_linear_body, world)
