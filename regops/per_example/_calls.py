@@ -21,6 +21,13 @@ class _Entry:
     form: str
     functional: bool = False
 
+    def held(self) -> list[Any]:
+        """The tensors in the module's parameter slots now: the parameters, or FSDP2's unsharded ones while it runs
+        the module."""
+        if self.functional:
+            return [p for _, p in self.params.values()]
+        return [t for k in self.params if (t := self.module._parameters.get(k)) is not None]
+
 
 @dataclass
 class _Call:

@@ -123,6 +123,14 @@ class _Recorder:
             if p.requires_grad:
                 self.params[name] = p
                 self.param_names[id(p)] = name
+        # (module, attribute) -> parameter name: FSDP2 puts other tensors (its unsharded parameters) in these
+        # slots while a module runs; see `_adopt`.
+        self.slots = {
+            (id(module), k): self.param_names[id(p)]
+            for module in model.modules()
+            for k, p in module._parameters.items()
+            if p is not None and id(p) in self.param_names
+        }
         self.forms_default, self.forms_per = self._parse_forms(forms)
         self.entries = self._discover(model, unsupported)
         self.functional_entries: dict[tuple, _Entry] = {}
@@ -198,6 +206,10 @@ class _Recorder:
             self.handles.append(entry.module.register_forward_pre_hook(self._pre_hook(entry), with_kwargs=True))
             self.handles.append(entry.module.register_forward_hook(self._forward_hook(entry), with_kwargs=True))
         self.tracker.__enter__()
+        fsdp = sys.modules.get("torch.distributed.fsdp")  # a model can be sharded only once that is imported
+        for module in model.modules() if fsdp is not None else ():
+            if isinstance(module, fsdp.FSDPModule):  # after FSDP2's own pre-forward hook, which unshards
+                self.handles.append(module.register_forward_pre_hook(self._adopt))
         if "torch.distributed.tensor" in sys.modules:  # a tensor can be a DTensor only once that is imported
             from regops.per_example import dtensor
 
@@ -215,6 +227,19 @@ class _Recorder:
             tracker, self.tracker = self.tracker, None
             tracker.__exit__(None, None, None)
         self.active.clear()
+
+    def _adopt(self, module: nn.Module, _args: tuple) -> None:
+        """FSDP2 runs a module on unsharded parameters that it puts in the module's slots: each is seen as the
+        parameter of its slot (by every rule and by the tracker), so modules whose ops the tracker reads one by one
+        (``nn.MultiheadAttention``, functional calls) work on a sharded model."""
+        for sub in module.modules():
+            for k, p in sub._parameters.items():
+                name = self.slots.get((id(sub), k))
+                if name is None or p is None or id(p) in self.param_names:
+                    continue
+                self.param_names[id(p)] = name
+                self.owner[id(p)] = self.owner[id(self.params[name])]
+                self.tracker.adopt(name, p)
 
     def close(self) -> None:
         self.detach_forward()
@@ -275,7 +300,7 @@ class _Recorder:
             mode = self._mode(entry, args, kwargs)
             self.modes.append(mode)
             if mode != "open":
-                for _, p in entry.params.values():
+                for p in entry.held():
                     self.active[id(p)] = self.active.get(id(p), 0) + 1
             return None
 
@@ -302,7 +327,7 @@ class _Recorder:
                 return None
             mode = self.modes.pop()
             if mode != "open":
-                for _, p in entry.params.values():
+                for p in entry.held():
                     self.active[id(p)] = self.active.get(id(p), 1) - 1
             if not torch.is_grad_enabled() or mode == "open":
                 return None

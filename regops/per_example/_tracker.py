@@ -71,6 +71,10 @@ class Tracker(TorchFunctionMode):
         # own Functions among them): a Function outside these is one the tracker never saw.
         self.seen_fns: set = set()
 
+    def adopt(self, name: str, t: torch.Tensor) -> None:
+        """``t`` stands for the parameter ``name`` from now on (FSDP2's unsharded parameter in its slot)."""
+        self.param_nodes[id(t)] = ParamNode(name, t)
+
     # -- tags
     def tag(self, t: Any) -> Any:
         if not isinstance(t, torch.Tensor):

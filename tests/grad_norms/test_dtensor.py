@@ -190,9 +190,47 @@ class _GatherOutput(nn.Module):
         return DTensor.from_local(out, mesh, [Shard(-1)]).redistribute(mesh, [Replicate()]).to_local()
 
 
+def _encoder() -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True, dtype=torch.float64)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+
+def _attention_checks(c: Checks, rank: int, world: int) -> None:
+    """nn.MultiheadAttention (whose ops the engine reads one by one) under FSDP2: each encoder layer and the root
+    ``fully_shard``-ed; norms and (noised) clipping equal one process on the concatenated batches."""
+    from torch.distributed.fsdp import fully_shard
+
+    x = torch.randn(world * 3, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    mine = slice(rank * 3, rank * 3 + 3)
+
+    def sharded() -> nn.Module:
+        model = _encoder()
+        for layer in model.layers:
+            fully_shard(layer)
+        return fully_shard(model)
+
+    model, ref = sharded(), _encoder()
+    with regops.per_sample_grad_norms(model, "mean") as norms:
+        model(x[mine]).square().mean().backward()
+    with regops.per_sample_grad_norms(ref, "mean") as ref_norms:
+        ref(x).square().mean().backward()
+    c.close("encoder fsdp norms", norms.total, ref_norms.total[mine], rtol=RTOL)
+    for noise in (0.0, 1.3):
+        model, ref = sharded(), _encoder()
+        gen = torch.Generator().manual_seed(5 + 1000 * rank)
+        with regops.dp_clipping(model, 0.05, loss_reduction="mean", noise_multiplier=noise, generator=gen):
+            model(x[mine]).square().mean().backward()
+        gen = torch.Generator().manual_seed(5)
+        with regops.dp_clipping(ref, 0.05, loss_reduction="mean", noise_multiplier=noise, generator=gen):
+            ref(x).square().mean().backward()
+        _check_grads(c, f"encoder dp_clipping noise={noise}", model, {n: p.grad for n, p in ref.named_parameters()})
+
+
 def _body(rank: int, world: int) -> None:
     c = Checks(rank)
     _fsdp_checks(c, rank, world)
+    _attention_checks(c, rank, world)
     _noise_checks(c, rank, world)
     _tp_checks(c, rank, world)
     c.done()
