@@ -8,9 +8,10 @@ communication FSDP2 does for a normal backward), so ``p.grad`` is a DTensor like
 The noise is a function of (seed, global element index): every rank draws only its shard's elements of the
 single-process noise (rank 0's seed), scaled by ``1 / world`` like the average, after the reduce-scatter.
 
-Under tensor parallelism (``parallelize_module``: ColwiseParallel / RowwiseParallel ``nn.Linear``) every rank sees
-the same batch and holds shards of the weights: each builds its shards of the clipped sum from the matching
-columns of the layer's input and output gradient and adds its shards' part of the same noise; no communication.
+Under tensor parallelism (``parallelize_module``: ColwiseParallel / RowwiseParallel ``nn.Linear`` and
+``nn.Embedding``) every rank sees the same batch and holds shards of the weights: each builds its shards of the
+clipped sum from the matching columns of the layer's input and output gradient (an Embedding's rows: the tokens
+it holds) and adds its shards' part of the same noise; no communication.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 * The examples follow a tensor into and out of DTensors (``DTensor.from_local``, ``redistribute``, ``to_local``,
   ``full_tensor``: torch methods that are not torch functions, so the tracker would not see them) as long as no
   placement shards the examples' dim.
-* Per-example norms of tensor-parallel layers (``ColwiseParallel`` / ``RowwiseParallel`` ``nn.Linear``, weights and
-  layer signals DTensors): each rank computes the partial squared norms of its block and the partial sums are
-  all-reduced over the mesh dims where the parameter is sharded.
+* Per-example norms of tensor-parallel layers (``ColwiseParallel`` / ``RowwiseParallel`` ``nn.Linear`` and
+  ``nn.Embedding``, weights and layer signals DTensors): each rank computes the partial squared norms of its block
+  and the partial sums are all-reduced over the mesh dims where the parameter is sharded.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from regops._core import dtensor as _dtensor
 from regops._core.dtensor import box
-from regops.per_example._layers import LinearRule
+from regops.per_example._layers import EmbeddingRule, LinearRule
 from regops.per_example._layout import Layout
 from regops.per_example._propagate import Unknown
 
@@ -123,43 +124,64 @@ def _all_reduce_sharded(sq: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return sq
 
 
-def _tp_blocks(entry: Any, saved: Any, g: Any, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The input columns and output-gradient columns of a tensor-parallel ``nn.Linear``'s weight shard (the
-    ColwiseParallel / RowwiseParallel layouts), as local tensors."""
+def _tp_blocks(entry: Any, saved: Any, g: Any, shared: bool) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """``(module, input, output gradient)`` for the layer rule, restricted to this rank's weight shard (local
+    tensors): for ``nn.Linear`` (ColwiseParallel / RowwiseParallel) the matching input and output-gradient columns;
+    for ``nn.Embedding`` sharded over its rows (RowwiseParallel) or its columns (ColwiseParallel) the ids made
+    local (ids of rows held elsewhere, and the padding index, become an ignored index) and the output-gradient
+    columns of the shard."""
     module = entry.module
     weight = module.weight
-    if type(entry.layer) is not LinearRule or entry.layer.transposed or not isinstance(weight, DTensor):
+    kind = type(entry.layer)
+    if kind not in (LinearRule, EmbeddingRule) or getattr(entry.layer, "transposed", False):
         raise NotImplementedError(
-            f"regops: per-example norms of tensor-parallel layers are supported for nn.Linear (ColwiseParallel / "
-            f"RowwiseParallel); got {type(module).__name__} with DTensor inputs"
+            f"regops: per-example norms of tensor-parallel layers are supported for nn.Linear and nn.Embedding "
+            f"(ColwiseParallel / RowwiseParallel); got {type(module).__name__} with DTensor inputs"
+        )
+    if not isinstance(weight, DTensor):
+        raise NotImplementedError(
+            f"regops: a {type(module).__name__} with DTensor inputs and a plain weight; per-example norms of "
+            "tensor-parallel layers need the weight sharded as parallelize_module leaves it"
         )
     if shared:
         raise NotImplementedError("regops: a tensor-parallel weight used by several layers (tied) is not supported")
     _dtensor.check(weight, "weight")
     (p_local, d_local), (p_start, d_start) = box(weight)
     p_full, d_full = weight.shape
-    x = _block(saved, d_start, d_local, d_full, "input").detach()
-    gl = _block(g, p_start, p_local, p_full, "output gradient").detach()
-    return x, gl
+    if kind is LinearRule:
+        x = _block(saved, d_start, d_local, d_full, "input").detach()
+        return module, x, _block(g, p_start, p_local, p_full, "output gradient").detach()
+    if isinstance(saved, DTensor):
+        _dtensor.check(saved, "ids")
+        if any(isinstance(pl, Shard) for pl in saved.placements):
+            raise NotImplementedError("regops: a tensor-parallel Embedding's ids must be replicated, got them sharded")
+        saved = saved.to_local()
+    ignored = p_local  # one past the shard's rows: the rule's padding index
+    ids = saved - p_start
+    drop = (ids < 0) | (ids >= p_local)
+    if module.padding_idx is not None:
+        drop |= saved == module.padding_idx
+    ids = ids.masked_fill(drop, ignored)
+    local = types.SimpleNamespace(weight=weight.to_local(), padding_idx=ignored)
+    return local, ids, _block(g, d_start, d_local, d_full, "output gradient").detach()
 
 
 def tp_sq_norms(entry: Any, saved: Any, g: Any, form: str, shared: bool) -> dict[str, torch.Tensor]:
-    """Per-example squared norms of a tensor-parallel ``nn.Linear`` (weight ``[p, d]`` a DTensor, sharded on
-    either dim or replicated): each rank computes the squared norms of its block of ``G_n^T A_n`` (the rows /
+    """Per-example squared norms of a tensor-parallel ``nn.Linear`` / ``nn.Embedding`` (weight ``[p, d]`` a DTensor,
+    sharded on either dim or replicated): each rank computes the squared norms of its block of ``G_n^T A_n`` (the rows /
     columns of its weight shard, from the matching columns of the output gradient / input) and the partial
     sums are all-reduced over the mesh dims where the parameter is sharded (one ``[B]`` all-reduce per sharded
     parameter). A replicated bias's norm is complete on every rank and is not reduced."""
-    module = entry.module
-    x, gl = _tp_blocks(entry, saved, g, shared)
-    sq = entry.layer.sq_norms(module, x, gl, form)
+    sq = entry.layer.sq_norms(*_tp_blocks(entry, saved, g, shared), form)
     out = {}
     for local_name, value in sq.items():
-        out[local_name] = _all_reduce_sharded(value.contiguous(), getattr(module, local_name))
+        out[local_name] = _all_reduce_sharded(value.contiguous(), getattr(entry.module, local_name))
     return out
 
 
 def tp_weighted_grads(entry: Any, saved: Any, g: Any, w: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``sum_n w_n g_n`` of a tensor-parallel ``nn.Linear``'s parameters, each rank its shard (local tensors in the
-    parameters' local shapes): the weight's block from the matching input and output-gradient columns, the bias
-    from the output-gradient columns it owns (all of them for a replicated bias). No communication."""
-    return entry.layer.weighted_grads(entry.module, *_tp_blocks(entry, saved, g, False), w)
+    """``sum_n w_n g_n`` of a tensor-parallel ``nn.Linear``'s / ``nn.Embedding``'s parameters, each rank its shard
+    (local tensors in the parameters' local shapes): the weight's block from the matching input and output-gradient
+    columns, the bias from the output-gradient columns it owns (all of them for a replicated bias). No
+    communication."""
+    return entry.layer.weighted_grads(*_tp_blocks(entry, saved, g, False), w)

@@ -6,6 +6,8 @@ the ranks."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -227,8 +229,59 @@ def _attention_checks(c: Checks, rank: int, world: int) -> None:
         _check_grads(c, f"encoder dp_clipping noise={noise}", model, {n: p.grad for n, p in ref.named_parameters()})
 
 
+class _Tokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, 6, padding_idx=2, dtype=torch.float64)
+        self.head = nn.Linear(6, 3, dtype=torch.float64)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids)).mean(1)
+
+
+def _tp_embedding_checks(c: Checks, rank: int, world: int) -> None:
+    """nn.Embedding sharded over its rows (RowwiseParallel: 11 rows, uneven) or its columns (ColwiseParallel), with
+    a padding index, both norm forms: norms and noised clipping equal one process."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, 11, (5, 7), generator=gen), torch.randint(0, 3, (5,), generator=gen)
+    ids[0, :3] = 2
+    plans = {"rows": lambda: RowwiseParallel(input_layouts=Replicate()), "columns": lambda: ColwiseParallel(
+        output_layouts=Replicate())}  # fmt: skip
+    for (how, plan), forms in itertools.product(plans.items(), ("auto", "ghost")):
+        model, ref = _Tokens(), _Tokens()
+        parallelize_module(model, mesh, {"emb": plan()})
+        with regops.per_sample_grad_norms(model, "mean", forms=forms) as norms:
+            F.cross_entropy(model(ids), y).backward()
+        with regops.per_sample_grad_norms(ref, "mean", forms=forms) as ref_norms:
+            F.cross_entropy(ref(ids), y).backward()
+        c.close(f"tp embedding {how} {forms} norms", norms.per_param["emb.weight"], ref_norms.per_param["emb.weight"])
+        for sigma in (0.0, 1.3):
+            model, ref = _Tokens(), _Tokens()
+            parallelize_module(model, mesh, {"emb": plan()})
+            for m in (model, ref):
+                with regops.dp_clipping(
+                    m, 0.3, loss_reduction="mean", forms=forms, noise_multiplier=sigma,
+                    generator=torch.Generator().manual_seed(3),
+                ):  # fmt: skip
+                    F.cross_entropy(m(ids), y).backward()
+            grad = model.emb.weight.grad
+            ok = isinstance(grad, DTensor) and grad.placements == model.emb.weight.placements
+            c.true(f"tp embedding {how} {forms} {sigma}: the gradient is laid out like the weight", ok)
+            if ok:
+                label = f"tp embedding {how} {forms} clipping {sigma}"
+                c.close(label, grad.full_tensor(), ref.emb.weight.grad, rtol=RTOL, atol=1e-12)
+                c.close(f"{label} head", model.head.weight.grad, ref.head.weight.grad, rtol=RTOL, atol=1e-12)
+
+
 def _body(rank: int, world: int) -> None:
     c = Checks(rank)
+    _tp_embedding_checks(c, rank, world)
     _fsdp_checks(c, rank, world)
     _attention_checks(c, rank, world)
     _noise_checks(c, rank, world)
