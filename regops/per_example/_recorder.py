@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from regops._core.validate import is_dtensor
 from regops.per_example import _contrib, _whole
 from regops.per_example import _layout as L
 from regops.per_example import _recipes as R
@@ -237,6 +238,11 @@ class _Recorder:
                 name = self.slots.get((id(sub), k))
                 if name is None or p is None or id(p) in self.param_names:
                     continue
+                if is_dtensor(p):
+                    raise NotImplementedError(
+                        f"regops: {name} is sharded by FSDP2 over tensor-parallel shards (a 2-D mesh); per-example "
+                        "gradients take FSDP2 or tensor parallelism, not both"
+                    )
                 self.param_names[id(p)] = name
                 self.owner[id(p)] = self.owner[id(self.params[name])]
                 self.tracker.adopt(name, p)

@@ -279,8 +279,35 @@ def _tp_embedding_checks(c: Checks, rank: int, world: int) -> None:
                 c.close(f"{label} head", model.head.weight.grad, ref.head.weight.grad, rtol=RTOL, atol=1e-12)
 
 
+def _fsdp_over_tp_refused(c: Checks, rank: int, world: int) -> None:
+    """FSDP2 over tensor-parallel shards (2-D meshes, with and without _StridedShard) is refused, never a number."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    x, y = _data(LOCAL)
+    blocks = {
+        "norms": lambda m: regops.per_sample_grad_norms(m, "mean"),
+        "dp_clipping": lambda m: regops.dp_clipping(m, 0.4, loss_reduction="mean"),
+    }
+    for shape, (what, block) in itertools.product(((world, 1), (1, world)), blocks.items()):
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp"))
+        model = _mlp()
+        parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "3": RowwiseParallel()})
+        model[0] = _GatherOutput(model[0])
+        fully_shard(model, mesh=mesh["dp"])
+        try:
+            with block(model):
+                F.cross_entropy(model(x), y).backward()
+        except NotImplementedError as exc:
+            c.true(f"FSDP2 over TP {shape} {what}: message {exc}", "FSDP2 or tensor parallelism" in str(exc))
+        else:
+            c.true(f"FSDP2 over TP {shape} {what}: no NotImplementedError", False)
+
+
 def _body(rank: int, world: int) -> None:
     c = Checks(rank)
+    _fsdp_over_tp_refused(c, rank, world)
     _tp_embedding_checks(c, rank, world)
     _fsdp_checks(c, rank, world)
     _attention_checks(c, rank, world)
