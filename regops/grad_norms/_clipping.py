@@ -257,6 +257,9 @@ class DPClipping(PerSampleGradNorms):
         rec = self._rec
         for module, weight in self._skippable():
             self._frozen.append(weight)
+            bias = getattr(module, "bias", None)
+            if bias is not None and id(bias) in rec.param_names:
+                self._frozen.append(bias)
             self._pre_handles.append(module.register_forward_pre_hook(functools.partial(_freeze_weight, rec)))
             self._pre_handles.append(module.register_forward_hook(functools.partial(_thaw_weight, rec)))
         return self
@@ -279,20 +282,27 @@ class DPClipping(PerSampleGradNorms):
 def _thaw_weight(rec: Any, module: nn.Module, args: tuple, output: Any) -> None:
     if not rec.suspended:
         module.weight.requires_grad_(True)
+        bias = getattr(module, "bias", None)
+        if bias is not None and id(bias) in rec.param_names:
+            bias.requires_grad_(True)
 
 
 def _freeze_weight(rec: Any, module: nn.Module, args: tuple) -> tuple | None:
-    """Freeze the weight for this forward. With no trainable bias the output would then leave the graph: make
-    the input require grad so the output gradient still reaches the recorder (autograd computes the input
-    gradient instead of the weight gradient, at the same cost). Not in the recorder's own forwards (the torch.func
-    path runs the model on functional parameters)."""
+    """Freeze the weight for this forward, and a trainable bias when the input carries the output into the graph
+    (its clipped sum is rebuilt from the same signals: autograd is spared one pass over the output gradient). With
+    neither a trainable bias nor an input requiring grad the output would leave the graph: make the input require
+    grad so the output gradient still reaches the recorder (autograd computes the input gradient instead of the
+    weight gradient, at the same cost). Not in the recorder's own forwards (the torch.func path runs the model on
+    functional parameters)."""
     if not torch.is_grad_enabled() or rec.suspended:
         return None
     module.weight.requires_grad_(False)
     bias = getattr(module, "bias", None)
-    if bias is not None and bias.requires_grad:
-        return None
     x = args[0] if args else None
+    if bias is not None and bias.requires_grad:
+        if isinstance(x, torch.Tensor) and x.requires_grad and id(bias) in rec.param_names:
+            bias.requires_grad_(False)
+        return None
     if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
         return (x.detach().requires_grad_(True), *args[1:])
     return None

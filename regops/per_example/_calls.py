@@ -39,6 +39,7 @@ class _Call:
     links: dict[str, Any] = field(default_factory=dict)  # local name -> Node, for locals computed from parameters
     output: Any = None  # kept only when the caller asks for output gradients directly
     grad: Any = None  # batch-first output gradient, kept for Book-Keeping clipping and valuation
+    kept: dict[str, torch.Tensor] | None = None  # per-example gradients the norms formed, for the clipped sums
     fired: int = 0
     rows: bool = False  # saved and grad are per row (a row rule on rows grouped into examples afterwards)
 

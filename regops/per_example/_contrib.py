@@ -81,7 +81,9 @@ def contribute(rec: Any, call: _Call, grad: Any) -> None:
         iso = node.source() is not None
         want[local] = "single" if iso and all(how.get(n) in ("single", "regions") for n in names) else "dense"
     with rec.quiet(device):
-        sq, facs, dense = _forms(call, saved, g, want)
+        sq, facs, dense, kept = _forms(call, saved, g, want, rec.retain_signals)
+    if kept and isinstance(g, torch.Tensor) and 4 * sum(v.numel() for v in kept.values()) <= g.numel():
+        call.kept = kept  # small next to the signals: the clipped sums reuse them
     for local, how in want.items():
         if local in call.links:
             node = call.links[local]
@@ -102,15 +104,17 @@ def contribute(rec: Any, call: _Call, grad: Any) -> None:
         call.saved = None  # autograd frees its saved activations as the backward proceeds; so do we
 
 
-def _forms(call, saved, g, want):
+def _forms(call, saved, g, want, keep):
+    """``(squared norms, factors, per-example gradients, kept)`` of one call; ``keep``: also the per-example
+    gradients the rule forms on the way to the norms that the clipped sums would form again."""
     entry = call.entry
     layer, module = entry.layer, entry.module
-    sq, facs, dense = {}, {}, {}
+    sq, facs, dense, kept = {}, {}, {}, {}
     if call.rows:  # per-row gradients, summed per example
         rows = layer.per_example_grads(module, saved, g)
         lay = call.layout_out or call.layout_in
         grads = {k: L.per_example_sum(v, lay.at(0)) for k, v in rows.items()}
-        return {k: _sq(v) for k, v in grads.items()}, {}, grads
+        return {k: _sq(v) for k, v in grads.items()}, {}, grads, grads if keep else {}
     if any(w != "dense" for w in want.values()):
         form = entry.form
         if form == "auto":
@@ -119,6 +123,8 @@ def _forms(call, saved, g, want):
             from regops.per_example import dtensor
 
             sq = dtensor.tp_sq_norms(entry, saved, g, form, any(w == "factors" for w in want.values()))
+        elif keep:
+            sq, kept = layer.sq_norms_keeping(module, saved, g, form)
         else:
             sq = layer.sq_norms(module, saved, g, form)
     if any(w == "factors" for w in want.values()):
@@ -128,7 +134,7 @@ def _forms(call, saved, g, want):
         dense = layer.per_example_grads(module, saved, g)
         for k in missing:
             want[k] = "dense"
-    return sq, facs, dense
+    return sq, facs, dense, kept
 
 
 def squared_norms(rec: Any) -> list[dict[str, torch.Tensor]]:
@@ -214,7 +220,10 @@ class WeightedGrads:
             groups.setdefault(id(w), (w, []))[1].append(local)
         for w, locs in groups.values():
             with rec.quiet(w.device.type):
-                if call.rows:
+                kept = call.kept
+                if kept and all(local in kept for local in locs):
+                    grads = {local: _wsum(w, kept[local]) for local in locs}
+                elif call.rows:
                     lay = call.layout_out or call.layout_in
                     rows = entry.layer.per_example_grads(entry.module, call.saved, call.grad)
                     grads = {k: _wsum(w, L.per_example_sum(v, lay.at(0))) for k, v in rows.items()}
@@ -222,6 +231,8 @@ class WeightedGrads:
                     from regops.per_example import dtensor
 
                     grads = dtensor.tp_weighted_grads(entry, call.saved, call.grad, w)
+                elif kept:
+                    grads = entry.layer.weighted_grads(entry.module, call.saved, call.grad, w, kept=kept)
                 else:
                     grads = entry.layer.weighted_grads(entry.module, call.saved, call.grad, w)
             for local in locs:

@@ -59,13 +59,22 @@ class LinearRule(LayerRule):
         return _choose(t, module.weight.shape[0], module.weight.shape[1])
 
     def sq_norms(self, module, x, g, form):
-        out = {}
+        return self.sq_norms_keeping(module, x, g, form)[0]
+
+    def sq_norms_keeping(self, module, x, g, form):
+        out, kept = {}, {}
         if _requires(module.weight):
             a, gg = self._ag(module, x, g)
             out["weight"] = _weight_sq(a, gg, form)
         if _requires(module.bias):
-            out["bias"] = _sq(g if g.dim() == 2 else _sum_f32(g.reshape(g.shape[0], -1, g.shape[-1]), 1))
-        return out
+            if g.dim() == 2:
+                out["bias"] = _sq(g)
+            else:
+                g_sum = _sum_f32(g.reshape(g.shape[0], -1, g.shape[-1]), 1)
+                out["bias"] = _sq(g_sum)
+                if g_sum.dtype == g.dtype:  # the sum weighted_grads takes (in g's dtype)
+                    kept["bias"] = g_sum
+        return out, kept
 
     def per_example_grads(self, module, x, g):
         a, gg = self._ag(module, x, g)
@@ -76,7 +85,7 @@ class LinearRule(LayerRule):
             out["bias"] = gg.sum(1)
         return out
 
-    def weighted_grads(self, module, x, g, w):
+    def weighted_grads(self, module, x, g, w, kept=None):
         a, gg = self._ag(module, x, g)
         out = {}
         if _requires(module.weight):
@@ -88,7 +97,10 @@ class LinearRule(LayerRule):
             a2, g2 = a.reshape(-1, a.shape[-1]), gg.reshape(-1, gg.shape[-1])
             out["weight"] = a2.t().mm(g2) if self.transposed else g2.t().mm(a2)
         if _requires(module.bias):
-            g_sum = g if g.dim() == 2 else g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
+            if kept and "bias" in kept:
+                g_sum = kept["bias"]
+            else:
+                g_sum = g if g.dim() == 2 else g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
             out["bias"] = torch.tensordot(w.to(g_sum.dtype), g_sum, dims=([0], [0]))
         return out
 
@@ -270,6 +282,10 @@ class _NormRule(LayerRule):
 
     def _reduce(self, module, t):
         raise NotImplementedError
+
+    def sq_norms_keeping(self, module, x, g, form):
+        grads = self.per_example_grads(module, x, g)
+        return {k: _sq(v) for k, v in grads.items()}, grads
 
     def per_example_grads(self, module, x, g):
         out = {}

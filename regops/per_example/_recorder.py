@@ -514,6 +514,7 @@ class _Recorder:
         for call in self.calls:
             call.fired = 0
             call.grad = None
+            call.kept = None
 
 
 def _expand_examples(saved: Any, b: int) -> Any:

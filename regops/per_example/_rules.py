@@ -166,6 +166,15 @@ class LayerRule:
         """``{local name: [B]}`` squared per-example gradient norms by ``form``."""
         return {k: _sq(v) for k, v in self.per_example_grads(module, saved, g).items()}
 
+    def sq_norms_keeping(
+        self, module: nn.Module, saved: Any, g: torch.Tensor, form: str
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """`sq_norms`, and the per-example gradients it formed on the way that `weighted_grads` would form again
+        (``{local name: [B, *param.shape]}``, with ``sum_n w_n kept_n`` bit for bit its `weighted_grads` entry):
+        Book-Keeping clipping keeps the small ones instead of forming them twice. A rule that keeps some of its
+        locals only is given them back as ``weighted_grads(..., kept=...)``. Default: `sq_norms`, none kept."""
+        return self.sq_norms(module, saved, g, form), {}
+
     def per_example_grads(self, module: nn.Module, saved: Any, g: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{local name: [B, *param.shape]}`` per-example gradients."""
         raise NotImplementedError
