@@ -298,7 +298,7 @@ def per_sample_squared_norms(
                 grads = torch.autograd.grad(output, taps, s, retain_graph=True, allow_unused=True)
                 for (_, callback), g in zip(watched, grads, strict=True):
                     if g is not None:
-                        callback(g)
+                        callback(rec, g)
             per_mb = rec.squared_norms()
             sq = per_mb[-1] if per_mb else {}
             b = (rec.mbs[-1].batch if rec.mbs else None) or output.shape[0]

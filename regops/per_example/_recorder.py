@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -393,12 +394,22 @@ class _Recorder:
             for name in node.params:
                 mb.uses.setdefault(name, []).append(_Use(False, reg))
         if output is not None:
-            self.watch(output, lambda g, call=call: self.contribute(call, g))
+            self.watch(output, lambda rec, g, call=call: rec.contribute(call, g))
         return call
 
     def watch(self, t: torch.Tensor, callback: Callable) -> None:
+        """``callback(recorder, grad)`` with ``t``'s gradient. The hook holds the recorder weakly: the recorder keeps
+        layer inputs that are other layers' hooked outputs, and a strong reference back from a tensor's hook (which
+        Python's collector cannot see through) would keep every step's recorder and activations alive."""
         if self.hook_outputs:
-            t.register_hook(lambda g: callback(g) if self.enabled else None)
+            ref = weakref.ref(self)
+
+            def hook(g):
+                rec = ref()
+                if rec is not None and rec.enabled:
+                    callback(rec, g)
+
+            t.register_hook(hook)
             if self.edges is not None:
                 self.edges.append(torch.autograd.graph.get_gradient_edge(t))
         else:
@@ -413,8 +424,8 @@ class _Recorder:
         self._node_uses(self.mbs[index], node)
         shape = tuple(t.shape)
 
-        def on_grad(g):
-            self._broadcast_grad(index, node, shape, g, layout, broadcast)
+        def on_grad(rec, g):
+            rec._broadcast_grad(index, node, shape, g, layout, broadcast)
 
         self.watch(tap, on_grad)
 
@@ -440,12 +451,12 @@ class _Recorder:
         for _, _, node in nodes:
             self._node_uses(self.mbs[index], node)
 
-        def on_grad(g):
-            if self.mbs[index].fallback:
+        def on_grad(rec, g):
+            if rec.mbs[index].fallback:
                 return
-            with self.quiet(g.device.type):
+            with rec.quiet(g.device.type):
                 for node, per in _whole.op_grads(func, args, kwargs, xs, nodes, layout, g.detach()):
-                    R.pushback(node, per, _Sink(self, index))
+                    R.pushback(node, per, _Sink(rec, index))
 
         self.watch(out, on_grad)
 

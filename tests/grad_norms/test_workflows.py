@@ -150,3 +150,56 @@ def test_accounting_without_opacus_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "opacus.accountants", None)
     with pytest.raises(ImportError, match="pip install opacus"):
         gn.epsilon(1.0, 0.01, 10, 1e-5)
+
+
+def _recorders_left(make_step, steps: int = 3) -> int:
+    """How many of ``steps`` blocks' recorders outlive their step (each step's recorder kept only weakly here)."""
+    import gc
+    import weakref
+
+    from regops.per_example import _recorder
+
+    refs = []
+    init = _recorder._Recorder.__init__
+
+    def counting(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        refs.append(weakref.ref(self))
+
+    _recorder._Recorder.__init__ = counting
+    try:
+        for _ in range(steps):
+            make_step()
+    finally:
+        _recorder._Recorder.__init__ = init
+    gc.collect()
+    assert len(refs) >= steps, "the steps made no recorder: the check would pass vacuously"
+    return sum(r() is not None for r in refs)
+
+
+def test_no_step_keeps_its_recorder_or_activations_alive():
+    """A finished block frees its recorder (and with it the activations it kept): hooks on layer outputs hold it
+    weakly. Layers read by rules, ops read one by one (attention), dp_clipping, norms and valuation dots."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True), 1)
+    x, y, seq = torch.randn(5, 6), torch.randint(0, 3, (5,)), torch.randn(3, 4, 8)
+
+    def dp_step():
+        with regops.dp_clipping(mlp, 1.0, loss_reduction="mean", noise_multiplier=1.0):
+            F.cross_entropy(mlp(x), y).backward()
+
+    def attention_step():
+        with regops.dp_clipping(enc, 1.0, loss_reduction="mean"):
+            enc(seq).square().mean().backward()
+
+    def norms_step():
+        with regops.per_sample_grad_norms(mlp, "mean") as norms:
+            F.cross_entropy(mlp(x), y).backward()
+        assert norms.total.shape == (5,)
+
+    def dots_step():
+        regops.per_sample_grad_dots(mlp, F.cross_entropy, (x, y), (x[:2], y[:2]), loss_reduction="mean")
+
+    for step in (dp_step, attention_step, norms_step, dots_step):
+        assert _recorders_left(step) == 0, step.__name__
