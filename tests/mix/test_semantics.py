@@ -113,14 +113,23 @@ def _timm_mixed_samples(draws, cfg):
 
 
 def _capture_draws(monkeypatch):
+    """The draws of the next call: tensors from ``draw``, or batch mode's Python floats from ``draw_on_host`` (kept
+    as one-element tensors)."""
     captured = {}
-    real = P.draw
+    real, real_host = P.draw, P.draw_on_host
 
     def spy(cfg, n, device, generator):
         captured["draws"], captured["cfg"] = real(cfg, n, device, generator), cfg
         return captured["draws"]
 
+    def spy_host(cfg, generator):
+        draws = real_host(cfg, generator)
+        as_tensors = {k: None if v is None else torch.tensor([v], dtype=torch.float64) for k, v in vars(draws).items()}
+        captured["draws"], captured["cfg"] = P.Draws(**as_tensors), cfg
+        return draws
+
     monkeypatch.setattr(P, "draw", spy)
+    monkeypatch.setattr(P, "draw_on_host", spy_host)
     return captured
 
 
