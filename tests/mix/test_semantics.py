@@ -125,6 +125,11 @@ def _capture_draws(monkeypatch):
     def spy_host(cfg, generator):
         draws = real_host(cfg, generator)
         as_tensors = {k: None if v is None else torch.tensor([v], dtype=torch.float64) for k, v in vars(draws).items()}
+        # only the lambda the switch picks is drawn; the other (never read by timm) stands in where both are enabled
+        pairs = (("lam_mixup", cfg.mixup_alpha, "lam_cutmix"), ("lam_cutmix", cfg.cutmix_alpha, "lam_mixup"))
+        for name, alpha, other in pairs:
+            if alpha > 0 and as_tensors[name] is None:
+                as_tensors[name] = as_tensors[other]
         captured["draws"], captured["cfg"] = P.Draws(**as_tensors), cfg
         return draws
 
