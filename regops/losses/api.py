@@ -196,11 +196,20 @@ def cross_entropy(
     check_weight_dtype(weight, "weight", logits.dtype)
     lead, n_classes = logits.shape[:-1], logits.shape[-1]
     if (
-        mix is None and token_weight is None and not return_stats and not options.decoupled
-        and type(target) is torch.Tensor and target.dtype in _LABEL_DTYPES and target.shape == lead
-        and target.device == logits.device and type(ignore_index) is int and _INT64[0] <= ignore_index <= _INT64[1]
-        and (weight is None or (isinstance(weight, torch.Tensor) and weight.shape == (n_classes,)
-                                and weight.device == logits.device))
+        mix is None
+        and token_weight is None
+        and not return_stats
+        and not options.decoupled
+        and type(target) is torch.Tensor
+        and target.dtype in _LABEL_DTYPES
+        and target.shape == lead
+        and target.device == logits.device
+        and type(ignore_index) is int
+        and _INT64[0] <= ignore_index <= _INT64[1]
+        and (
+            weight is None
+            or (isinstance(weight, torch.Tensor) and weight.shape == (n_classes,) and weight.device == logits.device)
+        )
     ):  # plain labels, the common case: one op with the labels as they are, reduced inside
         loss = ops.label_cross_entropy(
             logits if logits.dim() == 2 else logits.reshape(-1, n_classes),

@@ -308,7 +308,8 @@ def label_cross_entropy_backward(
     """Gradient of ``grad * loss`` (the reduced loss of :func:`label_cross_entropy`) with respect to ``logits``."""
     tg = label_targets(target, logits.shape[1], acc_dtype(logits), ignore_index, class_weight)
     g = row_grads(grad, reduction, tg.denominator, logits.shape[0])
-    return cross_entropy_backward(g, logits, tg.index, tg.tweight, tg.row_weight, tg.class_weight, stats, argmax, options)
+    args = (tg.index, tg.tweight, tg.row_weight, tg.class_weight, stats, argmax, options)
+    return cross_entropy_backward(g, logits, *args)
 
 
 # ------------------------------------------------------------------------------------------------ linear CE

@@ -126,7 +126,8 @@ def label_cross_entropy(logits, target, class_weight, ignore_index, options, red
 def label_cross_entropy_backward(grad, logits, target, class_weight, stats, argmax, ignore_index, options, reduction):
     tg = label_targets(target, logits.shape[1], acc_dtype(logits), ignore_index, class_weight)
     g = row_grads(grad, reduction, tg.denominator, logits.shape[0])
-    return cross_entropy_backward(g, logits, tg.index, tg.tweight, tg.row_weight, tg.class_weight, stats, argmax, options)
+    args = (tg.index, tg.tweight, tg.row_weight, tg.class_weight, stats, argmax, options)
+    return cross_entropy_backward(g, logits, *args)
 
 
 # ------------------------------------------------------------------------------------------------ symmetric KL
