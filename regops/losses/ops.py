@@ -91,8 +91,8 @@ label_cross_entropy = declare(
     fake=_label_fake,
 )
 label_cross_entropy_backward = declare(
-    f"label_cross_entropy_backward(Tensor grad, Tensor logits, {_LABELS}, Tensor stats, Tensor argmax, "
-    "float[] options, str reduction) -> Tensor",
+    "label_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, Tensor? class_weight, Tensor stats, "
+    "Tensor argmax, int ignore_index, float[] options, str reduction) -> Tensor",
     reference=ref.label_cross_entropy_backward,
     triton=TRITON + "label_cross_entropy_backward",
     fake=lambda grad, logits, *args: _like(logits),
