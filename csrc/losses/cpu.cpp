@@ -423,6 +423,156 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad, const at::Tensor& logi
   return out;
 }
 
+
+// ------------------------------------------------------------------------------------------------ integer labels
+// regops::label_cross_entropy: the targets of plain labels built here rather than by a dozen small tensor ops per
+// call (regops.losses._targets.label_targets gives the same tensors): index [N, 1] (an ignored row points at class
+// 0), tweight [N, 1] and row_weight [N] both 1 for a kept row and 0 for an ignored one; the rows then go through
+// the kernels above and the reduction is aten's sum, so losses and gradients have the bits of regops::cross_entropy
+// on those targets followed by the same reduction.
+enum class Reduction { kNone, kMean, kSum };
+
+Reduction reduction_of(c10::string_view r, const char* op) {
+  if (r == "none") return Reduction::kNone;
+  if (r == "mean") return Reduction::kMean;
+  TORCH_CHECK(r == "sum", "regops::", op, ": reduction must be 'mean', 'sum' or 'none', got '", std::string(r), "'");
+  return Reduction::kSum;
+}
+
+struct LabelArgs {
+  Args args;
+  int64_t kept;
+};
+
+LabelArgs label_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
+                     int64_t ignore_index, const char* op) {
+  TORCH_CHECK(logits.device().is_cpu() && target.device().is_cpu() &&
+                  (!class_weight.has_value() || class_weight->device().is_cpu()),
+              "regops::", op, ": CPU tensors expected");
+  TORCH_CHECK(logits.dim() == 2, "regops::", op, ": logits must be [N, V], got ", logits.sizes());
+  const int64_t n = logits.size(0), k = logits.size(1);
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == n && at::isIntegralType(target.scalar_type(), false), "regops::",
+              op, ": target must hold integer labels [N] (N = ", n, "), got ", target.scalar_type(), " ",
+              target.sizes());
+  TORCH_CHECK(!class_weight.has_value() ||
+                  (class_weight->dim() == 1 && class_weight->size(0) == k &&
+                   at::isFloatingType(class_weight->scalar_type())),
+              "regops::", op, ": class_weight must be a floating [V] tensor (V = ", k, ")");
+  const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor labels = (target.scalar_type() == at::kLong ? target : target.to(at::kLong)).contiguous();
+  at::Tensor index = at::empty({n, 1}, labels.options());
+  at::Tensor tweight = at::empty({n, 1}, logits.options().dtype(acc));
+  const int64_t* lp = labels.const_data_ptr<int64_t>();
+  int64_t* ip = index.mutable_data_ptr<int64_t>();
+  int64_t kept = 0;
+  AT_DISPATCH_FLOATING_TYPES(acc, "label_cross_entropy", [&] {
+    scalar_t* tp = tweight.mutable_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t y = lp[r];
+      const bool keep = y != ignore_index;
+      TORCH_CHECK_VALUE(!keep || (y >= 0 && y < k), "regops: target holds the class index ", y, ", outside [0, ", k,
+                        ") and not ignore_index");
+      ip[r] = keep ? y : 0;
+      tp[r] = keep ? scalar_t(1) : scalar_t(0);
+      kept += keep;
+    }
+  });
+  return {Args{logits.is_contiguous() ? logits : logits.contiguous(), index, tweight, tweight.view({n}),
+               class_weight.has_value() ? in_acc(*class_weight, acc) : at::Tensor(), n, k, 1},
+          kept};
+}
+
+// What "mean" divides by: the count of kept rows, or with class weights sum_r row_weight_r (tweight_r w_{y_r}) in
+// aten's sum (as regops.losses._targets._weighted); 1 where that is 0 (every row ignored: a loss of 0).
+template <typename C>
+C mean_denominator(const LabelArgs& l) {
+  const Args& a = l.args;
+  if (!a.class_weight.defined()) return l.kept ? static_cast<C>(static_cast<double>(l.kept)) : C(1);
+  at::Tensor w = at::empty({a.n}, a.tweight.options());
+  const int64_t* ip = a.index.const_data_ptr<int64_t>();
+  const C* tp = a.tweight.const_data_ptr<C>();
+  const C* cp = a.class_weight.const_data_ptr<C>();
+  C* wp = w.mutable_data_ptr<C>();
+  for (int64_t r = 0; r < a.n; ++r) wp[r] = tp[r] * (tp[r] * cp[ip[r]]);
+  const C d = at::sum(w).item<C>();
+  return d == C(0) ? C(1) : d;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> label_cross_entropy(const at::Tensor& logits, const at::Tensor& target,
+                                                                   const std::optional<at::Tensor>& class_weight,
+                                                                   int64_t ignore_index, at::ArrayRef<double> options,
+                                                                   c10::string_view reduction) {
+  const char* op = "label_cross_entropy";
+  const Options o = options_of(options, op);
+  TORCH_CHECK(o.decoupled == 0.0, "regops::", op, ": decoupled mixup needs mixed targets");
+  const Reduction red = reduction_of(reduction, op);
+  const LabelArgs l = label_args(logits, target, class_weight, ignore_index, op);
+  const Args& a = l.args;
+  const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = logits.options().dtype(acc);
+  at::Tensor rows = at::empty({a.n}, opts);
+  at::Tensor stats = at::empty({a.n, kNStats}, opts);
+  at::Tensor argmax = at::empty({a.n}, logits.options().dtype(at::kLong));
+  if (a.n > 0) {
+    TORCH_CHECK(a.k > 0, "regops::", op, ": logits need V >= 1 classes");
+    REGOPS_CPU_FLOATING(logits.scalar_type(), op, [&] { forward_rows<T>(a, o, false, rows, stats, argmax); });
+  }
+  if (red == Reduction::kNone) return {rows, stats, argmax};
+  at::Tensor loss = at::sum(rows);
+  if (red == Reduction::kMean) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "label_cross_entropy", [&] { *loss.mutable_data_ptr<scalar_t>() /= mean_denominator<scalar_t>(l); });
+  }
+  return {loss, stats, argmax};
+}
+
+at::Tensor label_cross_entropy_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                                        const std::optional<at::Tensor>& class_weight, const at::Tensor& stats,
+                                        const at::Tensor& argmax, int64_t ignore_index, at::ArrayRef<double> options,
+                                        c10::string_view reduction) {
+  const char* op = "label_cross_entropy_backward";
+  const Options o = options_of(options, op);
+  TORCH_CHECK(o.decoupled == 0.0, "regops::", op, ": decoupled mixup needs mixed targets");
+  const Reduction red = reduction_of(reduction, op);
+  const LabelArgs l = label_args(logits, target, class_weight, ignore_index, op);
+  const Args& a = l.args;
+  at::Tensor out = at::empty({a.n, a.k}, logits.options());
+  if (out.numel() == 0) return out;
+  const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad.device().is_cpu() && stats.device().is_cpu() && argmax.device().is_cpu(), "regops::", op,
+              ": CPU tensors expected");
+  TORCH_CHECK(grad.numel() == (red == Reduction::kNone ? a.n : 1) && at::isFloatingType(grad.scalar_type()),
+              "regops::", op, ": grad must be a floating ", red == Reduction::kNone ? "[N]" : "0-dim", " tensor");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == a.n && stats.size(1) == kNStats &&
+                  at::isFloatingType(stats.scalar_type()),
+              "regops::", op, ": stats must be [N, ", kNStats, "], got ", stats.sizes());
+  TORCH_CHECK(argmax.numel() == a.n && argmax.scalar_type() == at::kLong, "regops::", op, ": argmax must be int64 [N]");
+  const at::Tensor s = in_acc(stats, acc);
+  const at::Tensor am = argmax.is_contiguous() ? argmax : argmax.contiguous();
+  if (o.maxsup != 0.0) {
+    const int64_t* ap = am.const_data_ptr<int64_t>();
+    for (int64_t r = 0; r < a.n; ++r) {
+      TORCH_CHECK_INDEX(ap[r] >= 0 && ap[r] < a.k, "regops::", op, ": argmax holds ", ap[r], ", outside [0, ",
+                        a.k, ")");
+    }
+  }
+  // Every row's upstream gradient: grad itself ("none"), or the one number of "sum" (divided by the denominator for
+  // "mean", in the accumulation dtype as autograd divides it).
+  at::Tensor g;
+  if (red == Reduction::kNone) {
+    g = in_acc(grad.reshape({a.n}), acc);
+  } else {
+    g = at::empty({a.n}, logits.options().dtype(acc));
+    AT_DISPATCH_FLOATING_TYPES(acc, "label_cross_entropy", [&] {
+      scalar_t v = in_acc(grad, acc).item<scalar_t>();
+      if (red == Reduction::kMean) v = v / mean_denominator<scalar_t>(l);
+      scalar_t* gp = g.mutable_data_ptr<scalar_t>();
+      for (int64_t r = 0; r < a.n; ++r) gp[r] = v;
+    });
+  }
+  REGOPS_CPU_FLOATING(logits.scalar_type(), op, [&] { backward_rows<T>(a, o, g, s, am, out); });
+  return out;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace regops
@@ -430,4 +580,6 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad, const at::Tensor& logi
 TORCH_LIBRARY_IMPL(regops, CPU, m) {
   m.impl("cross_entropy", &regops::cpu::cross_entropy);
   m.impl("cross_entropy_backward", &regops::cpu::cross_entropy_backward);
+  m.impl("label_cross_entropy", &regops::cpu::label_cross_entropy);
+  m.impl("label_cross_entropy_backward", &regops::cpu::label_cross_entropy_backward);
 }

@@ -115,6 +115,28 @@ def prepare(
     return _finish(index, tweight, target, n_classes, acc, ignore_index, weight, token_weight, lead)
 
 
+def label_targets(
+    target: torch.Tensor, n_classes: int, acc: torch.dtype, ignore_index: int, class_weight: torch.Tensor | None
+) -> Targets:
+    """The targets of integer labels ``[N]`` (the ``label_cross_entropy`` ops), from device-side tensor ops: what
+    :func:`prepare` gives for them (out-of-range labels raise on CPU, give NaN rows elsewhere)."""
+    index = target.reshape(-1, 1).long()
+    tweight = torch.ones(index.shape, dtype=acc, device=index.device)
+    return _finish(index, tweight, target, n_classes, acc, ignore_index, class_weight, None, target.shape)
+
+
+def row_grads(grad: torch.Tensor, reduction: str, denominator: torch.Tensor | float, n: int) -> torch.Tensor:
+    """The upstream gradient of each of ``n`` rows from that of :func:`reduce_rows`'s result (autograd's numbers)."""
+    if reduction == "none":
+        return grad
+    if reduction == "mean":
+        if isinstance(denominator, float):
+            grad = grad / (denominator or 1.0)
+        else:
+            grad = grad / torch.where(denominator == 0, 1.0, denominator)
+    return grad.expand(n).contiguous()
+
+
 def _labels_on_cpu(
     index: torch.Tensor,
     n_classes: int,

@@ -46,6 +46,10 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------------ cross-entropy
+_LABEL_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+_INT64 = (-(2**63), 2**63 - 1)
+
+
 class LossStats(NamedTuple):
     """Per-row statistics of `cross_entropy` (shape: the logits' leading shape; float32, float64 for
     float64 logits; computed in the loss's own pass, no gradient).
@@ -191,6 +195,27 @@ def cross_entropy(
     no_grad_needed(weight=weight, token_weight=token_weight, target=target)
     check_weight_dtype(weight, "weight", logits.dtype)
     lead, n_classes = logits.shape[:-1], logits.shape[-1]
+    if (
+        mix is None
+        and token_weight is None
+        and not return_stats
+        and not options.decoupled
+        and type(target) is torch.Tensor
+        and target.dtype in _LABEL_DTYPES
+        and target.shape == lead
+        and target.device == logits.device
+        and type(ignore_index) is int
+        and _INT64[0] <= ignore_index <= _INT64[1]
+        and (
+            weight is None
+            or (isinstance(weight, torch.Tensor) and weight.shape == (n_classes,) and weight.device == logits.device)
+        )
+    ):  # plain labels, the common case: one op with the labels as they are, reduced inside
+        loss = ops.label_cross_entropy(
+            logits if logits.dim() == 2 else logits.reshape(-1, n_classes),
+            target if target.dim() == 1 else target.reshape(-1), weight, ignore_index, options.values(), reduction,
+        )[0]  # fmt: skip
+        return loss if reduction != "none" or len(lead) == 1 else loss.reshape(lead)
     acc = acc_dtype(logits)
     tg = prepare(
         lead, n_classes, logits.device, acc, target, mix, ignore_index, weight, token_weight, options.decoupled

@@ -5,6 +5,9 @@
   ``tweight``), per-row and class weights, the scalar options as one ``float[] options``
   (:class:`~regops.losses._options.LossOptions`). ``linear_cross_entropy_with_grad`` also forms the gradients of
   the row sum in its forward sweep (for ``"mean"`` / ``"sum"``, where every row shares the upstream gradient).
+* ``label_cross_entropy`` (and backward): the common case of ``cross_entropy`` (integer labels, ``ignore_index``,
+  class weights) from the labels themselves, reduced inside the op: one call with no target tensors to build, and
+  the same bits as ``cross_entropy`` on the targets its caller would build, then reduced.
 * ``mix_cross_entropy``, ``soft_target_cross_entropy``, ``mix_binary_cross_entropy`` (and backwards): the MixUp /
   CutMix losses from index labels and timm's soft-target losses.
 * ``symmetric_kl`` (and backward): R-Drop's two-view consistency loss.
@@ -69,6 +72,49 @@ def _ce_backward(ctx, grad_loss, _grad_stats, _grad_argmax):
 
 
 cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+def _label_fake(logits, target, class_weight, ignore_index, options, reduction):
+    n, acc = logits.shape[0], acc_dtype(logits)
+    return (
+        logits.new_empty((n,) if reduction == "none" else (), dtype=acc),
+        logits.new_empty((n, ref.N_STATS), dtype=acc),
+        logits.new_empty(n, dtype=torch.long),
+    )
+
+
+_LABELS = "Tensor target, Tensor? class_weight, int ignore_index"
+label_cross_entropy = declare(
+    f"label_cross_entropy(Tensor logits, {_LABELS}, float[] options, str reduction) -> (Tensor, Tensor, Tensor)",
+    reference=ref.label_cross_entropy,
+    triton=TRITON + "label_cross_entropy",
+    fake=_label_fake,
+)
+label_cross_entropy_backward = declare(
+    "label_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, Tensor? class_weight, Tensor stats, "
+    "Tensor argmax, int ignore_index, float[] options, str reduction) -> Tensor",
+    reference=ref.label_cross_entropy_backward,
+    triton=TRITON + "label_cross_entropy_backward",
+    fake=lambda grad, logits, *args: _like(logits),
+)
+
+
+def _label_setup(ctx, inputs, output) -> None:
+    logits, target, class_weight, ctx.ignore_index, ctx.options, ctx.reduction = inputs
+    _, stats, argmax = output
+    ctx.mark_non_differentiable(stats, argmax)
+    ctx.save_for_backward(logits, target, class_weight, stats, argmax)
+
+
+def _label_backward(ctx, grad_loss, _grad_stats, _grad_argmax):
+    logits, target, class_weight, stats, argmax = ctx.saved_tensors
+    grad = label_cross_entropy_backward(
+        grad_loss, logits, target, class_weight, stats, argmax, ctx.ignore_index, ctx.options, ctx.reduction
+    )
+    return grad, None, None, None, None, None
+
+
+label_cross_entropy.register_autograd(_label_backward, setup_context=_label_setup)
 
 
 def _lce_fake(hidden, weight, bias, *args):
@@ -295,6 +341,8 @@ symmetric_kl.register_autograd(_skl_backward, setup_context=_skl_setup)
 __all__ = [
     "cross_entropy",
     "cross_entropy_backward",
+    "label_cross_entropy",
+    "label_cross_entropy_backward",
     "linear_cross_entropy",
     "linear_cross_entropy_backward",
     "linear_cross_entropy_with_grad",

@@ -43,6 +43,7 @@ import torch
 
 from regops._core.dtypes import acc_dtype
 from regops.losses._options import LossOptions
+from regops.losses._targets import label_targets, reduce_rows, row_grads
 
 # Elements per row block: a few blocks of float32 temporaries stay well under the 64 MiB the CPU bar allows.
 _CHUNK = 1 << 22
@@ -274,6 +275,41 @@ def cross_entropy_backward(
         if dz.data_ptr() != out[rows].data_ptr():
             out[rows] = dz
     return out
+
+
+# ------------------------------------------------------------------------------------------------ integer labels
+def label_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    ignore_index: int,
+    options: list[float],
+    reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`cross_entropy` of integer labels ``target`` ``[N]`` (``ignore_index`` rows count nothing), reduced:
+    ``(loss, stats [N, N_STATS], argmax [N])``, the loss 0-dim for ``"mean"`` / ``"sum"`` (0 when every row is
+    ignored), ``[N]`` for ``"none"``; the statistics as ``want_stats=False`` leaves them."""
+    tg = label_targets(target, logits.shape[1], acc_dtype(logits), ignore_index, class_weight)
+    rows, stats, argmax = cross_entropy(logits, tg.index, tg.tweight, tg.row_weight, tg.class_weight, options, False)
+    return reduce_rows(rows, reduction, tg.denominator, rows.shape), stats, argmax
+
+
+def label_cross_entropy_backward(
+    grad: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    stats: torch.Tensor,
+    argmax: torch.Tensor,
+    ignore_index: int,
+    options: list[float],
+    reduction: str,
+) -> torch.Tensor:
+    """Gradient of ``grad * loss`` (the reduced loss of :func:`label_cross_entropy`) with respect to ``logits``."""
+    tg = label_targets(target, logits.shape[1], acc_dtype(logits), ignore_index, class_weight)
+    g = row_grads(grad, reduction, tg.denominator, logits.shape[0])
+    args = (tg.index, tg.tweight, tg.row_weight, tg.class_weight, stats, argmax, options)
+    return cross_entropy_backward(g, logits, *args)
 
 
 # ------------------------------------------------------------------------------------------------ linear CE

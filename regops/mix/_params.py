@@ -9,19 +9,30 @@ rule. Nothing goes to the host, nothing loops over the batch.
 
 from __future__ import annotations
 
+import array
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 
 from regops._core import validate
 from regops.mix import ops
+from regops.mix import reference as ref
 
 MODES = ("batch", "pair", "elem")
 PARTNERS = ("flip", "roll", "random")
 IMAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8)
+
+
+class HostDraw(NamedTuple):
+    """Batch mode's one draw on the host: ``lam`` (float64, what every sample but ``lone`` has), the samples mixed
+    with themselves (``lam`` 1), and float32 ``weights`` ``[4, B]``: the image weights then the label weights."""
+
+    lam: float
+    lone: list[int]
+    weights: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -46,10 +57,14 @@ class MixParams:
     partner: torch.Tensor
     box: torch.Tensor
     use_cutmix: torch.Tensor
+    # batch mode's draw made on the host: the weights filled from it and the numbers behind them
+    _host: HostDraw | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def image_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 ``(w_self, w_other)``: ``lam``, ``1 - lam`` for MixUp samples, ``1``, ``0`` for CutMix samples."""
+        if self._host is not None:
+            return self._host.weights[0], self._host.weights[1]
         w_self = torch.where(self.use_cutmix, 1.0, self.lam).float()
         w_other = torch.where(self.use_cutmix, 0.0, torch.rsub(self.lam, 1.0)).float()
         return w_self, w_other
@@ -57,6 +72,8 @@ class MixParams:
     @property
     def label_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 ``(lam, 1 - lam)``, each rounded once from float64 (as timm's float32 target arithmetic)."""
+        if self._host is not None:
+            return self._host.weights[2], self._host.weights[3]
         return self.lam.float(), torch.rsub(self.lam, 1.0).float()
 
 
@@ -149,16 +166,17 @@ def partners(kind: str, mode: str, batch: int, device, generator) -> torch.Tenso
 
 @dataclass
 class Draws:
-    """The raw random numbers of one call (float64 ``[n]``), in the units timm's NumPy draws use."""
+    """The raw random numbers of one call (float64 ``[n]``; Python floats from :func:`draw_on_host`), in the units
+    timm's NumPy draws use."""
 
-    apply: torch.Tensor  # U[0,1): mix iff < prob
-    switch: torch.Tensor  # U[0,1): CutMix iff < switch_prob (when both are enabled)
-    lam_mixup: torch.Tensor | None  # Beta(mixup_alpha)
-    lam_cutmix: torch.Tensor | None  # Beta(cutmix_alpha)
-    u_y: torch.Tensor  # box position (centre for alpha boxes, corner for min/max boxes)
-    u_x: torch.Tensor
-    u_h: torch.Tensor  # box size (min/max boxes only)
-    u_w: torch.Tensor
+    apply: torch.Tensor | float  # U[0,1): mix iff < prob
+    switch: torch.Tensor | float  # U[0,1): CutMix iff < switch_prob (when both are enabled)
+    lam_mixup: torch.Tensor | float | None  # Beta(mixup_alpha)
+    lam_cutmix: torch.Tensor | float | None  # Beta(cutmix_alpha)
+    u_y: torch.Tensor | float  # box position (centre for alpha boxes, corner for min/max boxes)
+    u_x: torch.Tensor | float
+    u_h: torch.Tensor | float  # box size (min/max boxes only)
+    u_w: torch.Tensor | float
 
 
 def draw(cfg: Config, n: int, device, generator) -> Draws:
@@ -175,6 +193,68 @@ def draw(cfg: Config, n: int, device, generator) -> Draws:
         switch=switch,
         lam_mixup=next(lams) if cfg.mixup_alpha > 0 else None,
         lam_cutmix=next(lams) if cfg.cutmix_alpha > 0 else None,
+        u_y=u_y,
+        u_x=u_x,
+        u_h=u_h,
+        u_w=u_w,
+    )
+
+
+class _Uniforms:
+    """Uniform doubles in ``[0, 1)`` from ``generator``, drawn in blocks (one generator call per block)."""
+
+    BLOCK = 32
+
+    def __init__(self, generator: torch.Generator | None) -> None:
+        self.generator = generator
+        self.pending: list[float] = []
+
+    def __call__(self) -> float:
+        if not self.pending:
+            block = torch.rand(self.BLOCK, dtype=torch.float64, generator=self.generator).tolist()
+            self.pending = block[::-1]
+        return self.pending.pop()
+
+
+def _log_gamma(alpha: float, u: _Uniforms) -> float:
+    """The log of a ``Gamma(alpha, 1)`` draw: Marsaglia and Tsang's method (normals by Box-Muller), and for
+    ``alpha < 1`` ``Gamma(alpha + 1) U^(1 / alpha)``, in logs so that tiny draws do not underflow to 0."""
+    boost = 0.0
+    if alpha < 1.0:
+        boost = math.log(1.0 - u()) / alpha
+        alpha += 1.0
+    d = alpha - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    while True:
+        x = math.sqrt(-2.0 * math.log(1.0 - u())) * math.cos(2.0 * math.pi * u())
+        v = 1.0 + c * x
+        if v <= 0.0:
+            continue
+        v = v * v * v
+        if math.log(1.0 - u()) < 0.5 * x * x + d - d * v + d * math.log(v):
+            return math.log(d) + math.log(v) + boost
+
+
+def _beta(alpha: float, u: _Uniforms) -> float:
+    """A ``Beta(alpha, alpha)`` draw: ``G_a / (G_a + G_b)`` of two Gamma draws."""
+    t = _log_gamma(alpha, u)
+    t = _log_gamma(alpha, u) - t
+    return 0.0 if t > 700.0 else 1.0 / (1.0 + math.exp(t))
+
+
+def draw_on_host(cfg: Config, generator: torch.Generator | None) -> Draws:
+    """Batch mode's one draw on the host (CPU generator), as Python floats: the six uniforms of :func:`draw`,
+    then the Beta lambda of the kind the switch picks, from one block of uniforms (one generator call; another
+    only if the Gamma rejections use it up)."""
+    u = _Uniforms(generator)
+    apply, switch, u_y, u_x, u_h, u_w = (u() for _ in range(6))
+    # only the lambda the switch picks is drawn (as timm): the other stays None
+    cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha == 0 or switch < cfg.switch_prob)
+    return Draws(
+        apply=apply,
+        switch=switch,
+        lam_mixup=None if cutmix else _beta(cfg.mixup_alpha, u),
+        lam_cutmix=_beta(cfg.cutmix_alpha, u) if cutmix else None,
         u_y=u_y,
         u_x=u_x,
         u_h=u_h,
@@ -250,31 +330,31 @@ def _params_from_draws(cfg: Config, draws: Draws, height: int, width: int) -> tu
 
 
 def _params_on_host(cfg: Config, draws: Draws, height: int, width: int) -> tuple[float, bool, tuple[int, ...]]:
-    """:func:`_params_from_draws` for the one draw of batch mode, in Python numbers (the same IEEE double
-    operations, so the same results) rather than a few dozen one-element tensor ops: ``(lam, cut, box)``."""
+    """:func:`_params_from_draws` for the one draw of batch mode (:func:`draw_on_host`, Python floats), with the
+    same IEEE double operations, so the same results: ``(lam, cut, box)``."""
     if cfg.mixup_alpha > 0 and cfg.cutmix_alpha > 0:
-        use_cutmix = draws.switch.item() < cfg.switch_prob
-        lam = (draws.lam_cutmix if use_cutmix else draws.lam_mixup).item()
+        use_cutmix = draws.switch < cfg.switch_prob
+        lam = draws.lam_cutmix if use_cutmix else draws.lam_mixup
     elif cfg.mixup_alpha > 0:
-        use_cutmix, lam = False, draws.lam_mixup.item()
+        use_cutmix, lam = False, draws.lam_mixup
     else:
-        use_cutmix, lam = True, draws.lam_cutmix.item()
-    if not (draws.apply.item() < cfg.prob and cfg.enabled):
+        use_cutmix, lam = True, draws.lam_cutmix
+    if not (draws.apply < cfg.prob and cfg.enabled):
         lam = 1.0
     if cfg.cutmix_minmax is not None:
         lo_h, hi_h, lo_w, hi_w = _minmax_sides(cfg.cutmix_minmax, height, width)
     if not (use_cutmix and lam != 1.0):
         return lam, False, (0, 0, 0, 0)
     if cfg.cutmix_minmax is not None:
-        cut_h = lo_h + math.floor(draws.u_h.item() * (hi_h - lo_h))
-        cut_w = lo_w + math.floor(draws.u_w.item() * (hi_w - lo_w))
-        y0 = math.floor(draws.u_y.item() * (height - cut_h + 1))
-        x0 = math.floor(draws.u_x.item() * (width - cut_w + 1))
+        cut_h = lo_h + math.floor(draws.u_h * (hi_h - lo_h))
+        cut_w = lo_w + math.floor(draws.u_w * (hi_w - lo_w))
+        y0 = math.floor(draws.u_y * (height - cut_h + 1))
+        x0 = math.floor(draws.u_x * (width - cut_w + 1))
         y1, x1 = y0 + cut_h, x0 + cut_w
     else:
         ratio = math.sqrt(1.0 - lam)
         cut_h, cut_w = math.floor(ratio * height), math.floor(ratio * width)
-        cy, cx = math.floor(draws.u_y.item() * height), math.floor(draws.u_x.item() * width)
+        cy, cx = math.floor(draws.u_y * height), math.floor(draws.u_x * width)
         y0, y1 = min(max(cy - cut_h // 2, 0), height), min(max(cy + (cut_h + 1) // 2, 0), height)
         x0, x1 = min(max(cx - cut_w // 2, 0), width), min(max(cx + (cut_w + 1) // 2, 0), width)
     if cfg.correct_lam or cfg.cutmix_minmax is not None:
@@ -282,15 +362,56 @@ def _params_on_host(cfg: Config, draws: Draws, height: int, width: int) -> tuple
     return lam, True, (y0, y1, x0, x1)
 
 
-def _batch_params_on_host(cfg: Config, batch: int, partner: torch.Tensor, draws: Draws, height: int, width: int):
-    """Batch mode's per-sample ``(lam, cut, box)`` from its one draw read on the host (CPU tensors, eager)."""
-    lam, cut, box = _params_on_host(cfg, draws, height, width)
-    alone = partner == torch.arange(batch)  # the middle sample of an odd batch under 'flip'
-    lam_t = torch.full((batch,), lam, dtype=torch.float64).masked_fill_(alone, 1.0)
-    if not cut:
-        return lam_t, torch.zeros(batch, dtype=torch.bool), torch.zeros(batch, 4, dtype=torch.long)
-    box_t = torch.tensor(box, dtype=torch.long).expand(batch, 4).masked_fill(alone.unsqueeze(1), 0)
-    return lam_t, ~alone, box_t
+def _batch_params_on_host(cfg: Config, batch: int, partner: torch.Tensor, height: int, width: int, generator):
+    """Batch mode's :class:`MixParams` from its one draw made on the host (CPU tensors, eager): a handful of tensors
+    filled from Python numbers, the image and label weights among them (float32, rounded once from float64)."""
+    lam, cut, box = _params_on_host(cfg, draw_on_host(cfg, generator), height, width)
+    # samples mixed with themselves (the middle one of an odd batch under 'flip'): lam 1, no box
+    if cfg.partner == "random":
+        alone = partner == torch.arange(batch)
+        lone = alone.nonzero().flatten().tolist() if bool(alone.any()) else []
+    else:
+        lone = [batch // 2] if (cfg.partner == "flip" and batch % 2) or batch == 1 else []
+    lam_t = torch.full((batch,), lam, dtype=torch.float64)
+    use_cutmix = torch.full((batch,), cut, dtype=torch.bool)
+    if cut:
+        box_t = torch.tensor(box, dtype=torch.long).expand(batch, 4).contiguous()
+    else:
+        box_t = torch.zeros(batch, 4, dtype=torch.long)
+    # rows: w_self, w_other (images: lam, 1 - lam for MixUp, 1, 0 for CutMix), lam, 1 - lam (labels)
+    weights = torch.tensor([[1.0 if cut else lam], [0.0 if cut else 1.0 - lam], [lam], [1.0 - lam]]).expand(4, batch)
+    weights = weights.contiguous()
+    if lone:
+        lam_t[lone] = 1.0
+        use_cutmix[lone] = False
+        box_t[lone] = 0
+        weights[:, lone] = torch.tensor([[1.0], [0.0], [1.0], [0.0]])
+    params = MixParams(lam=lam_t, partner=partner, box=box_t, use_cutmix=use_cutmix)
+    object.__setattr__(params, "_host", HostDraw(lam, lone, weights))
+    return params
+
+
+def _f32(*xs: float) -> list[float]:
+    """``xs`` rounded to float32. A float32 sum or product of float32 numbers is the double one rounded so: the
+    double rounding is innocuous (53 >= 2 * 24 + 2 bits)."""
+    return array.array("f", xs).tolist()
+
+
+def host_one_hot(host: HostDraw, target: torch.Tensor, target_b: torch.Tensor, num_classes: int, smoothing: float):
+    """:func:`regops.mix.reference.mixed_one_hot` for batch mode's draw on the host, bit for bit: its per-sample
+    numbers (the same for every sample but the lone ones) computed here in float32, leaving a fill, a compare and
+    two scatters to tensors."""
+    off, on, ws, wo = _f32(*ref.smoothing_values(num_classes, smoothing), host.lam, 1.0 - host.lam)
+    ws_off, wo_off, ws_on, wo_on, off_wo, off_ws = _f32(ws * off, wo * off, ws * on, on * wo, off * wo, off * ws)
+    # at_a_same: target == target_b, where the scatter at target_b is overwritten
+    base, at_a_same, at_a, at_b = _f32(ws_off + wo_off, ws_on + wo_on, ws_on + off_wo, off_ws + wo_on)
+    out = torch.full((target.shape[0], num_classes), base, device=target.device)
+    values = torch.where(target == target_b, at_a_same, at_a)
+    if host.lone:  # mixed with itself: weights 1 and 0
+        out[host.lone] = off
+        values[host.lone] = on
+    out.scatter_(1, target_b.unsqueeze(1), at_b)
+    return out.scatter_(1, target.unsqueeze(1), values.unsqueeze(1))
 
 
 def spatial(x: torch.Tensor) -> tuple[int, int]:
@@ -307,8 +428,7 @@ def sample_params(cfg: Config, x: torch.Tensor, generator: torch.Generator | Non
     n = 1 if cfg.mode == "batch" else batch
     dtensor_input = validate.is_dtensor(x)
     if cfg.mode == "batch" and device.type == "cpu" and not dtensor_input and not torch.compiler.is_compiling():
-        lam, cut, box = _batch_params_on_host(cfg, batch, partner, draw(cfg, n, device, generator), height, width)
-        return MixParams(lam=lam, partner=partner, box=box, use_cutmix=cut)
+        return _batch_params_on_host(cfg, batch, partner, height, width, generator)
     lam, cut, box = _params_from_draws(cfg, draw(cfg, n, device, generator), height, width)
     if dtensor_input:
         from regops.mix import dtensor  # imports torch.distributed.tensor: only for DTensor inputs

@@ -22,6 +22,7 @@ from regops.mix._params import (
     check_labels,
     check_num_classes,
     check_smoothing,
+    host_one_hot,
     make_config,
     sample_params,
     spatial,
@@ -362,12 +363,16 @@ class Mixup:
         x_mixed = apply_params(x, params)
         if self.inplace if inplace is None else inplace:
             x_mixed = _write_back(x, x_mixed)
-        w_self, w_other = params.label_weights
         if self.multi_label:
+            w_self, w_other = params.label_weights
             s = self.label_smoothing
             y1 = target.float() * (1.0 - s) + 0.5 * s
             soft = y1 * w_self.unsqueeze(1) + y1.index_select(0, params.partner) * w_other.unsqueeze(1)
         else:
             target_b = target.index_select(0, params.partner)
-            soft = ref.mixed_one_hot(target, target_b, w_self, w_other, self.num_classes, self.label_smoothing)
+            if params._host is not None:
+                soft = host_one_hot(params._host, target, target_b, self.num_classes, self.label_smoothing)
+            else:
+                w_self, w_other = params.label_weights
+                soft = ref.mixed_one_hot(target, target_b, w_self, w_other, self.num_classes, self.label_smoothing)
         return x_mixed, soft

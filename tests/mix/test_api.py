@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import regops
+from regops.mix import _params as P
 from regops.mix import reference as R
 
 
@@ -59,6 +60,49 @@ def test_lambda_and_coin_statistics_follow_the_documented_distributions():
     cdf_at_quarter = (lam_m < 0.25).double().mean().item()
     expected = _beta_cdf(0.25, alpha)
     assert abs(cdf_at_quarter - expected) < 5 * math.sqrt(expected * (1 - expected) / k)
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.8, 1.0, 3.0])
+def test_batch_mode_host_draws_follow_the_documented_distributions(alpha):
+    """Batch mode on CPU draws its one lambda on the host (Gamma draws by Marsaglia and Tsang): Beta(a, a) still,
+    and the same draws for the same seed."""
+    n = 40000
+    u = P._Uniforms(torch.Generator().manual_seed(99))
+    lam = torch.tensor([P._beta(alpha, u) for _ in range(n)], dtype=torch.float64)
+    var = 1 / (4 * (2 * alpha + 1))
+    assert abs(lam.mean().item() - 0.5) < 5 * math.sqrt(var / n)
+    assert abs(lam.var().item() - var) < 5 * math.sqrt(1 / 16 / n)  # |lam - 1/2| <= 1/2: 4th moment <= 1/16
+    expected = _beta_cdf(0.25, alpha)
+    assert abs((lam < 0.25).double().mean().item() - expected) < 5 * math.sqrt(expected * (1 - expected) / n)
+    kw = dict(mixup_alpha=alpha, cutmix_alpha=1.0, mode="batch", num_classes=4)
+    x, y = torch.randn(5, 3, 8, 8), torch.arange(5) % 4
+    first = regops.Mixup(**kw, generator=torch.Generator().manual_seed(3))(x, y)
+    again = regops.Mixup(**kw, generator=torch.Generator().manual_seed(3))(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+@pytest.mark.parametrize("batch", [1, 6, 7])
+@pytest.mark.parametrize("partner", ["flip", "roll", "random"])
+def test_batch_mode_host_weights_and_targets_have_the_general_bits(batch, partner):
+    """Batch mode on CPU fills the weights and the soft targets from its host draw: the same bits as the general
+    formulas (MixParams' weights from lam and the boxes, regops.mix.reference.mixed_one_hot)."""
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 3, 6, 6)
+    for i in range(40):
+        smoothing = (0.0, 0.1, 0.3)[i % 3]
+        mixup = regops.Mixup(mixup_alpha=0.7, cutmix_alpha=1.0, mode="batch", num_classes=5, partner=partner,
+                             label_smoothing=smoothing, generator=gen)  # fmt: skip
+        y = torch.randint(0, 5, (batch,), generator=gen)
+        p = mixup.sample_params(x)
+        assert p._host is not None
+        general = regops.MixParams(lam=p.lam, partner=p.partner, box=p.box, use_cutmix=p.use_cutmix)
+        assert general._host is None
+        for fast, slow in zip(p.image_weights + p.label_weights, general.image_weights + general.label_weights,
+                              strict=True):  # fmt: skip
+            assert torch.equal(fast, slow)
+        _, soft = mixup(x, y, params=p)
+        expected = R.mixed_one_hot(y, y[p.partner], *general.label_weights, 5, smoothing)
+        assert torch.equal(soft, expected), (i, p.lam)
 
 
 def _beta_cdf(x: float, a: float, steps: int = 200000) -> float:

@@ -113,14 +113,28 @@ def _timm_mixed_samples(draws, cfg):
 
 
 def _capture_draws(monkeypatch):
+    """The draws of the next call: tensors from ``draw``, or batch mode's Python floats from ``draw_on_host`` (kept
+    as one-element tensors)."""
     captured = {}
-    real = P.draw
+    real, real_host = P.draw, P.draw_on_host
 
     def spy(cfg, n, device, generator):
         captured["draws"], captured["cfg"] = real(cfg, n, device, generator), cfg
         return captured["draws"]
 
+    def spy_host(cfg, generator):
+        draws = real_host(cfg, generator)
+        as_tensors = {k: None if v is None else torch.tensor([v], dtype=torch.float64) for k, v in vars(draws).items()}
+        # only the lambda the switch picks is drawn; the other (never read by timm) stands in where both are enabled
+        pairs = (("lam_mixup", cfg.mixup_alpha, "lam_cutmix"), ("lam_cutmix", cfg.cutmix_alpha, "lam_mixup"))
+        for name, alpha, other in pairs:
+            if alpha > 0 and as_tensors[name] is None:
+                as_tensors[name] = as_tensors[other]
+        captured["draws"], captured["cfg"] = P.Draws(**as_tensors), cfg
+        return draws
+
     monkeypatch.setattr(P, "draw", spy)
+    monkeypatch.setattr(P, "draw_on_host", spy_host)
     return captured
 
 
