@@ -154,10 +154,9 @@ def clip_per_sample_(
 
     grads = rec.weighted_grads(weights) if n_total else None
     before = getattr(norms, "_grad_before", {})
-    dist = _distributed_world(norms)
+    dist, tensor_parallel = _parallelism(norms)
     rank = torch.distributed.get_rank() if dist > 1 else 0
     params = norms._params
-    tensor_parallel = dist == 1 and _tensor_parallel(norms)
     sharded = (dist > 1 or tensor_parallel) and is_dtensor(*params.values())
     std = noise_multiplier * sensitivity / s
     # Under FSDP2 every rank draws (its generator advances as in one process) and rank 0's seed is used (under
@@ -195,22 +194,21 @@ def clip_per_sample_(
     return stacked
 
 
-def _tensor_parallel(norms: PerSampleGradNorms) -> bool:
-    """DTensor parameters not managed by FSDP2 (parallelize_module): every rank sees the same batch."""
-    from torch.distributed.fsdp import FSDPModule
-
-    model = norms._rec.model
-    return is_dtensor(*norms._params.values()) and not any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-def _distributed_world(norms: PerSampleGradNorms) -> int:
+def _parallelism(norms: PerSampleGradNorms) -> tuple[int, bool]:
+    """``(world, tensor_parallel)``: how many ranks' clipped sums are averaged (FSDP2 and DDP: each rank its own
+    batch), and whether the parameters are tensor-parallel DTensors (``parallelize_module`` without FSDP2: every rank
+    sees the same batch, nothing is averaged)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return 1
-    if is_dtensor(*norms._params.values()):  # FSDP2: sharded parameters, one batch per rank
-        return 1 if _tensor_parallel(norms) else torch.distributed.get_world_size()
-    if not isinstance(norms._rec.model, nn.parallel.DistributedDataParallel):
-        return 1
-    return torch.distributed.get_world_size()
+        return 1, False
+    if is_dtensor(*norms._params.values()):
+        from torch.distributed.fsdp import FSDPModule
+
+        if any(isinstance(m, FSDPModule) for m in norms._rec.model.modules()):
+            return torch.distributed.get_world_size(), False
+        return 1, True
+    if isinstance(norms._rec.model, nn.parallel.DistributedDataParallel):
+        return torch.distributed.get_world_size(), False
+    return 1, False
 
 
 class DPClipping(PerSampleGradNorms):
@@ -250,7 +248,7 @@ class DPClipping(PerSampleGradNorms):
 
     def __enter__(self) -> DPClipping:
         super().__enter__()  # sets p.grad apart: the clipped sum is added to it on exit (torch's accumulation)
-        if _distributed_world(self) > 1:
+        if _parallelism(self)[0] > 1:
             return self  # DDP reduces every parameter's gradient: leave autograd as it is
         # The weight leaves requires_grad only while its module runs forward: the graph then has no edge to it,
         # so autograd never computes its gradient, while the norms (computed in backward) still see it trainable.
