@@ -23,7 +23,7 @@ from regops.hessian import reference as ref
 from regops.hessian._context import twice_differentiable
 from regops.hessian._ggn import ggn_diagonal, ggn_trace
 from regops.hessian._hvp import HVP_METHODS, NOT_A_FUNCTION_OF_PARAMS, LossHVP, check_loss
-from regops.hessian._inputs import DEFAULT_PROBE_BATCH, _check_params, _operator, _resolve, _user_probes
+from regops.hessian._inputs import DEFAULT_PROBE_BATCH, _check_params, _fd_step, _operator, _resolve, _user_probes
 from regops.hessian._linop import HessianLinearOperator
 from regops.hessian._probes import ParamLayout
 from regops.hessian._results import DiagonalEstimate, TraceEstimate, diagonal_stats, groups_of, mean_stderr
@@ -73,11 +73,6 @@ def _check_common(num_probes, method, distribution, probe_batch, tol, hvp) -> in
     if tol is not None and (not isinstance(tol, (int, float)) or not tol > 0):
         raise ValueError(f"regops: tol must be a positive number (relative standard error) or None, got {tol!r}")
     return probe_batch
-
-
-def _check_fsdp_options(supplied: torch.Tensor | None, fd_eps: float | None) -> None:
-    if supplied is not None or fd_eps is not None:
-        raise ValueError("regops: probes= and fd_eps= are not supported for FSDP2-sharded parameters")
 
 
 def trace(
@@ -187,9 +182,8 @@ def trace(
     if method != "hutchinson" and (by is not None or distributed or tol is not None):
         raise ValueError(f"regops: by, tol and distributed need method='hutchinson' (got method={method!r})")
     if is_dtensor(*problem.params):  # FSDP2
-        _check_fsdp_options(supplied, fd_eps)
         args = (loss_fn, problem, num_probes, method, distribution, probe_batch, tol, generator, by, hvp, distributed)
-        return _dtensor().trace(*args)
+        return _dtensor().trace(*args, supplied, _fd_step(fd_eps))
     op = _operator(problem, hvp, probe_batch, fd_eps)
     layout = problem.layout
     if method in ("hutch++", "xtrace"):
@@ -293,9 +287,8 @@ def diagonal(
         num_probes = supplied.shape[0]
     probe_batch = _check_common(num_probes, "hutchinson", distribution, probe_batch, tol, hvp)
     if is_dtensor(*problem.params):  # FSDP2
-        _check_fsdp_options(supplied, fd_eps)
         args = (loss_fn, problem, num_probes, distribution, probe_batch, tol, generator, hvp, distributed)
-        return _dtensor().diagonal(*args)
+        return _dtensor().diagonal(*args, supplied, _fd_step(fd_eps))
     op = _operator(problem, hvp, probe_batch, fd_eps)
     layout = problem.layout
     dist_ = _hutchinson.Dist.of(distributed, group)
