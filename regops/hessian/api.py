@@ -142,7 +142,11 @@ def trace(
             before the last dot); they sum to the whole trace. Hutchinson only.
         hvp: ``"auto"``, ``"double_backward"``, ``"forward_over_reverse"``, ``"loop"`` or ``"finite_difference"``
             (vmap failures fall back with a warning; ``"auto"`` falls back to
-            finite differences, with a warning, when the model has no double backward).
+            finite differences, with a warning, when the model has no double backward). For a model under FSDP2
+            (``fully_shard``), ``"auto"`` and ``"finite_difference"`` run central differences of FSDP2's own
+            sharded gradients (no rank holds more than its shards and the modules FSDP2 gathers); the other three
+            compute exact products on *all-gathered* parameters (every rank holds the whole model: see
+            `regops.hessian.dtensor`).
         progress: show a tqdm progress bar with the running relative standard error.
         distributed: split the probes across the ranks of ``group`` (every rank passes the same arguments and
             its share of nothing else: the same data gives the same Hessian); the seed is broadcast from rank 0

@@ -1,20 +1,28 @@
 """Hutchinson trace and diagonal of the loss Hessian for a model under FSDP2 (``fully_shard``).
 
 Each rank holds its own batch; the loss is the mean of the ranks' losses (each a mean over its batch: with equal
-batch sizes, the mean over the concatenated batch), so ``H = mean_r H_r``. Then:
+batch sizes, the mean over the concatenated batch), so ``H = mean_r H_r``: the Hessian of what FSDP2's
+reduce-scattered gradient (the mean over the ranks) is the gradient of.
 
-* the parameters are all-gathered once (``full_tensor``) and the model runs on them with FSDP2's forward hooks
-  set aside for the estimate (so autograd sees a plain model: double backward and forward-over-reverse work);
-* the probes are the single-process probes: one seed drawn from the generator (every rank draws, advancing its
-  generator as a single process does; the mesh's first rank's seed is broadcast), each probe entry a function of
-  (seed, probe, global parameter index) over the full parameters, in the single-process layout;
-* every rank computes ``v^T H_r v`` for all probes; one all-reduce of the ``[num_probes, num_params]`` per-probe
-  dots gives the single-process estimate (trace). The diagonal needs each ``H v`` itself (its standard error is
-  not linear in ``H``): one all-reduce of ``H v`` per batch of probes.
+``hvp="auto"`` (the default) and ``"finite_difference"``: no rank ever holds all the parameters.
+:mod:`regops.hessian._sharded` computes ``H v`` as central differences of FSDP2's own sharded gradients, each rank
+moving only its shards (restored from a copy of them, bit for bit; the user's ``p.grad`` is left as it was). The
+probes are the single-process probes (one seed from the generator, which advances as in one process; the mesh's
+first rank's seed is broadcast), each rank drawing exactly its shards' elements. ``v^T H v`` is a sum of local dots:
+one all-reduce of the ``[probes, params]`` dots per ``probe_batch`` probes; the diagonal's ``v * H v`` never leaves
+its rank. So the estimate is the single-process ``hvp="finite_difference"`` estimate with the same generator (the
+same probes; values to the rounding of the gradients divided by the step). ``tol``, ``probes=`` (full-size,
+sharded by the layout) and ``fd_eps`` work as in one process.
 
-Hutch++ and XTrace run the single-process algorithm on the mean of the ranks' Hessians: every product ``H X``
-is each rank's ``H_r X`` all-reduced and divided by the world size (one all-reduce per block of products), and
-the sketch's seed is the mesh's first rank's.
+``hvp="double_backward"``, ``"forward_over_reverse"`` or ``"loop"``: exact products on *all-gathered* parameters
+(``full_tensor``: every rank holds the whole model, its gradient graph and whole probes), with FSDP2's forward
+hooks set aside so autograd sees a plain model; every rank computes ``v^T H_r v``, one all-reduce gives the mean
+(the diagonal: one all-reduce of ``H v`` per batch of probes). No ``tol`` or ``probes=`` there.
+
+Hutch++ and XTrace run the single-process algorithm on the mean of the ranks' Hessians (the mesh's first rank's
+seed); their sketches are full-size ``[k, N]`` matrices on every rank, so each sharded product's shards are
+all-gathered (one all-gather per parameter per product), or, for a second-order ``hvp``, each block of gathered
+products is all-reduced and divided by the world size.
 
 Every rank returns the same estimate; diagonal values are DTensors laid out like the parameters.
 :func:`regops.hessian.trace` and :func:`regops.hessian.diagonal` forward DTensor parameters here.

@@ -154,3 +154,19 @@ def _body(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_finite_differences_equal_one_process(world):
     run(_body, world)
+
+
+def test_fsdp2_hessian_trace_holds_a_shard_per_rank():
+    """Peak RSS growth of ``hessian.trace`` (sharded finite differences, one probe and the error estimate's second
+    pair) on each of 2 and of 3 FSDP2 ranks: at most 0.7x the same call in one process, and within the model's
+    ``6 P / world + 4 L`` (8 x Linear(512): ``P`` = 8 MiB, ``L`` = 1 MiB; rows split unevenly over 3 ranks), which
+    the path that gathers every parameter (about ``4 P`` on every rank) exceeds."""
+    from benchmarks.fsdp_memory import measure
+
+    mib, p_mib, l_mib = 2**20, 8.03, 1.0
+    one = measure(1, 8, 512, 8, "hessian_trace")[0]["growth"]
+    assert one > 4 * p_mib * mib, f"one process grew by {one / mib:.1f} MiB: its products alone are 4 x 8 MiB"
+    for world in (2, 3):
+        ranks = [r["growth"] / mib for r in measure(world, 8, 512, 8, "hessian_trace")]
+        bound = 6 * p_mib / world + 4 * l_mib
+        assert max(ranks) <= min(0.7 * one / mib, bound), f"{world} ranks grew by {ranks} MiB vs {one / mib:.1f}"
