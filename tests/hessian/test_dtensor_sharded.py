@@ -135,6 +135,18 @@ def _body(rank: int, world: int) -> None:
         c.close(f"{method} {m}", torch.tensor(got.value), torch.tensor(want.value), rtol=1e3 * RTOL, atol=1e3 * RTOL)
         c.true(f"{method}: products", (got.num_matvecs, got.engine) == (want.num_matvecs, "finite_difference"))
 
+    # a loader: two batches per rank (the mean over the ranks of each rank's batch-weighted mean: the concatenated
+    # batch); ranks that give different numbers of batches are refused on every rank
+    halves = [(x[mine][:2], y[mine][:2]), (x[mine][2:], y[mine][2:])]
+    got = regops.hessian.trace(model, loss, halves, num_probes=3, generator=_gen())
+    want = single(regops.hessian.trace, num_probes=3, generator=_gen())
+    c.close("loader", got.samples, want.samples, rtol=RTOL, atol=RTOL)
+    try:
+        regops.hessian.trace(model, loss, halves[: 1 + (rank == 0)], num_probes=3)
+        c.failures.append("uneven batch counts: no error")
+    except ValueError as exc:
+        c.true(f"uneven batch counts: {exc}", "as many batches" in str(exc))
+
     # a frozen parameter: left out, unchanged, no gradient
     frozen = _sharded(frozen=True)
     got = regops.hessian.trace(frozen, loss, x[mine], y[mine], num_probes=PROBES, generator=_gen(), by="param")
