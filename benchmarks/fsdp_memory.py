@@ -1,7 +1,13 @@
-"""Peak RSS growth of one noised ``dp_clipping`` step per process: a model under FSDP2 (``fully_shard`` on every
-Linear, then the root) in ``world`` gloo processes on CPU against the same model and call in one process.
+"""Peak RSS growth of one noised ``dp_clipping`` step, or of one ``regops.hessian.trace`` call, per process: a model
+under FSDP2 (``fully_shard`` on every Linear, then the root) in ``world`` gloo processes on CPU against the same
+model and call in one process.
 
-``python -m benchmarks.fsdp_memory [--layers 8] [--width 1024] [--worlds 1 2] [--out FILE]``
+``python -m benchmarks.fsdp_memory [--step dp_clipping|hessian_trace] [--hvp finite_difference] [--layers 8]
+[--width 1024] [--worlds 1 2] [--out FILE]``
+
+``hessian_trace``: ``trace(model, cross_entropy, x, y, num_probes=2, hvp=...)``; with ``hvp="finite_difference"``
+(the default under FSDP2) the sharded central differences, in one process the same products on the whole model;
+``hvp="double_backward"``: the exact products, which under FSDP2 gather every parameter.
 
 Each process: a warm-up step (FSDP2's lazy initialisation, first-call allocations), gradients set to ``None``,
 then the peak RSS is reset (``/proc/self/clear_refs``) and the measured step runs; growth = ``VmHWM`` after the step
@@ -48,8 +54,14 @@ def _model(layers: int, width: int, world: int) -> torch.nn.Module:
     return model
 
 
-def step_growth(rank: int, world: int, layers: int, width: int, batch: int) -> dict[str, float]:
-    """Peak RSS growth (bytes) of one noised ``dp_clipping`` step on this process (``world`` > 1: FSDP2)."""
+HESSIAN_PROBES = 1
+
+
+def step_growth(
+    rank: int, world: int, layers: int, width: int, batch: int, step_name: str = "dp_clipping", hvp: str = ""
+) -> dict[str, float]:
+    """Peak RSS growth (bytes) of one noised ``dp_clipping`` step or one ``hessian.trace`` call on this process
+    (``world`` > 1: FSDP2)."""
     import regops
 
     ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
@@ -59,9 +71,14 @@ def step_growth(rank: int, world: int, layers: int, width: int, batch: int) -> d
     y = torch.randint(0, width, (batch,), generator=gen)
 
     def step():
+        if step_name == "hessian_trace":
+            regops.hessian.trace(model, F.cross_entropy, x, y, num_probes=HESSIAN_PROBES, generator=gen, hvp=hvp)
+            return
         with regops.dp_clipping(model, 1.0, loss_reduction="mean", noise_multiplier=1.0, generator=gen):
             F.cross_entropy(model(x), y).backward()
 
+    if step_name == "hessian_trace":  # a training step first: FSDP2's lazy initialisation
+        F.cross_entropy(model(x), y).backward()
     step()
     model.zero_grad(set_to_none=True)
     with open("/proc/self/clear_refs", "w") as f:
@@ -69,21 +86,27 @@ def step_growth(rank: int, world: int, layers: int, width: int, batch: int) -> d
     before = _status("VmRSS")
     step()
     growth = _status("VmHWM") - before
-    params = sum(p.numel() * p.element_size() for p in model.parameters())  # this rank's shard under FSDP2
+    params = sum(_local(p).numel() * p.element_size() for p in model.parameters())  # this rank's shard
     return {"growth": float(growth), "param_bytes": float(params)}
 
 
-def _worker(rank: int, world: int, layers: int, width: int, batch: int, out_dir: str) -> None:
-    result = step_growth(rank, world, layers, width, batch)
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _worker(rank: int, world: int, layers: int, width: int, batch: int, step: str, hvp: str, out_dir: str) -> None:
+    result = step_growth(rank, world, layers, width, batch, step, hvp)
     Path(out_dir, f"{world}-{rank}.json").write_text(json.dumps(result))
 
 
-def measure(world: int, layers: int, width: int, batch: int) -> list[dict[str, float]]:
+def measure(
+    world: int, layers: int, width: int, batch: int, step: str = "dp_clipping", hvp: str = "finite_difference"
+) -> list[dict[str, float]]:
     """One result per rank: ``world`` fresh gloo processes (``world == 1``: the plain model in one process)."""
     from tests.dist_harness import run
 
     with tempfile.TemporaryDirectory() as tmp:
-        run(_worker, world, layers, width, batch, tmp)
+        run(_worker, world, layers, width, batch, step, hvp, tmp)
         return [json.loads(Path(tmp, f"{world}-{r}.json").read_text()) for r in range(world)]
 
 
@@ -93,11 +116,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=8, help="examples per process")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--step", choices=["dp_clipping", "hessian_trace"], default="dp_clipping")
+    parser.add_argument("--hvp", choices=["finite_difference", "double_backward"], default="finite_difference")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     results = {}
     for world in args.worlds:
-        ranks = measure(world, args.layers, args.width, args.batch)
+        ranks = measure(world, args.layers, args.width, args.batch, args.step, args.hvp)
         results[str(world)] = {
             "growth_mib": [r["growth"] / MIB for r in ranks],
             "param_mib_per_rank": [r["param_bytes"] / MIB for r in ranks],
@@ -115,7 +140,11 @@ def main(argv: list[str] | None = None) -> None:
             "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
         "config": {"layers": args.layers, "width": args.width, "batch_per_process": args.batch, "dtype": "float32"},
-        "step": "dp_clipping(max_norm=1.0, loss_reduction='mean', noise_multiplier=1.0), one backward",
+        "step": (
+            "dp_clipping(max_norm=1.0, loss_reduction='mean', noise_multiplier=1.0), one backward"
+            if args.step == "dp_clipping"
+            else f"hessian.trace(model, cross_entropy, x, y, num_probes={HESSIAN_PROBES}, hvp={args.hvp!r})"
+        ),
         "results": results,
     }
     if args.out:

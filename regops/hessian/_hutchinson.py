@@ -158,7 +158,7 @@ def diag_rel_stderr(state: State) -> float:
     return math.sqrt(var.sum().item() / m) / norm if norm > 0 else math.inf
 
 
-def warn_tol(tol: float | None, metric: float, count: int, what: str) -> None:
+def warn_tol(tol: float | None, metric: float, count: int, what: str, stacklevel: int = 3) -> None:
     """A ``RuntimeWarning`` (at the caller of the public function) when ``tol`` was not reached."""
     if tol is not None and not metric < tol:
         warnings.warn(
@@ -166,5 +166,5 @@ def warn_tol(tol: float | None, metric: float, count: int, what: str) -> None:
             f"{count} probes; pass a larger num_probes (the error falls as 1/sqrt(probes): about "
             f"{math.ceil(count * (metric / tol) ** 2) if math.isfinite(metric) else 'many more'} probes for this tol)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )

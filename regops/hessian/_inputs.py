@@ -98,6 +98,8 @@ class _Problem:
     pack: Callable[[Sequence[torch.Tensor]], Any] | None
     batches: Callable[[], Iterable[tuple[Callable[..., Any], float]]]
     single: bool
+    # model form: the same batches' losses as ``loss_fn()`` calling the model itself (FSDP2 runs its own hooks)
+    forwards: Callable[[], Iterable[tuple[Callable[[], torch.Tensor], float]]] | None = None
 
     @property
     def params(self) -> tuple[torch.Tensor, ...]:
@@ -150,9 +152,18 @@ def _resolve(first: object, second: object, data: tuple) -> _Problem:
         def batch_loss(inputs, targets):
             return lambda p: criterion(torch.func.functional_call(model, p, (inputs,)), targets)
 
+        def native_loss(inputs, targets):
+            return lambda: criterion(model(inputs), targets)
+
         if len(data) == 2:
             inputs, targets = data
-            return _Problem(spec, pack, lambda: [(batch_loss(inputs, targets), 1.0)], True)
+            return _Problem(
+                spec,
+                pack,
+                lambda: [(batch_loss(inputs, targets), 1.0)],
+                True,
+                lambda: [(native_loss(inputs, targets), 1.0)],
+            )
         if len(data) == 1:
             loader = data[0]
             if isinstance(loader, (torch.Tensor, Mapping)):
@@ -172,7 +183,7 @@ def _resolve(first: object, second: object, data: tuple) -> _Problem:
             # otherwise give each probe batch other examples, other batch sizes and other dropout masks)
             loader = ReplayLoader(loader)
 
-            def batches():
+            def pairs():
                 for batch in loader:
                     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                         raise TypeError(
@@ -181,9 +192,15 @@ def _resolve(first: object, second: object, data: tuple) -> _Problem:
                             "inputs, targets)"
                         )
                     inputs, targets = (b.to(device) if isinstance(b, torch.Tensor) else b for b in batch[:2])
-                    yield batch_loss(inputs, targets), float(_batch_size(targets, inputs))
+                    yield inputs, targets, float(_batch_size(targets, inputs))
 
-            return _Problem(spec, pack, batches, False)
+            def batches():
+                return ((batch_loss(i, t), w) for i, t, w in pairs())
+
+            def forwards():
+                return ((native_loss(i, t), w) for i, t, w in pairs())
+
+            return _Problem(spec, pack, batches, False, forwards)
         raise TypeError(
             "regops: with a model, call trace(model, criterion, inputs, targets) or trace(model, criterion, loader)"
         )
@@ -198,9 +215,15 @@ def _resolve(first: object, second: object, data: tuple) -> _Problem:
     return _Problem(spec, pack, lambda: [(first, 1.0)], True)
 
 
-def _operator(problem: _Problem, hvp: str, probe_batch: int, fd_eps: float | None = None) -> HessianOperator:
+def _fd_step(fd_eps: Any) -> float | None:
+    """``fd_eps`` checked, as a float (``None``: the default step)."""
     if fd_eps is not None and (isinstance(fd_eps, bool) or not isinstance(fd_eps, (int, float)) or not fd_eps > 0):
         raise ValueError(f"regops: fd_eps must be a positive number (the finite-difference step), got {fd_eps!r}")
+    return None if fd_eps is None else float(fd_eps)
+
+
+def _operator(problem: _Problem, hvp: str, probe_batch: int, fd_eps: float | None = None) -> HessianOperator:
+    fd_step = _fd_step(fd_eps)
     return HessianOperator(
         problem.batches,
         problem.params,
@@ -209,7 +232,7 @@ def _operator(problem: _Problem, hvp: str, probe_batch: int, fd_eps: float | Non
         hvp,
         probe_batch,
         problem.single,
-        None if fd_eps is None else float(fd_eps),
+        fd_step,
     )
 
 

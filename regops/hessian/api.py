@@ -23,7 +23,7 @@ from regops.hessian import reference as ref
 from regops.hessian._context import twice_differentiable
 from regops.hessian._ggn import ggn_diagonal, ggn_trace
 from regops.hessian._hvp import HVP_METHODS, NOT_A_FUNCTION_OF_PARAMS, LossHVP, check_loss
-from regops.hessian._inputs import DEFAULT_PROBE_BATCH, _check_params, _operator, _resolve, _user_probes
+from regops.hessian._inputs import DEFAULT_PROBE_BATCH, _check_params, _fd_step, _operator, _resolve, _user_probes
 from regops.hessian._linop import HessianLinearOperator
 from regops.hessian._probes import ParamLayout
 from regops.hessian._results import DiagonalEstimate, TraceEstimate, diagonal_stats, groups_of, mean_stderr
@@ -73,11 +73,6 @@ def _check_common(num_probes, method, distribution, probe_batch, tol, hvp) -> in
     if tol is not None and (not isinstance(tol, (int, float)) or not tol > 0):
         raise ValueError(f"regops: tol must be a positive number (relative standard error) or None, got {tol!r}")
     return probe_batch
-
-
-def _check_fsdp_options(supplied: torch.Tensor | None, fd_eps: float | None) -> None:
-    if supplied is not None or fd_eps is not None:
-        raise ValueError("regops: probes= and fd_eps= are not supported for FSDP2-sharded parameters")
 
 
 def trace(
@@ -147,7 +142,11 @@ def trace(
             before the last dot); they sum to the whole trace. Hutchinson only.
         hvp: ``"auto"``, ``"double_backward"``, ``"forward_over_reverse"``, ``"loop"`` or ``"finite_difference"``
             (vmap failures fall back with a warning; ``"auto"`` falls back to
-            finite differences, with a warning, when the model has no double backward).
+            finite differences, with a warning, when the model has no double backward). For a model under FSDP2
+            (``fully_shard``), ``"auto"`` and ``"finite_difference"`` run central differences of FSDP2's own
+            sharded gradients (no rank holds more than its shards and the modules FSDP2 gathers); the other three
+            compute exact products on *all-gathered* parameters (every rank holds the whole model: see
+            `regops.hessian.dtensor`).
         progress: show a tqdm progress bar with the running relative standard error.
         distributed: split the probes across the ranks of ``group`` (every rank passes the same arguments and
             its share of nothing else: the same data gives the same Hessian); the seed is broadcast from rank 0
@@ -187,9 +186,8 @@ def trace(
     if method != "hutchinson" and (by is not None or distributed or tol is not None):
         raise ValueError(f"regops: by, tol and distributed need method='hutchinson' (got method={method!r})")
     if is_dtensor(*problem.params):  # FSDP2
-        _check_fsdp_options(supplied, fd_eps)
         args = (loss_fn, problem, num_probes, method, distribution, probe_batch, tol, generator, by, hvp, distributed)
-        return _dtensor().trace(*args)
+        return _dtensor().trace(*args, supplied, _fd_step(fd_eps))
     op = _operator(problem, hvp, probe_batch, fd_eps)
     layout = problem.layout
     if method in ("hutch++", "xtrace"):
@@ -293,9 +291,8 @@ def diagonal(
         num_probes = supplied.shape[0]
     probe_batch = _check_common(num_probes, "hutchinson", distribution, probe_batch, tol, hvp)
     if is_dtensor(*problem.params):  # FSDP2
-        _check_fsdp_options(supplied, fd_eps)
         args = (loss_fn, problem, num_probes, distribution, probe_batch, tol, generator, hvp, distributed)
-        return _dtensor().diagonal(*args)
+        return _dtensor().diagonal(*args, supplied, _fd_step(fd_eps))
     op = _operator(problem, hvp, probe_batch, fd_eps)
     layout = problem.layout
     dist_ = _hutchinson.Dist.of(distributed, group)

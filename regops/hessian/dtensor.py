@@ -1,20 +1,28 @@
 """Hutchinson trace and diagonal of the loss Hessian for a model under FSDP2 (``fully_shard``).
 
 Each rank holds its own batch; the loss is the mean of the ranks' losses (each a mean over its batch: with equal
-batch sizes, the mean over the concatenated batch), so ``H = mean_r H_r``. Then:
+batch sizes, the mean over the concatenated batch), so ``H = mean_r H_r``: the Hessian of what FSDP2's
+reduce-scattered gradient (the mean over the ranks) is the gradient of.
 
-* the parameters are all-gathered once (``full_tensor``) and the model runs on them with FSDP2's forward hooks
-  set aside for the estimate (so autograd sees a plain model: double backward and forward-over-reverse work);
-* the probes are the single-process probes: one seed drawn from the generator (every rank draws, advancing its
-  generator as a single process does; the mesh's first rank's seed is broadcast), each probe entry a function of
-  (seed, probe, global parameter index) over the full parameters, in the single-process layout;
-* every rank computes ``v^T H_r v`` for all probes; one all-reduce of the ``[num_probes, num_params]`` per-probe
-  dots gives the single-process estimate (trace). The diagonal needs each ``H v`` itself (its standard error is
-  not linear in ``H``): one all-reduce of ``H v`` per batch of probes.
+``hvp="auto"`` (the default) and ``"finite_difference"``: no rank ever holds all the parameters.
+:mod:`regops.hessian._sharded` computes ``H v`` as central differences of FSDP2's own sharded gradients, each rank
+moving only its shards (restored from a copy of them, bit for bit; the user's ``p.grad`` is left as it was). The
+probes are the single-process probes (one seed from the generator, which advances as in one process; the mesh's
+first rank's seed is broadcast), each rank drawing exactly its shards' elements. ``v^T H v`` is a sum of local dots:
+one all-reduce of the ``[probes, params]`` dots per ``probe_batch`` probes; the diagonal's ``v * H v`` never leaves
+its rank. So the estimate is the single-process ``hvp="finite_difference"`` estimate with the same generator (the
+same probes; values to the rounding of the gradients divided by the step). ``tol``, ``probes=`` (full-size,
+sharded by the layout) and ``fd_eps`` work as in one process.
 
-Hutch++ and XTrace run the single-process algorithm on the mean of the ranks' Hessians: every product ``H X``
-is each rank's ``H_r X`` all-reduced and divided by the world size (one all-reduce per block of products), and
-the sketch's seed is the mesh's first rank's.
+``hvp="double_backward"``, ``"forward_over_reverse"`` or ``"loop"``: exact products on *all-gathered* parameters
+(``full_tensor``: every rank holds the whole model, its gradient graph and whole probes), with FSDP2's forward
+hooks set aside so autograd sees a plain model; every rank computes ``v^T H_r v``, one all-reduce gives the mean
+(the diagonal: one all-reduce of ``H v`` per batch of probes). No ``tol`` or ``probes=`` there.
+
+Hutch++ and XTrace run the single-process algorithm on the mean of the ranks' Hessians (the mesh's first rank's
+seed); their sketches are full-size ``[k, N]`` matrices on every rank, so each sharded product's shards are
+all-gathered (one all-gather per parameter per product), or, for a second-order ``hvp``, each block of gathered
+products is all-reduced and divided by the world size.
 
 Every rank returns the same estimate; diagonal values are DTensors laid out like the parameters.
 :func:`regops.hessian.trace` and :func:`regops.hessian.diagonal` forward DTensor parameters here.
@@ -34,7 +42,7 @@ from torch.distributed.tensor import DTensor
 
 from regops._core import dtensor as _dtensor
 from regops._core.dtypes import acc_dtype
-from regops.hessian import _probes, _sketch
+from regops.hessian import _hutchinson, _probes, _sharded, _sketch
 from regops.hessian._hvp import HessianOperator
 from regops.hessian._probes import ParamLayout
 from regops.hessian._results import DiagonalEstimate, TraceEstimate, diagonal_stats, groups_of, mean_stderr
@@ -85,26 +93,69 @@ def fsdp_forward_hooks_off(model: nn.Module) -> Iterator[None]:
             hooks.update(added)
 
 
-def _check(model: Any, problem: Any, method: str, tol: Any, distributed: bool) -> DTensor:
-    if not isinstance(model, nn.Module):
+def _check(model: Any, problem: Any, method: str, tol: Any, distributed: bool, hvp: str, supplied: Any) -> DTensor:
+    if not isinstance(model, nn.Module) or problem.forwards is None:
         raise NotImplementedError(
             "regops: Hessian estimates with DTensor parameters take the model form, "
             "trace(model, criterion, inputs, targets) or trace(model, criterion, loader) (FSDP2)"
         )
-    if method not in ("hutchinson", "hutch++", "xtrace") or tol is not None or distributed:
+    if method not in ("hutchinson", "hutch++", "xtrace") or distributed:
         raise NotImplementedError(
-            "regops: under fully_shard the Hessian estimates take no tol and no distributed=True (every rank holds "
-            "its own batch and computes every probe)"
+            "regops: under fully_shard the Hessian estimates take no distributed=True (every rank holds its own "
+            "batch and computes every probe)"
         )
-    sharded = [p for p in problem.params if isinstance(p, DTensor)]
-    mesh = sharded[0].device_mesh
-    for p in sharded:
+    if hvp not in _sharded.SHARDED_HVP and (tol is not None or supplied is not None):
+        raise NotImplementedError(
+            f"regops: under fully_shard, tol= and probes= run on the sharded finite-difference products "
+            f"(hvp='auto' or 'finite_difference'), not on hvp={hvp!r} (which gathers every parameter)"
+        )
+    params = problem.params
+    if not all(isinstance(p, DTensor) for p in params):
+        raise NotImplementedError(
+            "regops: under fully_shard every trainable parameter must be sharded (a DTensor); FSDP2's ignored "
+            "parameters get no reduced gradient"
+        )
+    mesh = params[0].device_mesh
+    for p in params:
         _dtensor.check(p, "a parameter")
         if p.device_mesh != mesh:
             raise NotImplementedError("regops: parameters on several device meshes are not supported")
     if mesh.size() != dist.get_world_size():
         raise NotImplementedError("regops: under fully_shard, the parameters' mesh must span every rank")
-    return sharded[0]
+    return params[0]
+
+
+def _sharded_op(model: nn.Module, problem: Any, fd_eps: float | None) -> _sharded.ShardedFD:
+    layout = ParamLayout.of(problem.names, problem.params)
+    return _sharded.ShardedFD(model, problem.forwards, problem.params, layout, fd_eps)
+
+
+def _sharded_hutchinson(
+    model: nn.Module,
+    problem: Any,
+    num_probes: int,
+    distribution: str,
+    probe_batch: int,
+    tol: float | None,
+    generator: torch.Generator | None,
+    supplied: torch.Tensor | None,
+    fd_eps: float | None,
+    with_diag: bool,
+) -> tuple[Any, _sharded.ShardedFD]:
+    op = _sharded_op(model, problem, fd_eps)
+    try:
+        seed = None
+        if supplied is None:
+            seed = _probes.draw_seed(op.layout, num_probes, distribution, generator)
+            seed = _dtensor.sync(seed, problem.params[0].device_mesh)
+        state = _sharded.run(op, num_probes, probe_batch, distribution, seed, supplied, tol, with_diag)
+    finally:
+        op.close()
+    metric = _sharded.diag_rel_stderr if with_diag else _sharded.trace_rel_stderr
+    if tol is not None:
+        # the warning points at the caller of regops.hessian.trace / diagonal (two frames above this one's caller)
+        _hutchinson.warn_tol(tol, metric(state), state.count, "diagonal" if with_diag else "trace", 5)
+    return state, op
 
 
 def _full_params(problem: Any) -> tuple[torch.Tensor, ...]:
@@ -175,18 +226,31 @@ def _sketched(
     probe_batch: int,
     generator: torch.Generator | None,
     hvp: str,
+    fd_eps: float | None,
 ) -> TraceEstimate:
-    """Hutch++ or XTrace of the mean of the ranks' Hessians: the single-process algorithm and probes."""
-    mesh = next(p for p in problem.params if isinstance(p, DTensor)).device_mesh
+    """Hutch++ or XTrace of the mean of the ranks' Hessians: the single-process algorithm and probes, its
+    products sharded finite differences (each product's shards all-gathered: the sketch is full-size) or, for a
+    second-order ``hvp``, exact products on the gathered parameters."""
+    mesh = problem.params[0].device_mesh
+    sketch = _sketch.hutchpp if method == "hutch++" else _sketch.xtrace
+
+    def sync(seed: torch.Tensor) -> torch.Tensor:
+        return _dtensor.sync(seed, mesh)
+
+    if hvp in _sharded.SHARDED_HVP:
+        op = _sharded_op(model, problem, fd_eps)
+        try:
+            value, err, samples = sketch(op, op.layout, num_probes, distribution, generator, sync)
+        finally:
+            op.close()
+        cap = _sketch.probe_cap(op.layout)
+        return TraceEstimate(value, err, op.num_matvecs, method, samples, "finite_difference", cap, op.fd_error)
     full = _full_params(problem)
     layout = ParamLayout.of(problem.names, full)
-    op = HessianOperator(problem.batches, full, layout, problem.pack, hvp, probe_batch, problem.single)
-    sketch = _sketch.hutchpp if method == "hutch++" else _sketch.xtrace
+    gathered = HessianOperator(problem.batches, full, layout, problem.pack, hvp, probe_batch, problem.single)
     with fsdp_forward_hooks_off(model):
-        value, err, samples = sketch(
-            _RankMean(op), layout, num_probes, distribution, generator, lambda seed: _dtensor.sync(seed, mesh)
-        )
-    return TraceEstimate(value, err, op.num_matvecs, method, samples, op.engine, _sketch.probe_cap(layout))
+        value, err, samples = sketch(_RankMean(gathered), layout, num_probes, distribution, generator, sync)
+    return TraceEstimate(value, err, gathered.num_matvecs, method, samples, gathered.engine, _sketch.probe_cap(layout))
 
 
 def trace(
@@ -196,25 +260,35 @@ def trace(
     method: str,
     distribution: str,
     probe_batch: int,
-    tol: Any,
+    tol: float | None,
     generator: torch.Generator | None,
     by: str | None,
     hvp: str,
     distributed: bool,
+    supplied: torch.Tensor | None = None,
+    fd_eps: float | None = None,
 ) -> TraceEstimate | dict[str, TraceEstimate]:
     """:func:`regops.hessian.trace` for a model under FSDP2 (arguments checked by the caller)."""
-    _check(model, problem, method, tol, distributed)
+    _check(model, problem, method, tol, distributed, hvp, supplied)
     if method != "hutchinson":
-        return _sketched(model, problem, num_probes, method, distribution, probe_batch, generator, hvp)
-    dots, _, _, _ = _estimate(model, problem, num_probes, distribution, probe_batch, generator, hvp, False)
+        return _sketched(model, problem, num_probes, method, distribution, probe_batch, generator, hvp, fd_eps)
+    engine, fd_error = hvp, None
+    if hvp in _sharded.SHARDED_HVP:
+        state, op = _sharded_hutchinson(
+            model, problem, num_probes, distribution, probe_batch, tol, generator, supplied, fd_eps, False
+        )
+        dots, engine, fd_error = state.dots, "finite_difference", op.fd_error
+    else:
+        dots, _, _, _ = _estimate(model, problem, num_probes, distribution, probe_batch, generator, hvp, False)
+    m = dots.shape[0]
     if by is None:
         mean, err = mean_stderr(dots.sum(1))
-        return TraceEstimate(mean, err, num_probes, "hutchinson", dots.sum(1))
+        return TraceEstimate(mean, err, m, "hutchinson", dots.sum(1), engine, None, fd_error)
     out = {}
     for key, idx in groups_of(problem.names, by).items():
         samples = dots[:, idx].sum(1)
         mean, err = mean_stderr(samples)
-        out[key] = TraceEstimate(mean, err, num_probes, "hutchinson", samples)
+        out[key] = TraceEstimate(mean, err, m, "hutchinson", samples, engine, None, fd_error)
     return out
 
 
@@ -229,29 +303,51 @@ def _like(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return DTensor.from_local(local.contiguous(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
 
 
+def _shard_of(local: torch.Tensor, p: DTensor) -> DTensor:
+    """This rank's shard of a parameter-shaped result (computed locally) as a DTensor laid out like ``p``."""
+    return DTensor.from_local(local.contiguous(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+
+
 def diagonal(
     model: Any,
     problem: Any,
     num_probes: int,
     distribution: str,
     probe_batch: int,
-    tol: Any,
+    tol: float | None,
     generator: torch.Generator | None,
     hvp: str,
     distributed: bool,
+    supplied: torch.Tensor | None = None,
+    fd_eps: float | None = None,
 ) -> DiagonalEstimate:
     """:func:`regops.hessian.diagonal` for a model under FSDP2: values and stderrs laid out like the parameters."""
-    _check(model, problem, "hutchinson", tol, distributed)
-    dots, diag, diag_sq, layout = _estimate(model, problem, num_probes, distribution, probe_batch, generator, hvp, True)
-    m = num_probes
-    mean, err = diagonal_stats(diag, diag_sq, m)
-    values = [v[0] for v in layout.split(mean[None].to(layout.dtype))]
-    errors = [e[0] for e in layout.split(err[None].to(layout.dtype))]
-    values = [_like(v, p) for v, p in zip(values, problem.params, strict=True)]
-    errors = [_like(e, p) for e, p in zip(errors, problem.params, strict=True)]
+    _check(model, problem, "hutchinson", tol, distributed, hvp, supplied)
+    if hvp in _sharded.SHARDED_HVP:
+        state, op = _sharded_hutchinson(
+            model, problem, num_probes, distribution, probe_batch, tol, generator, supplied, fd_eps, True
+        )
+        m, layout, dots = state.count, op.layout, state.dots
+        mean, err = diagonal_stats(state.diag, state.diag_sq, m)
+        values, errors = [], []
+        for vals, out in ((mean, values), (err, errors)):
+            chunks = vals.to(layout.dtype).split(op.local_sizes)
+            for chunk, p, (shape, _) in zip(chunks, problem.params, op.boxes, strict=True):
+                out.append(_shard_of(chunk.to(p.dtype).reshape(shape), p))
+        engine, fd_error = "finite_difference", op.fd_error
+    else:
+        dots, diag, diag_sq, layout = _estimate(
+            model, problem, num_probes, distribution, probe_batch, generator, hvp, True
+        )
+        m = num_probes
+        mean, err = diagonal_stats(diag, diag_sq, m)
+        params = problem.params
+        values = [_like(v[0], p) for v, p in zip(layout.split(mean[None].to(layout.dtype)), params, strict=True)]
+        errors = [_like(e[0], p) for e, p in zip(layout.split(err[None].to(layout.dtype)), params, strict=True)]
+        engine, fd_error = hvp, None
     samples = dots.sum(1)
     t_mean, t_err = mean_stderr(samples)
-    tr = TraceEstimate(t_mean, t_err, m, "hutchinson", samples)
+    tr = TraceEstimate(t_mean, t_err, m, "hutchinson", samples, engine, None, fd_error)
     if problem.keyed:
         return DiagonalEstimate(
             dict(zip(problem.names, values, strict=True)), dict(zip(problem.names, errors, strict=True)), m, tr
