@@ -79,10 +79,7 @@ def stream_span(seed: torch.Tensor, start: int, count: int, distribution: str, d
     """Elements ``start .. start + count - 1`` of probe row 0 of ``seed`` (element ``i`` from counter ``seed[1] + i //
     per``, ``per`` elements per counter): the same values as ``probe_rows(seed, 0, 1, ...)[0, start : start + count]``
     without drawing the elements before ``start``. A view of a ``[1, S]`` buffer."""
-    per = ref.ELEMENTS_PER_COUNTER[distribution]
-    lead = start % per
-    shifted = seed.clone()
-    shifted[1] += (start - lead) // per  # the counter of element start - lead: a row starting there is the same
+    shifted, lead = ref.stream_start(seed, start, distribution)
     return ops.hessian_probes(shifted, 0, 1, lead + count, distribution, dtype)[0, lead : lead + count]
 
 

@@ -34,12 +34,10 @@ hessian_probes = declare(
 
 
 def _stream_add(out, seed, start, scale, distribution):
-    # Elements start .. start + n - 1 of probe row 0 of `seed` (a row starting at the counter of element
-    # start - lead is the same stream), drawn in float32, scaled in float32, rounded to out's dtype and added in it.
-    per = ref.ELEMENTS_PER_COUNTER[ref.check_distribution(distribution)]
-    lead, n = start % per, out.numel()
-    shifted = seed.clone()
-    shifted[1] += (start - lead) // per
+    # Elements start .. start + n - 1 of probe row 0 of `seed`, drawn in float32, scaled in float32, rounded to out's
+    # dtype and added in it.
+    shifted, lead = ref.stream_start(seed, start, distribution)
+    n = out.numel()
     noise = hessian_probes(shifted, 0, 1, lead + n, distribution, torch.float32)[0, lead : lead + n].mul_(scale)
     out.view(-1).add_(noise.to(out.dtype))
 

@@ -61,6 +61,17 @@ def row_stride(numel: int, distribution: str) -> int:
     return (numel + per - 1) // per * per
 
 
+def stream_start(seed: torch.Tensor, start: int, distribution: str) -> tuple[torch.Tensor, int]:
+    """``(shifted, lead)``: the seed of a probe row that starts at the counter holding stream element ``start`` of
+    row 0 of ``seed`` (element ``i`` comes from counter ``seed[1] + i // per``), and ``start``'s place in that row.
+    Elements ``start ..`` of the stream are elements ``lead ..`` of the shifted row; nothing before is drawn."""
+    per = ELEMENTS_PER_COUNTER[check_distribution(distribution)]
+    lead = start % per
+    shifted = seed.clone()
+    shifted[1] += (start - lead) // per
+    return shifted, lead
+
+
 def stream_words(num_probes: int, numel: int, distribution: str) -> int:
     """32-bit words (4 per Philox counter) that ``num_probes`` probe rows consume, for advancing a generator."""
     return 4 * num_probes * row_stride(numel, distribution) // ELEMENTS_PER_COUNTER[distribution]
