@@ -12,6 +12,7 @@ from regops._core.dtypes import acc_dtype
 from regops.per_example import _forms
 from regops.per_example._recorder import check_reduction
 from regops.valuation._capture import Captured, capture
+from regops.valuation._chunks import batch_size, bounds, chunk_size, take
 
 BLOCKS = (None, "param", "module")
 
@@ -110,6 +111,7 @@ def per_sample_grad_dots(
     blocks: str | None = None,
     forms: str | Mapping[str, str] | None = None,
     unsupported: str = "error",
+    chunk: int | None = None,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     r"""Exact inner products between the per-example gradients of a training batch and of a test batch.
 
@@ -140,6 +142,14 @@ def per_sample_grad_dots(
             for ``{module name: [B, B2]}``.
         forms: ``"auto"``, ``"ghost"``, ``"instantiate"`` or ``{module name: form}``.
         unsupported: ``"error"`` or ``"vmap"`` (as for the norms).
+        chunk: examples per chunk of both batches. ``None`` (default) chooses it so that the signals held at
+            once stay within what a plain forward and backward of the training batch holds (its parameters'
+            gradients and layer inputs, measured on two examples): each test chunk is captured once and the
+            training batch streamed past it chunk by chunk (one more forward and backward of the training batch
+            per extra test chunk); both batches are taken whole when they fit. Chunks need batches whose tensors
+            all have the examples along dim 0 and a loss that is the sum or mean of per-example losses (checked
+            on its halves); otherwise the batches are taken whole. The result is the same up to the order of
+            floating-point sums.
 
     Returns:
         ``[B, B2]`` float32 (float64 for a float64 model), or a dict of them (``blocks``). With
@@ -160,7 +170,37 @@ def per_sample_grad_dots(
     check_reduction(loss_reduction)
     if blocks not in BLOCKS:
         raise ValueError(f"regops: blocks must be None, 'param' or 'module', got {blocks!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"regops: chunk must be a positive int or None, got {chunk!r}")
     kw = dict(loss_reduction=loss_reduction, forms=forms, unsupported=unsupported)
+    n1, n2 = batch_size(train), batch_size(test)
+    if n1 is not None and n2 is not None:
+        chunk = chunk_size(model, loss_fn, train, n1, chunk, kw)
+        if chunk is not None and chunk < max(n1, n2):
+            return _streamed(model, loss_fn, train, test, (n1, n2), chunk, blocks, kw)
+    elif chunk is not None:
+        raise ValueError("regops: chunk= needs batches whose tensors all have the examples along dim 0")
     cap1 = capture(model, loss_fn, train, **kw)
     cap2 = cap1 if test is train else capture(model, loss_fn, test, **kw)
     return summed_dots(cap1, cap2, blocks)
+
+
+def _streamed(model, loss_fn, train, test, sizes: tuple[int, int], chunk: int, blocks: str | None, kw: dict):
+    """:func:`summed_dots` of the two batches taken ``chunk`` examples at a time: each test chunk captured once,
+    the training chunks captured in turn against it, every capture released before the next."""
+    rows, cols = bounds(sizes[0], chunk), bounds(sizes[1], chunk)
+    same = test is train
+    out: dict[str | None, torch.Tensor] = {}
+    for j0, j1 in cols:
+        cap2 = capture(model, loss_fn, take(test, j0, j1), **kw)
+        for i0, i1 in rows:
+            cap1 = cap2 if same and (i0, i1) == (j0, j1) else capture(model, loss_fn, take(train, i0, i1), **kw)
+            part = summed_dots(cap1, cap2, blocks)
+            del cap1
+            for key, block in (part.items() if isinstance(part, dict) else [(None, part)]):
+                if key not in out:
+                    out[key] = block.new_empty(sizes)
+                out[key][i0:i1, j0:j1] = block
+            del part, block
+        del cap2
+    return out if blocks is not None else out[None]
