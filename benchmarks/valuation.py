@@ -320,6 +320,7 @@ def memory_bar(quick: bool = False, rounds: int = 5) -> dict:
                 fn()
                 times[name].append(time.perf_counter() - t0)
         peak_memory(plain, device)  # the profiler's first session misses blocks allocated before it
+        model.zero_grad(set_to_none=True)  # else the measured step frees the gradients before it makes them again
         plain_peak = peak_memory(plain, device)
         model.zero_grad(set_to_none=True)
         ref = exact["regops whole batches"].double()
