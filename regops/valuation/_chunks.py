@@ -1,5 +1,5 @@
-"""Batches taken in chunks of examples, and the chunk size that keeps two batches' signals within a plain step's
-memory."""
+"""Batches taken in chunks of examples, and the bytes a captured batch holds (what the chunk size is chosen from,
+in :func:`regops.valuation._dots.chunk_size`)."""
 
 from __future__ import annotations
 
