@@ -51,7 +51,7 @@ def test_streamed_dots_equal_whole_batches(kind, blocks, monkeypatch):
     whole = regops.per_sample_grad_dots(model, mean_ce, train, test, loss_reduction="mean", blocks=blocks, chunk=5)
     sizes = _spy(monkeypatch)
     got = regops.per_sample_grad_dots(model, mean_ce, train, test, loss_reduction="mean", blocks=blocks, chunk=2)
-    # the probe (the loss on its halves), then each test chunk (1, 2) with the training chunks (1, 2, 2) captured against it
+    # the probe (the loss on its halves), then each test chunk (1, 2), the training chunks (1, 2, 2) against it
     assert sizes == [2, 1, 1, 2, 2, 2, 1, 2, 2], sizes
     monkeypatch.undo()
     bound = _rounding(model, mean_ce, train, test, "mean")
