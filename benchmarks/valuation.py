@@ -10,8 +10,10 @@ Cases (every variant computes the same exact numbers):
   summed, and its ``SumGradSquared``) and ``torch.func``.
 
 The harness reports time and peak memory per variant. ``python -m benchmarks.valuation`` runs the
-paired CPU comparison of the MLP case (the issue's bar: >= 20x faster than torch.func, lower peak memory) and
-the rank agreement of TRAK-style randomly projected inner products with the exact ones.
+paired CPU comparison of the MLP case (the issue's bar: >= 20x faster than torch.func, lower peak memory), the
+memory bar on both models (peak within 1.2x that of a plain forward and backward of the training batch; the
+chunked stream against the whole batches) and the rank agreement of TRAK-style randomly projected inner products
+with the exact ones.
 """
 
 from __future__ import annotations
@@ -286,6 +288,57 @@ def paired(quick: bool = False, rounds: int = 5, loop: bool = True) -> dict:
     return out
 
 
+def memory_bar(quick: bool = False, rounds: int = 5) -> dict:
+    """The memory bar on CPU, both models: ``per_sample_grad_dots``' peak within 1.2x that of a plain forward and
+    backward of the training batch. ``regops`` streams the batches in chunks of the size it chooses; ``regops
+    whole batches`` (``chunk=`` the batch size) is the computation without chunks, timed back to back with it."""
+    import statistics
+    import time
+
+    from benchmarks.harness import peak_memory
+
+    device = torch.device("cpu")
+    out = {}
+    for kind, cfgs in CONFIGS.items():
+        cfg = cfgs[quick]
+        model, train, test = make(kind, cfg, device)
+        whole = max(cfg["train"], cfg["test"])
+
+        def dots(chunk=None, model=model, train=train, test=test):
+            return regops.per_sample_grad_dots(model, F.cross_entropy, train, test, loss_reduction="mean", chunk=chunk)
+
+        def plain(model=model, train=train):
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(train[0]), train[1]).backward()
+
+        fns = {"regops": dots, "regops whole batches": lambda dots=dots, whole=whole: dots(whole)}
+        exact = {name: fn() for name, fn in fns.items()}
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        peak_memory(plain, device)  # the profiler's first session misses blocks allocated before it
+        model.zero_grad(set_to_none=True)  # else the measured step frees the gradients before it makes them again
+        plain_peak = peak_memory(plain, device)
+        model.zero_grad(set_to_none=True)
+        ref = exact["regops whole batches"].double()
+        row = {"config": cfg, "plain_fwd_bwd_peak_MB": plain_peak / 2**20, "variants": {}}
+        for name, fn in fns.items():
+            peak = peak_memory(fn, device)
+            row["variants"][name] = {
+                "median_ms": statistics.median(times[name]) * 1e3,
+                "min_ms": min(times[name]) * 1e3,
+                "peak_MB": peak / 2**20,
+                "peak_vs_plain": peak / plain_peak,
+                "max_rel_diff_vs_whole": float((exact[name].double() - ref).abs().max() / ref.abs().max()),
+                "runs": rounds,
+            }
+        out[kind] = row
+    return out
+
+
 def projection_ranking(quick: bool = False, dims: tuple[int, ...] = (256, 1024, 4096), seed: int = 0) -> dict:
     """How well TRAK-style randomly projected gradient inner products rank against the exact ones: Spearman
     correlation per test example (mean) and top-10 proponent overlap, for several projection dimensions."""
@@ -338,6 +391,14 @@ def main() -> None:
             f"x{row['speedup_vs_torch.func']:7.1f} vs torch.func  peak {peak} MB  "
             f"rel diff {row['max_rel_diff_vs_torch.func']:.1e}"
         )
+    result["memory"] = memory_bar(args.quick, args.rounds)
+    for kind, row in result["memory"].items():
+        for name, v in row["variants"].items():
+            print(
+                f"{kind} {name:20s} peak {v['peak_MB']:7.1f} MB = {v['peak_vs_plain']:.2f}x plain "
+                f"({row['plain_fwd_bwd_peak_MB']:.1f} MB)  median {v['median_ms']:8.1f} ms  min {v['min_ms']:8.1f} ms  "
+                f"rel diff vs whole {v['max_rel_diff_vs_whole']:.1e}"
+            )
     result["projection"] = projection_ranking(args.quick)
     for dim, row in result["projection"]["dims"].items():
         print(f"projection dim {dim:5d}: spearman {row['spearman']:.3f}  top-10 overlap {row['top10_overlap']:.3f}")

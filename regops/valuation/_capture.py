@@ -42,6 +42,7 @@ class Captured:
     param_grads: dict[str, torch.Tensor] = field(default_factory=dict)  # sum_n grad_n, when asked
     scale: float = 1.0  # per-example-loss gradient / delivered gradient
     sq_norms: torch.Tensor | None = None  # [B] squared per-example gradient norms, when asked
+    splits: bool = False  # the batch loss is the declared reduction of the losses of its halves (checked)
 
     @property
     def params(self) -> dict[str, nn.Parameter]:
@@ -67,24 +68,25 @@ def verify_reduction(
     loss: torch.Tensor,
     loss_reduction: str,
     batch: int,
-) -> None:
+) -> bool:
     """Check ``loss_reduction`` against the loss itself where that is cheap and unambiguous: with tensor outputs
     and targets whose dim 0 is the batch the layers saw (``B >= 2``), the batch loss of a sum is the sum of the
     losses of its two halves, that of a mean their size-weighted mean. A loss that matches the other reduction and
     not the declared one raises; one that matches neither (a per-token mean over sequences of different lengths)
-    is left alone."""
+    is left alone. Returns whether the loss was found to be the declared reduction (the per-example losses do not
+    depend on which examples share the batch)."""
     if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
-        return
+        return False
     b = batch
     if b < 2 or outputs.dim() == 0 or outputs.shape[0] != b or targets.dim() == 0 or targets.shape[0] != b:
-        return
+        return False
     k = b // 2
     try:
         first, second = _halves_loss(loss_fn, outputs.detach(), targets, k)
     except Exception:  # a loss that cannot take a part of the batch: nothing to check
-        return
+        return False
     if not (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)):
-        return
+        return False
     whole, first, second = (t.detach().double().reshape(()) for t in (loss, first, second))
     as_sum = first + second
     as_mean = (k * first + (b - k) * second) / b
@@ -93,7 +95,7 @@ def verify_reduction(
     is_sum = bool((whole - as_sum).abs() <= rtol * scale)
     is_mean = bool((whole - as_mean).abs() <= rtol * scale)
     if is_sum == is_mean:
-        return
+        return False
     found = "sum" if is_sum else "mean"
     if found != loss_reduction:
         what = "the sum" if is_sum else "the size-weighted mean"
@@ -102,6 +104,7 @@ def verify_reduction(
             f"a batch is {what} of its values on the two halves); pass loss_reduction={found!r}, or every "
             f"per-example gradient would be off by a factor of the batch size"
         )
+    return True
 
 
 def split_batch(batch: Any, what: str = "batch") -> Batch:
@@ -174,7 +177,7 @@ def capture(
                 raise ValueError("regops: loss_fn(outputs, targets) must return a scalar tensor (the batch loss)")
             if len(rec.mbs) != 1 or rec.mbs[0].batch is None:
                 raise RuntimeError("regops: the forward reached no tracked parameter (or ran the model twice)")
-            verify_reduction(loss_fn, outputs, targets, loss, loss_reduction, rec.mbs[0].batch)
+            splits = verify_reduction(loss_fn, outputs, targets, loss, loss_reduction, rec.mbs[0].batch)
             # One backward through every recorded use (their hooks take the signals), p.grad is never touched.
             # The parameters' gradients come with it when asked (gradient_coherence's sum); otherwise the backward
             # stops at the hooked tensors: no parameter gradient is computed or held.
@@ -202,7 +205,7 @@ def capture(
             sq = sq + v.to(sq.dtype)
         sq = sq * scale**2
     kept = logits_of(outputs).detach() if keep_outputs else None
-    return Captured(rec, terms, b, kept, targets, pg, scale, sq)
+    return Captured(rec, terms, b, kept, targets, pg, scale, sq, splits)
 
 
 def _terms(rec: _Recorder, scale: float) -> dict[str, list[Term]]:

@@ -159,8 +159,8 @@ def test_dots_compute_no_parameter_gradient_and_stream_the_blocks():
         mean_ce(model(x), y).backward()
     assert weights <= plain.shapes
     model.zero_grad(set_to_none=True)
-    with _OutputShapes() as seen:
-        got = regops.per_sample_grad_dots(model, mean_ce, (x, y), (x2, y2), loss_reduction="mean")
+    with _OutputShapes() as seen:  # whole batches: in chunks of 3 examples, [3, 13] activations look like a weight's
+        got = regops.per_sample_grad_dots(model, mean_ce, (x, y), (x2, y2), loss_reduction="mean", chunk=5)
     assert not weights & seen.shapes, weights & seen.shapes
     assert all(p.grad is None for p in model.parameters())
     rel_close(got, loop_grads(model, x, y) @ loop_grads(model, x2, y2).T)
