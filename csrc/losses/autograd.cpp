@@ -33,11 +33,13 @@ const c10::TypedOperatorHandle<CeBackwardSig>& ce_backward_op() {
 
 // Gradients flow to the logits only; the backward op has no derivative of its own (as the Python formula).
 struct CrossEntropyFn : torch::autograd::Function<CrossEntropyFn> {
+  static constexpr size_t kInputs = 7;
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& index,
                                const at::Tensor& tweight, const at::Tensor& row_weight,
                                const std::optional<at::Tensor>& class_weight, at::ArrayRef<double> options,
                                bool want_stats) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->set_materialize_grads(false);  // no zero tensors for the gradients of stats and argmax, never used
     auto [loss, stats, argmax] = ce_op().call(logits, index, tweight, row_weight, class_weight, options, want_stats);
     ctx->mark_non_differentiable({stats, argmax});
     ctx->save_for_backward({logits, index, tweight, row_weight, class_weight.value_or(at::Tensor()), stats, argmax});
@@ -46,6 +48,7 @@ struct CrossEntropyFn : torch::autograd::Function<CrossEntropyFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(kInputs);
     const auto saved = ctx->get_saved_variables();
     const std::vector<double> options = ctx->saved_data["options"].toDoubleVector();
     std::optional<at::Tensor> class_weight;
@@ -86,10 +89,12 @@ const c10::TypedOperatorHandle<LabelBackwardSig>& label_backward_op() {
 }
 
 struct LabelCrossEntropyFn : torch::autograd::Function<LabelCrossEntropyFn> {
+  static constexpr size_t kInputs = 6;
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
                                const std::optional<at::Tensor>& class_weight, int64_t ignore_index,
                                at::ArrayRef<double> options, c10::string_view reduction) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->set_materialize_grads(false);
     auto [loss, stats, argmax] = label_op().call(logits, target, class_weight, ignore_index, options, reduction);
     ctx->mark_non_differentiable({stats, argmax});
     ctx->save_for_backward({logits, target, class_weight.value_or(at::Tensor()), stats, argmax});
@@ -100,6 +105,7 @@ struct LabelCrossEntropyFn : torch::autograd::Function<LabelCrossEntropyFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(kInputs);
     const auto saved = ctx->get_saved_variables();
     const std::vector<double> options = ctx->saved_data["options"].toDoubleVector();
     const std::string reduction = ctx->saved_data["reduction"].toStringRef();

@@ -6,6 +6,7 @@
 // exp(NaN) = NaN, so non-finite logits give what the reference gives.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/sum_cpu_dispatch.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -140,9 +141,14 @@ std::pair<C, int64_t> first_max(const C* lp, int64_t k) {
 
 // The arguments of both ops, checked: logits [N, K]; index int64 [N, J] in [0, K); tweight [N, J]; row_weight [N];
 // class_weight [K] or none; the float ones converted to the accumulation dtype.
+// The kernels read index, tweight and row_weight through ip / twp / rwp (the tensors' data, or buffers the caller
+// owns: the label op's targets).
 struct Args {
   at::Tensor logits, index, tweight, row_weight, class_weight;
   int64_t n, k, j;
+  const int64_t* ip = nullptr;
+  const void* twp = nullptr;
+  const void* rwp = nullptr;
 };
 
 at::Tensor in_acc(const at::Tensor& t, at::ScalarType acc) {
@@ -180,8 +186,11 @@ Args check_args(const at::Tensor& logits, const at::Tensor& index, const at::Ten
          n,
          k,
          j};
+  a.ip = a.index.const_data_ptr<int64_t>();
+  a.twp = a.tweight.const_data_ptr();
+  a.rwp = a.row_weight.const_data_ptr();
   if (k > 0) {
-    const int64_t* ip = a.index.const_data_ptr<int64_t>();
+    const int64_t* ip = a.ip;
     for (int64_t i = 0; i < n * j; ++i) {
       TORCH_CHECK_INDEX(ip[i] >= 0 && ip[i] < k, "regops::", op, ": index holds ", ip[i], ", outside [0, ", k, ")");
     }
@@ -198,9 +207,9 @@ void forward_rows(const Args& a, const Options& o, bool want_stats, at::Tensor& 
   using C = typename Acc<T>::type;
   const int64_t k = a.k, nj = a.j;
   const T* xp = a.logits.const_data_ptr<T>();
-  const int64_t* ip = a.index.const_data_ptr<int64_t>();
-  const C* twp = a.tweight.const_data_ptr<C>();
-  const C* rwp = a.row_weight.const_data_ptr<C>();
+  const int64_t* ip = a.ip;
+  const C* twp = static_cast<const C*>(a.twp);
+  const C* rwp = static_cast<const C*>(a.rwp);
   const C* cwp = a.class_weight.defined() ? a.class_weight.const_data_ptr<C>() : nullptr;
   C* lossp = loss.mutable_data_ptr<C>();
   C* sp = stats.mutable_data_ptr<C>();
@@ -307,17 +316,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy(const at::Tensor& l
 }
 
 // ------------------------------------------------------------------------------------------------ backward
+// Row r's upstream gradient is gp[r * g_stride] (g_stride 0: one number for every row).
 template <typename T>
-void backward_rows(const Args& a, const Options& o, const at::Tensor& grad, const at::Tensor& stats,
-                   const at::Tensor& argmax, at::Tensor& out) {
+void backward_rows(const Args& a, const Options& o, const typename Acc<T>::type* gp, int64_t g_stride,
+                   const at::Tensor& stats, const at::Tensor& argmax, at::Tensor& out) {
   using C = typename Acc<T>::type;
   const int64_t k = a.k, nj = a.j;
   const T* xp = a.logits.const_data_ptr<T>();
-  const int64_t* ip = a.index.const_data_ptr<int64_t>();
-  const C* twp = a.tweight.const_data_ptr<C>();
-  const C* rwp = a.row_weight.const_data_ptr<C>();
+  const int64_t* ip = a.ip;
+  const C* twp = static_cast<const C*>(a.twp);
+  const C* rwp = static_cast<const C*>(a.rwp);
   const C* cwp = a.class_weight.defined() ? a.class_weight.const_data_ptr<C>() : nullptr;
-  const C* gp = grad.const_data_ptr<C>();
   const C* sp = stats.const_data_ptr<C>();
   const int64_t* amp = argmax.const_data_ptr<int64_t>();
   T* op = out.mutable_data_ptr<T>();
@@ -335,7 +344,7 @@ void backward_rows(const Args& a, const Options& o, const at::Tensor& grad, cons
       const int64_t* idx = ip + r * nj;
       const C* tw = twp + r * nj;
       const C* st = sp + r * kNStats;
-      const C g = gp[r] * rwp[r];
+      const C g = gp[r * g_stride] * rwp[r];
       C c_sp = C(0);
       for (int64_t t = 0; t < nj; ++t) c_sp += cwp != nullptr ? tw[t] * cwp[idx[t]] : tw[t];
       const C c_row = cwp != nullptr ? c_sp : C(1);
@@ -419,7 +428,9 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad, const at::Tensor& logi
                         a.k, ")");
     }
   }
-  REGOPS_CPU_FLOATING(logits.scalar_type(), op, [&] { backward_rows<T>(a, o, g, s, am, out); });
+  REGOPS_CPU_FLOATING(logits.scalar_type(), op, [&] {
+    backward_rows<T>(a, o, g.const_data_ptr<typename Acc<T>::type>(), 1, s, am, out);
+  });
   return out;
 }
 
@@ -441,8 +452,16 @@ Reduction reduction_of(c10::string_view r, const char* op) {
 
 struct LabelArgs {
   Args args;
-  int64_t kept;
+  int64_t kept = 0;
+  // The targets, held in plain buffers (no tensors: a tiny call's cost is mostly allocations): index [N] (an ignored
+  // row points at class 0) and the weight [N] that serves as both tweight [N, 1] and row_weight, in the acc dtype.
+  std::vector<int64_t> index;
+  std::vector<float> weight_f;
+  std::vector<double> weight_d;
 };
+
+std::vector<float>& weights_of(LabelArgs& l, float) { return l.weight_f; }
+std::vector<double>& weights_of(LabelArgs& l, double) { return l.weight_d; }
 
 LabelArgs label_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
                      int64_t ignore_index, const char* op) {
@@ -460,13 +479,16 @@ LabelArgs label_args(const at::Tensor& logits, const at::Tensor& target, const s
               "regops::", op, ": class_weight must be a floating [V] tensor (V = ", k, ")");
   const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor labels = (target.scalar_type() == at::kLong ? target : target.to(at::kLong)).contiguous();
-  at::Tensor index = at::empty({n, 1}, labels.options());
-  at::Tensor tweight = at::empty({n, 1}, logits.options().dtype(acc));
+  LabelArgs l;
+  l.index.resize(static_cast<size_t>(n));
   const int64_t* lp = labels.const_data_ptr<int64_t>();
-  int64_t* ip = index.mutable_data_ptr<int64_t>();
+  int64_t* ip = l.index.data();
   int64_t kept = 0;
+  const void* wp = nullptr;
   AT_DISPATCH_FLOATING_TYPES(acc, "label_cross_entropy", [&] {
-    scalar_t* tp = tweight.mutable_data_ptr<scalar_t>();
+    std::vector<scalar_t>& w = weights_of(l, scalar_t());
+    w.resize(static_cast<size_t>(n));
+    scalar_t* tp = w.data();
     for (int64_t r = 0; r < n; ++r) {
       const int64_t y = lp[r];
       const bool keep = y != ignore_index;
@@ -476,10 +498,21 @@ LabelArgs label_args(const at::Tensor& logits, const at::Tensor& target, const s
       tp[r] = keep ? scalar_t(1) : scalar_t(0);
       kept += keep;
     }
+    wp = tp;
   });
-  return {Args{logits.is_contiguous() ? logits : logits.contiguous(), index, tweight, tweight.view({n}),
-               class_weight.has_value() ? in_acc(*class_weight, acc) : at::Tensor(), n, k, 1},
-          kept};
+  l.args = Args{logits.is_contiguous() ? logits : logits.contiguous(),
+                at::Tensor(),
+                at::Tensor(),
+                at::Tensor(),
+                class_weight.has_value() ? in_acc(*class_weight, acc) : at::Tensor(),
+                n,
+                k,
+                1};
+  l.args.ip = ip;
+  l.args.twp = wp;
+  l.args.rwp = wp;
+  l.kept = kept;
+  return l;
 }
 
 // What "mean" divides by: the count of kept rows, or with class weights sum_r row_weight_r (tweight_r w_{y_r}) in
@@ -488,9 +521,9 @@ template <typename C>
 C mean_denominator(const LabelArgs& l) {
   const Args& a = l.args;
   if (!a.class_weight.defined()) return l.kept ? static_cast<C>(static_cast<double>(l.kept)) : C(1);
-  at::Tensor w = at::empty({a.n}, a.tweight.options());
-  const int64_t* ip = a.index.const_data_ptr<int64_t>();
-  const C* tp = a.tweight.const_data_ptr<C>();
+  at::Tensor w = at::empty({a.n}, a.class_weight.options());
+  const int64_t* ip = a.ip;
+  const C* tp = static_cast<const C*>(a.twp);
   const C* cp = a.class_weight.const_data_ptr<C>();
   C* wp = w.mutable_data_ptr<C>();
   for (int64_t r = 0; r < a.n; ++r) wp[r] = tp[r] * (tp[r] * cp[ip[r]]);
@@ -518,7 +551,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> label_cross_entropy(const at::Ten
     REGOPS_CPU_FLOATING(logits.scalar_type(), op, [&] { forward_rows<T>(a, o, false, rows, stats, argmax); });
   }
   if (red == Reduction::kNone) return {rows, stats, argmax};
-  at::Tensor loss = at::sum(rows);
+  // aten's sum kernel called directly (the bits of rows.sum(), without two trips through the dispatcher)
+  at::Tensor loss = at::cpu::sum(rows, at::IntArrayRef{});
   if (red == Reduction::kMean) {
     AT_DISPATCH_FLOATING_TYPES(acc, "label_cross_entropy", [&] { *loss.mutable_data_ptr<scalar_t>() /= mean_denominator<scalar_t>(l); });
   }
@@ -557,19 +591,17 @@ at::Tensor label_cross_entropy_backward(const at::Tensor& grad, const at::Tensor
   }
   // Every row's upstream gradient: grad itself ("none"), or the one number of "sum" (divided by the denominator for
   // "mean", in the accumulation dtype as autograd divides it).
-  at::Tensor g;
-  if (red == Reduction::kNone) {
-    g = in_acc(grad.reshape({a.n}), acc);
-  } else {
-    g = at::empty({a.n}, logits.options().dtype(acc));
-    AT_DISPATCH_FLOATING_TYPES(acc, "label_cross_entropy", [&] {
-      scalar_t v = in_acc(grad, acc).item<scalar_t>();
-      if (red == Reduction::kMean) v = v / mean_denominator<scalar_t>(l);
-      scalar_t* gp = g.mutable_data_ptr<scalar_t>();
-      for (int64_t r = 0; r < a.n; ++r) gp[r] = v;
-    });
-  }
-  REGOPS_CPU_FLOATING(logits.scalar_type(), op, [&] { backward_rows<T>(a, o, g, s, am, out); });
+  const at::Tensor g = in_acc(red == Reduction::kNone ? grad.reshape({a.n}) : grad, acc);
+  REGOPS_CPU_FLOATING(logits.scalar_type(), op, [&] {
+    using C = typename Acc<T>::type;
+    if (red == Reduction::kNone) {
+      backward_rows<T>(a, o, g.const_data_ptr<C>(), 1, s, am, out);
+    } else {
+      C v = *g.const_data_ptr<C>();
+      if (red == Reduction::kMean) v = v / mean_denominator<C>(l);
+      backward_rows<T>(a, o, &v, 0, s, am, out);
+    }
+  });
   return out;
 }
 

@@ -33,9 +33,13 @@ class LossOptions:
     softcap: float = 0.0
     scale: float = 1.0
 
-    def values(self) -> list[float]:
-        """The ``float[] options`` argument of the ops."""
-        return list(self.__dict__.values())  # the fields in order (dataclasses.astuple deep-copies: slow per call)
+    def __post_init__(self) -> None:
+        # formed once: the public functions pass it on every call (dataclasses.astuple deep-copies: slow per call)
+        object.__setattr__(self, "_values", tuple(self.__dict__.values()))
+
+    def values(self) -> tuple[float, ...]:
+        """The ``float[] options`` argument of the ops (the fields in order)."""
+        return self._values
 
     @classmethod
     def of(cls, values: Sequence[float]) -> LossOptions:

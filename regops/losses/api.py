@@ -47,7 +47,19 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------------------ cross-entropy
 _LABEL_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+_FLOAT_DTYPES = frozenset(validate.FLOAT_DTYPES)
 _INT64 = (-(2**63), 2**63 - 1)
+
+
+def _plain_class_weight(weight: Any, logits: torch.Tensor) -> bool:
+    """Whether ``weight`` passes every check of the general path as class weights of ``[N, V]`` ``logits``."""
+    return (
+        type(weight) is torch.Tensor
+        and weight.shape == logits.shape[1:]
+        and weight.device == logits.device
+        and weight.dtype in (logits.dtype, acc_dtype(logits))
+        and not (weight.requires_grad and torch.is_grad_enabled())
+    )
 
 
 class LossStats(NamedTuple):
@@ -174,6 +186,28 @@ def cross_entropy(
         >>> regops.cross_entropy(lm_logits, tokens, class_dim=-1).shape  # [B, T, V] logits, [B, T] labels
         torch.Size([])
     """
+    if (
+        type(logits) is torch.Tensor
+        and type(target) is torch.Tensor
+        and mix is None
+        and token_weight is None
+        and class_dim is None
+        and not return_stats
+        and logits.dim() == 2
+        and logits.dtype in _FLOAT_DTYPES
+        and target.dtype in _LABEL_DTYPES
+        and target.shape == logits.shape[:1]
+        and logits.shape[1]
+        and target.device == logits.device
+        and type(ignore_index) is int
+        and _INT64[0] <= ignore_index <= _INT64[1]
+        and (weight is None or _plain_class_weight(weight, logits))
+    ):  # plain labels [N] of [N, V] logits, the common case: every check below passes, one op reduces inside
+        options = loss_options(
+            label_smoothing, maxsup, z_loss, confidence_penalty, decoupled, softcap, logit_scale, reduction, None
+        )
+        if not options.decoupled:
+            return ops.label_cross_entropy(logits, target, weight, ignore_index, options.values(), reduction)[0]
     logits = validate.floating(logits, "logits")
     if validate.is_dtensor(logits):
         from regops.losses import dtensor

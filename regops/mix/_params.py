@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import array
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -200,23 +200,21 @@ def draw(cfg: Config, n: int, device, generator) -> Draws:
     )
 
 
-class _Uniforms:
-    """Uniform doubles in ``[0, 1)`` from ``generator``, drawn in blocks (one generator call per block)."""
-
-    BLOCK = 32
-
-    def __init__(self, generator: torch.Generator | None) -> None:
-        self.generator = generator
-        self.pending: list[float] = []
-
-    def __call__(self) -> float:
-        if not self.pending:
-            block = torch.rand(self.BLOCK, dtype=torch.float64, generator=self.generator).tolist()
-            self.pending = block[::-1]
-        return self.pending.pop()
+_BLOCK = 32
 
 
-def _log_gamma(alpha: float, u: _Uniforms) -> float:
+def _uniforms(generator: torch.Generator | None) -> Callable[[], float]:
+    """Uniform doubles in ``[0, 1)`` from ``generator``, one per call, drawn in blocks (one generator call per
+    block); a generator's ``__next__``: the cheapest call per number."""
+
+    def numbers() -> Iterator[float]:
+        while True:
+            yield from torch.rand(_BLOCK, dtype=torch.float64, generator=generator).tolist()
+
+    return numbers().__next__
+
+
+def _log_gamma(alpha: float, u: Callable[[], float]) -> float:
     """The log of a ``Gamma(alpha, 1)`` draw: Marsaglia and Tsang's method (normals by Box-Muller), and for
     ``alpha < 1`` ``Gamma(alpha + 1) U^(1 / alpha)``, in logs so that tiny draws do not underflow to 0."""
     boost = 0.0
@@ -235,7 +233,7 @@ def _log_gamma(alpha: float, u: _Uniforms) -> float:
             return math.log(d) + math.log(v) + boost
 
 
-def _beta(alpha: float, u: _Uniforms) -> float:
+def _beta(alpha: float, u: Callable[[], float]) -> float:
     """A ``Beta(alpha, alpha)`` draw: ``G_a / (G_a + G_b)`` of two Gamma draws."""
     t = _log_gamma(alpha, u)
     t = _log_gamma(alpha, u) - t
@@ -246,8 +244,8 @@ def draw_on_host(cfg: Config, generator: torch.Generator | None) -> Draws:
     """Batch mode's one draw on the host (CPU generator), as Python floats: the six uniforms of :func:`draw`,
     then the Beta lambda of the kind the switch picks, from one block of uniforms (one generator call; another
     only if the Gamma rejections use it up)."""
-    u = _Uniforms(generator)
-    apply, switch, u_y, u_x, u_h, u_w = (u() for _ in range(6))
+    u = _uniforms(generator)
+    apply, switch, u_y, u_x, u_h, u_w = u(), u(), u(), u(), u(), u()
     # only the lambda the switch picks is drawn (as timm): the other stays None
     cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha == 0 or switch < cfg.switch_prob)
     return Draws(
@@ -372,15 +370,13 @@ def _batch_params_on_host(cfg: Config, batch: int, partner: torch.Tensor, height
         lone = alone.nonzero().flatten().tolist() if bool(alone.any()) else []
     else:
         lone = [batch // 2] if (cfg.partner == "flip" and batch % 2) or batch == 1 else []
-    lam_t = torch.full((batch,), lam, dtype=torch.float64)
-    use_cutmix = torch.full((batch,), cut, dtype=torch.bool)
-    if cut:
-        box_t = torch.tensor(box, dtype=torch.long).expand(batch, 4).contiguous()
-    else:
-        box_t = torch.zeros(batch, 4, dtype=torch.long)
-    # rows: w_self, w_other (images: lam, 1 - lam for MixUp, 1, 0 for CutMix), lam, 1 - lam (labels)
-    weights = torch.tensor([[1.0 if cut else lam], [0.0 if cut else 1.0 - lam], [lam], [1.0 - lam]]).expand(4, batch)
-    weights = weights.contiguous()
+    lam_t = _host_tensor("d", [lam] * batch, torch.float64)
+    use_cutmix = _host_tensor("b", [cut] * batch, torch.bool)
+    box_t = _host_tensor("q", box * batch, torch.long).view(batch, 4)
+    # rows: w_self, w_other (images: lam, 1 - lam for MixUp, 1, 0 for CutMix), lam, 1 - lam (labels), each number
+    # rounded once to float32
+    rows = (1.0 if cut else lam, 0.0 if cut else 1.0 - lam, lam, 1.0 - lam)
+    weights = _host_tensor("f", [v for v in rows for _ in range(batch)], torch.float32).view(4, batch)
     if lone:
         lam_t[lone] = 1.0
         use_cutmix[lone] = False
@@ -389,6 +385,15 @@ def _batch_params_on_host(cfg: Config, batch: int, partner: torch.Tensor, height
     params = MixParams(lam=lam_t, partner=partner, box=box_t, use_cutmix=use_cutmix)
     object.__setattr__(params, "_host", HostDraw(lam, lone, weights))
     return params
+
+
+def _host_tensor(code: str, values: list, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of ``values`` through an ``array.array`` of type ``code`` (C casts: float32 ``"f"`` rounds each
+    double once, as ``torch.tensor`` does): a fraction of ``torch.tensor``'s cost, which converts element by element;
+    the tensor keeps the array alive."""
+    if not values:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(array.array(code, values), dtype=dtype)
 
 
 def _f32(*xs: float) -> list[float]:

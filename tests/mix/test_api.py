@@ -67,7 +67,7 @@ def test_batch_mode_host_draws_follow_the_documented_distributions(alpha):
     """Batch mode on CPU draws its one lambda on the host (Gamma draws by Marsaglia and Tsang): Beta(a, a) still,
     and the same draws for the same seed."""
     n = 40000
-    u = P._Uniforms(torch.Generator().manual_seed(99))
+    u = P._uniforms(torch.Generator().manual_seed(99))
     lam = torch.tensor([P._beta(alpha, u) for _ in range(n)], dtype=torch.float64)
     var = 1 / (4 * (2 * alpha + 1))
     assert abs(lam.mean().item() - 0.5) < 5 * math.sqrt(var / n)
