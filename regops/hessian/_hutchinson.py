@@ -148,14 +148,19 @@ def trace_rel_stderr(state: State) -> float:
     return err / abs(mean) if mean != 0 else math.inf
 
 
-def diag_rel_stderr(state: State) -> float:
+def diag_rel_stderr(state: State, reduce: Callable[[torch.Tensor], Any] | None = None) -> float:
+    """The diagonal's relative standard error, ``|stderr| / |mean|`` over its entries; ``reduce`` sums the two
+    per-entry sums over the ranks when each holds a shard of the diagonal."""
     m = state.count
     if m < 2:
         return math.inf
     mean = state.diag.double() / m
     var = (state.diag_sq.double() / m - mean * mean).clamp_min(0) * m / (m - 1)
-    norm = mean.norm().item()
-    return math.sqrt(var.sum().item() / m) / norm if norm > 0 else math.inf
+    sums = torch.stack([var.sum(), mean.square().sum()])
+    if reduce is not None:
+        reduce(sums)
+    norm = math.sqrt(sums[1].item())
+    return math.sqrt(sums[0].item() / m) / norm if norm > 0 else math.inf
 
 
 def warn_tol(tol: float | None, metric: float, count: int, what: str, stacklevel: int = 3) -> None:

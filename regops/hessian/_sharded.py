@@ -21,12 +21,11 @@ from torch.distributed.tensor import DTensor
 
 from regops._core import dtensor as _dtensor
 from regops._core.dtypes import acc_dtype
-from regops.hessian import _probes
+from regops.hessian import _hutchinson, _probes
 from regops.hessian._context import FixedRNG
-from regops.hessian._hutchinson import State
+from regops.hessian._hutchinson import State, trace_rel_stderr
 from regops.hessian._hvp import NOT_A_FUNCTION_OF_PARAMS, check_loss, default_fd_step
 from regops.hessian._probes import ParamLayout
-from regops.hessian._results import mean_stderr
 from regops.hessian.reference import row_stride
 
 SHARDED_HVP = ("auto", "finite_difference")  # hvp= values that run here; the others gather the parameters
@@ -201,20 +200,7 @@ def _agree(stop: bool) -> bool:
 
 def diag_rel_stderr(state: State) -> float:
     """:func:`regops.hessian._hutchinson.diag_rel_stderr` of the sharded diagonal (its two sums all-reduced)."""
-    m = state.count
-    if m < 2:
-        return math.inf
-    mean = state.diag.double() / m
-    var = (state.diag_sq.double() / m - mean * mean).clamp_min(0) * m / (m - 1)
-    sums = torch.stack([var.sum(), mean.square().sum()])
-    dist.all_reduce(sums)
-    norm = math.sqrt(sums[1].item())
-    return math.sqrt(sums[0].item() / m) / norm if norm > 0 else math.inf
-
-
-def trace_rel_stderr(state: State) -> float:
-    mean, err = mean_stderr(state.dots[: state.count].sum(1))
-    return err / abs(mean) if mean != 0 else math.inf
+    return _hutchinson.diag_rel_stderr(state, dist.all_reduce)
 
 
 def run(
