@@ -51,6 +51,19 @@ _FLOAT_DTYPES = frozenset(validate.FLOAT_DTYPES)
 _INT64 = (-(2**63), 2**63 - 1)
 
 
+def _int_labels(target: Any, lead: torch.Size, device: torch.device, ignore_index: Any) -> bool:
+    """Whether ``target`` is a plain tensor of integer labels shaped ``lead`` on ``device``, with an int64
+    ``ignore_index``: what ``regops::label_cross_entropy`` takes as it is."""
+    return (
+        type(target) is torch.Tensor
+        and target.dtype in _LABEL_DTYPES
+        and target.shape == lead
+        and target.device == device
+        and type(ignore_index) is int
+        and _INT64[0] <= ignore_index <= _INT64[1]
+    )
+
+
 def _plain_class_weight(weight: Any, logits: torch.Tensor) -> bool:
     """Whether ``weight`` passes every check of the general path as class weights of ``[N, V]`` ``logits``."""
     return (
@@ -188,19 +201,14 @@ def cross_entropy(
     """
     if (
         type(logits) is torch.Tensor
-        and type(target) is torch.Tensor
         and mix is None
         and token_weight is None
         and class_dim is None
         and not return_stats
         and logits.dim() == 2
         and logits.dtype in _FLOAT_DTYPES
-        and target.dtype in _LABEL_DTYPES
-        and target.shape == logits.shape[:1]
         and logits.shape[1]
-        and target.device == logits.device
-        and type(ignore_index) is int
-        and _INT64[0] <= ignore_index <= _INT64[1]
+        and _int_labels(target, logits.shape[:1], logits.device, ignore_index)
         and (weight is None or _plain_class_weight(weight, logits))
     ):  # plain labels [N] of [N, V] logits, the common case: every check below passes, one op reduces inside
         options = loss_options(
@@ -234,12 +242,7 @@ def cross_entropy(
         and token_weight is None
         and not return_stats
         and not options.decoupled
-        and type(target) is torch.Tensor
-        and target.dtype in _LABEL_DTYPES
-        and target.shape == lead
-        and target.device == logits.device
-        and type(ignore_index) is int
-        and _INT64[0] <= ignore_index <= _INT64[1]
+        and _int_labels(target, lead, logits.device, ignore_index)
         and (
             weight is None
             or (isinstance(weight, torch.Tensor) and weight.shape == (n_classes,) and weight.device == logits.device)

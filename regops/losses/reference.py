@@ -278,6 +278,22 @@ def cross_entropy_backward(
 
 
 # ------------------------------------------------------------------------------------------------ integer labels
+def labels_forward(rows_fn, logits, target, class_weight, ignore_index, options, reduction):
+    """``label_cross_entropy`` from a row op with ``cross_entropy``'s signature (this module's, or a backend's)."""
+    tg = label_targets(target, logits.shape[1], acc_dtype(logits), ignore_index, class_weight)
+    rows, stats, argmax = rows_fn(logits, tg.index, tg.tweight, tg.row_weight, tg.class_weight, options, False)
+    return reduce_rows(rows, reduction, tg.denominator, rows.shape), stats, argmax
+
+
+def labels_backward(
+    rows_backward_fn, grad, logits, target, class_weight, stats, argmax, ignore_index, options, reduction
+):
+    """``label_cross_entropy_backward`` from a row op with ``cross_entropy_backward``'s signature."""
+    tg = label_targets(target, logits.shape[1], acc_dtype(logits), ignore_index, class_weight)
+    g = row_grads(grad, reduction, tg.denominator, logits.shape[0])
+    return rows_backward_fn(g, logits, tg.index, tg.tweight, tg.row_weight, tg.class_weight, stats, argmax, options)
+
+
 def label_cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -289,9 +305,7 @@ def label_cross_entropy(
     """`cross_entropy` of integer labels ``target`` ``[N]`` (``ignore_index`` rows count nothing), reduced:
     ``(loss, stats [N, N_STATS], argmax [N])``, the loss 0-dim for ``"mean"`` / ``"sum"`` (0 when every row is
     ignored), ``[N]`` for ``"none"``; the statistics as ``want_stats=False`` leaves them."""
-    tg = label_targets(target, logits.shape[1], acc_dtype(logits), ignore_index, class_weight)
-    rows, stats, argmax = cross_entropy(logits, tg.index, tg.tweight, tg.row_weight, tg.class_weight, options, False)
-    return reduce_rows(rows, reduction, tg.denominator, rows.shape), stats, argmax
+    return labels_forward(cross_entropy, logits, target, class_weight, ignore_index, options, reduction)
 
 
 def label_cross_entropy_backward(
@@ -306,10 +320,9 @@ def label_cross_entropy_backward(
     reduction: str,
 ) -> torch.Tensor:
     """Gradient of ``grad * loss`` (the reduced loss of :func:`label_cross_entropy`) with respect to ``logits``."""
-    tg = label_targets(target, logits.shape[1], acc_dtype(logits), ignore_index, class_weight)
-    g = row_grads(grad, reduction, tg.denominator, logits.shape[0])
-    args = (tg.index, tg.tweight, tg.row_weight, tg.class_weight, stats, argmax, options)
-    return cross_entropy_backward(g, logits, *args)
+    return labels_backward(
+        cross_entropy_backward, grad, logits, target, class_weight, stats, argmax, ignore_index, options, reduction
+    )
 
 
 # ------------------------------------------------------------------------------------------------ linear CE

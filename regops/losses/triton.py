@@ -19,7 +19,6 @@ from regops.kernels import losses_mixed as KM
 from regops.kernels import symmetric_kl as KS
 from regops.losses import reference as ref
 from regops.losses._options import LossOptions
-from regops.losses._targets import label_targets, reduce_rows, row_grads
 
 
 def _block(n_cols: int, device: torch.device) -> int:
@@ -118,16 +117,13 @@ def linear_cross_entropy_with_grad(hidden, weight, bias, *args):
 
 # ------------------------------------------------------------------------------------------------ integer labels
 def label_cross_entropy(logits, target, class_weight, ignore_index, options, reduction):
-    tg = label_targets(target, logits.shape[1], acc_dtype(logits), ignore_index, class_weight)
-    rows, stats, argmax = cross_entropy(logits, tg.index, tg.tweight, tg.row_weight, tg.class_weight, options, False)
-    return reduce_rows(rows, reduction, tg.denominator, rows.shape), stats, argmax
+    return ref.labels_forward(cross_entropy, logits, target, class_weight, ignore_index, options, reduction)
 
 
 def label_cross_entropy_backward(grad, logits, target, class_weight, stats, argmax, ignore_index, options, reduction):
-    tg = label_targets(target, logits.shape[1], acc_dtype(logits), ignore_index, class_weight)
-    g = row_grads(grad, reduction, tg.denominator, logits.shape[0])
-    args = (tg.index, tg.tweight, tg.row_weight, tg.class_weight, stats, argmax, options)
-    return cross_entropy_backward(g, logits, *args)
+    return ref.labels_backward(
+        cross_entropy_backward, grad, logits, target, class_weight, stats, argmax, ignore_index, options, reduction
+    )
 
 
 # ------------------------------------------------------------------------------------------------ symmetric KL
