@@ -300,7 +300,7 @@ def _like(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     local = value
     for d, (o, n) in enumerate(zip(offset, shape, strict=True)):
         local = local.narrow(d, o, n)
-    return DTensor.from_local(local.contiguous(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    return _shard_of(local, p)
 
 
 def _shard_of(local: torch.Tensor, p: DTensor) -> DTensor:
