@@ -136,6 +136,18 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, quick: bool = False,
     return Timing.of(times)
 
 
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each call of ``fns``, ``rounds`` times, the callables interleaved within each round (paired
+    comparisons on a shared machine: a slow spell hits every variant). No warm-up: the caller's first calls are."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def copy_bandwidth(device: torch.device, quick: bool = False) -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write), measured now."""
     numel = (1 << 26) if device.type == "cuda" else (1 << 24)

@@ -325,17 +325,9 @@ def check_bars(rounds: int = 5, threads: int | None = None) -> dict:
 
 def _timed(fns: dict, rounds: int) -> dict[str, list[float]]:
     """Seconds of each call, ``rounds`` times, the callables interleaved within each round (after one warm-up)."""
-    import time
-
     for fn in fns.values():
         fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
+    return harness.interleaved(fns, rounds)
 
 
 def _rows(bar: str, times: dict[str, list[float]], peaks_mib: dict[str, float], baseline: str) -> list[dict]:

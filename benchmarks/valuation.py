@@ -238,7 +238,7 @@ def paired(quick: bool = False, rounds: int = 5, loop: bool = True) -> dict:
     import statistics
     import time
 
-    from benchmarks.harness import peak_memory
+    from benchmarks.harness import interleaved, peak_memory
 
     device = torch.device("cpu")
     cfg = CONFIGS["mlp"][quick]
@@ -252,11 +252,8 @@ def paired(quick: bool = False, rounds: int = 5, loop: bool = True) -> dict:
         if name == "loop":
             times[name].append(time.perf_counter() - t0)
         print(f"first call {name}: {time.perf_counter() - t0:.2f} s", flush=True)
-    for _ in range(rounds):
-        for name in ("regops", "torch.func"):
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
+    for name, ts in interleaved({name: fns[name] for name in ("regops", "torch.func")}, rounds).items():
+        times[name] += ts
     peak_memory(fns["regops"], device)  # the profiler's first session misses blocks allocated before it
     peaks = {name: peak_memory(fns[name], device) for name in ("regops", "torch.func")}
     if loop:
@@ -293,9 +290,8 @@ def memory_bar(quick: bool = False, rounds: int = 5) -> dict:
     backward of the training batch. ``regops`` streams the batches in chunks of the size it chooses; ``regops
     whole batches`` (``chunk=`` the batch size) is the computation without chunks, timed back to back with it."""
     import statistics
-    import time
 
-    from benchmarks.harness import peak_memory
+    from benchmarks.harness import interleaved, peak_memory
 
     device = torch.device("cpu")
     out = {}
@@ -313,12 +309,7 @@ def memory_bar(quick: bool = False, rounds: int = 5) -> dict:
 
         fns = {"regops": dots, "regops whole batches": lambda dots=dots, whole=whole: dots(whole)}
         exact = {name: fn() for name, fn in fns.items()}
-        times: dict[str, list[float]] = {name: [] for name in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+        times = interleaved(fns, rounds)
         peak_memory(plain, device)  # the profiler's first session misses blocks allocated before it
         model.zero_grad(set_to_none=True)  # else the measured step frees the gradients before it makes them again
         plain_peak = peak_memory(plain, device)
