@@ -1,9 +1,9 @@
 """Peak RSS growth of one noised ``dp_clipping`` step, or of one ``regops.hessian.trace`` call, per process: a model
 under FSDP2 (``fully_shard`` on every Linear, then the root) in ``world`` gloo processes on CPU against the same
-model and call in one process.
+model and call in one process. ``--step plain``: a plain forward and backward, FSDP2's own cost.
 
-``python -m benchmarks.fsdp_memory [--step dp_clipping|hessian_trace] [--hvp finite_difference] [--layers 8]
-[--width 1024] [--worlds 1 2] [--out FILE]``
+``python -m benchmarks.fsdp_memory [--step dp_clipping|hessian_trace|plain] [--hvp finite_difference]
+[--layers 8] [--width 1024] [--worlds 1 2] [--out FILE]``
 
 ``hessian_trace``: ``trace(model, cross_entropy, x, y, num_probes=2, hvp=...)``; with ``hvp="finite_difference"``
 (the default under FSDP2) the sharded central differences, in one process the same products on the whole model;
@@ -74,6 +74,9 @@ def step_growth(
         if step_name == "hessian_trace":
             regops.hessian.trace(model, F.cross_entropy, x, y, num_probes=HESSIAN_PROBES, generator=gen, hvp=hvp)
             return
+        if step_name == "plain":
+            F.cross_entropy(model(x), y).backward()
+            return
         with regops.dp_clipping(model, 1.0, loss_reduction="mean", noise_multiplier=1.0, generator=gen):
             F.cross_entropy(model(x), y).backward()
 
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=8, help="examples per process")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--step", choices=["dp_clipping", "hessian_trace"], default="dp_clipping")
+    parser.add_argument("--step", choices=["dp_clipping", "hessian_trace", "plain"], default="dp_clipping")
     parser.add_argument("--hvp", choices=["finite_difference", "double_backward"], default="finite_difference")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -140,11 +143,12 @@ def main(argv: list[str] | None = None) -> None:
             "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
         "config": {"layers": args.layers, "width": args.width, "batch_per_process": args.batch, "dtype": "float32"},
-        "step": (
-            "dp_clipping(max_norm=1.0, loss_reduction='mean', noise_multiplier=1.0), one backward"
-            if args.step == "dp_clipping"
-            else f"hessian.trace(model, cross_entropy, x, y, num_probes={HESSIAN_PROBES}, hvp={args.hvp!r})"
-        ),
+        "step": {
+            "dp_clipping": "dp_clipping(max_norm=1.0, loss_reduction='mean', noise_multiplier=1.0), one backward",
+            "plain": "cross_entropy(model(x), y).backward(), no regops",
+            "hessian_trace": f"hessian.trace(model, cross_entropy, x, y, num_probes={HESSIAN_PROBES}, "
+            f"hvp={args.hvp!r})",
+        }[args.step],
         "results": results,
     }
     if args.out:

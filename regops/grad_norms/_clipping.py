@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -231,44 +230,31 @@ class DPClipping(PerSampleGradNorms):
 
     def __init__(self, model: nn.Module, loss_reduction: str, clip_args: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(model, loss_reduction, retain_signals=True, **kwargs)
+        self._rec.allow_empty = True
         self._clip_args = clip_args
-        self._frozen: list[nn.Parameter] = []
-        self._pre_handles: list[Any] = []
+        self._freezer: _Freezer | None = None
         self.clip_factors: torch.Tensor | None = None
 
-    def _skippable(self) -> list[tuple[nn.Module, nn.Parameter]]:
-        """Linear / Conv weights: their autograd gradient would be overwritten anyway. A tied weight too (an LM
-        head sharing the embedding): it is frozen only while the head's own forward runs, its other uses
-        keep their (cheap) autograd gradient, and the clipped sum is rebuilt from every use's signals."""
+    def _skippable(self) -> list[nn.Module]:
+        """Linear / Conv modules with a tracked weight: its autograd gradient would be overwritten anyway. A tied
+        weight too (an LM head sharing the embedding): it is frozen only while the head's own forward runs, its
+        other uses keep their (cheap) autograd gradient, and the clipped sum is rebuilt from every use's signals."""
         return [
-            (e.module, e.params["weight"][1])
-            for e in self._rec.entries
-            if isinstance(e.layer, (LinearRule, ConvRule)) and "weight" in e.params
+            e.module for e in self._rec.entries if isinstance(e.layer, (LinearRule, ConvRule)) and "weight" in e.params
         ]
 
     def __enter__(self) -> DPClipping:
         super().__enter__()  # sets p.grad apart: the clipped sum is added to it on exit (torch's accumulation)
-        if _parallelism(self)[0] > 1:
+        if _parallelism(self)[0] > 1 and not is_dtensor(*self._params.values()):
             return self  # DDP reduces every parameter's gradient: leave autograd as it is
-        # The weight leaves requires_grad only while its module runs forward: the graph then has no edge to it,
-        # so autograd never computes its gradient, while the norms (computed in backward) still see it trainable.
-        rec = self._rec
-        for module, weight in self._skippable():
-            self._frozen.append(weight)
-            bias = getattr(module, "bias", None)
-            if bias is not None and id(bias) in rec.param_names:
-                self._frozen.append(bias)
-            self._pre_handles.append(module.register_forward_pre_hook(functools.partial(_freeze_weight, rec)))
-            self._pre_handles.append(module.register_forward_hook(functools.partial(_thaw_weight, rec)))
+        # Under FSDP2 the skipped gradients are skipped on every rank (an empty batch runs in the block too), so
+        # FSDP2 reduce-scatters the same parameters everywhere: the clipped sum is the only weight gradient formed.
+        self._freezer = _Freezer(self._rec, self._skippable())
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        for h in self._pre_handles:
-            h.remove()
-        self._pre_handles.clear()
-        for weight in self._frozen:
-            weight.requires_grad_(True)
-        self._frozen.clear()
+        if self._freezer is not None:
+            self._freezer.close()
         super().__exit__(exc_type, exc, tb)
         if exc_type is None:
             self.clip_factors = clip_per_sample_(self, **self._clip_args)
@@ -277,33 +263,59 @@ class DPClipping(PerSampleGradNorms):
                 p.grad = self._grad_before.get(name)
 
 
-def _thaw_weight(rec: Any, module: nn.Module, args: tuple, output: Any) -> None:
-    if not rec.suspended:
-        module.weight.requires_grad_(True)
-        bias = getattr(module, "bias", None)
-        if bias is not None and id(bias) in rec.param_names:
-            bias.requires_grad_(True)
+class _Freezer:
+    """A weight leaves ``requires_grad`` only while its module runs forward: the graph then has no edge to it, so
+    autograd never computes its gradient, while the norms (computed in backward) still see it trainable. The
+    tensors frozen are those in the module's slots when it runs (under FSDP2, its unsharded parameters), thawed
+    when it returns. Not in the recorder's own forwards (the torch.func path runs the model on functional
+    parameters)."""
 
+    def __init__(self, rec: Any, modules: list[nn.Module]) -> None:
+        self.rec = rec
+        self.running: dict[int, list[torch.Tensor]] = {}  # id(module) -> what its running forward froze
+        self.handles = []
+        for module in modules:
+            self.handles.append(module.register_forward_pre_hook(self._freeze))
+            self.handles.append(module.register_forward_hook(self._thaw))
 
-def _freeze_weight(rec: Any, module: nn.Module, args: tuple) -> tuple | None:
-    """Freeze the weight for this forward, and a trainable bias when the input carries the output into the graph
-    (its clipped sum is rebuilt from the same signals: autograd is spared one pass over the output gradient). With
-    neither a trainable bias nor an input requiring grad the output would leave the graph: make the input require
-    grad so the output gradient still reaches the recorder (autograd computes the input gradient instead of the
-    weight gradient, at the same cost). Not in the recorder's own forwards (the torch.func path runs the model on
-    functional parameters)."""
-    if not torch.is_grad_enabled() or rec.suspended:
+    def _off(self) -> bool:
+        return not torch.is_grad_enabled() or (self.rec.suspended and not self.rec.empty_forward)
+
+    def _freeze(self, module: nn.Module, args: tuple) -> tuple | None:
+        """Freeze the weight, and a trainable bias when the input carries the output into the graph (its clipped
+        sum is rebuilt from the same signals: autograd is spared one pass over the output gradient). With neither
+        a trainable bias nor an input requiring grad the output would leave the graph: make the input require grad
+        so the output gradient still reaches the recorder (autograd computes the input gradient instead of the
+        weight gradient, at the same cost)."""
+        if self._off():
+            return None
+        frozen = self.running.setdefault(id(module), [])
+        weight, bias = module.weight, getattr(module, "bias", None)
+        if weight.requires_grad:
+            weight.requires_grad_(False)
+            frozen.append(weight)
+        x = args[0] if args else None
+        if bias is not None and bias.requires_grad:
+            if isinstance(x, torch.Tensor) and x.requires_grad and id(bias) in self.rec.param_names:
+                bias.requires_grad_(False)
+                frozen.append(bias)
+            return None
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
+            return (x.detach().requires_grad_(True), *args[1:])
         return None
-    module.weight.requires_grad_(False)
-    bias = getattr(module, "bias", None)
-    x = args[0] if args else None
-    if bias is not None and bias.requires_grad:
-        if isinstance(x, torch.Tensor) and x.requires_grad and id(bias) in rec.param_names:
-            bias.requires_grad_(False)
-        return None
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
-        return (x.detach().requires_grad_(True), *args[1:])
-    return None
+
+    def _thaw(self, module: nn.Module, args: tuple, output: Any) -> None:
+        for t in self.running.pop(id(module), ()):
+            t.requires_grad_(True)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for frozen in self.running.values():  # a forward that raised
+            for t in frozen:
+                t.requires_grad_(True)
+        self.running.clear()
 
 
 def dp_clipping(
@@ -325,10 +337,11 @@ def dp_clipping(
     (divided by ``expected_batch_size``, or the number of examples, for ``loss_reduction="mean"``).
 
     Since the clipped gradients are rebuilt from the recorded signals (Book-Keeping), autograd is spared the
-    Linear/Conv weight gradients it would otherwise compute and throw away: inside the block those weights
-    have ``requires_grad=False`` (restored on exit; not under DDP or FSDP2, whose gradient collectives must carry
-    the same gradients on every rank, also on a rank whose empty batch runs outside any block). The object
-    also holds the norms (``total``, ``per_param``) and, after the block, ``clip_factors``.
+    Linear/Conv weight gradients it would otherwise compute and throw away: those weights leave
+    ``requires_grad`` while their module runs forward (under FSDP2: its unsharded weights, so FSDP2 has nothing to
+    reduce-scatter for them; not under DDP, whose all-reduce carries every parameter). A batch of 0 examples may
+    run inside the block (under FSDP2 every rank runs its forward and backward): it adds only the noise. The
+    object also holds the norms (``total``, ``per_param``) and, after the block, ``clip_factors``.
 
     Args:
         model: the model whose trainable parameters are tracked.

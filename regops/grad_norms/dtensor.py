@@ -38,23 +38,25 @@ def average_into(full: torch.Tensor, p: DTensor, noise: tuple[torch.Tensor, int,
         )
     if tuple(full.shape) != tuple(p.shape):
         raise ValueError(f"regops: a gradient of shape {tuple(full.shape)} for a parameter of shape {tuple(p.shape)}")
-    part = DTensor.from_local(
-        full.div_(mesh.size()) if full.is_contiguous() else (full / mesh.size()).contiguous(),
-        mesh,
-        [Partial()] * mesh.ndim,
-        shape=p.shape,
-        stride=tuple(contiguous_strides(p.shape)),
-    )
-    out = part.redistribute(mesh, p.placements).detach()
+    full = full.div_(mesh.size()) if full.is_contiguous() else (full / mesh.size()).contiguous()
+    local_shape, offset = box(p)
+    if full.device.type == "cpu":
+        # gloo reduce-scatters through a full-size copy of its input: summing in place and copying this rank's box
+        # out holds half as much (the same bytes move: gloo's reduce-scatter all-reduces)
+        for dim in range(mesh.ndim):
+            torch.distributed.all_reduce(full, group=mesh.get_group(dim))
+        local = full[tuple(slice(o, o + n) for o, n in zip(offset, local_shape, strict=True))].clone()
+    else:
+        part = DTensor.from_local(
+            full, mesh, [Partial()] * mesh.ndim, shape=p.shape, stride=tuple(contiguous_strides(p.shape))
+        )
+        local = part.redistribute(mesh, p.placements).to_local()
+    if tuple(local_shape) != tuple(local.shape):
+        raise RuntimeError(f"regops: the shard box {tuple(local_shape)} is not the local gradient's shape")
     if noise is not None:
         seed, base, std = noise
-        local = out.to_local()
-        local_shape, offset = box(p)
-        if tuple(local_shape) != tuple(local.shape):
-            raise RuntimeError(f"regops: the shard box {tuple(local_shape)} is not the local gradient's shape")
         add_noise(local, seed, base, p.shape, offset, std / mesh.size())
-        out = DTensor.from_local(local, mesh, p.placements, shape=p.shape, stride=out.stride())
-    return out
+    return DTensor.from_local(local, mesh, p.placements, shape=p.shape, stride=tuple(contiguous_strides(p.shape)))
 
 
 def tensor_parallel_grad(

@@ -61,8 +61,8 @@ def _check_not_empty(n: int, label: str) -> None:
     if n == 0:
         raise ValueError(
             f"regops: the batch is empty: {label!r} got 0 examples, and there are no per-example gradients to "
-            "take. Skip the forward and backward of an empty batch (dp_clipping: run its block with no forward, so "
-            "the step adds only the noise)"
+            "take. Skip the forward and backward of an empty batch (a dp_clipping block takes it: the step adds "
+            "only the noise)"
         )
 
 
@@ -149,6 +149,10 @@ class _Recorder:
         self.in_root = 0
         self.enabled = False  # contributions accepted
         self.suspended = False
+        # dp_clipping: a forward of an empty batch runs unrecorded (it adds no examples; under FSDP2 every rank
+        # must still run its forward and backward), `empty_forward` while it runs
+        self.allow_empty = False
+        self.empty_forward = False
         self.tracker: Tracker | None = None
         self.dtensor_ctx: Any = None
 
@@ -252,31 +256,38 @@ class _Recorder:
         self.detach_forward()
         self.enabled = False
 
-    def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
         """A forward of the model (or of a tracked module called on its own): a new micro-batch whose examples are
-        the inputs' ``batch_dim``."""
-        mb = _MicroBatch()
-        self.mbs.append(mb)
-        self.active.clear()
+        the inputs' ``batch_dim``. False for an empty batch of the model that `allow_empty` lets run unrecorded."""
         batch = self.tracker.tag_inputs((args, kwargs), self.batch_dim)
         if batch is None:
             raise ValueError(
                 f"regops: {type(module).__name__} was called with no tensor input with a batch dim "
                 f"{self.batch_dim}; per-example gradients need the examples in the inputs' batch_dim"
             )
+        if batch == 0 and self.allow_empty and module is self.model:
+            return False
         _check_not_empty(batch, type(module).__name__)
+        mb = _MicroBatch()
+        self.mbs.append(mb)
+        self.active.clear()
         mb.batch = batch
         mb.inputs = (args, kwargs)
+        return True
 
     def _root_pre_hook(self, module, args, kwargs):
         if self.suspended:
             return None
-        if self.in_root == 0:
-            self._begin(module, args, kwargs)
+        if self.in_root == 0 and not self._begin(module, args, kwargs):
+            self.suspended = self.empty_forward = True
+            return None
         self.in_root += 1
         return None
 
     def _root_post_hook(self, module, args, kwargs, output):
+        if self.empty_forward:
+            self.suspended = self.empty_forward = False
+            return None
         if self.suspended:
             return None
         self.in_root -= 1

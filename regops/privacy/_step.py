@@ -67,6 +67,7 @@ class DPStep:
         self.block: DPClipping | None = None
         self.forwards = 0  # training forwards since the last zero_grad (or step)
         self.step_forwards = 0  # training forwards since the last step
+        self.step_examples = False  # whether one of them had examples
 
     def _trainable(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -81,23 +82,22 @@ class DPStep:
                 "without optimizer.step() or optimizer.zero_grad() in between. Call optimizer.step() after every "
                 "backward, or split large batches with regops.privacy.BatchMemoryManager (optimizer.signal_skip_step)"
             )
-        if empty:
-            if self.block is not None:
-                self.discard()
-                raise ValueError(
-                    "regops: an empty batch inside a DP step that already ran examples (accumulated forwards); an "
-                    "empty batch must be a step of its own: it takes the noise-only step"
-                )
-        elif self.block is None:
+        if empty and self.step_examples:
+            self.discard()
+            raise ValueError(
+                "regops: an empty batch inside a DP step that already ran examples (accumulated forwards); an "
+                "empty batch must be a step of its own: it takes the noise-only step"
+            )
+        if self.block is None:
             self._open()
+        self.step_examples = self.step_examples or not empty
         self.forwards += 1
         self.step_forwards += 1
 
     def _open(self) -> None:
         cfg = self.config
         # The step's gradient replaces p.grad (Opacus's DPOptimizer overwrites it too): the block keeps what p.grad
-        # held before it, so start from nothing. An empty batch's forward ran outside any block: its gradients
-        # (zeros) are dropped here as well.
+        # held before it, so start from nothing.
         for p in self._trainable():
             p.grad = None
         block = dp_clipping(
@@ -129,6 +129,7 @@ class DPStep:
         k = max(self.forwards, 1)
         self.forwards = 0
         self.step_forwards = 0
+        self.step_examples = False
         block.__exit__(None, None, None)
         world = self.config.world
         if world != 1 or k != 1:
@@ -148,6 +149,7 @@ class DPStep:
         cleared."""
         self.forwards = 0
         self.step_forwards = 0
+        self.step_examples = False
         if self.block is not None:
             block, self.block = self.block, None
             reason = RuntimeError("regops: the step was discarded")
@@ -159,10 +161,11 @@ class PrivateModule(nn.Module):
     training forwards open the step's `regops.dp_clipping` block (the role of Opacus's
     ``GradSampleModule``). Evaluation (``model.eval()`` or ``torch.no_grad()``) runs the module as it is.
 
-    An empty batch (0 examples in the batch dim) runs outside any block: the step that follows adds only the
-    noise. Under ``DistributedDataParallel`` each training forward runs under ``no_sync()``: DDP's own gradient
-    all-reduce is wasted work here (the clipped sums are averaged once per step), and without it the ranks may
-    run different numbers of physical batches per step (an empty local batch, virtual steps).
+    An empty batch (0 examples in the batch dim) runs in the block unrecorded: the step adds only the noise
+    (under FSDP2 every rank runs the same forward and backward collectives). Under ``DistributedDataParallel``
+    each training forward runs under ``no_sync()``: DDP's own gradient all-reduce is wasted work here (the clipped
+    sums are averaged once per step), and without it the ranks may run different numbers of physical batches per
+    step (an empty local batch, virtual steps).
 
     Args:
         module: the user's model.

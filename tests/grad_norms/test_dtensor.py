@@ -64,6 +64,9 @@ def _fsdp_checks(c: Checks, rank: int, world: int) -> None:
         with regops.dp_clipping(model, 0.4, loss_reduction="mean", noise_multiplier=noise, generator=gen):
             for xs, ys in zip(x[mine].chunk(micro), y[mine].chunk(micro), strict=True):
                 F.cross_entropy(model(xs), ys).backward()
+            # autograd formed no weight gradient for FSDP2 to reduce-scatter: the clipped sum is the only one
+            formed = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.grad is not None]
+            c.true(f"dp_clipping noise={noise} micro={micro}: no autograd weight gradient ({formed})", not formed)
         want = _single_grads(
             x, y, micro, max_norm=0.4, noise_multiplier=noise, generator=torch.Generator().manual_seed(5)
         )
@@ -322,14 +325,16 @@ def test_fsdp2_clipping_and_tensor_parallel_norms_and_clipping_two_processes():
 
 def test_fsdp2_noised_clipping_holds_a_shard_per_rank():
     """Peak RSS growth of a noised dp_clipping step on each of 2 and of 3 FSDP2 ranks at most 0.7x the same call's
-    in one process (32 x Linear(1024), 128 MiB of float32 parameters, rows split unevenly over 3 ranks; the
-    gradients' even split alone is 0.5x / 0.33x, FSDP2's per-layer buffers in flight add a constant)."""
+    in one process (8 x Linear(1536), 72 MiB of float32 parameters in few large layers; the gradients' even split
+    alone is 0.5x / 0.33x, FSDP2's unsharded layers in flight add a constant: a plain FSDP2 backward of this model
+    grows by 0.87x / 0.75x, benchmarks/results/cpu-x86-64/fsdp-memory-plain-8x1536.json). No weight gradient of
+    autograd's, and one full-size clipped sum at a time."""
     from benchmarks.fsdp_memory import measure
 
-    one = measure(1, 32, 1024, 8)[0]["growth"]
-    assert one > 128 * 2**20, f"one process grew by {one / 2**20:.1f} MiB: the gradients alone are 128 MiB"
+    one = measure(1, 8, 1536, 8)[0]["growth"]
+    assert one > 72 * 2**20, f"one process grew by {one / 2**20:.1f} MiB: the gradients alone are 72 MiB"
     for world in (2, 3):
-        ranks = [r["growth"] for r in measure(world, 32, 1024, 8)]
+        ranks = [r["growth"] for r in measure(world, 8, 1536, 8)]
         assert max(ranks) <= 0.7 * one, f"{world} ranks grew by {[g / 2**20 for g in ranks]} MiB vs {one / 2**20:.1f}"
 
 

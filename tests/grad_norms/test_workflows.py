@@ -102,9 +102,23 @@ def test_noise_once_over_micro_batches_and_empty_poisson_batch():
         torch.testing.assert_close(p.grad, (expected[k] + 1.3 * 0.5 * z) / 8, rtol=1e-6, atol=1e-7)
     # an empty batch (Poisson sampling) still takes its step: noise only
     model.zero_grad(set_to_none=True)
-    with regops.dp_clipping(model, 0.5, loss_reduction="mean", noise_multiplier=1.0, expected_batch_size=8):
+    noise = dict(noise_multiplier=1.0, expected_batch_size=8)
+    with regops.dp_clipping(model, 0.5, loss_reduction="mean", generator=torch.Generator().manual_seed(4), **noise):
         pass
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    # the empty batch's forward and backward inside the block (every FSDP2 rank runs them): the same step
+    noise_only = {k: p.grad for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    gen = torch.Generator().manual_seed(4)
+    with regops.dp_clipping(model, 0.5, loss_reduction="mean", generator=gen, **noise) as step:
+        F.cross_entropy(model(x[:0]), y[:0], reduction="sum").backward()
+    assert step.clip_factors.numel() == 0
+    for k, p in model.named_parameters():
+        assert p.requires_grad
+        torch.testing.assert_close(p.grad, noise_only[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="the batch is empty"):
+        with regops.per_sample_grad_norms(model, "mean"):
+            model(x[:0])
     with pytest.raises(ValueError, match="expected_batch_size"):
         with regops.dp_clipping(model, 0.5, loss_reduction="mean"):
             pass
