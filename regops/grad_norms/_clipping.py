@@ -245,11 +245,12 @@ class DPClipping(PerSampleGradNorms):
 
     def __enter__(self) -> DPClipping:
         super().__enter__()  # sets p.grad apart: the clipped sum is added to it on exit (torch's accumulation)
-        if _parallelism(self)[0] > 1 and not is_dtensor(*self._params.values()):
-            return self  # DDP reduces every parameter's gradient: leave autograd as it is
         # Under FSDP2 the skipped gradients are skipped on every rank (an empty batch runs in the block too), so
         # FSDP2 reduce-scatters the same parameters everywhere: the clipped sum is the only weight gradient formed.
-        self._freezer = _Freezer(self._rec, self._skippable())
+        # DDP all-reduces every parameter's gradient, except in forwards under its no_sync() (the private model's).
+        model = self._rec.model
+        ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        self._freezer = _Freezer(self._rec, self._skippable(), ddp)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -270,8 +271,8 @@ class _Freezer:
     when it returns. Not in the recorder's own forwards (the torch.func path runs the model on functional
     parameters)."""
 
-    def __init__(self, rec: Any, modules: list[nn.Module]) -> None:
-        self.rec = rec
+    def __init__(self, rec: Any, modules: list[nn.Module], ddp: nn.parallel.DistributedDataParallel | None) -> None:
+        self.rec, self.ddp = rec, ddp
         self.running: dict[int, list[torch.Tensor]] = {}  # id(module) -> what its running forward froze
         self.handles = []
         for module in modules:
@@ -279,6 +280,8 @@ class _Freezer:
             self.handles.append(module.register_forward_hook(self._thaw))
 
     def _off(self) -> bool:
+        if self.ddp is not None and self.ddp.require_backward_grad_sync:
+            return True
         return not torch.is_grad_enabled() or (self.rec.suspended and not self.rec.empty_forward)
 
     def _freeze(self, module: nn.Module, args: tuple) -> tuple | None:
@@ -339,7 +342,8 @@ def dp_clipping(
     Since the clipped gradients are rebuilt from the recorded signals (Book-Keeping), autograd is spared the
     Linear/Conv weight gradients it would otherwise compute and throw away: those weights leave
     ``requires_grad`` while their module runs forward (under FSDP2: its unsharded weights, so FSDP2 has nothing to
-    reduce-scatter for them; not under DDP, whose all-reduce carries every parameter). A batch of 0 examples may
+    reduce-scatter for them; under DDP only in forwards under ``no_sync()``, as the private model runs them: DDP's
+    all-reduce carries every parameter). A batch of 0 examples may
     run inside the block (under FSDP2 every rank runs its forward and backward): it adds only the noise. The
     object also holds the norms (``total``, ``per_param``) and, after the block, ``clip_factors``.
 

@@ -102,6 +102,14 @@ def _body(rank: int, world: int) -> None:
             _compare(c, label, model, single)
         c.true(f"{label}: an empty local batch happened ({sizes})", 0 in sizes)
         c.true(f"{label}: history {engine.history}", engine.history == ref_engine.history == [(sigma, 0.05, 20)])
+        # in the step, before optimizer.step(): autograd formed no Linear weight gradient (DDP under no_sync(),
+        # FSDP2 on every rank alike), the clipped sum will be the only one
+        po.zero_grad()
+        F.cross_entropy(pm(ds.tensors[0][:3]), ds.tensors[1][:3]).backward()
+        inner = model.module if kind == "ddp" else model
+        formed = [n for n, m in inner.named_modules() if isinstance(m, nn.Linear) and m.weight.grad is not None]
+        c.true(f"{label}: no autograd weight gradient ({formed})", not formed)
+        po.zero_grad()
     c.done()
 
 
