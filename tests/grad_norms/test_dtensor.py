@@ -72,6 +72,25 @@ def _fsdp_checks(c: Checks, rank: int, world: int) -> None:
         )
         _check_grads(c, f"dp_clipping noise={noise} micro={micro}", model, want)
 
+    # other FSDP2 layouts: unsharded weights kept from forward to backward; the whole model one FSDP2 unit
+    from torch.distributed.fsdp import fully_shard
+
+    for layout in ("reshard_after_forward=False", "one unit"):
+        model = _mlp()
+        if layout != "one unit":
+            for layer in model:
+                if isinstance(layer, (nn.Linear, nn.LayerNorm)):
+                    fully_shard(layer, reshard_after_forward=False)
+        fully_shard(model)
+        gen = torch.Generator().manual_seed(5 + 1000 * rank)
+        with regops.dp_clipping(model, 0.4, loss_reduction="mean", noise_multiplier=1.3, generator=gen):
+            F.cross_entropy(model(x[mine]), y[mine]).backward()
+        want = _single_grads(x, y, 1, max_norm=0.4, noise_multiplier=1.3, generator=torch.Generator().manual_seed(5))
+        _check_grads(c, f"dp_clipping {layout}", model, want)
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[mine]), y[mine]).backward()  # after the block: every weight trainable again
+        c.true(f"{layout}: weights trainable after the block", all(p.grad is not None for p in model.parameters()))
+
     # clip_per_sample_ per layer, and accumulation across blocks: what p.grad held before is kept
     model = _sharded(world)
     F.cross_entropy(model(x[mine]), y[mine]).backward()  # a plain FSDP2 step leaves averaged, sharded grads
