@@ -101,7 +101,7 @@ def dropout(
     if p_value == 0.0:
         return x
     if is_dtensor(x):
-        return _dtensor().dropout(x, p_value, inplace, mask_mode, generator)
+        return _dtensor().dropout(x, p_value, p_t, inplace, mask_mode, generator)
     seed = rng.philox_seed(x.device, x.numel(), generator)
     y = ops.dropout(x, p_t, seed) if mask_mode == "recompute" else ops.dropout_bitmask(x, p_t, seed)[0]
     return x.copy_(y) if inplace else y

@@ -41,15 +41,19 @@ def _masked(x, strides, p, scale, mode, seed, *, num_samples=1, step=0, residual
     return _dtensor.to_dtensor(y, x)
 
 
-def dropout(x: DTensor, p: float, inplace: bool, mask_mode: str, generator) -> DTensor:
-    """:func:`regops.dropout` of a DTensor (``training`` and ``p > 0`` already checked by the caller)."""
-    if mask_mode != "recompute":
-        raise NotImplementedError(
-            "regops: mask_mode='bitmask' is not supported for DTensor inputs; use the default 'recompute' "
-            "(same output, the mask is regenerated from the seed)"
-        )
+def dropout(x: DTensor, p: float, p_t: torch.Tensor, inplace: bool, mask_mode: str, generator) -> DTensor:
+    """:func:`regops.dropout` of a DTensor (``training`` and ``p > 0`` already checked by the caller).
+    ``mask_mode="bitmask"``: the shard's part of the single-process keep mask, drawn by the same kernel on ones
+    and packed (1 bit per local element), is applied and saved for the backward."""
     seed = _dtensor.seed(x, x.numel(), generator)
-    y = _masked(x, _dtensor.contiguous_strides(x.shape), p, _ref.dropout_scale(p), _ref.MODE_MUL, seed)
+    strides = _dtensor.contiguous_strides(x.shape)
+    if mask_mode == "bitmask":
+        local = x.to_local()
+        ones = torch.ones(local.shape, dtype=local.dtype, device=local.device)
+        keep = ops.global_mask_apply(ones, None, None, p, 1.0, _ref.MODE_MUL, 1, 0, _dtensor.layout(x, strides), seed)
+        y = _dtensor.to_dtensor(ops.apply_bitmask(local, _ref.pack_bits(keep != 0), p_t), x)
+    else:
+        y = _masked(x, strides, p, _ref.dropout_scale(p), _ref.MODE_MUL, seed)
     return x.copy_(y) if inplace else y
 
 

@@ -76,6 +76,10 @@ def _body(rank: int, world: int) -> None:
     _check_op(c, mesh, rank, "dropout f64", drop, x64)
     with regops.use_backend("triton"):  # the Triton kernel (interpreted here) on the shards
         _check_op(c, mesh, rank, "dropout triton", drop, x32, placements=[[Shard(1)], [Replicate()]])
+    # the mask saved packed: the same values and gradients as one process's bitmask dropout, every placement
+    bitmask = lambda t, generator: regops.dropout(t, P, generator=generator, mask_mode="bitmask")  # noqa: E731
+    _check_op(c, mesh, rank, "dropout bitmask f32", bitmask, x32, placements=[[Shard(0)], [Shard(2)], [Replicate()]])
+    _check_op(c, mesh, rank, "dropout bitmask f64", bitmask, x64)
     # the default generator: torch.manual_seed(same) on every rank gives the single-process mask
     torch.manual_seed(3)
     want = regops.dropout(x32, P)
@@ -91,6 +95,7 @@ def _body(rank: int, world: int) -> None:
     mesh2 = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
     two_d = [[Shard(0), Shard(1)], [Replicate(), Shard(2)], [Shard(1), Replicate()]]
     _check_op(c, mesh2, rank, "dropout 2-D mesh", drop, x64, placements=two_d)
+    _check_op(c, mesh2, rank, "dropout bitmask 2-D mesh", bitmask, x64, placements=two_d)
 
     # masks shared along dims, channel dropout, drop path, multi-sample, nested
     shared = lambda t, generator: regops.shared_dropout(t, P, dims=-1, generator=generator)  # noqa: E731
@@ -148,7 +153,6 @@ def _body(rank: int, world: int) -> None:
 
     # clear errors
     for name, call in (
-        ("bitmask", lambda: regops.dropout(distribute_tensor(x32, mesh, [Shard(0)]), P, mask_mode="bitmask")),
         ("plain residual", lambda: regops.bias_dropout_add(distribute_tensor(x64, mesh, [Shard(0)]), None, res, P)),
     ):
         try:
