@@ -166,6 +166,14 @@ def clip_per_sample_(
     base = 0
     for name, p in params.items():
         value = grads.pop(name) if grads is not None else None  # one full-size sum at a time
+        tp = rec.tp_specs.get(name)
+        if tp is not None:  # FSDP2 over tensor parallelism: this rank's tensor-parallel block, averaged over FSDP2's
+            from regops.grad_norms import dtensor
+
+            noise = None if seed is None else (seed, base, std)
+            p.grad = dtensor.fsdp_tensor_parallel_grad(value, p, tp, noise, before.get(name))
+            base += p.numel()
+            continue
         if tensor_parallel and is_dtensor(p):  # this rank's shard of the sum: noised, wrapped, no communication
             from regops.grad_norms import dtensor
 

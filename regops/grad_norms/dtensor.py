@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, Partial
+from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from regops._core.dtensor import box, contiguous_strides
 from regops.grad_norms._noise import add_noise
@@ -78,4 +78,39 @@ def tensor_parallel_grad(
         seed, base, std = noise
         add_noise(local, seed, base, p.shape, offset, std)
     grad = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).detach()
+    return grad if before is None else before + grad
+
+
+def fsdp_tensor_parallel_grad(
+    local: torch.Tensor | None, p: DTensor, tp: DTensor, noise: tuple[torch.Tensor, int, float] | None, before: Any
+) -> DTensor:
+    """FSDP2 over tensor parallelism: ``local`` is this rank's clipped sum (its own examples) of its block of the
+    parameter as FSDP2 unshards it (``tp``, a DTensor on the tensor-parallel mesh dims, FSDP2's dims first in
+    ``p``'s mesh). Averaged over FSDP2's mesh dims (in place), noised with the block's part of the single-process
+    noise (``std / world``, as :func:`average_into`), then laid out like ``p`` (each rank keeps its rows of the
+    block: no communication)."""
+    mesh = p.device_mesh
+    fsdp_dims = mesh.ndim - tp.device_mesh.ndim
+    local_shape, offset = box(tp)
+    if local is None:
+        local = torch.zeros(local_shape, dtype=p.dtype, device=p.to_local().device)
+    elif tuple(local.shape) != tuple(local_shape):
+        raise RuntimeError(
+            f"regops: the clipped sum's block {tuple(local.shape)} is not {tp.placements}'s local shape "
+            f"{tuple(local_shape)}"
+        )
+    world = 1
+    for d in range(fsdp_dims):
+        world *= mesh.size(d)
+    local = local.to(p.dtype).contiguous().div_(world)
+    for d in range(fsdp_dims):
+        torch.distributed.all_reduce(local, group=mesh.get_group(d))
+    if noise is not None:
+        seed, base, std = noise
+        add_noise(local, seed, base, p.shape, offset, std / world)
+    strides = tuple(contiguous_strides(p.shape))
+    block = DTensor.from_local(
+        local, mesh, [Replicate()] * fsdp_dims + list(tp.placements), shape=p.shape, stride=strides
+    )
+    grad = block.redistribute(mesh, p.placements).detach()
     return grad if before is None else before + grad

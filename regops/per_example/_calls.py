@@ -42,6 +42,7 @@ class _Call:
     kept: dict[str, torch.Tensor] | None = None  # per-example gradients the norms formed, for the clipped sums
     fired: int = 0
     rows: bool = False  # saved and grad are per row (a row rule on rows grouped into examples afterwards)
+    tp_weight: Any = None  # a tensor-parallel layer's weight as its backward saw it (FSDP2 reshards it after)
 
 
 @dataclass

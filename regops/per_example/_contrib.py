@@ -122,7 +122,8 @@ def _forms(call, saved, g, want, keep):
         if is_dtensor(saved):  # tensor parallelism: partial norms of the shards, all-reduced
             from regops.per_example import dtensor
 
-            sq = dtensor.tp_sq_norms(entry, saved, g, form, any(w == "factors" for w in want.values()))
+            call.tp_weight = module.weight
+            sq = dtensor.tp_sq_norms(entry, saved, g, form, any(w == "factors" for w in want.values()), module.weight)
         elif keep:
             sq, kept = layer.sq_norms_keeping(module, saved, g, form)
         else:
@@ -230,7 +231,8 @@ class WeightedGrads:
                 elif is_dtensor(call.saved):  # tensor parallelism: each rank its parameters' shards
                     from regops.per_example import dtensor
 
-                    grads = dtensor.tp_weighted_grads(entry, call.saved, call.grad, w)
+                    weight = entry.module.weight if call.tp_weight is None else call.tp_weight
+                    grads = dtensor.tp_weighted_grads(entry, call.saved, call.grad, w, weight)
                 elif kept:
                     grads = entry.layer.weighted_grads(entry.module, call.saved, call.grad, w, kept=kept)
                 else:

@@ -124,14 +124,13 @@ def _all_reduce_sharded(sq: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return sq
 
 
-def _tp_blocks(entry: Any, saved: Any, g: Any, shared: bool) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """``(module, input, output gradient)`` for the layer rule, restricted to this rank's weight shard (local
-    tensors): for ``nn.Linear`` (ColwiseParallel / RowwiseParallel) the matching input and output-gradient columns;
-    for ``nn.Embedding`` sharded over its rows (RowwiseParallel) or its columns (ColwiseParallel) the ids made
-    local (ids of rows held elsewhere, and the padding index, become an ignored index) and the output-gradient
-    columns of the shard."""
+def _tp_blocks(entry: Any, saved: Any, g: Any, shared: bool, weight: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """``(module, input, output gradient)`` for the layer rule, restricted to this rank's shard of ``weight`` (the
+    module's weight as the backward saw it; local tensors): for ``nn.Linear`` (ColwiseParallel / RowwiseParallel)
+    the matching input and output-gradient columns; for ``nn.Embedding`` sharded over its rows (RowwiseParallel) or
+    its columns (ColwiseParallel) the ids made local (ids of rows held elsewhere, and the padding index, become an
+    ignored index) and the output-gradient columns of the shard."""
     module = entry.module
-    weight = module.weight
     kind = type(entry.layer)
     if kind not in (LinearRule, EmbeddingRule) or getattr(entry.layer, "transposed", False):
         raise NotImplementedError(
@@ -166,22 +165,22 @@ def _tp_blocks(entry: Any, saved: Any, g: Any, shared: bool) -> tuple[Any, torch
     return local, ids, _block(g, d_start, d_local, d_full, "output gradient").detach()
 
 
-def tp_sq_norms(entry: Any, saved: Any, g: Any, form: str, shared: bool) -> dict[str, torch.Tensor]:
+def tp_sq_norms(entry: Any, saved: Any, g: Any, form: str, shared: bool, weight: Any) -> dict[str, torch.Tensor]:
     """Per-example squared norms of a tensor-parallel ``nn.Linear`` / ``nn.Embedding`` (weight ``[p, d]`` a DTensor,
     sharded on either dim or replicated): each rank computes the squared norms of its block of ``G_n^T A_n`` (the rows /
     columns of its weight shard, from the matching columns of the output gradient / input) and the partial
     sums are all-reduced over the mesh dims where the parameter is sharded (one ``[B]`` all-reduce per sharded
     parameter). A replicated bias's norm is complete on every rank and is not reduced."""
-    sq = entry.layer.sq_norms(*_tp_blocks(entry, saved, g, shared), form)
+    sq = entry.layer.sq_norms(*_tp_blocks(entry, saved, g, shared, weight), form)
     out = {}
     for local_name, value in sq.items():
         out[local_name] = _all_reduce_sharded(value.contiguous(), getattr(entry.module, local_name))
     return out
 
 
-def tp_weighted_grads(entry: Any, saved: Any, g: Any, w: torch.Tensor) -> dict[str, torch.Tensor]:
+def tp_weighted_grads(entry: Any, saved: Any, g: Any, w: torch.Tensor, weight: Any) -> dict[str, torch.Tensor]:
     """``sum_n w_n g_n`` of a tensor-parallel ``nn.Linear``'s / ``nn.Embedding``'s parameters, each rank its shard
     (local tensors in the parameters' local shapes): the weight's block from the matching input and output-gradient
     columns, the bias from the output-gradient columns it owns (all of them for a replicated bias). No
     communication."""
-    return entry.layer.weighted_grads(*_tp_blocks(entry, saved, g, False), w)
+    return entry.layer.weighted_grads(*_tp_blocks(entry, saved, g, False, weight), w)

@@ -301,35 +301,60 @@ def _tp_embedding_checks(c: Checks, rank: int, world: int) -> None:
                 c.close(f"{label} head", model.head.weight.grad, ref.head.weight.grad, rtol=RTOL, atol=1e-12)
 
 
-def _fsdp_over_tp_refused(c: Checks, rank: int, world: int) -> None:
-    """FSDP2 over tensor-parallel shards (2-D meshes, with and without _StridedShard) is refused, never a number."""
+def _fsdp_over_tp_checks(c: Checks, rank: int, world: int, shapes) -> None:
+    """FSDP2 over tensor-parallel shards (2-D meshes ``(dp, tp)``, ``_StridedShard`` where both shard a dim):
+    each dp group its own examples; norms and noised clipped sums equal one process on all the examples, every
+    parameter's gradient laid out like it."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    x, y = _data(LOCAL)
-    blocks = {
-        "norms": lambda m: regops.per_sample_grad_norms(m, "mean"),
-        "dp_clipping": lambda m: regops.dp_clipping(m, 0.4, loss_reduction="mean"),
-    }
-    for shape, (what, block) in itertools.product(((world, 1), (1, world)), blocks.items()):
-        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp"))
-        model = _mlp()
-        parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "3": RowwiseParallel()})
-        model[0] = _GatherOutput(model[0])
-        fully_shard(model, mesh=mesh["dp"])
-        try:
-            with block(model):
-                F.cross_entropy(model(x), y).backward()
-        except NotImplementedError as exc:
-            c.true(f"FSDP2 over TP {shape} {what}: message {exc}", "FSDP2 or tensor parallelism" in str(exc))
-        else:
-            c.true(f"FSDP2 over TP {shape} {what}: no NotImplementedError", False)
+    for dp, tp in shapes:
+        mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+        x, y = _data(dp * LOCAL)
+        mine = slice(mesh.get_coordinate()[0] * LOCAL, (mesh.get_coordinate()[0] + 1) * LOCAL)
+
+        def sharded(mesh=mesh) -> nn.Module:
+            model = _mlp()
+            plan = {"0": ColwiseParallel(), "3": ColwiseParallel(), "5": RowwiseParallel()}
+            parallelize_module(model, mesh["tp"], plan)
+            model[0] = _GatherOutput(model[0])
+            for i in (3, 5):
+                fully_shard(model[i], mesh=mesh["dp"])
+            return fully_shard(model, mesh=mesh["dp"])
+
+        model = sharded()
+        with regops.per_sample_grad_norms(model, "mean") as norms:
+            F.cross_entropy(model(x[mine]), y[mine]).backward()
+        ref = _mlp()
+        with regops.per_sample_grad_norms(ref, "mean") as ref_norms:
+            F.cross_entropy(ref(x), y).backward()
+        c.close(f"FSDP2 over TP {dp}x{tp} norms", norms.total, ref_norms.total[mine], rtol=RTOL)
+
+        for sigma in (0.0, 1.3):
+            model = sharded()
+            gen = torch.Generator().manual_seed(5 + 1000 * rank)
+            with regops.dp_clipping(model, 0.4, loss_reduction="mean", noise_multiplier=sigma, generator=gen):
+                F.cross_entropy(model(x[mine]), y[mine]).backward()
+            ref = _mlp()
+            with regops.dp_clipping(
+                ref, 0.4, loss_reduction="mean", noise_multiplier=sigma, generator=torch.Generator().manual_seed(5)
+            ):
+                F.cross_entropy(ref(x), y).backward()
+            got = {name.replace(".inner.", "."): p for name, p in model.named_parameters()}
+            for name, p in ref.named_parameters():
+                g = got[name].grad
+                label = f"FSDP2 over TP {dp}x{tp} clipping sigma={sigma} {name}"
+                laid_out = isinstance(g, DTensor) and g.placements == got[name].placements
+                c.true(f"{label}: a gradient laid out like the parameter", laid_out)
+                if laid_out:
+                    c.close(label, g.full_tensor(), p.grad, rtol=RTOL, atol=1e-12)
 
 
 def _body(rank: int, world: int) -> None:
     c = Checks(rank)
-    _fsdp_over_tp_refused(c, rank, world)
+    _fsdp_over_tp_checks(c, rank, world, ((world, 1), (1, world)))
     _tp_embedding_checks(c, rank, world)
     _fsdp_checks(c, rank, world)
     _attention_checks(c, rank, world)
@@ -340,6 +365,16 @@ def _body(rank: int, world: int) -> None:
 
 def test_fsdp2_clipping_and_tensor_parallel_norms_and_clipping_two_processes():
     run(_body, 2)
+
+
+def _two_by_two(rank: int, world: int) -> None:
+    c = Checks(rank)
+    _fsdp_over_tp_checks(c, rank, world, ((2, 2),))
+    c.done()
+
+
+def test_fsdp2_over_tensor_parallel_on_a_two_by_two_mesh():
+    run(_two_by_two, 4)
 
 
 def test_fsdp2_noised_clipping_holds_a_shard_per_rank():
