@@ -351,9 +351,9 @@ def dp_clipping(
     Linear/Conv weight gradients it would otherwise compute and throw away: those weights leave
     ``requires_grad`` while their module runs forward (under FSDP2: its unsharded weights, so FSDP2 has nothing to
     reduce-scatter for them; under DDP only in forwards under ``no_sync()``, as the private model runs them: DDP's
-    all-reduce carries every parameter). A batch of 0 examples may
-    run inside the block (under FSDP2 every rank runs its forward and backward): it adds only the noise. The
-    object also holds the norms (``total``, ``per_param``) and, after the block, ``clip_factors``.
+    all-reduce carries every parameter). A batch of 0 examples may run inside the block (under FSDP2 every rank
+    runs its forward and backward): it adds only the noise. The object also holds the norms (``total``,
+    ``per_param``) and, after the block, ``clip_factors``.
 
     Args:
         model: the model whose trainable parameters are tracked.
