@@ -51,7 +51,8 @@ def dropout(x: DTensor, p: float, p_t: torch.Tensor, inplace: bool, mask_mode: s
         local = x.to_local()
         ones = torch.ones(local.shape, dtype=local.dtype, device=local.device)
         keep = ops.global_mask_apply(ones, None, None, p, 1.0, _ref.MODE_MUL, 1, 0, _dtensor.layout(x, strides), seed)
-        y = _dtensor.to_dtensor(ops.apply_bitmask(local, _ref.pack_bits(keep != 0), p_t), x)
+        # contiguous, as the DTensor's strides say (apply_bitmask keeps a dense input's layout)
+        y = _dtensor.to_dtensor(ops.apply_bitmask(local.contiguous(), _ref.pack_bits(keep != 0), p_t), x)
     else:
         y = _masked(x, strides, p, _ref.dropout_scale(p), _ref.MODE_MUL, seed)
     return x.copy_(y) if inplace else y

@@ -60,6 +60,38 @@ def _check_op(c: Checks, mesh, rank, name, fn, x, *, grad=True, exact=True, extr
                 c.close(f"{label}: grad {i}", dt.grad.full_tensor(), leaf.grad, rtol=1e-12, atol=1e-12)
 
 
+def _check_bitmask(c: Checks, mesh, rank, x, placements, *, transpose=False) -> None:
+    """``mask_mode="bitmask"``, forward and backward bit for bit against one process; autograd saves this shard's
+    packed mask (``ceil(local numel / 8)`` bytes), not the seed. ``transpose``: the DTensor (and the plain input)
+    is a transposed view, so the shards are non-contiguous."""
+    from torch.distributed.tensor import distribute_tensor
+
+    view = (lambda t: t.transpose(0, 1)) if transpose else (lambda t: t)  # noqa: E731
+    cw = torch.randn(view(x).shape, dtype=x.dtype, generator=torch.Generator().manual_seed(7))
+    for pl in placements:
+        g, g0, g_own = _gens(rank)
+        leaf = x.detach().clone().requires_grad_()
+        want = regops.dropout(view(leaf), P, generator=g0, mask_mode="bitmask")
+        regops.dropout(view(x), P, generator=g_own, mask_mode="bitmask")
+        dt = distribute_tensor(x, mesh, pl).requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            got = regops.dropout(view(dt), P, generator=g, mask_mode="bitmask")
+        label = f"bitmask {x.dtype} {pl}{' transposed' if transpose else ''} on {mesh.size()} ranks"
+        c.true(f"{label}: generator advanced as in one process", torch.equal(g.get_state(), g_own.get_state()))
+        c.equal(f"{label}: value", got.full_tensor(), want.detach())
+        c.true(f"{label}: local strides {got.to_local().stride()} vs {got.stride()}", got.to_local().is_contiguous())
+        masks = [t for t in saved if t.dtype == torch.uint8]
+        n_local = got.to_local().numel()
+        c.true(
+            f"{label}: saves the local bitmask ({[(t.dtype, tuple(t.shape)) for t in saved]})",
+            len(masks) == 1 and masks[0].numel() == (n_local + 7) // 8,
+        )
+        (want * cw).sum().backward()
+        (got * distribute_tensor(cw, mesh, got.placements)).sum().backward()
+        c.equal(f"{label}: grad", dt.grad.full_tensor(), leaf.grad)
+
+
 def _body(rank: int, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -80,6 +112,12 @@ def _body(rank: int, world: int) -> None:
     bitmask = lambda t, generator: regops.dropout(t, P, generator=generator, mask_mode="bitmask")  # noqa: E731
     _check_op(c, mesh, rank, "dropout bitmask f32", bitmask, x32, placements=[[Shard(0)], [Shard(2)], [Replicate()]])
     _check_op(c, mesh, rank, "dropout bitmask f64", bitmask, x64)
+    _check_bitmask(c, mesh, rank, x32, [[Shard(1)], [Replicate()]])
+    _check_bitmask(c, mesh, rank, x32, [[Shard(0)]], transpose=True)
+    xd = distribute_tensor(x32, mesh, [Shard(1)])
+    out = regops.dropout(xd, P, inplace=True, generator=_gens(0)[1], mask_mode="bitmask")
+    c.true("bitmask inplace returns x", out is xd)
+    c.equal("bitmask inplace value", xd.full_tensor(), regops.dropout(x32, P, generator=_gens(0)[1]))
     # the default generator: torch.manual_seed(same) on every rank gives the single-process mask
     torch.manual_seed(3)
     want = regops.dropout(x32, P)
@@ -165,3 +203,22 @@ def _body(rank: int, world: int) -> None:
 
 def test_dropout_family_on_dtensors_two_processes():
     run(_body, 2)
+
+
+def _three_ranks_body(rank: int, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    c = Checks(rank)
+    mesh = init_device_mesh("cpu", (world,))
+    x = torch.randn(7, 5, 4, generator=torch.Generator().manual_seed(2))  # 7 and 5 split 3/3/1 and 2/2/1
+    _check_bitmask(c, mesh, rank, x, [[Shard(0)], [Shard(1)], [Replicate()]])
+    _check_bitmask(c, mesh, rank, x, [[Shard(1)]], transpose=True)
+    with regops.use_backend("triton"):
+        _check_bitmask(c, mesh, rank, x, [[Shard(1)]])
+    c.done()
+
+
+def test_bitmask_dropout_on_dtensors_three_processes():
+    """mask_mode="bitmask" on 3 ranks: uneven and non-contiguous shards, replicas, the Triton kernels."""
+    run(_three_ranks_body, 3)
