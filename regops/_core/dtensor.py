@@ -35,7 +35,12 @@ def check(x: DTensor, name: str = "x") -> None:
 def box(x: DTensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(local_shape, global_offset)``: this rank holds ``x[o_0 : o_0 + L_0, ...]`` of the global tensor."""
     check(x)
-    local_shape, offset = compute_local_shape_and_global_offset(x.shape, x.device_mesh, x.placements)
+    return placed_box(x.shape, x.device_mesh, x.placements)
+
+
+def placed_box(shape, mesh, placements) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """:func:`box` of a ``shape`` tensor laid out on ``mesh`` with ``placements`` (``Shard(d)`` / ``Replicate()``)."""
+    local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
     return tuple(local_shape), tuple(offset)
 
 

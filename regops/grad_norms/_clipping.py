@@ -166,12 +166,12 @@ def clip_per_sample_(
     base = 0
     for name, p in params.items():
         value = grads.pop(name) if grads is not None else None  # one full-size sum at a time
-        tp = rec.tp_specs.get(name)
-        if tp is not None:  # FSDP2 over tensor parallelism: this rank's tensor-parallel block, averaged over FSDP2's
+        if dist > 1 and is_dtensor(p) and _fsdp_over_tp(p):
+            # FSDP2 over tensor parallelism: this rank's tensor-parallel block, averaged over FSDP2's dims
             from regops.grad_norms import dtensor
 
             noise = None if seed is None else (seed, base, std)
-            p.grad = dtensor.fsdp_tensor_parallel_grad(value, p, tp, noise, before.get(name))
+            p.grad = dtensor.fsdp_tensor_parallel_grad(value, p, noise, before.get(name))
             base += p.numel()
             continue
         if tensor_parallel and is_dtensor(p):  # this rank's shard of the sum: noised, wrapped, no communication
@@ -199,6 +199,12 @@ def clip_per_sample_(
         prev = before.get(name)
         p.grad = new.detach() if prev is None else prev + new.detach()
     return stacked
+
+
+def _fsdp_over_tp(p: torch.Tensor) -> bool:
+    from regops.grad_norms import dtensor
+
+    return dtensor.fsdp_dims_over_tp(p) > 0
 
 
 def _parallelism(norms: PerSampleGradNorms) -> tuple[int, bool]:

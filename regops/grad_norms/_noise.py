@@ -24,7 +24,9 @@ def noise_seed(params: Mapping[str, torch.Tensor], generator: torch.Generator | 
     if sharded:
         from regops._core.dtensor import sync
 
-        mesh = next(p for p in params.values() if is_dtensor(p)).device_mesh
+        # the widest mesh: under FSDP2 over tensor parallelism a parameter FSDP2 alone shards (a LayerNorm's) is on
+        # its dp mesh, which leaves out the other tensor-parallel ranks
+        mesh = max((p.device_mesh for p in params.values() if is_dtensor(p)), key=lambda m: m.size())
         seed = sync(seed, mesh)
     return seed
 

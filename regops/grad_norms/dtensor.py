@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
-from regops._core.dtensor import box, contiguous_strides
+from regops._core.dtensor import box, contiguous_strides, placed_box
 from regops.grad_norms._noise import add_noise
 
 
@@ -81,22 +81,37 @@ def tensor_parallel_grad(
     return grad if before is None else before + grad
 
 
+def fsdp_dims_over_tp(p: DTensor) -> int:
+    """How many leading mesh dims of ``p`` are FSDP2's when FSDP2 shards it over tensor-parallel shards (FSDP2 lays
+    such a parameter out on the concatenation of its mesh and the tensor-parallel one: HSDP's ``Replicate()``, its
+    ``Shard`` / ``_StridedShard``, then the tensor-parallel placements); 0 for any other parameter. From the layout
+    alone, so a step with no forward (the noise only) finds it too."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    for d, placement in enumerate(p.placements):
+        if isinstance(placement, (Shard, _StridedShard)):
+            return d + 1 if d + 1 < p.device_mesh.ndim else 0
+    return 0
+
+
 def fsdp_tensor_parallel_grad(
-    local: torch.Tensor | None, p: DTensor, tp: DTensor, noise: tuple[torch.Tensor, int, float] | None, before: Any
+    local: torch.Tensor | None, p: DTensor, noise: tuple[torch.Tensor, int, float] | None, before: Any
 ) -> DTensor:
-    """FSDP2 over tensor parallelism: ``local`` is this rank's clipped sum (its own examples) of its block of the
-    parameter as FSDP2 unshards it (``tp``, a DTensor on the tensor-parallel mesh dims, FSDP2's dims first in
-    ``p``'s mesh). Averaged over FSDP2's mesh dims (in place), noised with the block's part of the single-process
-    noise (``std / world``, as :func:`average_into`), then laid out like ``p`` (each rank keeps its rows of the
-    block: no communication)."""
+    """FSDP2 over tensor parallelism (:func:`fsdp_dims_over_tp`): ``local`` is this rank's clipped sum (its own
+    examples) of its tensor-parallel block of the parameter (the block FSDP2 unshards it to: ``p``'s
+    tensor-parallel placements). Averaged over FSDP2's mesh dims (in place), noised with the block's part of the
+    single-process noise (``std / world``, as :func:`average_into`), then laid out like ``p`` (each rank keeps its
+    rows of the block: no communication)."""
     mesh = p.device_mesh
-    fsdp_dims = mesh.ndim - tp.device_mesh.ndim
-    local_shape, offset = box(tp)
+    fsdp_dims = fsdp_dims_over_tp(p)
+    block = [Replicate()] * fsdp_dims + list(p.placements[fsdp_dims:])
+    local_shape, offset = placed_box(p.shape, mesh, block)
     if local is None:
         local = torch.zeros(local_shape, dtype=p.dtype, device=p.to_local().device)
     elif tuple(local.shape) != tuple(local_shape):
         raise RuntimeError(
-            f"regops: the clipped sum's block {tuple(local.shape)} is not {tp.placements}'s local shape "
+            f"regops: the clipped sum's block {tuple(local.shape)} is not {p.placements[fsdp_dims:]}'s local shape "
             f"{tuple(local_shape)}"
         )
     world = 1
@@ -109,8 +124,6 @@ def fsdp_tensor_parallel_grad(
         seed, base, std = noise
         add_noise(local, seed, base, p.shape, offset, std / world)
     strides = tuple(contiguous_strides(p.shape))
-    block = DTensor.from_local(
-        local, mesh, [Replicate()] * fsdp_dims + list(tp.placements), shape=p.shape, stride=strides
-    )
-    grad = block.redistribute(mesh, p.placements).detach()
+    grad = DTensor.from_local(local, mesh, block, shape=p.shape, stride=strides).redistribute(mesh, p.placements)
+    grad = grad.detach()
     return grad if before is None else before + grad

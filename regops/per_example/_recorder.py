@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from regops._core.validate import is_dtensor
 from regops.per_example import _contrib, _whole
 from regops.per_example import _layout as L
 from regops.per_example import _recipes as R
@@ -153,9 +152,6 @@ class _Recorder:
         # must still run its forward and backward), `empty_forward` while it runs
         self.allow_empty = False
         self.empty_forward = False
-        # FSDP2 over tensor parallelism: name -> the parameter as FSDP2 unshards it (a DTensor on the
-        # tensor-parallel mesh dims), whose layout the clipped sums take
-        self.tp_specs: dict[str, Any] = {}
         self.tracker: Tracker | None = None
         self.dtensor_ctx: Any = None
 
@@ -246,8 +242,6 @@ class _Recorder:
                 name = self.slots.get((id(sub), k))
                 if name is None or p is None or id(p) in self.param_names:
                     continue
-                if is_dtensor(p):  # FSDP2 over tensor parallelism: its unsharded parameter is the TP shard
-                    self.tp_specs[name] = p
                 self.param_names[id(p)] = name
                 self.owner[id(p)] = self.owner[id(self.params[name])]
                 self.tracker.adopt(name, p)

@@ -74,8 +74,8 @@ def _check_bitmask(c: Checks, mesh, rank, x, placements, *, transpose=False) -> 
         want = regops.dropout(view(leaf), P, generator=g0, mask_mode="bitmask")
         regops.dropout(view(x), P, generator=g_own, mask_mode="bitmask")
         dt = distribute_tensor(x, mesh, pl).requires_grad_()
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
             got = regops.dropout(view(dt), P, generator=g, mask_mode="bitmask")
         label = f"bitmask {x.dtype} {pl}{' transposed' if transpose else ''} on {mesh.size()} ranks"
         c.true(f"{label}: generator advanced as in one process", torch.equal(g.get_state(), g_own.get_state()))

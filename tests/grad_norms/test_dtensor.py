@@ -367,16 +367,6 @@ def test_fsdp2_clipping_and_tensor_parallel_norms_and_clipping_two_processes():
     run(_body, 2)
 
 
-def _two_by_two(rank: int, world: int) -> None:
-    c = Checks(rank)
-    _fsdp_over_tp_checks(c, rank, world, ((2, 2),))
-    c.done()
-
-
-def test_fsdp2_over_tensor_parallel_on_a_two_by_two_mesh():
-    run(_two_by_two, 4)
-
-
 def test_fsdp2_noised_clipping_holds_a_shard_per_rank():
     """Peak RSS growth of a noised dp_clipping step on each of 2 and of 3 FSDP2 ranks at most 0.7x the same call's
     in one process (8 x Linear(1536), 72 MiB of float32 parameters in few large layers; the gradients' even split
