@@ -266,8 +266,9 @@ class DPClipping(PerSampleGradNorms):
         for h in self._pre_handles:
             h.remove()
         self._pre_handles.clear()
-        for weight in self._frozen:
-            weight.requires_grad_(True)
+        with torch._C.DisableTorchFunction():  # flags only: nothing for the tracker to follow
+            for weight in self._frozen:
+                weight.requires_grad_(True)
         self._frozen.clear()
         super().__exit__(exc_type, exc, tb)
         if exc_type is None:
@@ -279,10 +280,11 @@ class DPClipping(PerSampleGradNorms):
 
 def _thaw_weight(rec: Any, module: nn.Module, args: tuple, output: Any) -> None:
     if not rec.suspended:
-        module.weight.requires_grad_(True)
-        bias = getattr(module, "bias", None)
-        if bias is not None and id(bias) in rec.param_names:
-            bias.requires_grad_(True)
+        with torch._C.DisableTorchFunction():  # flags only: nothing for the tracker to follow
+            module.weight.requires_grad_(True)
+            bias = getattr(module, "bias", None)
+            if bias is not None and id(bias) in rec.param_names:
+                bias.requires_grad_(True)
 
 
 def _freeze_weight(rec: Any, module: nn.Module, args: tuple) -> tuple | None:
@@ -294,16 +296,17 @@ def _freeze_weight(rec: Any, module: nn.Module, args: tuple) -> tuple | None:
     functional parameters)."""
     if not torch.is_grad_enabled() or rec.suspended:
         return None
-    module.weight.requires_grad_(False)
-    bias = getattr(module, "bias", None)
     x = args[0] if args else None
-    if bias is not None and bias.requires_grad:
-        if isinstance(x, torch.Tensor) and x.requires_grad and id(bias) in rec.param_names:
-            bias.requires_grad_(False)
-        return None
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
-        return (x.detach().requires_grad_(True), *args[1:])
-    return None
+    with torch._C.DisableTorchFunction():  # flags only: nothing for the tracker to follow
+        module.weight.requires_grad_(False)
+        bias = getattr(module, "bias", None)
+        if bias is not None and bias.requires_grad:
+            if isinstance(x, torch.Tensor) and x.requires_grad and id(bias) in rec.param_names:
+                bias.requires_grad_(False)
+            return None
+        needs_grad = isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad
+    # the tracker follows the examples into the new input
+    return (x.detach().requires_grad_(True), *args[1:]) if needs_grad else None
 
 
 def dp_clipping(
