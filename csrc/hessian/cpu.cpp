@@ -132,8 +132,9 @@ constexpr int64_t kPairs = kBlockElems / 2;
 // angles (one loop reading both words of a pair: a loop reading every other word leaves its last vector's worth
 // of pairs to a scalar epilogue), then the two sines. The radius's square root is one IEEE square-root
 // instruction (the build's -fno-math-errno; correctly rounded: libm's bits). The angle's branches are selects of
-// integers and exact constants.
-REGOPS_CPU_CLONES void gaussian_pairs(const uint32_t* __restrict__ words, float* __restrict__ z) {
+// integers and exact constants. Inlined into each caller's ISA clones (gaussian_pairs, gaussian_add_f32).
+__attribute__((always_inline)) inline void gaussian_pairs_inline(const uint32_t* __restrict__ words,
+                                                                 float* __restrict__ z) {
   alignas(64) float r[kPairs], bc[kPairs], bs[kPairs];
   for (int64_t i = 0; i < kPairs; ++i) {
     r[i] = radius(log_unit((words[2 * i] >> 8) + 1));
@@ -153,6 +154,30 @@ REGOPS_CPU_CLONES void gaussian_pairs(const uint32_t* __restrict__ words, float*
     z[2 * i] = r[i] * sin_poly(bc[i]);
     z[2 * i + 1] = r[i] * sin_poly(bs[i]);
   }
+}
+
+REGOPS_CPU_CLONES void gaussian_pairs(const uint32_t* __restrict__ words, float* __restrict__ z) {
+  gaussian_pairs_inline(words, z);
+}
+
+// float32 out of hessian_stream_add_ (its accumulation type is float32 too): y[i] += z[lo + i] * scale for
+// i < len, the block's normals drawn and added in one clone (no buffer copy, the add at the clone's width).
+REGOPS_CPU_CLONES void gaussian_add_f32(const uint32_t* __restrict__ words, float* __restrict__ y, int64_t lo,
+                                        int64_t len, float scale) {
+  alignas(64) float z[kBlockElems];
+  gaussian_pairs_inline(words, z);
+  const float* __restrict__ zb = z + lo;
+  for (int64_t i = 0; i < len; ++i) y[i] = y[i] + zb[i] * scale;
+}
+
+// The fused add where there is one (float32 out): true when done.
+template <typename T>
+bool gaussian_add(const uint32_t*, T*, int64_t, int64_t, float) {
+  return false;
+}
+inline bool gaussian_add(const uint32_t* words, float* y, int64_t lo, int64_t len, float scale) {
+  gaussian_add_f32(words, y, lo, len, scale);
+  return true;
 }
 
 template <typename T>
@@ -246,15 +271,16 @@ void hessian_stream_add_(const at::Tensor& out, const at::Tensor& seed, int64_t 
       std::vector<float> z(block_elems);
       for (int64_t b = begin; b < end; ++b) {
         philox_block(static_cast<uint64_t>(sd.key), static_cast<uint64_t>(sd.offset) + b * kBlockCounters, words);
+        // this block's elements of out: stream elements [lo, hi) are out[lo - start, hi - start)
+        const int64_t lo = std::max(b * block_elems, start), hi = std::min((b + 1) * block_elems, start + n);
+        T* y = yp + (lo - start);
+        if (gaussian && gaussian_add(words, y, lo - b * block_elems, hi - lo, scale_f)) continue;
         if (gaussian) {
           gaussian_block<float>(words, z.data(), block_elems);
         } else {
           rademacher_block<float>(words, z.data(), block_elems, table);
         }
-        // this block's elements of out: stream elements [lo, hi) are out[lo - start, hi - start)
-        const int64_t lo = std::max(b * block_elems, start), hi = std::min((b + 1) * block_elems, start + n);
         const float* zb = z.data() + (lo - b * block_elems);
-        T* y = yp + (lo - start);
         for (int64_t i = 0; i < hi - lo; ++i) {
           y[i] = static_cast<T>(static_cast<C>(y[i]) + static_cast<C>(static_cast<T>(zb[i] * scale_f)));
         }

@@ -308,30 +308,33 @@ class _Freezer:
             return None
         frozen = self.running.setdefault(id(module), [])
         weight, bias = module.weight, getattr(module, "bias", None)
-        if weight.requires_grad:
-            weight.requires_grad_(False)
-            frozen.append(weight)
         x = args[0] if args else None
-        if bias is not None and bias.requires_grad:
-            if isinstance(x, torch.Tensor) and x.requires_grad and id(bias) in self.rec.param_names:
-                bias.requires_grad_(False)
-                frozen.append(bias)
-            return None
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
-            return (x.detach().requires_grad_(True), *args[1:])
-        return None
+        with torch._C.DisableTorchFunction():  # flags only: nothing for the tracker to follow
+            if weight.requires_grad:
+                weight.requires_grad_(False)
+                frozen.append(weight)
+            if bias is not None and bias.requires_grad:
+                if isinstance(x, torch.Tensor) and x.requires_grad and id(bias) in self.rec.param_names:
+                    bias.requires_grad_(False)
+                    frozen.append(bias)
+                return None
+            needs_grad = isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad
+        # the tracker follows the examples into the new input
+        return (x.detach().requires_grad_(True), *args[1:]) if needs_grad else None
 
     def _thaw(self, module: nn.Module, args: tuple, output: Any) -> None:
-        for t in self.running.pop(id(module), ()):
-            t.requires_grad_(True)
+        with torch._C.DisableTorchFunction():  # flags only: nothing for the tracker to follow
+            for t in self.running.pop(id(module), ()):
+                t.requires_grad_(True)
 
     def close(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
-        for frozen in self.running.values():  # a forward that raised
-            for t in frozen:
-                t.requires_grad_(True)
+        with torch._C.DisableTorchFunction():
+            for frozen in self.running.values():  # a forward that raised
+                for t in frozen:
+                    t.requires_grad_(True)
         self.running.clear()
 
 

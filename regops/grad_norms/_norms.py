@@ -72,9 +72,9 @@ class PerSampleGradNorms:
                 if p.grad is not None:
                     self._grad_before[name] = p.grad
                     p.grad = None
-        self._rec.attach()
         for name, p in self._params.items():
             self._post_handles.append(p.register_post_accumulate_grad_hook(self._received_hook(name)))
+        self._rec.attach()
         return self
 
     def _received_hook(self, name: str) -> Callable:

@@ -90,6 +90,8 @@ def _box_runs(
     ``j`` is stream element ``base + j``: their first stream elements (in the box's row-major order) and their
     common length (one run for ``Shard(0)`` boxes)."""
     shape, local_shape, offset = list(shape), list(local_shape), list(offset)
+    if local_shape == shape and not any(offset):  # the whole tensor: one run
+        return [base], math.prod(shape)
     # dims after `lead` are whole: each index of dims[:lead] is one contiguous run of local_shape[lead] rows of them
     lead = max((d for d in range(len(shape)) if local_shape[d] != shape[d]), default=0)
     strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]

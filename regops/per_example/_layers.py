@@ -63,12 +63,17 @@ class LinearRule(LayerRule):
 
     def sq_norms_keeping(self, module, x, g, form):
         out, kept = {}, {}
+        g_sq = None  # ||g_n||^2 of a [B, p] output gradient: the rank-one weight norm's factor and the bias norm
         if _requires(module.weight):
             a, gg = self._ag(module, x, g)
-            out["weight"] = _weight_sq(a, gg, form)
+            if a.shape[1] == 1 and gg.dtype == g.dtype:
+                g_sq = _sq(gg)
+                out["weight"] = _sq(a) * g_sq
+            else:
+                out["weight"] = _weight_sq(a, gg, form)
         if _requires(module.bias):
             if g.dim() == 2:
-                out["bias"] = _sq(g)
+                out["bias"] = _sq(g) if g_sq is None else g_sq
             else:
                 g_sum = _sum_f32(g.reshape(g.shape[0], -1, g.shape[-1]), 1)
                 out["bias"] = _sq(g_sum)

@@ -272,9 +272,12 @@ class _Recorder:
     def _root_pre_hook(self, module, args, kwargs):
         if self.suspended:
             return None
-        if self.in_root == 0 and not self._begin(module, args, kwargs):
-            self.suspended = self.empty_forward = True
-            return None
+        if self.in_root == 0:
+            with torch._C.DisableTorchFunction():  # bookkeeping: shapes and tags, no op for the tracker
+                begun = self._begin(module, args, kwargs)
+            if not begun:
+                self.suspended = self.empty_forward = True
+                return None
         self.in_root += 1
         return None
 
@@ -287,7 +290,9 @@ class _Recorder:
         self.in_root -= 1
         mb = self.mbs[-1]
         if self.in_root == 0 and torch.is_grad_enabled():
-            for fn, names in self.tracker.unseen(output):
+            with torch._C.DisableTorchFunction():  # a walk over the graph, no op for the tracker
+                unseen = self.tracker.unseen(output)
+            for fn, names in unseen:
                 function = function_name(fn)
                 mb.fallback.append(
                     (sorted(names), f"passed to the torch.autograd.Function {function} (run without autograd)")
@@ -307,9 +312,10 @@ class _Recorder:
         def hook(module, args, kwargs):
             if self.suspended:
                 return None
-            if self.in_root == 0 and module is not self.model and not self.modes:
-                self._begin(module, args, kwargs)
-            mode = self._mode(entry, args, kwargs)
+            with torch._C.DisableTorchFunction():  # bookkeeping: shapes and tags, no op for the tracker
+                if self.in_root == 0 and module is not self.model and not self.modes:
+                    self._begin(module, args, kwargs)
+                mode = self._mode(entry, args, kwargs)
             self.modes.append(mode)
             if mode != "open":
                 for p in entry.held():
@@ -343,26 +349,32 @@ class _Recorder:
                     self.active[id(p)] = self.active.get(id(p), 1) - 1
             if not torch.is_grad_enabled() or mode == "open":
                 return None
-            self.tracker.mark_seen(output, (args, kwargs))  # the rule accounts for whatever the module does inside
             if entry.layer is VMAP:
+                self.tracker.mark_seen(output, (args, kwargs))
                 return self._record_vmap(entry, args, kwargs, output)
-            if not isinstance(output, torch.Tensor) or not output.requires_grad:
-                return None
-            label = entry.label or "<root>"
-            saved = entry.layer.capture(module, args, kwargs, label)
-            if mode == "node":
-                self.tracker.set_tag(output, R.RuleNode(entry, saved))
-                return None
-            x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-            lay_in, lay_out = self.tracker.tag(x), self.tracker.tag(output)
-            if not isinstance(lay_out, Layout):
-                how = f"in {type(module).__name__} {label!r}, whose output's examples are not where its input's are"
-                self.fallback([name for name, _ in entry.params.values()], how)
-                return None
-            self._record(entry, saved, output, lay_in, lay_out, {})
-            return None
+            with torch._C.DisableTorchFunction():  # bookkeeping: graph, shapes and tags, no op for the tracker
+                return self._record_call(entry, module, args, kwargs, output, mode)
 
         return hook
+
+    def _record_call(self, entry: _Entry, module: nn.Module, args: tuple, kwargs: dict, output: Any, mode: str):
+        """A module's forward whose rule takes the call: its input and output gradient are recorded."""
+        self.tracker.mark_seen(output, (args, kwargs))  # the rule accounts for whatever the module does inside
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return None
+        label = entry.label or "<root>"
+        saved = entry.layer.capture(module, args, kwargs, label)
+        if mode == "node":
+            self.tracker.set_tag(output, R.RuleNode(entry, saved))
+            return None
+        x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        lay_in, lay_out = self.tracker.tag(x), self.tracker.tag(output)
+        if not isinstance(lay_out, Layout):
+            how = f"in {type(module).__name__} {label!r}, whose output's examples are not where its input's are"
+            self.fallback([name for name, _ in entry.params.values()], how)
+            return None
+        self._record(entry, saved, output, lay_in, lay_out, {})
+        return None
 
     # -- recording
     def record_use(self, rule, op: str, ns: Any, links: dict, saved: Any, lay_in, output, lay_out) -> _Call | None:
@@ -501,7 +513,10 @@ class _Recorder:
         prev = self.suspended
         self.suspended = True
         try:
-            with torch.autocast(device_type, enabled=False):
+            if torch.is_autocast_enabled(device_type):
+                with torch.autocast(device_type, enabled=False):
+                    yield
+            else:  # nothing to turn off (entering autocast costs more than most of what runs inside)
                 yield
         finally:
             self.suspended = prev

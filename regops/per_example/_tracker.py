@@ -305,7 +305,22 @@ def function_name(fn: Any) -> str:
 
 
 def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+    # The common shapes (a tensor; tuples, lists and dicts of tensors and scalars) without pytree's generic walk.
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    out: list[torch.Tensor] = []
+    stack = [tree]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif type(x) in (tuple, list):
+            stack.extend(reversed(x))
+        elif type(x) is dict:
+            stack.extend(reversed(list(x.values())))
+        elif not isinstance(x, (int, float, bool, str, type(None))):
+            out.extend(t for t in pytree.tree_leaves(x) if isinstance(t, torch.Tensor))
+    return out
 
 
 def _requires_grad(out: Any) -> bool:
@@ -317,11 +332,23 @@ def _param_names(nodes: list) -> str:
     return f"parameter(s) {names}"
 
 
+# Functions the tracker follows as they are, never opened.
+KNOWN = frozenset(
+    POINTWISE
+    | NORMS
+    | DIM_READERS.keys()
+    | REDUCTIONS
+    | VIEWS
+    | MATMULS
+    | ROWS
+    | {"embedding", "pad", "scaled_dot_product_attention", "batch_norm", "one_hot"}
+)
+
+
 def _opens(func, name: str) -> bool:
     """A function of torch.nn.functional written in Python around other torch functions (not one the tracker
     knows): its body is run with the tracker seeing the functions it calls."""
-    known = POINTWISE | NORMS | DIM_READERS.keys() | REDUCTIONS | VIEWS | MATMULS | ROWS
-    if name in known or name in ("embedding", "pad", "scaled_dot_product_attention", "batch_norm", "one_hot"):
+    if name in KNOWN:
         return False
     return isinstance(func, types.FunctionType) and getattr(func, "__module__", "") == "torch.nn.functional"
 
