@@ -19,7 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from regops._core.dtensor import box, contiguous_strides, placed_box
 from regops.grad_norms._noise import add_noise
@@ -86,9 +87,6 @@ def fsdp_dims_over_tp(p: DTensor) -> int:
     such a parameter out on the concatenation of its mesh and the tensor-parallel one: HSDP's ``Replicate()``, its
     ``Shard`` / ``_StridedShard``, then the tensor-parallel placements); 0 for any other parameter. From the layout
     alone, so a step with no forward (the noise only) finds it too."""
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor.placement_types import _StridedShard
-
     for d, placement in enumerate(p.placements):
         if isinstance(placement, (Shard, _StridedShard)):
             return d + 1 if d + 1 < p.device_mesh.ndim else 0
