@@ -60,6 +60,19 @@ def average_into(full: torch.Tensor, p: DTensor, noise: tuple[torch.Tensor, int,
     return DTensor.from_local(local, mesh, p.placements, shape=p.shape, stride=tuple(contiguous_strides(p.shape)))
 
 
+def _local_sum(local: torch.Tensor | None, local_shape, p: DTensor, placements) -> torch.Tensor:
+    """This rank's clipped sum in ``p``'s dtype, contiguous (zeros for ``None``: no contribution), checked against
+    the local shape ``placements`` give it."""
+    if local is None:
+        return torch.zeros(local_shape, dtype=p.dtype, device=p.to_local().device)
+    if tuple(local.shape) != tuple(local_shape):
+        raise RuntimeError(
+            f"regops: the clipped sum's block {tuple(local.shape)} is not {tuple(placements)}'s local shape "
+            f"{tuple(local_shape)}"
+        )
+    return local.to(p.dtype).contiguous()
+
+
 def tensor_parallel_grad(
     local: torch.Tensor | None, p: DTensor, noise: tuple[torch.Tensor, int, float] | None, before: Any
 ) -> DTensor:
@@ -67,14 +80,7 @@ def tensor_parallel_grad(
     noised with the shard's part of the single-process noise (``noise = (seed, base, std)``), as a DTensor with
     ``p``'s placements, added to the gradient ``before`` the block."""
     local_shape, offset = box(p)
-    if local is None:
-        local = torch.zeros(local_shape, dtype=p.dtype, device=p.to_local().device)
-    elif tuple(local.shape) != tuple(local_shape):
-        raise RuntimeError(
-            f"regops: the clipped sum's shard {tuple(local.shape)} is not {p.placements}'s local shape "
-            f"{tuple(local_shape)}"
-        )
-    local = local.to(p.dtype).contiguous()
+    local = _local_sum(local, local_shape, p, p.placements)
     if noise is not None:
         seed, base, std = noise
         add_noise(local, seed, base, p.shape, offset, std)
@@ -105,17 +111,11 @@ def fsdp_tensor_parallel_grad(
     fsdp_dims = fsdp_dims_over_tp(p)
     block = [Replicate()] * fsdp_dims + list(p.placements[fsdp_dims:])
     local_shape, offset = placed_box(p.shape, mesh, block)
-    if local is None:
-        local = torch.zeros(local_shape, dtype=p.dtype, device=p.to_local().device)
-    elif tuple(local.shape) != tuple(local_shape):
-        raise RuntimeError(
-            f"regops: the clipped sum's block {tuple(local.shape)} is not {p.placements[fsdp_dims:]}'s local shape "
-            f"{tuple(local_shape)}"
-        )
+    local = _local_sum(local, local_shape, p, p.placements[fsdp_dims:])
     world = 1
     for d in range(fsdp_dims):
         world *= mesh.size(d)
-    local = local.to(p.dtype).contiguous().div_(world)
+    local.div_(world)
     for d in range(fsdp_dims):
         torch.distributed.all_reduce(local, group=mesh.get_group(d))
     if noise is not None:
